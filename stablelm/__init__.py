@@ -1,0 +1,39 @@
+"""stablelm: a standalone, fast, exact implementation of the StableLM model family in PyTorch."""
+
+from .cache import Cache, DynamicCache, StaticCache
+from .config import StableLmConfig
+from .heads import StableLmForCausalLM, StableLmForSequenceClassification, StableLmForTokenClassification
+from .model import StableLmModel, StableLmPreTrainedModel
+from .outputs import BaseModelOutput, CausalLMOutput, SequenceClassifierOutput, TokenClassifierOutput
+from .seeding import set_seed
+
+# This package has one architecture, so the reference's Auto* names are aliases of its classes.
+AutoConfig = StableLmConfig
+AutoModel = StableLmModel
+AutoModelForCausalLM = StableLmForCausalLM
+AutoModelForSequenceClassification = StableLmForSequenceClassification
+AutoModelForTokenClassification = StableLmForTokenClassification
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AutoConfig",
+    "AutoModel",
+    "AutoModelForCausalLM",
+    "AutoModelForSequenceClassification",
+    "AutoModelForTokenClassification",
+    "BaseModelOutput",
+    "Cache",
+    "CausalLMOutput",
+    "DynamicCache",
+    "SequenceClassifierOutput",
+    "StableLmConfig",
+    "StableLmForCausalLM",
+    "StableLmForSequenceClassification",
+    "StableLmForTokenClassification",
+    "StableLmModel",
+    "StableLmPreTrainedModel",
+    "StaticCache",
+    "TokenClassifierOutput",
+    "set_seed",
+]

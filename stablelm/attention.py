@@ -1,0 +1,152 @@
+"""Scaled dot-product attention with one function for every backend, and the mask it reads.
+
+Shapes: B batch, H query heads, Hkv key/value heads, T new positions (queries), S key positions
+(past + T, or all the slots of a static cache), D head dimension.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# `enable_gqa` reached scaled_dot_product_attention in torch 2.5; older releases repeat K/V instead.
+_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
+@dataclass
+class AttentionMask:
+    """What attention needs to know about which keys each query may see.
+
+    Attributes:
+        allowed: (B, 1, T, S) bool, True where a query may attend; None when plain causal order suffices.
+        is_causal: With `allowed` None, whether the causal triangle applies (T > 1).
+        key_length: Number of valid key positions (past + T); a static cache holds more slots than this.
+        padding: The caller's 2-D mask (B, past + T), 1 for real tokens, when the batch is padded.
+    """
+
+    allowed: torch.Tensor | None
+    is_causal: bool
+    key_length: int
+    padding: torch.Tensor | None = None
+
+
+def build_mask(
+    padding: torch.Tensor | None, *, past: int, new: int, slots: int, device: torch.device
+) -> AttentionMask:
+    """Combine causal order with a 2-D padding mask (B, past + new).
+
+    `slots` is the key length attention will see (past + new, or a static cache's size). Rows whose
+    every key is masked (queries on left padding) are opened up so that no backend produces NaN; their
+    outputs are never read.
+    """
+    key_length = past + new
+    if padding is not None:
+        if padding.shape[-1] != key_length:
+            raise ValueError(
+                f"attention_mask covers {padding.shape[-1]} positions, but the cache holds {past} and the input "
+                f"adds {new}: pass a mask of length {key_length} (past plus new tokens)."
+            )
+        if bool(padding.all()):
+            padding = None
+    if padding is None and slots == key_length and (past == 0 or new == 1):
+        return AttentionMask(allowed=None, is_causal=new > 1, key_length=key_length)
+    query_pos = torch.arange(past, key_length, device=device)
+    allowed = torch.arange(slots, device=device)[None, :] <= query_pos[:, None]  # (T, S)
+    allowed = allowed[None, None]  # (1, 1, T, S)
+    if padding is not None:
+        keys = padding.to(device=device, dtype=torch.bool)
+        if slots > key_length:
+            keys = F.pad(keys, (0, slots - key_length), value=False)
+        allowed = allowed & keys[:, None, None, :]
+        allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
+    return AttentionMask(allowed=allowed, is_causal=False, key_length=key_length, padding=padding)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: AttentionMask,
+    *,
+    implementation: str,
+    scale: float,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v for q (B, H, T, D), k/v (B, Hkv, S, D); returns (B, T, H, D)."""
+    groups = q.shape[1] // k.shape[1]
+    if implementation == "flash_attention_2":
+        return _flash_attention(q, k, v, mask, scale=scale, dropout=dropout)
+    if implementation == "eager" or (groups > 1 and not _SDPA_HAS_GQA):
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    if implementation == "eager":
+        scores = torch.matmul(q, k.transpose(2, 3)) * scale  # (B, H, T, S)
+        if mask.allowed is not None:
+            scores = scores.masked_fill(~mask.allowed, torch.finfo(scores.dtype).min)
+        elif mask.is_causal:
+            causal = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+            scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        probs = F.dropout(probs, p=dropout, training=dropout > 0)
+        return torch.matmul(probs, v).transpose(1, 2)
+    gqa = {"enable_gqa": True} if groups > 1 and _SDPA_HAS_GQA else {}
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask.allowed, dropout_p=dropout, is_causal=mask.is_causal, scale=scale, **gqa
+    )
+    return out.transpose(1, 2)
+
+
+def check_flash_attention_available() -> None:
+    """Raise ImportError saying what to install when the flash_attn package is missing."""
+    if importlib.util.find_spec("flash_attn") is None:
+        raise ImportError(
+            "attn_implementation='flash_attention_2' needs the flash_attn package (pip install flash-attn "
+            "--no-build-isolation) on a CUDA machine; use attn_implementation='sdpa' otherwise."
+        )
+
+
+def _flash_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, *, scale: float, dropout: float
+) -> torch.Tensor:
+    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(
+            f"flash_attention_2 runs on CUDA in float16 or bfloat16; this model is on {q.device.type} in "
+            f"{q.dtype}. Load it with dtype=torch.bfloat16 on a CUDA device, or use attn_implementation='sdpa'."
+        )
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
+
+    k, v = k[:, :, : mask.key_length], v[:, :, : mask.key_length]  # drop unwritten static-cache slots
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, T|S, H, D)
+    causal = q.shape[1] > 1
+    if mask.padding is None:
+        return flash_attn_func(q, k, v, dropout_p=dropout, softmax_scale=scale, causal=causal)
+    batch, new = q.shape[:2]
+    q_keep = mask.padding[:, -new:].to(torch.bool)
+    k_keep = mask.padding.to(torch.bool)
+    q_idx, cu_q, max_q = _unpad_index(q_keep)
+    k_idx, cu_k, max_k = _unpad_index(k_keep)
+    out = flash_attn_varlen_func(
+        q.reshape(-1, *q.shape[2:])[q_idx],
+        k.reshape(-1, *k.shape[2:])[k_idx],
+        v.reshape(-1, *v.shape[2:])[k_idx],
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
+        max_seqlen_q=max_q,
+        max_seqlen_k=max_k,
+        dropout_p=dropout,
+        softmax_scale=scale,
+        causal=causal,
+    )
+    full = out.new_zeros(batch * new, *out.shape[1:])
+    full[q_idx] = out
+    return full.view(batch, new, *out.shape[1:])
+
+
+def _unpad_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Flat indices of kept positions, cumulative lengths (int32, B + 1) and the longest row."""
+    lengths = keep.sum(dim=-1, dtype=torch.int32)
+    indices = torch.nonzero(keep.flatten(), as_tuple=False).flatten()
+    cu_lengths = F.pad(torch.cumsum(lengths, dim=0, dtype=torch.int32), (1, 0))
+    return indices, cu_lengths, int(lengths.max())

@@ -1,0 +1,192 @@
+"""The three task heads over StableLmModel: causal LM, sequence classification, token classification."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import Cache
+from .config import StableLmConfig
+from .model import StableLmModel, StableLmPreTrainedModel
+from .outputs import CausalLMOutput, SequenceClassifierOutput, TokenClassifierOutput
+
+IGNORE_INDEX = -100
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of each position predicting the next label; -100 labels are ignored."""
+    labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    return F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device), ignore_index=IGNORE_INDEX
+    )
+
+
+class StableLmForCausalLM(StableLmPreTrainedModel):
+    """StableLM with a language-modelling head: next-token logits over the vocabulary."""
+
+    def __init__(self, config: StableLmConfig) -> None:
+        super().__init__(config)
+        self.model = StableLmModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init(self.lm_head)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_hidden_states: bool = False,
+    ) -> CausalLMOutput:
+        """Logits (B, T, V) for every position, or only the last `logits_to_keep` (0 keeps all; a 1-D
+        tensor picks positions). With `labels` (B, T), also the shifted cross-entropy loss. Other
+        arguments as `StableLmModel.forward`."""
+        out = self.model(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden = out.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
+        else:
+            hidden = hidden[:, logits_to_keep]
+        logits = self.lm_head(hidden)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return CausalLMOutput(
+            loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states
+        )
+
+
+class StableLmForSequenceClassification(StableLmPreTrainedModel):
+    """StableLM scoring a whole sequence from its last real token (classification or regression)."""
+
+    def __init__(self, config: StableLmConfig) -> None:
+        super().__init__(config)
+        self.model = StableLmModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init(self.score)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool = False,
+    ) -> SequenceClassifierOutput:
+        """Logits (B, num_labels) at each row's last non-pad token; with `labels`, the loss of the
+        config's `problem_type` (inferred from num_labels and the labels' dtype when unset)."""
+        out = self.model(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        logits = self.score(out.last_hidden_state)  # (B, T, num_labels)
+        last = self._last_token(input_ids, attention_mask, logits)
+        pooled = logits[torch.arange(logits.shape[0], device=logits.device), last]
+        loss = self._loss(pooled, labels) if labels is not None else None
+        return SequenceClassifierOutput(
+            loss=loss, logits=pooled, past_key_values=out.past_key_values, hidden_states=out.hidden_states
+        )
+
+    def _last_token(
+        self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, logits: torch.Tensor
+    ) -> torch.Tensor | int:
+        """Index of the rightmost token that is not padding, per row (left or right padding)."""
+        B, T = logits.shape[:2]
+        positions = torch.arange(T, device=logits.device, dtype=torch.int32)
+        if self.config.pad_token_id is not None and input_ids is not None:
+            real = (input_ids != self.config.pad_token_id).to(logits.device, torch.int32)
+            return (positions * real).argmax(-1)
+        if attention_mask is not None:
+            real = attention_mask[:, -T:].to(logits.device, torch.int32)
+            return (positions * real).argmax(-1)
+        if B != 1:
+            raise ValueError(
+                "Cannot find the last real token of each row: the config has no pad_token_id and no "
+                "attention_mask was passed. Set model.config.pad_token_id (e.g. to the tokenizer's) or pass "
+                "attention_mask."
+            )
+        return T - 1
+
+    def _loss(self, pooled: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        num_labels = self.config.num_labels
+        problem_type = self.config.problem_type
+        if problem_type is None:
+            if num_labels == 1:
+                problem_type = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                problem_type = "single_label_classification"
+            else:
+                problem_type = "multi_label_classification"
+        labels = labels.to(pooled.device)
+        if problem_type == "regression":
+            if num_labels == 1:
+                return F.mse_loss(pooled.squeeze(), labels.squeeze().to(pooled.dtype))
+            return F.mse_loss(pooled, labels.to(pooled.dtype))
+        if problem_type == "single_label_classification":
+            return F.cross_entropy(pooled.view(-1, num_labels), labels.view(-1), ignore_index=IGNORE_INDEX)
+        return F.binary_cross_entropy_with_logits(pooled, labels.to(pooled.dtype))
+
+
+class StableLmForTokenClassification(StableLmPreTrainedModel):
+    """StableLM labelling every token (dropout then a linear layer)."""
+
+    def __init__(self, config: StableLmConfig) -> None:
+        super().__init__(config)
+        self.model = StableLmModel(config)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout
+        self.dropout = nn.Dropout(dropout)
+        self.score = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init(self.score)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool = False,
+    ) -> TokenClassifierOutput:
+        """Logits (B, T, num_labels); with `labels` (B, T), the cross-entropy loss (-100 ignored)."""
+        out = self.model(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        logits = self.score(self.dropout(out.last_hidden_state))
+        loss = None
+        if labels is not None:
+            flat = logits.float().view(-1, self.config.num_labels)
+            loss = F.cross_entropy(flat, labels.view(-1).to(logits.device), ignore_index=IGNORE_INDEX)
+        return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)

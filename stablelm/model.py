@@ -1,0 +1,307 @@
+"""The StableLM decoder: attention, MLP, decoder layer and StableLmModel. Modules compute; nothing else.
+
+Shapes: B batch, T new positions, S key positions, C hidden_size, H query heads, Hkv key/value heads,
+D head_dim, V vocab_size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import AttentionMask, attention, build_mask, check_flash_attention_available
+from .cache import Cache, DynamicCache
+from .config import StableLmConfig
+from .outputs import BaseModelOutput
+from .rope import RotaryEmbedding, apply_rotary
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+ACT_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_new": _gelu_tanh,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "relu": F.relu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+}
+
+
+class MLP(nn.Module):
+    """SwiGLU (or another gated activation): down(act(gate(x)) * up(x))."""
+
+    def __init__(self, config: StableLmConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT_FNS[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class PerHeadLayerNorm(nn.Module):
+    """A bias-free LayerNorm per head (StableLM 2 12B's q/k norm), computed for all heads at once.
+
+    The weights stay one module per head so the parameter names are the checkpoint's
+    (`norms.{h}.weight`).
+    """
+
+    def __init__(self, head_dim: int, num_heads: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.norms = nn.ModuleList([nn.LayerNorm(head_dim, eps=eps, bias=False) for _ in range(num_heads)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, H, T, D)
+        weight = torch.stack([norm.weight for norm in self.norms])  # (H, D)
+        return F.layer_norm(x, x.shape[-1:], eps=self.eps) * weight[:, None, :]
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped K/V heads, partial rotary embedding and optional q/k LayerNorm."""
+
+    def __init__(self, config: StableLmConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
+        C, bias = config.hidden_size, config.use_qkv_bias
+        self.q_proj = nn.Linear(C, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(C, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(C, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, C, bias=False)
+        if config.qk_layernorm:
+            self.q_layernorm = PerHeadLayerNorm(self.head_dim, self.num_heads, config.layer_norm_eps)
+            self.k_layernorm = PerHeadLayerNorm(self.head_dim, self.num_kv_heads, config.layer_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: AttentionMask,
+        cache: Cache | None,
+        cache_position: torch.Tensor,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        if self.config.qk_layernorm:
+            q, k = self.q_layernorm(q), self.k_layernorm(k)
+        cos, sin = rope
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v, cache_position)  # (B, Hkv, S, D)
+        y = attention(
+            q,
+            k,
+            v,
+            mask,
+            implementation=self.config.attn_implementation or "sdpa",
+            scale=self.head_dim**-0.5,
+            dropout=self.config.attention_dropout if self.training else 0.0,
+        )  # (B, T, H, D)
+        return self.o_proj(y.reshape(B, T, self.num_heads * self.head_dim))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: StableLmConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.use_parallel_residual = config.use_parallel_residual
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = MLP(config)
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        if not config.use_parallel_residual:
+            self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: AttentionMask,
+        cache: Cache | None,
+        cache_position: torch.Tensor,
+    ) -> torch.Tensor:
+        h = self.input_layernorm(x)
+        attn_out = self.self_attn(h, rope, mask, cache, cache_position)
+        if self.use_parallel_residual:  # x + attn(ln(x)) + mlp(ln(x))
+            return x + attn_out + self.dropout(self.mlp(h))
+        x = x + attn_out
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class StableLmPreTrainedModel(nn.Module):
+    """Shared behaviour of the four model classes: initialisation, sizes, checkpointing, loading."""
+
+    config_class = StableLmConfig
+    base_model_prefix = "model"
+
+    def __init__(self, config: StableLmConfig) -> None:
+        super().__init__()
+        if not isinstance(config, StableLmConfig):
+            raise TypeError(f"Expected a StableLmConfig, got {type(config).__name__}; build one with StableLmConfig(...).")
+        if config.attn_implementation == "flash_attention_2":
+            check_flash_attention_available()
+        self.config = config
+
+    def post_init(self, *new_modules: nn.Module) -> None:
+        """Initialise weights as the reference does (all of them, or only `new_modules`), then tie."""
+        for module in new_modules or (self,):
+            module.apply(self._init_weights)
+        self.tie_weights()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            if module.weight is not None:
+                nn.init.ones_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def tie_weights(self) -> None:
+        """Share the LM head with the input embedding when `tie_word_embeddings` is set."""
+        head = self.get_output_embeddings()
+        if head is not None and self.config.tie_word_embeddings:
+            head.weight = self.get_input_embeddings().weight
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return getattr(self, self.base_model_prefix, self).embed_tokens
+
+    def set_input_embeddings(self, embedding: nn.Embedding) -> None:
+        getattr(self, self.base_model_prefix, self).embed_tokens = embedding
+
+    def get_output_embeddings(self) -> nn.Linear | None:
+        return None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def num_parameters(self, *, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Number of distinct parameters (tied weights counted once)."""
+        excluded = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)} if exclude_embeddings else set()
+        unique = {id(p): p for p in self.parameters() if id(p) not in excluded}
+        return sum(p.numel() for p in unique.values() if p.requires_grad or not only_trainable)
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each decoder layer in the backward pass instead of storing its activations."""
+        self._base_model().gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self._base_model().gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self._base_model().gradient_checkpointing
+
+    def _base_model(self) -> StableLmModel:
+        return getattr(self, self.base_model_prefix, self)
+
+
+class StableLmModel(StableLmPreTrainedModel):
+    """The decoder stack: embeddings, layers and final LayerNorm; returns the last hidden states."""
+
+    def __init__(self, config: StableLmConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList([DecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool = False,
+    ) -> BaseModelOutput:
+        """Run the decoder.
+
+        Args:
+            input_ids: Token ids (B, T). Give exactly one of `input_ids` and `inputs_embeds`.
+            attention_mask: (B, past + T), 1 for real tokens and 0 for padding (left or right).
+            position_ids: (B, T) rotary positions; by default past, past + 1, ...
+            past_key_values: A `DynamicCache` or `StaticCache` to read and extend.
+            inputs_embeds: (B, T, C) embeddings in place of `input_ids`.
+            use_cache: Create a `DynamicCache` when none is passed (default: `config.use_cache`).
+            output_hidden_states: Also return the input of every layer and the final output.
+
+        Returns:
+            BaseModelOutput with `last_hidden_state` (B, T, C), `past_key_values` and `hidden_states`.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
+        if inputs_embeds is None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be 2-D (batch, sequence), got shape {tuple(input_ids.shape)}.")
+            inputs_embeds = self.embed_tokens(input_ids)
+        B, T, _ = inputs_embeds.shape
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache, past_key_values = False, None  # recomputation would write the cache twice
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        cache = past_key_values
+        past = cache.get_seq_length() if cache is not None else 0
+        slots = cache.key_length(T) if cache is not None else T
+        device = inputs_embeds.device
+        cache_position = torch.arange(past, past + T, device=device)
+        if position_ids is None:
+            position_ids = cache_position.unsqueeze(0).expand(B, T)
+        mask = build_mask(attention_mask, past=past, new=T, slots=slots, device=device)
+        rope = self.rotary_emb(position_ids, inputs_embeds.dtype)
+
+        x = inputs_embeds
+        hidden_states: list[torch.Tensor] = []
+        for layer in self.layers:
+            if output_hidden_states:
+                hidden_states.append(x)
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, rope, mask, cache, cache_position, use_reentrant=False)
+            else:
+                x = layer(x, rope, mask, cache, cache_position)
+        x = self.norm(x)
+        if output_hidden_states:
+            hidden_states.append(x)
+        return BaseModelOutput(
+            last_hidden_state=x,
+            past_key_values=cache,
+            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+        )

@@ -1,0 +1,81 @@
+"""Shared helpers: tiny configs and a reference model (transformers) holding the same weights as ours."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from stablelm import StableLmConfig
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+TINY = dict(
+    vocab_size=128,
+    hidden_size=128,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    max_position_embeddings=16,
+)
+
+
+def tiny_config(**overrides) -> StableLmConfig:
+    return StableLmConfig(**{**TINY, **overrides})
+
+
+def rope_scaling_for(rope_type: str, rotary_dim: int) -> dict | None:
+    """Rope parameters that make each type differ from plain RoPE on sequences of ~24 positions."""
+    half = rotary_dim // 2
+    return {
+        "default": None,
+        "linear": {"rope_type": "linear", "factor": 2.0},
+        "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+        "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8},
+        "longrope": {
+            "rope_type": "longrope",
+            "short_factor": [1.0 + 0.1 * i for i in range(half)],
+            "long_factor": [2.0 + 0.5 * i for i in range(half)],
+            "original_max_position_embeddings": 8,
+        },
+        "llama3": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8,
+        },
+    }[rope_type]
+
+
+def reference_config(config: StableLmConfig):
+    return transformers.StableLmConfig.from_dict(config.to_dict())
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
+    """Give every parameter random values (LayerNorm weights away from 1, biases away from 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            scale = 0.2 if "norm" in name else 0.08
+            base = 1.0 if ("norm" in name and name.endswith("weight")) else 0.0
+            p.copy_(base + scale * torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype))
+
+
+def make_pair(config: StableLmConfig, *, ours_cls=None, ref_cls_name="StableLmForCausalLM", attn="sdpa", seed=0):
+    """Our model and the reference, in eval mode, with the same random weights."""
+    import stablelm
+
+    ours_cls = ours_cls or stablelm.StableLmForCausalLM
+    ref_cls = getattr(transformers, ref_cls_name)
+    torch.manual_seed(seed)
+    ref = ref_cls._from_config(reference_config(config), attn_implementation=attn)
+    randomize_(ref, seed)
+    config.attn_implementation = attn
+    ours = ours_cls(config)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ours.eval(), ref.eval()
