@@ -107,14 +107,18 @@ def check_flash_attention_available() -> None:
         )
 
 
-def _flash_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, *, scale: float, dropout: float
-) -> torch.Tensor:
+def _check_flash_inputs(q: torch.Tensor) -> None:
     if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(
             f"flash_attention_2 runs on CUDA in float16 or bfloat16; this model is on {q.device.type} in "
             f"{q.dtype}. Load it with dtype=torch.bfloat16 on a CUDA device, or use attn_implementation='sdpa'."
         )
+
+
+def _flash_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, *, scale: float, dropout: float
+) -> torch.Tensor:
+    _check_flash_inputs(q)
     from flash_attn import flash_attn_func, flash_attn_varlen_func
 
     k, v = k[:, :, : mask.key_length], v[:, :, : mask.key_length]  # drop unwritten static-cache slots

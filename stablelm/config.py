@@ -11,7 +11,18 @@ from typing import Any
 MODEL_TYPE = "stablelm"
 
 ACTIVATIONS = frozenset(
-    {"silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "quick_gelu", "relu", "tanh", "sigmoid"}
+    {
+        "silu",
+        "swish",
+        "gelu",
+        "gelu_new",
+        "gelu_pytorch_tanh",
+        "gelu_fast",
+        "quick_gelu",
+        "relu",
+        "tanh",
+        "sigmoid",
+    }
 )
 
 # Required keys of `rope_scaling` per rope type, beside `rope_type` itself (as the reference validates them).
@@ -188,7 +199,9 @@ class StableLmConfig:
                 "head_dim * partial_rotary_factor is a positive even integer."
             )
         if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; use one of {sorted(ACTIVATIONS)}.")
+            raise ValueError(
+                f"hidden_act {self.hidden_act!r} is not supported; use one of {sorted(ACTIVATIONS)}."
+            )
         for name in ("layer_norm_eps", "initializer_range"):
             if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a positive number, got {getattr(self, name)!r}.")
@@ -274,7 +287,9 @@ class StableLmConfig:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON ({err}); the file is damaged or not a config.json.") from err
+            raise ValueError(
+                f"{path} is not valid JSON ({err}); the file is damaged or not a config.json."
+            ) from err
         if not isinstance(data, dict):
             raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object of config keys.")
         return cls.from_dict(data)
@@ -288,7 +303,9 @@ class StableLmConfig:
         """
         from .hub import resolve_model_dir
 
-        hub_args = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs}
+        hub_args = {
+            k: kwargs.pop(k) for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs
+        }
         folder = resolve_model_dir(name_or_path, allow_patterns=["config.json"], **hub_args)
         path = folder / "config.json"
         if not path.is_file():
@@ -321,7 +338,9 @@ def _normalise_rope_scaling(rope_scaling: dict[str, Any] | None) -> dict[str, An
     if rope_scaling is None:
         return None
     if not isinstance(rope_scaling, dict):
-        raise ValueError(f"rope_scaling must be a dict such as {{'rope_type': 'linear', 'factor': 2.0}}, got {rope_scaling!r}.")
+        raise ValueError(
+            f"rope_scaling must be a dict such as {{'rope_type': 'linear', 'factor': 2.0}}, got {rope_scaling!r}."
+        )
     scaling = dict(rope_scaling)
     legacy = scaling.pop("type", None)
     scaling.setdefault("rope_type", legacy or "default")
@@ -335,7 +354,9 @@ def _normalise_rope_scaling(rope_scaling: dict[str, Any] | None) -> dict[str, An
 def rope_original_length(config: StableLmConfig) -> int:
     """The pretraining length yarn/longrope/llama3 scale from (defaults to max_position_embeddings)."""
     scaling = config.rope_scaling or {}
-    value = scaling.get("original_max_position_embeddings", config.extra.get("original_max_position_embeddings"))
+    value = scaling.get(
+        "original_max_position_embeddings", config.extra.get("original_max_position_embeddings")
+    )
     return int(value) if value is not None else config.max_position_embeddings
 
 
@@ -351,7 +372,9 @@ def _labels(
             raise ValueError(f"num_labels must be a positive integer, got {num_labels!r}.")
         id2label = _default_id2label(num_labels if num_labels is not None else 2)
     elif num_labels is not None and num_labels != len(id2label):
-        raise ValueError(f"num_labels ({num_labels}) disagrees with id2label ({len(id2label)} labels); pass one of them.")
+        raise ValueError(
+            f"num_labels ({num_labels}) disagrees with id2label ({len(id2label)} labels); pass one of them."
+        )
     id2label = {int(k): v for k, v in id2label.items()}
     if label2id is None:
         label2id = {v: k for k, v in id2label.items()}

@@ -18,7 +18,9 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of each position predicting the next label; -100 labels are ignored."""
     labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
     return F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device), ignore_index=IGNORE_INDEX
+        logits.float().reshape(-1, logits.shape[-1]),
+        labels.reshape(-1).to(logits.device),
+        ignore_index=IGNORE_INDEX,
     )
 
 
@@ -157,7 +159,9 @@ class StableLmForTokenClassification(StableLmPreTrainedModel):
     def __init__(self, config: StableLmConfig) -> None:
         super().__init__(config)
         self.model = StableLmModel(config)
-        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout
+        dropout = (
+            config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout
+        )
         self.dropout = nn.Dropout(dropout)
         self.score = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init(self.score)

@@ -66,8 +66,10 @@ class PerHeadLayerNorm(nn.Module):
         self.norms = nn.ModuleList([nn.LayerNorm(head_dim, eps=eps, bias=False) for _ in range(num_heads)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, H, T, D)
-        weight = torch.stack([norm.weight for norm in self.norms])  # (H, D)
-        return F.layer_norm(x, x.shape[-1:], eps=self.eps) * weight[:, None, :]
+        weight = torch.stack([norm.weight for norm in self.norms])[:, None, :]  # (H, 1, D)
+        # Normalise and scale in fp32, rounding once, as the fused per-head kernel of the reference does.
+        y = F.layer_norm(x.float(), x.shape[-1:], eps=self.eps) * weight.float()
+        return y.to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -157,7 +159,9 @@ class StableLmPreTrainedModel(nn.Module):
     def __init__(self, config: StableLmConfig) -> None:
         super().__init__()
         if not isinstance(config, StableLmConfig):
-            raise TypeError(f"Expected a StableLmConfig, got {type(config).__name__}; build one with StableLmConfig(...).")
+            raise TypeError(
+                f"Expected a StableLmConfig, got {type(config).__name__}; build one with StableLmConfig(...)."
+            )
         if config.attn_implementation == "flash_attention_2":
             check_flash_attention_available()
         self.config = config
@@ -210,7 +214,11 @@ class StableLmPreTrainedModel(nn.Module):
 
     def num_parameters(self, *, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
         """Number of distinct parameters (tied weights counted once)."""
-        excluded = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)} if exclude_embeddings else set()
+        excluded = (
+            {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+            if exclude_embeddings
+            else set()
+        )
         unique = {id(p): p for p in self.parameters() if id(p) not in excluded}
         return sum(p.numel() for p in unique.values() if p.requires_grad or not only_trainable)
 
@@ -270,7 +278,9 @@ class StableLmModel(StableLmPreTrainedModel):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
         if inputs_embeds is None:
             if input_ids.dim() != 2:
-                raise ValueError(f"input_ids must be 2-D (batch, sequence), got shape {tuple(input_ids.shape)}.")
+                raise ValueError(
+                    f"input_ids must be 2-D (batch, sequence), got shape {tuple(input_ids.shape)}."
+                )
             inputs_embeds = self.embed_tokens(input_ids)
         B, T, _ = inputs_embeds.shape
         use_cache = self.config.use_cache if use_cache is None else use_cache

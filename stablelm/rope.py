@@ -91,7 +91,9 @@ def _longrope_attention_factor(config: StableLmConfig) -> float:
 
 def _inv_freq_longrope(config: StableLmConfig, dim: int, *, long: bool = False) -> tuple[torch.Tensor, float]:
     """Per-dimension rescaling: `short_factor` within the pretraining length, `long_factor` past it."""
-    ext_factors = torch.tensor(config.rope_scaling["long_factor" if long else "short_factor"], dtype=torch.float32)
+    ext_factors = torch.tensor(
+        config.rope_scaling["long_factor" if long else "short_factor"], dtype=torch.float32
+    )
     inv_freq = 1.0 / (ext_factors * config.rope_theta ** _exponents(dim))
     return inv_freq, _longrope_attention_factor(config)
 
@@ -99,7 +101,11 @@ def _inv_freq_longrope(config: StableLmConfig, dim: int, *, long: bool = False) 
 def _inv_freq_llama3(config: StableLmConfig, dim: int) -> tuple[torch.Tensor, float]:
     params = config.rope_scaling
     inv_freq, _ = _inv_freq_default(config, dim)
-    factor, low_freq_factor, high_freq_factor = params["factor"], params["low_freq_factor"], params["high_freq_factor"]
+    factor, low_freq_factor, high_freq_factor = (
+        params["factor"],
+        params["low_freq_factor"],
+        params["high_freq_factor"],
+    )
     old_context_len = rope_original_length(config)
     low_freq_wavelen = old_context_len / low_freq_factor
     high_freq_wavelen = old_context_len / high_freq_factor
@@ -149,7 +155,9 @@ class RotaryEmbedding(nn.Module):
         inv_freq, self.attention_scaling = compute_inv_freq(self.config)
         self.inv_freq = inv_freq.to(device)
         if self.config.rope_type == "longrope":
-            self.long_inv_freq = _inv_freq_longrope(self.config, self.config.rotary_dim, long=True)[0].to(device)
+            self.long_inv_freq = _inv_freq_longrope(self.config, self.config.rotary_dim, long=True)[0].to(
+                device
+            )
 
     def _apply(self, fn, recurse=True):
         # .to(dtype) / .half() / .to_empty() reach the buffers through here: recompute them in fp32.

@@ -66,7 +66,9 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
             p.copy_(base + scale * torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype))
 
 
-def make_pair(config: StableLmConfig, *, ours_cls=None, ref_cls_name="StableLmForCausalLM", attn="sdpa", seed=0):
+def make_pair(
+    config: StableLmConfig, *, ours_cls=None, ref_cls_name="StableLmForCausalLM", attn="sdpa", seed=0
+):
     """Our model and the reference, in eval mode, with the same random weights."""
     import stablelm
 

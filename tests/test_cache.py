@@ -1,0 +1,133 @@
+"""Decoding with each cache equals one full forward; the static and dynamic caches agree."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_pair, rope_scaling_for, tiny_config
+
+from stablelm import DynamicCache, StableLmForCausalLM, StaticCache
+
+
+def _model(**kw):
+    config = tiny_config(num_key_value_heads=2, qk_layernorm=True, use_qkv_bias=True, **kw)
+    model, ref = make_pair(config)
+    return model, ref
+
+
+def _static(model, batch, length):
+    return StaticCache.for_model(
+        model.config, batch_size=batch, max_cache_len=length, dtype=torch.float32, device="cpu"
+    )
+
+
+def _decode(model, ids, cache, prefill, mask=None, positions=None):
+    """Prefill `prefill` tokens, then feed the rest one at a time; return the logits of every position."""
+    kw = {} if positions is None else {"position_ids": positions[:, :prefill]}
+    out = model(
+        ids[:, :prefill],
+        attention_mask=None if mask is None else mask[:, :prefill],
+        past_key_values=cache,
+        **kw,
+    )
+    logits = [out.logits]
+    for t in range(prefill, ids.shape[1]):
+        kw = {} if positions is None else {"position_ids": positions[:, t : t + 1]}
+        step_mask = None if mask is None else mask[:, : t + 1]
+        out = model(ids[:, t : t + 1], attention_mask=step_mask, past_key_values=cache, **kw)
+        logits.append(out.logits)
+    return torch.cat(logits, dim=1)
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_token_by_token_equals_full_forward(kind, attn):
+    model, _ = _model()
+    model.config.attn_implementation = attn
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    cache = DynamicCache() if kind == "dynamic" else _static(model, 2, 16)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        stepped = _decode(model, ids, cache, prefill=5)
+    assert cache.get_seq_length() == 12
+    assert (full - stepped).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_left_padded_batch_decodes_like_the_full_forward(kind):
+    model, _ = _model()
+    ids = torch.randint(1, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache() if kind == "dynamic" else _static(model, 2, 10)
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+        stepped = _decode(model, ids, cache, prefill=6, mask=mask, positions=positions)
+    real = mask.bool()
+    assert (full[real] - stepped[real]).abs().max().item() <= 1e-5
+
+
+def test_static_cache_gives_the_dynamic_cache_logits():
+    model, _ = _model()
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        dynamic = _decode(model, ids, DynamicCache(), prefill=4)
+        static = _decode(model, ids, _static(model, 1, 32), prefill=4)
+    assert (dynamic - static).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("rope", ["dynamic", "longrope"])
+def test_decoding_past_the_trained_length_matches_the_reference(rope):
+    """dynamic and longrope change their frequencies with the length: decoding must follow the reference."""
+    config = tiny_config(num_key_value_heads=2, partial_rotary_factor=0.5)
+    config.rope_scaling = rope_scaling_for(rope, config.rotary_dim)
+    ours, ref = make_pair(config)
+    ids = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(3))
+    from transformers import DynamicCache as RefCache
+
+    with torch.no_grad():
+        a = _decode(ours, ids, DynamicCache(), prefill=12)
+        b = _decode(ref, ids, RefCache(config=ref.config), prefill=12)
+    assert (a - b).abs().max().item() <= 1e-4
+
+
+def test_forward_returns_a_dynamic_cache_by_default():
+    model = StableLmForCausalLM(tiny_config())
+    out = model(torch.zeros(1, 3, dtype=torch.long))
+    assert isinstance(out.past_key_values, DynamicCache)
+    assert out.past_key_values.get_seq_length() == 3
+    assert model(torch.zeros(1, 3, dtype=torch.long), use_cache=False).past_key_values is None
+
+
+def test_static_cache_overflow_says_how_to_fix():
+    model = StableLmForCausalLM(tiny_config())
+    cache = _static(model, 1, 4)
+    model(torch.zeros(1, 3, dtype=torch.long), past_key_values=cache)
+    with pytest.raises(ValueError, match="larger max_cache_len"):
+        model(torch.zeros(1, 2, dtype=torch.long), past_key_values=cache)
+
+
+def test_mask_of_the_wrong_length_is_rejected():
+    model = StableLmForCausalLM(tiny_config())
+    out = model(torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="pass a mask of length 4"):
+        model(
+            torch.zeros(1, 1, dtype=torch.long),
+            attention_mask=torch.ones(1, 1),
+            past_key_values=out.past_key_values,
+        )
+
+
+def test_cache_crop_select_and_reset():
+    model = StableLmForCausalLM(tiny_config())
+    cache = DynamicCache()
+    model(torch.zeros(2, 5, dtype=torch.long), past_key_values=cache)
+    cache.crop(3)
+    assert cache.get_seq_length() == 3
+    cache.select_batch(torch.tensor([1, 1, 0]))
+    assert cache.keys[0].shape[0] == 3
+    static = _static(model, 1, 8)
+    model(torch.zeros(1, 5, dtype=torch.long), past_key_values=static)
+    static.reset()
+    assert static.get_seq_length() == 0 and all(k.abs().sum() == 0 for k in static.keys)
