@@ -2,6 +2,7 @@
 
 from .cache import Cache, DynamicCache, StaticCache
 from .config import StableLmConfig
+from .generation import GenerationConfig
 from .heads import StableLmForCausalLM, StableLmForSequenceClassification, StableLmForTokenClassification
 from .model import StableLmModel, StableLmPreTrainedModel
 from .outputs import BaseModelOutput, CausalLMOutput, SequenceClassifierOutput, TokenClassifierOutput
@@ -26,6 +27,7 @@ __all__ = [
     "Cache",
     "CausalLMOutput",
     "DynamicCache",
+    "GenerationConfig",
     "SequenceClassifierOutput",
     "StableLmConfig",
     "StableLmForCausalLM",

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import Cache
+from .generation import UNSET, StopStringChecker, generate, resolve_config
 from .config import StableLmConfig
 from .model import StableLmModel, StableLmPreTrainedModel
 from .outputs import CausalLMOutput, SequenceClassifierOutput, TokenClassifierOutput
@@ -27,6 +28,8 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 class StableLmForCausalLM(StableLmPreTrainedModel):
     """StableLM with a language-modelling head: next-token logits over the vocabulary."""
 
+    generation_config = None  # set from generation_config.json by from_pretrained
+
     def __init__(self, config: StableLmConfig) -> None:
         super().__init__(config)
         self.model = StableLmModel(config)
@@ -35,6 +38,85 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_length: int | None = UNSET,
+        max_new_tokens: int | None = UNSET,
+        min_new_tokens: int | None = UNSET,
+        do_sample: bool | None = UNSET,
+        temperature: float | None = UNSET,
+        top_k: int | None = UNSET,
+        top_p: float | None = UNSET,
+        min_p: float | None = UNSET,
+        repetition_penalty: float | None = UNSET,
+        eos_token_id: int | list[int] | None = UNSET,
+        pad_token_id: int | None = UNSET,
+        num_return_sequences: int | None = UNSET,
+        stop_strings: str | list[str] | None = UNSET,
+        tokenizer=None,  # noqa: ANN001 - a stablelm.Tokenizer; typed loosely to keep imports pointing down
+        streamer=None,  # noqa: ANN001 - anything with put(tensor) and end()
+        generator: torch.Generator | None = None,
+        generation_config=None,  # noqa: ANN001 - GenerationConfig or dict
+        inputs_embeds: torch.Tensor | None = None,
+        cache_implementation: str | None = UNSET,
+    ) -> torch.Tensor:
+        """Generate continuations of the prompt, as the reference's `generate` does.
+
+        Unset arguments come from `generation_config`, else the checkpoint's generation_config.json, else
+        the reference's defaults: `max_length` 20 (counting the prompt), greedy, and when sampling
+        temperature 1.0, top_k 50, top_p 1.0, no min_p, repetition_penalty 1.0. `temperature=0` is
+        greedy. `eos_token_id` may be a list; finished rows are padded with `pad_token_id` (default: the
+        first EOS). `stop_strings` (needs `tokenizer`) end a row when its text reaches one of them.
+        `cache_implementation` is "static" (preallocated, default) or "dynamic".
+
+        Returns:
+            LongTensor (B * num_return_sequences, prompt + new): the prompt followed by the new tokens
+            (only the new tokens when called with `inputs_embeds`).
+        """
+
+        config = resolve_config(
+            self,
+            generation_config,
+            max_length=max_length,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            num_return_sequences=num_return_sequences,
+            stop_strings=stop_strings,
+            cache_implementation=cache_implementation,
+        )
+        stop_checker = None
+        if config.stop_strings:
+            if tokenizer is None:
+                raise ValueError(
+                    "stop_strings need the tokenizer to read the text: pass tokenizer=... to generate."
+                )
+            rows = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+            stop_checker = StopStringChecker(
+                tokenizer, config.stop_strings, rows * (config.num_return_sequences or 1)
+            )
+        return generate(
+            self,
+            input_ids,
+            attention_mask,
+            config=config,
+            inputs_embeds=inputs_embeds,
+            generator=generator,
+            streamer=streamer,
+            stop_checker=stop_checker,
+        )
 
     def forward(
         self,

@@ -1,0 +1,408 @@
+"""The decode loop on token ids: prefill, then one token per step over a KV cache, with stopping rules.
+
+No tokenizer and no printing here: text enters only through the optional `stop_strings` checker and
+leaves through the streamer, both duck-typed. `stream_tokens` yields each step as it is made;
+`generate` collects it into the reference's return value (prompt followed by new tokens).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Protocol
+
+import torch
+
+from .cache import Cache, DynamicCache, StaticCache
+from .sampling import SamplingParams, process_logits, select_tokens
+
+DEFAULT_NEW_TOKENS = 20  # with neither max_length nor max_new_tokens set (capped at max_position_embeddings)
+
+
+class _Unset:
+    """Default of `generate`'s arguments: take the value from the generation config. (None is a value:
+    `eos_token_id=None` turns EOS off, `top_k=None` turns top-k off, as in the reference.)"""
+
+    def __repr__(self) -> str:
+        return "<from generation_config>"
+
+
+UNSET: Any = _Unset()
+_EXTENDING_ROPE_TYPES = ("dynamic", "yarn", "longrope", "llama3")
+
+
+@dataclass
+class GenerationConfig:
+    """Generation settings, as in a checkpoint's `generation_config.json`; defaults are the reference's."""
+
+    max_length: int | None = None
+    max_new_tokens: int | None = None
+    min_new_tokens: int | None = None
+    do_sample: bool = False
+    temperature: float | None = 1.0
+    top_k: int | None = 50
+    top_p: float | None = 1.0
+    min_p: float | None = None
+    repetition_penalty: float | None = 1.0
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    num_return_sequences: int = 1
+    stop_strings: str | list[str] | None = None
+    cache_implementation: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GenerationConfig:
+        known = {f.name for f in fields(cls)} - {"extra"}
+        return cls(
+            **{k: v for k, v in data.items() if k in known},
+            extra={k: v for k, v in data.items() if k not in known},
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings that differ from the defaults, and the unknown keys read from the file."""
+        default = GenerationConfig()
+        out = {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name != "extra" and getattr(self, f.name) != getattr(default, f.name)
+        }
+        return {**copy.deepcopy(self.extra), **out}
+
+    def updated(self, **overrides: Any) -> GenerationConfig:
+        """A copy with every override that is not UNSET applied."""
+        new = copy.deepcopy(self)
+        for key, value in overrides.items():
+            if value is not UNSET:
+                setattr(new, key, value)
+        return new
+
+
+class TokenStreamer(Protocol):
+    """What `generate` feeds a streamer: the prompt ids (B, T) once, then each step's tokens (B,)."""
+
+    def put(self, value: torch.Tensor) -> None: ...
+
+    def end(self) -> None: ...
+
+
+@dataclass
+class Step:
+    """One decoding step.
+
+    Attributes:
+        tokens: (B,) the token appended to each row; finished rows get the pad token.
+        finish_reasons: Per row, None while the row runs, then "stop" (EOS or a stop string) or "length".
+    """
+
+    tokens: torch.Tensor
+    finish_reasons: list[str | None]
+
+
+@dataclass
+class _Plan:
+    """Everything the loop needs, resolved and validated once."""
+
+    params: SamplingParams
+    max_new_tokens: int
+    min_new_tokens: int
+    eos: torch.Tensor | None
+    pad_token_id: int
+    cache_implementation: str
+
+
+def resolve_config(
+    model: Any, generation_config: GenerationConfig | dict | None, **overrides: Any
+) -> GenerationConfig:
+    """The model's generation defaults (its generation_config.json, else its config's special tokens),
+    then `generation_config`, then the keyword arguments that are not UNSET."""
+    base = generation_config if generation_config is not None else getattr(model, "generation_config", None)
+    if isinstance(base, dict):
+        base = GenerationConfig.from_dict(base)
+    if base is None:
+        c = model.config
+        base = GenerationConfig(
+            bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id
+        )
+    return base.updated(**overrides)
+
+
+def _plan(model: Any, config: GenerationConfig, prompt_length: int) -> _Plan:
+    # None switches a processor off, as in the reference.
+    params = SamplingParams(
+        do_sample=bool(config.do_sample),
+        temperature=1.0 if config.temperature is None else config.temperature,
+        top_k=config.top_k,
+        top_p=1.0 if config.top_p is None else config.top_p,
+        min_p=config.min_p,
+        repetition_penalty=1.0 if config.repetition_penalty is None else config.repetition_penalty,
+    )
+    params.validate()
+    if config.max_new_tokens is not None:
+        if config.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {config.max_new_tokens}.")
+        max_new = config.max_new_tokens
+    else:
+        max_length = config.max_length
+        if max_length is None:
+            max_length = min(prompt_length + DEFAULT_NEW_TOKENS, model.config.max_position_embeddings)
+        if max_length <= prompt_length:
+            raise ValueError(
+                f"max_length ({max_length}) counts the prompt, which already has {prompt_length} tokens: "
+                "raise max_length or pass max_new_tokens instead."
+            )
+        max_new = max_length - prompt_length
+    eos_ids = config.eos_token_id
+    eos_list = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids or [])
+    device = model.device
+    eos = torch.tensor(eos_list, dtype=torch.long, device=device) if eos_list else None
+    pad = config.pad_token_id if config.pad_token_id is not None else (eos_list[0] if eos_list else 0)
+    _check_length(model.config, prompt_length, max_new)
+    cache_impl = config.cache_implementation or "static"
+    if cache_impl not in ("static", "dynamic"):
+        raise ValueError(f"cache_implementation must be 'static' or 'dynamic', got {cache_impl!r}.")
+    return _Plan(params, max_new, config.min_new_tokens or 0, eos, pad, cache_impl)
+
+
+def _check_length(config: Any, prompt_length: int, max_new: int) -> None:
+    limit = config.max_position_embeddings
+    if config.rope_type in _EXTENDING_ROPE_TYPES:
+        return
+    if prompt_length > limit:
+        raise ValueError(
+            f"The prompt has {prompt_length} tokens, more than the model's max_position_embeddings ({limit}), "
+            f"and its rope type {config.rope_type!r} cannot extend past it. Shorten the prompt (e.g. "
+            "truncation=True, max_length=... in the tokenizer)."
+        )
+    if prompt_length + max_new > limit:
+        warnings.warn(
+            f"Generating up to {prompt_length + max_new} positions, past max_position_embeddings ({limit}); "
+            "the text after that point may degrade.",
+            stacklevel=3,
+        )
+
+
+def _make_cache(model: Any, plan: _Plan, batch: int, total: int) -> Cache:
+    if plan.cache_implementation == "dynamic":
+        return DynamicCache()
+    return StaticCache.for_model(
+        model.config, batch_size=batch, max_cache_len=total, dtype=model.dtype, device=model.device
+    )
+
+
+def _last_logits(model: Any, **inputs: Any) -> torch.Tensor:
+    return model(**inputs, logits_to_keep=1).logits[:, -1].to(dtype=torch.float32, copy=True)
+
+
+@torch.no_grad()
+def stream_tokens(
+    model: Any,
+    input_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    config: GenerationConfig,
+    inputs_embeds: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    stop_checker: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> Iterator[Step]:
+    """Generate token by token, yielding a `Step` each time.
+
+    Args:
+        model: A StableLmForCausalLM.
+        input_ids: Prompt (B, T), left-padded when rows differ in length.
+        attention_mask: (B, T) 1 for real tokens; required when the batch is padded.
+        config: Resolved generation settings (see `resolve_config`).
+        inputs_embeds: (B, T, C) in place of `input_ids`.
+        generator: Random generator for sampling (default: torch's global one, as `set_seed` seeds).
+        stop_checker: Called with (rows, tokens) of running rows after each step; returns a bool (len(rows),)
+            marking rows whose text now ends a stop string.
+    """
+    prompt = (
+        input_ids
+        if input_ids is not None
+        else inputs_embeds.new_zeros(inputs_embeds.shape[:2], dtype=torch.long)
+    )
+    B, T = prompt.shape[:2]
+    plan = _plan(model, config, T)
+    device = model.device
+    mask = (
+        (attention_mask if attention_mask is not None else torch.ones(B, T, dtype=torch.long))
+        .to(device)
+        .long()
+    )
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    seen = mask.sum(-1, keepdim=True)  # the next row position is seen - 1 + step (as the reference's cumsum)
+    padded = not bool(mask.all())
+    cache = _make_cache(model, plan, B, T + plan.max_new_tokens)
+    model_inputs = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": prompt}
+    logits = _last_logits(
+        model,
+        **model_inputs,
+        attention_mask=mask if padded else None,
+        position_ids=positions,
+        past_key_values=cache,
+    )
+    seq = input_ids if input_ids is not None else prompt[:, :0]
+    running = torch.ones(B, dtype=torch.bool, device=device)
+    reasons: list[str | None] = [None] * B
+    for step in range(plan.max_new_tokens):
+        banned = plan.eos if step < plan.min_new_tokens else None
+        scores = process_logits(logits, seq, plan.params, banned_ids=banned)
+        tokens = select_tokens(scores, plan.params, generator=generator)
+        tokens = torch.where(running, tokens, plan.pad_token_id)
+        seq = torch.cat([seq, tokens[:, None]], dim=-1)
+        stopped = (
+            running & torch.isin(tokens, plan.eos) if plan.eos is not None else torch.zeros_like(running)
+        )
+        if stop_checker is not None:
+            rows = running.nonzero().flatten()
+            stopped[rows] |= stop_checker(rows, tokens[rows]).to(device)
+        running = running & ~stopped
+        for row in stopped.nonzero().flatten().tolist():
+            reasons[row] = "stop"
+        last = step == plan.max_new_tokens - 1
+        if last:
+            reasons = [r if r is not None else "length" for r in reasons]
+        yield Step(tokens=tokens, finish_reasons=list(reasons))
+        if last or not bool(running.any()):
+            return
+        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=-1)
+        logits = _last_logits(
+            model,
+            input_ids=tokens[:, None],
+            attention_mask=mask if padded else None,
+            position_ids=seen - 1 + step + 1,
+            past_key_values=cache,
+        )
+
+
+def prepare_inputs(
+    input_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+    config: GenerationConfig,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Check the prompt tensors and repeat them for `num_return_sequences`."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("Pass exactly one of input_ids and inputs_embeds to generate.")
+    if input_ids is not None:
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(
+                f"input_ids must be (batch, length) with length >= 1, got shape {tuple(input_ids.shape)}."
+            )
+        _check_padding(input_ids, attention_mask, config)
+    n = 1 if config.num_return_sequences is None else config.num_return_sequences
+    if n < 1:
+        raise ValueError(f"num_return_sequences must be at least 1, got {n}.")
+    if n > 1:
+        input_ids, attention_mask, inputs_embeds = (
+            None if t is None else t.repeat_interleave(n, dim=0)
+            for t in (input_ids, attention_mask, inputs_embeds)
+        )
+    return input_ids, attention_mask, inputs_embeds
+
+
+def _check_padding(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, config: GenerationConfig
+) -> None:
+    pad = config.pad_token_id
+    if attention_mask is None:
+        eos = config.eos_token_id
+        eos_list = [eos] if isinstance(eos, int) else list(eos or [])
+        if (
+            input_ids.shape[0] > 1
+            and pad is not None
+            and pad not in eos_list
+            and bool((input_ids == pad).any())
+        ):
+            raise ValueError(
+                "The batch holds pad tokens but no attention_mask was passed: pass the attention_mask the "
+                "tokenizer returned (e.g. model.generate(**tokenizer(texts, padding=True, return_tensors='pt')))."
+            )
+        return
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids {tuple(input_ids.shape)}; "
+            "they must match."
+        )
+    if input_ids.shape[0] > 1 and bool((attention_mask[:, -1] == 0).any()):
+        warnings.warn(
+            "A decoder-only architecture is being used, but right-padding was detected! For correct generation "
+            "results, please set `padding_side='left'` when initializing the tokenizer.",
+            stacklevel=3,
+        )
+
+
+def generate(
+    model: Any,
+    input_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    config: GenerationConfig,
+    inputs_embeds: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    streamer: TokenStreamer | None = None,
+    stop_checker: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Run `stream_tokens` to the end; return the prompt followed by the new tokens (B, T + n).
+
+    With `inputs_embeds` instead of ids, only the new tokens are returned (as the reference does).
+    """
+    input_ids, attention_mask, inputs_embeds = prepare_inputs(
+        input_ids, attention_mask, inputs_embeds, config
+    )
+    if streamer is not None and input_ids is not None:
+        streamer.put(input_ids.cpu())
+    new_tokens: list[torch.Tensor] = []
+    for step in stream_tokens(
+        model,
+        input_ids,
+        attention_mask,
+        config=config,
+        inputs_embeds=inputs_embeds,
+        generator=generator,
+        stop_checker=stop_checker,
+    ):
+        new_tokens.append(step.tokens)
+        if streamer is not None:
+            streamer.put(step.tokens.cpu())
+    if streamer is not None:
+        streamer.end()
+    new = torch.stack(new_tokens, dim=1) if new_tokens else None
+    if input_ids is None:
+        return new
+    return input_ids if new is None else torch.cat([input_ids.to(new.device), new], dim=1)
+
+
+class StopStringChecker:
+    """Detects, per row, the text of the new tokens reaching the end of one of `stop_strings`.
+
+    Matches across token boundaries: each row's new text is rebuilt by a streaming detokenizer, and a stop
+    string counts when an occurrence ends in the text the latest token completed.
+    """
+
+    def __init__(self, tokenizer: Any, stop_strings: str | Sequence[str], batch_size: int) -> None:
+        from .tokenizer import StreamingDetokenizer
+
+        self.stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
+        if not self.stops or any(not isinstance(s, str) or not s for s in self.stops):
+            raise ValueError(f"stop_strings must be non-empty strings, got {stop_strings!r}.")
+        self.keep = max(len(s) for s in self.stops) - 1
+        self.streams = [StreamingDetokenizer(tokenizer) for _ in range(batch_size)]
+        self.tails = [""] * batch_size
+
+    def __call__(self, rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        hits = torch.zeros(len(rows), dtype=torch.bool)
+        for i, (row, token) in enumerate(zip(rows.tolist(), tokens.tolist(), strict=True)):
+            new = self.streams[row].push(token)
+            if not new:
+                continue
+            window = self.tails[row] + new
+            hits[i] = any(stop in window for stop in self.stops)
+            self.tails[row] = window[-self.keep :] if self.keep else ""
+        return hits

@@ -1,0 +1,129 @@
+"""Logits processors and the token sampler, as small pure functions over fp32 scores (B, V).
+
+They follow the reference's arithmetic and order (repetition penalty, minimum length, then temperature,
+top-k, top-p, min-p), so a seeded run draws the same tokens as the reference's `generate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+NEG_INF = -float("inf")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick the next token. `do_sample=False` (or temperature 0) is greedy."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = 50
+    top_p: float = 1.0
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+
+    def validate(self) -> None:
+        """Raise ValueError naming the parameter and its valid range."""
+        if self.temperature is None or self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}.")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
+            raise ValueError(
+                f"top_k must be a non-negative integer (0 or None disables it), got {self.top_k!r}."
+            )
+        if self.top_p is None or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p}.")
+        if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1] (None disables it), got {self.min_p}.")
+        if self.repetition_penalty is None or self.repetition_penalty <= 0:
+            raise ValueError(
+                f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty}."
+            )
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0
+
+
+def repetition_penalty(scores: torch.Tensor, input_ids: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Make every token already in `input_ids` (prompt included) less likely: divide positive scores by
+    `penalty`, multiply negative ones."""
+    if penalty == 1.0 or input_ids.shape[1] == 0:
+        return scores
+    vocab = scores.shape[-1]
+    ids = input_ids.clamp(max=vocab)  # ids past the head's vocabulary land on a dropped extra column
+    padded = torch.nn.functional.pad(scores, (0, 1))
+    picked = torch.gather(padded, 1, ids)
+    picked = torch.where(picked < 0, picked * penalty, picked / penalty)
+    return padded.scatter(1, ids, picked)[..., :vocab]
+
+
+def suppress_tokens(scores: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Forbid `token_ids` (used to hold back EOS until `min_new_tokens` are made)."""
+    banned = torch.isin(torch.arange(scores.shape[-1], device=scores.device), token_ids)
+    return torch.where(banned, NEG_INF, scores)
+
+
+def temperature(scores: torch.Tensor, value: float) -> torch.Tensor:
+    return scores if value == 1.0 else scores / value
+
+
+def top_k(scores: torch.Tensor, k: int | None) -> torch.Tensor:
+    """Keep the k highest scores (ties with the k-th are kept)."""
+    if not k:
+        return scores
+    k = min(k, scores.shape[-1])
+    kth = torch.topk(scores, k)[0][..., -1, None]
+    return scores.masked_fill(scores < kth, NEG_INF)
+
+
+def top_p(scores: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probability reaches p (at least one)."""
+    if p >= 1.0:
+        return scores
+    sorted_scores, order = torch.sort(scores, descending=False)
+    cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+    remove_sorted = cumulative <= (1 - p)
+    remove_sorted[..., -1:] = False
+    remove = remove_sorted.scatter(1, order, remove_sorted)
+    return scores.masked_fill(remove, NEG_INF)
+
+
+def min_p(scores: torch.Tensor, p: float | None) -> torch.Tensor:
+    """Drop tokens less likely than p times the most likely one (the top token always stays)."""
+    if p is None:
+        return scores
+    probs = torch.softmax(scores, dim=-1)
+    remove = probs < p * probs.amax(dim=-1, keepdim=True)
+    remove.scatter_(-1, torch.topk(probs, 1, dim=-1).indices, False)
+    return scores.masked_fill(remove, NEG_INF)
+
+
+def process_logits(
+    scores: torch.Tensor,
+    input_ids: torch.Tensor,
+    params: SamplingParams,
+    *,
+    banned_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Apply every processor in the reference's order. `banned_ids` are forbidden this step."""
+    scores = repetition_penalty(scores, input_ids, params.repetition_penalty)
+    if banned_ids is not None:
+        scores = suppress_tokens(scores, banned_ids)
+    if params.greedy:
+        return scores
+    scores = temperature(scores, params.temperature)
+    scores = top_k(scores, params.top_k)
+    scores = top_p(scores, params.top_p)
+    return min_p(scores, params.min_p)
+
+
+def select_tokens(
+    scores: torch.Tensor, params: SamplingParams, *, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """The next token per row (B,): argmax when greedy, else one draw from softmax(scores)."""
+    if params.greedy:
+        return torch.argmax(scores, dim=-1)
+    probs = torch.softmax(scores, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
