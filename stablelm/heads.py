@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import Cache
-from .generation import UNSET, StopStringChecker, generate, resolve_config
 from .config import StableLmConfig
+from .generation import UNSET, StopStringChecker, generate, resolve_config
 from .model import StableLmModel, StableLmPreTrainedModel
 from .outputs import CausalLMOutput, SequenceClassifierOutput, TokenClassifierOutput
 
