@@ -7,6 +7,8 @@ from .heads import StableLmForCausalLM, StableLmForSequenceClassification, Stabl
 from .model import StableLmModel, StableLmPreTrainedModel
 from .outputs import BaseModelOutput, CausalLMOutput, SequenceClassifierOutput, TokenClassifierOutput
 from .seeding import set_seed
+from .streamers import TextIteratorStreamer, TextStreamer
+from .tokenizer import AutoTokenizer, BatchEncoding, ChatTemplateError, StreamingDetokenizer, Tokenizer
 
 # This package has one architecture, so the reference's Auto* names are aliases of its classes.
 AutoConfig = StableLmConfig
@@ -23,6 +25,9 @@ __all__ = [
     "AutoModelForCausalLM",
     "AutoModelForSequenceClassification",
     "AutoModelForTokenClassification",
+    "AutoTokenizer",
+    "BatchEncoding",
+    "ChatTemplateError",
     "BaseModelOutput",
     "Cache",
     "CausalLMOutput",
@@ -36,6 +41,10 @@ __all__ = [
     "StableLmModel",
     "StableLmPreTrainedModel",
     "StaticCache",
+    "StreamingDetokenizer",
+    "TextIteratorStreamer",
+    "TextStreamer",
     "TokenClassifierOutput",
+    "Tokenizer",
     "set_seed",
 ]

@@ -283,3 +283,94 @@ def test_padding_without_an_attention_mask_is_an_error():
     ids, _ = _left_padded([4, 2], pad=5)
     with pytest.raises(ValueError, match="pass the attention_mask the tokenizer returned"):
         ours.generate(ids, max_new_tokens=2, pad_token_id=5, eos_token_id=0)
+
+
+# ---- text: stop strings and streamers, with the real GPT-NeoX tokenizer ---------------------------------
+
+FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def neox():
+    from stablelm import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(FIXTURES / "gpt-neox-20b")
+
+
+@pytest.fixture(scope="module")
+def text_model(neox):
+    """A tiny random model over the whole GPT-NeoX vocabulary, peaked as `peaked_pair`'s."""
+    from stablelm import StableLmForCausalLM
+
+    model = StableLmForCausalLM(
+        tiny_config(
+            vocab_size=50304,
+            hidden_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=256,
+        )
+    ).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    return model
+
+
+def test_stop_strings_match_across_token_boundaries(neox, text_model):
+    ids = torch.tensor([neox.encode("The weather is")])
+    free = text_model.generate(ids, max_new_tokens=12, eos_token_id=None)[0, ids.shape[1] :].tolist()
+    pieces = [neox.decode(free[: i + 1]) for i in range(len(free))]
+    # A stop string made of the end of token k's text and the start of token k+1's.
+    k = next(
+        i
+        for i in range(2, len(free) - 1)
+        if len(pieces[i]) - len(pieces[i - 1]) >= 2 and len(pieces[i + 1]) - len(pieces[i]) >= 2
+    )
+    stop = pieces[k][-2:] + pieces[k + 1][len(pieces[k]) : len(pieces[k]) + 2]
+    assert stop not in pieces[k] and stop in pieces[k + 1]
+    out = text_model.generate(ids, max_new_tokens=12, eos_token_id=None, stop_strings=stop, tokenizer=neox)
+    assert out[0, ids.shape[1] :].tolist() == free[: k + 2]
+
+
+def test_text_streamer_prints_exactly_the_generated_text(neox, text_model):
+    import io
+
+    from stablelm import TextStreamer
+
+    ids = torch.tensor([neox.encode("Hello, world")])
+    sink = io.StringIO()
+    out = text_model.generate(
+        ids, max_new_tokens=15, eos_token_id=None, streamer=TextStreamer(neox, stream=sink)
+    )
+    assert sink.getvalue() == neox.decode(out[0, ids.shape[1] :]) + "\n"
+    sink = io.StringIO()
+    text_model.generate(
+        ids, max_new_tokens=15, eos_token_id=None, streamer=TextStreamer(neox, skip_prompt=False, stream=sink)
+    )
+    assert sink.getvalue() == neox.decode(out[0]) + "\n"
+
+
+def test_text_iterator_streamer_yields_the_text_from_another_thread(neox, text_model):
+    from threading import Thread
+
+    from stablelm import TextIteratorStreamer
+
+    ids = torch.tensor([neox.encode("Once upon a time")])
+    expected = text_model.generate(ids, max_new_tokens=20, eos_token_id=None)
+    streamer = TextIteratorStreamer(neox, timeout=60)
+    thread = Thread(
+        target=text_model.generate,
+        kwargs=dict(input_ids=ids, max_new_tokens=20, eos_token_id=None, streamer=streamer),
+    )
+    thread.start()
+    chunks = list(streamer)
+    thread.join()
+    assert len(chunks) > 1
+    assert "".join(chunks) == neox.decode(expected[0, ids.shape[1] :])
+
+
+def test_text_streamer_streams_one_sequence(neox, text_model):
+    from stablelm import TextStreamer
+
+    with pytest.raises(ValueError, match="batch size 1"):
+        text_model.generate(torch.ones(2, 3, dtype=torch.long), max_new_tokens=2, streamer=TextStreamer(neox))

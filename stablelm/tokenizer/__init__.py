@@ -1,0 +1,25 @@
+"""The tokenizer: a checkpoint's tokenizer.json run by the `tokenizers` library, called as the reference is.
+
+`AutoTokenizer.from_pretrained(name_or_path)` reads tokenizer.json, tokenizer_config.json,
+special_tokens_map.json, chat_template.jinja and generation_config.json from a local folder or a hub repo
+and returns a `Tokenizer`; `StreamingDetokenizer` turns generated ids into text as they arrive.
+
+Modules: `tokenizer` (encode, decode, special tokens), `encoding` (the output and the padding and
+truncation rules), `files` (reading a checkpoint), `chat_template` (sandboxed Jinja rendering),
+`streaming` (incremental detokenization).
+"""
+
+from .chat_template import ChatTemplateError, ChatTemplateSecurityError, render_chat_template
+from .encoding import BatchEncoding
+from .streaming import StreamingDetokenizer
+from .tokenizer import AutoTokenizer, Tokenizer
+
+__all__ = [
+    "AutoTokenizer",
+    "BatchEncoding",
+    "ChatTemplateError",
+    "ChatTemplateSecurityError",
+    "StreamingDetokenizer",
+    "Tokenizer",
+    "render_chat_template",
+]

@@ -1,0 +1,100 @@
+"""The tokenizer's output, and the padding and truncation rules that shape it, as the reference applies them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+VERY_LARGE_INTEGER = int(1e30)  # the reference's model_max_length when a checkpoint sets none
+_LARGE_INTEGER = int(1e20)  # a model_max_length above this means "no limit"
+_PADDING = {
+    False: None,
+    "do_not_pad": None,
+    True: "longest",
+    "longest": "longest",
+    "max_length": "max_length",
+}
+_TRUNCATION = {None: False, False: False, "do_not_truncate": False, True: True, "longest_first": True}
+
+
+class BatchEncoding(dict):
+    """The tokenizer's output: `input_ids` and `attention_mask`, read as keys or as attributes."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"BatchEncoding has no {name!r}; it holds {sorted(self)}.") from None
+
+    def to(self, device: str | torch.device | int, *, non_blocking: bool = False) -> BatchEncoding:
+        """Move every tensor to `device` (in place) and return the encoding, as in `tok(...).to("cuda")`."""
+        for key, value in self.items():
+            if isinstance(value, torch.Tensor):
+                self[key] = value.to(device, non_blocking=non_blocking)
+        return self
+
+
+def padding_and_truncation(
+    padding: bool | str,
+    truncation: bool | str | None,
+    max_length: int | None,
+    *,
+    model_max_length: int,
+) -> tuple[int | str | None, int | None]:
+    """Resolve the options as the reference does.
+
+    Returns:
+        (what to pad to: "longest", a length, or None; the length to cut to, or None).
+    """
+    if padding not in _PADDING:
+        raise ValueError(f"padding must be one of False, True, 'longest', 'max_length'; got {padding!r}.")
+    if truncation not in _TRUNCATION:
+        raise ValueError(f"truncation must be True, False or None; got {truncation!r}.")
+    if max_length is not None and padding is False and truncation is None:
+        truncation = True  # the reference's rule: max_length alone means truncate
+    pad, truncate = _PADDING[padding], _TRUNCATION[truncation]
+    if max_length is None:
+        max_length = model_max_length if model_max_length <= _LARGE_INTEGER else None
+        pad = None if pad == "max_length" and max_length is None else pad
+        truncate = truncate and max_length is not None
+    pad_to = "longest" if pad == "longest" else max_length if pad else None
+    return pad_to, max_length if truncate else None
+
+
+def truncate(ids: list[int], max_length: int, *, side: str) -> list[int]:
+    """Keep `max_length` ids: the first ones (side "right") or the last ones (side "left")."""
+    if len(ids) <= max_length:
+        return ids
+    return ids[:max_length] if side == "right" else ids[len(ids) - max_length :]
+
+
+def pad(
+    ids: list[list[int]], *, to: int | str, pad_id: int, side: str
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Pad each row to the longest row (`to="longest"`) or to a length; returns (ids, attention masks)."""
+    length = max(map(len, ids), default=0) if to == "longest" else to
+    padded, masks = [], []
+    for row in ids:
+        n = max(length - len(row), 0)
+        padded.append([pad_id] * n + row if side == "left" else row + [pad_id] * n)
+        masks.append([0] * n + [1] * len(row) if side == "left" else [1] * len(row) + [0] * n)
+    return padded, masks
+
+
+def batch_encoding(
+    ids: list[list[int]], masks: list[list[int]], *, batched: bool, return_tensors: str | None
+) -> BatchEncoding:
+    """Lists (a single text unbatched), or (batch, length) int64 tensors for `return_tensors="pt"`."""
+    if return_tensors is None:
+        return BatchEncoding(
+            input_ids=ids if batched else ids[0], attention_mask=masks if batched else masks[0]
+        )
+    if len({len(row) for row in ids}) > 1:
+        raise ValueError(
+            "Cannot make one tensor of texts with different lengths: pass padding=True (and set a pad token, "
+            "e.g. tokenizer.pad_token = tokenizer.eos_token), or return_tensors=None for lists."
+        )
+    return BatchEncoding(
+        input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(masks, dtype=torch.long)
+    )

@@ -1,0 +1,518 @@
+"""`Tokenizer`: a checkpoint's tokenizer.json run by the `tokenizers` library, called as the reference is."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from tokenizers import AddedToken, processors
+from tokenizers import Tokenizer as Backend
+
+from ..hub import resolve_model_dir
+from .chat_template import render_chat_template, select_chat_template
+from .encoding import VERY_LARGE_INTEGER, BatchEncoding, batch_encoding, pad, padding_and_truncation, truncate
+from .files import SPECIAL_TOKEN_NAMES, TOKENIZER_FILES, read_tokenizer_files
+
+_CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"))
+_CLEAN_UP += ((" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+# Every clean-up pattern joins a character from this set to the one after it; any other character ends
+# all patterns, so text up to it cleans up the same whatever follows.
+CLEAN_UP_JOINS = frozenset(" 'nvr")
+
+
+def clean_up_tokenization(text: str) -> str:
+    """The reference's clean-up of spaces before punctuation and in English contractions."""
+    for old, new in _CLEAN_UP:
+        text = text.replace(old, new)
+    return text
+
+
+class _SpecialToken:
+    """A named special token as a settable attribute (`tok.pad_token`), or its id (`tok.pad_token_id`)."""
+
+    def __init__(self, name: str, *, as_id: bool = False) -> None:
+        self.name, self.as_id = name, as_id
+
+    def __get__(self, tokenizer: Tokenizer | None, owner: type | None = None) -> Any:
+        if tokenizer is None:
+            return self
+        token = tokenizer._special_tokens.get(self.name)
+        return tokenizer.convert_tokens_to_ids(token) if self.as_id and token is not None else token
+
+    def __set__(self, tokenizer: Tokenizer, value: str | int | None) -> None:
+        if self.as_id and value is not None:
+            token = tokenizer.convert_ids_to_tokens(int(value))
+            if token is None:
+                raise ValueError(f"{self.name}_id {value} is not in the vocabulary (size {len(tokenizer)}).")
+            value = token
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"{self.name} must be a token string or None, not {type(value).__name__}.")
+        tokenizer._special_tokens[self.name] = value
+
+
+class Tokenizer:
+    """A `tokenizers` pipeline with the reference's calling convention, special tokens and chat templates.
+
+    Load one with `AutoTokenizer.from_pretrained(...)`. Calling it encodes text; `decode`, `batch_decode` and
+    `apply_chat_template` cover the rest of what the model's documentation uses.
+    """
+
+    bos_token, bos_token_id = _SpecialToken("bos_token"), _SpecialToken("bos_token", as_id=True)
+    eos_token, eos_token_id = _SpecialToken("eos_token"), _SpecialToken("eos_token", as_id=True)
+    unk_token, unk_token_id = _SpecialToken("unk_token"), _SpecialToken("unk_token", as_id=True)
+    pad_token, pad_token_id = _SpecialToken("pad_token"), _SpecialToken("pad_token", as_id=True)
+    sep_token, sep_token_id = _SpecialToken("sep_token"), _SpecialToken("sep_token", as_id=True)
+    cls_token, cls_token_id = _SpecialToken("cls_token"), _SpecialToken("cls_token", as_id=True)
+    mask_token, mask_token_id = _SpecialToken("mask_token"), _SpecialToken("mask_token", as_id=True)
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        special_tokens: Mapping[str, str | None] | None = None,
+        extra_special_tokens: Sequence[str] = (),
+        model_max_length: int = VERY_LARGE_INTEGER,
+        padding_side: str = "right",
+        truncation_side: str = "right",
+        clean_up_tokenization_spaces: bool = False,
+        chat_template: str | Mapping[str, str] | None = None,
+        generation_config: Mapping[str, Any] | None = None,
+        name_or_path: str = "",
+    ) -> None:
+        """Wrap a `tokenizers.Tokenizer`.
+
+        Args:
+            backend: The pipeline, usually `tokenizers.Tokenizer.from_file("tokenizer.json")`.
+            special_tokens: Named special tokens (`bos_token`, `eos_token`, ... or model-specific names).
+                Tokens the backend lacks are added to it as special tokens, as the reference does.
+            extra_special_tokens: Further special tokens without a name.
+            model_max_length: The length `truncation=True` and `padding="max_length"` use by default.
+            padding_side: "right", or "left" for batched generation.
+            truncation_side: "right" keeps the start of a text, "left" its end.
+            clean_up_tokenization_spaces: The default of `decode`; like the reference, never applied to BPE.
+            chat_template: A Jinja chat template, or several by name (the one used by default named "default").
+            generation_config: The checkpoint's generation_config.json, as read.
+            name_or_path: Where the tokenizer came from.
+        """
+        self._backend = backend
+        self._special_tokens: dict[str, str | None] = dict.fromkeys(SPECIAL_TOKEN_NAMES)
+        self._special_tokens.update(special_tokens or {})
+        self.extra_special_tokens = list(extra_special_tokens)
+        self.model_max_length = model_max_length
+        self.padding_side = padding_side
+        self.truncation_side = truncation_side
+        self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
+        self.chat_template = dict(chat_template) if isinstance(chat_template, Mapping) else chat_template
+        self.generation_config = dict(generation_config or {})
+        self.name_or_path = name_or_path
+        self._add_bos_token = self._add_eos_token = False
+        known = {token.content for token in backend.get_added_tokens_decoder().values()}
+        missing = [
+            AddedToken(t, special=True, normalized=False) for t in self.all_special_tokens if t not in known
+        ]
+        if missing:  # so each encodes as one token and decode can skip it
+            backend.add_special_tokens(missing)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        padding_side: str | None = None,
+        add_bos_token: bool | None = None,
+        add_eos_token: bool | None = None,
+        trust_remote_code: bool = False,
+    ) -> Tokenizer:
+        """Load a checkpoint's tokenizer from a local folder or a Hugging Face hub repo id.
+
+        Args:
+            name_or_path: A folder holding tokenizer.json, or a hub repo id such as
+                "stabilityai/stablelm-2-zephyr-1_6b".
+            revision: The hub branch, tag or commit.
+            cache_dir: The hub cache folder.
+            local_files_only: Use only files already in the hub cache.
+            token: A hub access token.
+            padding_side: Overrides the checkpoint's padding side ("left" for batched generation).
+            add_bos_token: Put the bos token before every encoded text. As in the reference, the value in
+                tokenizer_config.json is not used: tokenizer.json's post-processor decides.
+            add_eos_token: Put the eos token after every encoded text (same rule).
+            trust_remote_code: Accepted so that code written for the reference runs unchanged; no code from
+                the hub is ever run here.
+
+        Raises:
+            FileNotFoundError: There is no such folder or repo, or it holds no tokenizer.json.
+        """
+        del trust_remote_code
+        folder = resolve_model_dir(
+            name_or_path,
+            allow_patterns=TOKENIZER_FILES,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            token=token,
+        )
+        tokenizer = cls(**read_tokenizer_files(folder), name_or_path=str(name_or_path))
+        if padding_side is not None:
+            tokenizer.padding_side = padding_side
+        if add_bos_token is not None:
+            tokenizer.add_bos_token = add_bos_token
+        if add_eos_token is not None:
+            tokenizer.add_eos_token = add_eos_token
+        return tokenizer
+
+    # --- attributes -------------------------------------------------------------------------------------
+
+    @property
+    def padding_side(self) -> str:
+        """Where padding goes: "right", or "left" for batched generation."""
+        return self._padding_side
+
+    @padding_side.setter
+    def padding_side(self, side: str) -> None:
+        self._padding_side = _check_side("padding_side", side)
+
+    @property
+    def truncation_side(self) -> str:
+        """Which end truncation cuts: "right" keeps the start of a text, "left" keeps its end."""
+        return self._truncation_side
+
+    @truncation_side.setter
+    def truncation_side(self, side: str) -> None:
+        self._truncation_side = _check_side("truncation_side", side)
+
+    @property
+    def add_bos_token(self) -> bool:
+        """Whether encoding puts the bos token first; setting it rebuilds the post-processor."""
+        return self._add_bos_token
+
+    @add_bos_token.setter
+    def add_bos_token(self, value: bool) -> None:
+        self._add_bos_token = bool(value)
+        self._update_post_processor()
+
+    @property
+    def add_eos_token(self) -> bool:
+        """Whether encoding puts the eos token last; setting it rebuilds the post-processor."""
+        return self._add_eos_token
+
+    @add_eos_token.setter
+    def add_eos_token(self, value: bool) -> None:
+        self._add_eos_token = bool(value)
+        self._update_post_processor()
+
+    def _update_post_processor(self) -> None:
+        bos = [self.bos_token] if self._add_bos_token and self.bos_token is not None else []
+        eos = [self.eos_token] if self._add_eos_token and self.eos_token is not None else []
+        single = [f"{t}:0" for t in bos] + ["$A:0"] + [f"{t}:0" for t in eos]
+        pair = single + [f"{t}:1" for t in bos] + ["$B:1"] + [f"{t}:1" for t in eos]
+        specials = [(t, self.convert_tokens_to_ids(t)) for t in dict.fromkeys(bos + eos)]
+        self._backend.post_processor = processors.TemplateProcessing(
+            single=" ".join(single), pair=" ".join(pair), special_tokens=specials
+        )
+
+    @property
+    def backend_tokenizer(self) -> Backend:
+        """The underlying `tokenizers.Tokenizer`."""
+        return self._backend
+
+    @property
+    def vocab_size(self) -> int:
+        """Size of the base vocabulary, without added tokens (as the reference counts it)."""
+        return self._backend.get_vocab_size(with_added_tokens=False)
+
+    def __len__(self) -> int:
+        return self._backend.get_vocab_size(with_added_tokens=True)
+
+    def get_vocab(self) -> dict[str, int]:
+        """Every token string, added tokens included, mapped to its id."""
+        return self._backend.get_vocab(with_added_tokens=True)
+
+    @property
+    def special_tokens_map(self) -> dict[str, str]:
+        """The named special tokens that are set, e.g. `{"bos_token": "<|endoftext|>", ...}`."""
+        return {name: token for name, token in self._special_tokens.items() if token is not None}
+
+    @property
+    def all_special_tokens(self) -> list[str]:
+        """Named and extra special tokens, each once."""
+        return list(dict.fromkeys([*self.special_tokens_map.values(), *self.extra_special_tokens]))
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        """The ids of `all_special_tokens`."""
+        return self.convert_tokens_to_ids(self.all_special_tokens)
+
+    def __repr__(self) -> str:
+        return (
+            f"Tokenizer(name_or_path={self.name_or_path!r}, vocab_size={self.vocab_size}, len={len(self)}, "
+            f"padding_side={self.padding_side!r}, special_tokens={self.special_tokens_map})"
+        )
+
+    # --- encoding ---------------------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        text: str | Sequence[str],
+        *,
+        return_tensors: str | None = None,
+        padding: bool | str = False,
+        truncation: bool | str | None = None,
+        max_length: int | None = None,
+        add_special_tokens: bool = True,
+    ) -> BatchEncoding:
+        """Encode one text or a batch of texts.
+
+        Args:
+            text: A string, or a list of strings (a batch).
+            return_tensors: None for Python lists (flat lists for a single text), or "pt" for int64 tensors
+                of shape (batch, length).
+            padding: False; True or "longest" to pad to the longest text of the batch; "max_length" to pad to
+                `max_length` (default `model_max_length`). Needs a pad token.
+            truncation: True cuts each text to `max_length` (default `model_max_length`) tokens on
+                `truncation_side`; None truncates only when `max_length` is given without padding.
+            max_length: The length for truncation and for `padding="max_length"`.
+            add_special_tokens: Apply the post-processor (bos/eos, when the tokenizer adds them).
+
+        Returns:
+            A `BatchEncoding` with `input_ids` and `attention_mask` (1 for tokens, 0 for padding).
+
+        Raises:
+            ValueError: Padding without a pad token, an unknown option, or texts of different lengths
+                with `return_tensors="pt"` and no padding.
+        """
+        batched = isinstance(text, (list, tuple))
+        texts = list(text) if batched else [text]
+        if not all(isinstance(item, str) for item in texts):
+            raise TypeError(f"text must be a string or a list of strings, not {text!r:.80}.")
+        if return_tensors not in (None, "pt"):
+            raise ValueError(f"return_tensors must be None or 'pt', not {return_tensors!r}.")
+        pad_to, cut_to = padding_and_truncation(
+            padding, truncation, max_length, model_max_length=self.model_max_length
+        )
+        if pad_to is not None and self.pad_token_id is None:
+            raise ValueError(
+                "Asked to pad, but the tokenizer has no pad token. Set one first, for example "
+                "`tokenizer.pad_token = tokenizer.eos_token`."
+            )
+        ids = self._encode_ids(texts, add_special_tokens=add_special_tokens, max_length=cut_to)
+        if pad_to is None:
+            masks = [[1] * len(row) for row in ids]
+        else:
+            ids, masks = pad(ids, to=pad_to, pad_id=self.pad_token_id, side=self.padding_side)
+        return batch_encoding(ids, masks, batched=batched, return_tensors=return_tensors)
+
+    def encode(
+        self,
+        text: str,
+        *,
+        add_special_tokens: bool = True,
+        truncation: bool | str | None = None,
+        max_length: int | None = None,
+        return_tensors: str | None = None,
+    ) -> list[int] | torch.Tensor:
+        """Encode one text to its token ids (the arguments are those of `__call__`)."""
+        encoding = self(
+            text,
+            add_special_tokens=add_special_tokens,
+            truncation=truncation,
+            max_length=max_length,
+            return_tensors=return_tensors,
+        )
+        return encoding["input_ids"]
+
+    def _encode_ids(
+        self, texts: list[str], *, add_special_tokens: bool, max_length: int | None
+    ) -> list[list[int]]:
+        # Truncation happens here rather than through `enable_truncation` on the shared backend, so that
+        # concurrent calls with different options cannot see each other's settings.
+        backend = self._backend
+        added = backend.num_special_tokens_to_add(False) if add_special_tokens else 0
+        if max_length is None or added == 0:
+            rows = [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=add_special_tokens)]
+            return (
+                rows
+                if max_length is None
+                else [truncate(r, max_length, side=self.truncation_side) for r in rows]
+            )
+        if max_length < added:
+            raise ValueError(f"max_length={max_length} leaves no room for the {added} special tokens added.")
+        encodings = backend.encode_batch_fast(texts, add_special_tokens=False)
+        for encoding in encodings:  # cut the text, then add the special tokens, as the backend itself does
+            encoding.truncate(max_length - added, direction=self.truncation_side)
+        return [backend.post_process(encoding, None, True).ids for encoding in encodings]
+
+    # --- decoding ---------------------------------------------------------------------------------------
+
+    def decode(
+        self,
+        token_ids: int | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor,
+        *,
+        skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces: bool | None = None,
+    ) -> str | list[str]:
+        """Turn token ids back into text; a batch (2-D) gives a list of texts, as in the reference.
+
+        Args:
+            token_ids: One id, a sequence of ids, a batch of sequences, or a tensor of either.
+            skip_special_tokens: Leave out special tokens (eos, pad, ...).
+            clean_up_tokenization_spaces: Remove spaces before punctuation; None uses the tokenizer's
+                setting. As in the reference, never applied to BPE tokenizers, where it corrupts text.
+        """
+        ids = _as_python(token_ids)
+        if isinstance(ids, int):
+            ids = [ids]
+        if ids and isinstance(ids[0], list):
+            return self.batch_decode(
+                ids,
+                skip_special_tokens=skip_special_tokens,
+                clean_up_tokenization_spaces=clean_up_tokenization_spaces,
+            )
+        text = self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        return clean_up_tokenization(text) if self._cleans_up(clean_up_tokenization_spaces) else text
+
+    def batch_decode(
+        self,
+        sequences: Sequence[Sequence[int]] | torch.Tensor,
+        *,
+        skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces: bool | None = None,
+    ) -> list[str]:
+        """Decode a batch of id sequences (the arguments are those of `decode`)."""
+        rows = _as_python(sequences)
+        if rows and not isinstance(rows[0], list):
+            rows = [rows]  # one sequence, which the reference also accepts
+        texts = self._backend.decode_batch(rows, skip_special_tokens=skip_special_tokens)
+        if self._cleans_up(clean_up_tokenization_spaces):
+            return [clean_up_tokenization(text) for text in texts]
+        return texts
+
+    def _cleans_up(self, clean_up_tokenization_spaces: bool | None) -> bool:
+        if clean_up_tokenization_spaces is None:
+            clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
+        # The reference skips the clean-up for BPE models, where it would delete real spaces.
+        return bool(clean_up_tokenization_spaces) and type(self._backend.model).__name__ != "BPE"
+
+    def convert_ids_to_tokens(
+        self, ids: int | Sequence[int], *, skip_special_tokens: bool = False
+    ) -> str | None | list[str | None]:
+        """The token string of each id (None for an id outside the vocabulary)."""
+        ids = _as_python(ids)
+        if isinstance(ids, int):
+            return self._backend.id_to_token(ids)
+        skip = set(self.all_special_ids) if skip_special_tokens else set()
+        return [self._backend.id_to_token(i) for i in ids if i not in skip]
+
+    def convert_tokens_to_ids(self, tokens: str | Sequence[str]) -> int | None | list[int | None]:
+        """The id of each token string; the unk token's id (or None) for strings not in the vocabulary."""
+        if not isinstance(tokens, str):
+            return [self.convert_tokens_to_ids(token) for token in tokens]
+        found = self._backend.token_to_id(tokens)
+        unk = self._special_tokens.get("unk_token")
+        return found if found is not None or unk is None else self._backend.token_to_id(unk)
+
+    # --- chat -------------------------------------------------------------------------------------------
+
+    def get_chat_template(self, chat_template: str | None = None, *, tools: Sequence | None = None) -> str:
+        """The template to use: `chat_template` (a Jinja template, or the name of one) or the tokenizer's.
+
+        Raises:
+            ValueError: There is no template, or there are several, none named "default" and none chosen.
+        """
+        return select_chat_template(self.chat_template, chat_template, tools=tools)
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
+        *,
+        add_generation_prompt: bool = False,
+        continue_final_message: bool = False,
+        tokenize: bool = True,
+        return_tensors: str | None = None,
+        return_dict: bool = False,
+        chat_template: str | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        documents: Sequence[Mapping[str, Any]] | None = None,
+        padding: bool | str = False,
+        truncation: bool | str | None = None,
+        max_length: int | None = None,
+        **template_kwargs: Any,
+    ) -> str | list[str] | list[int] | list[list[int]] | torch.Tensor | BatchEncoding:
+        """Format a conversation (or a batch of them) with the chat template, as the reference does.
+
+        Args:
+            messages: A list of `{"role": ..., "content": ...}` dicts, or a list of such lists.
+            add_generation_prompt: End with the header that starts the assistant's reply.
+            continue_final_message: Leave the final message open, so the model continues it.
+            tokenize: Return token ids; False returns the rendered text.
+            return_tensors: "pt" for a (batch, length) int64 tensor, None for lists.
+            return_dict: Return the whole `BatchEncoding` (with `attention_mask`), not only the ids.
+            chat_template: A Jinja template, or the name of one of the tokenizer's templates.
+            tools: Tool descriptions (JSON schemas) for templates that support tool use.
+            documents: Documents (dicts) for templates that support retrieval.
+            padding: Padding of a batch (see `__call__`).
+            truncation: Truncation (see `__call__`).
+            max_length: The length for padding and truncation (see `__call__`).
+            **template_kwargs: Further variables for the template.
+
+        Raises:
+            ValueError: Both `add_generation_prompt` and `continue_final_message`, an empty conversation,
+                or no chat template.
+            ChatTemplateError: The template raised an error (its message is passed on) or is not valid Jinja.
+            ChatTemplateSecurityError: The template tried to reach outside the sandbox.
+        """
+        if tools is not None and not all(isinstance(tool, Mapping) for tool in tools):
+            raise TypeError("tools must be JSON-schema dicts, one per tool.")
+        if documents is not None and not all(isinstance(document, Mapping) for document in documents):
+            raise TypeError("documents must be dicts, such as {'title': ..., 'text': ...}.")
+        template = self.get_chat_template(chat_template, tools=tools)
+        batched = bool(messages) and isinstance(messages[0], (list, tuple))
+        variables = {**self.special_tokens_map, **template_kwargs}
+        variables.update({k: v for k, v in (("tools", tools), ("documents", documents)) if v is not None})
+        texts = [
+            render_chat_template(
+                template,
+                conversation,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                variables=variables,
+            )
+            for conversation in (messages if batched else [messages])
+        ]
+        if not tokenize:
+            return texts if batched else texts[0]
+        encoding = self(
+            texts if batched else texts[0],
+            return_tensors=return_tensors,
+            padding=padding,
+            truncation=truncation,
+            max_length=max_length,
+            add_special_tokens=False,  # the template writes the special tokens itself
+        )
+        return encoding if return_dict else encoding["input_ids"]
+
+
+class AutoTokenizer:
+    """The entry point the model's documentation uses: `AutoTokenizer.from_pretrained(name_or_path)`."""
+
+    from_pretrained = Tokenizer.from_pretrained
+
+
+def _check_side(name: str, side: str) -> str:
+    if side not in ("left", "right"):
+        raise ValueError(f"{name} must be 'left' or 'right', not {side!r}.")
+    return side
+
+
+def _as_python(ids: Any) -> Any:
+    """Token ids as Python ints and lists (tensors and arrays converted)."""
+    if hasattr(ids, "tolist"):
+        return ids.tolist()
+    if isinstance(ids, (list, tuple)) and ids and not isinstance(ids[0], int):
+        return [_as_python(row) for row in ids]
+    return list(ids) if isinstance(ids, tuple) else ids
