@@ -1,6 +1,7 @@
 """stablelm: a standalone, fast, exact implementation of the StableLM model family in PyTorch."""
 
 from .cache import Cache, DynamicCache, StaticCache
+from .checkpoint import CheckpointError
 from .config import StableLmConfig
 from .generation import GenerationConfig
 from .heads import StableLmForCausalLM, StableLmForSequenceClassification, StableLmForTokenClassification
@@ -28,6 +29,7 @@ __all__ = [
     "AutoTokenizer",
     "BatchEncoding",
     "ChatTemplateError",
+    "CheckpointError",
     "BaseModelOutput",
     "Cache",
     "CausalLMOutput",

@@ -30,6 +30,9 @@ class Cache:
         """Store key/value (B, H_kv, T, D) at positions `cache_position` (T,) and return the layer's keys/values."""
         raise NotImplementedError
 
+    def advance(self, new_tokens: int) -> None:
+        """Record that every layer stored `new_tokens` more positions (called once per forward)."""
+
 
 class DynamicCache(Cache):
     """A cache that grows with every call; positions must be appended in order."""
@@ -128,9 +131,11 @@ class StaticCache(Cache):
         k_cache, v_cache = self.keys[layer_idx], self.values[layer_idx]
         k_cache.index_copy_(2, cache_position, key.to(k_cache.dtype))
         v_cache.index_copy_(2, cache_position, value.to(v_cache.dtype))
-        if layer_idx == len(self.keys) - 1:
-            self._length += key.shape[2]
         return k_cache, v_cache
+
+    def advance(self, new_tokens: int) -> None:
+        # Kept out of `update` so that a compiled step changes no Python state.
+        self._length += new_tokens
 
     def reset(self) -> None:
         """Forget every stored position (the buffers are reused)."""

@@ -310,7 +310,12 @@ class StableLmConfig:
         path = folder / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"No config.json in {folder}; a StableLM checkpoint folder needs one.")
-        config = cls.from_json_file(path)
+        try:
+            config = cls.from_json_file(path)
+        except ValueError as err:  # name the file in every message (a wrong model_type, say)
+            if str(path) in str(err):
+                raise
+            raise ValueError(f"{path}: {err}") from err
         return cls.from_dict(config.to_dict(), **kwargs) if kwargs else config
 
     def __eq__(self, other: object) -> bool:

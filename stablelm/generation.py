@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import torch
 
 from .cache import Cache, DynamicCache, StaticCache
+from .decode import DecodeStep
 from .sampling import SamplingParams, process_logits, select_tokens
 
 DEFAULT_NEW_TOKENS = 20  # with neither max_length nor max_new_tokens set (capped at max_position_embeddings)
@@ -30,6 +31,7 @@ class _Unset:
 
 
 UNSET: Any = _Unset()
+COMPILE_LENGTH_BUCKET = 256  # compiled static caches are sized in these steps
 _EXTENDING_ROPE_TYPES = ("dynamic", "yarn", "longrope", "llama3")
 
 
@@ -52,6 +54,7 @@ class GenerationConfig:
     num_return_sequences: int = 1
     stop_strings: str | list[str] | None = None
     cache_implementation: str | None = None
+    compile: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -112,6 +115,7 @@ class _Plan:
     eos: torch.Tensor | None
     pad_token_id: int
     cache_implementation: str
+    compile: bool
 
 
 def resolve_config(
@@ -164,7 +168,11 @@ def _plan(model: Any, config: GenerationConfig, prompt_length: int) -> _Plan:
     cache_impl = config.cache_implementation or "static"
     if cache_impl not in ("static", "dynamic"):
         raise ValueError(f"cache_implementation must be 'static' or 'dynamic', got {cache_impl!r}.")
-    return _Plan(params, max_new, config.min_new_tokens or 0, eos, pad, cache_impl)
+    if config.compile and cache_impl != "static":
+        raise ValueError(
+            "compile=True needs the static cache (fixed shapes): drop cache_implementation='dynamic'."
+        )
+    return _Plan(params, max_new, config.min_new_tokens or 0, eos, pad, cache_impl, bool(config.compile))
 
 
 def _check_length(config: Any, prompt_length: int, max_new: int) -> None:
@@ -188,13 +196,63 @@ def _check_length(config: Any, prompt_length: int, max_new: int) -> None:
 def _make_cache(model: Any, plan: _Plan, batch: int, total: int) -> Cache:
     if plan.cache_implementation == "dynamic":
         return DynamicCache()
+    if plan.compile:  # round up so that nearby lengths share one compiled graph
+        total = -(-total // COMPILE_LENGTH_BUCKET) * COMPILE_LENGTH_BUCKET
     return StaticCache.for_model(
         model.config, batch_size=batch, max_cache_len=total, dtype=model.dtype, device=model.device
     )
 
 
-def _last_logits(model: Any, **inputs: Any) -> torch.Tensor:
-    return model(**inputs, logits_to_keep=1).logits[:, -1].to(dtype=torch.float32, copy=True)
+class _Stepper:
+    """Owns the cache and the positions; turns each step's tokens into the next fp32 logits (B, V).
+
+    With a static cache (and an attention backend that can take a mask over its slots) the steps run
+    through `DecodeStep`, whose inputs are preallocated tensors updated in place, so nothing is allocated
+    per token and the step can be compiled. Otherwise each step is a plain forward over a growing mask.
+    """
+
+    def __init__(self, model: Any, plan: _Plan, mask: torch.Tensor) -> None:
+        B, T = mask.shape
+        self.model, self.mask = model, mask
+        self.padded = not bool(mask.all())
+        self.cache = _make_cache(model, plan, B, T + plan.max_new_tokens)
+        self.position_ids = mask.sum(-1, keepdim=True)  # (B, 1) next position, as the reference's cumsum
+        self.step_fn: DecodeStep | None = None
+        if isinstance(self.cache, StaticCache) and model.config.attn_implementation != "flash_attention_2":
+            self.step_fn = DecodeStep.for_model(model, compile=plan.compile)
+            self.key_mask = torch.ones(B, self.cache.max_cache_len, dtype=torch.bool, device=mask.device)
+            self.key_mask[:, :T] = mask.bool()
+            self.cache_position = torch.tensor([T], device=mask.device)
+
+    def prefill(self, **model_inputs: Any) -> torch.Tensor:
+        positions = (self.mask.cumsum(-1) - 1).masked_fill(self.mask == 0, 1)
+        out = self.model(
+            **model_inputs,
+            attention_mask=self.mask if self.padded else None,
+            position_ids=positions,
+            past_key_values=self.cache,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1].to(dtype=torch.float32, copy=True)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.step_fn is not None:
+            logits = self.step_fn(
+                self.cache, tokens[:, None], self.position_ids, self.cache_position, self.key_mask
+            )
+            self.cache_position += 1
+        else:
+            self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=-1)
+            out = self.model(
+                input_ids=tokens[:, None],
+                attention_mask=self.mask if self.padded else None,
+                position_ids=self.position_ids,
+                past_key_values=self.cache,
+                logits_to_keep=1,
+            )
+            logits = out.logits[:, -1].to(dtype=torch.float32, copy=True)
+        self.position_ids += 1
+        return logits
 
 
 @torch.no_grad()
@@ -220,39 +278,23 @@ def stream_tokens(
         stop_checker: Called with (rows, tokens) of running rows after each step; returns a bool (len(rows),)
             marking rows whose text now ends a stop string.
     """
-    prompt = (
-        input_ids
-        if input_ids is not None
-        else inputs_embeds.new_zeros(inputs_embeds.shape[:2], dtype=torch.long)
-    )
-    B, T = prompt.shape[:2]
+    source = input_ids if input_ids is not None else inputs_embeds
+    B, T = source.shape[:2]
     plan = _plan(model, config, T)
     device = model.device
-    mask = (
-        (attention_mask if attention_mask is not None else torch.ones(B, T, dtype=torch.long))
-        .to(device)
-        .long()
-    )
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-    seen = mask.sum(-1, keepdim=True)  # the next row position is seen - 1 + step (as the reference's cumsum)
-    padded = not bool(mask.all())
-    cache = _make_cache(model, plan, B, T + plan.max_new_tokens)
-    model_inputs = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": prompt}
-    logits = _last_logits(
-        model,
-        **model_inputs,
-        attention_mask=mask if padded else None,
-        position_ids=positions,
-        past_key_values=cache,
-    )
-    seq = input_ids if input_ids is not None else prompt[:, :0]
+    mask = torch.ones(B, T, dtype=torch.long) if attention_mask is None else attention_mask
+    stepper = _Stepper(model, plan, mask.to(device).long())
+    model_inputs = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": input_ids}
+    logits = stepper.prefill(**model_inputs)
+    seq = input_ids if input_ids is not None else torch.zeros(B, 0, dtype=torch.long, device=device)
     running = torch.ones(B, dtype=torch.bool, device=device)
     reasons: list[str | None] = [None] * B
     for step in range(plan.max_new_tokens):
         banned = plan.eos if step < plan.min_new_tokens else None
         scores = process_logits(logits, seq, plan.params, banned_ids=banned)
-        tokens = select_tokens(scores, plan.params, generator=generator)
-        tokens = torch.where(running, tokens, plan.pad_token_id)
+        tokens = torch.where(
+            running, select_tokens(scores, plan.params, generator=generator), plan.pad_token_id
+        )
         seq = torch.cat([seq, tokens[:, None]], dim=-1)
         stopped = (
             running & torch.isin(tokens, plan.eos) if plan.eos is not None else torch.zeros_like(running)
@@ -269,14 +311,7 @@ def stream_tokens(
         yield Step(tokens=tokens, finish_reasons=list(reasons))
         if last or not bool(running.any()):
             return
-        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=-1)
-        logits = _last_logits(
-            model,
-            input_ids=tokens[:, None],
-            attention_mask=mask if padded else None,
-            position_ids=seen - 1 + step + 1,
-            past_key_values=cache,
-        )
+        logits = stepper.step(tokens)
 
 
 def prepare_inputs(

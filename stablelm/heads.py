@@ -64,6 +64,7 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
         generation_config=None,  # noqa: ANN001 - GenerationConfig or dict
         inputs_embeds: torch.Tensor | None = None,
         cache_implementation: str | None = UNSET,
+        compile: bool = UNSET,
     ) -> torch.Tensor:
         """Generate continuations of the prompt, as the reference's `generate` does.
 
@@ -72,7 +73,9 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
         temperature 1.0, top_k 50, top_p 1.0, no min_p, repetition_penalty 1.0. `temperature=0` is
         greedy. `eos_token_id` may be a list; finished rows are padded with `pad_token_id` (default: the
         first EOS). `stop_strings` (needs `tokenizer`) end a row when its text reaches one of them.
-        `cache_implementation` is "static" (preallocated, default) or "dynamic".
+        `cache_implementation` is "static" (preallocated, default) or "dynamic". `compile=True` compiles
+        the decode step with torch.compile (paid once per model, batch size and length; falls back to eager
+        with a notice when compilation is unavailable).
 
         Returns:
             LongTensor (B * num_return_sequences, prompt + new): the prompt followed by the new tokens
@@ -96,6 +99,7 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
             num_return_sequences=num_return_sequences,
             stop_strings=stop_strings,
             cache_implementation=cache_implementation,
+            compile=compile,
         )
         stop_checker = None
         if config.stop_strings:

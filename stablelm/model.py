@@ -7,6 +7,7 @@ D head_dim, V vocab_size.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 
 import torch
@@ -236,6 +237,86 @@ class StableLmPreTrainedModel(nn.Module):
     def _base_model(self) -> StableLmModel:
         return getattr(self, self.base_model_prefix, self)
 
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        config: StableLmConfig | None = None,
+        dtype: torch.dtype | str | None = None,
+        torch_dtype: torch.dtype | str | None = None,
+        device: torch.device | str | int | None = None,
+        device_map: torch.device | str | int | None = None,
+        attn_implementation: str | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        trust_remote_code: bool | None = None,
+        **config_overrides: object,
+    ) -> StableLmPreTrainedModel:
+        """Load a model from a checkpoint folder or a Hugging Face hub repo id, in eval mode.
+
+        Reads `config.json`, `generation_config.json` (as the dict `model.generation_config`) and the weights:
+        `model.safetensors`, sharded safetensors with their index, or legacy `pytorch_model*.bin` through
+        `torch.load(weights_only=True)`. Each tensor is read once, straight into `dtype` on `device`. A
+        classification model loads a causal LM's backbone and initialises its head, with one warning.
+
+        Args:
+            name_or_path: A local folder, or a hub repo id (only the needed files are fetched, into the hub cache).
+            config: Use this config instead of the checkpoint's `config.json`.
+            dtype: "auto" or None (the checkpoint's `torch_dtype`, as the reference), a torch dtype or its name.
+            torch_dtype: The reference's older spelling of `dtype`.
+            device: Where the weights go: None (CPU), "auto" (CUDA when available), "cuda:0", ...
+            device_map: The reference's spelling of `device`; only a single device is supported.
+            attn_implementation: "sdpa" (default), "eager" or "flash_attention_2".
+            revision, cache_dir, local_files_only, token: For the hub (`HF_HUB_OFFLINE=1` is honoured).
+            trust_remote_code: Accepted for the reference's snippets and ignored: no file's code ever runs.
+            **config_overrides: Config fields to change, such as `num_labels=3`.
+
+        Raises:
+            FileNotFoundError: The model is neither a local folder nor on the hub, or files are missing.
+            stablelm.checkpoint.CheckpointError: A file is damaged or does not fit the config; the message
+                names the file and what to do.
+        """
+        from .checkpoint import load_pretrained
+
+        return load_pretrained(
+            cls,
+            name_or_path,
+            config=config,
+            dtype=dtype,
+            torch_dtype=torch_dtype,
+            device=device,
+            device_map=device_map,
+            attn_implementation=attn_implementation,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            token=token,
+            trust_remote_code=trust_remote_code,
+            **config_overrides,
+        )
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        max_shard_size: int | str = "5GB",
+        safe_serialization: bool = True,
+    ) -> None:
+        """Write `config.json`, `generation_config.json` (when set) and the weights to `save_directory`.
+
+        Safetensors (or `pytorch_model.bin` with `safe_serialization=False`) in shards of at most
+        `max_shard_size` ("5GB", "500MB", "2GiB" or bytes) with an index when there are several. A tied LM
+        head is left out, as the reference does. Each file is written under a temporary name and renamed.
+        """
+        from .checkpoint import save_pretrained
+
+        save_pretrained(
+            self, save_directory, max_shard_size=max_shard_size, safe_serialization=safe_serialization
+        )
+
 
 class StableLmModel(StableLmPreTrainedModel):
     """The decoder stack: embeddings, layers and final LayerNorm; returns the last hidden states."""
@@ -307,6 +388,8 @@ class StableLmModel(StableLmPreTrainedModel):
                 x = checkpoint(layer, x, rope, mask, cache, cache_position, use_reentrant=False)
             else:
                 x = layer(x, rope, mask, cache, cache_position)
+        if cache is not None:
+            cache.advance(T)
         x = self.norm(x)
         if output_hidden_states:
             hidden_states.append(x)

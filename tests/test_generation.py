@@ -374,3 +374,30 @@ def test_text_streamer_streams_one_sequence(neox, text_model):
 
     with pytest.raises(ValueError, match="batch size 1"):
         text_model.generate(torch.ones(2, 3, dtype=torch.long), max_new_tokens=2, streamer=TextStreamer(neox))
+
+
+def test_compiled_decode_gives_the_eager_tokens():
+    """The compiled decode step (Inductor, frozen weights) against the eager path, greedy and sampled."""
+    from stablelm.decode import DecodeStep
+
+    ours, ref = peaked_pair(**CONFIGS["qkln-parallel"])
+    ids, mask = _left_padded([6, 3])
+    eager = ours.generate(ids, attention_mask=mask, max_new_tokens=12)
+    compiled = ours.generate(ids, attention_mask=mask, max_new_tokens=12, compile=True)
+    assert DecodeStep.for_model(ours, compile=True)._compiled, "compilation fell back to eager"
+    assert (
+        compiled.tolist()
+        == eager.tolist()
+        == ref.generate(ids, attention_mask=mask, max_new_tokens=12).tolist()
+    )
+    set_seed(0)
+    a = ours.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=True, compile=True)
+    set_seed(0)
+    b = ours.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=True)
+    assert a.tolist() == b.tolist()
+
+
+def test_compile_needs_the_static_cache():
+    ours, _ = peaked_pair()
+    with pytest.raises(ValueError, match="compile=True needs the static cache"):
+        ours.generate(_prompts(1, 3), max_new_tokens=2, compile=True, cache_implementation="dynamic")

@@ -2,20 +2,10 @@
 
 Both run the same tokenizer.json in one process, loaded from the same checkpoint folder (the test fixtures
 plus a config.json, as a StableLM checkpoint ships). Each timing is the best of several repeats.
-Run: python benchmarks/tokenize.py [--repeats 20] [--file document.txt]
+Run: python benchmarks/tokenizer_speed.py [--repeats 20] [--file document.txt]
 """
 
-# ruff: noqa: E402
-# (imports follow the fix of the import path below)
 from __future__ import annotations
-
-import os
-import sys
-
-# This file shares its name with the standard library's `tokenize`, which `inspect` imports: run as a
-# script, its folder comes first on the import path and would shadow it, so take the folder off.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [path for path in sys.path if os.path.abspath(path or os.curdir) != _HERE]
 
 import argparse
 import json

@@ -1,0 +1,184 @@
+"""`python -m stablelm.bench`: time this package's generation on random weights of a real model's shape.
+
+Prints prefill and decode tokens/s, the effective read bandwidth of decoding (weight bytes per token
+times tokens/s) against the machine's measured read bandwidth, compile time and peak RSS. The
+side-by-side comparison with the reference lives in `benchmarks/generate.py`, which runs this module
+and the reference in separate processes on the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from typing import Any
+
+import torch
+
+from .config import StableLmConfig
+from .heads import StableLmForCausalLM
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "3b": {},  # stablelm-3b-4e1t: the config's defaults
+    "1.6b": dict(
+        vocab_size=100352, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, use_qkv_bias=True
+    ),
+    "160m": dict(
+        vocab_size=50304,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+    ),
+    "tiny": dict(
+        vocab_size=1024,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    ),
+}
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+def random_model(
+    shape: str, dtype: torch.dtype, *, seed: int = 0, device: str = "cpu"
+) -> StableLmForCausalLM:
+    """A model of `shape` with seeded random weights, built directly in `dtype` (no fp32 copy)."""
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = StableLmForCausalLM(StableLmConfig(**SHAPES[shape]))
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes read per decoded token: every distinct parameter once."""
+    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process: VmHWM on Linux (ru_maxrss would carry over the parent's peak
+    across fork and exec), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1e9
+
+
+class _Clock:
+    """A streamer that notes when the prompt was handed over and when each new token arrived."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        if value.is_cuda:
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def time_generate(generate: Any, input_ids: torch.Tensor, new_tokens: int) -> dict[str, float]:
+    """Prefill and decode tokens/s of one `generate(input_ids, streamer=...)` call.
+
+    Prefill is the time to the first new token (the prompt's forward and one sampling step); decode is
+    the rest, over the remaining new tokens of every row.
+    """
+    clock = _Clock()
+    start = time.perf_counter()
+    generate(input_ids, streamer=clock)
+    end = time.perf_counter()
+    first = clock.times[1]  # times[0]: the prompt was handed over
+    batch, prompt = input_ids.shape
+    return {
+        "prefill_tok_s": batch * prompt / (first - start),
+        "decode_tok_s": batch * (new_tokens - 1) / (end - first),
+    }
+
+
+def run(
+    *, shape: str, dtype: str, batch: int, prompt: int, new_tokens: int, compile: bool, device: str = "cpu"
+) -> dict[str, Any]:
+    """Build the model, warm up (compiling if asked), then time one generation."""
+    model = random_model(shape, DTYPES[dtype], device=device)
+    ids = torch.randint(
+        0, model.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(1)
+    )
+    ids = ids.to(device)
+
+    def generate(input_ids: torch.Tensor, streamer: Any = None) -> torch.Tensor:
+        return model.generate(
+            input_ids,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            streamer=streamer,
+            compile=compile,
+        )
+
+    start = time.perf_counter()
+    generate(ids)  # warm-up: oneDNN kernels, page faults, and compilation when asked
+    warmup = time.perf_counter() - start
+    result = time_generate(generate, ids, new_tokens)
+    decode_gbs = weight_bytes(model) * result["decode_tok_s"] / batch / 1e9
+    return {
+        "impl": "stablelm" + (" (compiled)" if compile else ""),
+        "shape": shape,
+        "dtype": dtype,
+        "batch": batch,
+        "prompt": prompt,
+        "new_tokens": new_tokens,
+        **result,
+        "decode_weight_gb_s": decode_gbs,
+        "warmup_s": warmup,
+        "weights_gb": weight_bytes(model) / 1e9,
+        "peak_rss_gb": peak_rss_gb(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m stablelm.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="160m")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--compile", action="store_true", help="compile the decode step")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", action="store_true", help="print one JSON line")
+    args = parser.parse_args(argv)
+    result = run(
+        shape=args.shape,
+        dtype=args.dtype,
+        batch=args.batch,
+        prompt=args.prompt,
+        new_tokens=args.new_tokens,
+        compile=args.compile,
+        device=args.device,
+    )
+    if args.json:
+        print(json.dumps(result))
+        return
+    for key, value in result.items():
+        print(f"{key:>20}: {value:.2f}" if isinstance(value, float) else f"{key:>20}: {value}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

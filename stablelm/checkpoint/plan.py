@@ -1,0 +1,134 @@
+"""Matching a checkpoint's tensor names and shapes to a model's, before any data is read.
+
+The reference's rules: the backbone prefix (`model.`) is added or removed when a bare StableLmModel
+checkpoint meets a model with a head or the other way round; a classifier's missing head is initialised
+afresh; another task's head in the checkpoint is left unused; a tied LM head needs no tensor of its own;
+computed rotary frequencies in old checkpoints are ignored. Anything else that does not fit is an error.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from .layout import CONFIG_NAME, CheckpointError
+
+# The task heads of this family. A checkpoint of one head loads into another (a causal LM's backbone
+# into a classifier, say); the other head's weights are then reported as unused, not as an error.
+_HEAD_KEYS = frozenset({"lm_head.weight", "score.weight", "score.bias"})
+# Rotary frequencies are computed, not loaded; older checkpoints saved them (once per layer, even).
+_NON_PERSISTENT = re.compile(r"(^|\.)rotary_emb\.\w*inv_freq$")
+_NAMES_SHOWN = 5
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """How a checkpoint's tensors fill a model, worked out before any data is read.
+
+    Attributes:
+        sources: Model key -> checkpoint key, for every tensor to read.
+        shapes: Model key -> shape, for every tensor of the model except tied aliases.
+        aliases: Tied model key -> the key whose tensor it shares (`lm_head.weight` -> the embedding).
+        new: Model keys the checkpoint lacks that are initialised afresh (the head of another task).
+        unused: Checkpoint keys of another task's head, left unread.
+    """
+
+    sources: dict[str, str]
+    shapes: dict[str, tuple[int, ...]]
+    aliases: dict[str, str]
+    new: list[str]
+    unused: list[str]
+
+
+def plan_load(model: nn.Module, found: dict[str, tuple[int, ...]], *, source: Path) -> LoadPlan:
+    """Match checkpoint names and shapes to the model's; raise one CheckpointError listing every problem."""
+    shapes, aliases = _expected(model)
+    by_model_key = _map_prefix(model, [key for key in found if not _NON_PERSISTENT.search(key)])
+    sources = {key: ckpt for key, ckpt in by_model_key.items() if key in shapes}
+    missing = [key for key in shapes if key not in sources]
+    may_initialise = _initialisable(model)
+    new = [key for key in missing if may_initialise(key)]
+    missing = [key for key in missing if not may_initialise(key)]
+    extra = [key for key in by_model_key if key not in shapes and key not in aliases]
+    unused = [by_model_key[key] for key in extra if key in _HEAD_KEYS]
+    unexpected = [by_model_key[key] for key in extra if key not in _HEAD_KEYS]
+    mismatched = [
+        (key, shapes[key], found[ckpt]) for key, ckpt in sources.items() if shapes[key] != found[ckpt]
+    ]
+    if missing or unexpected or mismatched:
+        raise _mismatch_error(model, source, missing, unexpected, mismatched)
+    return LoadPlan(sources, shapes, aliases, new, unused)
+
+
+def _expected(model: nn.Module) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    aliases: dict[str, str] = {}
+    first_name: dict[int, str] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in first_name:
+            aliases[name] = first_name[id(tensor)]
+        else:
+            first_name[id(tensor)] = name
+            shapes[name] = tuple(tensor.shape)
+    return shapes, aliases
+
+
+def _map_prefix(model: nn.Module, keys: list[str]) -> dict[str, str]:
+    """Model key -> checkpoint key, adding or removing the backbone prefix (`model.`) as the reference does."""
+    prefix = model.base_model_prefix + "."
+    has_backbone = isinstance(getattr(model, model.base_model_prefix, None), nn.Module)
+    prefixed = any(key.startswith(prefix) for key in keys)
+    if has_backbone and not prefixed:  # a bare StableLmModel checkpoint into a model with a head
+        return {prefix + key: key for key in keys}
+    if not has_backbone and prefixed:  # a checkpoint with a head into the bare StableLmModel
+        return {key.removeprefix(prefix): key for key in keys}
+    return {key: key for key in keys}
+
+
+def _initialisable(model: nn.Module) -> Callable[[str], bool]:
+    """Which missing keys may be initialised afresh: a classifier's head, never the backbone or the LM head."""
+    prefix = model.base_model_prefix + "."
+    if not isinstance(getattr(model, model.base_model_prefix, None), nn.Module):
+        return lambda key: False
+    output = model.get_output_embeddings()
+    output_prefixes = tuple(name + "." for name, module in model.named_modules() if module is output)
+    return lambda key: not key.startswith(prefix) and not key.startswith(output_prefixes)
+
+
+def _mismatch_error(
+    model: nn.Module,
+    source: Path,
+    missing: list[str],
+    unexpected: list[str],
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]],
+) -> CheckpointError:
+    lines = [f"The weights in {source} do not fit {type(model).__name__} as its config describes it:"]
+    if missing:
+        lines.append(f"- {len(missing)} missing from the checkpoint: {_names(missing)}")
+    if unexpected:
+        lines.append(f"- {len(unexpected)} in the checkpoint but not in the model: {_names(unexpected)}")
+    for key, want, got in mismatched[:_NAMES_SHOWN]:
+        lines.append(f"- {key}: the model expects shape {list(want)}, the checkpoint holds {list(got)}")
+    if len(mismatched) > _NAMES_SHOWN:
+        lines.append(f"- and {len(mismatched) - _NAMES_SHOWN} more shape mismatches")
+    if any(key.endswith("lm_head.weight") for key in missing):
+        lines.append(
+            "The checkpoint has no lm_head.weight and the config sets tie_word_embeddings to false. If the head "
+            'shares the input embedding, set "tie_word_embeddings": true in config.json; otherwise the '
+            "checkpoint is incomplete."
+        )
+    else:
+        lines.append(
+            f"Check that the config ({CONFIG_NAME} beside the weights, or the config passed) belongs to these "
+            "weights: vocab_size, hidden_size, num_hidden_layers, num_key_value_heads, use_qkv_bias, ..."
+        )
+    return CheckpointError("\n".join(lines))
+
+
+def _names(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_NAMES_SHOWN])
+    return shown + (f" and {len(keys) - _NAMES_SHOWN} more" if len(keys) > _NAMES_SHOWN else "")

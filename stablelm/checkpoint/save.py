@@ -1,0 +1,166 @@
+"""save_pretrained: config.json, generation_config.json and the weights, in the reference's layout.
+
+Every file is written under a temporary name, flushed to disk and then renamed, so an interrupted save
+never leaves a file that looks whole. Weight files of an earlier save in the same format that this save
+does not rewrite (a different shard count) are removed afterwards, so the folder describes one model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import save_file
+
+from .layout import (
+    BIN_INDEX_NAME,
+    BIN_WEIGHTS_NAME,
+    GENERATION_CONFIG_NAME,
+    SAFE_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+)
+
+if TYPE_CHECKING:
+    from ..model import StableLmPreTrainedModel
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*$", re.IGNORECASE)
+
+
+def save_pretrained(
+    model: StableLmPreTrainedModel,
+    save_directory: str | os.PathLike,
+    *,
+    max_shard_size: int | str = "5GB",
+    safe_serialization: bool = True,
+) -> None:
+    """Write `model` to `save_directory`; see `StableLmPreTrainedModel.save_pretrained`."""
+    folder = Path(save_directory)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is a file; save_pretrained needs a folder to write into.")
+    folder.mkdir(parents=True, exist_ok=True)
+    limit = parse_size(max_shard_size)
+    state = _state_to_save(model)
+    shards = _split(state, limit)
+    weights_name, index_name = (
+        (SAFE_WEIGHTS_NAME, SAFE_INDEX_NAME) if safe_serialization else (BIN_WEIGHTS_NAME, BIN_INDEX_NAME)
+    )
+    names = [_shard_name(weights_name, i, len(shards)) for i in range(len(shards))]
+    for keys, name in zip(shards, names, strict=True):
+        tensors = {key: _standalone(state[key]) for key in keys}
+        with _atomic(folder / name) as tmp:
+            if safe_serialization:
+                save_file(tensors, tmp, metadata={"format": "pt"})
+            else:
+                torch.save(tensors, tmp)
+        del tensors
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(t.nbytes for t in state.values())},
+            "weight_map": {
+                key: name for keys, name in zip(shards, names, strict=True) for key in sorted(keys)
+            },
+        }
+        _write_json(folder / index_name, index)
+    _remove_stale(
+        folder, weights_name, index_name, keep=set(names) | ({index_name} if len(shards) > 1 else set())
+    )
+    _save_config(model, folder)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:  # a dict as read from the file, or a GenerationConfig
+        data = generation_config.to_dict() if hasattr(generation_config, "to_dict") else generation_config
+        _write_json(folder / GENERATION_CONFIG_NAME, data)
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string such as "5GB" (10**9 bytes) or "2GiB" (2**30 bytes)."""
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    match = _SIZE.match(size) if isinstance(size, str) else None
+    if match is None or float(match.group(1)) <= 0:
+        raise ValueError(
+            f"max_shard_size {size!r} is not a size; pass a positive number of bytes or a string such as "
+            "'5GB', '500MB' or '2GiB'."
+        )
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "").upper()])
+
+
+def _state_to_save(model: StableLmPreTrainedModel) -> dict[str, torch.Tensor]:
+    """The state dict without the tied LM head (as the reference saves it); other shared tensors copied."""
+    state: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
+            if model.config.tie_word_embeddings:
+                continue  # a loader ties it again from the config
+            tensor = tensor.clone()
+        seen.add(id(tensor))
+        state[name] = tensor
+    return state
+
+
+def _standalone(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor owning exactly its bytes (torch.save writes a view's whole storage)."""
+    tensor = tensor.detach().to("cpu").contiguous()
+    return tensor.clone() if tensor.untyped_storage().nbytes() != tensor.nbytes else tensor
+
+
+def _split(state: dict[str, torch.Tensor], limit: int) -> list[list[str]]:
+    """Consecutive groups of keys of at most `limit` bytes each (a larger tensor gets a shard of its own)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key, tensor in state.items():
+        if shards[-1] and size + tensor.nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += tensor.nbytes
+    return shards
+
+
+def _shard_name(weights_name: str, i: int, n: int) -> str:
+    if n == 1:
+        return weights_name
+    stem, dot, ext = weights_name.partition(".")
+    return f"{stem}-{i + 1:05d}-of-{n:05d}{dot}{ext}"
+
+
+def _remove_stale(folder: Path, weights_name: str, index_name: str, *, keep: set[str]) -> None:
+    stem, _, ext = weights_name.partition(".")
+    ours = re.compile(rf"^{re.escape(stem)}(-\d{{5}}-of-\d{{5}})?\.{re.escape(ext)}$")
+    for path in folder.iterdir():
+        if path.name not in keep and (ours.match(path.name) or path.name == index_name):
+            path.unlink()
+
+
+def _save_config(model: StableLmPreTrainedModel, folder: Path) -> None:
+    config = copy.deepcopy(model.config)
+    config.torch_dtype = str(model.dtype).removeprefix("torch.")
+    config.extra["architectures"] = [type(model).__name__]
+    config.save_pretrained(folder)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    with _atomic(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+@contextmanager
+def _atomic(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path`, flushed and renamed to `path` if the block succeeds, removed if not."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
