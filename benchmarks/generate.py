@@ -45,19 +45,19 @@ def run_reference(args: argparse.Namespace) -> dict:
     )
     ids = ids.to(args.device)
 
-    def generate(input_ids, streamer=None):
+    def generate(input_ids, streamer=None, new=args.new_tokens):
         return ref.generate(
             input_ids,
             attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=args.new_tokens,
-            min_new_tokens=args.new_tokens,
+            max_new_tokens=new,
+            min_new_tokens=new,
             do_sample=False,
             streamer=streamer,
             pad_token_id=0,
         )
 
     start = time.perf_counter()
-    generate(ids)
+    generate(ids, new=4)
     warmup = time.perf_counter() - start
     result = time_generate(generate, ids, args.new_tokens)
     return {
@@ -83,6 +83,7 @@ def child(args: argparse.Namespace) -> None:
             prompt=args.prompt,
             new_tokens=args.new_tokens,
             compile=args.child == "compiled",
+            optimize=args.child != "plain",
             device=args.device,
         )
     print("RESULT " + json.dumps(result))
@@ -101,7 +102,7 @@ def spawn(kind: str, args: argparse.Namespace) -> dict:
 
 
 def compare(args: argparse.Namespace, bandwidth: float) -> None:
-    kinds = ["ref", "eager"] + (["compiled"] if args.compile else [])
+    kinds = ["ref", "plain", "optimized"] + (["compiled"] if args.compile else [])
     results = {kind: spawn(kind, args) for kind in kinds}
     ref = results["ref"]
     print(
@@ -139,7 +140,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true", help="also time the compiled decode path")
     parser.add_argument("--matrix", action="store_true", help="run the issues' matrix of settings")
-    parser.add_argument("--child", choices=["ref", "eager", "compiled"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["ref", "plain", "optimized", "compiled"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     if args.child:

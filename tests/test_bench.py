@@ -1,0 +1,34 @@
+"""The benchmark entry point runs end to end on a tiny shape (its numbers are not asserted: timings are
+benchmarks, not tests)."""
+
+from __future__ import annotations
+
+import json
+
+from stablelm import bench
+
+
+def test_bench_runs_and_reports_every_figure(capsys):
+    bench.main(["--shape", "tiny", "--dtype", "float32", "--prompt", "8", "--new-tokens", "4", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    for key in (
+        "prefill_tok_s",
+        "decode_tok_s",
+        "decode_weight_gb_s",
+        "warmup_s",
+        "weights_gb",
+        "peak_rss_gb",
+    ):
+        assert result[key] > 0, key
+    assert result["impl"] == "stablelm optimized"
+    assert result["weights_gb"] * 1e9 == bench.weight_bytes(
+        bench.random_model("tiny", bench.DTYPES["float32"])
+    )
+
+
+def test_random_models_are_reproducible():
+    a = bench.random_model("tiny", bench.DTYPES["bfloat16"], seed=3)
+    b = bench.random_model("tiny", bench.DTYPES["bfloat16"], seed=3)
+    assert a.lm_head.weight.dtype.is_floating_point and all(
+        (x == y).all() for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
