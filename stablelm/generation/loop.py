@@ -1,87 +1,26 @@
 """The decode loop on token ids: prefill, then one token per step over a KV cache, with stopping rules.
 
-No tokenizer and no printing here: text enters only through the optional `stop_strings` checker and
+No tokenizer and no printing here: text enters only through the optional stop-string checker and
 leaves through the streamer, both duck-typed. `stream_tokens` yields each step as it is made;
 `generate` collects it into the reference's return value (prompt followed by new tokens).
 """
 
 from __future__ import annotations
 
-import copy
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
-from .cache import Cache, DynamicCache, StaticCache
-from .decode import DecodeStep
-from .sampling import SamplingParams, process_logits, select_tokens
+from ..cache import Cache, DynamicCache, StaticCache
+from ..decode import DecodeStep
+from ..sampling import SamplingParams, process_logits, select_tokens
+from .config import DEFAULT_NEW_TOKENS, GenerationConfig
 
-DEFAULT_NEW_TOKENS = 20  # with neither max_length nor max_new_tokens set (capped at max_position_embeddings)
-
-
-class _Unset:
-    """Default of `generate`'s arguments: take the value from the generation config. (None is a value:
-    `eos_token_id=None` turns EOS off, `top_k=None` turns top-k off, as in the reference.)"""
-
-    def __repr__(self) -> str:
-        return "<from generation_config>"
-
-
-UNSET: Any = _Unset()
 COMPILE_LENGTH_BUCKET = 256  # compiled static caches are sized in these steps
 _EXTENDING_ROPE_TYPES = ("dynamic", "yarn", "longrope", "llama3")
-
-
-@dataclass
-class GenerationConfig:
-    """Generation settings, as in a checkpoint's `generation_config.json`; defaults are the reference's."""
-
-    max_length: int | None = None
-    max_new_tokens: int | None = None
-    min_new_tokens: int | None = None
-    do_sample: bool = False
-    temperature: float | None = 1.0
-    top_k: int | None = 50
-    top_p: float | None = 1.0
-    min_p: float | None = None
-    repetition_penalty: float | None = 1.0
-    eos_token_id: int | list[int] | None = None
-    pad_token_id: int | None = None
-    bos_token_id: int | None = None
-    num_return_sequences: int = 1
-    stop_strings: str | list[str] | None = None
-    cache_implementation: str | None = None
-    compile: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GenerationConfig:
-        known = {f.name for f in fields(cls)} - {"extra"}
-        return cls(
-            **{k: v for k, v in data.items() if k in known},
-            extra={k: v for k, v in data.items() if k not in known},
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        """The settings that differ from the defaults, and the unknown keys read from the file."""
-        default = GenerationConfig()
-        out = {
-            f.name: getattr(self, f.name)
-            for f in fields(self)
-            if f.name != "extra" and getattr(self, f.name) != getattr(default, f.name)
-        }
-        return {**copy.deepcopy(self.extra), **out}
-
-    def updated(self, **overrides: Any) -> GenerationConfig:
-        """A copy with every override that is not UNSET applied."""
-        new = copy.deepcopy(self)
-        for key, value in overrides.items():
-            if value is not UNSET:
-                setattr(new, key, value)
-        return new
 
 
 class TokenStreamer(Protocol):
@@ -116,22 +55,6 @@ class _Plan:
     pad_token_id: int
     cache_implementation: str
     compile: bool
-
-
-def resolve_config(
-    model: Any, generation_config: GenerationConfig | dict | None, **overrides: Any
-) -> GenerationConfig:
-    """The model's generation defaults (its generation_config.json, else its config's special tokens),
-    then `generation_config`, then the keyword arguments that are not UNSET."""
-    base = generation_config if generation_config is not None else getattr(model, "generation_config", None)
-    if isinstance(base, dict):
-        base = GenerationConfig.from_dict(base)
-    if base is None:
-        c = model.config
-        base = GenerationConfig(
-            bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id
-        )
-    return base.updated(**overrides)
 
 
 def _plan(model: Any, config: GenerationConfig, prompt_length: int) -> _Plan:
@@ -412,32 +335,3 @@ def generate(
     if input_ids is None:
         return new
     return input_ids if new is None else torch.cat([input_ids.to(new.device), new], dim=1)
-
-
-class StopStringChecker:
-    """Detects, per row, the text of the new tokens reaching the end of one of `stop_strings`.
-
-    Matches across token boundaries: each row's new text is rebuilt by a streaming detokenizer, and a stop
-    string counts when an occurrence ends in the text the latest token completed.
-    """
-
-    def __init__(self, tokenizer: Any, stop_strings: str | Sequence[str], batch_size: int) -> None:
-        from .tokenizer import StreamingDetokenizer
-
-        self.stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
-        if not self.stops or any(not isinstance(s, str) or not s for s in self.stops):
-            raise ValueError(f"stop_strings must be non-empty strings, got {stop_strings!r}.")
-        self.keep = max(len(s) for s in self.stops) - 1
-        self.streams = [StreamingDetokenizer(tokenizer) for _ in range(batch_size)]
-        self.tails = [""] * batch_size
-
-    def __call__(self, rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        hits = torch.zeros(len(rows), dtype=torch.bool)
-        for i, (row, token) in enumerate(zip(rows.tolist(), tokens.tolist(), strict=True)):
-            new = self.streams[row].push(token)
-            if not new:
-                continue
-            window = self.tails[row] + new
-            hits[i] = any(stop in window for stop in self.stops)
-            self.tails[row] = window[-self.keep :] if self.keep else ""
-        return hits
