@@ -401,3 +401,8 @@ def test_compile_needs_the_static_cache():
     ours, _ = peaked_pair()
     with pytest.raises(ValueError, match="compile=True needs the static cache"):
         ours.generate(_prompts(1, 3), max_new_tokens=2, compile=True, cache_implementation="dynamic")
+
+
+def test_empty_stop_strings_are_rejected(neox, text_model):
+    with pytest.raises(ValueError, match="stop_strings must be non-empty strings"):
+        text_model.generate(torch.tensor([[1, 2]]), max_new_tokens=2, stop_strings=[""], tokenizer=neox)
