@@ -16,6 +16,9 @@ $(VENV)/.installed: pyproject.toml
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
+run: $(VENV)/.installed
+	$(VENV)/bin/stablelm generate "The for statement"
+
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

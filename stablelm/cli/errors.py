@@ -1,0 +1,88 @@
+"""What a failed command prints and the exit status it returns: one line on stderr, no traceback.
+
+Exit statuses: 0 success, 1 a model or generation error, 2 a usage error (argparse's own convention),
+130 interrupted by Ctrl-C (the shell's 128 + SIGINT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import traceback
+import warnings
+from collections.abc import Iterator
+from typing import NoReturn, TextIO
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+# Errors whose message is written for the user (a missing model, a damaged file, a value out of range):
+# their message alone is shown. Any other exception is a bug, shown with its type and a pointer to --debug.
+_USER_ERRORS = (OSError, ValueError, ImportError)
+
+
+class CliError(Exception):
+    """A failure to report as one line; `status` is the exit status."""
+
+    status = EXIT_ERROR
+
+
+class UsageError(CliError):
+    """The command line asked for something that cannot be done (an empty prompt, no model)."""
+
+    status = EXIT_USAGE
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block) that points at --help."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def one_line(text: str) -> str:
+    """`text` with its whitespace runs (newlines included) collapsed, so a message stays on one line."""
+    return " ".join(text.split())
+
+
+def report(err: BaseException, *, debug: bool, stream: TextIO | None = None) -> int:
+    """Print `err` as one line (after its traceback with `debug`); return the exit status it maps to."""
+    stream = stream or sys.stderr
+    if debug:
+        traceback.print_exception(err, file=stream)
+    if isinstance(err, KeyboardInterrupt):
+        print(file=stream)
+        return EXIT_INTERRUPTED
+    if isinstance(err, CliError):
+        print(f"stablelm: error: {one_line(str(err))}", file=stream)
+        return err.status
+    message = one_line(str(err)) or type(err).__name__
+    if not isinstance(err, _USER_ERRORS) and not debug:
+        message = f"{type(err).__name__}: {message} (run with --debug for the traceback)"
+    print(f"stablelm: error: {message}", file=stream)
+    return EXIT_ERROR
+
+
+def silence_broken_pipe() -> int:
+    """After stdout's reader went away (`stablelm generate ... | head`): stop writing there, exit quietly."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return EXIT_ERROR
+
+
+def show_warning_line(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    """`warnings.showwarning` for the command line: `stablelm: warning: ...` on one line of stderr."""
+    del category, filename, lineno, line
+    print(f"stablelm: warning: {one_line(str(message))}", file=file or sys.stderr)
+
+
+@contextlib.contextmanager
+def warnings_as_lines() -> Iterator[None]:
+    """A context in which every warning prints as one line on stderr."""
+    with warnings.catch_warnings():
+        warnings.showwarning = show_warning_line
+        yield

@@ -1,0 +1,61 @@
+"""Which model a command uses (--model, else the bundled demo) and loading it with its tokenizer."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..fast import optimize_for_inference
+from ..heads import StableLmForCausalLM
+from ..tokenizer import AutoTokenizer, Tokenizer
+from .errors import UsageError
+
+DEMO_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo"
+
+
+def model_source(name_or_path: str | None) -> str:
+    """`--model` as given, else the bundled demo checkpoint's folder.
+
+    Raises:
+        UsageError: No model was given and the demo checkpoint is not installed.
+    """
+    if name_or_path:
+        return name_or_path
+    if (DEMO_DIR / "config.json").is_file():
+        return str(DEMO_DIR)
+    raise UsageError("no model given and no bundled demo model is installed: pass --model NAME_OR_PATH")
+
+
+@dataclass
+class Loaded:
+    """A model ready to generate, with its tokenizer, where it came from and how long loading took."""
+
+    source: str
+    model: StableLmForCausalLM
+    tokenizer: Tokenizer
+    seconds: float
+
+    def generator(self, seed: int | None) -> torch.Generator | None:
+        """A generator seeded with `seed` on the model's device; None (torch's global one) without a seed."""
+        if seed is None:
+            return None
+        return torch.Generator(device=self.model.device).manual_seed(seed)
+
+    def describe(self) -> str:
+        """One line for --verbose: what was loaded, how, and how fast."""
+        dtype = str(self.model.dtype).removeprefix("torch.")
+        return f"load: {self.source} in {self.seconds:.2f} s ({dtype} on {self.model.device})"
+
+
+def load(args: argparse.Namespace) -> Loaded:
+    """The tokenizer (first: it is quick, and fails fast on a folder without one), then the model."""
+    source = model_source(args.model)
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = StableLmForCausalLM.from_pretrained(source, dtype=args.dtype, device=args.device)
+    optimize_for_inference(model)  # fused projections, packed CPU weights: same outputs, faster decoding
+    return Loaded(source, model, tokenizer, time.perf_counter() - start)

@@ -1,0 +1,166 @@
+"""The options several commands share: which model and how to load it, and how to sample.
+
+Values are checked here, by argparse, so that a bad one is a usage error (exit 2) before any model loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+from ..generation import GenerationConfig, resolve_config
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+
+# Sampling when the checkpoint's generation_config.json sets none: llama.cpp's defaults.
+CLI_SAMPLING: dict[str, Any] = dict(
+    do_sample=True, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repetition_penalty=1.0
+)
+_SAMPLING_KEYS = tuple(CLI_SAMPLING)
+
+
+def add_model_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-m",
+        "--model",
+        metavar="NAME_OR_PATH",
+        help="a checkpoint folder or a Hugging Face hub id (default: the bundled demo model)",
+    )
+
+
+def add_load_options(parser: argparse.ArgumentParser) -> None:
+    add_model_option(parser)
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="weights' dtype (default: auto, the checkpoint's own)",
+    )
+    parser.add_argument(
+        "--device", choices=DEVICES, default="auto", help="where to run (default: auto, CUDA when available)"
+    )
+
+
+def add_sampling_options(parser: argparse.ArgumentParser, *, default_new_tokens: int) -> None:
+    group = parser.add_argument_group(
+        "sampling",
+        "Defaults: the checkpoint's generation_config.json when it sets sampling options, else\n"
+        "temperature 0.8, top-k 40, top-p 0.95, min-p 0.05 (llama.cpp's). --temperature 0 is greedy.",
+    )
+    group.add_argument(
+        "-n",
+        "--max-new-tokens",
+        type=_bounded(int, low=1),
+        metavar="N",
+        help=f"most tokens to generate (default: {default_new_tokens}, within the model's context)",
+    )
+    group.add_argument("--temperature", type=_bounded(float, low=0.0), metavar="T", help="0 is greedy")
+    group.add_argument("--top-k", type=_bounded(int, low=0), metavar="K", help="0 turns it off")
+    group.add_argument(
+        "--top-p", type=_bounded(float, low=0.0, high=1.0, open_low=True), metavar="P", help="1 turns it off"
+    )
+    group.add_argument("--min-p", type=_bounded(float, low=0.0, high=1.0), metavar="P", help="0 turns it off")
+    group.add_argument(
+        "--repetition-penalty",
+        type=_bounded(float, low=0.0, open_low=True),
+        metavar="R",
+        help="above 1 discourages repeats; 1 turns it off",
+    )
+    group.add_argument("--seed", type=int, help="seed the sampler, so a run can be repeated")
+
+
+def add_output_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="report load time, token counts and speed on stderr",
+    )
+
+
+def _bounded(
+    kind: type,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    open_low: bool = False,
+) -> Callable[[str], Any]:
+    """An argparse `type` that parses `kind` and checks it lies in [low, high] ((low, high] if open_low)."""
+    name = "an integer" if kind is int else "a number"
+    if low is not None and high is not None:
+        wanted = f"{name} in {'(' if open_low else '['}{low:g}, {high:g}]"
+    elif low is not None:
+        wanted = f"{name} {'>' if open_low else '>='} {low:g}"
+    else:
+        wanted = name
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
+        too_low = low is not None and (value <= low if open_low else value < low)
+        if too_low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text}")
+        return value
+
+    return parse
+
+
+def sampling_settings(file_config: dict[str, Any] | None, args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling keyword arguments of `resolve_config`: the checkpoint's (when it sets any), else
+    CLI_SAMPLING, then the flags given."""
+    settings: dict[str, Any] = {}
+    if not file_config or not any(key in file_config for key in _SAMPLING_KEYS):
+        settings.update(CLI_SAMPLING)
+    if args.temperature is not None:
+        settings.update(do_sample=args.temperature > 0, temperature=args.temperature)
+    flags = {
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "min_p": args.min_p,
+        "repetition_penalty": args.repetition_penalty,
+    }
+    settings.update({key: value for key, value in flags.items() if value is not None})
+    return settings
+
+
+def generation_config(
+    model: Any, tokenizer: Any, args: argparse.Namespace, *, prompt_tokens: int, default_new_tokens: int
+) -> GenerationConfig:
+    """The settings of one generation: the checkpoint's, the CLI's sampling defaults and the flags.
+
+    Generation stops at the model's EOS tokens and at the tokenizer's (the end of a chat turn). Without
+    -n, at most `default_new_tokens`, and no further than the model's context.
+    """
+    max_new = args.max_new_tokens
+    if max_new is None:
+        room = model.config.max_position_embeddings - prompt_tokens
+        max_new = max(1, min(default_new_tokens, room))
+    config = resolve_config(
+        model, None, max_new_tokens=max_new, **sampling_settings(model.generation_config, args)
+    )
+    eos = config.eos_token_id
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
+        eos_ids.append(tokenizer.eos_token_id)
+    return config.updated(eos_token_id=eos_ids or None)
+
+
+def describe_sampling(config: Any, *, seed: int | None) -> str:
+    """One line naming how tokens are chosen, for --verbose."""
+    if not config.do_sample or config.temperature == 0:
+        return "greedy"
+    parts = [f"temperature {config.temperature:g}"]
+    if config.top_k:
+        parts.append(f"top-k {config.top_k}")
+    if config.top_p is not None and config.top_p < 1:
+        parts.append(f"top-p {config.top_p:g}")
+    if config.min_p:
+        parts.append(f"min-p {config.min_p:g}")
+    if config.repetition_penalty not in (None, 1.0):
+        parts.append(f"repetition penalty {config.repetition_penalty:g}")
+    parts.append(f"seed {seed}" if seed is not None else "unseeded")
+    return ", ".join(parts)
