@@ -31,15 +31,13 @@ def _decode_step(
 ) -> torch.Tensor:
     """fp32 logits (B, V) of the next token after `tokens` (B, 1) at rotary positions (B, 1).
 
-    `cache_position` (1,) is the slot the step writes; `key_mask` (B, S) marks the slots holding real
-    tokens (padding excluded); slots past `cache_position` are masked here.
+    `cache_position` (1,) is the slot the step writes; `key_mask` (B, S) marks the slots the new token may
+    attend to (written slots holding real tokens, and `cache_position` itself).
     """
     base = model.model
     x = base.embed_tokens(tokens)  # (B, 1, C)
     rope = base.rotary_emb(position_ids, x.dtype)
-    slots = torch.arange(key_mask.shape[-1], device=key_mask.device)
-    allowed = (slots <= cache_position) & key_mask  # (B, S)
-    mask = AttentionMask(allowed=allowed[:, None, None, :], is_causal=False, key_length=key_mask.shape[-1])
+    mask = AttentionMask(allowed=key_mask[:, None, None, :], is_causal=False, key_length=key_mask.shape[-1])
     for layer in base.layers:
         x = layer(x, rope, mask, cache, cache_position)
     x = base.norm(x)

@@ -61,8 +61,8 @@ def repetition_penalty(scores: torch.Tensor, input_ids: torch.Tensor, penalty: f
 
 def suppress_tokens(scores: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """Forbid `token_ids` (used to hold back EOS until `min_new_tokens` are made)."""
-    banned = torch.isin(torch.arange(scores.shape[-1], device=scores.device), token_ids)
-    return torch.where(banned, NEG_INF, scores)
+    token_ids = token_ids[token_ids < scores.shape[-1]]  # an id past the head's vocabulary cannot be drawn
+    return scores.index_fill(-1, token_ids, NEG_INF)
 
 
 def temperature(scores: torch.Tensor, value: float) -> torch.Tensor:

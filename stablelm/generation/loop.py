@@ -143,7 +143,8 @@ class _Stepper:
         self.step_fn: DecodeStep | None = None
         if isinstance(self.cache, StaticCache) and model.config.attn_implementation != "flash_attention_2":
             self.step_fn = DecodeStep.for_model(model, compile=plan.compile)
-            self.key_mask = torch.ones(B, self.cache.max_cache_len, dtype=torch.bool, device=mask.device)
+            # Slots each new token may see: the prompt's real tokens now, each step's own slot as it comes.
+            self.key_mask = torch.zeros(B, self.cache.max_cache_len, dtype=torch.bool, device=mask.device)
             self.key_mask[:, :T] = mask.bool()
             self.cache_position = torch.tensor([T], device=mask.device)
 
@@ -160,6 +161,7 @@ class _Stepper:
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.step_fn is not None:
+            self.key_mask.index_fill_(1, self.cache_position, True)
             logits = self.step_fn(
                 self.cache, tokens[:, None], self.position_ids, self.cache_position, self.key_mask
             )
