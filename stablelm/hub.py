@@ -31,6 +31,11 @@ def resolve_model_dir(
     if path.exists():
         raise NotADirectoryError(f"{str(path)!r} is a file; pass the folder that holds the model's files.")
     name = str(name_or_path)
+    if _looks_like_a_path(name):
+        raise FileNotFoundError(
+            f"No folder at {name!r}. Pass an existing folder that holds the model's files, or a hub repo id "
+            "such as 'stabilityai/stablelm-3b-4e1t'."
+        )
     try:
         from huggingface_hub import snapshot_download
 
@@ -49,3 +54,8 @@ def resolve_model_dir(
             "config.json and the weights, or check the repo id, your network and HF_TOKEN."
         ) from err
     return Path(local)
+
+
+def _looks_like_a_path(name: str) -> bool:
+    """A name no hub repo id can be ("org/name" at most): absolute, relative, home or nested paths."""
+    return name.startswith(("/", "./", "../", "~", ".\\")) or "\\" in name or name.count("/") > 1

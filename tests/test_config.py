@@ -254,3 +254,9 @@ def test_torch_dtype_objects_are_written_as_strings():
     import torch
 
     assert StableLmConfig(torch_dtype=torch.float16).to_dict()["torch_dtype"] == "float16"
+
+
+@pytest.mark.parametrize("name", ["./no-such-model", "/no/such/folder", "a/b/c", "~/nothing-here"])
+def test_a_missing_local_path_is_named_as_such(name):
+    with pytest.raises(FileNotFoundError, match="No folder at"):
+        StableLmConfig.from_pretrained(name)
