@@ -77,6 +77,8 @@ def attention(
 ) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v for q (B, H, T, D), k/v (B, Hkv, S, D); returns (B, T, H, D)."""
     groups = q.shape[1] // k.shape[1]
+    if k.shape[2] > mask.key_length and (mask.allowed is None or mask.allowed.shape[-1] == mask.key_length):
+        k, v = k[:, :, : mask.key_length], v[:, :, : mask.key_length]  # a static cache's written slots
     if implementation == "flash_attention_2":
         return _flash_attention(q, k, v, mask, scale=scale, dropout=dropout)
     if implementation == "eager" or (groups > 1 and not _SDPA_HAS_GQA):

@@ -27,17 +27,21 @@ def _decode_step(
     tokens: torch.Tensor,
     position_ids: torch.Tensor,
     cache_position: torch.Tensor,
-    key_mask: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    key_length: int,
 ) -> torch.Tensor:
     """fp32 logits (B, V) of the next token after `tokens` (B, 1) at rotary positions (B, 1).
 
-    `cache_position` (1,) is the slot the step writes; `key_mask` (B, S) marks the slots the new token may
-    attend to (written slots holding real tokens, and `cache_position` itself).
+    `cache_position` (1,) is the slot the step writes. `key_mask` (B, key_length) marks the slots the new
+    token may attend to (written slots holding real tokens, and its own), or is None when all may be.
+    Compiled, `key_length` is every slot of the cache (fixed shapes); eager, the written ones only, so
+    that attention sees exactly what it sees with a dynamic cache.
     """
     base = model.model
     x = base.embed_tokens(tokens)  # (B, 1, C)
     rope = base.rotary_emb(position_ids, x.dtype)
-    mask = AttentionMask(allowed=key_mask[:, None, None, :], is_causal=False, key_length=key_mask.shape[-1])
+    allowed = None if key_mask is None else key_mask[:, None, None, :]
+    mask = AttentionMask(allowed=allowed, is_causal=False, key_length=key_length)
     for layer in base.layers:
         x = layer(x, rope, mask, cache, cache_position)
     x = base.norm(x)
@@ -77,22 +81,35 @@ class DecodeStep:
         position_ids: torch.Tensor,
         cache_position: torch.Tensor,
         key_mask: torch.Tensor,
+        *,
+        padded: bool = True,
     ) -> torch.Tensor:
-        args = (self.model, cache, tokens, position_ids, cache_position, key_mask)
-        if not self._compiled:
-            logits = _decode_step(*args)
-        elif self.compile_seconds is None:
-            start = time.perf_counter()
-            try:
-                logits = self._fn(*args)
-            except Exception as err:  # compilation needs a C++ toolchain (CPU) or Triton (GPU)
-                _notice(f"stablelm: compiling the decode step failed ({type(err).__name__}); running eager.")
-                self._compiled = False
-                logits = _decode_step(*args)
-            self.compile_seconds = time.perf_counter() - start
-        else:
-            logits = self._fn(*args)
+        """Run one step. `key_mask` (B, S) covers every slot; `padded` False says it holds no padding."""
+        logits = (
+            self._compiled_step(cache, tokens, position_ids, cache_position, key_mask)
+            if self._compiled
+            else None
+        )
+        if logits is None:
+            length = cache.get_seq_length() + tokens.shape[1]
+            mask = key_mask[:, :length] if padded else None
+            logits = _decode_step(self.model, cache, tokens, position_ids, cache_position, mask, length)
         cache.advance(tokens.shape[1])
+        return logits
+
+    def _compiled_step(self, cache: StaticCache, *inputs: torch.Tensor) -> torch.Tensor | None:
+        """The compiled step over every slot; None (and eager from then on) when compilation fails."""
+        args = (self.model, cache, *inputs, inputs[-1].shape[-1])
+        if self.compile_seconds is not None:
+            return self._fn(*args)
+        start = time.perf_counter()
+        try:
+            logits = self._fn(*args)
+        except Exception as err:  # compilation needs a C++ toolchain (CPU) or Triton (GPU)
+            _notice(f"stablelm: compiling the decode step failed ({type(err).__name__}); running eager.")
+            self._compiled = False
+            return None
+        self.compile_seconds = time.perf_counter() - start
         return logits
 
 

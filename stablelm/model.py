@@ -385,6 +385,11 @@ class StableLmModel(StableLmPreTrainedModel):
         cache = past_key_values
         past = cache.get_seq_length() if cache is not None else 0
         slots = cache.key_length(T) if cache is not None else T
+        if not torch.compiler.is_compiling():
+            # Eager: attend over the written positions only (attention slices a static cache's keys), so a
+            # static cache gives bit for bit the logits of a dynamic one. Compiled: keep every slot, for
+            # fixed shapes.
+            slots = past + T
         device = inputs_embeds.device
         cache_position = torch.arange(past, past + T, device=device)
         if position_ids is None:

@@ -131,3 +131,23 @@ def test_cache_crop_select_and_reset():
     model(torch.zeros(1, 5, dtype=torch.long), past_key_values=static)
     static.reset()
     assert static.get_seq_length() == 0 and all(k.abs().sum() == 0 for k in static.keys)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_static_cache_is_bit_identical_to_the_dynamic_one_in_bf16(padded):
+    """Eager attention reads only the written slots of a static cache, so bf16 rounding cannot tell the two
+    caches apart (greedy text then matches the reference's, which uses a dynamic cache)."""
+    model, _ = _model()
+    model = model.to(torch.bfloat16)
+    ids = torch.randint(1, 128, (2, 10), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :4] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    static = StaticCache.for_model(
+        model.config, batch_size=2, max_cache_len=64, dtype=torch.bfloat16, device="cpu"
+    )
+    with torch.no_grad():
+        a = _decode(model, ids, DynamicCache(), prefill=6, mask=mask, positions=positions)
+        b = _decode(model, ids, static, prefill=6, mask=mask, positions=positions)
+    assert torch.equal(a[mask.bool()], b[mask.bool()])

@@ -163,7 +163,12 @@ class _Stepper:
         if self.step_fn is not None:
             self.key_mask.index_fill_(1, self.cache_position, True)
             logits = self.step_fn(
-                self.cache, tokens[:, None], self.position_ids, self.cache_position, self.key_mask
+                self.cache,
+                tokens[:, None],
+                self.position_ids,
+                self.cache_position,
+                self.key_mask,
+                padded=self.padded,
             )
             self.cache_position += 1
         else:
