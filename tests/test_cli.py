@@ -291,7 +291,7 @@ def test_default_model_is_the_bundled_demo(checkpoint, monkeypatch, capsys):
 @pytest.mark.parametrize(
     "args, stdin, status, message",
     [
-        (["generate", "-m", "/no/such/model", PROMPT], None, 1, "Cannot find model '/no/such/model'"),
+        (["generate", "-m", "/no/such/model", PROMPT], None, 1, "No folder at '/no/such/model'"),
         (
             ["generate", "--temperature", "-1", PROMPT],
             None,
@@ -321,7 +321,7 @@ def test_debug_shows_the_traceback():
     result = stablelm("generate", "--debug", "-m", "/no/such/model", PROMPT)
     assert result.returncode == 1
     assert "Traceback (most recent call last)" in result.stderr
-    assert result.stderr.rstrip().splitlines()[-1].startswith("stablelm: error: Cannot find model")
+    assert result.stderr.rstrip().splitlines()[-1].startswith("stablelm: error: No folder at")
 
 
 def test_usage_without_a_command(capsys):

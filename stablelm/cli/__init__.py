@@ -13,7 +13,7 @@ import argparse
 import sys
 from types import ModuleType
 
-from . import bench, chat, generate, info
+from . import bench, chat, generate, info, train, train_tokenizer
 from .errors import (
     EXIT_USAGE,
     ArgumentParser,
@@ -23,7 +23,7 @@ from .errors import (
     warnings_as_lines,
 )
 
-COMMANDS: list[ModuleType] = [generate, chat, info, bench]
+COMMANDS: list[ModuleType] = [generate, chat, info, bench, train, train_tokenizer]
 
 _EPILOG = """\
 Run 'stablelm COMMAND --help' for the options of a command. Without --model, commands use the bundled

@@ -52,19 +52,19 @@ def add_sampling_options(parser: argparse.ArgumentParser, *, default_new_tokens:
     group.add_argument(
         "-n",
         "--max-new-tokens",
-        type=_bounded(int, low=1),
+        type=bounded(int, low=1),
         metavar="N",
         help=f"most tokens to generate (default: {default_new_tokens}, within the model's context)",
     )
-    group.add_argument("--temperature", type=_bounded(float, low=0.0), metavar="T", help="0 is greedy")
-    group.add_argument("--top-k", type=_bounded(int, low=0), metavar="K", help="0 turns it off")
+    group.add_argument("--temperature", type=bounded(float, low=0.0), metavar="T", help="0 is greedy")
+    group.add_argument("--top-k", type=bounded(int, low=0), metavar="K", help="0 turns it off")
     group.add_argument(
-        "--top-p", type=_bounded(float, low=0.0, high=1.0, open_low=True), metavar="P", help="1 turns it off"
+        "--top-p", type=bounded(float, low=0.0, high=1.0, open_low=True), metavar="P", help="1 turns it off"
     )
-    group.add_argument("--min-p", type=_bounded(float, low=0.0, high=1.0), metavar="P", help="0 turns it off")
+    group.add_argument("--min-p", type=bounded(float, low=0.0, high=1.0), metavar="P", help="0 turns it off")
     group.add_argument(
         "--repetition-penalty",
-        type=_bounded(float, low=0.0, open_low=True),
+        type=bounded(float, low=0.0, open_low=True),
         metavar="R",
         help="above 1 discourages repeats; 1 turns it off",
     )
@@ -80,7 +80,7 @@ def add_output_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _bounded(
+def bounded(
     kind: type,
     *,
     low: float | None = None,

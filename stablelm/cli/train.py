@@ -1,0 +1,316 @@
+"""Train a new model from a config.json, or fine-tune a checkpoint, on text files or JSON lines.
+
+The data (--data: .txt/.md/.rst files, .jsonl files with a "text" field per line, or folders of them) is
+tokenized, each document followed by the end-of-text token, and packed into blocks of --block-size tokens.
+The held-out loss is measured on --eval-data, or on --eval-fraction of the blocks. Checkpoints go to
+OUTPUT_DIR/checkpoint-STEP (each a complete Hugging Face checkpoint, plus the optimiser state), the final
+model and tokenizer to OUTPUT_DIR. After an interruption, run the same command with --resume: the run
+continues from the last checkpoint exactly as if it had not stopped.
+
+examples:
+  stablelm train-tokenizer --data docs/ --vocab-size 4096 --output-dir tok
+  stablelm train --config config.json --tokenizer tok --data docs/ --output-dir out --max-steps 2000
+  stablelm train --model ./out --data chat.jsonl --add-special-tokens "<|user|>" "<|assistant|>" \\
+      --output-dir chat --lr 1e-4 --warmup-steps 20 --max-steps 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from ..checkpoint.load import resolve_device, resolve_dtype
+from ..heads import StableLmForCausalLM
+from ..seeding import set_seed
+from ..tokenizer import AutoTokenizer, Tokenizer
+from ..training import (
+    Trainer,
+    TrainingArguments,
+    TrainingEvent,
+    check_block_size,
+    pack,
+    read_documents,
+    split_blocks,
+    tokenize,
+)
+from ..training.checkpoints import list_checkpoints
+from ..training.sources import add_special_tokens, check_vocabulary, load_model, read_model_config
+from .errors import UsageError
+from .options import DEVICES, bounded
+
+DEFAULT_BLOCK_SIZE_CAP = 1024
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_model_arguments(parser.add_argument_group("model"))
+    _add_data_arguments(parser.add_argument_group("data"))
+    _add_optimiser_arguments(parser.add_argument_group("optimisation"))
+    _add_output_arguments(parser.add_argument_group("evaluation, checkpoints and output"))
+
+
+def _add_model_arguments(group: argparse._ArgumentGroup) -> None:
+    start = group.add_mutually_exclusive_group(required=True)
+    start.add_argument("--config", metavar="CONFIG_JSON", help="train a new model with this config.json")
+    start.add_argument(
+        "-m", "--model", metavar="NAME_OR_PATH", help="fine-tune this checkpoint (folder or hub id)"
+    )
+    group.add_argument(
+        "--tokenizer",
+        metavar="NAME_OR_PATH",
+        help="the tokenizer folder (needed with --config; default with --model: the checkpoint's)",
+    )
+    group.add_argument(
+        "--add-special-tokens",
+        nargs="+",
+        default=[],
+        metavar="TOKEN",
+        help="add these special tokens (chat roles, say), growing the embeddings to fit",
+    )
+    group.add_argument("--device", choices=DEVICES, default="auto", help="where to train (default: auto)")
+
+
+def _add_data_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--data", nargs="+", required=True, metavar="PATH", help="training text files or folders"
+    )
+    group.add_argument("--eval-data", nargs="+", metavar="PATH", help="held-out text files or folders")
+    group.add_argument(
+        "--eval-fraction",
+        type=bounded(float, low=0.0, high=0.5),
+        default=0.05,
+        metavar="F",
+        help="without --eval-data, hold out this fraction of the blocks (default: 0.05; 0 for none)",
+    )
+    group.add_argument(
+        "--block-size",
+        type=bounded(int, low=2),
+        metavar="N",
+        help=f"tokens per training sequence (default: the model's context, at most {DEFAULT_BLOCK_SIZE_CAP})",
+    )
+
+
+def _add_optimiser_arguments(group: argparse._ArgumentGroup) -> None:
+    positive_int, fraction = bounded(int, low=1), bounded(float, low=0.0)
+    group.add_argument(
+        "--max-steps", type=positive_int, default=1000, metavar="N", help="optimiser steps (1000)"
+    )
+    group.add_argument(
+        "--batch-size", type=positive_int, default=8, metavar="N", help="blocks per micro-batch (8)"
+    )
+    group.add_argument(
+        "--grad-accum", type=positive_int, default=1, metavar="N", help="micro-batches per optimiser step (1)"
+    )
+    group.add_argument(
+        "--lr", type=bounded(float, low=0.0, open_low=True), default=3e-4, help="peak learning rate"
+    )
+    group.add_argument(
+        "--min-lr", type=fraction, metavar="LR", help="end of the cosine decay (default: lr / 10)"
+    )
+    group.add_argument("--warmup-steps", type=bounded(int, low=0), default=100, metavar="N", help="(100)")
+    group.add_argument(
+        "--weight-decay", type=fraction, default=0.1, metavar="W", help="of weight matrices (0.1)"
+    )
+    group.add_argument(
+        "--max-grad-norm",
+        type=fraction,
+        default=1.0,
+        metavar="X",
+        help="clip gradients to this norm; 0: off (1.0)",
+    )
+    group.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="bf16 autocast or fp32 (default: auto, bf16 on a GPU that supports it)",
+    )
+    group.add_argument(
+        "--gradient-checkpointing", action="store_true", help="recompute activations to save memory"
+    )
+    group.add_argument("--seed", type=int, default=0, help="seed of the initial weights and data order (0)")
+
+
+def _add_output_arguments(group: argparse._ArgumentGroup) -> None:
+    positive_int = bounded(int, low=1)
+    group.add_argument("--output-dir", required=True, metavar="DIR", help="checkpoints and the final model")
+    group.add_argument(
+        "--resume", action="store_true", help="continue from the last checkpoint in --output-dir"
+    )
+    group.add_argument("--eval-interval", type=positive_int, default=100, metavar="N", help="steps (100)")
+    group.add_argument("--eval-batches", type=positive_int, metavar="N", help="batches per evaluation (all)")
+    group.add_argument("--save-interval", type=positive_int, default=500, metavar="N", help="steps (500)")
+    group.add_argument(
+        "--save-total-limit",
+        type=bounded(int, low=0),
+        default=2,
+        metavar="N",
+        help="checkpoints kept; 0: all (2)",
+    )
+    group.add_argument(
+        "--log-interval", type=positive_int, default=10, metavar="N", help="steps per log line (10)"
+    )
+    group.add_argument(
+        "--save-dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="dtype of the final model's weights (checkpoints stay float32)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    output_dir = Path(args.output_dir)
+    resume_from = _resume_point(output_dir, resume=args.resume)
+    training_args = _training_arguments(args)  # checks the values before any loading
+    set_seed(args.seed)
+    device = resolve_device(args.device)
+    model, tokenizer = _model_and_tokenizer(args, device)
+    block_size = args.block_size or min(model.config.max_position_embeddings, DEFAULT_BLOCK_SIZE_CAP)
+    check_block_size(block_size, max_position_embeddings=model.config.max_position_embeddings)
+    train_blocks, eval_blocks = _blocks(args, tokenizer, block_size)
+    log = _Log(args.log_interval)
+    trainer = Trainer(
+        model,
+        args=training_args,
+        train_blocks=train_blocks,
+        eval_blocks=eval_blocks,
+        tokenizer=tokenizer,
+        callback=log,
+    )
+    try:
+        state = trainer.train(resume_from=resume_from)
+    finally:
+        log.close()
+    trainer.save_model(output_dir, dtype=resolve_dtype(args.save_dtype))
+    print(
+        f"trained {state.step} steps on {state.tokens_seen:,} tokens; model saved in {output_dir}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _resume_point(output_dir: Path, *, resume: bool) -> Path | None:
+    checkpoints = list_checkpoints(output_dir)
+    if checkpoints and not resume:
+        raise UsageError(
+            f"{output_dir} holds checkpoints of an earlier run ({checkpoints[-1].name}); pass --resume to "
+            "continue it, or choose another --output-dir"
+        )
+    if resume and not checkpoints:
+        print(f"no checkpoint in {output_dir} yet: starting from step 0", file=sys.stderr)
+    return checkpoints[-1] if checkpoints else None
+
+
+def _training_arguments(args: argparse.Namespace) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=args.output_dir,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.lr,
+        min_learning_rate=args.min_lr,
+        warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm or None,
+        eval_interval=args.eval_interval,
+        eval_batches=args.eval_batches,
+        save_interval=args.save_interval,
+        save_total_limit=args.save_total_limit,
+        seed=args.seed,
+        precision=args.precision,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
+
+
+def _model_and_tokenizer(
+    args: argparse.Namespace, device: torch.device
+) -> tuple[StableLmForCausalLM, Tokenizer]:
+    if args.config is not None:
+        if args.tokenizer is None:
+            raise UsageError(
+                "--config trains a new model and needs --tokenizer (see 'stablelm train-tokenizer')"
+            )
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        model = StableLmForCausalLM(read_model_config(args.config, tokenizer=tokenizer)).to(device)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+        model = load_model(args.model, device=device)
+    if args.add_special_tokens:
+        add_special_tokens(tokenizer, model, args.add_special_tokens)
+    check_vocabulary(tokenizer, model)
+    return model, tokenizer
+
+
+def _blocks(
+    args: argparse.Namespace, tokenizer: Tokenizer, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    documents = read_documents(args.data)
+    blocks = pack(tokenize(tokenizer, documents), block_size)
+    if args.eval_data:
+        eval_blocks = pack(tokenize(tokenizer, read_documents(args.eval_data)), block_size)
+    elif args.eval_fraction > 0:
+        blocks, eval_blocks = split_blocks(blocks, args.eval_fraction)
+    else:
+        eval_blocks = None
+    held = f", {len(eval_blocks)} held out" if eval_blocks is not None else ""
+    print(
+        f"data: {len(documents):,} documents, {len(blocks):,} training blocks of {block_size} tokens{held}",
+        file=sys.stderr,
+    )
+    return blocks, eval_blocks
+
+
+class _Log:
+    """Shows training progress on stderr: a tqdm bar on a terminal, else a line every `interval` steps."""
+
+    def __init__(self, interval: int) -> None:
+        self.interval, self.bar = interval, None
+        self.losses: list[float] = []
+        self.seconds_per_token: list[float] = []
+
+    def __call__(self, event: TrainingEvent) -> None:
+        if event.kind == "step":
+            self._step(event)
+        elif event.kind == "eval":
+            self._write(
+                f"step {event.step}: held-out loss {event.eval_loss:.4f}, perplexity {event.perplexity:.2f}"
+            )
+        else:
+            self._write(f"{'saved' if event.kind == 'save' else 'resumed from'} {event.path}")
+
+    def _step(self, event: TrainingEvent) -> None:
+        self.losses.append(event.loss)
+        self.seconds_per_token.append(1.0 / event.tokens_per_second)
+        if len(self.losses) < self.interval and event.step < event.max_steps:
+            return
+        # Steps are of equal size, so the harmonic mean of their rates is the rate over the interval.
+        loss = sum(self.losses) / len(self.losses)
+        rate = len(self.seconds_per_token) / sum(self.seconds_per_token)
+        self.losses, self.seconds_per_token = [], []
+        text = f"loss {loss:.4f}, lr {event.learning_rate:.2e}, {rate:,.0f} tokens/s"
+        bar = self._bar(event)
+        if bar is None:
+            print(f"step {event.step}/{event.max_steps}: {text}", file=sys.stderr, flush=True)
+        else:
+            bar.update(event.step - bar.n)
+            bar.set_postfix_str(text)
+
+    def _bar(self, event: TrainingEvent):  # noqa: ANN202 - a tqdm bar, or None
+        if self.bar is None and sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+            except ImportError:  # tqdm is optional (huggingface_hub brings it)
+                return None
+            self.bar = tqdm(total=event.max_steps, initial=event.step, unit="step", file=sys.stderr)
+        return self.bar
+
+    def _write(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

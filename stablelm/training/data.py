@@ -1,0 +1,158 @@
+"""Training text: read documents from files, tokenize them into one stream, pack it into blocks, order them.
+
+A document is a text file, or one record of a JSON-lines file (`{"text": ...}` per line). Each document's
+tokens are followed by the end-of-text token, the documents are concatenated in order, and the stream is
+cut into blocks of `block_size` tokens (the tail that does not fill a block is dropped). The order in which
+training visits the blocks is a function of the seed and the position alone, so a resumed run reads the
+same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+
+from ..tokenizer import Tokenizer
+
+JSONL_SUFFIXES = (".jsonl", ".json")
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
+_HINT = 'Pass text files (.txt, .md, .rst), JSON-lines files (.jsonl, one {"text": ...} per line) or folders.'
+
+
+def find_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """The data files named by `paths`: files as given, folders expanded (recursively, sorted).
+
+    Raises:
+        FileNotFoundError: A path does not exist, or a folder holds no data files.
+    """
+    if not paths:
+        raise ValueError(f"No training data given. {_HINT}")
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_file():
+            files.append(path)
+        elif path.is_dir():
+            found = sorted(
+                p for p in path.rglob("*") if p.is_file() and p.suffix in JSONL_SUFFIXES + TEXT_SUFFIXES
+            )
+            if not found:
+                raise FileNotFoundError(f"The folder {str(path)!r} holds no data files. {_HINT}")
+            files += found
+        else:
+            raise FileNotFoundError(f"Training data {str(path)!r} does not exist. {_HINT}")
+    return files
+
+
+def read_documents(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """The non-empty documents of the data files named by `paths`, in order.
+
+    Raises:
+        FileNotFoundError: A path does not exist.
+        ValueError: A JSON-lines record is not valid JSON or has no string "text", or there is no text at all.
+    """
+    documents: list[str] = []
+    for path in find_files(paths):
+        documents += _read_jsonl(path) if path.suffix in JSONL_SUFFIXES else [_read_text(path)]
+    documents = [doc for doc in documents if doc.strip()]
+    if not documents:
+        names = ", ".join(str(p) for p in paths)
+        raise ValueError(f"The training data ({names}) holds no text: every file or record is empty.")
+    return documents
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err}); convert it to UTF-8 first.") from err
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number} is not valid JSON ({err}). {_HINT}") from err
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(
+                    f'{path}:{number} has no string "text" field; each line must be an object like '
+                    '{"text": "..."}.'
+                )
+            texts.append(record["text"])
+    return texts
+
+
+def tokenize(tokenizer: Tokenizer, documents: Iterable[str]) -> torch.Tensor:
+    """One int64 stream of the documents' tokens, each document followed by the eos token (if any)."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    encodings = tokenizer.backend_tokenizer.encode_batch_fast(list(documents), add_special_tokens=False)
+    stream = [token for encoding in encodings for token in (*encoding.ids, *eos)]
+    return torch.tensor(stream, dtype=torch.int64)
+
+
+def pack(stream: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Blocks (N, block_size) cut from the token stream; the tail shorter than a block is dropped.
+
+    Raises:
+        ValueError: The stream is shorter than one block.
+    """
+    if block_size < 2:
+        raise ValueError(
+            f"block_size must be at least 2 (a token and the one it predicts), got {block_size}."
+        )
+    n = stream.numel() // block_size
+    if n == 0:
+        raise ValueError(
+            f"The data has {stream.numel()} tokens, fewer than one block of {block_size}; add text or lower "
+            "the block size."
+        )
+    return stream[: n * block_size].view(n, block_size)
+
+
+def split_blocks(blocks: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held-out): `fraction` of the blocks, evenly spaced through the data, are held out.
+
+    Raises:
+        ValueError: The fraction is outside [0, 1), or leaves no block on one side.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"The held-out fraction must be in [0, 1), got {fraction}.")
+    n = blocks.shape[0]
+    held = torch.tensor([math.floor((i + 1) * fraction) > math.floor(i * fraction) for i in range(n)])
+    if fraction > 0 and (not held.any() or held.all()):
+        raise ValueError(
+            f"The data makes only {n} block(s), too few to hold out {fraction:.0%} of them; add text, lower the "
+            "block size, or pass separate held-out data."
+        )
+    return blocks[~held], blocks[held]
+
+
+class BlockOrder:
+    """The order in which training visits the blocks: a fresh permutation each epoch, from the seed alone.
+
+    Sample k of the run is `order[k]`, whatever happened before, so a resumed run continues the same order.
+    """
+
+    def __init__(self, num_blocks: int, *, seed: int) -> None:
+        self.num_blocks, self.seed = num_blocks, seed
+        self._epoch, self._permutation = -1, torch.empty(0, dtype=torch.int64)
+
+    def indices(self, start: int, count: int) -> torch.Tensor:
+        """The block indices of samples start, start + 1, ..., start + count - 1."""
+        return torch.stack([self._at(k) for k in range(start, start + count)])
+
+    def _at(self, k: int) -> torch.Tensor:
+        epoch, i = divmod(k, self.num_blocks)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._permutation = epoch, torch.randperm(self.num_blocks, generator=generator)
+        return self._permutation[i]

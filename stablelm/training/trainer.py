@@ -1,0 +1,294 @@
+"""The training loop: batches of packed blocks, AdamW steps, held-out loss, checkpoints, exact resume.
+
+Nothing here prints: progress goes to an optional callback as `TrainingEvent`s (the CLI draws the bar).
+Everything a step depends on (the weights, the optimiser state, the random generators and the position in
+the data) is in the checkpoint, so resuming from step k gives the same run as never stopping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from ..heads import StableLmForCausalLM
+from ..tokenizer import Tokenizer
+from .arguments import TrainingArguments
+from .checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
+from .data import BlockOrder
+from .optim import build_optimizer, learning_rate_at
+
+
+@dataclass(frozen=True)
+class TrainingEvent:
+    """What the loop reports to its callback.
+
+    `kind` is "step" (after each optimiser step: `loss`, `learning_rate`, `grad_norm`, `tokens_per_second`),
+    "eval" (`eval_loss`, `perplexity`), "save" (`path` of the checkpoint) or "resume" (`path` resumed from).
+    """
+
+    kind: Literal["step", "eval", "save", "resume"]
+    step: int
+    max_steps: int
+    loss: float | None = None
+    learning_rate: float | None = None
+    grad_norm: float | None = None
+    tokens_per_second: float | None = None
+    eval_loss: float | None = None
+    perplexity: float | None = None
+    path: str | None = None
+
+
+@dataclass
+class TrainingState:
+    """Where a run stands; saved in each checkpoint as trainer_state.json."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+    run: dict[str, Any] = field(default_factory=dict)  # the settings that fix the data order
+
+
+class Trainer:
+    """Trains a `StableLmForCausalLM` on packed blocks of token ids.
+
+    Example:
+        >>> trainer = Trainer(model, args=TrainingArguments(output_dir="out"), train_blocks=blocks)
+        >>> trainer.train()
+        >>> trainer.save_model("out")
+    """
+
+    def __init__(
+        self,
+        model: StableLmForCausalLM,
+        *,
+        args: TrainingArguments,
+        train_blocks: torch.Tensor,
+        eval_blocks: torch.Tensor | None = None,
+        tokenizer: Tokenizer | None = None,
+        callback: Callable[[TrainingEvent], None] | None = None,
+    ) -> None:
+        """Set up a run.
+
+        Args:
+            model: The model to train, in float32 (the optimiser keeps no separate master weights).
+            args: The run's settings.
+            train_blocks: (N, T) token ids; each row is one training sequence (see `data.pack`).
+            eval_blocks: (M, T) held-out token ids for the held-out loss, or None.
+            tokenizer: Saved with each checkpoint and the final model, so that they load as they are.
+            callback: Called with each `TrainingEvent`.
+
+        Raises:
+            ValueError: The blocks do not fit the model (longer than max_position_embeddings, ids outside the
+                vocabulary), or the model is not float32.
+        """
+        _check_blocks("train_blocks", train_blocks, model)
+        if eval_blocks is not None:
+            _check_blocks("eval_blocks", eval_blocks, model)
+        if model.dtype != torch.float32:
+            raise ValueError(
+                f"Train a float32 model (this one is {model.dtype}); load it with dtype=torch.float32 and use "
+                "precision='bf16' for bf16 compute."
+            )
+        self.model, self.args, self.tokenizer, self.callback = model, args, tokenizer, callback
+        self.train_blocks, self.eval_blocks = train_blocks, eval_blocks
+        self.output_dir = Path(args.output_dir)
+        self.order = BlockOrder(train_blocks.shape[0], seed=args.seed)
+        self.optimizer = build_optimizer(
+            model, lr=args.learning_rate, weight_decay=args.weight_decay, betas=args.adam_betas
+        )
+        self.state = TrainingState(run=self._run_settings())
+
+    # ---- the run ----------------------------------------------------------------------------------------
+    def train(self, *, resume_from: str | os.PathLike | None = None) -> TrainingState:
+        """Train up to `args.max_steps`, evaluating and saving checkpoints on the way.
+
+        Args:
+            resume_from: A `checkpoint-{step}` folder of an earlier run with the same data and settings.
+
+        Returns:
+            The final state: step, tokens seen, and the history of losses.
+        """
+        if resume_from is not None:
+            self.resume(resume_from)
+        if self.args.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.model.train()
+        while self.state.step < self.args.max_steps:
+            self._train_step()
+            step = self.state.step
+            last = step == self.args.max_steps
+            if self.eval_blocks is not None and (step % self.args.eval_interval == 0 or last):
+                self.evaluate()
+            if step % self.args.save_interval == 0 or last:
+                self.save_checkpoint()
+        return self.state
+
+    def _train_step(self) -> None:
+        args, step = self.args, self.state.step
+        lr = learning_rate_at(
+            step,
+            lr=args.learning_rate,
+            min_lr=args.learning_rate / 10 if args.min_learning_rate is None else args.min_learning_rate,
+            warmup_steps=args.warmup_steps,
+            max_steps=args.max_steps,
+        )
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        start = time.perf_counter()
+        loss = self._accumulate_gradients(step)
+        grad_norm = self._clip_gradients()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        tokens = args.gradient_accumulation_steps * args.batch_size * self.train_blocks.shape[1]
+        seconds = time.perf_counter() - start
+        self.state.step += 1
+        self.state.tokens_seen += tokens
+        self.state.log_history.append({"step": self.state.step, "loss": loss, "learning_rate": lr})
+        self._emit(
+            "step",
+            loss=loss,
+            learning_rate=lr,
+            grad_norm=grad_norm,
+            tokens_per_second=tokens / max(seconds, 1e-9),
+        )
+
+    def _accumulate_gradients(self, step: int) -> float:
+        """Forward and backward over the step's micro-batches; the mean loss."""
+        accumulation, batch_size = self.args.gradient_accumulation_steps, self.args.batch_size
+        total = torch.zeros((), device=self.model.device)
+        for micro in range(accumulation):
+            first = (step * accumulation + micro) * batch_size
+            batch = self.train_blocks[self.order.indices(first, batch_size)].to(self.model.device)
+            with self._autocast():
+                loss = self.model(batch, labels=batch, use_cache=False).loss
+            (loss / accumulation).backward()
+            total += loss.detach() / accumulation
+        return total.item()
+
+    def _clip_gradients(self) -> float:
+        parameters = [p for p in self.model.parameters() if p.grad is not None]
+        limit = self.args.max_grad_norm if self.args.max_grad_norm is not None else math.inf
+        return torch.nn.utils.clip_grad_norm_(parameters, limit).item()
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float]:
+        """The mean held-out loss per predicted token, and its perplexity (also sent as an "eval" event)."""
+        if self.eval_blocks is None:
+            raise ValueError("No held-out data: pass eval_blocks to the Trainer.")
+        was_training = self.model.training
+        self.model.eval()
+        limit = self.args.eval_batches * self.args.batch_size if self.args.eval_batches else None
+        blocks = self.eval_blocks[:limit]
+        total = 0.0
+        for start in range(0, blocks.shape[0], self.args.batch_size):
+            batch = blocks[start : start + self.args.batch_size].to(self.model.device)
+            with self._autocast():
+                total += self.model(batch, labels=batch, use_cache=False).loss.item() * batch.shape[0]
+        self.model.train(was_training)
+        loss = total / blocks.shape[0]  # every block predicts the same number of tokens
+        perplexity = math.exp(loss) if loss < 700 else math.inf
+        self.state.log_history.append({"step": self.state.step, "eval_loss": loss, "perplexity": perplexity})
+        self._emit("eval", eval_loss=loss, perplexity=perplexity)
+        return loss, perplexity
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        device = self.model.device
+        precision = self.args.precision
+        if precision == "auto":
+            bf16_gpu = device.type == "cuda" and torch.cuda.is_bf16_supported()
+            precision = "bf16" if bf16_gpu else "fp32"
+        if precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+    # ---- checkpoints ------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        """Write `output_dir/checkpoint-{step}` (atomically) and drop checkpoints beyond the limit."""
+        path = save_checkpoint(
+            self.output_dir,
+            model=self.model,
+            tokenizer=self.tokenizer,
+            optimizer=self.optimizer,
+            state=asdict(self.state),
+            keep=self.args.save_total_limit,
+        )
+        self._emit("save", path=str(path))
+        return path
+
+    def resume(self, checkpoint: str | os.PathLike) -> None:
+        """Continue from a checkpoint: weights, optimiser, random generators and position in the data.
+
+        Raises:
+            ValueError: The checkpoint's run used other data or settings that fix the data order.
+        """
+        folder = Path(checkpoint)
+        state = load_checkpoint(folder, model=self.model, optimizer=self.optimizer)
+        differ = {k: (v, state["run"].get(k)) for k, v in self.state.run.items() if state["run"].get(k) != v}
+        if differ:
+            detail = ", ".join(f"{k}: now {now!r}, then {then!r}" for k, (now, then) in differ.items())
+            raise ValueError(
+                f"Cannot resume from {folder}: it was trained with other data or settings ({detail}). Resume "
+                "with the same data, --seed, --batch-size, --grad-accum and --block-size, or start afresh."
+            )
+        self.state = TrainingState(**state)
+        self._emit("resume", path=str(folder))
+
+    def latest_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint in `output_dir`, or None."""
+        found = list_checkpoints(self.output_dir)
+        return found[-1] if found else None
+
+    def save_model(self, directory: str | os.PathLike, *, dtype: torch.dtype | None = None) -> None:
+        """Write the model (in `dtype`, default its own) and the tokenizer as a Hugging Face checkpoint."""
+        model = self.model if dtype in (None, self.model.dtype) else copy.deepcopy(self.model).to(dtype)
+        model.save_pretrained(directory)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(directory)
+
+    # ---- helpers ---------------------------------------------------------------------------------------
+    def _run_settings(self) -> dict[str, Any]:
+        return {
+            "seed": self.args.seed,
+            "batch_size": self.args.batch_size,
+            "gradient_accumulation_steps": self.args.gradient_accumulation_steps,
+            "block_size": int(self.train_blocks.shape[1]),
+            "train_blocks": int(self.train_blocks.shape[0]),
+            "train_tokens_sum": int(self.train_blocks.sum()),
+        }
+
+    def _emit(self, kind: str, **values: Any) -> None:
+        if self.callback is not None:
+            self.callback(TrainingEvent(kind, self.state.step, self.args.max_steps, **values))
+
+
+def _check_blocks(name: str, blocks: torch.Tensor, model: StableLmForCausalLM) -> None:
+    config = model.config
+    if blocks.dim() != 2 or blocks.shape[0] == 0 or blocks.dtype != torch.int64:
+        raise ValueError(
+            f"{name} must be a non-empty (N, block_size) int64 tensor, got {tuple(blocks.shape)}."
+        )
+    check_block_size(int(blocks.shape[1]), max_position_embeddings=config.max_position_embeddings)
+    top = int(blocks.max())
+    if top >= config.vocab_size:
+        raise ValueError(
+            f"{name} holds token id {top}, outside the model's vocabulary of {config.vocab_size}; resize the "
+            "embeddings to the tokenizer first (model.resize_token_embeddings(len(tokenizer)))."
+        )
+
+
+def check_block_size(block_size: int, *, max_position_embeddings: int) -> None:
+    """Raise ValueError unless 2 <= block_size <= max_position_embeddings."""
+    if not 2 <= block_size <= max_position_embeddings:
+        raise ValueError(
+            f"The block size {block_size} is outside what the model takes: use 2 to max_position_embeddings "
+            f"({max_position_embeddings}), e.g. --block-size {min(max(block_size, 2), max_position_embeddings)}."
+        )
