@@ -1,4 +1,4 @@
-"""The `stablelm` command (also `python -m stablelm`): generate, chat, info and bench.
+"""The `stablelm` command (also `python -m stablelm`): generate, chat, info, bench, train, train-tokenizer.
 
 Each subcommand is a module of this package listed in COMMANDS, with a docstring (its first line is the
 command's help line, the rest the epilog of its --help), `add_arguments(parser)` and `run(args) -> int`.
