@@ -364,51 +364,11 @@ class StableLmPreTrainedModel(nn.Module):
         Returns:
             The input embedding module.
         """
-        embedding = self.get_input_embeddings()
-        new_num_tokens = _resized_vocab(embedding.num_embeddings, new_num_tokens, pad_to_multiple_of)
-        if new_num_tokens is None:
-            return embedding
-        self._resize_embedding(embedding, new_num_tokens, mean_resizing=mean_resizing)
-        head = self.get_output_embeddings()
-        if head is not None:
-            self._resize_head(head, new_num_tokens, mean_resizing=mean_resizing)
-        self.config.vocab_size = new_num_tokens
-        self.tie_weights()
-        return self.get_input_embeddings()
+        from .resize import resize_token_embeddings
 
-    def _resize_embedding(self, embedding: nn.Embedding, n: int, *, mean_resizing: bool) -> None:
-        """Resize in place (the Parameter object is kept, so a tied head sees the new rows)."""
-        old_n, dim = embedding.weight.shape
-        if old_n == n:
-            embedding.num_embeddings = n
-            return
-        # Built and initialised in the reference's order, so that the same seed draws the same new rows.
-        new = nn.Embedding(n, dim, device=embedding.weight.device, dtype=embedding.weight.dtype)
-        _init_new_rows(self, new, embedding.weight, n - old_n, mean_resizing=mean_resizing)
-        keep = min(old_n, n)
-        new.weight.data[:keep] = embedding.weight.data[:keep]
-        embedding.weight.data = new.weight.data
-        embedding.num_embeddings = n
-        if embedding.padding_idx is not None and embedding.padding_idx >= n:
-            embedding.padding_idx = None
-
-    def _resize_head(self, head: nn.Linear, n: int, *, mean_resizing: bool) -> None:
-        old_n, dim = head.weight.shape
-        if old_n == n:  # tied to the embedding, which is resized already
-            head.out_features = n
-            return
-        has_bias = head.bias is not None
-        new = nn.Linear(dim, n, bias=has_bias, device=head.weight.device, dtype=head.weight.dtype)
-        _init_new_rows(self, new, head.weight, n - old_n, mean_resizing=mean_resizing)
-        if has_bias and n > old_n and mean_resizing:
-            mean, std = head.bias.data.float().mean(), head.bias.data.std().float()
-            new.bias.data[old_n:].normal_(mean=mean.item(), std=1e-9 * std.item())
-        keep = min(old_n, n)
-        new.weight.data[:keep] = head.weight.data[:keep]
-        if has_bias:
-            new.bias.data[:keep] = head.bias.data[:keep]
-        new.requires_grad_(head.weight.requires_grad)
-        self.set_output_embeddings(new)
+        return resize_token_embeddings(
+            self, new_num_tokens, pad_to_multiple_of=pad_to_multiple_of, mean_resizing=mean_resizing
+        )
 
 
 class StableLmModel(StableLmPreTrainedModel):
@@ -496,42 +456,3 @@ class StableLmModel(StableLmPreTrainedModel):
             past_key_values=cache,
             hidden_states=tuple(hidden_states) if output_hidden_states else None,
         )
-
-
-def _resized_vocab(current: int, new_num_tokens: int | None, pad_to_multiple_of: int | None) -> int | None:
-    """The size `resize_token_embeddings` goes to (None: leave the model as it is)."""
-    for name, value in (("new_num_tokens", new_num_tokens), ("pad_to_multiple_of", pad_to_multiple_of)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be a positive integer or None, got {value!r}.")
-    if pad_to_multiple_of is None:
-        return new_num_tokens
-    size = current if new_num_tokens is None else new_num_tokens
-    return -(-size // pad_to_multiple_of) * pad_to_multiple_of
-
-
-def _init_new_rows(
-    model: StableLmPreTrainedModel,
-    new: nn.Module,
-    old_weight: torch.Tensor,
-    added: int,
-    *,
-    mean_resizing: bool,
-) -> None:
-    """Initialise the last `added` rows of `new.weight` (the rest is overwritten by the caller)."""
-    if added <= 0:
-        return
-    if not mean_resizing:
-        model._init_weights(new)
-        return
-    # The reference samples from N(mean, 1e-9 * covariance) of the old rows when that covariance is
-    # positive definite (the new rows are then the mean, give or take 1e-9), else it uses the mean itself.
-    weight = old_weight.data.float()
-    mean = weight.mean(0)
-    centered = weight - mean
-    covariance = 1e-9 * (centered.T @ centered / weight.shape[0])
-    if torch.distributions.constraints.positive_definite.check(covariance).all():
-        normal = torch.distributions.MultivariateNormal(mean, covariance_matrix=covariance)
-        rows = normal.sample((added,))
-    else:
-        rows = mean[None, :].repeat(added, 1)
-    new.weight.data[-added:] = rows.to(old_weight.dtype)
