@@ -11,9 +11,9 @@ from tokenizers import AddedToken, processors
 from tokenizers import Tokenizer as Backend
 
 from ..hub import resolve_model_dir
-from .chat_template import render_chat_template, select_chat_template
 from .encoding import VERY_LARGE_INTEGER, BatchEncoding, batch_encoding, pad, padding_and_truncation, truncate
 from .files import SPECIAL_TOKEN_NAMES, TOKENIZER_FILES, read_tokenizer_files
+from .mixins import AddedTokensMixin, ChatMixin
 
 _CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"))
 _CLEAN_UP += ((" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
@@ -52,7 +52,7 @@ class _SpecialToken:
         tokenizer._special_tokens[self.name] = value
 
 
-class Tokenizer:
+class Tokenizer(ChatMixin, AddedTokensMixin):
     """A `tokenizers` pipeline with the reference's calling convention, special tokens and chat templates.
 
     Load one with `AutoTokenizer.from_pretrained(...)`. Calling it encodes text; `decode`, `batch_decode` and
@@ -415,190 +415,6 @@ class Tokenizer:
         found = self._backend.token_to_id(tokens)
         unk = self._special_tokens.get("unk_token")
         return found if found is not None or unk is None else self._backend.token_to_id(unk)
-
-    # --- chat -------------------------------------------------------------------------------------------
-
-    def get_chat_template(self, chat_template: str | None = None, *, tools: Sequence | None = None) -> str:
-        """The template to use: `chat_template` (a Jinja template, or the name of one) or the tokenizer's.
-
-        Raises:
-            ValueError: There is no template, or there are several, none named "default" and none chosen.
-        """
-        return select_chat_template(self.chat_template, chat_template, tools=tools)
-
-    def apply_chat_template(
-        self,
-        messages: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
-        *,
-        add_generation_prompt: bool = False,
-        continue_final_message: bool = False,
-        tokenize: bool = True,
-        return_tensors: str | None = None,
-        return_dict: bool = False,
-        chat_template: str | None = None,
-        tools: Sequence[Mapping[str, Any]] | None = None,
-        documents: Sequence[Mapping[str, Any]] | None = None,
-        padding: bool | str = False,
-        truncation: bool | str | None = None,
-        max_length: int | None = None,
-        **template_kwargs: Any,
-    ) -> str | list[str] | list[int] | list[list[int]] | torch.Tensor | BatchEncoding:
-        """Format a conversation (or a batch of them) with the chat template, as the reference does.
-
-        Args:
-            messages: A list of `{"role": ..., "content": ...}` dicts, or a list of such lists.
-            add_generation_prompt: End with the header that starts the assistant's reply.
-            continue_final_message: Leave the final message open, so the model continues it.
-            tokenize: Return token ids; False returns the rendered text.
-            return_tensors: "pt" for a (batch, length) int64 tensor, None for lists.
-            return_dict: Return the whole `BatchEncoding` (with `attention_mask`), not only the ids.
-            chat_template: A Jinja template, or the name of one of the tokenizer's templates.
-            tools: Tool descriptions (JSON schemas) for templates that support tool use.
-            documents: Documents (dicts) for templates that support retrieval.
-            padding: Padding of a batch (see `__call__`).
-            truncation: Truncation (see `__call__`).
-            max_length: The length for padding and truncation (see `__call__`).
-            **template_kwargs: Further variables for the template.
-
-        Raises:
-            ValueError: Both `add_generation_prompt` and `continue_final_message`, an empty conversation,
-                or no chat template.
-            ChatTemplateError: The template raised an error (its message is passed on) or is not valid Jinja.
-            ChatTemplateSecurityError: The template tried to reach outside the sandbox.
-        """
-        if tools is not None and not all(isinstance(tool, Mapping) for tool in tools):
-            raise TypeError("tools must be JSON-schema dicts, one per tool.")
-        if documents is not None and not all(isinstance(document, Mapping) for document in documents):
-            raise TypeError("documents must be dicts, such as {'title': ..., 'text': ...}.")
-        template = self.get_chat_template(chat_template, tools=tools)
-        batched = bool(messages) and isinstance(messages[0], (list, tuple))
-        variables = {**self.special_tokens_map, **template_kwargs}
-        variables.update({k: v for k, v in (("tools", tools), ("documents", documents)) if v is not None})
-        texts = [
-            render_chat_template(
-                template,
-                conversation,
-                add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message,
-                variables=variables,
-            )
-            for conversation in (messages if batched else [messages])
-        ]
-        if not tokenize:
-            return texts if batched else texts[0]
-        encoding = self(
-            texts if batched else texts[0],
-            return_tensors=return_tensors,
-            padding=padding,
-            truncation=truncation,
-            max_length=max_length,
-            add_special_tokens=False,  # the template writes the special tokens itself
-        )
-        return encoding if return_dict else encoding["input_ids"]
-
-    # --- adding tokens and saving -----------------------------------------------------------------------
-
-    def add_tokens(
-        self, new_tokens: str | AddedToken | Sequence[str | AddedToken], *, special_tokens: bool = False
-    ) -> int:
-        """Add tokens to the vocabulary (those it lacks get the next ids), as the reference does.
-
-        An added token is never split by encoding. Resize the model's embeddings afterwards:
-        `model.resize_token_embeddings(len(tokenizer))`.
-
-        Args:
-            new_tokens: A token string or `tokenizers.AddedToken`, or a list of them.
-            special_tokens: Mark them special: matched before normalisation, and left out by
-                `decode(..., skip_special_tokens=True)`.
-
-        Returns:
-            The number of tokens that were new to the vocabulary.
-        """
-        tokens = [new_tokens] if isinstance(new_tokens, (str, AddedToken)) else list(new_tokens)
-        for token in tokens:
-            if not isinstance(token, (str, AddedToken)) or not str(token):
-                raise TypeError(f"Tokens to add must be non-empty strings or AddedToken, got {token!r}.")
-        if special_tokens:
-            tokens = [_special(token) for token in tokens]
-            return self._backend.add_special_tokens(tokens)
-        return self._backend.add_tokens(tokens)
-
-    def add_special_tokens(
-        self,
-        special_tokens_dict: Mapping[str, str | AddedToken | Sequence[str | AddedToken]],
-        *,
-        replace_extra_special_tokens: bool = True,
-    ) -> int:
-        """Set named special tokens (`pad_token`, ...) and extra ones, adding those the vocabulary lacks.
-
-        For a chat fine-tune: `tokenizer.add_special_tokens({"extra_special_tokens": ["<|user|>",
-        "<|assistant|>"]})`, then `model.resize_token_embeddings(len(tokenizer))`.
-
-        Args:
-            special_tokens_dict: Keys are the named tokens (`bos_token`, `eos_token`, `unk_token`, `sep_token`,
-                `pad_token`, `cls_token`, `mask_token`, or another name the tokenizer already has) and
-                `extra_special_tokens` (or its older name `additional_special_tokens`) with a list of tokens.
-            replace_extra_special_tokens: Replace the list of extra special tokens (the old ones stay in the
-                vocabulary) rather than extend it.
-
-        Returns:
-            The number of tokens that were new to the vocabulary.
-
-        Raises:
-            ValueError: An unknown key, or a value that is not a token (or a list of tokens for the extras).
-        """
-        tokens = dict(special_tokens_dict)
-        if "additional_special_tokens" in tokens and not tokens.get("extra_special_tokens"):
-            tokens["extra_special_tokens"] = tokens.pop("additional_special_tokens")
-        unknown = sorted(set(tokens) - set(self._special_tokens) - {"extra_special_tokens"})
-        if unknown:
-            raise ValueError(
-                f"Unknown special token name(s) {unknown}; use one of {sorted(self._special_tokens)} or "
-                "'extra_special_tokens' (a list) for tokens without a name."
-            )
-        to_add: list[AddedToken] = []  # in the order given, which decides the new ids (as in the reference)
-        for name, value in tokens.items():
-            if name == "extra_special_tokens":
-                to_add += self._set_extra_special_tokens(value, replace=replace_extra_special_tokens)
-                continue
-            if not isinstance(value, (str, AddedToken)):
-                raise ValueError(f"{name} must be a token string or AddedToken, got {value!r}.")
-            self._special_tokens[name] = str(value)
-            to_add.append(_special(value))
-        added = self.add_tokens(to_add, special_tokens=True)
-        if self._add_bos_token or self._add_eos_token:  # the bos/eos may have changed
-            self._update_post_processor()
-        return added
-
-    def _set_extra_special_tokens(self, tokens: object, *, replace: bool) -> list[AddedToken]:
-        if isinstance(tokens, (str, AddedToken)) or not all(isinstance(t, (str, AddedToken)) for t in tokens):
-            raise ValueError(f"extra_special_tokens must be a list of token strings, got {tokens!r}.")
-        new = [t for t in tokens if replace or str(t) not in self.extra_special_tokens]
-        strings = [str(t) for t in new]
-        self.extra_special_tokens = strings if replace and new else [*self.extra_special_tokens, *strings]
-        return [_special(t) for t in new]
-
-    def save_pretrained(self, save_directory: str | os.PathLike) -> tuple[str, ...]:
-        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into `save_directory`.
-
-        `Tokenizer.from_pretrained` and the reference's `AutoTokenizer.from_pretrained` read them back with
-        the same vocabulary, added tokens, special tokens and chat template. Each file is replaced
-        atomically; chat-template files of an earlier tokenizer in the folder are removed.
-
-        Returns:
-            The paths of the files written.
-        """
-        from .save import save_tokenizer
-
-        return save_tokenizer(self, save_directory)
-
-
-def _special(token: str | AddedToken) -> AddedToken:
-    """A special AddedToken, matched on the raw text (as the reference adds special tokens)."""
-    if isinstance(token, AddedToken):
-        token.special = True
-        return token
-    return AddedToken(token, lstrip=False, rstrip=False, normalized=False, special=True)
 
 
 class AutoTokenizer:
