@@ -3,6 +3,7 @@
 from .cache import Cache, DynamicCache, StaticCache
 from .checkpoint import CheckpointError
 from .config import StableLmConfig
+from .fast import optimize_for_inference
 from .generation import GenerationConfig
 from .heads import StableLmForCausalLM, StableLmForSequenceClassification, StableLmForTokenClassification
 from .model import StableLmModel, StableLmPreTrainedModel
@@ -47,6 +48,7 @@ __all__ = [
     "TextIteratorStreamer",
     "TextStreamer",
     "TokenClassifierOutput",
+    "optimize_for_inference",
     "Tokenizer",
     "set_seed",
 ]
