@@ -447,3 +447,15 @@ def test_set_seed_seeds_torch_and_python():
     stablelm.set_seed(7)
     b = (torch.rand(3), random.random())
     assert torch.equal(a[0], b[0]) and a[1] == b[1]
+
+
+def test_activations_are_the_references_and_the_configs():
+    from transformers.activations import ACT2FN
+
+    from stablelm.activations import ACT_FNS
+    from stablelm.config import ACTIVATIONS
+
+    assert set(ACT_FNS) == ACTIVATIONS
+    x = torch.linspace(-6, 6, 1001)
+    for name, fn in ACT_FNS.items():
+        assert torch.allclose(fn(x), ACT2FN[name](x), atol=1e-6), name
