@@ -275,11 +275,11 @@ class StableLmConfig:
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write `config.json` into `save_directory` (created if needed), atomically."""
+        from .atomic import write_text_atomic
+
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / "config.json.tmp"
-        tmp.write_text(self.to_json_string(), encoding="utf-8")
-        os.replace(tmp, folder / "config.json")
+        write_text_atomic(folder / "config.json", self.to_json_string())
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> StableLmConfig:

@@ -11,14 +11,13 @@ import copy
 import json
 import os
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
 
+from ..atomic import atomic_path, write_text_atomic
 from .layout import (
     BIN_INDEX_NAME,
     BIN_WEIGHTS_NAME,
@@ -56,7 +55,7 @@ def save_pretrained(
     names = [_shard_name(weights_name, i, len(shards)) for i in range(len(shards))]
     for keys, name in zip(shards, names, strict=True):
         tensors = {key: _standalone(state[key]) for key in keys}
-        with _atomic(folder / name) as tmp:
+        with atomic_path(folder / name) as tmp:
             if safe_serialization:
                 save_file(tensors, tmp, metadata={"format": "pt"})
             else:
@@ -149,18 +148,4 @@ def _save_config(model: StableLmPreTrainedModel, folder: Path) -> None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    with _atomic(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-@contextmanager
-def _atomic(path: Path) -> Iterator[Path]:
-    """A temporary path beside `path`, flushed and renamed to `path` if the block succeeds, removed if not."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..atomic import write_text_atomic
 from .encoding import VERY_LARGE_INTEGER
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ def save_tokenizer(tokenizer: Tokenizer, save_directory: str | os.PathLike) -> t
         "special_tokens_map.json": _json(special_tokens_map(tokenizer)),
     }
     for name, text in files.items():
-        _write_atomic(folder / name, text)
+        write_text_atomic(folder / name, text)
     _remove_stale_templates(folder)
     return tuple(str(folder / name) for name in files)
 
@@ -89,16 +90,3 @@ def _remove_stale_templates(folder: Path) -> None:
 
 def _json(data: dict[str, Any]) -> str:
     return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write under a temporary name beside `path`, flush to disk, then rename over `path`."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
