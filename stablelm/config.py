@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_text_atomic
+
 MODEL_TYPE = "stablelm"
 
 ACTIVATIONS = frozenset(
@@ -275,8 +277,6 @@ class StableLmConfig:
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write `config.json` into `save_directory` (created if needed), atomically."""
-        from .atomic import write_text_atomic
-
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
         write_text_atomic(folder / "config.json", self.to_json_string())
