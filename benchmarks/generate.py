@@ -84,6 +84,7 @@ def child(args: argparse.Namespace) -> None:
             new_tokens=args.new_tokens,
             compile=args.child == "compiled",
             optimize=args.child != "plain",
+            fp32_cache=args.child == "fp32-cache",
             device=args.device,
         )
     print("RESULT " + json.dumps(result))
@@ -102,7 +103,10 @@ def spawn(kind: str, args: argparse.Namespace) -> dict:
 
 
 def compare(args: argparse.Namespace, bandwidth: float) -> None:
-    kinds = ["ref", "plain", "optimized"] + (["compiled"] if args.compile else [])
+    kinds = ["ref", "plain", "optimized"]
+    if args.dtype != "float32" and args.device == "cpu":
+        kinds.append("fp32-cache")
+    kinds += ["compiled"] if args.compile else []
     results = {kind: spawn(kind, args) for kind in kinds}
     ref = results["ref"]
     print(
@@ -140,7 +144,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true", help="also time the compiled decode path")
     parser.add_argument("--matrix", action="store_true", help="run the issues' matrix of settings")
-    parser.add_argument("--child", choices=["ref", "plain", "optimized", "compiled"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--child", choices=["ref", "plain", "optimized", "fp32-cache", "compiled"], help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     if args.child:

@@ -29,6 +29,7 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
     """StableLM with a language-modelling head: next-token logits over the vocabulary."""
 
     generation_config = None  # set from generation_config.json by from_pretrained
+    kv_cache_dtype: torch.dtype | None = None  # generate's static cache dtype (None: the model's)
 
     def __init__(self, config: StableLmConfig) -> None:
         super().__init__(config)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import make_pair, tiny_config, transformers
 
 from stablelm import StableLmForCausalLM
@@ -82,3 +83,84 @@ def test_packing_where_it_cannot_apply_is_a_clear_error():
         optimize_for_inference(model, pack=True)
     optimize_for_inference(model)  # the default skips packing
     assert not any(isinstance(m, PackedLinear) for m in model.modules())
+
+
+def test_fp32_cache_is_opt_in_and_only_for_half_precision_on_the_cpu():
+    assert (
+        optimize_for_inference(StableLmForCausalLM(tiny_config()).to(torch.bfloat16)).kv_cache_dtype is None
+    )
+    wide = optimize_for_inference(StableLmForCausalLM(tiny_config()).to(torch.bfloat16), fp32_cache=True)
+    assert wide.kv_cache_dtype is torch.float32
+    with pytest.raises(ValueError, match="Drop fp32_cache=True"):
+        optimize_for_inference(StableLmForCausalLM(tiny_config()), fp32_cache=True)
+
+
+def test_attention_over_a_wider_cache_rounds_once_and_leaves_prefill_exact():
+    from stablelm.attention import AttentionMask, attention
+
+    g = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(2, 2, 9, 16, generator=g).to(torch.bfloat16) for _ in range(2))
+    for T, causal in [(1, False), (9, True)]:
+        q = torch.randn(2, 4, T, 16, generator=g).to(torch.bfloat16)
+        mask = AttentionMask(allowed=None, is_causal=causal, key_length=9)
+        wide = attention(q, k.float(), v.float(), mask, implementation="sdpa", scale=0.25)
+        assert wide.dtype == torch.bfloat16
+        if T > 1:  # prefill: the model's dtype throughout, bit for bit
+            assert torch.equal(wide, attention(q, k, v, mask, implementation="sdpa", scale=0.25))
+        else:  # decode: fp32 attention over the same values, rounded once
+            fp32 = attention(q.float(), k.float(), v.float(), mask, implementation="sdpa", scale=0.25)
+            assert torch.allclose(wide.float(), fp32, atol=1e-2, rtol=1e-2)  # one bf16 rounding apart
+            truth = attention(q.double(), k.double(), v.double(), mask, implementation="eager", scale=0.25)
+            bf16_kernel = attention(q, k, v, mask, implementation="sdpa", scale=0.25)
+            assert (wide.double() - truth).abs().mean() <= (bf16_kernel.double() - truth).abs().mean()
+
+
+def test_generate_decodes_over_the_fp32_cache(monkeypatch):
+    from stablelm.generation import loop
+
+    model = optimize_for_inference(StableLmForCausalLM(tiny_config()).to(torch.bfloat16), fp32_cache=True)
+    caches = []
+    make_cache = loop._make_cache
+    monkeypatch.setattr(loop, "_make_cache", lambda *a: caches.append(make_cache(*a)) or caches[-1])
+    out = model.generate(_ids(2, 5), max_new_tokens=6, do_sample=False)
+    assert out.shape == (2, 11)
+    assert caches[0].keys[0].dtype == torch.float32 and caches[0].get_seq_length() == 10
+
+
+def test_decoding_over_an_fp32_cache_keeps_bf16_logits_within_tolerance():
+    from stablelm.cache import DynamicCache, StaticCache
+
+    model, _ = make_pair(tiny_config(num_key_value_heads=2))
+    model = model.to(torch.bfloat16)
+    ids = _ids(2, 12)
+    logits = {}
+    for name, cache in [
+        ("bf16", DynamicCache()),
+        (
+            "fp32",
+            StaticCache.for_model(
+                model.config, batch_size=2, max_cache_len=16, dtype=torch.float32, device="cpu"
+            ),
+        ),
+    ]:
+        with torch.no_grad():
+            model(ids[:, :8], past_key_values=cache)
+            for t in range(8, 12):  # one token at a time: the decode path
+                out = model(ids[:, t : t + 1], past_key_values=cache, position_ids=torch.full((2, 1), t))
+        logits[name] = out.logits.float()
+    assert torch.allclose(logits["fp32"], logits["bf16"], atol=2e-2, rtol=2e-2)
+
+
+def test_one_query_attention_matches_sdpa_with_grouped_heads_and_a_mask():
+    from stablelm.attention import _one_query_attention
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (
+        torch.randn(3, 6, 1, 8, generator=g),
+        torch.randn(3, 2, 11, 8, generator=g),
+        torch.randn(3, 2, 11, 8, generator=g),
+    )
+    allowed = torch.rand(3, 1, 1, 11, generator=g) > 0.4
+    allowed[..., -1] = True  # the new token always sees itself
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=0.3, enable_gqa=True)
+    assert torch.allclose(_one_query_attention(q, k, v, allowed, 0.3), expected.transpose(1, 2), atol=1e-6)

@@ -209,6 +209,29 @@ def test_stream_tokens_reports_finish_reasons_per_row():
     )
 
 
+@pytest.mark.parametrize("sync_every", [2, 3, 8])
+def test_reading_the_stop_state_back_in_batches_changes_no_step(sync_every):
+    ours, _ = peaked_pair()
+    ids = _prompts(3, 5, seed=2)
+    free = ours.generate(ids, max_new_tokens=12, eos_token_id=None, pad_token_id=0)[:, 5:]
+    # Rows stop at different steps, all of them by step 6 (the run ends early) or by the limit of 5.
+    eos = [int(free[0, 2]), int(free[1, 6]), int(free[2, 4])]
+    for limit in (12, 5):
+        config = resolve_config(ours, None, max_new_tokens=limit, eos_token_id=eos, pad_token_id=0)
+        every = [(s.tokens.tolist(), s.finish_reasons) for s in stream_tokens(ours, ids, config=config)]
+        batched = list(stream_tokens(ours, ids, config=config, sync_every=sync_every))
+        assert [(s.tokens.tolist(), s.finish_reasons) for s in batched] == every
+        assert every[-1][1][0] == "stop"
+        assert len(every) <= min(limit, 7)
+
+
+def test_sync_every_below_one_is_refused():
+    ours, _ = peaked_pair()
+    config = resolve_config(ours, None, max_new_tokens=2)
+    with pytest.raises(ValueError, match="sync_every must be at least 1"):
+        next(stream_tokens(ours, _prompts(1, 3), config=config, sync_every=0))
+
+
 def test_generation_config_of_the_checkpoint_gives_the_defaults():
     ours, _ = peaked_pair()
     ids = _prompts(1, 4)

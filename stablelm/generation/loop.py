@@ -20,6 +20,7 @@ from ..sampling import SamplingParams, process_logits, select_tokens
 from .config import DEFAULT_NEW_TOKENS, GenerationConfig
 
 COMPILE_LENGTH_BUCKET = 256  # compiled static caches are sized in these steps
+GPU_SYNC_EVERY = 8  # greedy generate on a GPU reads the stopping state back once per this many tokens
 _EXTENDING_ROPE_TYPES = ("dynamic", "yarn", "longrope", "llama3")
 
 
@@ -122,7 +123,11 @@ def _make_cache(model: Any, plan: _Plan, batch: int, total: int) -> Cache:
     if plan.compile:  # round up so that nearby lengths share one compiled graph
         total = -(-total // COMPILE_LENGTH_BUCKET) * COMPILE_LENGTH_BUCKET
     return StaticCache.for_model(
-        model.config, batch_size=batch, max_cache_len=total, dtype=model.dtype, device=model.device
+        model.config,
+        batch_size=batch,
+        max_cache_len=total,
+        dtype=getattr(model, "kv_cache_dtype", None) or model.dtype,
+        device=model.device,
     )
 
 
@@ -195,6 +200,7 @@ def stream_tokens(
     inputs_embeds: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     stop_checker: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    sync_every: int = 1,
 ) -> Iterator[Step]:
     """Generate token by token, yielding a `Step` each time.
 
@@ -207,7 +213,14 @@ def stream_tokens(
         generator: Random generator for sampling (default: torch's global one, as `set_seed` seeds).
         stop_checker: Called with (rows, tokens) of running rows after each step; returns a bool (len(rows),)
             marking rows whose text now ends a stop string.
+        sync_every: Read the stopping state back from the device once per this many steps (one host-device
+            sync each), yielding the steps in between together. The steps and their finish reasons are the
+            same for every value; above 1, up to `sync_every - 1` forward passes past the end are computed
+            and dropped. Worth it on a GPU, where each readback stalls the queue; a stop checker reads every
+            step's tokens anyway, so it implies 1.
     """
+    if sync_every < 1:
+        raise ValueError(f"sync_every must be at least 1, got {sync_every}.")
     source = input_ids if input_ids is not None else inputs_embeds
     B, T = source.shape[:2]
     plan = _plan(model, config, T)
@@ -219,6 +232,7 @@ def stream_tokens(
     seq = input_ids if input_ids is not None else torch.zeros(B, 0, dtype=torch.long, device=device)
     running = torch.ones(B, dtype=torch.bool, device=device)
     reasons: list[str | None] = [None] * B
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (tokens, rows stopped) not yet read back
     for step in range(plan.max_new_tokens):
         banned = plan.eos if step < plan.min_new_tokens else None
         scores = process_logits(logits, seq, plan.params, banned_ids=banned)
@@ -233,13 +247,21 @@ def stream_tokens(
             rows = running.nonzero().flatten()
             stopped[rows] |= stop_checker(rows, tokens[rows]).to(device)
         running = running & ~stopped
-        for row in stopped.nonzero().flatten().tolist():
-            reasons[row] = "stop"
+        pending.append((tokens, stopped))
         last = step == plan.max_new_tokens - 1
+        if last or stop_checker is not None or len(pending) >= sync_every:
+            flags = torch.stack([rows for _, rows in pending]).tolist()  # the one readback
+            for i, ((step_tokens, _), stopped_rows) in enumerate(zip(pending, flags, strict=True)):
+                for row, row_stopped in enumerate(stopped_rows):
+                    if row_stopped:
+                        reasons[row] = "stop"
+                if last and i == len(pending) - 1:
+                    reasons = [r if r is not None else "length" for r in reasons]
+                yield Step(tokens=step_tokens, finish_reasons=list(reasons))
+                if all(r is not None for r in reasons):  # every row is done
+                    return
+            pending.clear()
         if last:
-            reasons = [r if r is not None else "length" for r in reasons]
-        yield Step(tokens=tokens, finish_reasons=list(reasons))
-        if last or not bool(running.any()):
             return
         logits = stepper.step(tokens)
 
@@ -324,6 +346,10 @@ def generate(
     if streamer is not None and input_ids is not None:
         streamer.put(input_ids.cpu())
     new_tokens: list[torch.Tensor] = []
+    # On a GPU, reading the stopping state back each token stalls the queue. Without a streamer (which
+    # wants each token as it comes) read it every GPU_SYNC_EVERY tokens. Greedy only: the steps computed
+    # past the end would draw from the random generator, leaving it where the reference does not.
+    batched_sync = model.device.type == "cuda" and streamer is None and not config.do_sample
     for step in stream_tokens(
         model,
         input_ids,
@@ -332,6 +358,7 @@ def generate(
         inputs_embeds=inputs_embeds,
         generator=generator,
         stop_checker=stop_checker,
+        sync_every=GPU_SYNC_EVERY if batched_sync else 1,
     ):
         new_tokens.append(step.tokens)
         if streamer is not None:
