@@ -96,14 +96,22 @@ class Attention(nn.Module):
         cache_position: torch.Tensor,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self._project(x)
-        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        if self.config.qk_layernorm:
-            q, k = self.q_layernorm(q), self.k_layernorm(k)
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         cos, sin = rope
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.qkv_proj is not None and not self.config.qk_layernorm:
+            # Fused projection: rotate the query and key heads in one pass (the same arithmetic).
+            qkv = self.qkv_proj(x).view(B, T, H + 2 * Hkv, D)
+            qk = apply_rotary(qkv[:, :, : H + Hkv], cos, sin, heads_dim=2)
+            q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # (B, H|Hkv, T, D)
+            v = qkv[:, :, H + Hkv :].transpose(1, 2)  # (B, Hkv, T, D)
+        else:
+            q, k, v = self._project(x)
+            q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+            k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+            v = v.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+            if self.config.qk_layernorm:
+                q, k = self.q_layernorm(q), self.k_layernorm(k)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, cache_position)  # (B, Hkv, S, D)
         y = attention(

@@ -191,10 +191,13 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first rotary_dim channels of x (B, H, T, D); cos/sin are (B, T, rotary_dim)."""
+def apply_rotary(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, heads_dim: int = 1
+) -> torch.Tensor:
+    """Rotate the first rotary_dim channels of x (B, H, T, D), or (B, T, H, D) with `heads_dim=2`;
+    cos/sin are (B, T, rotary_dim)."""
     rot_dim = cos.shape[-1]
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    cos, sin = cos.unsqueeze(heads_dim), sin.unsqueeze(heads_dim)
     x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
     x_rot = x_rot * cos + rotate_half(x_rot) * sin
     return torch.cat((x_rot, x_pass), dim=-1)
