@@ -160,6 +160,7 @@ def main() -> None:
         return
     for shape, dtype, batch in [
         ("160m", "float32", 1),
+        ("160m", "float32", 8),
         ("160m", "bfloat16", 1),
         ("160m", "bfloat16", 8),
         ("3b", "bfloat16", 1),
