@@ -80,6 +80,10 @@ class StaticCache(Cache):
         max_cache_len: Positions to preallocate (prompt plus everything to be generated).
         dtype: dtype of the stored keys/values (the model's).
         device: Where to allocate.
+        zeroed: Fill the slots with zeros up front. Attention over every slot (compiled decoding) needs
+            it: a masked slot still meets its value with weight 0, and 0 * NaN is NaN. Eager attention reads
+            written slots only, so it can skip the fill, which also leaves memory untouched (and out of
+            the resident set) until it is written.
     """
 
     def __init__(
@@ -92,17 +96,28 @@ class StaticCache(Cache):
         max_cache_len: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        zeroed: bool = True,
     ) -> None:
         if max_cache_len < 1:
             raise ValueError(f"max_cache_len must be at least 1, got {max_cache_len}.")
         shape = (batch_size, num_kv_heads, max_cache_len, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        new = torch.zeros if zeroed else torch.empty
+        self.keys = [new(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [new(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.max_cache_len = max_cache_len
         self._length = 0
 
     @classmethod
-    def for_model(cls, config, *, batch_size: int, max_cache_len: int, dtype, device) -> StaticCache:  # noqa: ANN001
+    def for_model(
+        cls,
+        config,
+        *,
+        batch_size: int,
+        max_cache_len: int,
+        dtype,
+        device,
+        zeroed: bool = True,  # noqa: ANN001
+    ) -> StaticCache:
         """A cache sized for a model with `config` (a StableLmConfig)."""
         return cls(
             num_layers=config.num_hidden_layers,
@@ -112,6 +127,7 @@ class StaticCache(Cache):
             max_cache_len=max_cache_len,
             dtype=dtype,
             device=device,
+            zeroed=zeroed,
         )
 
     def get_seq_length(self) -> int:

@@ -128,6 +128,7 @@ def _make_cache(model: Any, plan: _Plan, batch: int, total: int) -> Cache:
         max_cache_len=total,
         dtype=getattr(model, "kv_cache_dtype", None) or model.dtype,
         device=model.device,
+        zeroed=plan.compile,  # eager decoding never reads an unwritten slot
     )
 
 
