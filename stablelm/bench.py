@@ -189,6 +189,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     args = parser.parse_args(argv)
+    if args.fp32_cache and (args.dtype == "float32" or args.no_optimize or args.device != "cpu"):
+        parser.error(
+            "--fp32-cache is for a bfloat16/float16 model optimized on the CPU: drop it, or use "
+            "--dtype bfloat16 without --no-optimize on --device cpu."
+        )
     result = run(
         shape=args.shape,
         dtype=args.dtype,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from stablelm import bench
 
 
@@ -32,3 +34,13 @@ def test_random_models_are_reproducible():
     assert a.lm_head.weight.dtype.is_floating_point and all(
         (x == y).all() for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
     )
+
+
+def test_bench_runs_with_the_fp32_cache_and_refuses_it_where_it_cannot_apply(capsys):
+    bench.main(["--shape", "tiny", "--prompt", "8", "--new-tokens", "4", "--fp32-cache", "--json"])
+    assert json.loads(capsys.readouterr().out)["impl"] == "stablelm optimized fp32-cache"
+    for extra in (["--dtype", "float32"], ["--no-optimize"]):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(["--shape", "tiny", "--fp32-cache", *extra])
+        assert exit_info.value.code == 2
+        assert "--fp32-cache is for a bfloat16/float16 model" in capsys.readouterr().err
