@@ -134,7 +134,8 @@ def run(
     model = random_model(shape, DTYPES[dtype], device=device)
     nbytes = weight_bytes(model)  # before packing, which hides the weights from parameters()
     if optimize:
-        optimize_for_inference(model, fp32_cache=fp32_cache)
+        # Compiling needs plain (unpacked) weights: Inductor freezes and packs them itself.
+        optimize_for_inference(model, pack=False if compile else None, fp32_cache=fp32_cache)
     ids = torch.randint(
         0, model.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(1)
     )

@@ -153,7 +153,10 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
             hidden = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
         else:
             hidden = hidden[:, logits_to_keep]
-        logits = self.lm_head(hidden)
+        # As rows (B * k, C): on a strided (B, k, C) slice, matmul batches the product and copies the
+        # whole LM head, expanded per row, whenever the weights do not require grad (after
+        # requires_grad_(False), say); rows take the one matrix product the reference's folded path takes.
+        logits = self.lm_head(hidden.reshape(-1, hidden.shape[-1])).view(*hidden.shape[:-1], -1)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(
             loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states

@@ -420,6 +420,23 @@ def test_compiled_decode_gives_the_eager_tokens():
     assert a.tolist() == b.tolist()
 
 
+def test_compiled_decode_follows_weights_changed_after_compiling():
+    """The compiled graph holds the weights as frozen constants: changing them must not leave it stale."""
+    ours, ref = peaked_pair()
+    ids = _prompts(1, 5)
+    ours.generate(ids, max_new_tokens=8, compile=True)  # compiles, freezing these weights
+    changes = [
+        lambda m: [p.mul_(-1.5) for p in m.model.layers[1].parameters()],  # in place
+        lambda m: setattr(m.lm_head, "weight", torch.nn.Parameter(-m.lm_head.weight)),  # replaced
+    ]
+    for change in changes:
+        with torch.no_grad():
+            change(ours)
+            change(ref)
+        expected = ref.generate(ids, max_new_tokens=8)
+        assert ours.generate(ids, max_new_tokens=8, compile=True).tolist() == expected.tolist()
+
+
 def test_compile_needs_the_static_cache():
     ours, _ = peaked_pair()
     with pytest.raises(ValueError, match="compile=True needs the static cache"):

@@ -459,3 +459,31 @@ def test_activations_are_the_references_and_the_configs():
     x = torch.linspace(-6, 6, 1001)
     for name, fn in ACT_FNS.items():
         assert torch.allclose(fn(x), ACT2FN[name](x), atol=1e-6), name
+
+
+@pytest.mark.parametrize("requires_grad", [True, False])
+@pytest.mark.parametrize("keep", [0, 1, 3])
+def test_lm_head_is_one_matrix_product_whatever_requires_grad_says(requires_grad, keep):
+    """A strided slice of the hidden states must not make matmul batch the product and copy the head."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OpNames(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    model, ref = make_pair(tiny_config())
+    model.requires_grad_(requires_grad)
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = ref(ids, logits_to_keep=keep).logits
+        with OpNames() as ops:
+            logits = model(ids, logits_to_keep=keep).logits
+    assert torch.equal(logits, expected)
+    assert not any(name.startswith("bmm") or name.startswith("expand") for name in ops.names[-6:]), ops.names[
+        -6:
+    ]
