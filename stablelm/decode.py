@@ -22,6 +22,7 @@ import torch
 
 from .attention import AttentionMask
 from .cache import StaticCache
+from .fast import PackedLinear
 
 _NOTICE_SHOWN: set[str] = set()
 
@@ -68,7 +69,13 @@ class DecodeStep:
         self._fn: Callable[..., torch.Tensor] = _decode_step
         self._compiled = compile
         self._weights: tuple[tuple[int, int], ...] = ()  # what the compiled graph froze
-        if compile:
+        if compile and any(isinstance(m, PackedLinear) for m in model.modules()):
+            _notice(
+                "stablelm: compile=True needs unpacked weights (Inductor packs them itself): use "
+                "optimize_for_inference(model, pack=False); running eager."
+            )
+            self._compiled = False
+        elif compile:
             self._fn = _new_compiled_step()
 
     @classmethod
@@ -77,7 +84,13 @@ class DecodeStep:
         steps = model.__dict__.setdefault("_stablelm_decode_steps", {})
         if compile not in steps:
             steps[compile] = cls(model, compile=compile)
-        return steps[compile]
+        step = steps[compile]
+        # Once per generation (weights do not change within one): the compiled graph holds them as frozen
+        # constants, so when they have changed (in place, loaded, replaced) it is compiled anew rather
+        # than run on stale weights.
+        if step.compile_seconds is not None and _weights_signature(model) != step._weights:
+            step._fn, step.compile_seconds = _new_compiled_step(), None
+        return step
 
     def __call__(
         self,
@@ -103,18 +116,12 @@ class DecodeStep:
         return logits
 
     def _compiled_step(self, cache: StaticCache, *inputs: torch.Tensor) -> torch.Tensor | None:
-        """The compiled step over every slot; None (and eager from then on) when compilation fails.
-
-        The graph holds the weights as frozen constants, so when they change (an in-place update, a
-        loaded state dict, a replaced parameter) it is compiled anew rather than run on stale weights.
-        """
+        """The compiled step over every slot; None (and eager from then on) when compilation fails."""
         args = (self.model, cache, *inputs, inputs[-1].shape[-1])
-        weights = _weights_signature(self.model)
         if self.compile_seconds is not None:
-            if weights == self._weights:
-                with _freezing():
-                    return self._fn(*args)
-            self._fn, self.compile_seconds = _new_compiled_step(), None
+            with _freezing():
+                return self._fn(*args)
+        weights = _weights_signature(self.model)
         start = time.perf_counter()
         try:
             with _freezing():

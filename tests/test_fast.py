@@ -164,3 +164,17 @@ def test_one_query_attention_matches_sdpa_with_grouped_heads_and_a_mask():
     allowed[..., -1] = True  # the new token always sees itself
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=0.3, enable_gqa=True)
     assert torch.allclose(_one_query_attention(q, k, v, allowed, 0.3), expected.transpose(1, 2), atol=1e-6)
+
+
+def test_compiling_a_packed_model_says_what_to_do_and_runs_eager(capsys, monkeypatch):
+    import stablelm.decode
+
+    monkeypatch.setattr(stablelm.decode, "_NOTICE_SHOWN", set())
+    model, ref = make_pair(tiny_config(max_position_embeddings=64))
+    optimize_for_inference(model)
+    ids = _ids(1, 5)
+    if not can_pack(model):
+        pytest.skip("oneDNN packing is not available on this CPU")
+    out = model.generate(ids, max_new_tokens=6, compile=True)
+    assert "optimize_for_inference(model, pack=False)" in capsys.readouterr().err
+    assert out.tolist() == ref.generate(ids, max_new_tokens=6).tolist()
