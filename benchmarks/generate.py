@@ -70,6 +70,11 @@ def run_reference(args: argparse.Namespace) -> dict:
     }
 
 
+def fp32_cache_applies(args: argparse.Namespace) -> bool:
+    """Whether `optimize_for_inference(fp32_cache=True)` takes these settings: half precision on CPU."""
+    return args.dtype != "float32" and args.device == "cpu"
+
+
 def child(args: argparse.Namespace) -> None:
     if args.child == "ref":
         result = run_reference(args)
@@ -85,8 +90,7 @@ def child(args: argparse.Namespace) -> None:
             compile=args.child == "compiled",
             optimize=args.child != "plain",
             # Compiled bf16 attention runs over every slot of the cache: give it the fp32 one on CPU.
-            fp32_cache=args.child == "fp32-cache"
-            or (args.child == "compiled" and args.dtype != "float32" and args.device == "cpu"),
+            fp32_cache=args.child == "fp32-cache" or (args.child == "compiled" and fp32_cache_applies(args)),
             device=args.device,
         )
     print("RESULT " + json.dumps(result))
@@ -106,7 +110,7 @@ def spawn(kind: str, args: argparse.Namespace) -> dict:
 
 def compare(args: argparse.Namespace, bandwidth: float) -> None:
     kinds = ["ref", "plain", "optimized"]
-    if args.dtype != "float32" and args.device == "cpu":
+    if fp32_cache_applies(args):
         kinds.append("fp32-cache")
     kinds += ["compiled"] if args.compile else []
     results = {kind: spawn(kind, args) for kind in kinds}

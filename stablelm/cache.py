@@ -110,13 +110,13 @@ class StaticCache(Cache):
     @classmethod
     def for_model(
         cls,
-        config,
+        config,  # noqa: ANN001 - a StableLmConfig; this module imports nothing of the model's
         *,
         batch_size: int,
         max_cache_len: int,
-        dtype,
-        device,
-        zeroed: bool = True,  # noqa: ANN001
+        dtype: torch.dtype,
+        device: torch.device | str | None,
+        zeroed: bool = True,
     ) -> StaticCache:
         """A cache sized for a model with `config` (a StableLmConfig)."""
         return cls(

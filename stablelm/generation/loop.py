@@ -262,8 +262,6 @@ def stream_tokens(
                 if all(r is not None for r in reasons):  # every row is done
                     return
             pending.clear()
-        if last:
-            return
         logits = stepper.step(tokens)
 
 
