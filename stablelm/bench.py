@@ -62,8 +62,14 @@ def random_model(
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes read per decoded token: every distinct parameter once."""
-    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    """Bytes read per decoded token: every distinct parameter once, except an input embedding table
+    (only the batch's rows of it are read) unless it is also the LM head."""
+    head = model.get_output_embeddings().weight
+    skip = {
+        id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.weight is not head
+    }
+    params = {id(p): p for p in model.parameters() if id(p) not in skip}
+    return sum(p.numel() * p.element_size() for p in params.values())
 
 
 def peak_rss_gb() -> float:

@@ -22,7 +22,7 @@ import torch
 
 from .attention import AttentionMask
 from .cache import StaticCache
-from .fast import PackedLinear
+from .fast import KernelLinear, PackedLinear
 
 _NOTICE_SHOWN: set[str] = set()
 
@@ -69,7 +69,7 @@ class DecodeStep:
         self._fn: Callable[..., torch.Tensor] = _decode_step
         self._compiled = compile
         self._weights: tuple[tuple[int, int], ...] = ()  # what the compiled graph froze
-        if compile and any(isinstance(m, PackedLinear) for m in model.modules()):
+        if compile and any(isinstance(m, (PackedLinear, KernelLinear)) for m in model.modules()):
             _notice(
                 "stablelm: compile=True needs unpacked weights (Inductor packs them itself): use "
                 "optimize_for_inference(model, pack=False); running eager."

@@ -5,9 +5,11 @@ products. Three transforms raise it:
 
 - Fusion (bit-identical): q/k/v become one `qkv_proj`, gate/up one `gate_up_proj` (fewer, larger
   products).
-- Packing (CPU, bit-identical): weights are reordered once into oneDNN's blocked layout, which its
-  kernels read at ~30 GB/s on a 2-core Zen 4 instead of the ~21 GB/s (bf16) or ~17 GB/s (fp32) of
-  `F.linear` on plain weights.
+- Packing (CPU, bit-identical): weights are reordered once into a blocked layout. For bfloat16 on CPUs
+  with AVX512-BF16, stablelm's own kernel (`stablelm/kernels/linear_bf16.c`, built on first use) sums
+  in the order oneDNN does, verified per weight shape, and reads the weights at ~40-50 GB/s on a
+  2-core Zen 4 at batch 1; elsewhere oneDNN's packed kernel, ~25-30 GB/s, instead of the ~16 GB/s
+  (bf16) or ~17 GB/s (fp32) of `F.linear` on plain weights.
 - Opt-in, a float32 KV cache (CPU, half-precision models): PyTorch's CPU attention kernel is 3-6x
   slower in bfloat16 than in float32 for one query over a cache, which dominates batched decoding. The
   cache holds the same (bf16-exact) values in float32; prefill attends in the model's dtype as before,
@@ -25,7 +27,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import kernels as native
 from .model import MLP, Attention
+
+# Block sizes to try, most likely first: oneDNN (avx512_core_bf16) sums K in blocks of 512 for one row
+# and 1024 for several.
+_BLOCKS = (512, 1024, 256, 2048, 128, 4096, 64)
+_CALIBRATED: dict[tuple[int, int, bool, int], tuple[int, int] | None] = {}
 
 
 class PackedLinear(nn.Module):
@@ -63,6 +71,114 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, packed"
+
+
+class KernelLinear(nn.Module):
+    """`nn.Linear` for bfloat16 inference on CPUs with AVX512-BF16, through `stablelm.kernels`.
+
+    The kernel sums in the order torch's own (oneDNN's) kernel does, found per weight shape by
+    `calibrate`: outputs are bit-identical to `F.linear`'s, and batch-1 products read the weights
+    ~1.4x faster. Build one with `KernelLinear.from_linear`, which returns None where the kernel cannot
+    reproduce torch. Saves and loads as a plain Linear (`weight`, `bias` keys, dense tensors).
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("packed", native.pack_bf16(linear.weight.detach()), persistent=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> KernelLinear | None:
+        """The kernel-backed copy of `linear`, or None (kernel unavailable, or not bit-identical here)."""
+        weight = linear.weight
+        if weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or native.linear_bf16() is None:
+            return None
+        blocks = calibrate(linear.out_features, linear.in_features, linear.bias is not None)
+        return None if blocks is None else cls(linear)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{self.extra_repr()}: got inputs of {x.shape[-1]} features (shape {tuple(x.shape)})"
+            )
+        # Looked up per call (a dict lookup): a new thread count is calibrated anew.
+        blocks = calibrate(self.out_features, self.in_features, self.bias is not None)
+        if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.requires_grad or blocks is None:
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return nn.functional.linear(x, self.weight.to(x.dtype), bias)
+        rows = x.reshape(-1, self.in_features).contiguous()
+        block = blocks[0] if rows.shape[0] == 1 else blocks[1]
+        y = native.run_linear_bf16(rows, self.packed, self.bias, self.out_features, block)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight (a copy), for code that reads it."""
+        return native.unpack_bf16(self.packed, self.out_features, self.in_features)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001 - torch's signature
+        destination[prefix + "weight"] = self.weight
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):  # noqa: ANN001 - torch's signature
+        self.packed = native.pack_bf16(state_dict[prefix + "weight"].to(torch.bfloat16))
+        if self.bias is not None:
+            with torch.no_grad():
+                self.bias.copy_(state_dict[prefix + "bias"])
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, kernel=linear_bf16"
+
+
+def _cancelling_weight(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
+    """Rows whose halves cancel exactly (v, then -v shuffled): summed against ones, what is left is
+    the rounding of the partial sums, which differs with almost any change of order or blocking."""
+    half = cols // 2
+    v = torch.randn(rows, half, generator=generator).to(torch.bfloat16)
+    weight = torch.cat([v, -v[:, torch.randperm(half, generator=generator)]], 1)
+    return nn.functional.pad(weight, (0, cols - 2 * half))
+
+
+def calibrate(out_features: int, in_features: int, bias: bool) -> tuple[int, int] | None:
+    """The kernel's block sizes (one row, several rows) that reproduce `F.linear` bit for bit for this
+    shape, on this machine and thread count, or None. Found once per shape and thread count on weights
+    that make any other summation order show (see `_cancelling_weight`): one row, then 2, 3, 5, 8, 13,
+    17 and 40 rows, which must agree on one block size; then the bias, on random inputs."""
+    # The order depends on the number of rows and K, not on N (checked up to 50304): a cap spares
+    # large LM heads a large probe.
+    out_features = min(out_features, 4096)
+    key = (out_features, in_features, bias, torch.get_num_threads())
+    if key not in _CALIBRATED:
+        gen = torch.Generator().manual_seed(0)
+        weight = _cancelling_weight(out_features, in_features, gen)
+        packed = native.pack_bf16(weight)
+
+        def exact(rows: list[int], block: int, b: torch.Tensor | None = None, random: bool = False) -> bool:
+            for m in rows:
+                if random:
+                    x = torch.randn(m, in_features, generator=gen).to(torch.bfloat16)
+                else:  # ones, scaled by a power of two per row: exact products, the order shows
+                    x = (
+                        torch.exp2(torch.arange(m) % 5 - 2.0)[:, None]
+                        .expand(m, in_features)
+                        .to(torch.bfloat16)
+                    )
+                got = native.run_linear_bf16(x, packed, b, out_features, block)
+                if not torch.equal(got, nn.functional.linear(x, weight, b)):
+                    return False
+            return True
+
+        one = next((k for k in _BLOCKS if exact([1], k)), None)
+        many = next((k for k in _BLOCKS if exact([2, 3, 5, 8, 13, 17, 40], k)), None)
+        blocks = None if one is None or many is None else (one, many)
+        if blocks is not None and bias:
+            b = torch.randn(out_features, generator=gen).to(torch.bfloat16)
+            if not (exact([1], one, b, random=True) and exact([3], many, b, random=True)):
+                blocks = None
+        _CALIBRATED[key] = blocks
+    return _CALIBRATED[key]
 
 
 def _fused_linear(parts: list[nn.Linear]) -> nn.Linear:
@@ -135,8 +251,9 @@ def can_pack(model: nn.Module) -> bool:
     return param.dtype == torch.float32
 
 
-def pack_linears(model: nn.Module) -> nn.Module:
-    """Replace every Linear by a PackedLinear, in place (tied LM heads stay: packing would copy them)."""
+def pack_linears(model: nn.Module, *, kernels: bool = True) -> nn.Module:
+    """Replace every Linear by a KernelLinear (when `kernels` and it is bit-identical here) or else a
+    PackedLinear, in place (tied LM heads stay: packing would copy them)."""
     tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     # Hold no reference to a Linear beyond its own replacement, so each plain weight is freed as soon as
     # its packed copy exists: the peak stays at the weights plus one layer.
@@ -144,20 +261,31 @@ def pack_linears(model: nn.Module) -> nn.Module:
     for parent in parents:
         names = [name for name, child in parent.named_children() if isinstance(child, nn.Linear)]
         for name in names:
-            if id(getattr(parent, name).weight) not in tied:
-                setattr(parent, name, PackedLinear(getattr(parent, name)))
+            linear = getattr(parent, name)
+            if id(linear.weight) not in tied:
+                fast = KernelLinear.from_linear(linear) if kernels else None
+                setattr(parent, name, fast or PackedLinear(linear))
+                del linear, fast
     return model
 
 
 def optimize_for_inference(
-    model: nn.Module, *, fuse: bool = True, pack: bool | None = None, fp32_cache: bool = False
+    model: nn.Module,
+    *,
+    fuse: bool = True,
+    pack: bool | None = None,
+    kernels: bool = True,
+    fp32_cache: bool = False,
 ) -> nn.Module:
     """Apply the speed transforms in place and return the model (in eval mode).
 
     Args:
         model: A loaded StableLM model, already on its device and in its dtype.
         fuse: Fuse the q/k/v and gate/up projections.
-        pack: Pack weights for oneDNN (default: when `can_pack`). Packed models are for inference only.
+        pack: Pack weights (default: when `can_pack`). Packed models are for inference only.
+        kernels: When packing a bfloat16 model, use stablelm's own linear kernel (`KernelLinear`) for
+            each weight shape where it reproduces torch's results bit for bit on this machine (CPUs with
+            AVX512-BF16 and a C compiler); oneDNN's packed kernel elsewhere.
         fp32_cache: Keep `generate`'s KV cache in float32, for a bfloat16/float16 model on the CPU: faster
             decoding, above all in batches, at twice the cache's memory and within rounding of the
             reference rather than bit-identical (see the module's docstring). Off by default.
@@ -178,6 +306,6 @@ def optimize_for_inference(
             raise ValueError(
                 "Packing needs the model on the CPU in float32 or bfloat16 (with CPU bf16 support)."
             )
-        pack_linears(model)
+        pack_linears(model, kernels=kernels)
     model.requires_grad_(False)
     return model

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from conftest import make_pair, tiny_config, transformers
 
 from stablelm import StableLmForCausalLM
-from stablelm.fast import PackedLinear, can_pack, fuse_projections, optimize_for_inference
+from stablelm import kernels as native
+from stablelm.fast import KernelLinear, PackedLinear, can_pack, fuse_projections, optimize_for_inference
 
 VARIANTS = {
     "gqa-bias-qkln": dict(num_key_value_heads=2, use_qkv_bias=True, qk_layernorm=True),
@@ -21,16 +22,22 @@ def _ids(batch=2, length=12):
     return torch.randint(0, 128, (batch, length), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "dtype,kernels", [(torch.float32, True), (torch.bfloat16, True), (torch.bfloat16, False)]
+)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_optimized_model_gives_identical_logits_and_state_dict(variant, dtype):
+def test_optimized_model_gives_identical_logits_and_state_dict(variant, dtype, kernels):
     model, _ = make_pair(tiny_config(**VARIANTS[variant]))
     model = model.to(dtype)
     with torch.no_grad():
         before = model(_ids()).logits
     state = model.state_dict()
-    optimize_for_inference(model)
-    assert any(isinstance(m, PackedLinear) for m in model.modules()) == can_pack(model)
+    packable = can_pack(model)
+    optimize_for_inference(model, kernels=kernels)
+    linears = [m for m in model.modules() if isinstance(m, (PackedLinear, KernelLinear))]
+    assert bool(linears) == packable
+    uses_kernel = any(isinstance(m, KernelLinear) for m in linears)
+    assert uses_kernel == (kernels and dtype == torch.bfloat16 and native.linear_bf16() is not None)
     assert model.model.layers[0].self_attn.qkv_proj is not None
     with torch.no_grad():
         assert torch.equal(model(_ids()).logits, before)
