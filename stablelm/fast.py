@@ -148,7 +148,7 @@ def calibrate(out_features: int, in_features: int, bias: bool) -> tuple[int, int
     17 and 40 rows, which must agree on one block size; then the bias, on random inputs."""
     # The order depends on the number of rows and K, not on N (checked up to 50304): a cap spares
     # large LM heads a large probe.
-    out_features = min(out_features, 4096)
+    out_features = min(out_features, 1024)
     key = (out_features, in_features, bias, torch.get_num_threads())
     if key not in _CALIBRATED:
         gen = torch.Generator().manual_seed(0)
