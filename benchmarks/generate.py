@@ -2,11 +2,15 @@
 
 Each implementation runs in its own process (so peak RSS is its own), builds the same seeded weights
 (`stablelm.bench.random_model`; the reference receives them with `load_state_dict(assign=True)`, no
-copy), warms up once, then times one generation: prefill tokens/s (time to the first new token) and
-decode tokens/s (the rest). Prints one table with the ratios and decoding's effective bandwidth as a
-fraction of the machine's measured read bandwidth.
+copy) and warms up once. Then the reference and one of ours at a time take turns, one timed generation
+each, for `--rounds` rounds: this machine's speed drifts from minute to minute (its measured read
+bandwidth moved between 30 and 66 GB/s within one matrix run), and taking turns exposes both to the same
+drift. Each figure is the best of its rounds; "x ref" compares ours with the reference's best over the
+same rounds. Prints prefill tokens/s (time to the first new token), decode tokens/s (the rest), the
+ratios, decoding's effective bandwidth (weight bytes read per token times tokens/s) as a fraction of the
+read bandwidth each process measured right after its timings, warm-up time and peak RSS.
 
-Run:  python benchmarks/generate.py --shape 160m --dtype bfloat16 --batch 1 [--compile]
+Run:  python benchmarks/generate.py --shape 160m --dtype bfloat16 --batch 1 [--compile] [--rounds 3]
       python benchmarks/generate.py --matrix       # the shapes/dtypes/batches of the issues
 """
 
@@ -21,13 +25,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+KINDS = ["ref", "plain", "optimized", "fp32-cache", "compiled"]
 
 
-def run_reference(args: argparse.Namespace) -> dict:
+def prepare_reference(args: argparse.Namespace):  # noqa: ANN201 - (generate, ids, info)
     import torch
     import transformers
 
-    from stablelm.bench import DTYPES, peak_rss_gb, random_model, time_generate, weight_bytes
+    from stablelm.bench import DTYPES, random_model, weight_bytes
 
     transformers.logging.set_verbosity_error()
     ours = random_model(args.shape, DTYPES[args.dtype], device=args.device)
@@ -45,7 +50,7 @@ def run_reference(args: argparse.Namespace) -> dict:
     )
     ids = ids.to(args.device)
 
-    def generate(input_ids, streamer=None, new=args.new_tokens):
+    def generate(input_ids, streamer=None, new=args.new_tokens):  # noqa: ANN001, ANN202
         return ref.generate(
             input_ids,
             attention_mask=torch.ones_like(input_ids),
@@ -58,30 +63,29 @@ def run_reference(args: argparse.Namespace) -> dict:
 
     start = time.perf_counter()
     generate(ids, new=4)
-    warmup = time.perf_counter() - start
-    result = time_generate(generate, ids, args.new_tokens)
-    return {
+    info = {
         "impl": f"transformers {transformers.__version__}",
-        **result,
-        "decode_weight_gb_s": nbytes * result["decode_tok_s"] / args.batch / 1e9,
-        "warmup_s": warmup,
+        "warmup_s": time.perf_counter() - start,
         "weights_gb": nbytes / 1e9,
-        "peak_rss_gb": peak_rss_gb(),
     }
+    return generate, ids, info
 
 
 def fp32_cache_applies(args: argparse.Namespace) -> bool:
-    """Whether `optimize_for_inference(fp32_cache=True)` takes these settings: half precision on CPU."""
-    return args.dtype != "float32" and args.device == "cpu"
+    """Whether the fp32-cache variant exists for this setting (half-precision weights on the CPU)."""
+    return args.dtype in ("bfloat16", "float16") and args.device == "cpu"
 
 
-def child(args: argparse.Namespace) -> None:
+def serve(args: argparse.Namespace) -> None:
+    """A child: build and warm up, then time one generation per line `time` on stdin; on `done`, report."""
+    from bandwidth import read_bandwidth
+
+    from stablelm.bench import peak_rss_gb, prepare, time_generate
+
     if args.child == "ref":
-        result = run_reference(args)
+        generate, ids, info = prepare_reference(args)
     else:
-        from stablelm.bench import run
-
-        result = run(
+        generate, ids, info = prepare(
             shape=args.shape,
             dtype=args.dtype,
             batch=args.batch,
@@ -93,58 +97,104 @@ def child(args: argparse.Namespace) -> None:
             fp32_cache=args.child == "fp32-cache" or (args.child == "compiled" and fp32_cache_applies(args)),
             device=args.device,
         )
-    # This machine's bandwidth drifts between minutes (32-48 GB/s seen on the 2-core VM): each run
-    # measures it right after its own timing (after its peak RSS was taken) and is compared to that.
-    from bandwidth import read_bandwidth
+    print("READY", flush=True)
+    for line in sys.stdin:
+        if line.strip() == "time":
+            print(
+                "TIMING " + json.dumps(time_generate(generate, ids, args.new_tokens, repeats=1)), flush=True
+            )
+        elif line.strip() == "done":
+            break
+    info["peak_rss_gb"] = peak_rss_gb()
+    # Measured after the timings and after peak RSS was read (its buffer is not the model's memory).
+    info["bandwidth_gb_s"] = read_bandwidth(gigabytes=1.0, device=args.device)
+    print("RESULT " + json.dumps(info), flush=True)
 
-    result["bandwidth_gb_s"] = read_bandwidth(gigabytes=1.0, device=args.device)
-    print("RESULT " + json.dumps(result))
+
+class Child:
+    """One implementation's process, timed on demand."""
+
+    def __init__(self, kind: str, args: argparse.Namespace) -> None:
+        self.kind = kind
+        cmd = [sys.executable, __file__, "--child", kind, "--shape", args.shape, "--dtype", args.dtype]
+        cmd += ["--batch", str(args.batch), "--prompt", str(args.prompt)]
+        cmd += ["--new-tokens", str(args.new_tokens), "--device", args.device]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        self.timings: list[dict] = []
+        self._expect("READY")
+
+    def _expect(self, tag: str) -> str:
+        for line in self.proc.stdout:
+            if line.startswith(tag):
+                return line[len(tag) :].strip()
+        self.proc.wait()
+        raise RuntimeError(f"{self.kind} run failed:\n{self.proc.stderr.read()}")
+
+    def time(self) -> dict:
+        self.proc.stdin.write("time\n")
+        self.proc.stdin.flush()
+        self.timings.append(json.loads(self._expect("TIMING ")))
+        return self.timings[-1]
+
+    def finish(self) -> dict:
+        self.proc.stdin.write("done\n")
+        self.proc.stdin.flush()
+        result = json.loads(self._expect("RESULT "))
+        self.proc.wait()
+        return {**result, **best(self.timings)}
 
 
-def spawn(kind: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--child", kind, "--shape", args.shape, "--dtype", args.dtype]
-    cmd += ["--batch", str(args.batch), "--prompt", str(args.prompt), "--new-tokens", str(args.new_tokens)]
-    cmd += ["--device", args.device]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    line = next((line for line in out.stdout.splitlines() if line.startswith("RESULT ")), None)
-    if line is None:
-        raise RuntimeError(f"{kind} run failed:\n{out.stdout}\n{out.stderr}")
-    return json.loads(line[len("RESULT ") :])
+def best(timings: list[dict]) -> dict:
+    return {key: max(t[key] for t in timings) for key in ("prefill_tok_s", "decode_tok_s")}
 
 
 def compare(args: argparse.Namespace, bandwidth: float) -> None:
-    kinds = ["ref", "plain", "optimized"]
-    if fp32_cache_applies(args):
-        kinds.append("fp32-cache")
+    kinds = ["plain", "optimized"] + (["fp32-cache"] if fp32_cache_applies(args) else [])
     kinds += ["compiled"] if args.compile else []
-    results = {kind: spawn(kind, args) for kind in kinds}
-    ref = results["ref"]
+    ref = Child("ref", args)
+    results, paired = {}, {}
+    for kind in kinds:
+        ours = Child(kind, args)
+        ref_rounds = []
+        for _ in range(args.rounds):  # take turns: both see the same drift of the machine
+            ref_rounds.append(ref.time())
+            ours.time()
+        results[kind] = ours.finish()
+        paired[kind] = best(ref_rounds)
+    results = {"ref": ref.finish(), **results}
+    paired["ref"] = results["ref"]
     print(
         f"\n{args.shape} {args.dtype} batch {args.batch}, prompt {args.prompt}, {args.new_tokens} new tokens"
+        f", best of {args.rounds} turns each"
     )
     print(
-        f"{'implementation':<28}{'prefill tok/s':>14}{'decode tok/s':>14}{'x ref':>8}"
+        f"{'implementation':<30}{'prefill tok/s':>14}{'decode tok/s':>14}{'x ref':>8}"
         f"{'GB/s':>8}{'% bw':>7}{'warm-up s':>11}{'peak RSS GB':>13}"
     )
-    for result in results.values():
-        gbs = result["decode_weight_gb_s"]
+    nbytes = results["ref"]["weights_gb"]
+    for kind, result in results.items():
+        gbs = nbytes * result["decode_tok_s"] / args.batch
+        impl = (
+            "stablelm " + ("plain" if kind == "plain" else "optimized") if kind != "ref" else result["impl"]
+        )
+        impl += {"fp32-cache": " + fp32 cache", "compiled": " compiled"}.get(kind, "")
         print(
-            f"{result['impl']:<28}{result['prefill_tok_s']:>14.1f}{result['decode_tok_s']:>14.2f}"
-            f"{result['decode_tok_s'] / ref['decode_tok_s']:>8.2f}{gbs:>8.1f}"
+            f"{impl:<30}{result['prefill_tok_s']:>14.1f}{result['decode_tok_s']:>14.2f}"
+            f"{result['decode_tok_s'] / paired[kind]['decode_tok_s']:>8.2f}{gbs:>8.1f}"
             f"{100 * gbs / result['bandwidth_gb_s']:>6.0f}%"
             f"{result['warmup_s']:>11.1f}{result['peak_rss_gb']:>13.2f}"
         )
     print(
         "(prefill x ref: "
-        + ", ".join(
-            f"{r['impl']} {r['prefill_tok_s'] / ref['prefill_tok_s']:.2f}"
-            for k, r in results.items()
-            if k != "ref"
-        )
-        + f"; weights read per token {ref['weights_gb']:.2f} GB; read bandwidth {bandwidth:.1f} GB/s before, "
+        + ", ".join(f"{k} {results[k]['prefill_tok_s'] / paired[k]['prefill_tok_s']:.2f}" for k in kinds)
+        + "; reference's best decode in each pairing: "
+        + ", ".join(f"{k} {paired[k]['decode_tok_s']:.2f}" for k in kinds)
+        + f"; weights read per token {nbytes:.2f} GB; read bandwidth {bandwidth:.1f} GB/s before, "
         + "/".join(f"{r['bandwidth_gb_s']:.1f}" for r in results.values())
-        + " GB/s after each run, the % bw column's base)"
+        + " GB/s after each process's timings, the % bw column's base)"
     )
 
 
@@ -156,15 +206,16 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rounds", type=int, default=3, help="timed turns per implementation")
     parser.add_argument("--compile", action="store_true", help="also time the compiled decode path")
     parser.add_argument("--matrix", action="store_true", help="run the issues' matrix of settings")
-    parser.add_argument(
-        "--child", choices=["ref", "plain", "optimized", "fp32-cache", "compiled"], help=argparse.SUPPRESS
-    )
+    parser.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     sys.path.insert(0, str(ROOT))
     if args.child:
-        child(args)
+        serve(args)
         return
     from bandwidth import read_bandwidth
 

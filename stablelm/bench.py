@@ -13,6 +13,7 @@ import json
 import resource
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -123,7 +124,7 @@ def time_generate(
     return {"prefill_tok_s": prefill, "decode_tok_s": decode}
 
 
-def run(
+def prepare(
     *,
     shape: str,
     dtype: str,
@@ -134,9 +135,11 @@ def run(
     optimize: bool = True,
     fp32_cache: bool = False,
     device: str = "cpu",
-) -> dict[str, Any]:
-    """Build the model (optimised for inference unless asked not to), warm up (compiling if asked), then
-    time one generation."""
+) -> tuple[Callable[..., torch.Tensor], torch.Tensor, dict[str, Any]]:
+    """Build the model (optimised for inference unless asked not to) and warm up (compiling if asked).
+
+    Returns `generate(input_ids, streamer=None)`, the prompt's ids, and what describes the run.
+    """
     model = random_model(shape, DTYPES[dtype], device=device)
     nbytes = weight_bytes(model)  # before packing, which hides the weights from parameters()
     if optimize:
@@ -158,11 +161,8 @@ def run(
         )
 
     start = time.perf_counter()
-    generate(ids, new=4)  # warm-up: oneDNN kernels, page faults, compilation (same cache-length bucket)
-    warmup = time.perf_counter() - start
-    result = time_generate(generate, ids, new_tokens)
-    decode_gbs = nbytes * result["decode_tok_s"] / batch / 1e9
-    return {
+    generate(ids, new=4)  # warm-up: kernels, page faults, compilation (same cache-length bucket)
+    info = {
         "impl": "stablelm"
         + (" optimized" if optimize else " plain")
         + (" fp32-cache" if fp32_cache else "")
@@ -172,12 +172,22 @@ def run(
         "batch": batch,
         "prompt": prompt,
         "new_tokens": new_tokens,
-        **result,
-        "decode_weight_gb_s": decode_gbs,
-        "warmup_s": warmup,
+        "warmup_s": time.perf_counter() - start,
         "weights_gb": nbytes / 1e9,
-        "peak_rss_gb": peak_rss_gb(),
         "threads": torch.get_num_threads(),
+    }
+    return generate, ids, info
+
+
+def run(**kwargs: Any) -> dict[str, Any]:
+    """`prepare(**kwargs)`, then time generations (best of 3): every figure of one run."""
+    generate, ids, info = prepare(**kwargs)
+    result = time_generate(generate, ids, info["new_tokens"])
+    return {
+        **info,
+        **result,
+        "decode_weight_gb_s": info["weights_gb"] * result["decode_tok_s"] / info["batch"],
+        "peak_rss_gb": peak_rss_gb(),
     }
 
 

@@ -44,3 +44,19 @@ def test_bench_runs_with_the_fp32_cache_and_refuses_it_where_it_cannot_apply(cap
             bench.main(["--shape", "tiny", "--fp32-cache", *extra])
         assert exit_info.value.code == 2
         assert "--fp32-cache is for a bfloat16/float16 model" in capsys.readouterr().err
+
+
+def test_the_side_by_side_benchmark_takes_turns_and_reports_every_row():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "generate.py"
+    args = [sys.executable, str(script), "--shape", "tiny", "--prompt", "8", "--new-tokens", "4"]
+    out = subprocess.run([*args, "--rounds", "1"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    for row in ("transformers", "stablelm plain", "stablelm optimized", "stablelm optimized + fp32 cache"):
+        assert row in out.stdout
+    assert "best of 1 turns each" in out.stdout
+    refused = subprocess.run([*args, "--rounds", "0"], capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "--rounds must be at least 1" in refused.stderr
