@@ -47,14 +47,6 @@ TILE(4)
 TILE(5)
 TILE(6)
 
-static inline uint16_t round_bf16(float v) {
-  uint32_t u;
-  memcpy(&u, &v, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u | 0x00400000u) >> 16); /* quiet NaN */
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return (uint16_t)(u >> 16);
-}
-
 int stablelm_linear_bf16(const uint16_t* x, const uint16_t* wp, const uint16_t* bias, uint16_t* y,
                          int M, int N, int K, int kb, int threads) {
   if (M < 0 || N <= 0 || K <= 0 || kb < 2 || kb % 2 || threads < 1) return 1;
@@ -88,17 +80,17 @@ int stablelm_linear_bf16(const uint16_t* x, const uint16_t* wp, const uint16_t* 
           m += mt;
         }
       }
+      /* Epilogue: + bias in fp32, then vcvtneps2bf16 (round to nearest even), 16 outputs at a time. */
       for (int m = 0; m < M; m++)
-        for (int j = 0; j < 64 && nb * 64 + j < N; j++) {
-          int n = nb * 64 + j;
-          float v = tot[m * 64 + j];
+        for (int j = 0; j < 64 && nb * 64 + j < N; j += 16) {
+          int n = nb * 64 + j, rem = N - n;
+          __mmask16 mask = rem >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << rem) - 1u);
+          __m512 v = _mm512_loadu_ps(tot + m * 64 + j);
           if (bias) {
-            uint32_t b = (uint32_t)bias[n] << 16;
-            float bf;
-            memcpy(&bf, &b, 4);
-            v += bf;
+            __m512i b = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, bias + n));
+            v = _mm512_add_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(b, 16)));
           }
-          y[(int64_t)m * N + n] = round_bf16(v);
+          _mm256_mask_storeu_epi16(y + (int64_t)m * N + n, mask, (__m256i)_mm512_cvtneps_pbh(v));
         }
     }
     if (tot && tot != small) _mm_free(tot);
