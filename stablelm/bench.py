@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from . import kernels as native
 from .config import StableLmConfig
 from .fast import optimize_for_inference
 from .heads import StableLmForCausalLM
@@ -143,8 +144,11 @@ def prepare(
     model = random_model(shape, DTYPES[dtype], device=device)
     nbytes = weight_bytes(model)  # before packing, which hides the weights from parameters()
     if optimize:
-        # Compiling needs plain (unpacked) weights: Inductor freezes and packs them itself.
-        optimize_for_inference(model, pack=False if compile else None, fp32_cache=fp32_cache)
+        # Compiling cannot trace oneDNN-packed weights (Inductor freezes and packs plain ones itself),
+        # but it calls stablelm's bf16 kernel: pack for compiling only where that kernel serves.
+        kernel = DTYPES[dtype] == torch.bfloat16 and device == "cpu" and native.linear_bf16() is not None
+        pack = None if not compile or kernel else False
+        optimize_for_inference(model, pack=pack, fp32_cache=fp32_cache)
     ids = torch.randint(
         0, model.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(1)
     )

@@ -5,10 +5,11 @@ slot, key mask), never a Python number, so one graph (Inductor, weights frozen) 
 every generation with the same batch size and cache-length bucket. Eager, the step attends over the
 written slots only, so it matches a dynamic cache bit for bit.
 
-Freezing makes the weights constants of the graph, which Inductor packs for oneDNN itself and fuses the
-small operations around them: on CPU the compiled step beats the eager one with `stablelm.fast`'s
-packing (which compiling cannot take: give it unpacked weights, `optimize_for_inference(pack=False)`).
-The frozen constants are a second copy of the weights, so compiling costs their memory once more.
+Freezing makes the weights constants of the graph and Inductor fuses the small operations around the
+products. Plain weights it packs for oneDNN itself (a second copy of the weights in memory);
+`stablelm.fast`'s KernelLinear (bf16 on AVX512-BF16 CPUs) it calls as the `stablelm::linear_bf16`
+operator on the already packed weights (no copy). oneDNN-packed weights (`PackedLinear`) it cannot
+trace: give it unpacked ones, `optimize_for_inference(pack=False)`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 from .attention import AttentionMask
 from .cache import StaticCache
-from .fast import KernelLinear, PackedLinear
+from .fast import PackedLinear
 
 _NOTICE_SHOWN: set[str] = set()
 
@@ -69,7 +70,7 @@ class DecodeStep:
         self._fn: Callable[..., torch.Tensor] = _decode_step
         self._compiled = compile
         self._weights: tuple[tuple[int, int], ...] = ()  # what the compiled graph froze
-        if compile and any(isinstance(m, (PackedLinear, KernelLinear)) for m in model.modules()):
+        if compile and any(isinstance(m, PackedLinear) for m in model.modules()):
             _notice(
                 "stablelm: compile=True needs unpacked weights (Inductor packs them itself): use "
                 "optimize_for_inference(model, pack=False); running eager."

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from . import kernels as native
+from .kernels import op as _op  # noqa: F401 - registers torch.ops.stablelm.linear_bf16
 from .model import MLP, Attention
 
 # Block sizes to try, most likely first: oneDNN (avx512_core_bf16) sums K in blocks of 512 for one row
@@ -82,9 +83,10 @@ class KernelLinear(nn.Module):
     reproduce torch. Saves and loads as a plain Linear (`weight`, `bias` keys, dense tensors).
     """
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, blocks: tuple[int, int]) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.blocks = blocks  # for a compiled graph, which cannot call `calibrate`
         self.register_buffer("packed", native.pack_bf16(linear.weight.detach()), persistent=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
@@ -95,13 +97,18 @@ class KernelLinear(nn.Module):
         if weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or native.linear_bf16() is None:
             return None
         blocks = calibrate(linear.out_features, linear.in_features, linear.bias is not None)
-        return None if blocks is None else cls(linear)
+        return None if blocks is None else cls(linear, blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"{self.extra_repr()}: got inputs of {x.shape[-1]} features (shape {tuple(x.shape)})"
             )
+        if torch.compiler.is_compiling():  # the kernel as an operator torch.compile can call
+            rows = x.reshape(-1, self.in_features)
+            block = self.blocks[0] if rows.shape[0] == 1 else self.blocks[1]
+            y = torch.ops.stablelm.linear_bf16(rows, self.packed, self.bias, self.out_features, block)
+            return y.view(*x.shape[:-1], self.out_features)
         # Looked up per call (a dict lookup): a new thread count is calibrated anew.
         blocks = calibrate(self.out_features, self.in_features, self.bias is not None)
         if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.requires_grad or blocks is None:

@@ -154,3 +154,20 @@ def test_the_library_is_built_once_into_the_cache(monkeypatch, tmp_path):
     stamp = first.stat().st_mtime_ns
     assert native.build(native.SOURCE) == first and first.stat().st_mtime_ns == stamp
     assert first.parent == tmp_path / "kernels"
+
+
+@needs_kernel
+def test_a_compiled_decode_step_calls_the_kernel(capsys, monkeypatch):
+    import stablelm.decode
+
+    monkeypatch.setattr(stablelm.decode, "_NOTICE_SHOWN", set())
+    model, _ = make_pair(tiny_config(num_key_value_heads=2, max_position_embeddings=64))
+    model = optimize_for_inference(model.to(torch.bfloat16))
+    assert all(not isinstance(m, PackedLinear) for m in model.modules())
+    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(0))
+    eager = model.generate(ids, max_new_tokens=8)
+    compiled = model.generate(ids, max_new_tokens=8, compile=True)
+    assert capsys.readouterr().err == ""  # no fallback notice
+    step = stablelm.decode.DecodeStep.for_model(model, compile=True)
+    assert step.compile_seconds is not None  # it really compiled
+    assert compiled.tolist() == eager.tolist()
