@@ -13,6 +13,7 @@ from torch import nn
 from stablelm import fast
 from stablelm import kernels as native
 from stablelm.fast import KernelLinear, PackedLinear, optimize_for_inference
+from stablelm.kernels import linear as kernel_linear
 
 AVAILABLE = native.linear_bf16() is not None
 needs_kernel = pytest.mark.skipif(
@@ -76,12 +77,12 @@ def test_calibration_finds_the_block_size_and_rejects_wrong_ones(monkeypatch):
     # oneDNN here sums one row in blocks of 512 and several rows in blocks of 1024: whichever is tried
     # first, the probes reject it where it is wrong.
     for order in [(1024, 512), (512, 1024)]:
-        monkeypatch.setattr(fast, "_BLOCKS", order)
-        monkeypatch.setattr(fast, "_CALIBRATED", {})
-        assert fast.calibrate(64, 2560, False) == (512, 1024)
-    monkeypatch.setattr(fast, "_BLOCKS", (256,))
-    monkeypatch.setattr(fast, "_CALIBRATED", {})
-    assert fast.calibrate(64, 2560, False) is None
+        monkeypatch.setattr(kernel_linear, "_BLOCKS", order)
+        monkeypatch.setattr(kernel_linear, "_CALIBRATED", {})
+        assert kernel_linear.calibrate(64, 2560, False) == (512, 1024)
+    monkeypatch.setattr(kernel_linear, "_BLOCKS", (256,))
+    monkeypatch.setattr(kernel_linear, "_CALIBRATED", {})
+    assert kernel_linear.calibrate(64, 2560, False) is None
     assert KernelLinear.from_linear(nn.Linear(2560, 64, dtype=torch.bfloat16)) is None
 
 
@@ -91,7 +92,7 @@ def test_without_a_bit_identical_kernel_the_model_keeps_onednn(monkeypatch):
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = model(ids).logits
-    monkeypatch.setattr(fast, "calibrate", lambda *args: None)
+    monkeypatch.setattr(kernel_linear, "calibrate", lambda *args: None)
     optimize_for_inference(model)
     assert not any(isinstance(m, KernelLinear) for m in model.modules())
     assert any(isinstance(m, PackedLinear) for m in model.modules()) == fast.can_pack(model)

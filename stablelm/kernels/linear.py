@@ -1,0 +1,132 @@
+"""`KernelLinear`: `nn.Linear` on the native bf16 kernel, used only where it is bit-identical to torch.
+
+The kernel sums in the order oneDNN sums on AVX512-BF16 CPUs (see `linear_bf16.c`). That order is
+oneDNN's choice for this CPU, shape, row count and thread count, so `calibrate` checks it before use.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import linear_bf16, pack_bf16, run_linear_bf16, unpack_bf16
+from . import op as _op  # noqa: F401 - registers torch.ops.stablelm.linear_bf16
+
+# Block sizes to try, most likely first: oneDNN (avx512_core_bf16) sums K in blocks of 512 for one row
+# and 1024 for several.
+_BLOCKS = (512, 1024, 256, 2048, 128, 4096, 64)
+_CALIBRATED: dict[tuple[int, int, bool, int], tuple[int, int] | None] = {}
+
+
+class KernelLinear(nn.Module):
+    """`nn.Linear` for bfloat16 inference on CPUs with AVX512-BF16, through `stablelm.kernels`.
+
+    The kernel sums in the order torch's own (oneDNN's) kernel does, found per weight shape by
+    `calibrate`: outputs are bit-identical to `F.linear`'s, and batch-1 products read the weights
+    ~1.4x faster. Build one with `KernelLinear.from_linear`, which returns None where the kernel cannot
+    reproduce torch. Saves and loads as a plain Linear (`weight`, `bias` keys, dense tensors).
+    """
+
+    def __init__(self, linear: nn.Linear, blocks: tuple[int, int]) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.blocks = blocks  # for a compiled graph, which cannot call `calibrate`
+        self.register_buffer("packed", pack_bf16(linear.weight.detach()), persistent=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> KernelLinear | None:
+        """The kernel-backed copy of `linear`, or None (kernel unavailable, or not bit-identical here)."""
+        weight = linear.weight
+        if weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or linear_bf16() is None:
+            return None
+        blocks = calibrate(linear.out_features, linear.in_features, linear.bias is not None)
+        return None if blocks is None else cls(linear, blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{self.extra_repr()}: got inputs of {x.shape[-1]} features (shape {tuple(x.shape)})"
+            )
+        if torch.compiler.is_compiling():  # the kernel as an operator torch.compile can call
+            rows = x.reshape(-1, self.in_features)
+            block = self.blocks[0] if rows.shape[0] == 1 else self.blocks[1]
+            y = torch.ops.stablelm.linear_bf16(rows, self.packed, self.bias, self.out_features, block)
+            return y.view(*x.shape[:-1], self.out_features)
+        # Looked up per call (a dict lookup): a new thread count is calibrated anew.
+        blocks = calibrate(self.out_features, self.in_features, self.bias is not None)
+        if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.requires_grad or blocks is None:
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return nn.functional.linear(x, self.weight.to(x.dtype), bias)
+        rows = x.reshape(-1, self.in_features).contiguous()
+        block = blocks[0] if rows.shape[0] == 1 else blocks[1]
+        y = run_linear_bf16(rows, self.packed, self.bias, self.out_features, block)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight (a copy), for code that reads it."""
+        return unpack_bf16(self.packed, self.out_features, self.in_features)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001 - torch's signature
+        destination[prefix + "weight"] = self.weight
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):  # noqa: ANN001 - torch's signature
+        self.packed = pack_bf16(state_dict[prefix + "weight"].to(torch.bfloat16))
+        if self.bias is not None:
+            with torch.no_grad():
+                self.bias.copy_(state_dict[prefix + "bias"])
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, kernel=linear_bf16"
+
+
+def _cancelling_weight(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
+    """Rows whose halves cancel exactly (v, then -v shuffled): summed against ones, what is left is
+    the rounding of the partial sums, which differs with almost any change of order or blocking."""
+    half = cols // 2
+    v = torch.randn(rows, half, generator=generator).to(torch.bfloat16)
+    weight = torch.cat([v, -v[:, torch.randperm(half, generator=generator)]], 1)
+    return nn.functional.pad(weight, (0, cols - 2 * half))
+
+
+def calibrate(out_features: int, in_features: int, bias: bool) -> tuple[int, int] | None:
+    """The kernel's block sizes (one row, several rows) that reproduce `F.linear` bit for bit for this
+    shape, on this machine and thread count, or None. Found once per shape and thread count on weights
+    that make any other summation order show (see `_cancelling_weight`): one row, then 2, 3, 5, 8, 13,
+    17 and 40 rows, which must agree on one block size; then the bias, on random inputs."""
+    # The order depends on the number of rows and K, not on N (checked up to 50304): a cap spares
+    # large LM heads a large probe.
+    out_features = min(out_features, 1024)
+    key = (out_features, in_features, bias, torch.get_num_threads())
+    if key not in _CALIBRATED:
+        gen = torch.Generator().manual_seed(0)
+        weight = _cancelling_weight(out_features, in_features, gen)
+        packed = pack_bf16(weight)
+
+        def exact(rows: list[int], block: int, b: torch.Tensor | None = None, random: bool = False) -> bool:
+            for m in rows:
+                if random:
+                    x = torch.randn(m, in_features, generator=gen).to(torch.bfloat16)
+                else:  # ones, scaled by a power of two per row: exact products, the order shows
+                    x = (
+                        torch.exp2(torch.arange(m) % 5 - 2.0)[:, None]
+                        .expand(m, in_features)
+                        .to(torch.bfloat16)
+                    )
+                got = run_linear_bf16(x, packed, b, out_features, block)
+                if not torch.equal(got, nn.functional.linear(x, weight, b)):
+                    return False
+            return True
+
+        one = next((k for k in _BLOCKS if exact([1], k)), None)
+        many = next((k for k in _BLOCKS if exact([2, 3, 5, 8, 13, 17, 40], k)), None)
+        blocks = None if one is None or many is None else (one, many)
+        if blocks is not None and bias:
+            b = torch.randn(out_features, generator=gen).to(torch.bfloat16)
+            if not (exact([1], one, b, random=True) and exact([3], many, b, random=True)):
+                blocks = None
+        _CALIBRATED[key] = blocks
+    return _CALIBRATED[key]
