@@ -117,6 +117,8 @@ def test_kernel_linear_saves_loads_and_serves_other_inputs():
     with pytest.raises(ValueError, match="got inputs of 299 features"):
         fast_linear(_bf16(4, 299))
     assert fast_linear(_bf16(0, 300)).shape == (0, 70)
+    fast_linear.float()  # the packed weights are now float32: never handed to the bf16 kernel
+    assert torch.equal(fast_linear(x), nn.functional.linear(x, other.weight.float().bfloat16(), other.bias))
 
 
 def test_kernels_can_be_turned_off(monkeypatch):

@@ -55,7 +55,11 @@ class KernelLinear(nn.Module):
             return y.view(*x.shape[:-1], self.out_features)
         # Looked up per call (a dict lookup): a new thread count is calibrated anew.
         blocks = calibrate(self.out_features, self.in_features, self.bias is not None)
-        if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.requires_grad or blocks is None:
+        kernel = (
+            x.dtype == self.packed.dtype == torch.bfloat16
+            and x.device.type == self.packed.device.type == "cpu"
+        )
+        if not kernel or x.requires_grad or blocks is None:  # e.g. after .float() or .cuda()
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return nn.functional.linear(x, self.weight.to(x.dtype), bias)
         rows = x.reshape(-1, self.in_features).contiguous()
