@@ -7,9 +7,10 @@ products. Three transforms raise it:
   products).
 - Packing (CPU, bit-identical): weights are reordered once into a blocked layout. For bfloat16 on CPUs
   with AVX512-BF16, stablelm's own kernel (`stablelm/kernels/linear_bf16.c`, built on first use) sums
-  in the order oneDNN does, verified per weight shape, and reads the weights at ~40-50 GB/s on a
-  2-core Zen 4 at batch 1; elsewhere oneDNN's packed kernel, ~25-30 GB/s, instead of the ~16 GB/s
-  (bf16) or ~17 GB/s (fp32) of `F.linear` on plain weights.
+  in the order oneDNN does, verified per weight shape, and reads the weights at batch 1 as fast as
+  plain loads read memory (31-48 GB/s on a 2-core Zen 4, whose bandwidth varies); elsewhere oneDNN's
+  packed kernel, ~25-30 GB/s, instead of the ~16 GB/s (bf16) or ~17 GB/s (fp32) of `F.linear` on
+  plain weights.
 - Opt-in, a float32 KV cache (CPU, half-precision models): PyTorch's CPU attention kernel is 3-6x
   slower in bfloat16 than in float32 for one query over a cache, which dominates batched decoding. The
   cache holds the same (bf16-exact) values in float32; prefill attends in the model's dtype as before,
