@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-from . import kernels as native
 from .config import StableLmConfig
 from .fast import optimize_for_inference
 from .heads import StableLmForCausalLM
+from .kernels.linear import KernelLinear
 
 SHAPES: dict[str, dict[str, Any]] = {
     "3b": {},  # stablelm-3b-4e1t: the config's defaults
@@ -146,8 +146,7 @@ def prepare(
     if optimize:
         # Compiling cannot trace oneDNN-packed weights (Inductor freezes and packs plain ones itself),
         # but it calls stablelm's bf16 kernel: pack for compiling only where that kernel serves.
-        kernel = DTYPES[dtype] == torch.bfloat16 and device == "cpu" and native.linear_bf16() is not None
-        pack = None if not compile or kernel else False
+        pack = None if not compile or KernelLinear.serves(DTYPES[dtype], device) else False
         optimize_for_inference(model, pack=pack, fp32_cache=fp32_cache)
     ids = torch.randint(
         0, model.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(1)

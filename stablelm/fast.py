@@ -28,21 +28,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .kernels.linear import KernelLinear
+from .kernels.linear import KernelLinear, PackedLinearBase
 from .model import MLP, Attention
 
 
-class PackedLinear(nn.Module):
+class PackedLinear(PackedLinearBase):
     """`nn.Linear` for inference on CPU over a oneDNN-packed weight; bit-identical outputs.
 
     Saves and loads as a plain Linear (`weight`, `bias` keys, dense tensors).
     """
 
     def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        super().__init__(linear)
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
@@ -52,18 +50,8 @@ class PackedLinear(nn.Module):
         """The dense weight (a copy), for code that reads it."""
         return self.packed.to_dense()
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001 - torch's signature
-        destination[prefix + "weight"] = self.packed.to_dense()
-        if self.bias is not None:
-            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
-
-    def _load_from_state_dict(self, state_dict, prefix, *args):  # noqa: ANN001 - torch's signature
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(
-            state_dict[prefix + "weight"].to(self.packed.dtype), 1
-        )
-        if self.bias is not None:
-            with torch.no_grad():
-                self.bias.copy_(state_dict[prefix + "bias"])
+    def _pack_loaded(self, weight: torch.Tensor) -> None:
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(self.packed.dtype), 1)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, packed"

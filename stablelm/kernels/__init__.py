@@ -3,7 +3,7 @@
 One kernel today: `linear_bf16.c`, a bfloat16 linear layer for x86-64 CPUs with AVX512-BF16 that
 reads the weights about 1.4x faster than oneDNN's kernel at batch 1 and sums in oneDNN's order, so
 its outputs equal torch's bit for bit (checked per weight shape before use, see
-`stablelm.fast.KernelLinear`).
+`stablelm.kernels.linear.KernelLinear`).
 
 The shared library is compiled once into `$STABLELM_CACHE` (default `~/.cache/stablelm/kernels`),
 named by a hash of the source and flags, written atomically. Where it cannot be had (another CPU or

@@ -18,7 +18,40 @@ _BLOCKS = (512, 1024, 256, 2048, 128, 4096, 64)
 _CALIBRATED: dict[tuple[int, int, bool, int], tuple[int, int] | None] = {}
 
 
-class KernelLinear(nn.Module):
+class PackedLinearBase(nn.Module):
+    """An inference-only `nn.Linear` whose weight is kept packed for a kernel (`packed`); the bias stays
+    a plain parameter. Saves and loads as a plain Linear (`weight`, `bias` keys, dense tensors).
+
+    Subclasses pack in `_pack_loaded` and unpack in the `weight` property.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight (a copy), for code that reads it."""
+        raise NotImplementedError
+
+    def _pack_loaded(self, weight: torch.Tensor) -> None:
+        """Replace the packed weight by `weight` (dense, from a state dict), packed."""
+        raise NotImplementedError
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001 - torch's signature
+        destination[prefix + "weight"] = self.weight
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):  # noqa: ANN001 - torch's signature
+        self._pack_loaded(state_dict[prefix + "weight"])
+        if self.bias is not None:
+            with torch.no_grad():
+                self.bias.copy_(state_dict[prefix + "bias"])
+
+
+class KernelLinear(PackedLinearBase):
     """`nn.Linear` for bfloat16 inference on CPUs with AVX512-BF16, through `stablelm.kernels`.
 
     The kernel sums in the order torch's own (oneDNN's) kernel does, found per weight shape by
@@ -28,17 +61,19 @@ class KernelLinear(nn.Module):
     """
 
     def __init__(self, linear: nn.Linear, blocks: tuple[int, int]) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        super().__init__(linear)
         self.blocks = blocks  # for a compiled graph, which cannot call `calibrate`
         self.register_buffer("packed", pack_bf16(linear.weight.detach()), persistent=False)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    @staticmethod
+    def serves(dtype: torch.dtype, device: torch.device | str) -> bool:
+        """Whether weights of `dtype` on `device` can run on the kernel here (before calibration)."""
+        return dtype == torch.bfloat16 and torch.device(device).type == "cpu" and linear_bf16() is not None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> KernelLinear | None:
         """The kernel-backed copy of `linear`, or None (kernel unavailable, or not bit-identical here)."""
-        weight = linear.weight
-        if weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or linear_bf16() is None:
+        if not cls.serves(linear.weight.dtype, linear.weight.device):
             return None
         blocks = calibrate(linear.out_features, linear.in_features, linear.bias is not None)
         return None if blocks is None else cls(linear, blocks)
@@ -48,23 +83,24 @@ class KernelLinear(nn.Module):
             raise ValueError(
                 f"{self.extra_repr()}: got inputs of {x.shape[-1]} features (shape {tuple(x.shape)})"
             )
-        if torch.compiler.is_compiling():  # the kernel as an operator torch.compile can call
-            rows = x.reshape(-1, self.in_features)
-            block = self.blocks[0] if rows.shape[0] == 1 else self.blocks[1]
-            y = torch.ops.stablelm.linear_bf16(rows, self.packed, self.bias, self.out_features, block)
-            return y.view(*x.shape[:-1], self.out_features)
-        # Looked up per call (a dict lookup): a new thread count is calibrated anew.
-        blocks = calibrate(self.out_features, self.in_features, self.bias is not None)
-        kernel = (
-            x.dtype == self.packed.dtype == torch.bfloat16
-            and x.device.type == self.packed.device.type == "cpu"
-        )
-        if not kernel or x.requires_grad or blocks is None:  # e.g. after .float() or .cuda()
-            bias = None if self.bias is None else self.bias.to(x.dtype)
-            return nn.functional.linear(x, self.weight.to(x.dtype), bias)
-        rows = x.reshape(-1, self.in_features).contiguous()
+        compiling = torch.compiler.is_compiling()
+        if compiling:  # a graph cannot call `calibrate`: the blocks found when the module was built
+            blocks = self.blocks
+        else:  # looked up per call (a dict lookup): a new thread count is calibrated anew
+            blocks = calibrate(self.out_features, self.in_features, self.bias is not None)
+            kernel = (
+                x.dtype == self.packed.dtype == torch.bfloat16
+                and x.device.type == self.packed.device.type == "cpu"
+            )
+            if not kernel or x.requires_grad or blocks is None:  # e.g. after .float() or .cuda()
+                bias = None if self.bias is None else self.bias.to(x.dtype)
+                return nn.functional.linear(x, self.weight.to(x.dtype), bias)
+        rows = x.reshape(-1, self.in_features)
         block = blocks[0] if rows.shape[0] == 1 else blocks[1]
-        y = run_linear_bf16(rows, self.packed, self.bias, self.out_features, block)
+        if compiling:  # the kernel as an operator torch.compile can call
+            y = torch.ops.stablelm.linear_bf16(rows, self.packed, self.bias, self.out_features, block)
+        else:
+            y = run_linear_bf16(rows.contiguous(), self.packed, self.bias, self.out_features, block)
         return y.view(*x.shape[:-1], self.out_features)
 
     @property
@@ -72,16 +108,8 @@ class KernelLinear(nn.Module):
         """The dense weight (a copy), for code that reads it."""
         return unpack_bf16(self.packed, self.out_features, self.in_features)
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001 - torch's signature
-        destination[prefix + "weight"] = self.weight
-        if self.bias is not None:
-            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
-
-    def _load_from_state_dict(self, state_dict, prefix, *args):  # noqa: ANN001 - torch's signature
-        self.packed = pack_bf16(state_dict[prefix + "weight"].to(torch.bfloat16))
-        if self.bias is not None:
-            with torch.no_grad():
-                self.bias.copy_(state_dict[prefix + "bias"])
+    def _pack_loaded(self, weight: torch.Tensor) -> None:
+        self.packed = pack_bf16(weight.to(torch.bfloat16))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel=linear_bf16"

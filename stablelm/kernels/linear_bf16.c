@@ -98,7 +98,7 @@ int stablelm_linear_bf16(const uint16_t* x, const uint16_t* wp, const uint16_t* 
   return failed;
 }
 
-/* Reads `bytes` (a multiple of 64, 64-byte aligned) with `threads` threads; returns an XOR of what it
+/* Reads `bytes` (a multiple of 256, 64-byte aligned) with `threads` threads; returns an XOR of what it
  * read, so that the reads cannot be optimized away. The machine's read bandwidth, for benchmarks. */
 uint64_t stablelm_read(const uint8_t* p, int64_t bytes, int threads) {
   int64_t lines = bytes / 64;
