@@ -2,7 +2,7 @@
 
 Batch-1 decoding reads every weight once per token, so tokens/s <= bandwidth / weight bytes. On the CPU
 the figure is the best of torch's own reduction (a sum) and, where stablelm's native kernels build
-(x86-64 with AVX512-BF16), plain AVX-512 loads on the same threads: torch's reductions stop near
+(x86-64 with AVX-512), plain AVX-512 loads on the same threads: torch's reductions stop near
 35 GB/s on a 2-core Zen 4, below what the loads (and the decoding kernel) reach.
 Run: python benchmarks/bandwidth.py [--gb 2] [--device cpu|cuda]
 """
@@ -26,7 +26,7 @@ def read_bandwidth(*, gigabytes: float = 2.0, device: str = "cpu", repeats: int 
     n = int(gigabytes * 1e9 / 4)
     x = torch.ones(n, dtype=torch.float32, device=device)
     readers = [x.sum]
-    if device == "cpu" and kernels.linear_bf16() is not None and x.data_ptr() % 64 == 0:
+    if device == "cpu" and kernels.library() is not None and x.data_ptr() % 64 == 0:
         readers.append(lambda: kernels.read_memory(x))
     best = float("inf")
     for read in readers:

@@ -145,7 +145,7 @@ def prepare(
     nbytes = weight_bytes(model)  # before packing, which hides the weights from parameters()
     if optimize:
         # Compiling cannot trace oneDNN-packed weights (Inductor freezes and packs plain ones itself),
-        # but it calls stablelm's bf16 kernel: pack for compiling only where that kernel serves.
+        # but it calls stablelm's kernels: pack for compiling only where a kernel serves.
         pack = None if not compile or KernelLinear.serves(DTYPES[dtype], device) else False
         optimize_for_inference(model, pack=pack, fp32_cache=fp32_cache)
     ids = torch.randint(

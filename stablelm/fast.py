@@ -5,16 +5,19 @@ products. Three transforms raise it:
 
 - Fusion (bit-identical): q/k/v become one `qkv_proj`, gate/up one `gate_up_proj` (fewer, larger
   products).
-- Packing (CPU, bit-identical): weights are reordered once into a blocked layout. For bfloat16 on CPUs
-  with AVX512-BF16, stablelm's own kernel (`stablelm/kernels/linear_bf16.c`, built on first use) sums
-  in the order oneDNN does, verified per weight shape, and reads the weights at batch 1 as fast as
-  plain loads read memory (31-48 GB/s on a 2-core Zen 4, whose bandwidth varies); elsewhere oneDNN's
-  packed kernel, ~25-30 GB/s, instead of the ~16 GB/s (bf16) or ~17 GB/s (fp32) of `F.linear` on
-  plain weights.
+- Packing (CPU): weights are reordered once into a blocked layout for a faster kernel. stablelm's own
+  kernels (`stablelm/kernels/linear.c`, built on first use, x86-64 CPUs with AVX-512) read the
+  weights at batch 1 about as fast as plain loads read memory (31-48 GB/s on a 2-core Zen 4, whose
+  bandwidth varies). For bfloat16 (AVX512-BF16) the kernel sums in the order oneDNN does, verified per
+  weight shape: bit-identical to `F.linear`. For float32 it is within float32 rounding of `F.linear`
+  (~1e-7 relative), as oneDNN's packed kernel is, and as torch's own kernels are of each other
+  (`F.linear` gives a row different bits alone and in a batch). Elsewhere oneDNN's packed kernel,
+  ~25-30 GB/s (bf16 bit-identical), instead of the ~16 GB/s (bf16) or ~17 GB/s (fp32) of `F.linear`
+  on plain weights.
 - Opt-in, a float32 KV cache (CPU, half-precision models): PyTorch's CPU attention kernel is 3-6x
   slower in bfloat16 than in float32 for one query over a cache, which dominates batched decoding. The
   cache holds the same (bf16-exact) values in float32; prefill attends in the model's dtype as before,
-  each decoded token attends in float32 and rounds once. The one transform that changes bits: about a
+  each decoded token attends in float32 and rounds once. The one transform that changes bf16 bits: about a
   third of decoding's attention outputs differ from the bf16 kernel's by one unit in the last place
   (the fp32 result is the more accurate), so greedy text can part from the reference's at a near-tie.
 
@@ -33,7 +36,8 @@ from .model import MLP, Attention
 
 
 class PackedLinear(PackedLinearBase):
-    """`nn.Linear` for inference on CPU over a oneDNN-packed weight; bit-identical outputs.
+    """`nn.Linear` for inference on CPU over a oneDNN-packed weight (bf16: bit-identical outputs; fp32:
+    within rounding).
 
     Saves and loads as a plain Linear (`weight`, `bias` keys, dense tensors).
     """
@@ -128,7 +132,7 @@ def can_pack(model: nn.Module) -> bool:
 
 
 def pack_linears(model: nn.Module, *, kernels: bool = True) -> nn.Module:
-    """Replace every Linear by a KernelLinear (when `kernels` and it is bit-identical here) or else a
+    """Replace every Linear by a KernelLinear (when `kernels` and it serves here) or else a
     PackedLinear, in place (tied LM heads stay: packing would copy them)."""
     tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     # Hold no reference to a Linear beyond its own replacement, so each plain weight is freed as soon as
@@ -159,9 +163,10 @@ def optimize_for_inference(
         model: A loaded StableLM model, already on its device and in its dtype.
         fuse: Fuse the q/k/v and gate/up projections.
         pack: Pack weights (default: when `can_pack`). Packed models are for inference only.
-        kernels: When packing a bfloat16 model, use stablelm's own linear kernel (`KernelLinear`) for
-            each weight shape where it reproduces torch's results bit for bit on this machine (CPUs with
-            AVX512-BF16 and a C compiler); oneDNN's packed kernel elsewhere.
+        kernels: When packing, use stablelm's own linear kernels (`KernelLinear`; x86-64 CPUs with
+            AVX-512 and a C compiler): float32 everywhere they build, bfloat16 for each weight shape
+            where the kernel reproduces torch's results bit for bit on this machine (AVX512-BF16);
+            oneDNN's packed kernel elsewhere.
         fp32_cache: Keep `generate`'s KV cache in float32, for a bfloat16/float16 model on the CPU: faster
             decoding, above all in batches, at twice the cache's memory and within rounding of the
             reference rather than bit-identical (see the module's docstring). Off by default.

@@ -1,4 +1,5 @@
-"""The inference speed transforms change no output bit and keep the checkpoint's keys."""
+"""The inference speed transforms change no bf16 output bit (fp32: within rounding) and keep the
+checkpoint's keys."""
 
 from __future__ import annotations
 
@@ -23,10 +24,11 @@ def _ids(batch=2, length=12):
 
 
 @pytest.mark.parametrize(
-    "dtype,kernels", [(torch.float32, True), (torch.bfloat16, True), (torch.bfloat16, False)]
+    "dtype,kernels",
+    [(torch.float32, True), (torch.float32, False), (torch.bfloat16, True), (torch.bfloat16, False)],
 )
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_optimized_model_gives_identical_logits_and_state_dict(variant, dtype, kernels):
+def test_optimized_model_keeps_logits_and_state_dict(variant, dtype, kernels):
     model, _ = make_pair(tiny_config(**VARIANTS[variant]))
     model = model.to(dtype)
     with torch.no_grad():
@@ -37,10 +39,15 @@ def test_optimized_model_gives_identical_logits_and_state_dict(variant, dtype, k
     linears = [m for m in model.modules() if isinstance(m, (PackedLinear, KernelLinear))]
     assert bool(linears) == packable
     uses_kernel = any(isinstance(m, KernelLinear) for m in linears)
-    assert uses_kernel == (kernels and dtype == torch.bfloat16 and native.linear_bf16() is not None)
+    assert uses_kernel == (kernels and native.supports(dtype))
     assert model.model.layers[0].self_attn.qkv_proj is not None
     with torch.no_grad():
-        assert torch.equal(model(_ids()).logits, before)
+        after = model(_ids()).logits
+    if dtype == torch.bfloat16:  # bf16: bit for bit, whichever kernel
+        assert torch.equal(after, before)
+    else:  # fp32: packed kernels sum in another order, within float32 rounding
+        torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+        assert torch.equal(after.argmax(-1), before.argmax(-1))
     after = model.state_dict()
     assert list(after) == list(state) or set(after) == set(state)
     for key, tensor in state.items():
@@ -178,7 +185,7 @@ def test_compiling_a_packed_model_says_what_to_do_and_runs_eager(capsys, monkeyp
 
     monkeypatch.setattr(stablelm.decode, "_NOTICE_SHOWN", set())
     model, ref = make_pair(tiny_config(max_position_embeddings=64))
-    optimize_for_inference(model)
+    optimize_for_inference(model, kernels=False)  # oneDNN-packed
     ids = _ids(1, 5)
     if not can_pack(model):
         pytest.skip("oneDNN packing is not available on this CPU")

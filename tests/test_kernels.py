@@ -1,5 +1,6 @@
-"""stablelm's native bf16 linear kernel: bit-identical to torch's F.linear wherever it is used, and a
-clean fallback to torch's kernels wherever it cannot be built or cannot reproduce torch."""
+"""stablelm's native linear kernels: bf16 bit-identical to torch's F.linear wherever it is used, fp32
+within rounding of it, and a clean fallback to torch's kernels wherever they cannot be built (or, bf16,
+cannot reproduce torch)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ from stablelm import kernels as native
 from stablelm.fast import KernelLinear, PackedLinear, optimize_for_inference
 from stablelm.kernels import linear as kernel_linear
 
-AVAILABLE = native.linear_bf16() is not None
-needs_kernel = pytest.mark.skipif(
-    not AVAILABLE, reason="needs x86-64 Linux with AVX512-BF16 and a C compiler"
+AVAILABLE = native.library() is not None
+BF16 = native.supports(torch.bfloat16)
+needs_kernel = pytest.mark.skipif(not BF16, reason="needs x86-64 Linux with AVX512-BF16 and a C compiler")
+needs_f32_kernel = pytest.mark.skipif(
+    not AVAILABLE, reason="needs x86-64 Linux with AVX-512 and a C compiler"
 )
 
 
@@ -28,10 +31,13 @@ def _bf16(*shape, seed=0):
     )
 
 
-def test_the_kernel_builds_wherever_the_cpu_and_a_compiler_allow_it():
-    # Guards the skips below: on a machine that can build the kernel, a broken build fails here.
-    expected = native.cpu_has_avx512_bf16() and shutil.which("cc") is not None
-    assert AVAILABLE == expected
+def test_the_kernels_build_wherever_the_cpu_and_a_compiler_allow_it():
+    # Guards the skips below: on a machine that can build the kernels, a broken build fails here.
+    compiler = shutil.which("cc") is not None
+    assert AVAILABLE == (native.cpu_has_avx512() and compiler)
+    assert BF16 == (native.cpu_has_avx512_bf16() and compiler)
+    assert native.supports(torch.float32) == AVAILABLE
+    assert not native.supports(torch.float16)
 
 
 @needs_kernel
@@ -66,10 +72,11 @@ def test_kernel_results_do_not_depend_on_the_thread_count():
     assert torch.equal(one, fast_linear(x)) and torch.equal(one, linear(x))
 
 
-def test_packing_round_trips():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_packing_round_trips(dtype):
     for n, k in [(64, 768), (7, 5), (130, 1025)]:
-        weight = _bf16(n, k)
-        assert torch.equal(native.unpack_bf16(native.pack_bf16(weight), n, k), weight)
+        weight = _bf16(n, k).to(dtype)
+        assert torch.equal(native.unpack(native.pack(weight), n, k), weight)
 
 
 @needs_kernel
@@ -123,13 +130,14 @@ def test_kernel_linear_saves_loads_and_serves_other_inputs():
 
 def test_kernels_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("STABLELM_KERNELS", "0")
-    native.linear_bf16.cache_clear()
+    native.library.cache_clear()
     try:
-        assert native.linear_bf16() is None
+        assert native.library() is None and not native.supports(torch.bfloat16)
         assert KernelLinear.from_linear(nn.Linear(64, 64, dtype=torch.bfloat16)) is None
+        assert KernelLinear.from_linear(nn.Linear(64, 64)) is None
     finally:
         monkeypatch.delenv("STABLELM_KERNELS")
-        native.linear_bf16.cache_clear()
+        native.library.cache_clear()
 
 
 def test_a_missing_or_failing_compiler_is_a_clear_error_and_a_fallback(monkeypatch, tmp_path):
@@ -142,12 +150,12 @@ def test_a_missing_or_failing_compiler_is_a_clear_error_and_a_fallback(monkeypat
         native.build(broken, compiler="cc" if shutil.which("cc") else "false")
     assert not list((tmp_path / "kernels").glob("*.so"))  # nothing half-written left behind
     monkeypatch.setenv("CC", "/nonexistent/cc")
-    native.linear_bf16.cache_clear()
+    native.library.cache_clear()
     try:
-        assert native.linear_bf16() is None
+        assert native.library() is None
     finally:
         monkeypatch.delenv("CC")
-        native.linear_bf16.cache_clear()
+        native.library.cache_clear()
 
 
 @needs_kernel
@@ -159,14 +167,25 @@ def test_the_library_is_built_once_into_the_cache(monkeypatch, tmp_path):
     assert first.parent == tmp_path / "kernels"
 
 
-@needs_kernel
-def test_a_compiled_decode_step_calls_the_kernel(capsys, monkeypatch):
+@needs_f32_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_compiled_decode_step_calls_the_kernel(capsys, monkeypatch, dtype):
     import stablelm.decode
 
+    if dtype == torch.bfloat16 and not BF16:
+        pytest.skip("needs AVX512-BF16")
     monkeypatch.setattr(stablelm.decode, "_NOTICE_SHOWN", set())
     model, _ = make_pair(tiny_config(num_key_value_heads=2, max_position_embeddings=64))
-    model = optimize_for_inference(model.to(torch.bfloat16))
+    model = optimize_for_inference(model.to(dtype))
     assert all(not isinstance(m, PackedLinear) for m in model.modules())
+    from stablelm.kernels import op
+
+    calls = {"eager": [], "compiled": []}
+    run = kernel_linear.run_linear
+    for module, kind in [(kernel_linear, "eager"), (op, "compiled")]:
+        monkeypatch.setattr(
+            module, "run_linear", lambda *a, kind=kind: calls[kind].append(a[1].dtype) or run(*a)
+        )
     ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(0))
     eager = model.generate(ids, max_new_tokens=8)
     compiled = model.generate(ids, max_new_tokens=8, compile=True)
@@ -174,3 +193,98 @@ def test_a_compiled_decode_step_calls_the_kernel(capsys, monkeypatch):
     step = stablelm.decode.DecodeStep.for_model(model, compile=True)
     assert step.compile_seconds is not None  # it really compiled
     assert compiled.tolist() == eager.tolist()
+    assert set(calls["eager"]) == set(calls["compiled"]) == {dtype}  # both called the kernel
+
+
+def _truth_error(y: torch.Tensor, x: torch.Tensor, linear: nn.Linear) -> float:
+    """Largest error of `y` against the float64 product, relative to the largest output."""
+    truth = nn.functional.linear(x.double(), linear.weight.double(), linear.bias.double())
+    return ((y.double() - truth).abs().max() / truth.abs().max()).item()
+
+
+@needs_f32_kernel
+@pytest.mark.parametrize("n,k", [(64, 768), (2304, 768), (7, 5), (130, 1025), (300, 2560)])
+def test_float32_kernel_is_as_accurate_as_f_linear(n, k):
+    linear = nn.Linear(k, n)
+    fast_linear = KernelLinear.from_linear(linear)
+    assert fast_linear is not None and "linear_f32" in repr(fast_linear)
+    with torch.no_grad():
+        for rows in (1, 2, 6, 7, 64):
+            x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+            ours, torchs = fast_linear(x), linear(x)
+            # torch's own error (MKL's summation order) bounds ours, with room for another order
+            assert _truth_error(ours, x, linear) <= max(4 * _truth_error(torchs, x, linear), 1e-7), rows
+            torch.testing.assert_close(ours, torchs, rtol=1e-5, atol=1e-5)
+
+
+@needs_f32_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_results_do_not_depend_on_the_thread_count_or_the_batch(dtype):
+    if dtype == torch.bfloat16 and not BF16:
+        pytest.skip("needs AVX512-BF16")
+    linear = nn.Linear(2560, 200, dtype=dtype)
+    fast_linear = KernelLinear.from_linear(linear)
+    x = _bf16(7, 2560).to(dtype)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fast_linear(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, fast_linear(x))
+    if dtype == torch.float32:  # a row gets the same bits alone or in a batch (F.linear's do not)
+        assert torch.equal(fast_linear(x[3:4]), one[3:4])
+
+
+@needs_f32_kernel
+def test_the_kernel_reports_bad_arguments_and_failed_allocations():
+    x = torch.ones(2, 64)
+    packed = native.pack(torch.ones(64, 64))
+    with pytest.raises(ValueError, match="bad arguments"):
+        native.run_linear(x, packed, None, 64, 0)  # block 0
+    with pytest.raises(ValueError, match="bad arguments"):
+        native.run_linear(x, packed, None, 0, 256)  # no outputs
+    if BF16:  # bf16 takes k in pairs: an odd block is refused
+        half = torch.ones(2, 64, dtype=torch.bfloat16)
+        with pytest.raises(ValueError, match="bad arguments"):
+            native.run_linear(half, native.pack(half), None, 64, 3)
+    # A work buffer of 2**31 rows x 64 floats cannot be had: the kernel stops before reading x.
+    lib = native.library()
+    y = torch.zeros(1)
+    status = lib.stablelm_linear_f32(
+        x.data_ptr(), packed.data_ptr(), None, y.data_ptr(), 2**31 - 1, 64, 64, 256, 2
+    )
+    assert status == 1 and y.item() == 0
+
+
+@needs_f32_kernel
+def test_a_failed_allocation_is_a_memory_error(monkeypatch):
+    class Lib:
+        def __getattr__(self, name):
+            return lambda *args: 1
+
+    monkeypatch.setattr(native, "library", lambda: Lib())
+    monkeypatch.setattr(native, "supports", lambda dtype: True)
+    with pytest.raises(MemoryError, match="could not allocate"):
+        native.run_linear(torch.ones(1, 64), native.pack(torch.ones(64, 64)), None, 64, 256)
+
+
+@needs_f32_kernel
+def test_float32_kernel_linear_saves_loads_and_falls_back():
+    linear = nn.Linear(300, 70)
+    fast_linear = KernelLinear.from_linear(linear)
+    assert torch.equal(fast_linear.state_dict()["weight"], linear.weight)
+    other = nn.Linear(300, 70)
+    fast_linear.load_state_dict(other.state_dict())
+    x = torch.randn(4, 300)
+    with torch.no_grad():
+        torch.testing.assert_close(fast_linear(x), other(x), rtol=1e-5, atol=1e-5)
+        # float64 inputs, or a half-precision copy: torch's F.linear on the dense weight
+        assert torch.equal(
+            fast_linear(x.double()),
+            nn.functional.linear(x.double(), other.weight.double(), other.bias.double()),
+        )
+        half = fast_linear.half()
+        assert torch.equal(
+            half(x.half()), nn.functional.linear(x.half(), other.weight.half(), other.bias.half())
+        )

@@ -1,13 +1,15 @@
 """Native kernels, built on first use with the system's C compiler and loaded with ctypes.
 
-One kernel today: `linear_bf16.c`, a bfloat16 linear layer for x86-64 CPUs with AVX512-BF16 that
-reads the weights about 1.4x faster than oneDNN's kernel at batch 1 and sums in oneDNN's order, so
-its outputs equal torch's bit for bit (checked per weight shape before use, see
-`stablelm.kernels.linear.KernelLinear`).
+`linear.c` holds linear layers for x86-64 CPUs with AVX-512, which read the weights at batch 1 about as
+fast as plain loads read memory (1.4-1.7x oneDNN's packed kernels on a 2-core Zen 4):
+- bfloat16 (CPUs with AVX512-BF16): sums in oneDNN's order, so its outputs equal torch's bit for bit
+  (checked per weight shape before use, see `stablelm.kernels.linear.KernelLinear`);
+- float32 (AVX512F): sums each block of K in order with FMAs; within float32 rounding of torch's result
+  (torch's own kernels differ among themselves the same way), and the same for any thread count.
 
 The shared library is compiled once into `$STABLELM_CACHE` (default `~/.cache/stablelm/kernels`),
 named by a hash of the source and flags, written atomically. Where it cannot be had (another CPU or
-OS, no compiler, `STABLELM_KERNELS=0`), `linear_bf16()` returns None and callers keep torch's kernels.
+OS, no compiler, `STABLELM_KERNELS=0`), `library()` returns None and callers keep torch's kernels.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("linear_bf16.c")
+SOURCE = Path(__file__).with_name("linear.c")
 FLAGS = [
     "-O3",
     "-mavx512f",
@@ -48,18 +50,29 @@ def cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def cpu_has_avx512_bf16() -> bool:
-    """Whether this is Linux on an x86-64 CPU that reports AVX512-BF16."""
+@cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags on x86-64 Linux (from /proc/cpuinfo); empty elsewhere."""
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return False
+        return frozenset()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return "avx512_bf16" in line.split()
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return False
+    return frozenset()
+
+
+def cpu_has_avx512() -> bool:
+    """Whether this is Linux on an x86-64 CPU with the AVX-512 the float32 kernel needs (F, BW, VL)."""
+    return {"avx512f", "avx512bw", "avx512vl"} <= cpu_flags()
+
+
+def cpu_has_avx512_bf16() -> bool:
+    """Whether the CPU also reports AVX512-BF16, which the bfloat16 kernel needs."""
+    return cpu_has_avx512() and "avx512_bf16" in cpu_flags()
 
 
 def build(source: Path, *, compiler: str | None = None) -> Path:
@@ -91,41 +104,49 @@ def build(source: Path, *, compiler: str | None = None) -> Path:
 
 
 @cache
-def linear_bf16() -> ctypes.CDLL | None:
-    """The bf16 linear kernel's library, or None where it cannot be used (see the module docstring)."""
-    if os.environ.get("STABLELM_KERNELS", "1") == "0" or not cpu_has_avx512_bf16():
+def library() -> ctypes.CDLL | None:
+    """The kernels' library, or None where it cannot be used (see the module docstring)."""
+    if os.environ.get("STABLELM_KERNELS", "1") == "0" or not cpu_has_avx512():
         return None
     try:
         lib = ctypes.CDLL(str(build(SOURCE)))
     except (RuntimeError, OSError, subprocess.SubprocessError):
         return None
-    fn = lib.stablelm_linear_bf16
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5
+    for fn in (lib.stablelm_linear_bf16, lib.stablelm_linear_f32):
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5
     lib.stablelm_read.restype = ctypes.c_uint64
     lib.stablelm_read.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
     return lib
+
+
+def supports(dtype: torch.dtype) -> bool:
+    """Whether a linear kernel for `dtype` runs here: float32 with AVX-512, bfloat16 with AVX512-BF16."""
+    if dtype == torch.bfloat16:
+        return cpu_has_avx512_bf16() and library() is not None
+    return dtype == torch.float32 and library() is not None
 
 
 def read_memory(buffer: torch.Tensor) -> int:
     """Read all of `buffer` (contiguous CPU, 64-byte aligned) with AVX-512 loads on torch's threads; an
     XOR of what was read. For measuring read bandwidth: torch's own reductions stop at ~35 GB/s on a
     2-core Zen 4 where plain loads reach more."""
-    lib = linear_bf16()
+    lib = library()
     assert lib is not None and buffer.is_contiguous() and buffer.data_ptr() % 64 == 0
     nbytes = buffer.numel() * buffer.element_size() // 256 * 256
     return lib.stablelm_read(buffer.data_ptr(), nbytes, torch.get_num_threads())
 
 
-def run_linear_bf16(
+def run_linear(
     x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int, kb: int
 ) -> torch.Tensor:
-    """y = x @ W^T (+ bias) with the kernel; `x` (M, K) contiguous bf16, `packed` from `pack_bf16`."""
-    lib = linear_bf16()
-    assert lib is not None, "run_linear_bf16 called where the kernel is unavailable"
+    """y = x @ W^T (+ bias) with the kernel for `packed`'s dtype; `x` (M, K) contiguous, of the same
+    dtype, `packed` from `pack`; K summed in blocks of `kb`."""
+    assert supports(packed.dtype) and x.dtype == packed.dtype, "no kernel for these tensors here"
+    fn = library().stablelm_linear_bf16 if packed.dtype == torch.bfloat16 else library().stablelm_linear_f32
     m, k = x.shape
-    y = torch.empty(m, out_features, dtype=torch.bfloat16)
-    status = lib.stablelm_linear_bf16(
+    y = torch.empty(m, out_features, dtype=x.dtype)
+    status = fn(
         x.data_ptr(),
         packed.data_ptr(),
         None if bias is None else bias.data_ptr(),
@@ -136,21 +157,31 @@ def run_linear_bf16(
         kb,
         torch.get_num_threads(),
     )
+    if status == 2:
+        raise ValueError(f"bad arguments to stablelm's linear kernel: {m}x{k} @ {out_features}, block {kb}")
     if status:
-        raise MemoryError("stablelm's bf16 linear kernel could not allocate its work buffer")
+        raise MemoryError(
+            f"stablelm's linear kernel could not allocate its work buffer ({m} rows x 64 floats per thread)"
+        )
     return y
 
 
-def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
-    """(N, K) bf16 weight -> the kernel's layout [ceil(N/64)][ceil(K/2)][64][2], zero padded."""
+def _pair(dtype: torch.dtype) -> int:
+    return 2 if dtype == torch.bfloat16 else 1
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """(N, K) weight -> the kernels' layout [ceil(N/64)][ceil(K/P)][64][P], zero padded (P = 2 for
+    bfloat16, whose kernel takes pairs of k; 1 for float32)."""
     n, k = weight.shape
-    nb, kp = -(-n // 64), -(-k // 2)
-    if (nb * 64, kp * 2) != (n, k):
-        weight = torch.nn.functional.pad(weight, (0, kp * 2 - k, 0, nb * 64 - n))
-    return weight.reshape(nb, 64, kp, 2).transpose(1, 2).contiguous()
+    p = _pair(weight.dtype)
+    nb, kp = -(-n // 64), -(-k // p)
+    if (nb * 64, kp * p) != (n, k):
+        weight = torch.nn.functional.pad(weight, (0, kp * p - k, 0, nb * 64 - n))
+    return weight.reshape(nb, 64, kp, p).transpose(1, 2).contiguous()
 
 
-def unpack_bf16(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
-    """The dense (N, K) weight back from `pack_bf16`'s layout (a new tensor)."""
-    nb, kp = packed.shape[:2]
-    return packed.transpose(1, 2).reshape(nb * 64, kp * 2)[:out_features, :in_features].contiguous()
+def unpack(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """The dense (N, K) weight back from `pack`'s layout (a new tensor)."""
+    nb, kp, _, p = packed.shape
+    return packed.transpose(1, 2).reshape(nb * 64, kp * p)[:out_features, :in_features].contiguous()

@@ -1,7 +1,8 @@
-"""`KernelLinear`: `nn.Linear` on the native bf16 kernel, used only where it is bit-identical to torch.
+"""`KernelLinear`: `nn.Linear` on the native kernels (bfloat16 only where it is bit-identical to torch).
 
-The kernel sums in the order oneDNN sums on AVX512-BF16 CPUs (see `linear_bf16.c`). That order is
+The bf16 kernel sums in the order oneDNN sums on AVX512-BF16 CPUs (see `linear.c`). That order is
 oneDNN's choice for this CPU, shape, row count and thread count, so `calibrate` checks it before use.
+The float32 kernel sums each block of `FLOAT32_BLOCK` k in order: within float32 rounding of torch.
 """
 
 from __future__ import annotations
@@ -9,13 +10,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import linear_bf16, pack_bf16, run_linear_bf16, unpack_bf16
-from . import op as _op  # noqa: F401 - registers torch.ops.stablelm.linear_bf16
+from . import op as _op  # noqa: F401 - registers torch.ops.stablelm.linear
+from . import pack, run_linear, supports, unpack
 
 # Block sizes to try, most likely first: oneDNN (avx512_core_bf16) sums K in blocks of 512 for one row
 # and 1024 for several.
 _BLOCKS = (512, 1024, 256, 2048, 128, 4096, 64)
 _CALIBRATED: dict[tuple[int, int, bool, int], tuple[int, int] | None] = {}
+# float32: partial sums over blocks of 256 k keep the rounding error of long rows near torch's own.
+FLOAT32_BLOCK = 256
 
 
 class PackedLinearBase(nn.Module):
@@ -52,30 +55,34 @@ class PackedLinearBase(nn.Module):
 
 
 class KernelLinear(PackedLinearBase):
-    """`nn.Linear` for bfloat16 inference on CPUs with AVX512-BF16, through `stablelm.kernels`.
+    """`nn.Linear` for inference on x86-64 CPUs with AVX-512, through `stablelm.kernels`.
 
-    The kernel sums in the order torch's own (oneDNN's) kernel does, found per weight shape by
-    `calibrate`: outputs are bit-identical to `F.linear`'s, and batch-1 products read the weights
-    ~1.4x faster. Build one with `KernelLinear.from_linear`, which returns None where the kernel cannot
-    reproduce torch. Saves and loads as a plain Linear (`weight`, `bias` keys, dense tensors).
+    bfloat16 (AVX512-BF16): the kernel sums in the order torch's own (oneDNN's) kernel does, found per
+    weight shape by `calibrate`, so outputs are bit-identical to `F.linear`'s. float32: within float32
+    rounding of `F.linear` (as torch's own packed and unpacked kernels are of each other). Batch-1
+    products read the weights 1.4-1.7x faster than oneDNN's packed kernels. Build one with
+    `KernelLinear.from_linear`, which returns None where the kernel cannot serve (or, for bf16, cannot
+    reproduce torch). Saves and loads as a plain Linear (`weight`, `bias` keys, dense tensors).
     """
 
     def __init__(self, linear: nn.Linear, blocks: tuple[int, int]) -> None:
         super().__init__(linear)
         self.blocks = blocks  # for a compiled graph, which cannot call `calibrate`
-        self.register_buffer("packed", pack_bf16(linear.weight.detach()), persistent=False)
+        self.register_buffer("packed", pack(linear.weight.detach()), persistent=False)
 
     @staticmethod
     def serves(dtype: torch.dtype, device: torch.device | str) -> bool:
-        """Whether weights of `dtype` on `device` can run on the kernel here (before calibration)."""
-        return dtype == torch.bfloat16 and torch.device(device).type == "cpu" and linear_bf16() is not None
+        """Whether weights of `dtype` on `device` can run on a kernel here (before calibration)."""
+        return torch.device(device).type == "cpu" and supports(dtype)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> KernelLinear | None:
-        """The kernel-backed copy of `linear`, or None (kernel unavailable, or not bit-identical here)."""
+        """The kernel-backed copy of `linear`, or None (no kernel here, or bf16 not bit-identical here)."""
         if not cls.serves(linear.weight.dtype, linear.weight.device):
             return None
-        blocks = calibrate(linear.out_features, linear.in_features, linear.bias is not None)
+        blocks = _blocks(
+            linear.weight.dtype, linear.out_features, linear.in_features, linear.bias is not None
+        )
         return None if blocks is None else cls(linear, blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -87,32 +94,40 @@ class KernelLinear(PackedLinearBase):
         if compiling:  # a graph cannot call `calibrate`: the blocks found when the module was built
             blocks = self.blocks
         else:  # looked up per call (a dict lookup): a new thread count is calibrated anew
-            blocks = calibrate(self.out_features, self.in_features, self.bias is not None)
+            dtype = self.packed.dtype
+            blocks = _blocks(dtype, self.out_features, self.in_features, self.bias is not None)
             kernel = (
-                x.dtype == self.packed.dtype == torch.bfloat16
-                and x.device.type == self.packed.device.type == "cpu"
+                x.dtype == dtype and x.device.type == self.packed.device.type == "cpu" and supports(dtype)
             )
-            if not kernel or x.requires_grad or blocks is None:  # e.g. after .float() or .cuda()
+            if not kernel or x.requires_grad or blocks is None:  # e.g. after .half() or .cuda()
                 bias = None if self.bias is None else self.bias.to(x.dtype)
                 return nn.functional.linear(x, self.weight.to(x.dtype), bias)
         rows = x.reshape(-1, self.in_features)
         block = blocks[0] if rows.shape[0] == 1 else blocks[1]
         if compiling:  # the kernel as an operator torch.compile can call
-            y = torch.ops.stablelm.linear_bf16(rows, self.packed, self.bias, self.out_features, block)
+            y = torch.ops.stablelm.linear(rows, self.packed, self.bias, self.out_features, block)
         else:
-            y = run_linear_bf16(rows.contiguous(), self.packed, self.bias, self.out_features, block)
+            y = run_linear(rows.contiguous(), self.packed, self.bias, self.out_features, block)
         return y.view(*x.shape[:-1], self.out_features)
 
     @property
     def weight(self) -> torch.Tensor:
         """The dense weight (a copy), for code that reads it."""
-        return unpack_bf16(self.packed, self.out_features, self.in_features)
+        return unpack(self.packed, self.out_features, self.in_features)
 
     def _pack_loaded(self, weight: torch.Tensor) -> None:
-        self.packed = pack_bf16(weight.to(torch.bfloat16))
+        self.packed = pack(weight.to(self.packed.dtype))
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, kernel=linear_bf16"
+        kind = "bf16" if self.packed.dtype == torch.bfloat16 else "f32"
+        return f"in_features={self.in_features}, out_features={self.out_features}, kernel=linear_{kind}"
+
+
+def _blocks(dtype: torch.dtype, out_features: int, in_features: int, bias: bool) -> tuple[int, int] | None:
+    """The kernel's block sizes (one row, several rows) for a weight of this dtype and shape."""
+    if dtype == torch.bfloat16:
+        return calibrate(out_features, in_features, bias)
+    return (FLOAT32_BLOCK, FLOAT32_BLOCK)
 
 
 def _cancelling_weight(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
@@ -136,7 +151,7 @@ def calibrate(out_features: int, in_features: int, bias: bool) -> tuple[int, int
     if key not in _CALIBRATED:
         gen = torch.Generator().manual_seed(0)
         weight = _cancelling_weight(out_features, in_features, gen)
-        packed = pack_bf16(weight)
+        packed = pack(weight)
 
         def exact(rows: list[int], block: int, b: torch.Tensor | None = None, random: bool = False) -> bool:
             for m in rows:
@@ -148,7 +163,7 @@ def calibrate(out_features: int, in_features: int, bias: bool) -> tuple[int, int
                         .expand(m, in_features)
                         .to(torch.bfloat16)
                     )
-                got = run_linear_bf16(x, packed, b, out_features, block)
+                got = run_linear(x, packed, b, out_features, block)
                 if not torch.equal(got, nn.functional.linear(x, weight, b)):
                     return False
             return True
