@@ -140,10 +140,12 @@ def read_memory(buffer: torch.Tensor) -> int:
 def run_linear(
     x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int, kb: int
 ) -> torch.Tensor:
-    """y = x @ W^T (+ bias) with the kernel for `packed`'s dtype; `x` (M, K) contiguous, of the same
-    dtype, `packed` from `pack`; K summed in blocks of `kb`."""
+    """y = x @ W^T (+ bias) with the kernel for `packed`'s dtype; `x` (M, K) of the same dtype,
+    `packed` from `pack`; K summed in blocks of `kb`."""
     assert supports(packed.dtype) and x.dtype == packed.dtype, "no kernel for these tensors here"
-    fn = library().stablelm_linear_bf16 if packed.dtype == torch.bfloat16 else library().stablelm_linear_f32
+    lib = library()
+    fn = lib.stablelm_linear_bf16 if packed.dtype == torch.bfloat16 else lib.stablelm_linear_f32
+    x = x.contiguous()
     m, k = x.shape
     y = torch.empty(m, out_features, dtype=x.dtype)
     status = fn(

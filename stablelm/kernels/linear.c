@@ -94,14 +94,20 @@ static inline void store_f32(float* y, const float* bias, __m512 v, __mmask16 ma
     if (M < 0 || N <= 0 || K <= 0 || kb < P || kb % P || threads < 1) return 2;                        \
     if (M == 0) return 0;                                                                              \
     int NB = (N + 63) / 64, S = (K + P - 1) / P, kbs = kb / P, failed = 0;                             \
-    float** buffers = (float**)calloc((size_t)threads, sizeof(float*));                               \
-    if (!buffers) return 1;                                                                            \
-    for (int i = 0; i < threads && !failed; i++)                                                      \
-      failed = !(buffers[i] = (float*)_mm_malloc(sizeof(float) * 64 * (size_t)M, 64));                 \
+    /* Running totals, 64 per row: on the stack for up to 8 rows (decoding), else allocated here. */   \
+    float** buffers = 0;                                                                               \
+    if (M > 8) {                                                                                       \
+      if (!(buffers = (float**)calloc((size_t)threads, sizeof(float*)))) return 1;                     \
+      for (int i = 0; i < threads && !failed; i++)                                                    \
+        failed = !(buffers[i] = (float*)_mm_malloc(sizeof(float) * 64 * (size_t)M, 64));               \
+    }                                                                                                  \
     if (!failed) {                                                                                     \
-      _Pragma("omp parallel for num_threads(threads) schedule(static)")                                \
+      _Pragma("omp parallel num_threads(NB < threads ? NB : threads)")                                 \
+      {                                                                                                \
+      float small[8 * 64] __attribute__((aligned(64)));                                                \
+      float* tot = buffers ? buffers[omp_get_thread_num()] : small;                                    \
+      _Pragma("omp for schedule(static)")                                                              \
       for (int nb = 0; nb < NB; nb++) {                                                                \
-        float* tot = buffers[omp_get_thread_num()];                                                    \
         const elem_##KIND* wb = wp + (int64_t)nb * S * 64 * P;                                         \
         for (int s0 = 0; s0 < S; s0 += kbs) {                                                          \
           int s1 = s0 + kbs < S ? s0 + kbs : S;                                                        \
@@ -128,10 +134,13 @@ static inline void store_f32(float* y, const float* bias, __m512 v, __mmask16 ma
                          mask);                                                                        \
           }                                                                                            \
       }                                                                                                \
+      }                                                                                                \
     }                                                                                                  \
-    for (int i = 0; i < threads; i++)                                                                  \
-      if (buffers[i]) _mm_free(buffers[i]);                                                            \
-    free(buffers);                                                                                     \
+    if (buffers) {                                                                                     \
+      for (int i = 0; i < threads; i++)                                                                \
+        if (buffers[i]) _mm_free(buffers[i]);                                                          \
+      free(buffers);                                                                                   \
+    }                                                                                                  \
     return failed;                                                                                     \
   }
 

@@ -31,7 +31,8 @@ class PackedLinearBase(nn.Module):
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+        bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+        self.register_parameter("bias", bias)  # None too, as nn.Linear does
 
     @property
     def weight(self) -> torch.Tensor:
@@ -86,28 +87,32 @@ class KernelLinear(PackedLinearBase):
         return None if blocks is None else cls(linear, blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The hot path of decoding, ~49-129 calls per token: the module's tensors are read from its
+        # dicts directly (nn.Module.__getattr__ costs a microsecond each time).
+        packed, bias = self._buffers["packed"], self._parameters["bias"]
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"{self.extra_repr()}: got inputs of {x.shape[-1]} features (shape {tuple(x.shape)})"
             )
-        compiling = torch.compiler.is_compiling()
-        if compiling:  # a graph cannot call `calibrate`: the blocks found when the module was built
-            blocks = self.blocks
-        else:  # looked up per call (a dict lookup): a new thread count is calibrated anew
-            dtype = self.packed.dtype
-            blocks = _blocks(dtype, self.out_features, self.in_features, self.bias is not None)
-            kernel = (
-                x.dtype == dtype and x.device.type == self.packed.device.type == "cpu" and supports(dtype)
-            )
-            if not kernel or x.requires_grad or blocks is None:  # e.g. after .half() or .cuda()
-                bias = None if self.bias is None else self.bias.to(x.dtype)
-                return nn.functional.linear(x, self.weight.to(x.dtype), bias)
         rows = x.reshape(-1, self.in_features)
-        block = blocks[0] if rows.shape[0] == 1 else blocks[1]
-        if compiling:  # the kernel as an operator torch.compile can call
-            y = torch.ops.stablelm.linear(rows, self.packed, self.bias, self.out_features, block)
-        else:
-            y = run_linear(rows.contiguous(), self.packed, self.bias, self.out_features, block)
+        if torch.compiler.is_compiling():  # a graph cannot call `calibrate`: the blocks found at build
+            block = self.blocks[0] if rows.shape[0] == 1 else self.blocks[1]
+            y = torch.ops.stablelm.linear(rows, packed, bias, self.out_features, block)
+            return y.view(*x.shape[:-1], self.out_features)
+        dtype = packed.dtype
+        # looked up per call (a dict lookup): a new thread count is calibrated anew
+        blocks = _blocks(dtype, self.out_features, self.in_features, bias is not None)
+        if (
+            blocks is None
+            or x.dtype != dtype
+            or not (x.is_cpu and packed.is_cpu)
+            or x.requires_grad
+            or not supports(dtype)
+        ):  # e.g. after .half() or .cuda(), or with a bf16 shape calibrated away for this thread count
+            return nn.functional.linear(
+                x, self.weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
+            )
+        y = run_linear(rows, packed, bias, self.out_features, blocks[0] if rows.shape[0] == 1 else blocks[1])
         return y.view(*x.shape[:-1], self.out_features)
 
     @property
