@@ -39,26 +39,48 @@ class PackedLinear(PackedLinearBase):
     """`nn.Linear` for inference on CPU over a oneDNN-packed weight (bf16: bit-identical outputs; fp32:
     within rounding).
 
-    Saves and loads as a plain Linear (`weight`, `bias` keys, dense tensors).
+    Saves and loads as a plain Linear (`weight`, `bias` keys, dense tensors). Moved or cast where oneDNN
+    cannot serve the weight (another device or dtype), it keeps it dense and runs `F.linear`.
     """
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__(linear)
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
+        self._set(linear.weight.detach())
+
+    def _set(self, weight: torch.Tensor) -> None:
+        """Keep `weight` packed for oneDNN where it can serve it, else dense (`packed` None)."""
+        packable = weight.device.type == "cpu" and (
+            weight.dtype == torch.float32
+            or (weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        )
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if packable else None
+        self.dense = None if packable else weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None or x.dtype != self.packed.dtype or not x.is_cpu or x.requires_grad:
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return nn.functional.linear(x, self.weight.to(x.dtype), bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dense weight (a copy), for code that reads it."""
-        return self.packed.to_dense()
+        """The dense weight (a copy while packed), for code that reads it."""
+        return self.dense if self.packed is None else self.packed.to_dense()
 
     def _pack_loaded(self, weight: torch.Tensor) -> None:
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(self.packed.dtype), 1)
+        held = self.dense if self.packed is None else self.packed
+        self._set(weight.to(held.dtype))
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 - torch's signature
+        """`.to()`, `.float()`, `.cuda()` ...: the weight (held outside the module's buffers) goes too."""
+        weight = self.weight
+        super()._apply(fn, recurse)
+        self._set(fn(weight))
+        return self
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, packed"
+        how = "packed" if self.packed is not None else "dense"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {how}"
 
 
 def _fused_linear(parts: list[nn.Linear]) -> nn.Linear:

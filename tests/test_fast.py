@@ -3,6 +3,8 @@ checkpoint's keys."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -192,3 +194,20 @@ def test_compiling_a_packed_model_says_what_to_do_and_runs_eager(capsys, monkeyp
     out = model.generate(ids, max_new_tokens=6, compile=True)
     assert "optimize_for_inference(model, pack=False)" in capsys.readouterr().err
     assert out.tolist() == ref.generate(ids, max_new_tokens=6).tolist()
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_an_optimized_model_converted_to_another_dtype_gives_that_dtypes_logits(kernels):
+    model, _ = make_pair(tiny_config(num_key_value_heads=2))
+    plain = copy.deepcopy(model)
+    optimize_for_inference(model, kernels=kernels)  # float32, packed
+    for dtype in [torch.bfloat16, torch.float16, torch.float32]:
+        model, plain = model.to(dtype), plain.to(dtype)
+        with torch.no_grad():
+            got, want = model(_ids()).logits, plain(_ids()).logits
+        assert got.dtype == want.dtype
+        if dtype == torch.float32:  # packed kernels sum in another order
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        else:  # bf16 on a bit-identical kernel, fp16 through F.linear
+            assert torch.equal(got, want), dtype
+    assert model.state_dict().keys() == plain.state_dict().keys()

@@ -276,3 +276,27 @@ def test_float32_kernel_linear_saves_loads_and_falls_back():
         assert torch.equal(
             half(x.half()), nn.functional.linear(x.half(), other.weight.half(), other.bias.half())
         )
+
+
+@needs_f32_kernel
+@pytest.mark.parametrize("start", [torch.float32, torch.bfloat16])
+def test_a_kernel_linear_converted_to_another_dtype_computes_in_it(start):
+    if start == torch.bfloat16 and not BF16:
+        pytest.skip("needs AVX512-BF16")
+    linear = nn.Linear(300, 70, dtype=start)
+    x = _bf16(5, 300, seed=4)
+    for dtype in [torch.float32, torch.bfloat16, torch.float16, torch.float64]:
+        # repacked for that dtype's kernel, or served by F.linear
+        fast_linear = KernelLinear.from_linear(linear).to(dtype)
+        expected = nn.functional.linear(x.to(dtype), linear.weight.to(dtype), linear.bias.to(dtype))
+        with torch.no_grad():
+            got = fast_linear(x.to(dtype))
+        assert got.dtype == dtype and torch.equal(fast_linear.weight, linear.weight.to(dtype))
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        else:  # bf16 bit for bit (kernel or oneDNN), fp16/fp64 through F.linear
+            assert torch.equal(got, expected), dtype
+        on_kernel = dtype in (torch.float32, torch.bfloat16)
+        assert (fast_linear.blocks is not None) == on_kernel, dtype
+        if on_kernel:  # in the layout of its own dtype's kernel
+            assert fast_linear.packed.shape[-1] == (2 if dtype == torch.bfloat16 else 1)

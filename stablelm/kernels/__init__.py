@@ -143,6 +143,7 @@ def run_linear(
     """y = x @ W^T (+ bias) with the kernel for `packed`'s dtype; `x` (M, K) of the same dtype,
     `packed` from `pack`; K summed in blocks of `kb`."""
     assert supports(packed.dtype) and x.dtype == packed.dtype, "no kernel for these tensors here"
+    assert layout_matches(packed), "packed for another dtype: pack(unpack(...)) it again"
     lib = library()
     fn = lib.stablelm_linear_bf16 if packed.dtype == torch.bfloat16 else lib.stablelm_linear_f32
     x = x.contiguous()
@@ -170,6 +171,11 @@ def run_linear(
 
 def _pair(dtype: torch.dtype) -> int:
     return 2 if dtype == torch.bfloat16 else 1
+
+
+def layout_matches(packed: torch.Tensor) -> bool:
+    """Whether `packed` is in `pack`'s layout for its own dtype (a dtype change keeps the old one)."""
+    return packed.dim() == 4 and packed.shape[-1] == _pair(packed.dtype)
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:

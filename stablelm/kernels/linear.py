@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import layout_matches, pack, run_linear, supports, unpack
 from . import op as _op  # noqa: F401 - registers torch.ops.stablelm.linear
-from . import pack, run_linear, supports, unpack
 
 # Block sizes to try, most likely first: oneDNN (avx512_core_bf16) sums K in blocks of 512 for one row
 # and 1024 for several.
@@ -68,7 +68,9 @@ class KernelLinear(PackedLinearBase):
 
     def __init__(self, linear: nn.Linear, blocks: tuple[int, int]) -> None:
         super().__init__(linear)
-        self.blocks = blocks  # for a compiled graph, which cannot call `calibrate`
+        # For a compiled graph, which cannot call `calibrate`; None: no kernel for this dtype here.
+        self.blocks: tuple[int, int] | None = blocks
+        self._blocks_dtype = linear.weight.dtype
         self.register_buffer("packed", pack(linear.weight.detach()), persistent=False)
 
     @staticmethod
@@ -95,30 +97,48 @@ class KernelLinear(PackedLinearBase):
                 f"{self.extra_repr()}: got inputs of {x.shape[-1]} features (shape {tuple(x.shape)})"
             )
         rows = x.reshape(-1, self.in_features)
-        if torch.compiler.is_compiling():  # a graph cannot call `calibrate`: the blocks found at build
-            block = self.blocks[0] if rows.shape[0] == 1 else self.blocks[1]
-            y = torch.ops.stablelm.linear(rows, packed, bias, self.out_features, block)
-            return y.view(*x.shape[:-1], self.out_features)
+        compiling = torch.compiler.is_compiling()
+        # A graph cannot call `calibrate`: it uses the blocks found when the module was built (or moved
+        # to this dtype). Eager looks them up per call (a dict lookup): a new thread count is
+        # calibrated anew.
         dtype = packed.dtype
-        # looked up per call (a dict lookup): a new thread count is calibrated anew
-        blocks = _blocks(dtype, self.out_features, self.in_features, bias is not None)
+        blocks = (
+            self.blocks
+            if compiling
+            else _blocks(dtype, self.out_features, self.in_features, bias is not None)
+        )
         if (
             blocks is None
             or x.dtype != dtype
             or not (x.is_cpu and packed.is_cpu)
             or x.requires_grad
-            or not supports(dtype)
+            or not (compiling or supports(dtype))
         ):  # e.g. after .half() or .cuda(), or with a bf16 shape calibrated away for this thread count
             return nn.functional.linear(
                 x, self.weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
             )
-        y = run_linear(rows, packed, bias, self.out_features, blocks[0] if rows.shape[0] == 1 else blocks[1])
+        block = blocks[0] if rows.shape[0] == 1 else blocks[1]
+        if compiling:  # the kernel as an operator torch.compile can call
+            y = torch.ops.stablelm.linear(rows, packed, bias, self.out_features, block)
+        else:
+            y = run_linear(rows, packed, bias, self.out_features, block)
         return y.view(*x.shape[:-1], self.out_features)
 
     @property
     def weight(self) -> torch.Tensor:
         """The dense weight (a copy), for code that reads it."""
         return unpack(self.packed, self.out_features, self.in_features)
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 - torch's signature
+        """`.to()`, `.float()`, `.bfloat16()` ...: a new dtype gets its own kernel's layout and blocks."""
+        super()._apply(fn, recurse)
+        packed = self._buffers["packed"]
+        if not layout_matches(packed):
+            self._buffers["packed"] = pack(unpack(packed, self.out_features, self.in_features))
+        if self.blocks is None or packed.dtype != self._blocks_dtype:
+            self._blocks_dtype = packed.dtype
+            self.blocks = _blocks(packed.dtype, self.out_features, self.in_features, self.bias is not None)
+        return self
 
     def _pack_loaded(self, weight: torch.Tensor) -> None:
         self.packed = pack(weight.to(self.packed.dtype))
@@ -129,10 +149,11 @@ class KernelLinear(PackedLinearBase):
 
 
 def _blocks(dtype: torch.dtype, out_features: int, in_features: int, bias: bool) -> tuple[int, int] | None:
-    """The kernel's block sizes (one row, several rows) for a weight of this dtype and shape."""
+    """The kernel's block sizes (one row, several rows) for a weight of this dtype and shape; None where
+    no kernel serves it (another dtype, or a bf16 shape where the kernel would not be bit-identical)."""
     if dtype == torch.bfloat16:
         return calibrate(out_features, in_features, bias)
-    return (FLOAT32_BLOCK, FLOAT32_BLOCK)
+    return (FLOAT32_BLOCK, FLOAT32_BLOCK) if dtype == torch.float32 else None
 
 
 def _cancelling_weight(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
