@@ -28,6 +28,8 @@ train the untransformed model.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
@@ -78,6 +80,18 @@ class PackedLinear(PackedLinearBase):
         self._set(fn(weight))
         return self
 
+    def __getstate__(self) -> dict:
+        # oneDNN's packed layout is opaque (no storage to copy or pickle): travel dense, repack on arrival
+        state = self.__dict__.copy()
+        state.update(packed=None, dense=self.weight, _repack=self.packed is not None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        repack = state.pop("_repack", False)
+        super().__setstate__(state)
+        if repack:
+            self._set(self.dense)
+
     def extra_repr(self) -> str:
         how = "packed" if self.packed is not None else "dense"
         return f"in_features={self.in_features}, out_features={self.out_features}, {how}"
@@ -96,30 +110,24 @@ def _fused_linear(parts: list[nn.Linear]) -> nn.Linear:
     return fused
 
 
-def _split_state_dict_hook(fused_name: str, names: list[str], sizes: list[int]):  # noqa: ANN202
-    """A state_dict hook that writes a fused projection back as the checkpoint's separate ones."""
-
-    def hook(module, state_dict, prefix, local_metadata):  # noqa: ANN001, ANN202
-        for suffix in ("weight", "bias"):
-            key = f"{prefix}{fused_name}.{suffix}"
-            if key in state_dict:
-                for name, part in zip(names, state_dict.pop(key).split(sizes), strict=True):
-                    state_dict[f"{prefix}{name}.{suffix}"] = part.clone()
-        return state_dict
-
-    return hook
+def _split_fused(fused_name, names, sizes, module, state_dict, prefix, local_metadata):  # noqa: ANN001, ANN202
+    """A state_dict hook (bound with functools.partial, so that the model still pickles) that writes a
+    fused projection back as the checkpoint's separate ones."""
+    for suffix in ("weight", "bias"):
+        key = f"{prefix}{fused_name}.{suffix}"
+        if key in state_dict:
+            for name, part in zip(names, state_dict.pop(key).split(sizes), strict=True):
+                state_dict[f"{prefix}{name}.{suffix}"] = part.clone()
+    return state_dict
 
 
-def _fuse_load_hook(fused_name: str, names: list[str]):  # noqa: ANN202
-    """A load_state_dict pre-hook that fuses the checkpoint's separate projections."""
-
-    def hook(state_dict, prefix, *args):  # noqa: ANN001, ANN202
-        for suffix in ("weight", "bias"):
-            keys = [f"{prefix}{name}.{suffix}" for name in names]
-            if all(k in state_dict for k in keys):
-                state_dict[f"{prefix}{fused_name}.{suffix}"] = torch.cat([state_dict.pop(k) for k in keys])
-
-    return hook
+def _fuse_loaded(fused_name, names, state_dict, prefix, *args):  # noqa: ANN001, ANN002, ANN202
+    """A load_state_dict pre-hook (bound with functools.partial) that fuses the checkpoint's separate
+    projections."""
+    for suffix in ("weight", "bias"):
+        keys = [f"{prefix}{name}.{suffix}" for name in names]
+        if all(k in state_dict for k in keys):
+            state_dict[f"{prefix}{fused_name}.{suffix}"] = torch.cat([state_dict.pop(k) for k in keys])
 
 
 def fuse_projections(model: nn.Module) -> nn.Module:
@@ -130,16 +138,16 @@ def fuse_projections(model: nn.Module) -> nn.Module:
             names, sizes = ["q_proj", "k_proj", "v_proj"], [p.out_features for p in parts]
             module.qkv_proj = _fused_linear(parts)
             del module.q_proj, module.k_proj, module.v_proj
-            module._register_state_dict_hook(_split_state_dict_hook("qkv_proj", names, sizes))
-            module._register_load_state_dict_pre_hook(_fuse_load_hook("qkv_proj", names))
+            module._register_state_dict_hook(partial(_split_fused, "qkv_proj", names, sizes))
+            module._register_load_state_dict_pre_hook(partial(_fuse_loaded, "qkv_proj", names))
         elif isinstance(module, MLP) and module.gate_up_proj is None:
             parts = [module.gate_proj, module.up_proj]
             sizes = [p.out_features for p in parts]
             module.gate_up_proj = _fused_linear(parts)
             del module.gate_proj, module.up_proj
             names = ["gate_proj", "up_proj"]
-            module._register_state_dict_hook(_split_state_dict_hook("gate_up_proj", names, sizes))
-            module._register_load_state_dict_pre_hook(_fuse_load_hook("gate_up_proj", names))
+            module._register_state_dict_hook(partial(_split_fused, "gate_up_proj", names, sizes))
+            module._register_load_state_dict_pre_hook(partial(_fuse_loaded, "gate_up_proj", names))
     return model
 
 

@@ -211,3 +211,17 @@ def test_an_optimized_model_converted_to_another_dtype_gives_that_dtypes_logits(
         else:  # bf16 on a bit-identical kernel, fp16 through F.linear
             assert torch.equal(got, want), dtype
     assert model.state_dict().keys() == plain.state_dict().keys()
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_an_optimized_model_copies_and_pickles_whole(kernels, tmp_path):
+    model, _ = make_pair(tiny_config(**VARIANTS["gqa-bias-qkln"]))
+    optimize_for_inference(model, kernels=kernels)
+    with torch.no_grad():
+        before = model(_ids()).logits
+    torch.save(model, tmp_path / "model.pt")  # whole-module pickling, as some users do
+    for other in [copy.deepcopy(model), torch.load(tmp_path / "model.pt", weights_only=False)]:
+        with torch.no_grad():
+            assert torch.equal(other(_ids()).logits, before)
+        assert other.state_dict().keys() == model.state_dict().keys()  # the checkpoint's keys still
+        assert any(isinstance(m, (PackedLinear, KernelLinear)) for m in other.modules()) == can_pack(model)
