@@ -230,8 +230,16 @@ def test_the_kernel_reports_bad_arguments_and_failed_allocations():
     packed = native.pack(torch.ones(64, 64))
     with pytest.raises(ValueError, match="bad arguments"):
         native.run_linear(x, packed, None, 64, 0)  # block 0
-    with pytest.raises(ValueError, match="bad arguments"):
+    with pytest.raises(ValueError, match="do not fit"):
         native.run_linear(x, packed, None, 0, 256)  # no outputs
+    with pytest.raises(ValueError, match="do not fit"):
+        native.run_linear(torch.ones(2, 65), packed, None, 64, 256)  # wider inputs than the weight
+    with pytest.raises(ValueError, match="do not fit"):
+        native.run_linear(x, packed, torch.ones(63), 64, 256)  # a short bias
+    with pytest.raises(ValueError, match="do not fit"):
+        native.run_linear(x, packed[:, :32], None, 64, 256)  # a weight cut short
+    with pytest.raises(ValueError, match="no stablelm kernel"):
+        native.run_linear(x.double(), packed, None, 64, 256)
     if BF16:  # bf16 takes k in pairs: an odd block is refused
         half = torch.ones(2, 64, dtype=torch.bfloat16)
         with pytest.raises(ValueError, match="bad arguments"):

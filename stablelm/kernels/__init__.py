@@ -142,12 +142,26 @@ def run_linear(
 ) -> torch.Tensor:
     """y = x @ W^T (+ bias) with the kernel for `packed`'s dtype; `x` (M, K) of the same dtype,
     `packed` from `pack`; K summed in blocks of `kb`."""
-    assert supports(packed.dtype) and x.dtype == packed.dtype, "no kernel for these tensors here"
-    assert layout_matches(packed), "packed for another dtype: pack(unpack(...)) it again"
+    # Checked here, not left to the C code, which trusts its arguments: a mismatch would read out of bounds.
+    if not supports(packed.dtype) or x.dtype != packed.dtype or x.dim() != 2 or not x.is_cpu:
+        raise ValueError(
+            f"no stablelm kernel for {x.dtype} inputs of {x.dim()} dims on {x.device.type} with "
+            f"{packed.dtype} weights here"
+        )
+    m, k = x.shape
+    if (
+        not layout_matches(packed)
+        or packed.shape[:3] != (-(-out_features // 64), -(-k // _pair(packed.dtype)), 64)
+        or (bias is not None and (bias.shape != (out_features,) or bias.dtype != x.dtype))
+    ):
+        raise ValueError(
+            f"the packed weight {tuple(packed.shape)} ({packed.dtype}) and bias do not fit {m}x{k} "
+            f"inputs and {out_features} outputs: pack the (N, K) weight with stablelm.kernels.pack"
+        )
     lib = library()
     fn = lib.stablelm_linear_bf16 if packed.dtype == torch.bfloat16 else lib.stablelm_linear_f32
     x = x.contiguous()
-    m, k = x.shape
+    bias = None if bias is None else bias.contiguous()
     y = torch.empty(m, out_features, dtype=x.dtype)
     status = fn(
         x.data_ptr(),
