@@ -81,6 +81,13 @@ def attention(
         k, v = k[:, :, : mask.key_length], v[:, :, : mask.key_length]  # a static cache's written slots
     if implementation == "flash_attention_2":
         return _flash_attention(q, k, v, mask, scale=scale, dropout=dropout)
+    if q.shape[2] == 1 and dropout == 0.0 and torch.compiler.is_compiling() and q.device.type == "cpu":
+        # A compiled CPU decode step attends over every slot of the static cache: as two products in
+        # float32, which Inductor fuses with the masking and the softmax (PyTorch's CPU flash kernel,
+        # run per head, took a quarter of a 160M step). Within rounding of the eager path, as the rest
+        # of the compiled step is.
+        out = _one_query_attention(q.float(), k.float(), v.float(), mask.allowed, scale)
+        return out.to(q.dtype)
     if k.dtype != q.dtype:  # a float32 cache under a half-precision model (see `stablelm.fast`)
         if q.shape[2] == 1 and dropout == 0.0:  # one new token: attend in float32, round once
             return _one_query_attention(q.to(k.dtype), k, v, mask.allowed, scale).to(q.dtype)

@@ -139,3 +139,25 @@ def test_fully_masked_query_rows_do_not_produce_nan():
         model.config.attn_implementation = attn
         with torch.no_grad():
             assert torch.isfinite(model(ids, attention_mask=mask).logits).all(), attn
+
+
+def test_a_compiled_decode_step_attends_in_float32_within_rounding_of_sdpa():
+    from stablelm.attention import AttentionMask, attention
+
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 6, 1, 16, generator=g).to(torch.bfloat16)
+    k, v = (torch.randn(2, 2, 20, 16, generator=g).to(torch.bfloat16) for _ in range(2))
+    allowed = torch.rand(2, 1, 1, 20, generator=g) > 0.3  # written slots, padding and empty ones masked
+    allowed[..., 0] = True
+    mask = AttentionMask(allowed=allowed, is_causal=False, key_length=20)
+
+    def step(q, k, v):
+        return attention(q, k, v, mask, implementation="sdpa", scale=0.25)
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=False)(q, k, v)
+    eager = step(q, k, v)  # PyTorch's bf16 SDPA kernel
+    truth = attention(q.double(), k.double(), v.double(), mask, implementation="eager", scale=0.25)
+    assert compiled.dtype == torch.bfloat16 and compiled.shape == eager.shape == (2, 1, 6, 16)
+    torch.testing.assert_close(compiled.float(), eager.float(), atol=2e-2, rtol=2e-2)
+    # one rounding of a float32 result: nearer the truth than the bf16 kernel (which rounds the weights)
+    assert (compiled.double() - truth).abs().mean() < (eager.double() - truth).abs().mean()
