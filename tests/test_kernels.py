@@ -24,6 +24,11 @@ needs_f32_kernel = pytest.mark.skipif(
 )
 
 
+def _skip_without_a_kernel_for(dtype: torch.dtype) -> None:
+    if dtype == torch.bfloat16 and not BF16:
+        pytest.skip("needs AVX512-BF16")
+
+
 def _bf16(*shape, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return (torch.randn(*shape, generator=gen) * torch.exp2(torch.randint(-4, 5, shape, generator=gen))).to(
@@ -158,8 +163,7 @@ def test_the_library_is_built_once_into_the_cache(monkeypatch, tmp_path):
 def test_a_compiled_decode_step_calls_the_kernel(capsys, monkeypatch, dtype):
     import stablelm.decode
 
-    if dtype == torch.bfloat16 and not BF16:
-        pytest.skip("needs AVX512-BF16")
+    _skip_without_a_kernel_for(dtype)
     monkeypatch.setattr(stablelm.decode, "_NOTICE_SHOWN", set())
     model, _ = make_pair(tiny_config(num_key_value_heads=2, max_position_embeddings=64))
     model = optimize_for_inference(model.to(dtype))
@@ -206,8 +210,7 @@ def test_float32_kernel_is_as_accurate_as_f_linear(n, k):
 @needs_f32_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_results_do_not_depend_on_the_thread_count_or_the_batch(dtype):
-    if dtype == torch.bfloat16 and not BF16:
-        pytest.skip("needs AVX512-BF16")
+    _skip_without_a_kernel_for(dtype)
     linear = nn.Linear(2560, 200, dtype=dtype)
     fast_linear = KernelLinear.from_linear(linear)
     x = _bf16(7, 2560).to(dtype)
@@ -289,8 +292,7 @@ def test_float32_kernel_linear_saves_loads_and_falls_back():
 @needs_f32_kernel
 @pytest.mark.parametrize("start", [torch.float32, torch.bfloat16])
 def test_a_kernel_linear_converted_to_another_dtype_computes_in_it(start):
-    if start == torch.bfloat16 and not BF16:
-        pytest.skip("needs AVX512-BF16")
+    _skip_without_a_kernel_for(start)
     linear = nn.Linear(300, 70, dtype=start)
     x = _bf16(5, 300, seed=4)
     for dtype in [torch.float32, torch.bfloat16, torch.float16, torch.float64]:
