@@ -81,17 +81,17 @@ def attention(
         k, v = k[:, :, : mask.key_length], v[:, :, : mask.key_length]  # a static cache's written slots
     if implementation == "flash_attention_2":
         return _flash_attention(q, k, v, mask, scale=scale, dropout=dropout)
-    if q.shape[2] == 1 and dropout == 0.0 and torch.compiler.is_compiling() and q.device.type == "cpu":
-        # A compiled CPU decode step attends over every slot of the static cache: as two products in
-        # float32, which Inductor fuses with the masking and the softmax (PyTorch's CPU flash kernel,
-        # run per head, took a quarter of a 160M step). Within rounding of the eager path, as the rest
-        # of the compiled step is.
-        out = _one_query_attention(q.float(), k.float(), v.float(), mask.allowed, scale)
-        return out.to(q.dtype)
-    if k.dtype != q.dtype:  # a float32 cache under a half-precision model (see `stablelm.fast`)
-        if q.shape[2] == 1 and dropout == 0.0:  # one new token: attend in float32, round once
-            return _one_query_attention(q.to(k.dtype), k, v, mask.allowed, scale).to(q.dtype)
-        k, v = k.to(q.dtype), v.to(q.dtype)  # prefill: exact, the cache holds values of the model's dtype
+    compiled_cpu = torch.compiler.is_compiling() and q.device.type == "cpu"
+    if q.shape[2] == 1 and dropout == 0.0 and (k.dtype != q.dtype or compiled_cpu):
+        # One new token, attended in (at least) float32 and rounded once: over a float32 cache under a
+        # half-precision model (see `stablelm.fast`), or in a compiled CPU decode step, over every slot
+        # of the static cache, as two products Inductor fuses with the masking and the softmax
+        # (PyTorch's CPU flash kernel, run per head, took a quarter of a 160M step; within rounding of
+        # the eager path, as the rest of the compiled step is).
+        wide = torch.promote_types(k.dtype, torch.float32)
+        return _one_query_attention(q.to(wide), k.to(wide), v.to(wide), mask.allowed, scale).to(q.dtype)
+    if k.dtype != q.dtype:  # prefill over a float32 cache: exact, it holds values of the model's dtype
+        k, v = k.to(q.dtype), v.to(q.dtype)
     if implementation == "eager" or (groups > 1 and not _SDPA_HAS_GQA):
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     if implementation == "eager":

@@ -8,8 +8,8 @@ written slots only, so it matches a dynamic cache bit for bit.
 Freezing makes the weights constants of the graph and Inductor fuses the small operations around the
 products. Plain weights it packs for oneDNN itself (a second copy of the weights in memory);
 `stablelm.kernels.linear.KernelLinear` (float32 and bfloat16 on CPUs with AVX-512) it calls as the
-`stablelm::linear` operator on the already packed weights (no copy). oneDNN-packed weights (`PackedLinear`) it cannot
-trace: give it unpacked ones, `optimize_for_inference(pack=False)`.
+`stablelm::linear` operator on the already packed weights (no copy). oneDNN-packed weights
+(`PackedLinear`) it cannot trace: give it unpacked ones, `optimize_for_inference(pack=False)`.
 """
 
 from __future__ import annotations

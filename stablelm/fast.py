@@ -17,9 +17,10 @@ products. Three transforms raise it:
 - Opt-in, a float32 KV cache (CPU, half-precision models): PyTorch's CPU attention kernel is 3-6x
   slower in bfloat16 than in float32 for one query over a cache, which dominates batched decoding. The
   cache holds the same (bf16-exact) values in float32; prefill attends in the model's dtype as before,
-  each decoded token attends in float32 and rounds once. The one transform that changes bf16 bits: about a
-  third of decoding's attention outputs differ from the bf16 kernel's by one unit in the last place
-  (the fp32 result is the more accurate), so greedy text can part from the reference's at a near-tie.
+  each decoded token attends in float32 and rounds once. The one transform that changes bf16 bits:
+  about a third of decoding's attention outputs differ from the bf16 kernel's by one unit in the last
+  place (the fp32 result is the more accurate), so greedy text can part from the reference's at a
+  near-tie.
 
 The transformed model's `state_dict()` still has the checkpoint's keys and dense tensors, so
 `save_pretrained` and the parity tests see the original layout. Packed weights serve inference only:
@@ -60,8 +61,7 @@ class PackedLinear(PackedLinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None or x.dtype != self.packed.dtype or not x.is_cpu or x.requires_grad:
-            bias = None if self.bias is None else self.bias.to(x.dtype)
-            return nn.functional.linear(x, self.weight.to(x.dtype), bias)
+            return self._dense_linear(x)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     @property

@@ -43,6 +43,11 @@ class PackedLinearBase(nn.Module):
         """Replace the packed weight by `weight` (dense, from a state dict), packed."""
         raise NotImplementedError
 
+    def _dense_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """`F.linear` on the dense weight in `x`'s dtype: where the packed kernel cannot serve `x`."""
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return nn.functional.linear(x, self.weight.to(x.dtype), bias)
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001 - torch's signature
         destination[prefix + "weight"] = self.weight
         if self.bias is not None:
@@ -70,7 +75,6 @@ class KernelLinear(PackedLinearBase):
         super().__init__(linear)
         # For a compiled graph, which cannot call `calibrate`; None: no kernel for this dtype here.
         self.blocks: tuple[int, int] | None = blocks
-        self._blocks_dtype = linear.weight.dtype
         self.register_buffer("packed", pack(linear.weight.detach()), persistent=False)
 
     @staticmethod
@@ -114,9 +118,7 @@ class KernelLinear(PackedLinearBase):
             or x.requires_grad
             or not (compiling or supports(dtype))
         ):  # e.g. after .half() or .cuda(), or with a bf16 shape calibrated away for this thread count
-            return nn.functional.linear(
-                x, self.weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
-            )
+            return self._dense_linear(x)
         block = blocks[0] if rows.shape[0] == 1 else blocks[1]
         if compiling:  # the kernel as an operator torch.compile can call
             y = torch.ops.stablelm.linear(rows, packed, bias, self.out_features, block)
@@ -135,9 +137,7 @@ class KernelLinear(PackedLinearBase):
         packed = self._buffers["packed"]
         if not layout_matches(packed):
             self._buffers["packed"] = pack(unpack(packed, self.out_features, self.in_features))
-        if self.blocks is None or packed.dtype != self._blocks_dtype:
-            self._blocks_dtype = packed.dtype
-            self.blocks = _blocks(packed.dtype, self.out_features, self.in_features, self.bias is not None)
+        self.blocks = _blocks(packed.dtype, self.out_features, self.in_features, self.bias is not None)
         return self
 
     def _pack_loaded(self, weight: torch.Tensor) -> None:
