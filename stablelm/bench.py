@@ -21,7 +21,6 @@ import torch
 from .config import StableLmConfig
 from .fast import optimize_for_inference
 from .heads import StableLmForCausalLM
-from .kernels.linear import KernelLinear
 
 SHAPES: dict[str, dict[str, Any]] = {
     "3b": {},  # stablelm-3b-4e1t: the config's defaults
@@ -142,12 +141,8 @@ def prepare(
     Returns `generate(input_ids, streamer=None)`, the prompt's ids, and what describes the run.
     """
     model = random_model(shape, DTYPES[dtype], device=device)
-    nbytes = weight_bytes(model)  # before packing, which hides the weights from parameters()
-    if optimize:
-        # Compiling cannot trace oneDNN-packed weights (Inductor freezes and packs plain ones itself),
-        # but it calls stablelm's kernels: pack for compiling only where a kernel serves.
-        pack = None if not compile or KernelLinear.serves(DTYPES[dtype], device) else False
-        optimize_for_inference(model, pack=pack, fp32_cache=fp32_cache)
+    nbytes = weight_bytes(model)
+    optimize_for_inference(model, kernels=optimize, fp32_cache=fp32_cache)
     ids = torch.randint(
         0, model.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(1)
     )

@@ -6,10 +6,9 @@ every generation with the same batch size and cache-length bucket. Eager, the st
 written slots only, so it matches a dynamic cache bit for bit.
 
 Freezing makes the weights constants of the graph and Inductor fuses the small operations around the
-products. Plain weights it packs for oneDNN itself (a second copy of the weights in memory);
-`stablelm.kernels.linear.KernelLinear` (float32 and bfloat16 on CPUs with AVX-512) it calls as the
-`stablelm::linear` operator on the already packed weights (no copy). oneDNN-packed weights
-(`PackedLinear`) it cannot trace: give it unpacked ones, `optimize_for_inference(pack=False)`.
+products. On the CPU the linear layers stay stablelm's (the `stablelm::linear` operator, which picks
+its kernel as eager calls do) over the weights as they are: no second copy. With kernels switched off
+(`optimize=False`), Inductor packs the weights for oneDNN itself (a second copy in memory).
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ import torch
 
 from .attention import AttentionMask
 from .cache import StaticCache
-from .fast import PackedLinear
 
 _NOTICE_SHOWN: set[str] = set()
 
@@ -70,13 +68,7 @@ class DecodeStep:
         self._fn: Callable[..., torch.Tensor] = _decode_step
         self._compiled = compile
         self._weights: tuple[tuple[int, int], ...] = ()  # what the compiled graph froze
-        if compile and any(isinstance(m, PackedLinear) for m in model.modules()):
-            _notice(
-                "stablelm: compile=True needs unpacked weights (Inductor packs them itself): use "
-                "optimize_for_inference(model, pack=False); running eager."
-            )
-            self._compiled = False
-        elif compile:
+        if compile:
             self._fn = _new_compiled_step()
 
     @classmethod

@@ -9,6 +9,7 @@ from torch import nn
 from .cache import Cache
 from .config import StableLmConfig
 from .generation import UNSET, StopStringChecker, generate, resolve_config
+from .layers import Linear
 from .model import StableLmModel, StableLmPreTrainedModel
 from .outputs import CausalLMOutput, SequenceClassifierOutput, TokenClassifierOutput
 
@@ -34,7 +35,7 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
     def __init__(self, config: StableLmConfig) -> None:
         super().__init__(config)
         self.model = StableLmModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init(self.lm_head)
 
     def get_output_embeddings(self) -> nn.Linear:
@@ -169,7 +170,7 @@ class StableLmForSequenceClassification(StableLmPreTrainedModel):
     def __init__(self, config: StableLmConfig) -> None:
         super().__init__(config)
         self.model = StableLmModel(config)
-        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.score = Linear(config.hidden_size, config.num_labels, bias=False)
         self.post_init(self.score)
 
     def forward(
@@ -253,7 +254,7 @@ class StableLmForTokenClassification(StableLmPreTrainedModel):
             config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout
         )
         self.dropout = nn.Dropout(dropout)
-        self.score = nn.Linear(config.hidden_size, config.num_labels)
+        self.score = Linear(config.hidden_size, config.num_labels)
         self.post_init(self.score)
 
     def forward(

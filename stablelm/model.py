@@ -17,6 +17,7 @@ from .activations import ACT_FNS
 from .attention import AttentionMask, attention, build_mask, check_flash_attention_available
 from .cache import Cache, DynamicCache
 from .config import StableLmConfig
+from .layers import Linear, fused_linear
 from .outputs import BaseModelOutput
 from .rope import RotaryEmbedding, apply_rotary
 
@@ -26,15 +27,15 @@ class MLP(nn.Module):
 
     def __init__(self, config: StableLmConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.act_fn = ACT_FNS[config.hidden_act]
-        self.gate_up_proj: nn.Module | None = None  # set by stablelm.fast.fuse_projections
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = fused_linear(x, (self.gate_proj, self.up_proj))  # one kernel call, where one serves
+        if gate_up is not None:
+            gate, up = gate_up.chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(self.act_fn(gate) * up)
@@ -72,20 +73,13 @@ class Attention(nn.Module):
             config.head_dim,
         )
         C, bias = config.hidden_size, config.use_qkv_bias
-        self.q_proj = nn.Linear(C, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(C, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(C, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, C, bias=False)
+        self.q_proj = Linear(C, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(C, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(C, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, C, bias=False)
         if config.qk_layernorm:
             self.q_layernorm = PerHeadLayerNorm(self.head_dim, self.num_heads, config.layer_norm_eps)
             self.k_layernorm = PerHeadLayerNorm(self.head_dim, self.num_kv_heads, config.layer_norm_eps)
-        self.qkv_proj: nn.Module | None = None  # set by stablelm.fast.fuse_projections
-
-    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.qkv_proj is None:
-            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        kv = self.num_kv_heads * self.head_dim
-        return self.qkv_proj(x).split([self.num_heads * self.head_dim, kv, kv], dim=-1)
 
     def forward(
         self,
@@ -98,17 +92,21 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         cos, sin = rope
-        if self.qkv_proj is not None and not self.config.qk_layernorm:
-            # Fused projection: rotate the query and key heads in one pass (the same arithmetic).
-            qkv = self.qkv_proj(x).view(B, T, H + 2 * Hkv, D)
+        qkv = fused_linear(x, (self.q_proj, self.k_proj, self.v_proj))  # one kernel call, where one serves
+        if qkv is not None and not self.config.qk_layernorm:
+            # Rotate the query and key heads in one pass (the same arithmetic).
+            qkv = qkv.view(B, T, H + 2 * Hkv, D)
             qk = apply_rotary(qkv[:, :, : H + Hkv], cos, sin, heads_dim=2)
             q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # (B, H|Hkv, T, D)
             v = qkv[:, :, H + Hkv :].transpose(1, 2)  # (B, Hkv, T, D)
         else:
-            q, k, v = self._project(x)
-            q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-            k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
-            v = v.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+            if qkv is not None:
+                q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+            else:
+                q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q = q.reshape(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+            k = k.reshape(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+            v = v.reshape(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
             if self.config.qk_layernorm:
                 q, k = self.q_layernorm(q), self.k_layernorm(k)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -255,6 +253,7 @@ class StableLmPreTrainedModel(nn.Module):
         local_files_only: bool = False,
         token: str | bool | None = None,
         trust_remote_code: bool | None = None,
+        optimize: bool | None = None,
         **config_overrides: object,
     ) -> StableLmPreTrainedModel:
         """Load a model from a checkpoint folder or a Hugging Face hub repo id, in eval mode.
@@ -274,6 +273,9 @@ class StableLmPreTrainedModel(nn.Module):
             attn_implementation: "sdpa" (default), "eager" or "flash_attention_2".
             revision, cache_dir, local_files_only, token: For the hub (`HF_HUB_OFFLINE=1` is honoured).
             trust_remote_code: Accepted for the reference's snippets and ignored: no file's code ever runs.
+            optimize: Run inference on stablelm's kernels where they serve (the default; bfloat16
+                bit-identical to torch, float32 within rounding; see `stablelm.fast`). False keeps
+                torch's kernels; None follows `STABLELM_OPTIMIZE` (0 turns them off).
             **config_overrides: Config fields to change, such as `num_labels=3`.
 
         Raises:
@@ -297,6 +299,7 @@ class StableLmPreTrainedModel(nn.Module):
             local_files_only=local_files_only,
             token=token,
             trust_remote_code=trust_remote_code,
+            optimize=optimize,
             **config_overrides,
         )
 

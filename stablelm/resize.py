@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .layers import Linear
+
 if TYPE_CHECKING:
     from .model import StableLmPreTrainedModel
 
@@ -57,7 +59,8 @@ def _resize_head(model: StableLmPreTrainedModel, head: nn.Linear, n: int, *, mea
         head.out_features = n
         return
     has_bias = head.bias is not None
-    new = nn.Linear(dim, n, bias=has_bias, device=head.weight.device, dtype=head.weight.dtype)
+    new = Linear(dim, n, bias=has_bias, device=head.weight.device, dtype=head.weight.dtype)
+    new.use_kernels = getattr(head, "use_kernels", new.use_kernels)
     _init_new_rows(model, new, head.weight, n - old_n, mean_resizing=mean_resizing)
     if has_bias and n > old_n and mean_resizing:
         mean, std = head.bias.data.float().mean(), head.bias.data.std().float()

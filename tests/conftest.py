@@ -67,10 +67,22 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
 
 
 def make_pair(
-    config: StableLmConfig, *, ours_cls=None, ref_cls_name="StableLmForCausalLM", attn="sdpa", seed=0
+    config: StableLmConfig,
+    *,
+    ours_cls=None,
+    ref_cls_name="StableLmForCausalLM",
+    attn="sdpa",
+    seed=0,
+    kernels=False,
 ):
-    """Our model and the reference, in eval mode, with the same random weights."""
+    """Our model and the reference, in eval mode, with the same random weights.
+
+    Ours runs torch's kernels unless `kernels`: these pairs check the model's arithmetic against the
+    reference's bit for bit, which stablelm's float32 kernels only match within rounding (the default
+    path is checked on its own in test_fast.py and test_kernels.py).
+    """
     import stablelm
+    from stablelm.fast import set_kernels
 
     ours_cls = ours_cls or stablelm.StableLmForCausalLM
     ref_cls = getattr(transformers, ref_cls_name)
@@ -78,6 +90,6 @@ def make_pair(
     ref = ref_cls._from_config(reference_config(config), attn_implementation=attn)
     randomize_(ref, seed)
     config.attn_implementation = attn
-    ours = ours_cls(config)
+    ours = set_kernels(ours_cls(config), kernels)
     ours.load_state_dict(ref.state_dict(), strict=True)
     return ours.eval(), ref.eval()

@@ -30,7 +30,9 @@ from stablelm.checkpoint import load as load_module
 from stablelm.checkpoint.save import parse_size
 
 SMALL = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, intermediate_size=96)
-FP32_TOL = 1e-6
+# float32 logits of a model loaded by from_pretrained (stablelm's kernels, another summation order than
+# MKL's: within rounding) against the reference's; a wrong or misplaced weight is off by far more.
+FP32_TOL = 1e-5
 
 
 def small_config(**overrides) -> StableLmConfig:

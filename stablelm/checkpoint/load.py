@@ -22,6 +22,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..config import StableLmConfig
+from ..fast import set_kernels
+from ..kernels import selected_isa
 from ..rope import RotaryEmbedding
 from .layout import (
     CONFIG_NAME,
@@ -59,10 +61,14 @@ def load_pretrained(
     local_files_only: bool = False,
     token: str | bool | None = None,
     trust_remote_code: bool | None = None,
+    optimize: bool | None = None,
     **config_overrides: Any,
 ) -> M:
     """Load `cls` from a checkpoint folder or hub repo id; see `StableLmPreTrainedModel.from_pretrained`."""
     del trust_remote_code  # accepted for the reference's snippets: nothing from a checkpoint is ever executed
+    if optimize is not None and not isinstance(optimize, bool):
+        raise TypeError(f"optimize must be True, False or None, got {optimize!r}.")
+    selected_isa()  # a bad STABLELM_ISA is an error here, before anything is read
     dtype = _one_of("dtype", dtype, "torch_dtype", torch_dtype)
     target_device = resolve_device(_one_of("device", device, "device_map", device_map))
     # As the reference (transformers 5): no dtype means "auto", the checkpoint's own.
@@ -90,6 +96,8 @@ def load_pretrained(
         for reader in readers:
             reader.close()
     _install(model, state, plan, dtype=target_dtype, device=target_device)
+    if optimize is not None:
+        set_kernels(model, optimize)
     model.config.torch_dtype = str(target_dtype).removeprefix("torch.")
     model.generation_config = read_generation_config(folder)
     _warn_new_and_unused(model, plan, weights.source)

@@ -57,5 +57,5 @@ def load(args: argparse.Namespace) -> Loaded:
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = StableLmForCausalLM.from_pretrained(source, dtype=args.dtype, device=args.device)
-    optimize_for_inference(model)  # fused projections, packed CPU weights: same outputs, faster decoding
+    optimize_for_inference(model)  # frozen parameters: plain calls take the fast path too
     return Loaded(source, model, tokenizer, time.perf_counter() - start)

@@ -1,15 +1,18 @@
-"""Native kernels, built on first use with the system's C compiler and loaded with ctypes.
+"""Native kernels, built on first use with the system's C compiler for this CPU's instruction set.
 
-`linear.c` holds linear layers for x86-64 CPUs with AVX-512, which read the weights at batch 1 about as
-fast as plain loads read memory (1.4-1.7x oneDNN's packed kernels on a 2-core Zen 4):
-- bfloat16 (CPUs with AVX512-BF16): sums in oneDNN's order, so its outputs equal torch's bit for bit
-  (checked per weight shape before use, see `stablelm.kernels.linear.KernelLinear`);
-- float32 (AVX512F): sums each block of K in order with FMAs; within float32 rounding of torch's result
-  (torch's own kernels differ among themselves the same way), and the same for any thread count.
+`linear.c` holds linear layers over the weights as they lie (dense, row-major: nothing packed or
+copied), in one source compiled for the best instruction set the CPU has (see `selected_isa`):
+- `avx512` (x86-64 with AVX-512 F/BW/VL and FMA): 16-float vectors; with AVX512-BF16 also the
+  bfloat16 kernel that sums in oneDNN's order (torch's bf16 kernel on such CPUs);
+- `avx2` (x86-64 with AVX2 and FMA: most laptops and desktops, AMD EPYC before Zen 4): 8-float vectors.
+Both have a float32 kernel and a bfloat16 kernel in ATen's order (torch's bf16 kernel on CPUs without
+AVX-512 bf16 support). Which kernel serves a weight, and whether its bfloat16 results equal torch's bit
+for bit on this machine, is decided in `stablelm.kernels.linear`.
 
-The shared library is compiled once into `$STABLELM_CACHE` (default `~/.cache/stablelm/kernels`),
-named by a hash of the source and flags, written atomically. Where it cannot be had (another CPU or
-OS, no compiler, `STABLELM_KERNELS=0`), `library()` returns None and callers keep torch's kernels.
+The shared library is compiled once into `$STABLELM_CACHE/kernels` (default
+`~/.cache/stablelm/kernels`), named by a hash of the source and flags, written atomically. Where it
+cannot be had (another CPU or OS, no compiler, `STABLELM_ISA=none`), `library()` returns None and
+callers keep torch's kernels. `STABLELM_ISA=avx2` forces the lower level on an AVX-512 machine.
 """
 
 from __future__ import annotations
@@ -28,17 +31,19 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("linear.c")
-FLAGS = [
-    "-O3",
-    "-mavx512f",
-    "-mavx512bw",
-    "-mavx512vl",
-    "-mavx512bf16",
-    "-mfma",
-    "-fopenmp",
-    "-shared",
-    "-fPIC",
-]
+# -ffp-contract=off: a product and a sum written apart stay apart (FMAs are written out where wanted).
+COMMON_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
+ISA_FLAGS = {
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-mf16c"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+}
+# The CPU flags (as /proc/cpuinfo names them) each level needs, best level first.
+ISA_NEEDS = {
+    "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"},
+    "avx2": {"avx2", "fma", "f16c"},
+}
+ISA_ENV = "STABLELM_ISA"
+KINDS = ("f32", "bf16_dot", "f16_dot", "bf16_dpbf16", "bf16_amx")
 
 
 def cache_dir() -> Path:
@@ -65,70 +70,130 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-def cpu_has_avx512() -> bool:
-    """Whether this is Linux on an x86-64 CPU with the AVX-512 the float32 kernel needs (F, BW, VL)."""
-    return {"avx512f", "avx512bw", "avx512vl"} <= cpu_flags()
+def best_isa() -> str | None:
+    """The best instruction-set level the kernels have for this CPU, or None (not x86-64 Linux, or a
+    CPU without AVX2 and FMA)."""
+    return next((isa for isa, needs in ISA_NEEDS.items() if needs <= cpu_flags()), None)
 
 
-def cpu_has_avx512_bf16() -> bool:
-    """Whether the CPU also reports AVX512-BF16, which the bfloat16 kernel needs."""
-    return cpu_has_avx512() and "avx512_bf16" in cpu_flags()
+def selected_isa() -> str | None:
+    """The level the kernels are built for: `$STABLELM_ISA` when set (`avx512`, `avx2`, `none`;
+    `auto` or unset: `best_isa()`).
+
+    Raises:
+        ValueError: `STABLELM_ISA` names an unknown level, or one this CPU lacks.
+    """
+    return _selected(os.environ.get(ISA_ENV, ""))
 
 
-def build(source: Path, *, compiler: str | None = None) -> Path:
-    """Compile `source` into the cache (once per source and flags); the library's path.
+@cache
+def _selected(wanted: str) -> str | None:
+    wanted = wanted.strip().lower() or "auto"
+    if wanted == "auto":
+        return best_isa()
+    if wanted == "none":
+        return None
+    if wanted not in ISA_NEEDS:
+        raise ValueError(
+            f"{ISA_ENV}={wanted!r} is not a level stablelm has kernels for: set it to one of "
+            f"{', '.join(ISA_NEEDS)}, none or auto (or unset it)."
+        )
+    missing = ISA_NEEDS[wanted] - cpu_flags()
+    if missing:
+        raise ValueError(
+            f"{ISA_ENV}={wanted} needs CPU features this machine lacks ({', '.join(sorted(missing))}): set "
+            f"it to {best_isa() or 'none'} or unset it."
+        )
+    return wanted
+
+
+def has_dpbf16() -> bool:
+    """Whether the oneDNN-order bfloat16 kernel (AVX512-BF16) is built and runs here."""
+    return selected_isa() == "avx512" and "avx512_bf16" in cpu_flags() and library() is not None
+
+
+def build(source: Path, *, isa: str = "avx2", compiler: str | None = None) -> Path:
+    """Compile `source` for `isa` into the cache (once per source, level and flags); the library's path.
 
     Raises RuntimeError (with the compiler's message) when it cannot be built.
     """
     compiler = compiler or os.environ.get("CC") or "cc"
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C compiler found ({compiler!r}); set CC to one")
+    flags = [*COMMON_FLAGS, *ISA_FLAGS[isa]]
     text = source.read_bytes()
-    digest = hashlib.sha256(text + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"{source.stem}-{digest}.so"
+    digest = hashlib.sha256(text + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
+    stem = f"{source.stem}-{isa}"
+    target = cache_dir() / f"{stem}-{digest}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
         result = subprocess.run(
-            [compiler, *FLAGS, str(source), "-o", str(built)], capture_output=True, text=True, timeout=120
+            [compiler, *flags, str(source), "-o", str(built)], capture_output=True, text=True, timeout=120
         )
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
         os.replace(built, target)  # atomic: a concurrent build or a reader never sees half a library
-    for stale in target.parent.glob(f"{source.stem}-*.so"):  # builds of older sources
+    for stale in target.parent.glob(f"{stem}-*.so"):  # builds of older sources
         if stale != target:
             stale.unlink(missing_ok=True)
     return target
 
 
 @cache
-def library() -> ctypes.CDLL | None:
-    """The kernels' library, or None where it cannot be used (see the module docstring)."""
-    if os.environ.get("STABLELM_KERNELS", "1") == "0" or not cpu_has_avx512():
+def _library(isa: str | None) -> ctypes.CDLL | None:
+    if isa is None:
         return None
     try:
-        lib = ctypes.CDLL(str(build(SOURCE)))
+        lib = ctypes.CDLL(str(build(SOURCE, isa=isa)))
     except (RuntimeError, OSError, subprocess.SubprocessError):
         return None
-    for fn in (lib.stablelm_linear_bf16, lib.stablelm_linear_f32):
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5
     lib.stablelm_read.restype = ctypes.c_uint64
     lib.stablelm_read.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
     return lib
 
 
-def supports(dtype: torch.dtype) -> bool:
-    """Whether a linear kernel for `dtype` runs here: float32 with AVX-512, bfloat16 with AVX512-BF16."""
-    if dtype == torch.bfloat16:
-        return cpu_has_avx512_bf16() and library() is not None
-    return dtype == torch.float32 and library() is not None
+@cache
+def _kernels(isa: str | None) -> dict:
+    """The linear kernels of the library for `isa`, by kind."""
+    lib = _library(isa)
+    found = {}
+    for kind in KINDS if lib is not None else ():
+        fn = getattr(lib, f"stablelm_linear_{kind}", None)
+        if fn is not None:
+            fn.restype = ctypes.c_int
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+            fn.argtypes += [ctypes.c_int, ctypes.c_int]
+            fn.argtypes += [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int] * 3 + [ctypes.c_int] * 2
+            found[kind] = fn
+    return found
+
+
+def library() -> ctypes.CDLL | None:
+    """The kernels' library for `selected_isa()`, or None where it cannot be used (see the module
+    docstring)."""
+    return _library(selected_isa())
+
+
+def kernel(kind: str):  # noqa: ANN201 - a ctypes function, or None
+    """The C function for `kind` ("f32", "bf16_dot", "f16_dot", "bf16_dpbf16") here, or None."""
+    return _kernels(selected_isa()).get(kind)
+
+
+def clear_caches() -> None:
+    """Forget the chosen level, the loaded libraries and the kernel plans (after changing
+    `STABLELM_ISA`, `CC` or `STABLELM_CACHE` in a running process)."""
+    from .linear import _PLANS
+
+    for cached in (_selected, _library, _kernels):
+        cached.cache_clear()
+    _PLANS.clear()
 
 
 def read_memory(buffer: torch.Tensor) -> int:
-    """Read all of `buffer` (contiguous CPU, 64-byte aligned) with AVX-512 loads on torch's threads; an
+    """Read all of `buffer` (contiguous CPU, 64-byte aligned) with vector loads on torch's threads; an
     XOR of what was read. For measuring read bandwidth: torch's own reductions stop at ~35 GB/s on a
     2-core Zen 4 where plain loads reach more."""
     lib = library()
@@ -137,73 +202,78 @@ def read_memory(buffer: torch.Tensor) -> int:
     return lib.stablelm_read(buffer.data_ptr(), nbytes, torch.get_num_threads())
 
 
+_DTYPES = {
+    "f32": torch.float32,
+    "bf16_dot": torch.bfloat16,
+    "f16_dot": torch.float16,
+    "bf16_dpbf16": torch.bfloat16,
+    "bf16_amx": torch.bfloat16,
+}
+
+
 def run_linear(
-    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int, kb: int
+    kind: str,
+    x: torch.Tensor,
+    weights: list[torch.Tensor] | tuple[torch.Tensor, ...],
+    biases: list[torch.Tensor | None] | tuple[torch.Tensor | None, ...],
+    block: int = 0,
 ) -> torch.Tensor:
-    """y = x @ W^T (+ bias) with the kernel for `packed`'s dtype; `x` (M, K) of the same dtype,
-    `packed` from `pack`; K summed in blocks of `kb`."""
-    # Checked here, not left to the C code, which trusts its arguments: a mismatch would read out of bounds.
-    if not supports(packed.dtype) or x.dtype != packed.dtype or x.dim() != 2 or not x.is_cpu:
+    """y = x @ cat(weights)^T (+ cat(biases)) with the `kind` kernel, for `x` (M, K) and one to three
+    (N_i, K) weights of the kernel's dtype on the CPU; `block` is the bf16_dpbf16 kernel's K block.
+
+    Raises:
+        ValueError: The kernel is not here, or the tensors do not fit it (checked here: the C code
+            trusts its arguments).
+        MemoryError: The kernel could not allocate its work buffers.
+    """
+    fn = kernel(kind)
+    dtype = _DTYPES.get(kind)
+    if fn is None:
+        raise ValueError(f"no stablelm kernel {kind!r} on this machine (instruction set {selected_isa()})")
+    k = x.shape[1] if x.dim() == 2 else -1
+    if not 1 <= len(weights) <= 3 or len(biases) != len(weights):
         raise ValueError(
-            f"no stablelm kernel for {x.dtype} inputs of {x.dim()} dims on {x.device.type} with "
-            f"{packed.dtype} weights here"
+            f"the kernels take one to three weights, each with a bias or None; got {len(weights)}"
         )
+    fits = x.dim() == 2 and x.dtype == dtype and x.is_cpu and x.stride(-1) == 1 and k > 0
+    for w, b in zip(weights, biases, strict=True):
+        fits = fits and w.dim() == 2 and w.shape[1] == k and w.dtype == dtype and w.is_cpu
+        fits = fits and w.is_contiguous() and w.shape[0] > 0
+        fits = fits and (b is None or (b.shape == w.shape[:1] and b.dtype == dtype and b.is_contiguous()))
+    if not fits:
+        raise ValueError(
+            f"the {kind} kernel takes {dtype} inputs (M, K) with unit stride and contiguous (N, K) weights "
+            f"and (N,) biases of that dtype on the CPU; got inputs {tuple(x.shape)} {x.dtype} and weights "
+            f"{[(tuple(w.shape), w.dtype) for w in weights]}"
+        )
+    return call(fn, kind, x, weights, biases, block)
+
+
+def call(fn, kind: str, x: torch.Tensor, weights, biases, block: int) -> torch.Tensor:  # noqa: ANN001
+    """`run_linear` without its checks, for callers that guarantee them (`stablelm.layers`)."""
     m, k = x.shape
-    if (
-        not layout_matches(packed)
-        or packed.shape[:3] != (-(-out_features // 64), -(-k // _pair(packed.dtype)), 64)
-        or (bias is not None and (bias.shape != (out_features,) or bias.dtype != x.dtype))
-    ):
-        raise ValueError(
-            f"the packed weight {tuple(packed.shape)} ({packed.dtype}) and bias do not fit {m}x{k} "
-            f"inputs and {out_features} outputs: pack the (N, K) weight with stablelm.kernels.pack"
-        )
-    lib = library()
-    fn = lib.stablelm_linear_bf16 if packed.dtype == torch.bfloat16 else lib.stablelm_linear_f32
-    x = x.contiguous()
-    bias = None if bias is None else bias.contiguous()
-    y = torch.empty(m, out_features, dtype=x.dtype)
+    n0 = weights[0].shape[0]
+    b0 = biases[0]
+    if len(weights) == 1:
+        n = n0
+        rest = (None, None, 0, None, None, 0)
+    else:
+        n1, b1 = weights[1].shape[0], biases[1]
+        w2 = weights[2] if len(weights) > 2 else None
+        n2 = 0 if w2 is None else w2.shape[0]
+        b2 = None if w2 is None or biases[2] is None else biases[2].data_ptr()
+        n = n0 + n1 + n2
+        rest = (weights[1].data_ptr(), None if b1 is None else b1.data_ptr(), n1)
+        rest += (None if w2 is None else w2.data_ptr(), b2, n2)
+    y = torch.empty(m, n, dtype=x.dtype)
+    if m == 0:
+        return y
     status = fn(
-        x.data_ptr(),
-        packed.data_ptr(),
-        None if bias is None else bias.data_ptr(),
-        y.data_ptr(),
-        m,
-        out_features,
-        k,
-        kb,
-        torch.get_num_threads(),
-    )
-    if status == 2:
-        raise ValueError(f"bad arguments to stablelm's linear kernel: {m}x{k} @ {out_features}, block {kb}")
+        x.data_ptr(), m, k, x.stride(0) if m > 1 else k, y.data_ptr(), n, len(weights),
+        weights[0].data_ptr(), None if b0 is None else b0.data_ptr(), n0, *rest, block, torch.get_num_threads(),
+    )  # fmt: skip
+    if status == 1:
+        raise MemoryError(f"stablelm's {kind} kernel could not allocate its work buffers ({m} rows of {k})")
     if status:
-        raise MemoryError(
-            f"stablelm's linear kernel could not allocate its work buffer ({m} rows x 64 floats per thread)"
-        )
+        raise ValueError(f"bad arguments to stablelm's {kind} kernel: {m}x{k}, block {block}")
     return y
-
-
-def _pair(dtype: torch.dtype) -> int:
-    return 2 if dtype == torch.bfloat16 else 1
-
-
-def layout_matches(packed: torch.Tensor) -> bool:
-    """Whether `packed` is in `pack`'s layout for its own dtype (a dtype change keeps the old one)."""
-    return packed.dim() == 4 and packed.shape[-1] == _pair(packed.dtype)
-
-
-def pack(weight: torch.Tensor) -> torch.Tensor:
-    """(N, K) weight -> the kernels' layout [ceil(N/64)][ceil(K/P)][64][P], zero padded (P = 2 for
-    bfloat16, whose kernel takes pairs of k; 1 for float32)."""
-    n, k = weight.shape
-    p = _pair(weight.dtype)
-    nb, kp = -(-n // 64), -(-k // p)
-    if (nb * 64, kp * p) != (n, k):
-        weight = torch.nn.functional.pad(weight, (0, kp * p - k, 0, nb * 64 - n))
-    return weight.reshape(nb, 64, kp, p).transpose(1, 2).contiguous()
-
-
-def unpack(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
-    """The dense (N, K) weight back from `pack`'s layout (a new tensor)."""
-    nb, kp, _, p = packed.shape
-    return packed.transpose(1, 2).reshape(nb * 64, kp * p)[:out_features, :in_features].contiguous()

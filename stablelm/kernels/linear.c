@@ -1,151 +1,620 @@
-/* Linear layers for x86-64 CPUs with AVX-512: y[M, N] = x[M, K] @ W[N, K]^T (+ bias).
+/* Linear layers on the weights as they are: y[M, sum N_g] = x[M, K] @ W_g[N_g, K]^T (+ b_g).
  *
- * Weights are packed as [ceil(N/64)][ceil(K/P)][64][P] (zero padded; P = 2 for bfloat16, 1 for float32):
- * one block of 64 outputs is one contiguous stream, read once for up to six rows of x at a time. For
- * each output, K is split in blocks of `kb`; each block is summed in fp32 from zero, the block sums
- * are added in order, then the bias.
+ * W_g are dense row-major (the checkpoint's layout, the Parameter's own storage): nothing is packed or
+ * copied. Up to three weights of the same K are computed in one call (q/k/v, gate/up: one parallel
+ * region and one output), each written to its own columns of y.
  *
- * bfloat16 (AVX512-BF16): each block is summed over consecutive pairs of k with vdpbf16ps and the
- * result rounded to the nearest even bfloat16: the order oneDNN sums in, so that Python can check, per
- * weight shape and for the block size it passes, that this reproduces torch's result bit for bit.
- * float32 (AVX512F): each block is summed with one FMA per k, in order.
+ * One source, compiled once per instruction set (`-mavx512f ...` or `-mavx2 -mfma`; see `__init__.py`):
+ * the vector width VW is 16 floats with AVX-512 and 8 with AVX2. The kernels:
+ *
+ * - f32: float32. Per output, VW partial sums over k (one FMA per k, in order), reduced by halves,
+ *   then + bias. Not torch's order (MKL's is not reproducible); the same for any row count, batch and
+ *   thread count.
+ * - bf16_dot: bfloat16 in ATen's order (torch's kernel on CPUs without AVX-512 bf16 support; see
+ *   `dot_bf16` below). Bit-identical to F.linear there.
+ * - bf16_dpbf16 (AVX512-BF16 only): bfloat16 in oneDNN's order on AVX512-BF16 CPUs: per output, K in
+ *   blocks of kb, each summed from zero over consecutive pairs of k with vdpbf16ps, block sums added in
+ *   order, then the bias in fp32, then one rounding to bfloat16. The weights are read as they lie,
+ *   16 rows at a time, and transposed in registers so that each lane holds one output.
+ *
+ * Every kernel returns 0, or 2 on bad arguments (nothing written then). Work is split over blocks of
+ * 16 outputs on `threads` OpenMP threads (torch's own pool: the same libgomp is loaded).
  */
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
-#include <stdlib.h>
+#include <string.h>
 
-/* What differs between the two element types: the element, the vector of weights one instruction
- * takes, how x[r, k .. k+P) is broadcast, the multiply-add into fp32, and how a result is stored. */
+#if defined(__AVX512F__)
+#define VW 16
+typedef __m512 vf;
+#define vzero() _mm512_setzero_ps()
+#define vload(p) _mm512_loadu_ps(p)
+#define vfma(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define vadd(a, b) _mm512_add_ps(a, b)
+#define vset1(v) _mm512_set1_ps(v)
+#define vstore(p, v) _mm512_storeu_ps(p, v)
+/* the first `n` (< VW) floats at p, zeros after */
+static inline vf vload_part(const float* p, int n) { return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1u), p); }
+/* bf16 -> f32: VW bf16 at p */
+static inline vf vload_bf16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+static inline vf vload_bf16_part(const uint16_t* p, int n) {
+  __m256i h = _mm256_maskz_loadu_epi16((__mmask16)((1u << n) - 1u), p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#else
+#define VW 8
+typedef __m256 vf;
+#define vzero() _mm256_setzero_ps()
+#define vload(p) _mm256_loadu_ps(p)
+#define vfma(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define vadd(a, b) _mm256_add_ps(a, b)
+#define vset1(v) _mm256_set1_ps(v)
+#define vstore(p, v) _mm256_storeu_ps(p, v)
+static inline __m256i first_lanes(int n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+static inline vf vload_part(const float* p, int n) { return _mm256_maskload_ps(p, first_lanes(n)); }
+static inline vf vload_bf16(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+static inline vf vload_bf16_part(const uint16_t* p, int n) {
+  uint16_t tmp[8] = {0};
+  memcpy(tmp, p, (size_t)n * 2);
+  return vload_bf16(tmp);
+}
+#endif
+
+/* Sum of the lanes: halves added until one is left (lane i + lane i + VW/2, ...). */
+static inline float vsum(vf v) {
+#if VW == 16
+  __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+#else
+  __m256 h = v;
+#endif
+  __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  q = _mm_add_ss(q, _mm_movehdup_ps(q));
+  return _mm_cvtss_f32(q);
+}
+
+/* float -> bfloat16, rounding to the nearest even (NaN kept a NaN), as torch does. */
+static inline uint16_t to_bf16(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+  return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+static inline float from_bf16(uint16_t h) {
+  uint32_t u = (uint32_t)h << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+/* ---- the work: groups of weights, split in blocks of 16 outputs ----------------------------------- */
+#define BLOCK 16
+#define MAX_GROUPS 3
+
+typedef struct {
+  const void* w[MAX_GROUPS];
+  const void* b[MAX_GROUPS];
+  int n[MAX_GROUPS];
+  int col[MAX_GROUPS];  /* first column of y for each group */
+  int first[MAX_GROUPS + 1];  /* first block of each group; first[G] = all blocks */
+  int G;
+} groups_t;
+
+static int make_groups(groups_t* g, int G, const void* w0, const void* b0, int n0, const void* w1,
+                       const void* b1, int n1, const void* w2, const void* b2, int n2) {
+  const void* ws[3] = {w0, w1, w2};
+  const void* bs[3] = {b0, b1, b2};
+  int ns[3] = {n0, n1, n2};
+  if (G < 1 || G > MAX_GROUPS) return 0;
+  g->G = G;
+  int col = 0, blocks = 0;
+  for (int i = 0; i < G; i++) {
+    if (!ws[i] || ns[i] <= 0) return 0;
+    g->w[i] = ws[i], g->b[i] = bs[i], g->n[i] = ns[i], g->col[i] = col, g->first[i] = blocks;
+    col += ns[i];
+    blocks += (ns[i] + BLOCK - 1) / BLOCK;
+  }
+  g->first[G] = blocks;
+  return col;
+}
+
+/* Which group and which outputs [n0, n0 + nn) a block is. */
+static inline int block_of(const groups_t* g, int item, int* n0, int* nn) {
+  int i = 0;
+  while (item >= g->first[i + 1]) i++;
+  *n0 = (item - g->first[i]) * BLOCK;
+  *nn = g->n[i] - *n0 < BLOCK ? g->n[i] - *n0 : BLOCK;
+  return i;
+}
+
+/* ---- float32 and bfloat16 in ATen's order: dot products ------------------------------------------ */
+/* f32: one partial sum of VW lanes per (row, output), k in order; up to 4 rows x 4 outputs at a time. */
+#define DOT_F32_TILE(MT, NT)                                                                             \
+  static inline void dot_f32_##MT##x##NT(const float* x, int ldx, const float* w, int K, float* out,   \
+                                          int ldo) {                                                   \
+    vf acc[MT][NT];                                                                                    \
+    for (int m = 0; m < MT; m++)                                                                       \
+      for (int n = 0; n < NT; n++) acc[m][n] = vzero();                                                \
+    int k = 0;                                                                                         \
+    for (; k + VW <= K; k += VW) {                                                                     \
+      vf wv[NT];                                                                                       \
+      for (int n = 0; n < NT; n++) wv[n] = vload(w + (int64_t)n * K + k);                              \
+      for (int m = 0; m < MT; m++) {                                                                   \
+        vf xv = vload(x + (int64_t)m * ldx + k);                                                       \
+        for (int n = 0; n < NT; n++) acc[m][n] = vfma(xv, wv[n], acc[m][n]);                           \
+      }                                                                                                \
+    }                                                                                                  \
+    if (k < K) {                                                                                       \
+      for (int n = 0; n < NT; n++) {                                                                   \
+        vf wv = vload_part(w + (int64_t)n * K + k, K - k);                                             \
+        for (int m = 0; m < MT; m++) acc[m][n] = vfma(vload_part(x + (int64_t)m * ldx + k, K - k), wv, acc[m][n]); \
+      }                                                                                                \
+    }                                                                                                  \
+    for (int m = 0; m < MT; m++)                                                                       \
+      for (int n = 0; n < NT; n++) out[m * ldo + n] = vsum(acc[m][n]);                                 \
+  }
+DOT_F32_TILE(1, 1)
+DOT_F32_TILE(1, 4)
+DOT_F32_TILE(4, 1)
+DOT_F32_TILE(4, 4)
+
+static void block_f32(const float* x, int M, int K, int ldx, const float* w, const float* b, int nn,
+                      float* y, int ldy) {
+  /* rows in fours, outputs in fours; the same per-(row, output) arithmetic whatever the tile */
+  float out[4 * BLOCK];
+  for (int m = 0; m < M; m += 4) {
+    int mt = M - m < 4 ? M - m : 4;
+    const float* xm = x + (int64_t)m * ldx;
+    for (int n = 0; n < nn; n += 4) {
+      int nt = nn - n < 4 ? nn - n : 4;
+      const float* wn = w + (int64_t)n * K;
+      if (mt == 4 && nt == 4) dot_f32_4x4(xm, ldx, wn, K, out + n, BLOCK);
+      else if (mt == 4) for (int j = 0; j < nt; j++) dot_f32_4x1(xm, ldx, wn + (int64_t)j * K, K, out + n + j, BLOCK);
+      else if (nt == 4) for (int r = 0; r < mt; r++) dot_f32_1x4(xm + (int64_t)r * ldx, ldx, wn, K, out + r * BLOCK + n, 1);
+      else for (int r = 0; r < mt; r++) for (int j = 0; j < nt; j++)
+        dot_f32_1x1(xm + (int64_t)r * ldx, ldx, wn + (int64_t)j * K, K, out + r * BLOCK + n + j, 1);
+    }
+    for (int r = 0; r < mt; r++)
+      for (int n = 0; n < nn; n++) y[(int64_t)(m + r) * ldy + n] = out[r * BLOCK + n] + (b ? b[n] : 0.0f);
+  }
+}
+
+int stablelm_linear_f32(const float* x, int M, int K, int ldx, float* y, int ldy, int G, const void* w0,
+                        const void* b0, int n0, const void* w1, const void* b1, int n1, const void* w2,
+                        const void* b2, int n2, int kb, int threads) {
+  (void)kb;
+  groups_t g;
+  int N = make_groups(&g, G, w0, b0, n0, w1, b1, n1, w2, b2, n2);
+  if (!N || M < 0 || K <= 0 || ldx < K || ldy < N || threads < 1) return 2;
+  int items = g.first[G];
+#pragma omp parallel for num_threads(items < threads ? items : threads) schedule(static)
+  for (int item = 0; item < items; item++) {
+    int n0_, nn;
+    int i = block_of(&g, item, &n0_, &nn);
+    const float* b = g.b[i] ? (const float*)g.b[i] + n0_ : 0;
+    block_f32(x, M, K, ldx, (const float*)g.w[i] + (int64_t)n0_ * K, b, nn, y + g.col[i] + n0_, ldy);
+  }
+  return 0;
+}
+
+/* ---- bfloat16 and float16 in ATen's order: dot products with fp32 arithmetic ------------------------ */
+/* torch's own kernel where oneDNN does not take the dtype (bf16 on CPUs without AVX-512; fp16 on CPUs
+ * without AVX512-FP16): every output is ATen's `dot_with_fp32_arith`, whose order with VW-lane vectors
+ * (Vectorized<float>) is:
+ *   - 8 registers of VW lanes over the blocks of 8*VW k: lane e of the block, a[e] = fma(x, w, a[e]);
+ *   - registers summed r0+=r4, r1+=r5, r2+=r6, r3+=r7; r0+=r2, r1+=r3; r0+=r1; its lanes by halves;
+ *   - one more register over the chunks of 2*VW k left (fma with the low VW, then the high VW), its
+ *     lanes summed by halves and added;
+ *   - the last k one at a time, each product rounded and then added (not fused);
+ *   - the bias added in fp32, and one rounding to the dtype (to nearest even).
+ * Inputs are converted to fp32 exactly. The order depends on nothing else (rows, threads, N): the
+ * kernels below block rows and outputs for speed but keep each output's order. */
 typedef uint16_t elem_bf16;
-typedef float elem_f32;
-#define P_bf16 2
-#define P_f32 1
-#define LOAD_bf16(p) ((__m512bh)_mm512_loadu_si512(p))
-#define LOAD_f32(p) _mm512_loadu_ps(p)
-#define MAC_bf16(acc, w, xv) _mm512_dpbf16_ps(acc, w, xv)
-#define MAC_f32(acc, w, xv) _mm512_fmadd_ps(w, xv, acc)
+typedef uint16_t elem_f16;
 
-static inline __m512bh bcast_bf16(const uint16_t* x, int K, int s) {
-  uint32_t pair = x[2 * s];
-  if (2 * s + 1 < K) pair |= (uint32_t)x[2 * s + 1] << 16;
-  return (__m512bh)_mm512_set1_epi32((int)pair);
+static inline float from_f16(uint16_t h) { return _cvtsh_ss(h); }
+#if VW == 16
+static inline vf wload_bf16(const uint16_t* p) { return vload_bf16(p); }
+static inline vf wload_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+#else
+static inline vf wload_bf16(const uint16_t* p) { return vload_bf16(p); }
+static inline vf wload_f16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+#endif
+/* fp32 -> bf16 / fp16, to nearest even, NaN as torch makes it */
+static inline uint16_t round_bf16(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+static inline uint16_t round_f16(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)(((u >> 16) & 0x8000u) | 0x7e00u);
+  return (uint16_t)_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 
-static inline __m512 bcast_f32(const float* x, int K, int s) {
-  (void)K;
-  return _mm512_set1_ps(x[s]);
+/* The register tree over the 8 block accumulators, then their lanes. */
+static inline float tree8(vf r0, vf r1, vf r2, vf r3, vf r4, vf r5, vf r6, vf r7) {
+  r0 = vadd(r0, r4), r1 = vadd(r1, r5), r2 = vadd(r2, r6), r3 = vadd(r3, r7);
+  r0 = vadd(r0, r2), r1 = vadd(r1, r3);
+  return vsum(vadd(r0, r1));
 }
 
-/* 16 outputs: + bias in fp32, then (bf16) vcvtneps2bf16, rounding to the nearest even. */
-static inline void store_bf16(uint16_t* y, const uint16_t* bias, __m512 v, __mmask16 mask) {
-  if (bias) {
-    __m512i b = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, bias));
-    v = _mm512_add_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(b, 16)));
-  }
-  _mm256_mask_storeu_epi16(y, mask, (__m256i)_mm512_cvtneps_pbh(v));
-}
-
-static inline void store_f32(float* y, const float* bias, __m512 v, __mmask16 mask) {
-  if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias));
-  _mm512_mask_storeu_ps(y, mask, v);
-}
-
-/* MT rows x 64 outputs over steps [s0, s1) of P k each: sums from zero in registers, then stores
- * (first block) or adds them to the running totals. */
-#define TILE(KIND, MT)                                                                                 \
-  static inline void tile_##KIND##_##MT(const elem_##KIND* x, int K, const elem_##KIND* wb, int s0,     \
-                                        int s1, float* tot, int first) {                               \
-    __m512 a[MT][4];                                                                                   \
-    for (int r = 0; r < MT; r++)                                                                       \
-      for (int v = 0; v < 4; v++) a[r][v] = _mm512_setzero_ps();                                       \
-    for (int s = s0; s < s1; s++) {                                                                    \
-      const elem_##KIND* w = wb + (int64_t)s * 64 * P_##KIND;                                          \
-      const int step = 16 * P_##KIND;                                                                  \
-      __typeof__(LOAD_##KIND(w)) w0 = LOAD_##KIND(w), w1 = LOAD_##KIND(w + step);                      \
-      __typeof__(w0) w2 = LOAD_##KIND(w + 2 * step), w3 = LOAD_##KIND(w + 3 * step);                   \
-      for (int r = 0; r < MT; r++) {                                                                   \
-        __typeof__(w0) xv = bcast_##KIND(x + (int64_t)r * K, K, s);                                     \
-        a[r][0] = MAC_##KIND(a[r][0], w0, xv);                                                         \
-        a[r][1] = MAC_##KIND(a[r][1], w1, xv);                                                         \
-        a[r][2] = MAC_##KIND(a[r][2], w2, xv);                                                         \
-        a[r][3] = MAC_##KIND(a[r][3], w3, xv);                                                         \
-      }                                                                                                \
+/* The part after the blocks: chunks of 2*VW k from k64, then single k from k16. `x` is fp32. */
+#define DOT_TAIL(E)                                                                                    \
+  static inline float dot_tail_##E(const float* x, const uint16_t* w, int k64, int k16, int K,         \
+                                   float sum) {                                                        \
+    vf t = vzero();                                                                                    \
+    for (int j = k64; j < k16; j += 2 * VW) {                                                          \
+      t = vfma(vload(x + j), wload_##E(w + j), t);                                                     \
+      t = vfma(vload(x + j + VW), wload_##E(w + j + VW), t);                                           \
     }                                                                                                  \
-    for (int r = 0; r < MT; r++)                                                                       \
-      for (int v = 0; v < 4; v++) {                                                                    \
-        float* t = tot + r * 64 + v * 16;                                                              \
-        _mm512_storeu_ps(t, first ? a[r][v] : _mm512_add_ps(_mm512_loadu_ps(t), a[r][v]));             \
-      }                                                                                                \
+    sum = sum + vsum(t);                                                                               \
+    for (int j = k16; j < K; j++) {                                                                    \
+      float p = x[j] * from_##E(w[j]); /* rounded, then added: -ffp-contract=off */                    \
+      sum = sum + p;                                                                                   \
+    }                                                                                                  \
+    return sum;                                                                                        \
   }
 
-/* stablelm_linear_<kind>(x, packed W, bias or NULL, y, M, N, K, kb, threads): 0 on success, 1 when a
- * work buffer could not be allocated, 2 on bad arguments (nothing is written then). */
-#define LINEAR(KIND)                                                                                   \
-  TILE(KIND, 1)                                                                                        \
-  TILE(KIND, 2)                                                                                        \
-  TILE(KIND, 3)                                                                                        \
-  TILE(KIND, 4)                                                                                        \
-  TILE(KIND, 5)                                                                                        \
-  TILE(KIND, 6)                                                                                        \
-  int stablelm_linear_##KIND(const elem_##KIND* x, const elem_##KIND* wp, const elem_##KIND* bias,     \
-                             elem_##KIND* y, int M, int N, int K, int kb, int threads) {               \
-    const int P = P_##KIND;                                                                            \
-    if (M < 0 || N <= 0 || K <= 0 || kb < P || kb % P || threads < 1) return 2;                        \
-    if (M == 0) return 0;                                                                              \
-    int NB = (N + 63) / 64, S = (K + P - 1) / P, kbs = kb / P, failed = 0;                             \
-    /* Running totals, 64 per row: on the stack for up to 8 rows (decoding), else allocated here. */   \
-    float** buffers = 0;                                                                               \
-    if (M > 8) {                                                                                       \
-      if (!(buffers = (float**)calloc((size_t)threads, sizeof(float*)))) return 1;                     \
-      for (int i = 0; i < threads && !failed; i++)                                                    \
-        failed = !(buffers[i] = (float*)_mm_malloc(sizeof(float) * 64 * (size_t)M, 64));               \
+/* One row x one output, all of it: decoding's case. */
+#define DOT_ONE(E)                                                                                     \
+  static inline float dot_one_##E(const float* x, const uint16_t* w, int K) {                          \
+    vf r0 = vzero(), r1 = r0, r2 = r0, r3 = r0, r4 = r0, r5 = r0, r6 = r0, r7 = r0;                    \
+    int k64 = K / (8 * VW) * (8 * VW), k16 = K / (2 * VW) * (2 * VW);                                  \
+    for (int j = 0; j < k64; j += 8 * VW) {                                                            \
+      r0 = vfma(vload(x + j), wload_##E(w + j), r0);                                                   \
+      r1 = vfma(vload(x + j + VW), wload_##E(w + j + VW), r1);                                         \
+      r2 = vfma(vload(x + j + 2 * VW), wload_##E(w + j + 2 * VW), r2);                                 \
+      r3 = vfma(vload(x + j + 3 * VW), wload_##E(w + j + 3 * VW), r3);                                 \
+      r4 = vfma(vload(x + j + 4 * VW), wload_##E(w + j + 4 * VW), r4);                                 \
+      r5 = vfma(vload(x + j + 5 * VW), wload_##E(w + j + 5 * VW), r5);                                 \
+      r6 = vfma(vload(x + j + 6 * VW), wload_##E(w + j + 6 * VW), r6);                                 \
+      r7 = vfma(vload(x + j + 7 * VW), wload_##E(w + j + 7 * VW), r7);                                 \
     }                                                                                                  \
-    if (!failed) {                                                                                     \
-      _Pragma("omp parallel num_threads(NB < threads ? NB : threads)")                                 \
-      {                                                                                                \
-      float small[8 * 64] __attribute__((aligned(64)));                                                \
-      float* tot = buffers ? buffers[omp_get_thread_num()] : small;                                    \
-      _Pragma("omp for schedule(static)")                                                              \
-      for (int nb = 0; nb < NB; nb++) {                                                                \
-        const elem_##KIND* wb = wp + (int64_t)nb * S * 64 * P;                                         \
-        for (int s0 = 0; s0 < S; s0 += kbs) {                                                          \
-          int s1 = s0 + kbs < S ? s0 + kbs : S;                                                        \
-          for (int m = 0; m < M;) {                                                                    \
-            int mt = M - m >= 6 ? 6 : M - m;                                                           \
-            const elem_##KIND* xm = x + (int64_t)m * K;                                                \
-            float* t = tot + m * 64;                                                                   \
-            switch (mt) {                                                                              \
-              case 1: tile_##KIND##_1(xm, K, wb, s0, s1, t, s0 == 0); break;                           \
-              case 2: tile_##KIND##_2(xm, K, wb, s0, s1, t, s0 == 0); break;                           \
-              case 3: tile_##KIND##_3(xm, K, wb, s0, s1, t, s0 == 0); break;                           \
-              case 4: tile_##KIND##_4(xm, K, wb, s0, s1, t, s0 == 0); break;                           \
-              case 5: tile_##KIND##_5(xm, K, wb, s0, s1, t, s0 == 0); break;                           \
-              default: tile_##KIND##_6(xm, K, wb, s0, s1, t, s0 == 0); break;                          \
-            }                                                                                          \
-            m += mt;                                                                                   \
-          }                                                                                            \
+    return dot_tail_##E(x, w, k64, k16, K, tree8(r0, r1, r2, r3, r4, r5, r6, r7));                     \
+  }
+
+/* Many rows: the block accumulators of MT rows x NT outputs for one register slot r (lanes
+ * r*VW .. r*VW+VW-1 of each block) over the blocks [0, kn) of a chunk of k, W already in fp32: one FMA
+ * per (row, output) for MT + NT loads. Between chunks they wait in `acc` [row][output][slot][VW]. */
+#define SLOT_TILE(MT, NT)                                                                              \
+  static inline void slot_tile_##MT##x##NT(const float* x, int ldx, const float* wf, int ldw, int kn,  \
+                                           int r, float* acc, int ldacc, int first) {                  \
+    vf a[MT][NT];                                                                                      \
+    for (int m = 0; m < MT; m++)                                                                       \
+      for (int n = 0; n < NT; n++)                                                                     \
+        a[m][n] = first ? vzero() : vload(acc + (int64_t)m * ldacc + (n * 8 + r) * VW);                \
+    for (int j = r * VW; j < kn; j += 8 * VW) {                                                        \
+      vf wv[NT];                                                                                       \
+      for (int n = 0; n < NT; n++) wv[n] = vload(wf + (int64_t)n * ldw + j);                           \
+      for (int m = 0; m < MT; m++) {                                                                   \
+        vf xv = vload(x + (int64_t)m * ldx + j);                                                       \
+        for (int n = 0; n < NT; n++) a[m][n] = vfma(xv, wv[n], a[m][n]);                               \
+      }                                                                                                \
+    }                                                                                                  \
+    for (int m = 0; m < MT; m++)                                                                       \
+      for (int n = 0; n < NT; n++) vstore(acc + (int64_t)m * ldacc + (n * 8 + r) * VW, a[m][n]);      \
+  }
+#if VW == 16
+#define ROWS_T 4
+SLOT_TILE(4, 4)
+#else
+#define ROWS_T 2
+SLOT_TILE(2, 4)
+#endif
+SLOT_TILE(1, 4)
+SLOT_TILE(1, 1)
+#define OUTS_T 4
+#define CHUNK 4096 /* k per chunk of W converted to fp32: OUTS_T x CHUNK floats stay in L1 */
+
+/* Every row x up to 16 outputs (nn): y[m, n] for a block of outputs. `x` is fp32 (ldx floats apart);
+ * `wf` (OUTS_T x CHUNK floats) and `acc` (M x OUTS_T x 8 x VW floats) are this thread's buffers. */
+#define DOT_BLOCK(E)                                                                                   \
+  DOT_TAIL(E)                                                                                          \
+  DOT_ONE(E)                                                                                           \
+  static void block_dot_##E(const float* x, int ldx, int M, int K, const uint16_t* w, const uint16_t* b, \
+                            int nn, uint16_t* y, int ldy, float* wf, float* acc) {                     \
+    int k64 = K / (8 * VW) * (8 * VW), k16 = K / (2 * VW) * (2 * VW);                                  \
+    if (M <= 2) { /* decoding: each (row, output) in registers from start to end */                    \
+      for (int n = 0; n < nn; n++) {                                                                   \
+        float bias = b ? from_##E(b[n]) : 0.0f;                                                        \
+        for (int m = 0; m < M; m++) {                                                                  \
+          float sum = dot_one_##E(x + (int64_t)m * ldx, w + (int64_t)n * K, K);                        \
+          y[(int64_t)m * ldy + n] = round_##E(b ? bias + sum : sum);                                   \
         }                                                                                              \
-        for (int m = 0; m < M; m++)                                                                    \
-          for (int j = 0; j < 64 && nb * 64 + j < N; j += 16) {                                        \
-            int n = nb * 64 + j, rem = N - n;                                                          \
-            __mmask16 mask = rem >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << rem) - 1u);            \
-            store_##KIND(y + (int64_t)m * N + n, bias ? bias + n : 0, _mm512_loadu_ps(tot + m * 64 + j), \
-                         mask);                                                                        \
+      }                                                                                                \
+      return;                                                                                          \
+    }                                                                                                  \
+    int ldacc = OUTS_T * 8 * VW;                                                                       \
+    for (int n0 = 0; n0 < nn; n0 += OUTS_T) {                                                          \
+      int nt = nn - n0 < OUTS_T ? nn - n0 : OUTS_T;                                                    \
+      const uint16_t* wn = w + (int64_t)n0 * K;                                                        \
+      for (int kc = 0; kc < k64; kc += CHUNK) {                                                        \
+        int kn = k64 - kc < CHUNK ? k64 - kc : CHUNK;                                                  \
+        for (int n = 0; n < nt; n++)                                                                   \
+          for (int j = 0; j < kn; j += VW) vstore(wf + n * CHUNK + j, wload_##E(wn + (int64_t)n * K + kc + j)); \
+        for (int m = 0; m < M;) {                                                                      \
+          int mt = nt == OUTS_T && M - m >= ROWS_T ? ROWS_T : 1;                                       \
+          const float* xm = x + (int64_t)m * ldx + kc;                                                 \
+          float* am = acc + (int64_t)m * ldacc;                                                        \
+          for (int r = 0; r < 8; r++) {                                                                \
+            if (mt == ROWS_T && nt == OUTS_T) SLOT_CALL_T(xm, ldx, wf, CHUNK, kn, r, am, ldacc, kc == 0); \
+            else if (nt == OUTS_T) slot_tile_1x4(xm, ldx, wf, CHUNK, kn, r, am, ldacc, kc == 0);       \
+            else for (int n = 0; n < nt; n++)                                                          \
+              slot_tile_1x1(xm, ldx, wf + n * CHUNK, CHUNK, kn, r, am + n * 8 * VW, ldacc, kc == 0);   \
           }                                                                                            \
+          m += mt;                                                                                     \
+        }                                                                                              \
       }                                                                                                \
+      for (int m = 0; m < M; m++)                                                                      \
+        for (int n = 0; n < nt; n++) {                                                                 \
+          const float* a = acc + (int64_t)m * ldacc + n * 8 * VW;                                      \
+          float sum = 0.0f;                                                                            \
+          if (k64) sum = tree8(vload(a), vload(a + VW), vload(a + 2 * VW), vload(a + 3 * VW),           \
+                               vload(a + 4 * VW), vload(a + 5 * VW), vload(a + 6 * VW), vload(a + 7 * VW)); \
+          else sum = vsum(vzero());                                                                    \
+          sum = dot_tail_##E(x + (int64_t)m * ldx, wn + (int64_t)n * K, k64, k16, K, sum);             \
+          y[(int64_t)m * ldy + n0 + n] = round_##E(b ? from_##E(b[n0 + n]) + sum : sum);               \
+        }                                                                                              \
+    }                                                                                                  \
+  }
+#if VW == 16
+#define SLOT_CALL_T slot_tile_4x4
+#else
+#define SLOT_CALL_T slot_tile_2x4
+#endif
+DOT_BLOCK(bf16)
+DOT_BLOCK(f16)
+
+/* stablelm_linear_<bf16|f16>_dot: x converted to fp32 once (rows padded to a multiple of VW floats),
+ * then blocks of 16 outputs on the threads, each with its own buffers. 1 when a buffer cannot be had. */
+#define DOT_ENTRY(E)                                                                                   \
+  int stablelm_linear_##E##_dot(const uint16_t* x, int M, int K, int ldx, uint16_t* y, int ldy, int G,  \
+                                const void* w0, const void* b0, int n0, const void* w1, const void* b1, \
+                                int n1, const void* w2, const void* b2, int n2, int kb, int threads) { \
+    (void)kb;                                                                                          \
+    groups_t g;                                                                                        \
+    int N = make_groups(&g, G, w0, b0, n0, w1, b1, n1, w2, b2, n2);                                    \
+    if (!N || M < 0 || K <= 0 || ldx < K || ldy < N || threads < 1) return 2;                          \
+    if (M == 0) return 0;                                                                              \
+    int ldf = (K + VW - 1) / VW * VW;                                                                  \
+    float* xf = (float*)_mm_malloc(sizeof(float) * (size_t)M * ldf, 64);                               \
+    if (!xf) return 1;                                                                                 \
+    for (int m = 0; m < M; m++)                                                                        \
+      for (int k = 0; k < K; k++) xf[(int64_t)m * ldf + k] = from_##E(x[(int64_t)m * ldx + k]);        \
+    int items = g.first[G], failed = 0;                                                                \
+    _Pragma("omp parallel num_threads(items < threads ? items : threads)")                             \
+    {                                                                                                  \
+      float* wf = M > 2 ? (float*)_mm_malloc(sizeof(float) * OUTS_T * CHUNK, 64) : 0;                 \
+      float* acc = M > 2 ? (float*)_mm_malloc(sizeof(float) * (size_t)M * OUTS_T * 8 * VW, 64) : 0;   \
+      int ok = M <= 2 || (wf && acc);                                                                  \
+      if (!ok) {                                                                                       \
+        _Pragma("omp atomic write") failed = 1;                                                        \
       }                                                                                                \
+      /* every thread reaches the loop (a worksharing construct), doing nothing without buffers */     \
+      _Pragma("omp for schedule(static)")                                                              \
+      for (int item = 0; item < items; item++) {                                                       \
+        if (!ok) continue;                                                                             \
+        int n0_, nn;                                                                                   \
+        int i = block_of(&g, item, &n0_, &nn);                                                         \
+        const uint16_t* b = g.b[i] ? (const uint16_t*)g.b[i] + n0_ : 0;                                \
+        block_dot_##E(xf, ldf, M, K, (const uint16_t*)g.w[i] + (int64_t)n0_ * K, b, nn,               \
+                      y + g.col[i] + n0_, ldy, wf, acc);                                               \
+      }                                                                                                \
+      if (wf) _mm_free(wf);                                                                            \
+      if (acc) _mm_free(acc);                                                                          \
     }                                                                                                  \
-    if (buffers) {                                                                                     \
-      for (int i = 0; i < threads; i++)                                                                \
-        if (buffers[i]) _mm_free(buffers[i]);                                                          \
-      free(buffers);                                                                                   \
-    }                                                                                                  \
+    _mm_free(xf);                                                                                      \
     return failed;                                                                                     \
   }
+DOT_ENTRY(bf16)
+DOT_ENTRY(f16)
 
-LINEAR(bf16)
-LINEAR(f32)
+/* ---- bfloat16 in oneDNN's order (AVX512-BF16) ----------------------------------------------------- */
+#if defined(__AVX512BF16__)
+/* Transposes 16 x 16 dwords in place: afterwards r[s] lane i = what r[i] lane s was. */
+static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; i++) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; i++) {
+    r[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i + 0], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i + 0], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int i = 0; i < 4; i++) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[4 + i], 0x88);
+    t[4 + i] = _mm512_shuffle_i32x4(r[i], r[4 + i], 0xdd);
+    t[8 + i] = _mm512_shuffle_i32x4(r[8 + i], r[12 + i], 0x88);
+    t[12 + i] = _mm512_shuffle_i32x4(r[8 + i], r[12 + i], 0xdd);
+  }
+  for (int i = 0; i < 4; i++) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0x88);
+    r[8 + i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0xdd);
+    r[4 + i] = _mm512_shuffle_i32x4(t[4 + i], t[12 + i], 0x88);
+    r[12 + i] = _mm512_shuffle_i32x4(t[4 + i], t[12 + i], 0xdd);
+  }
+}
+
+/* 16 rows of W at column k, 32 bf16 each, transposed: lane i of r[s] = row i's pair s (k + 2s).
+ * Each register is first assembled from 128-bit pieces of four rows (loads, and inserts that need no
+ * shuffle unit), so that only a 4 x 4 transpose within each 128-bit lane is left: half the shuffles
+ * of a full 16 x 16 transpose, which bound the one-row case. Rows past nn and k past kn read as zeros. */
+static inline __attribute__((always_inline)) void load16(__m512i r[16], const uint16_t* w, int K, int k, int nn, int kn,
+                                                          int quads) {
+  /* AMX order: within each quad of k, words (2, 0, 3, 1): dword 2q = (w[4q+2], w[4q]), 2q+1 = (w[4q+3], w[4q+1]) */
+  const __m512i perm = _mm512_set4_epi32(0x0b0a0f0e, 0x09080d0c, 0x03020706, 0x01000504);
+  if (nn == 16 && kn == 32) {
+    for (int c = 0; c < 4; c++) {
+      __m512i p[4];
+      for (int b = 0; b < 4; b++) {
+        const uint16_t* q = w + (int64_t)b * K + k + 8 * c;
+        __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i*)q));
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i*)(q + (int64_t)4 * K)), 1);
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i*)(q + (int64_t)8 * K)), 2);
+        p[b] = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i*)(q + (int64_t)12 * K)), 3);
+        if (quads) p[b] = _mm512_shuffle_epi8(p[b], perm);
+      }
+      __m512i t0 = _mm512_unpacklo_epi32(p[0], p[1]), t1 = _mm512_unpackhi_epi32(p[0], p[1]);
+      __m512i t2 = _mm512_unpacklo_epi32(p[2], p[3]), t3 = _mm512_unpackhi_epi32(p[2], p[3]);
+      r[4 * c + 0] = _mm512_unpacklo_epi64(t0, t2);
+      r[4 * c + 1] = _mm512_unpackhi_epi64(t0, t2);
+      r[4 * c + 2] = _mm512_unpacklo_epi64(t1, t3);
+      r[4 * c + 3] = _mm512_unpackhi_epi64(t1, t3);
+    }
+  } else {
+    __mmask32 mask = kn == 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << kn) - 1u);
+    for (int i = 0; i < 16; i++) {
+      r[i] = i < nn ? _mm512_maskz_loadu_epi16(mask, w + (int64_t)i * K + k) : _mm512_setzero_si512();
+      if (quads) r[i] = _mm512_shuffle_epi8(r[i], perm);
+    }
+    transpose16(r);
+  }
+}
+
+/* MT rows of x (pairs as dwords, zero padded) x 16 outputs over the blocks of kb: totals in `tot`.
+ * Each 32 k of 16 weight rows are loaded, transposed (lane i of r[s] = row i's dword s) and used by
+ * every row of x. oneDNN's order on AVX512-BF16 CPUs (AMX 0): one chain over the pairs of a block.
+ * On AMX CPUs (AMX 1), per 32 k (one TDPBF16PS) two chains from zero, over the even k and over the
+ * odd k, then the block's sum += (even + odd), flushed to zero below FLT_MIN as AMX does; with the
+ * words of each quad of k in the order (2, 0, 3, 1), vdpbf16ps (high word first) steps through each
+ * chain in k order. */
+static inline __m512 ftz(__m512 v) {
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_abs_ps(v), _mm512_set1_ps(1.17549435e-38f), _CMP_GE_OQ), v);
+}
+#define DP_TILE(MT, AMX)                                                                               \
+  static void dp_tile_##MT##_##AMX(const uint32_t* xp, int ldp, const uint16_t* w, int K, int nn,      \
+                                   int kb, __m512* tot) {                                              \
+    for (int k0 = 0; k0 < K; k0 += kb) {                                                               \
+      int k1 = k0 + kb < K ? k0 + kb : K;                                                              \
+      __m512 acc[MT];                                                                                  \
+      for (int m = 0; m < MT; m++) acc[m] = _mm512_setzero_ps();                                       \
+      for (int k = k0; k < k1; k += 32) {                                                              \
+        __m512i r[16];                                                                                 \
+        load16(r, w, K, k, nn, k1 - k < 32 ? k1 - k : 32, AMX);                                        \
+        const uint32_t* xk = xp + k / 2;                                                               \
+        if (AMX) {                                                                                     \
+          _Pragma("GCC unroll 4") for (int m = 0; m < MT; m++) {                                       \
+            __m512 e = _mm512_setzero_ps(), o = _mm512_setzero_ps();                                   \
+            const uint32_t* xm = xk + (int64_t)m * ldp;                                                \
+            _Pragma("GCC unroll 8") for (int q = 0; q < 8; q++) {                                      \
+              e = _mm512_dpbf16_ps(e, (__m512bh)r[2 * q], (__m512bh)_mm512_set1_epi32((int)xm[2 * q])); \
+              o = _mm512_dpbf16_ps(o, (__m512bh)r[2 * q + 1],                                          \
+                                   (__m512bh)_mm512_set1_epi32((int)xm[2 * q + 1]));                   \
+            }                                                                                          \
+            acc[m] = ftz(_mm512_add_ps(acc[m], ftz(_mm512_add_ps(e, o))));                             \
+          }                                                                                            \
+        } else {                                                                                       \
+          _Pragma("GCC unroll 16") for (int s = 0; s < 16; s++)                                        \
+            _Pragma("GCC unroll 4") for (int m = 0; m < MT; m++)                                       \
+              acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)r[s],                                        \
+                                        (__m512bh)_mm512_set1_epi32((int)xk[(int64_t)m * ldp + s]));   \
+        }                                                                                              \
+      }                                                                                                \
+      for (int m = 0; m < MT; m++) tot[m] = k0 == 0 ? acc[m] : _mm512_add_ps(tot[m], acc[m]);          \
+    }                                                                                                  \
+  }
+DP_TILE(1, 0)
+DP_TILE(2, 0)
+DP_TILE(3, 0)
+DP_TILE(4, 0)
+DP_TILE(1, 1)
+DP_TILE(2, 1)
+DP_TILE(3, 1)
+DP_TILE(4, 1)
+
+/* All M rows x 16 outputs (nn of them). `xp` holds x's rows as pairs, zero padded to a multiple of 32
+ * k (ldp dwords apart): a block's tail pairs then multiply zeros, as oneDNN's padded ones do. */
+static void block_dpbf16(const uint32_t* xp, int ldp, int M, int K, const uint16_t* w, const uint16_t* b,
+                         int nn, uint16_t* y, int ldy, int kb, int amx) {
+  __mmask16 out = nn == 16 ? (__mmask16)0xffff : (__mmask16)((1u << nn) - 1u);
+  __m512 bias = _mm512_setzero_ps();
+  if (b) bias = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(out, b)), 16));
+  for (int m0 = 0; m0 < M; m0 += 4) {
+    int mt = M - m0 < 4 ? M - m0 : 4;
+    const uint32_t* xm = xp + (int64_t)m0 * ldp;
+    __m512 tot[4];
+    switch (mt + 4 * amx) {
+      case 1: dp_tile_1_0(xm, ldp, w, K, nn, kb, tot); break;
+      case 2: dp_tile_2_0(xm, ldp, w, K, nn, kb, tot); break;
+      case 3: dp_tile_3_0(xm, ldp, w, K, nn, kb, tot); break;
+      case 4: dp_tile_4_0(xm, ldp, w, K, nn, kb, tot); break;
+      case 5: dp_tile_1_1(xm, ldp, w, K, nn, kb, tot); break;
+      case 6: dp_tile_2_1(xm, ldp, w, K, nn, kb, tot); break;
+      case 7: dp_tile_3_1(xm, ldp, w, K, nn, kb, tot); break;
+      default: dp_tile_4_1(xm, ldp, w, K, nn, kb, tot); break;
+    }
+    for (int m = 0; m < mt; m++) {
+      __m512 v = b ? _mm512_add_ps(tot[m], bias) : tot[m];
+      _mm256_mask_storeu_epi16(y + (int64_t)(m0 + m) * ldy, out, (__m256i)_mm512_cvtneps_pbh(v));
+    }
+  }
+}
+
+/* x's rows as dwords of k (pairs, or AMX's quads (2, 0, 3, 1)), zero padded to a multiple of 32 k. */
+static void pack_x(uint32_t* xp, int ldp, const uint16_t* x, int M, int K, int ldx, int amx) {
+  for (int m = 0; m < M; m++) {
+    uint16_t* row = (uint16_t*)(xp + (int64_t)m * ldp);
+    memcpy(row, x + (int64_t)m * ldx, (size_t)K * 2);
+    memset(row + K, 0, (size_t)(2 * ldp - K) * 2);
+    if (amx)
+      for (int q = 0; q < ldp / 2; q++) {
+        uint16_t a0 = row[4 * q], a1 = row[4 * q + 1], a2 = row[4 * q + 2], a3 = row[4 * q + 3];
+        row[4 * q] = a2, row[4 * q + 1] = a0, row[4 * q + 2] = a3, row[4 * q + 3] = a1;
+      }
+  }
+}
+
+static int linear_dp(const uint16_t* x, int M, int K, int ldx, uint16_t* y, int ldy, int G, const void* w0,
+                     const void* b0, int n0, const void* w1, const void* b1, int n1, const void* w2,
+                     const void* b2, int n2, int kb, int threads, int amx) {
+  groups_t g;
+  int N = make_groups(&g, G, w0, b0, n0, w1, b1, n1, w2, b2, n2);
+  if (!N || M < 0 || K <= 0 || ldx < K || ldy < N || threads < 1 || kb < 32 || kb % 32) return 2;
+  if (M == 0) return 0;
+  int ldp = (K + 31) / 32 * 16;
+  size_t bytes = (size_t)M * ldp * 4;
+  uint32_t small[8 * 1024] __attribute__((aligned(64)));  /* decoding's few rows: on the stack */
+  uint32_t* xp = bytes <= sizeof(small) ? small : (uint32_t*)_mm_malloc(bytes, 64);
+  if (!xp) return 1;
+  pack_x(xp, ldp, x, M, K, ldx, amx);
+  int items = g.first[G];
+#pragma omp parallel for num_threads(items < threads ? items : threads) schedule(static)
+  for (int item = 0; item < items; item++) {
+    int n0_, nn;
+    int i = block_of(&g, item, &n0_, &nn);
+    const uint16_t* b = g.b[i] ? (const uint16_t*)g.b[i] + n0_ : 0;
+    block_dpbf16(xp, ldp, M, K, (const uint16_t*)g.w[i] + (int64_t)n0_ * K, b, nn, y + g.col[i] + n0_,
+                 ldy, kb, amx);
+  }
+  if (xp != small) _mm_free(xp);
+  return 0;
+}
+
+/* bf16_dpbf16: oneDNN's order on AVX512-BF16 CPUs; bf16_amx: oneDNN's order on AMX CPUs. */
+int stablelm_linear_bf16_dpbf16(const uint16_t* x, int M, int K, int ldx, uint16_t* y, int ldy, int G,
+                                const void* w0, const void* b0, int n0, const void* w1, const void* b1,
+                                int n1, const void* w2, const void* b2, int n2, int kb, int threads) {
+  return linear_dp(x, M, K, ldx, y, ldy, G, w0, b0, n0, w1, b1, n1, w2, b2, n2, kb, threads, 0);
+}
+int stablelm_linear_bf16_amx(const uint16_t* x, int M, int K, int ldx, uint16_t* y, int ldy, int G,
+                             const void* w0, const void* b0, int n0, const void* w1, const void* b1, int n1,
+                             const void* w2, const void* b2, int n2, int kb, int threads) {
+  return linear_dp(x, M, K, ldx, y, ldy, G, w0, b0, n0, w1, b1, n1, w2, b2, n2, kb, threads, 1);
+}
+#endif
 
 /* Reads `bytes` (a multiple of 256, 64-byte aligned) with `threads` threads; returns an XOR of what it
  * read, so that the reads cannot be optimized away. The machine's read bandwidth, for benchmarks. */
@@ -154,16 +623,28 @@ uint64_t stablelm_read(const uint8_t* p, int64_t bytes, int threads) {
   uint64_t result = 0;
 #pragma omp parallel num_threads(threads)
   {
-    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+#if defined(__AVX512F__)
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0;
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < lines / 4; i++) {
-      const __m512i* q = (const __m512i*)(p + i * 256);
+    for (int64_t i = 0; i < lines / 2; i++) {
+      const __m512i* q = (const __m512i*)(p + i * 128);
       a0 = _mm512_xor_si512(a0, _mm512_load_si512(q));
       a1 = _mm512_xor_si512(a1, _mm512_load_si512(q + 1));
-      a2 = _mm512_xor_si512(a2, _mm512_load_si512(q + 2));
-      a3 = _mm512_xor_si512(a3, _mm512_load_si512(q + 3));
     }
-    uint64_t r = (uint64_t)_mm512_reduce_or_epi64(_mm512_xor_si512(_mm512_xor_si512(a0, a1), _mm512_xor_si512(a2, a3)));
+    __m512i a = _mm512_xor_si512(a0, a1);
+    __m256i h = _mm256_xor_si256(_mm512_castsi512_si256(a), _mm512_extracti64x4_epi64(a, 1));
+#else
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < lines; i++) {
+      const __m256i* q = (const __m256i*)(p + i * 64);
+      a0 = _mm256_xor_si256(a0, _mm256_load_si256(q));
+      a1 = _mm256_xor_si256(a1, _mm256_load_si256(q + 1));
+    }
+    __m256i h = _mm256_xor_si256(_mm256_xor_si256(a0, a1), _mm256_xor_si256(a2, a3));
+#endif
+    uint64_t r = (uint64_t)_mm256_extract_epi64(h, 0) ^ (uint64_t)_mm256_extract_epi64(h, 1) ^
+                 (uint64_t)_mm256_extract_epi64(h, 2) ^ (uint64_t)_mm256_extract_epi64(h, 3);
 #pragma omp atomic
     result ^= r;
   }
