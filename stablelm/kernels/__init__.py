@@ -34,7 +34,18 @@ SOURCE = Path(__file__).with_name("linear.c")
 # -ffp-contract=off: a product and a sum written apart stay apart (FMAs are written out where wanted).
 COMMON_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 ISA_FLAGS = {
-    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-mf16c"],
+    # AVX512-BF16 and AMX code is compiled in and run only on CPUs that report it
+    "avx512": [
+        "-mavx512f",
+        "-mavx512bw",
+        "-mavx512vl",
+        "-mavx512dq",
+        "-mavx512bf16",
+        "-mamx-tile",
+        "-mamx-bf16",
+        "-mfma",
+        "-mf16c",
+    ],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
 }
 # The CPU flags (as /proc/cpuinfo names them) each level needs, best level first.
@@ -272,6 +283,8 @@ def call(fn, kind: str, x: torch.Tensor, weights, biases, block: int) -> torch.T
         x.data_ptr(), m, k, x.stride(0) if m > 1 else k, y.data_ptr(), n, len(weights),
         weights[0].data_ptr(), None if b0 is None else b0.data_ptr(), n0, *rest, block, torch.get_num_threads(),
     )  # fmt: skip
+    if status == 3:
+        raise RuntimeError(f"stablelm's {kind} kernel cannot run here: the OS refused the AMX tiles' state")
     if status == 1:
         raise MemoryError(f"stablelm's {kind} kernel could not allocate its work buffers ({m} rows of {k})")
     if status:

@@ -99,6 +99,7 @@ static inline float from_bf16(uint16_t h) {
 #define MAX_GROUPS 3
 
 typedef struct {
+  int bs;  /* outputs per block (a work item) */
   const void* w[MAX_GROUPS];
   const void* b[MAX_GROUPS];
   int n[MAX_GROUPS];
@@ -107,19 +108,19 @@ typedef struct {
   int G;
 } groups_t;
 
-static int make_groups(groups_t* g, int G, const void* w0, const void* b0, int n0, const void* w1,
+static int make_groups(groups_t* g, int per_item, int G, const void* w0, const void* b0, int n0, const void* w1,
                        const void* b1, int n1, const void* w2, const void* b2, int n2) {
   const void* ws[3] = {w0, w1, w2};
   const void* bs[3] = {b0, b1, b2};
   int ns[3] = {n0, n1, n2};
   if (G < 1 || G > MAX_GROUPS) return 0;
-  g->G = G;
+  g->G = G, g->bs = per_item;
   int col = 0, blocks = 0;
   for (int i = 0; i < G; i++) {
     if (!ws[i] || ns[i] <= 0) return 0;
     g->w[i] = ws[i], g->b[i] = bs[i], g->n[i] = ns[i], g->col[i] = col, g->first[i] = blocks;
     col += ns[i];
-    blocks += (ns[i] + BLOCK - 1) / BLOCK;
+    blocks += (ns[i] + per_item - 1) / per_item;
   }
   g->first[G] = blocks;
   return col;
@@ -129,8 +130,8 @@ static int make_groups(groups_t* g, int G, const void* w0, const void* b0, int n
 static inline int block_of(const groups_t* g, int item, int* n0, int* nn) {
   int i = 0;
   while (item >= g->first[i + 1]) i++;
-  *n0 = (item - g->first[i]) * BLOCK;
-  *nn = g->n[i] - *n0 < BLOCK ? g->n[i] - *n0 : BLOCK;
+  *n0 = (item - g->first[i]) * g->bs;
+  *nn = g->n[i] - *n0 < g->bs ? g->n[i] - *n0 : g->bs;
   return i;
 }
 
@@ -191,7 +192,7 @@ int stablelm_linear_f32(const float* x, int M, int K, int ldx, float* y, int ldy
                         const void* b2, int n2, int kb, int threads) {
   (void)kb;
   groups_t g;
-  int N = make_groups(&g, G, w0, b0, n0, w1, b1, n1, w2, b2, n2);
+  int N = make_groups(&g, BLOCK, G, w0, b0, n0, w1, b1, n1, w2, b2, n2);
   if (!N || M < 0 || K <= 0 || ldx < K || ldy < N || threads < 1) return 2;
   int items = g.first[G];
 #pragma omp parallel for num_threads(items < threads ? items : threads) schedule(static)
@@ -383,7 +384,7 @@ DOT_BLOCK(f16)
                                 int n1, const void* w2, const void* b2, int n2, int kb, int threads) { \
     (void)kb;                                                                                          \
     groups_t g;                                                                                        \
-    int N = make_groups(&g, G, w0, b0, n0, w1, b1, n1, w2, b2, n2);                                    \
+    int N = make_groups(&g, BLOCK, G, w0, b0, n0, w1, b1, n1, w2, b2, n2);                                    \
     if (!N || M < 0 || K <= 0 || ldx < K || ldy < N || threads < 1) return 2;                          \
     if (M == 0) return 0;                                                                              \
     int ldf = (K + VW - 1) / VW * VW;                                                                  \
@@ -419,7 +420,7 @@ DOT_BLOCK(f16)
 DOT_ENTRY(bf16)
 DOT_ENTRY(f16)
 
-/* ---- bfloat16 in oneDNN's order (AVX512-BF16) ----------------------------------------------------- */
+/* ---- bfloat16 in oneDNN's orders (AVX512-BF16) ----------------------------------------------------- */
 #if defined(__AVX512BF16__)
 /* Transposes 16 x 16 dwords in place: afterwards r[s] lane i = what r[i] lane s was. */
 static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
@@ -448,140 +449,132 @@ static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
   }
 }
 
-/* 16 rows of W at column k, 32 bf16 each, transposed: lane i of r[s] = row i's pair s (k + 2s).
- * Each register is first assembled from 128-bit pieces of four rows (loads, and inserts that need no
- * shuffle unit), so that only a 4 x 4 transpose within each 128-bit lane is left: half the shuffles
- * of a full 16 x 16 transpose, which bound the one-row case. Rows past nn and k past kn read as zeros. */
-static inline __attribute__((always_inline)) void load16(__m512i r[16], const uint16_t* w, int K, int k, int nn, int kn,
-                                                          int quads) {
-  /* AMX order: within each quad of k, words (2, 0, 3, 1): dword 2q = (w[4q+2], w[4q]), 2q+1 = (w[4q+3], w[4q+1]) */
-  const __m512i perm = _mm512_set4_epi32(0x0b0a0f0e, 0x09080d0c, 0x03020706, 0x01000504);
-  if (nn == 16 && kn == 32) {
-    for (int c = 0; c < 4; c++) {
-      __m512i p[4];
-      for (int b = 0; b < 4; b++) {
-        const uint16_t* q = w + (int64_t)b * K + k + 8 * c;
-        __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i*)q));
-        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i*)(q + (int64_t)4 * K)), 1);
-        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i*)(q + (int64_t)8 * K)), 2);
-        p[b] = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i*)(q + (int64_t)12 * K)), 3);
-        if (quads) p[b] = _mm512_shuffle_epi8(p[b], perm);
-      }
-      __m512i t0 = _mm512_unpacklo_epi32(p[0], p[1]), t1 = _mm512_unpackhi_epi32(p[0], p[1]);
-      __m512i t2 = _mm512_unpacklo_epi32(p[2], p[3]), t3 = _mm512_unpackhi_epi32(p[2], p[3]);
-      r[4 * c + 0] = _mm512_unpacklo_epi64(t0, t2);
-      r[4 * c + 1] = _mm512_unpackhi_epi64(t0, t2);
-      r[4 * c + 2] = _mm512_unpacklo_epi64(t1, t3);
-      r[4 * c + 3] = _mm512_unpackhi_epi64(t1, t3);
-    }
-  } else {
-    __mmask32 mask = kn == 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << kn) - 1u);
-    for (int i = 0; i < 16; i++) {
-      r[i] = i < nn ? _mm512_maskz_loadu_epi16(mask, w + (int64_t)i * K + k) : _mm512_setzero_si512();
-      if (quads) r[i] = _mm512_shuffle_epi8(r[i], perm);
-    }
-    transpose16(r);
+/* Each output is one lane: a block of 16 weight rows is read as it lies and transposed in registers.
+ * q[d] lane i = row i's pair of k 4c+d of the 32 k at column k. Each register is assembled from 128-bit
+ * pieces of four rows (a load and three inserts), leaving only a 4 x 4 transpose within each 128-bit
+ * lane. */
+static inline __attribute__((always_inline)) void load4(__m512i q[4], const char* r0, int64_t s1) {
+  __m512i p[4];
+  _Pragma("GCC unroll 4") for (int b = 0; b < 4; b++) {
+    const char* r = r0 + b * s1;
+    __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i*)r));
+    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i*)(r + 4 * s1)), 1);
+    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i*)(r + 8 * s1)), 2);
+    p[b] = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i*)(r + 12 * s1)), 3);
   }
+  __m512i t0 = _mm512_unpacklo_epi32(p[0], p[1]), t1 = _mm512_unpackhi_epi32(p[0], p[1]);
+  __m512i t2 = _mm512_unpacklo_epi32(p[2], p[3]), t3 = _mm512_unpackhi_epi32(p[2], p[3]);
+  q[0] = _mm512_unpacklo_epi64(t0, t2), q[1] = _mm512_unpackhi_epi64(t0, t2);
+  q[2] = _mm512_unpacklo_epi64(t1, t3), q[3] = _mm512_unpackhi_epi64(t1, t3);
 }
 
-/* MT rows of x (pairs as dwords, zero padded) x 16 outputs over the blocks of kb: totals in `tot`.
- * Each 32 k of 16 weight rows are loaded, transposed (lane i of r[s] = row i's dword s) and used by
- * every row of x. oneDNN's order on AVX512-BF16 CPUs (AMX 0): one chain over the pairs of a block.
- * On AMX CPUs (AMX 1), per 32 k (one TDPBF16PS) two chains from zero, over the even k and over the
- * odd k, then the block's sum += (even + odd), flushed to zero below FLT_MIN as AMX does; with the
- * words of each quad of k in the order (2, 0, 3, 1), vdpbf16ps (high word first) steps through each
- * chain in k order. */
-static inline __m512 ftz(__m512 v) {
-  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_abs_ps(v), _mm512_set1_ps(1.17549435e-38f), _CMP_GE_OQ), v);
+/* The same for a block's edges (fewer than 16 rows: nn; fewer than 32 k: kn), zeros past them: all 16
+ * dwords at once, in a full 16 x 16 transpose. Rare: kept simple. */
+static void load16_edge(__m512i r[16], const uint16_t* w, int K, int k, int nn, int kn) {
+  __mmask32 mask = kn >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << kn) - 1u);
+  for (int i = 0; i < 16; i++)
+    r[i] = i < nn ? _mm512_maskz_loadu_epi16(mask, w + (int64_t)i * K + k) : _mm512_setzero_si512();
+  transpose16(r);
 }
-#define DP_TILE(MT, AMX)                                                                               \
-  static void dp_tile_##MT##_##AMX(const uint32_t* xp, int ldp, const uint16_t* w, int K, int nn,      \
-                                   int kb, __m512* tot) {                                              \
+
+#define BCAST(xm, s) ((__m512bh)_mm512_set1_epi32((int)(xm)[s]))
+
+/* MT rows of x (pairs of k, zero padded to 32 k) x 64 outputs (nn of them: up to four blocks of 16,
+ * four independent chains, so that vdpbf16ps's latency overlaps), K in blocks of kb, each summed from
+ * zero in one chain over its pairs of k, block sums added in order: totals in `tot`. The next 64 rows
+ * (`next`, contiguous) are prefetched 4 KB a step: all of them by the end. */
+#define DP_USE4(MT, q, j, c)                                                                           \
+  _Pragma("GCC unroll 4") for (int m = 0; m < MT; m++) {                                               \
+    const uint32_t* xm = xk + (int64_t)m * ldp + 4 * (c);                                              \
+    _Pragma("GCC unroll 4") for (int d = 0; d < 4; d++)                                                \
+      acc[m][j] = _mm512_dpbf16_ps(acc[m][j], (__m512bh)(q)[d], BCAST(xm, d));                         \
+  }
+#define DP_TILE(MT)                                                                                    \
+  static void dp_tile_##MT(const uint32_t* xp, int ldp, const uint16_t* w, int K, int nn, int kb,      \
+                           __m512 tot[][4], const char* next) {                                        \
+    int nb = (nn + 15) / 16, full = nn / 16;                                                           \
+    int64_t s1 = (int64_t)K * 2;                                                                       \
     for (int k0 = 0; k0 < K; k0 += kb) {                                                               \
       int k1 = k0 + kb < K ? k0 + kb : K;                                                              \
-      __m512 acc[MT];                                                                                  \
-      for (int m = 0; m < MT; m++) acc[m] = _mm512_setzero_ps();                                       \
+      __m512 acc[MT][4];                                                                               \
+      for (int m = 0; m < MT; m++)                                                                     \
+        for (int j = 0; j < 4; j++) acc[m][j] = _mm512_setzero_ps();                                   \
       for (int k = k0; k < k1; k += 32) {                                                              \
-        __m512i r[16];                                                                                 \
-        load16(r, w, K, k, nn, k1 - k < 32 ? k1 - k : 32, AMX);                                        \
         const uint32_t* xk = xp + k / 2;                                                               \
-        if (AMX) {                                                                                     \
-          _Pragma("GCC unroll 4") for (int m = 0; m < MT; m++) {                                       \
-            __m512 e = _mm512_setzero_ps(), o = _mm512_setzero_ps();                                   \
-            const uint32_t* xm = xk + (int64_t)m * ldp;                                                \
-            _Pragma("GCC unroll 8") for (int q = 0; q < 8; q++) {                                      \
-              e = _mm512_dpbf16_ps(e, (__m512bh)r[2 * q], (__m512bh)_mm512_set1_epi32((int)xm[2 * q])); \
-              o = _mm512_dpbf16_ps(o, (__m512bh)r[2 * q + 1],                                          \
-                                   (__m512bh)_mm512_set1_epi32((int)xm[2 * q + 1]));                   \
+        if (next)                                                                                      \
+          for (int l = 0; l < 4096; l += 64) _mm_prefetch(next + (int64_t)k * 128 + l, _MM_HINT_T1);   \
+        if (k1 - k >= 32) {                                                                            \
+          const char* r0 = (const char*)(w + k);                                                       \
+          _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) {                                        \
+            _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) {                                      \
+              if (j < full) {                                                                          \
+                __m512i q[4];                                                                          \
+                load4(q, r0 + 16 * s1 * j + 16 * c, s1);                                               \
+                DP_USE4(MT, q, j, c)                                                                   \
+              }                                                                                        \
             }                                                                                          \
-            acc[m] = ftz(_mm512_add_ps(acc[m], ftz(_mm512_add_ps(e, o))));                             \
           }                                                                                            \
-        } else {                                                                                       \
-          _Pragma("GCC unroll 16") for (int s = 0; s < 16; s++)                                        \
-            _Pragma("GCC unroll 4") for (int m = 0; m < MT; m++)                                       \
-              acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)r[s],                                        \
-                                        (__m512bh)_mm512_set1_epi32((int)xk[(int64_t)m * ldp + s]));   \
+        }                                                                                              \
+        _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) {                                          \
+          if (j < nb && (j >= full || k1 - k < 32)) { /* an edge: part of the rows or of the k */      \
+            __m512i r[16];                                                                             \
+            int rows = nn - 16 * j < 16 ? nn - 16 * j : 16;                                            \
+            load16_edge(r, w + (int64_t)16 * j * K, K, k, rows, k1 - k);                               \
+            for (int c = 0; c < 4; c++) { DP_USE4(MT, r + 4 * c, j, c) }                               \
+          }                                                                                            \
         }                                                                                              \
       }                                                                                                \
-      for (int m = 0; m < MT; m++) tot[m] = k0 == 0 ? acc[m] : _mm512_add_ps(tot[m], acc[m]);          \
+      for (int m = 0; m < MT; m++)                                                                     \
+        for (int j = 0; j < 4; j++) tot[m][j] = k0 == 0 ? acc[m][j] : _mm512_add_ps(tot[m][j], acc[m][j]); \
     }                                                                                                  \
   }
-DP_TILE(1, 0)
-DP_TILE(2, 0)
-DP_TILE(3, 0)
-DP_TILE(4, 0)
-DP_TILE(1, 1)
-DP_TILE(2, 1)
-DP_TILE(3, 1)
-DP_TILE(4, 1)
+DP_TILE(1)
+DP_TILE(2)
+DP_TILE(4)
 
-/* All M rows x 16 outputs (nn of them). `xp` holds x's rows as pairs, zero padded to a multiple of 32
- * k (ldp dwords apart): a block's tail pairs then multiply zeros, as oneDNN's padded ones do. */
+/* All M rows x up to 64 outputs (nn). `xp` holds x's rows as dwords of k, zero padded to a multiple of
+ * 32 k (ldp dwords apart): a block's tail multiplies zeros, as oneDNN's padding does. */
 static void block_dpbf16(const uint32_t* xp, int ldp, int M, int K, const uint16_t* w, const uint16_t* b,
-                         int nn, uint16_t* y, int ldy, int kb, int amx) {
-  __mmask16 out = nn == 16 ? (__mmask16)0xffff : (__mmask16)((1u << nn) - 1u);
-  __m512 bias = _mm512_setzero_ps();
-  if (b) bias = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(out, b)), 16));
-  for (int m0 = 0; m0 < M; m0 += 4) {
-    int mt = M - m0 < 4 ? M - m0 : 4;
+                         int nn, uint16_t* y, int ldy, int kb, const void* next) {
+  for (int m0 = 0; m0 < M;) {
+    int mt = M - m0 >= 4 ? 4 : M - m0 >= 2 ? 2 : 1;
     const uint32_t* xm = xp + (int64_t)m0 * ldp;
-    __m512 tot[4];
-    switch (mt + 4 * amx) {
-      case 1: dp_tile_1_0(xm, ldp, w, K, nn, kb, tot); break;
-      case 2: dp_tile_2_0(xm, ldp, w, K, nn, kb, tot); break;
-      case 3: dp_tile_3_0(xm, ldp, w, K, nn, kb, tot); break;
-      case 4: dp_tile_4_0(xm, ldp, w, K, nn, kb, tot); break;
-      case 5: dp_tile_1_1(xm, ldp, w, K, nn, kb, tot); break;
-      case 6: dp_tile_2_1(xm, ldp, w, K, nn, kb, tot); break;
-      case 7: dp_tile_3_1(xm, ldp, w, K, nn, kb, tot); break;
-      default: dp_tile_4_1(xm, ldp, w, K, nn, kb, tot); break;
+    /* prefetch the next block while the first rows pass over this one (later rows find it cached) */
+    const char* pf = m0 == 0 ? (const char*)next : 0;
+    __m512 tot[4][4];
+    if (mt == 4) dp_tile_4(xm, ldp, w, K, nn, kb, tot, pf);
+    else if (mt == 2) dp_tile_2(xm, ldp, w, K, nn, kb, tot, pf);
+    else dp_tile_1(xm, ldp, w, K, nn, kb, tot, pf);
+    for (int j = 0; 16 * j < nn; j++) {
+      int rows = nn - 16 * j < 16 ? nn - 16 * j : 16;
+      __mmask16 out = rows == 16 ? (__mmask16)0xffff : (__mmask16)((1u << rows) - 1u);
+      __m512 bias = _mm512_setzero_ps();
+      if (b) bias = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(out, b + 16 * j)), 16));
+      for (int m = 0; m < mt; m++) {
+        __m512 v = b ? _mm512_add_ps(tot[m][j], bias) : tot[m][j];
+        _mm256_mask_storeu_epi16(y + (int64_t)(m0 + m) * ldy + 16 * j, out, (__m256i)_mm512_cvtneps_pbh(v));
+      }
     }
-    for (int m = 0; m < mt; m++) {
-      __m512 v = b ? _mm512_add_ps(tot[m], bias) : tot[m];
-      _mm256_mask_storeu_epi16(y + (int64_t)(m0 + m) * ldy, out, (__m256i)_mm512_cvtneps_pbh(v));
-    }
+    m0 += mt;
   }
 }
 
-/* x's rows as dwords of k (pairs, or AMX's quads (2, 0, 3, 1)), zero padded to a multiple of 32 k. */
-static void pack_x(uint32_t* xp, int ldp, const uint16_t* x, int M, int K, int ldx, int amx) {
+/* x's rows as pairs of k, zero padded to a multiple of 32 k. */
+static void pack_x(uint32_t* xp, int ldp, const uint16_t* x, int M, int K, int ldx) {
   for (int m = 0; m < M; m++) {
     uint16_t* row = (uint16_t*)(xp + (int64_t)m * ldp);
     memcpy(row, x + (int64_t)m * ldx, (size_t)K * 2);
     memset(row + K, 0, (size_t)(2 * ldp - K) * 2);
-    if (amx)
-      for (int q = 0; q < ldp / 2; q++) {
-        uint16_t a0 = row[4 * q], a1 = row[4 * q + 1], a2 = row[4 * q + 2], a3 = row[4 * q + 3];
-        row[4 * q] = a2, row[4 * q + 1] = a0, row[4 * q + 2] = a3, row[4 * q + 3] = a1;
-      }
   }
 }
 
-static int linear_dp(const uint16_t* x, int M, int K, int ldx, uint16_t* y, int ldy, int G, const void* w0,
-                     const void* b0, int n0, const void* w1, const void* b1, int n1, const void* w2,
-                     const void* b2, int n2, int kb, int threads, int amx) {
+/* stablelm_linear_bf16_dpbf16: oneDNN's order on AVX512-BF16 CPUs without AMX. */
+#define DP_OUTPUTS 64
+int stablelm_linear_bf16_dpbf16(const uint16_t* x, int M, int K, int ldx, uint16_t* y, int ldy, int G,
+                                const void* w0, const void* b0, int n0, const void* w1, const void* b1,
+                                int n1, const void* w2, const void* b2, int n2, int kb, int threads) {
   groups_t g;
-  int N = make_groups(&g, G, w0, b0, n0, w1, b1, n1, w2, b2, n2);
+  int N = make_groups(&g, DP_OUTPUTS, G, w0, b0, n0, w1, b1, n1, w2, b2, n2);
   if (!N || M < 0 || K <= 0 || ldx < K || ldy < N || threads < 1 || kb < 32 || kb % 32) return 2;
   if (M == 0) return 0;
   int ldp = (K + 31) / 32 * 16;
@@ -589,31 +582,125 @@ static int linear_dp(const uint16_t* x, int M, int K, int ldx, uint16_t* y, int 
   uint32_t small[8 * 1024] __attribute__((aligned(64)));  /* decoding's few rows: on the stack */
   uint32_t* xp = bytes <= sizeof(small) ? small : (uint32_t*)_mm_malloc(bytes, 64);
   if (!xp) return 1;
-  pack_x(xp, ldp, x, M, K, ldx, amx);
+  pack_x(xp, ldp, x, M, K, ldx);
   int items = g.first[G];
 #pragma omp parallel for num_threads(items < threads ? items : threads) schedule(static)
   for (int item = 0; item < items; item++) {
     int n0_, nn;
     int i = block_of(&g, item, &n0_, &nn);
     const uint16_t* b = g.b[i] ? (const uint16_t*)g.b[i] + n0_ : 0;
+    const void* next = 0;
+    if (item + 1 < items) { /* this thread's next block, as schedule(static) deals them */
+      int n1_, nn1;
+      int j = block_of(&g, item + 1, &n1_, &nn1);
+      next = (const uint16_t*)g.w[j] + (int64_t)n1_ * K;
+    }
     block_dpbf16(xp, ldp, M, K, (const uint16_t*)g.w[i] + (int64_t)n0_ * K, b, nn, y + g.col[i] + n0_,
-                 ldy, kb, amx);
+                 ldy, kb, next);
   }
   if (xp != small) _mm_free(xp);
   return 0;
 }
 
-/* bf16_dpbf16: oneDNN's order on AVX512-BF16 CPUs; bf16_amx: oneDNN's order on AMX CPUs. */
-int stablelm_linear_bf16_dpbf16(const uint16_t* x, int M, int K, int ldx, uint16_t* y, int ldy, int G,
-                                const void* w0, const void* b0, int n0, const void* w1, const void* b1,
-                                int n1, const void* w2, const void* b2, int n2, int kb, int threads) {
-  return linear_dp(x, M, K, ldx, y, ldy, G, w0, b0, n0, w1, b1, n1, w2, b2, n2, kb, threads, 0);
+/* ---- bfloat16 in oneDNN's order on AMX CPUs, on AMX ------------------------------------------------ */
+/* oneDNN's AMX kernel computes each output as TDPBF16PS computes it (two chains per 32 k, over the even
+ * and the odd k, added to the tile), its calls over K from zero, their sums added in fp32 in order,
+ * then the bias and one rounding. The same instruction over the same steps gives the same bits; here
+ * the tile's rows are the weight's rows as they lie (A = 16 rows x 32 k, with the row stride: no
+ * transposing) and B holds x's pairs (16 pairs x M columns). Up to 16 rows of x. */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+typedef struct {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+} __attribute__((packed)) tilecfg_t;
+
+static int amx_permitted(void) { /* Linux asks each process to request the tiles' state once */
+  static int state; /* 0 not asked, 1 granted, -1 refused */
+  if (!state) state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0 ? 1 : -1;
+  return state > 0;
 }
+
+static void block_amx(const uint32_t* xb, int M, int K, const uint16_t* w, const uint16_t* b, int nn,
+                      uint16_t* y, int ldy, int kb) {
+  float part[16 * 16] __attribute__((aligned(64))), tot[16 * 16] __attribute__((aligned(64)));
+  uint16_t edge[16 * 32] __attribute__((aligned(64)));
+  for (int k0 = 0; k0 < K; k0 += kb) {
+    int k1 = k0 + kb < K ? k0 + kb : K;
+    _tile_zero(0);
+    for (int k = k0; k < k1; k += 32) {
+      if (nn == 16 && k + 32 <= K) {
+        _tile_loadd(1, w + k, K * 2);
+      } else { /* the block's edge: rows past nn and k past K read as zeros */
+        memset(edge, 0, sizeof(edge));
+        int kn = K - k < 32 ? K - k : 32;
+        for (int r = 0; r < nn; r++) memcpy(edge + 32 * r, w + (int64_t)r * K + k, (size_t)kn * 2);
+        _tile_loadd(1, edge, 64);
+      }
+      _tile_loadd(2, xb + (int64_t)(k / 32) * 16 * M, M * 4);
+      _tile_dpbf16ps(0, 1, 2);
+    }
+    _tile_stored(0, part, M * 4);  /* 16 outputs x M rows */
+    for (int i = 0; i < 16 * M; i += 16) {
+      __m512 p = _mm512_load_ps(part + i);
+      _mm512_store_ps(tot + i, k0 == 0 ? p : _mm512_add_ps(_mm512_load_ps(tot + i), p));
+    }
+  }
+  __mmask16 out = nn == 16 ? (__mmask16)0xffff : (__mmask16)((1u << nn) - 1u);
+  __m512 bias = _mm512_setzero_ps();
+  if (b) bias = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(out, b)), 16));
+  for (int m = 0; m < M; m++) {
+    __m512 v = _mm512_i32gather_ps(_mm512_mullo_epi32(_mm512_set1_epi32(M), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)), tot + m, 4);
+    if (b) v = _mm512_add_ps(v, bias);
+    _mm256_mask_storeu_epi16(y + (int64_t)m * ldy, out, (__m256i)_mm512_cvtneps_pbh(v));
+  }
+}
+
 int stablelm_linear_bf16_amx(const uint16_t* x, int M, int K, int ldx, uint16_t* y, int ldy, int G,
                              const void* w0, const void* b0, int n0, const void* w1, const void* b1, int n1,
                              const void* w2, const void* b2, int n2, int kb, int threads) {
-  return linear_dp(x, M, K, ldx, y, ldy, G, w0, b0, n0, w1, b1, n1, w2, b2, n2, kb, threads, 1);
+  groups_t g;
+  int N = make_groups(&g, BLOCK, G, w0, b0, n0, w1, b1, n1, w2, b2, n2);
+  if (!N || M < 0 || M > 16 || K <= 0 || ldx < K || ldy < N || threads < 1 || kb < 32 || kb % 32) return 2;
+  if (M == 0) return 0;
+  if (!amx_permitted()) return 3;
+  /* B: per 32 k, 16 pairs x M columns (x's rows), zero padded */
+  int steps = (K + 31) / 32;
+  size_t bytes = (size_t)steps * 16 * M * 4;
+  uint32_t small[8 * 1024] __attribute__((aligned(64)));
+  uint32_t* xb = bytes <= sizeof(small) ? small : (uint32_t*)_mm_malloc(bytes, 64);
+  if (!xb) return 1;
+  memset(xb, 0, bytes);
+  for (int m = 0; m < M; m++)
+    for (int k = 0; k < K; k++) {
+      int s = k / 32, p = (k % 32) / 2;
+      ((uint16_t*)(xb + ((int64_t)s * 16 + p) * M + m))[k % 2] = x[(int64_t)m * ldx + k];
+    }
+  int items = g.first[G];
+#pragma omp parallel num_threads(items < threads ? items : threads)
+  {
+    tilecfg_t cfg;
+    memset(&cfg, 0, sizeof(cfg));
+    cfg.palette = 1;
+    cfg.rows[0] = 16, cfg.colsb[0] = (uint16_t)(M * 4); /* C: 16 outputs x M fp32 */
+    cfg.rows[1] = 16, cfg.colsb[1] = 64;                /* A: 16 weight rows x 32 k */
+    cfg.rows[2] = 16, cfg.colsb[2] = (uint16_t)(M * 4); /* B: 16 pairs x M */
+    _tile_loadconfig(&cfg);
+#pragma omp for schedule(static)
+    for (int item = 0; item < items; item++) {
+      int n0_, nn;
+      int i = block_of(&g, item, &n0_, &nn);
+      const uint16_t* b = g.b[i] ? (const uint16_t*)g.b[i] + n0_ : 0;
+      block_amx(xb, M, K, (const uint16_t*)g.w[i] + (int64_t)n0_ * K, b, nn, y + g.col[i] + n0_, ldy, kb);
+    }
+    _tile_release();
+  }
+  if (xb != small) _mm_free(xb);
+  return 0;
 }
+#endif
 #endif
 
 /* Reads `bytes` (a multiple of 256, 64-byte aligned) with `threads` threads; returns an XOR of what it

@@ -56,12 +56,13 @@ def plan(
 def _half_plan(dtype: torch.dtype, k: int, n: int, bias: bool, rows: int) -> tuple[str, int] | None:
     candidates: list[tuple[str, int]] = []
     if dtype == torch.bfloat16 and rows and has_dpbf16():
-        # oneDNN on AMX: calls over equal runs of K, each a multiple of 32 (one call, or several when
-        # the blocks would not fit the caches); on AVX512-BF16 alone: its blocks of K
-        runs = dict.fromkeys(-(-k // (32 * c)) * 32 for c in range(1, 9))
-        amx = [("bf16_amx", block) for block in runs]
-        dpbf16 = [("bf16_dpbf16", block) for block in _BLOCKS]
-        candidates += amx + dpbf16 if "amx_bf16" in cpu_flags() else dpbf16 + amx
+        if {"amx_bf16", "amx_tile"} <= cpu_flags():
+            # oneDNN on AMX: calls over equal runs of K, each a multiple of 32 (one call, or several
+            # when they would not fit the caches)
+            runs = dict.fromkeys(-(-k // (32 * c)) * 32 for c in range(1, 9))
+            candidates += [("bf16_amx", block) for block in runs]
+        # oneDNN on AVX512-BF16 alone: blocks of K (also AMX CPUs' oneDNN for K < 64)
+        candidates += [("bf16_dpbf16", block) for block in _BLOCKS]
     dot = "bf16_dot" if dtype == torch.bfloat16 else "f16_dot"
     if kernel(dot) is not None:
         candidates.append((dot, 0))
@@ -102,6 +103,10 @@ def _reproduces_torch(
         ones = torch.exp2(torch.arange(m) % 5 - 2.0)[:, None].expand(m, k).to(dtype)
         b = _wide((n,), gen, dtype) if bias else None
         for x, w, bs in [(ones, cancelling, None), (_wide((m, k), gen, dtype), wide, b)]:
-            if not torch.equal(run_linear(kind, x, [w], [bs], block), nn.functional.linear(x, w, bs)):
+            try:
+                got = run_linear(kind, x, [w], [bs], block)
+            except RuntimeError:  # e.g. AMX tiles refused by the OS: this kernel cannot serve here
+                return False
+            if not torch.equal(got, nn.functional.linear(x, w, bs)):
                 return False
     return True
