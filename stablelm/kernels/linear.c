@@ -266,12 +266,18 @@ static inline float tree8(vf r0, vf r1, vf r2, vf r3, vf r4, vf r5, vf r6, vf r7
     return sum;                                                                                        \
   }
 
+#ifndef DOT_AHEAD
+#define DOT_AHEAD 2048 /* elements */
+#endif
 /* One row x one output, all of it: decoding's case. */
 #define DOT_ONE(E)                                                                                     \
   static inline float dot_one_##E(const float* x, const uint16_t* w, int K) {                          \
     vf r0 = vzero(), r1 = r0, r2 = r0, r3 = r0, r4 = r0, r5 = r0, r6 = r0, r7 = r0;                    \
     int k64 = K / (8 * VW) * (8 * VW), k16 = K / (2 * VW) * (2 * VW);                                  \
     for (int j = 0; j < k64; j += 8 * VW) {                                                            \
+      /* the rows follow one another: fetch ahead across their ends */                                 \
+      _mm_prefetch((const char*)(w + j + DOT_AHEAD), _MM_HINT_T0);                                     \
+      _mm_prefetch((const char*)(w + j + DOT_AHEAD) + 64, _MM_HINT_T0);                                \
       r0 = vfma(vload(x + j), wload_##E(w + j), r0);                                                   \
       r1 = vfma(vload(x + j + VW), wload_##E(w + j + VW), r1);                                         \
       r2 = vfma(vload(x + j + 2 * VW), wload_##E(w + j + 2 * VW), r2);                                 \
@@ -284,22 +290,22 @@ static inline float tree8(vf r0, vf r1, vf r2, vf r3, vf r4, vf r5, vf r6, vf r7
     return dot_tail_##E(x, w, k64, k16, K, tree8(r0, r1, r2, r3, r4, r5, r6, r7));                     \
   }
 
-/* Many rows: the block accumulators of MT rows x NT outputs for one register slot r (lanes
- * r*VW .. r*VW+VW-1 of each block) over the blocks [0, kn) of a chunk of k, W already in fp32: one FMA
- * per (row, output) for MT + NT loads. Between chunks they wait in `acc` [row][output][slot][VW]. */
+/* Many rows: the block accumulators of MT rows x NT outputs for one register slot r (lanes r*VW ..
+ * r*VW+VW-1 of each block of 8*VW k) over `cnt` blocks, W already in fp32: one FMA per (row, output)
+ * for MT + NT loads. x and W are laid out slot by slot (all blocks' slot 0, then slot 1, ...), so that
+ * each slot's pass reads them contiguously. Between chunks of k they wait in `acc`
+ * [row][output][slot][VW]. */
 #define SLOT_TILE(MT, NT)                                                                              \
-  static inline void slot_tile_##MT##x##NT(const float* x, int ldx, const float* wf, int ldw, int kn,  \
+  static inline void slot_tile_##MT##x##NT(const float* x, int ldx, const float* wf, int ldw, int cnt, \
                                            int r, float* acc, int ldacc, int first) {                  \
     vf a[MT][NT];                                                                                      \
     for (int m = 0; m < MT; m++)                                                                       \
       for (int n = 0; n < NT; n++)                                                                     \
         a[m][n] = first ? vzero() : vload(acc + (int64_t)m * ldacc + (n * 8 + r) * VW);                \
-    for (int j = r * VW; j < kn; j += 8 * VW) {                                                        \
-      vf wv[NT];                                                                                       \
-      for (int n = 0; n < NT; n++) wv[n] = vload(wf + (int64_t)n * ldw + j);                           \
+    for (int j = 0; j < cnt * VW; j += VW) { /* W read by each FMA (a memory operand): no registers */ \
       for (int m = 0; m < MT; m++) {                                                                   \
         vf xv = vload(x + (int64_t)m * ldx + j);                                                       \
-        for (int n = 0; n < NT; n++) a[m][n] = vfma(xv, wv[n], a[m][n]);                               \
+        for (int n = 0; n < NT; n++) a[m][n] = vfma(xv, vload(wf + (int64_t)n * ldw + j), a[m][n]);    \
       }                                                                                                \
     }                                                                                                  \
     for (int m = 0; m < MT; m++)                                                                       \
@@ -309,13 +315,13 @@ static inline float tree8(vf r0, vf r1, vf r2, vf r3, vf r4, vf r5, vf r6, vf r7
 #define ROWS_T 4
 SLOT_TILE(4, 4)
 #else
-#define ROWS_T 2
-SLOT_TILE(2, 4)
+#define ROWS_T 3 /* 12 accumulators: enough chains to keep both FMA units busy */
+SLOT_TILE(3, 4)
 #endif
 SLOT_TILE(1, 4)
 SLOT_TILE(1, 1)
 #define OUTS_T 4
-#define CHUNK 4096 /* k per chunk of W converted to fp32: OUTS_T x CHUNK floats stay in L1 */
+#define CHUNK 1024 /* k per chunk of W converted to fp32 (a multiple of 8 * VW): OUTS_T x CHUNK floats */
 
 /* Every row x up to 16 outputs (nn): y[m, n] for a block of outputs. `x` is fp32 (ldx floats apart);
  * `wf` (OUTS_T x CHUNK floats) and `acc` (M x OUTS_T x 8 x VW floats) are this thread's buffers. */
@@ -335,23 +341,27 @@ SLOT_TILE(1, 1)
       }                                                                                                \
       return;                                                                                          \
     }                                                                                                  \
-    int ldacc = OUTS_T * 8 * VW;                                                                       \
+    /* x (fp32) is laid out slot by slot up to k64 (T blocks: slot r at r * T * VW), then in order */  \
+    int ldacc = OUTS_T * 8 * VW, T = k64 / (8 * VW);                                                   \
     for (int n0 = 0; n0 < nn; n0 += OUTS_T) {                                                          \
       int nt = nn - n0 < OUTS_T ? nn - n0 : OUTS_T;                                                    \
       const uint16_t* wn = w + (int64_t)n0 * K;                                                        \
       for (int kc = 0; kc < k64; kc += CHUNK) {                                                        \
-        int kn = k64 - kc < CHUNK ? k64 - kc : CHUNK;                                                  \
-        for (int n = 0; n < nt; n++)                                                                   \
-          for (int j = 0; j < kn; j += VW) vstore(wf + n * CHUNK + j, wload_##E(wn + (int64_t)n * K + kc + j)); \
+        int cnt = (k64 - kc < CHUNK ? k64 - kc : CHUNK) / (8 * VW), c0 = kc / (8 * VW);                \
+        for (int n = 0; n < nt; n++) /* this chunk of W in fp32, slot by slot */                       \
+          for (int t = 0; t < cnt; t++)                                                                \
+            for (int r = 0; r < 8; r++)                                                                \
+              vstore(wf + n * CHUNK + (r * cnt + t) * VW, wload_##E(wn + (int64_t)n * K + kc + (t * 8 + r) * VW)); \
         for (int m = 0; m < M;) {                                                                      \
           int mt = nt == OUTS_T && M - m >= ROWS_T ? ROWS_T : 1;                                       \
-          const float* xm = x + (int64_t)m * ldx + kc;                                                 \
           float* am = acc + (int64_t)m * ldacc;                                                        \
           for (int r = 0; r < 8; r++) {                                                                \
-            if (mt == ROWS_T && nt == OUTS_T) SLOT_CALL_T(xm, ldx, wf, CHUNK, kn, r, am, ldacc, kc == 0); \
-            else if (nt == OUTS_T) slot_tile_1x4(xm, ldx, wf, CHUNK, kn, r, am, ldacc, kc == 0);       \
+            const float* xm = x + (int64_t)m * ldx + ((int64_t)r * T + c0) * VW;                       \
+            const float* wr = wf + r * cnt * VW;                                                       \
+            if (mt == ROWS_T) SLOT_CALL_T(xm, ldx, wr, CHUNK, cnt, r, am, ldacc, kc == 0);             \
+            else if (nt == OUTS_T) slot_tile_1x4(xm, ldx, wr, CHUNK, cnt, r, am, ldacc, kc == 0);      \
             else for (int n = 0; n < nt; n++)                                                          \
-              slot_tile_1x1(xm, ldx, wf + n * CHUNK, CHUNK, kn, r, am + n * 8 * VW, ldacc, kc == 0);   \
+              slot_tile_1x1(xm, ldx, wr + n * CHUNK, CHUNK, cnt, r, am + n * 8 * VW, ldacc, kc == 0);  \
           }                                                                                            \
           m += mt;                                                                                     \
         }                                                                                              \
@@ -371,7 +381,7 @@ SLOT_TILE(1, 1)
 #if VW == 16
 #define SLOT_CALL_T slot_tile_4x4
 #else
-#define SLOT_CALL_T slot_tile_2x4
+#define SLOT_CALL_T slot_tile_3x4
 #endif
 DOT_BLOCK(bf16)
 DOT_BLOCK(f16)
@@ -390,8 +400,12 @@ DOT_BLOCK(f16)
     int ldf = (K + VW - 1) / VW * VW;                                                                  \
     float* xf = (float*)_mm_malloc(sizeof(float) * (size_t)M * ldf, 64);                               \
     if (!xf) return 1;                                                                                 \
-    for (int m = 0; m < M; m++)                                                                        \
-      for (int k = 0; k < K; k++) xf[(int64_t)m * ldf + k] = from_##E(x[(int64_t)m * ldx + k]);        \
+    int k64 = K / (8 * VW) * (8 * VW), T = k64 / (8 * VW);                                             \
+    for (int m = 0; m < M; m++) /* many rows: the blocks' part slot by slot (see block_dot) */         \
+      for (int k = 0; k < K; k++) {                                                                    \
+        int at = M > 2 && k < k64 ? ((k / VW) % 8 * T + k / (8 * VW)) * VW + k % VW : k;               \
+        xf[(int64_t)m * ldf + at] = from_##E(x[(int64_t)m * ldx + k]);                                 \
+      }                                                                                                \
     int items = g.first[G], failed = 0;                                                                \
     _Pragma("omp parallel num_threads(items < threads ? items : threads)")                             \
     {                                                                                                  \
