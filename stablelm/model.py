@@ -93,10 +93,11 @@ class Attention(nn.Module):
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         cos, sin = rope
         qkv = fused_linear(x, (self.q_proj, self.k_proj, self.v_proj))  # one kernel call, where one serves
+        native = getattr(self.q_proj, "use_kernels", False)  # a peft wrapper has none: torch's
         if qkv is not None and not self.config.qk_layernorm:
             # Rotate the query and key heads in one pass (the same arithmetic).
             qkv = qkv.view(B, T, H + 2 * Hkv, D)
-            qk = apply_rotary(qkv[:, :, : H + Hkv], cos, sin, heads_dim=2)
+            qk = apply_rotary(qkv[:, :, : H + Hkv], cos, sin, heads_dim=2, native=native)
             q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # (B, H|Hkv, T, D)
             v = qkv[:, :, H + Hkv :].transpose(1, 2)  # (B, Hkv, T, D)
         else:
@@ -109,7 +110,7 @@ class Attention(nn.Module):
             v = v.reshape(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
             if self.config.qk_layernorm:
                 q, k = self.q_layernorm(q), self.k_layernorm(k)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q, k = apply_rotary(q, cos, sin, native=native), apply_rotary(k, cos, sin, native=native)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, cache_position)  # (B, Hkv, S, D)
         y = attention(

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .config import StableLmConfig, rope_original_length
+from .kernels import rotary
 
 
 def _exponents(dim: int, device: torch.device | None = None) -> torch.Tensor:
@@ -192,10 +193,15 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(
-    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, heads_dim: int = 1
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, heads_dim: int = 1, native: bool = False
 ) -> torch.Tensor:
     """Rotate the first rotary_dim channels of x (B, H, T, D), or (B, T, H, D) with `heads_dim=2`;
-    cos/sin are (B, T, rotary_dim)."""
+    cos/sin are (B, T, rotary_dim). `native`: in inference on the CPU, in one call of stablelm's
+    kernels (the same bits; saves a dozen small operations per layer and token)."""
+    if native and not torch.compiler.is_compiling():
+        y = rotary(x, cos, sin, heads_dim)
+        if y is not None:
+            return y
     rot_dim = cos.shape[-1]
     cos, sin = cos.unsqueeze(heads_dim), sin.unsqueeze(heads_dim)
     x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]

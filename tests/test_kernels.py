@@ -266,3 +266,22 @@ def test_each_level_is_built_once_into_the_cache(isa, monkeypatch, tmp_path):
     stamp = first.stat().st_mtime_ns
     assert native.build(native.SOURCE, isa=isa) == first and first.stat().st_mtime_ns == stamp
     assert first.parent == tmp_path / "kernels" and isa in first.name
+
+
+@needs_a_level
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_rotary_kernel_gives_torchs_bits(isa, dtype):
+    from stablelm.rope import apply_rotary
+
+    gen = torch.Generator().manual_seed(0)
+    for b, t, h, d, rot in [(1, 1, 24, 64, 16), (2, 7, 5, 32, 8), (1, 33, 6, 80, 80), (3, 4, 2, 16, 2)]:
+        for heads_dim in (1, 2):
+            base = (torch.randn(b, t, h + 3, d, generator=gen) * 8).to(dtype)  # strided, as q/k of qkv
+            x = base[:, :, :h] if heads_dim == 2 else base[:, :, :h].transpose(1, 2)
+            cos, sin = (torch.randn(b, t, rot, generator=gen).to(dtype) for _ in range(2))
+            with torch.no_grad():
+                ours = native.rotary(x, cos, sin, heads_dim)
+                torchs = apply_rotary(x, cos, sin, heads_dim=heads_dim)
+            assert ours is not None  # it ran
+            assert torch.equal(ours, torchs) and ours.stride() == torchs.stride(), (b, t, h, d, rot)
+    assert native.rotary(x, cos, sin, 2) is None  # autograd on: torch's computes it

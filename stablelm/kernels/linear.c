@@ -80,13 +80,6 @@ static inline float vsum(vf v) {
   return _mm_cvtss_f32(q);
 }
 
-/* float -> bfloat16, rounding to the nearest even (NaN kept a NaN), as torch does. */
-static inline uint16_t to_bf16(float f) {
-  uint32_t u;
-  memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-  return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
 static inline float from_bf16(uint16_t h) {
   uint32_t u = (uint32_t)h << 16;
   float f;
@@ -219,6 +212,7 @@ int stablelm_linear_f32(const float* x, int M, int K, int ldx, float* y, int ldy
  * kernels below block rows and outputs for speed but keep each output's order. */
 typedef uint16_t elem_bf16;
 typedef uint16_t elem_f16;
+typedef float elem_f32;
 
 static inline float from_f16(uint16_t h) { return _cvtsh_ss(h); }
 #if VW == 16
@@ -716,6 +710,40 @@ int stablelm_linear_bf16_amx(const uint16_t* x, int M, int K, int ldx, uint16_t*
 }
 #endif
 #endif
+
+/* ---- rotary embedding, as torch's elementwise kernels compute it ------------------------------------- */
+/* y = cat(x_rot * cos + rotate_half(x_rot) * sin, x_pass) for x (B, T, H, D) (any strides over B, T, H;
+ * D contiguous) and cos/sin (B, T, rot) contiguous; y contiguous with strides (ysb, yst, ysh). Each of
+ * the three operations is computed in fp32 and rounded to the dtype on its own, as torch does (a
+ * product rounded before the sum: no FMA). Python's `stablelm.rope.apply_rotary` replaced by one call. */
+#define ROTARY(E, LOAD, STORE)                                                                         \
+  int stablelm_rotary_##E(const elem_##E* x, int64_t sb, int64_t st, int64_t sh, const elem_##E* cs,    \
+                          const elem_##E* sn, elem_##E* y, int64_t ysb, int64_t yst, int64_t ysh, int B,   \
+                          int T, int H, int D, int rot) {                                              \
+    if (B < 0 || T < 0 || H < 0 || D <= 0 || rot < 0 || rot > D || rot % 2) return 2;                 \
+    int half = rot / 2;                                                                                \
+    for (int b = 0; b < B; b++)                                                                        \
+      for (int t = 0; t < T; t++) {                                                                    \
+        const elem_##E* c = cs + ((int64_t)b * T + t) * rot;                                           \
+        const elem_##E* s = sn + ((int64_t)b * T + t) * rot;                                           \
+        for (int h = 0; h < H; h++) {                                                                  \
+          const elem_##E* xr = x + b * sb + t * st + h * sh;                                           \
+          elem_##E* yr = y + b * ysb + t * yst + h * ysh;                                              \
+          for (int d = 0; d < rot; d++) {                                                              \
+            float r = d < half ? -LOAD(xr[d + half]) : LOAD(xr[d - half]);                             \
+            float a = LOAD(STORE(LOAD(xr[d]) * LOAD(c[d])));                                           \
+            float e = LOAD(STORE(r * LOAD(s[d])));                                                     \
+            yr[d] = STORE(a + e);                                                                      \
+          }                                                                                            \
+          for (int d = rot; d < D; d++) yr[d] = xr[d];                                                 \
+        }                                                                                              \
+      }                                                                                                \
+    return 0;                                                                                          \
+  }
+static inline float ident_f32(float v) { return v; }
+ROTARY(bf16, from_bf16, round_bf16)
+ROTARY(f16, from_f16, round_f16)
+ROTARY(f32, ident_f32, ident_f32)
 
 /* Reads `bytes` (a multiple of 256, 64-byte aligned) with `threads` threads; returns an XOR of what it
  * read, so that the reads cannot be optimized away. The machine's read bandwidth, for benchmarks. */
