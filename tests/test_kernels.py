@@ -285,3 +285,18 @@ def test_the_rotary_kernel_gives_torchs_bits(isa, dtype):
             assert ours is not None  # it ran
             assert torch.equal(ours, torchs) and ours.stride() == torchs.stride(), (b, t, h, d, rot)
     assert native.rotary(x, cos, sin, 2) is None  # autograd on: torch's computes it
+
+
+@pytest.mark.skipif(not COMPILER, reason="needs a C compiler")
+def test_a_compiler_without_amx_still_builds_the_rest(monkeypatch, tmp_path):
+    import ctypes
+
+    monkeypatch.setenv("STABLELM_CACHE", str(tmp_path))
+    old_cc = tmp_path / "old-cc"  # refuses AMX's flags, as GCC before 11 does
+    real = shutil.which(os.environ.get("CC") or "cc")
+    old_cc.write_text(
+        f'#!/bin/sh\ncase "$*" in *-mamx*) echo "unrecognized -mamx-tile" >&2; exit 1;; esac\nexec {real} "$@"\n'
+    )
+    old_cc.chmod(0o755)
+    lib = ctypes.CDLL(str(native.build(native.SOURCE, isa="avx512", compiler=str(old_cc))))
+    assert hasattr(lib, "stablelm_linear_bf16_dpbf16") and not hasattr(lib, "stablelm_linear_bf16_amx")

@@ -33,20 +33,12 @@ import torch
 SOURCE = Path(__file__).with_name("linear.c")
 # -ffp-contract=off: a product and a sum written apart stay apart (FMAs are written out where wanted).
 COMMON_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
+_AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
+# Flags per level, best first: a compiler too old for AMX (GCC < 11) or AVX512-BF16 (GCC < 10) builds the
+# level without those kernels. They are compiled in and run only on CPUs that report them.
 ISA_FLAGS = {
-    # AVX512-BF16 and AMX code is compiled in and run only on CPUs that report it
-    "avx512": [
-        "-mavx512f",
-        "-mavx512bw",
-        "-mavx512vl",
-        "-mavx512dq",
-        "-mavx512bf16",
-        "-mamx-tile",
-        "-mamx-bf16",
-        "-mfma",
-        "-mf16c",
-    ],
-    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "avx512": [[*_AVX512, "-mavx512bf16", "-mamx-tile", "-mamx-bf16"], [*_AVX512, "-mavx512bf16"], _AVX512],
+    "avx2": [["-mavx2", "-mfma", "-mf16c"]],
 }
 # The CPU flags (as /proc/cpuinfo names them) each level needs, best level first.
 ISA_NEEDS = {
@@ -125,32 +117,40 @@ def has_dpbf16() -> bool:
 
 def build(source: Path, *, isa: str = "avx2", compiler: str | None = None) -> Path:
     """Compile `source` for `isa` into the cache (once per source, level and flags); the library's path.
+    The level's flags are tried best first (see `ISA_FLAGS`).
 
     Raises RuntimeError (with the compiler's message) when it cannot be built.
     """
     compiler = compiler or os.environ.get("CC") or "cc"
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C compiler found ({compiler!r}); set CC to one")
-    flags = [*COMMON_FLAGS, *ISA_FLAGS[isa]]
     text = source.read_bytes()
-    digest = hashlib.sha256(text + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
     stem = f"{source.stem}-{isa}"
-    target = cache_dir() / f"{stem}-{digest}.so"
-    if target.exists():
+    targets = []
+    for variant in ISA_FLAGS[isa]:
+        flags = [*COMMON_FLAGS, *variant]
+        digest = hashlib.sha256(text + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
+        targets.append((cache_dir() / f"{stem}-{digest}.so", flags))
+    for target, _ in targets:
+        if target.exists():
+            return target
+    error = ""
+    for target, flags in targets:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            built = Path(tmp) / target.name
+            result = subprocess.run(
+                [compiler, *flags, str(source), "-o", str(built)], capture_output=True, text=True, timeout=120
+            )
+            if result.returncode != 0:
+                error = error or result.stderr.strip()[-500:]
+                continue
+            os.replace(built, target)  # atomic: a concurrent build or a reader never sees half a library
+        for stale in target.parent.glob(f"{stem}-*.so"):  # builds of older sources
+            if stale != target:
+                stale.unlink(missing_ok=True)
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = Path(tmp) / target.name
-        result = subprocess.run(
-            [compiler, *flags, str(source), "-o", str(built)], capture_output=True, text=True, timeout=120
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
-        os.replace(built, target)  # atomic: a concurrent build or a reader never sees half a library
-    for stale in target.parent.glob(f"{stem}-*.so"):  # builds of older sources
-        if stale != target:
-            stale.unlink(missing_ok=True)
-    return target
+    raise RuntimeError(f"{compiler} failed: {error}")
 
 
 @cache

@@ -66,47 +66,67 @@ def _half_plan(dtype: torch.dtype, k: int, n: int, bias: bool, rows: int) -> tup
     dot = "bf16_dot" if dtype == torch.bfloat16 else "f16_dot"
     if kernel(dot) is not None:
         candidates.append((dot, 0))
-    probes = _PROBE_ROWS[rows]
-    return next((c for c in candidates if _reproduces_torch(c, dtype, k, n, bias, probes)), None)
+    candidates = [c for c in candidates if kernel(c[0]) is not None]
+    if not candidates:
+        return None
+    probes = _probes(dtype, k, n, bias, _PROBE_ROWS[rows])
+    return next((c for c in candidates if _reproduces_torch(c, probes)), None)
+
+
+_CHUNK_ROWS = 256  # probe weights are drawn this many rows at a time: no large float32 temporaries
 
 
 def _cancelling_weight(rows: int, cols: int, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
     """Rows whose halves cancel exactly (v, then -v shuffled): summed against ones, what is left is
     the rounding of the partial sums, which differs with almost any change of order or blocking."""
     half = cols // 2
-    v = torch.randn(rows, half, generator=generator).to(dtype)
-    weight = torch.cat([v, -v[:, torch.randperm(half, generator=generator)]], 1)
-    return nn.functional.pad(weight, (0, cols - 2 * half))
+    weight = torch.zeros(rows, cols, dtype=dtype)
+    perm = torch.randperm(half, generator=generator)
+    for r in range(0, rows, _CHUNK_ROWS):
+        v = torch.randn(min(_CHUNK_ROWS, rows - r), half, generator=generator).to(dtype)
+        weight[r : r + len(v), :half] = v
+        weight[r : r + len(v), half : 2 * half] = -v[:, perm]
+    return weight
 
 
 def _wide(shape: tuple[int, ...], generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
     """Random values spread over 2^-8 .. 2^8 (fp16: 2^-4 .. 2^4): products and partial sums of every
     size, so that sums round at almost every step and any other order or blocking shows."""
     spread = 4 if dtype == torch.float16 else 8
-    exponents = torch.randint(-spread, spread + 1, shape, generator=generator).float()
-    return (torch.randn(shape, generator=generator) * torch.exp2(exponents)).to(dtype)
+    out = torch.empty(shape, dtype=dtype)
+    rows = out.view(-1, shape[-1])
+    for r in range(0, rows.shape[0], _CHUNK_ROWS):
+        part = (min(_CHUNK_ROWS, rows.shape[0] - r), shape[-1])
+        exponents = torch.randint(-spread, spread + 1, part, generator=generator).float()
+        rows[r : r + part[0]] = (torch.randn(part, generator=generator) * torch.exp2(exponents)).to(dtype)
+    return out
 
 
-def _reproduces_torch(
-    candidate: tuple[str, int], dtype: torch.dtype, k: int, n: int, bias: bool, row_counts: tuple[int, ...]
-) -> bool:
-    """Whether the kernel gives F.linear's bits for these row counts on (n, k) weights: cancelling ones
-    against inputs of ones scaled by a power of two per row (exact products: only the order shows), and
-    values of widely spread magnitudes (with a bias where the layer has one), which round at every
-    step (short rows of ordinary values often sum exactly, in any order)."""
-    kind, block = candidate
-    if kernel(kind) is None:
-        return False
+def _probes(dtype: torch.dtype, k: int, n: int, bias: bool, row_counts: tuple[int, ...]) -> list[tuple]:
+    """(x, weight, bias, F.linear's result) to check candidates on, for these row counts and (n, k)
+    weights: cancelling ones against inputs of ones scaled by a power of two per row (exact products:
+    only the order shows), and values of widely spread magnitudes (with a bias where the layer has
+    one), which round at almost every step (short rows of ordinary values often sum exactly, in any
+    order)."""
     gen = torch.Generator().manual_seed(0)
     cancelling, wide = _cancelling_weight(n, k, gen, dtype), _wide((n, k), gen, dtype)
+    probes = []
     for m in row_counts:
         ones = torch.exp2(torch.arange(m) % 5 - 2.0)[:, None].expand(m, k).to(dtype)
         b = _wide((n,), gen, dtype) if bias else None
         for x, w, bs in [(ones, cancelling, None), (_wide((m, k), gen, dtype), wide, b)]:
-            try:
-                got = run_linear(kind, x, [w], [bs], block)
-            except RuntimeError:  # e.g. AMX tiles refused by the OS: this kernel cannot serve here
-                return False
-            if not torch.equal(got, nn.functional.linear(x, w, bs)):
-                return False
+            probes.append((x, w, bs, nn.functional.linear(x, w, bs)))
+    return probes
+
+
+def _reproduces_torch(candidate: tuple[str, int], probes: list[tuple]) -> bool:
+    """Whether the kernel gives F.linear's bits on every probe."""
+    kind, block = candidate
+    for x, w, b, expected in probes:
+        try:
+            got = run_linear(kind, x, [w], [b], block)
+        except RuntimeError:  # e.g. AMX tiles refused by the OS: this kernel cannot serve here
+            return False
+        if not torch.equal(got, expected):
+            return False
     return True
