@@ -197,7 +197,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--compile", action="store_true", help="compile the decode step")
-    parser.add_argument("--no-optimize", action="store_true", help="skip fusion and weight packing")
+    parser.add_argument(
+        "--no-optimize",
+        action="store_true",
+        help="torch's kernels instead of stablelm's (from_pretrained(optimize=False))",
+    )
     parser.add_argument(
         "--fp32-cache", action="store_true", help="float32 KV cache for a half-precision model (CPU)"
     )
