@@ -24,6 +24,16 @@ TINY = dict(
 )
 
 
+@pytest.fixture(autouse=True)
+def _kernels_chosen_by_exactness_only(monkeypatch):
+    """Tests check which kernel runs and what it computes: not timings. Production also times a
+    half-precision kernel against torch's before using it (tested on its own in test_kernels.py)."""
+    from stablelm.kernels import linear
+
+    monkeypatch.setattr(linear, "SPEED_CHECK", False)
+    monkeypatch.setattr(linear, "_PLANS", {})
+
+
 def tiny_config(**overrides) -> StableLmConfig:
     return StableLmConfig(**{**TINY, **overrides})
 

@@ -15,7 +15,6 @@ from conftest import make_pair, randomize_, reference_config, tiny_config, trans
 from test_devices import assert_same_or_parted_at_a_near_tie
 
 from stablelm import StableLmForCausalLM, layers
-from stablelm import kernels as native
 from stablelm.fast import optimize_for_inference, set_kernels
 from stablelm.kernels.linear import plan
 
@@ -330,11 +329,11 @@ def test_fp32_cache_is_opt_in_and_only_for_half_precision_on_the_cpu():
 
 
 def test_optimize_for_inference_prepares_a_model_built_by_hand(kernel_calls):
-    model = optimize_for_inference(StableLmForCausalLM(tiny_config()).train())
+    model = optimize_for_inference(StableLmForCausalLM(tiny_config()).to(torch.bfloat16).train())
     assert not any(p.requires_grad for p in model.parameters()) and not model.training
     with torch.no_grad():
-        model(_ids())
-    assert bool(kernel_calls) == (native.kernel("f32") is not None)
+        model(_ids(1, 1))
+    assert bool(kernel_calls) == (plan(torch.bfloat16, 128, 128, False, 1) is not None)
 
 
 def test_attention_over_a_wider_cache_rounds_once_and_leaves_prefill_exact():

@@ -150,7 +150,9 @@ def _run_isolated(code: str, env: dict[str, str]) -> str:
 _SAME_BITS_AS_TORCH = """
 import torch
 from stablelm import kernels as native
+from stablelm.kernels import linear
 from stablelm.kernels.linear import plan
+linear.SPEED_CHECK = False  # which kernels reproduce torch, whatever their speed
 print(native.selected_isa(), torch.backends.cpu.get_cpu_capability())
 torch.manual_seed(0)
 for dtype in DTYPES:
@@ -300,3 +302,29 @@ def test_a_compiler_without_amx_still_builds_the_rest(monkeypatch, tmp_path):
     old_cc.chmod(0o755)
     lib = ctypes.CDLL(str(native.build(native.SOURCE, isa="avx512", compiler=str(old_cc))))
     assert hasattr(lib, "stablelm_linear_bf16_dpbf16") and not hasattr(lib, "stablelm_linear_bf16_amx")
+
+
+def test_a_half_precision_kernel_is_used_only_where_it_beats_torchs(monkeypatch):
+    """Timed on the layer's shape (here with a clock that says how each call went)."""
+    if native.kernel("bf16_dot") is None:
+        pytest.skip("needs a level of the kernels")
+    monkeypatch.setattr(kernel_linear, "SPEED_CHECK", True)
+    monkeypatch.setattr(kernel_linear, "_half_plan", lambda *args: ("bf16_dot", 0))
+    for ours, torchs, used in [(0.5, 1.0, True), (0.97, 1.0, False), (2.0, 1.0, False)]:
+        clock = iter([0.0, ours, ours + torchs] * 6)  # per run: start, after ours, after torch's
+        monkeypatch.setattr(kernel_linear.time, "perf_counter", lambda clock=clock: next(clock))
+        monkeypatch.setattr(kernel_linear, "_PLANS", {})
+        found = kernel_linear.plan(torch.bfloat16, 64, 64, False, 1)
+        assert (found is not None) == used, (ours, torchs)
+
+
+def test_float32_kernels_are_a_fixed_choice(monkeypatch):
+    """float32's kernel is within rounding of MKL's, not equal: chosen by rule (never on Intel CPUs,
+    whose MKL reads at the memory's speed, nor for prefill's many rows), never by a timing."""
+    if native.kernel("f32") is None:
+        pytest.skip("needs a level of the kernels")
+    for vendor, rows, used in [("AuthenticAMD", 1, True), ("AuthenticAMD", 5, True), ("AuthenticAMD", 64, False),
+                               ("GenuineIntel", 1, False)]:  # fmt: skip
+        monkeypatch.setattr(kernel_linear, "cpu_vendor", lambda vendor=vendor: vendor)
+        monkeypatch.setattr(kernel_linear, "_PLANS", {})
+        assert (kernel_linear.plan(torch.float32, 768, 768, False, rows) is not None) == used, (vendor, rows)

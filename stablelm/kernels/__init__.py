@@ -73,6 +73,19 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+@cache
+def cpu_vendor() -> str:
+    """The CPU's vendor id on Linux ("GenuineIntel", "AuthenticAMD", ...); empty elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def best_isa() -> str | None:
     """The best instruction-set level the kernels have for this CPU, or None (not x86-64 Linux, or a
     CPU without AVX2 and FMA)."""

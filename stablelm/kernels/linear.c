@@ -138,6 +138,8 @@ static inline int block_of(const groups_t* g, int item, int* n0, int* nn) {
       for (int n = 0; n < NT; n++) acc[m][n] = vzero();                                                \
     int k = 0;                                                                                         \
     for (; k + VW <= K; k += VW) {                                                                     \
+      if (MT == 1) /* decoding reads each row once: fetch ahead (past a row's end: the next rows) */   \
+        for (int n = 0; n < NT; n++) _mm_prefetch((const char*)(w + (int64_t)n * K + k + 512), _MM_HINT_T0); \
       vf wv[NT];                                                                                       \
       for (int n = 0; n < NT; n++) wv[n] = vload(w + (int64_t)n * K + k);                              \
       for (int m = 0; m < MT; m++) {                                                                   \

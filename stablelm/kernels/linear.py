@@ -1,21 +1,25 @@
 """Which native kernel serves a linear layer here, checked against torch once per shape.
 
-float32: the `f32` kernel wherever it builds (within float32 rounding of torch's result, which MKL's
-order does not let anyone reproduce). bfloat16 and float16: a kernel only where it gives torch's bits.
+float32: the `f32` kernel for up to 8 rows (decoding; within float32 rounding of torch's result, whose
+MKL order no one can reproduce) on CPUs other than Intel's, where MKL's matrix-vector product does not
+reach the memory's speed; more rows, and Intel CPUs, run MKL's. bfloat16 and float16: a kernel only where it gives torch's bits.
 Torch's bf16 kernel is oneDNN's on CPUs with AVX-512 (its AVX512-BF16 order, or on CPUs with AMX its
 AMX order) and ATen's dot products elsewhere (fp16: oneDNN's with AVX512-FP16, else ATen's), and its
 order can depend on the CPU, the shape and the number of rows and threads (oneDNN sizes its blocks of
 K to the caches), so `plan` tries each candidate on probes built so that any other summation order
 shows (`_cancelling_weight`) and keeps the first that matches bit for bit; none matching, torch's
-F.linear serves.
+F.linear serves. A half-precision kernel that reproduces torch is then timed against it on the layer's
+shape, and used only where it is faster (on tiny layers, calling it costs more than it saves).
 """
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
-from . import cpu_flags, has_dpbf16, kernel, run_linear
+from . import cpu_flags, cpu_vendor, has_dpbf16, kernel, run_linear
 
 # Block sizes for the oneDNN-order kernel, most likely first: oneDNN (avx512_core_bf16) sums K in
 # blocks of 512 for one row and 1024 for several.
@@ -25,6 +29,7 @@ PROBE_MAX_OUTPUTS = 8192  # probes of wider layers use this many outputs (oneDNN
 _PLANS: dict[tuple, tuple[str, int] | None] = {}
 # Rows probed for each class of row counts: one row (decoding), a few (batched decoding), many (prefill).
 _PROBE_ROWS = {1: (1,), 8: (2, 3, 5, 8), 0: (9, 17, 40)}
+_TIMED_ROWS = {1: 1, 8: 4, 0: 64}  # rows the speed of each class is compared on
 
 
 def row_class(rows: int) -> int:
@@ -43,14 +48,44 @@ def plan(
         return _PLANS[key]
     except KeyError:
         pass
+    n = min(out_features, PROBE_MAX_OUTPUTS)
     if dtype == torch.float32:
-        found = ("f32", 0) if kernel("f32") is not None else None
+        # Not where torch's MKL kernel reads at the memory's speed itself (Intel CPUs), nor for many
+        # rows (MKL's sgemm beats dot products): a fixed rule, so that float32 bits do not depend on
+        # a timing (the kernel is within rounding of MKL, not equal to it).
+        fast_mkl = cpu_vendor() == "GenuineIntel"
+        found = ("f32", 0) if kernel("f32") is not None and key[4] and not fast_mkl else None
     elif dtype in (torch.bfloat16, torch.float16):
-        found = _half_plan(dtype, in_features, min(out_features, PROBE_MAX_OUTPUTS), bias, key[4])
+        found = _half_plan(dtype, in_features, n, bias, key[4])
+        if found is not None and SPEED_CHECK and not _pays(found, dtype, in_features, n, _TIMED_ROWS[key[4]]):
+            found = None  # torch's kernel is as fast here (bits are the same either way): keep it
     else:
         found = None
     _PLANS[key] = found
     return found
+
+
+SPEED_CHECK = True  # half precision: use a kernel only where it beats torch's (see `_pays`)
+PAYS = 0.95  # ... that is, where it takes at most this share of torch's time
+
+
+def _pays(candidate: tuple[str, int], dtype: torch.dtype, k: int, n: int, rows: int) -> bool:
+    """Whether the kernel is faster than torch's F.linear on a weight of this shape here (best of
+    five alternating runs each): where it is not, it is not used (CPUs whose torch kernel is already
+    fast, such as MKL's float32 on Intel)."""
+    kind, block = candidate
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(n, k, generator=gen).to(dtype)
+    x = torch.randn(rows, k, generator=gen).to(dtype)
+    ours, theirs = float("inf"), float("inf")
+    for _ in range(6):  # the first of each warms up
+        start = time.perf_counter()
+        run_linear(kind, x, [w], [None], block)
+        middle = time.perf_counter()
+        nn.functional.linear(x, w)
+        end = time.perf_counter()
+        ours, theirs = min(ours, middle - start), min(theirs, end - middle)
+    return ours <= PAYS * theirs
 
 
 def _half_plan(dtype: torch.dtype, k: int, n: int, bias: bool, rows: int) -> tuple[str, int] | None:
