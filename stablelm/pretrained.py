@@ -1,0 +1,228 @@
+"""StableLmPreTrainedModel: what the four model classes share (initialisation, sizes, gradient
+checkpointing, loading, saving, resizing the vocabulary). The modules themselves are in `model.py`."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from .attention import check_flash_attention_available
+from .config import StableLmConfig
+
+if TYPE_CHECKING:
+    from .model import StableLmModel
+
+
+class StableLmPreTrainedModel(nn.Module):
+    """Shared behaviour of the four model classes: initialisation, sizes, checkpointing, loading."""
+
+    config_class = StableLmConfig
+    base_model_prefix = "model"
+
+    def __init__(self, config: StableLmConfig) -> None:
+        super().__init__()
+        if not isinstance(config, StableLmConfig):
+            raise TypeError(
+                f"Expected a StableLmConfig, got {type(config).__name__}; build one with StableLmConfig(...)."
+            )
+        if config.attn_implementation == "flash_attention_2":
+            check_flash_attention_available()
+        self.config = config
+
+    def post_init(self, *new_modules: nn.Module) -> None:
+        """Initialise weights as the reference does (all of them, or only `new_modules`), then tie."""
+        for module in new_modules or (self,):
+            module.apply(self._init_weights)
+        self.tie_weights()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            if module.weight is not None:
+                nn.init.ones_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def tie_weights(self) -> None:
+        """Share the LM head with the input embedding when `tie_word_embeddings` is set."""
+        head = self.get_output_embeddings()
+        if head is not None and self.config.tie_word_embeddings:
+            head.weight = self.get_input_embeddings().weight
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return getattr(self, self.base_model_prefix, self).embed_tokens
+
+    def set_input_embeddings(self, embedding: nn.Embedding) -> None:
+        getattr(self, self.base_model_prefix, self).embed_tokens = embedding
+
+    def get_output_embeddings(self) -> nn.Linear | None:
+        return None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def num_parameters(self, *, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Number of distinct parameters (tied weights counted once)."""
+        excluded = (
+            {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+            if exclude_embeddings
+            else set()
+        )
+        unique = {id(p): p for p in self.parameters() if id(p) not in excluded}
+        return sum(p.numel() for p in unique.values() if p.requires_grad or not only_trainable)
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each decoder layer in the backward pass instead of storing its activations."""
+        self._base_model().gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self._base_model().gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self._base_model().gradient_checkpointing
+
+    def _base_model(self) -> StableLmModel:
+        return getattr(self, self.base_model_prefix, self)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        config: StableLmConfig | None = None,
+        dtype: torch.dtype | str | None = None,
+        torch_dtype: torch.dtype | str | None = None,
+        device: torch.device | str | int | None = None,
+        device_map: torch.device | str | int | None = None,
+        attn_implementation: str | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        trust_remote_code: bool | None = None,
+        optimize: bool | None = None,
+        **config_overrides: object,
+    ) -> StableLmPreTrainedModel:
+        """Load a model from a checkpoint folder or a Hugging Face hub repo id, in eval mode.
+
+        Reads `config.json`, `generation_config.json` (as the dict `model.generation_config`) and the weights:
+        `model.safetensors`, sharded safetensors with their index, or legacy `pytorch_model*.bin` through
+        `torch.load(weights_only=True)`. Each tensor is read once, straight into `dtype` on `device`. A
+        classification model loads a causal LM's backbone and initialises its head, with one warning.
+
+        Args:
+            name_or_path: A local folder, or a hub repo id (only the needed files are fetched, into the hub cache).
+            config: Use this config instead of the checkpoint's `config.json`.
+            dtype: "auto" or None (the checkpoint's `torch_dtype`, as the reference), a torch dtype or its name.
+            torch_dtype: The reference's older spelling of `dtype`.
+            device: Where the weights go: None (CPU), "auto" (CUDA when available), "cuda:0", ...
+            device_map: The reference's spelling of `device`; only a single device is supported.
+            attn_implementation: "sdpa" (default), "eager" or "flash_attention_2".
+            revision, cache_dir, local_files_only, token: For the hub (`HF_HUB_OFFLINE=1` is honoured).
+            trust_remote_code: Accepted for the reference's snippets and ignored: no file's code ever runs.
+            optimize: Run inference on stablelm's kernels where they serve (the default; bfloat16
+                bit-identical to torch, float32 within rounding; see `stablelm.fast`). False keeps
+                torch's kernels; None follows `STABLELM_OPTIMIZE` (0 turns them off).
+            **config_overrides: Config fields to change, such as `num_labels=3`.
+
+        Raises:
+            FileNotFoundError: The model is neither a local folder nor on the hub, or files are missing.
+            stablelm.checkpoint.CheckpointError: A file is damaged or does not fit the config; the message
+                names the file and what to do.
+        """
+        from .checkpoint import load_pretrained
+
+        return load_pretrained(
+            cls,
+            name_or_path,
+            config=config,
+            dtype=dtype,
+            torch_dtype=torch_dtype,
+            device=device,
+            device_map=device_map,
+            attn_implementation=attn_implementation,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            token=token,
+            trust_remote_code=trust_remote_code,
+            optimize=optimize,
+            **config_overrides,
+        )
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        max_shard_size: int | str = "5GB",
+        safe_serialization: bool = True,
+    ) -> None:
+        """Write `config.json`, `generation_config.json` (when set) and the weights to `save_directory`.
+
+        Safetensors (or `pytorch_model.bin` with `safe_serialization=False`) in shards of at most
+        `max_shard_size` ("5GB", "500MB", "2GiB" or bytes) with an index when there are several. A tied LM
+        head is left out, as the reference does. Each file is written under a temporary name and renamed.
+        """
+        from .checkpoint import save_pretrained
+
+        save_pretrained(
+            self, save_directory, max_shard_size=max_shard_size, safe_serialization=safe_serialization
+        )
+
+    # ---- vocabulary size ---------------------------------------------------------------------------------
+    def set_output_embeddings(self, head: nn.Linear) -> None:
+        """Replace the LM head (only models that have one, such as `StableLmForCausalLM`)."""
+        old = self.get_output_embeddings()
+        if old is None:
+            raise AttributeError(f"{type(self).__name__} has no output embeddings (LM head) to replace.")
+        name = next(name for name, module in self.named_children() if module is old)
+        setattr(self, name, head)
+
+    def resize_token_embeddings(
+        self,
+        new_num_tokens: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        *,
+        mean_resizing: bool = True,
+    ) -> nn.Embedding:
+        """Give the input embedding (and the LM head, if any) `new_num_tokens` rows, as the reference does.
+
+        Rows of the kept ids are unchanged, so the logits of old ids stay the same. New rows are drawn
+        around the mean of the old ones (`mean_resizing=True`, the reference's default: a new token's logit
+        starts at the mean of the old tokens' logits), or from N(0, initializer_range) otherwise. Shrinking
+        drops the last rows. A tied LM head stays tied, and `config.vocab_size` follows, so the model
+        saves and reloads at its new size.
+
+        Args:
+            new_num_tokens: The new vocabulary size, usually `len(tokenizer)` after adding tokens. None keeps
+                the size (and only pads it, with `pad_to_multiple_of`).
+            pad_to_multiple_of: Round the size up to a multiple of this (64 or 128 suit GPU kernels).
+            mean_resizing: Initialise new rows from the old rows' mean and covariance (else from the
+                config's normal initialisation).
+
+        Returns:
+            The input embedding module.
+        """
+        from .resize import resize_token_embeddings
+
+        return resize_token_embeddings(
+            self, new_num_tokens, pad_to_multiple_of=pad_to_multiple_of, mean_resizing=mean_resizing
+        )
