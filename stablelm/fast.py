@@ -1,16 +1,16 @@
 """Inference speed: on by default, switched per model here.
 
-Every StableLM model's linear layers are `stablelm.layers.Linear`: in inference (nothing needing
-gradients) on the CPU they run on stablelm's native kernels where one serves, q/k/v and gate/up fused
-into one call each, over the weights as they are (no packing, no second copy). bfloat16 results are
+Every StableLM model's linear layers are `stablelm.layers.Linear`: in inference (autograd off) on the
+CPU they run on stablelm's native kernels where one serves, q/k/v and gate/up fused into one call
+each, over the weights as they are (no packing, no second copy). Half-precision results are
 bit-identical to torch's (a kernel is used only where it reproduces them, see
-`stablelm.kernels.linear`); float32 ones within float32 rounding (~1e-7 relative, as torch's own
-kernels are of each other). Training, autograd, GPUs and other dtypes run torch's kernels unchanged.
+`stablelm.kernels.linear`); float32 ones, where a kernel serves them, within float32 rounding (~1e-7
+relative, as torch's own kernels are of each other). Training, autograd, GPUs and other dtypes run
+torch's kernels unchanged.
 
 `from_pretrained(..., optimize=False)`, `STABLELM_OPTIMIZE=0` or `set_kernels(model, False)` keep
-torch's kernels everywhere. `optimize_for_inference` adds what is not on by default: parameters
-frozen (so that plain calls without `torch.no_grad()` take the fast path too) and, opt-in, a float32
-KV cache.
+torch's kernels everywhere. `optimize_for_inference` prepares a model for inference only (eval mode,
+parameters frozen) and adds what is not on by default: a float32 KV cache, opt-in.
 
 The float32 KV cache (CPU, half-precision models): PyTorch's CPU attention kernel is 3-6x slower in
 bfloat16 than in float32 for one query over a cache, which dominates batched decoding. The cache holds

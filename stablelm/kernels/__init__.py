@@ -2,12 +2,13 @@
 
 `linear.c` holds linear layers over the weights as they lie (dense, row-major: nothing packed or
 copied), in one source compiled for the best instruction set the CPU has (see `selected_isa`):
-- `avx512` (x86-64 with AVX-512 F/BW/VL and FMA): 16-float vectors; with AVX512-BF16 also the
-  bfloat16 kernel that sums in oneDNN's order (torch's bf16 kernel on such CPUs);
+- `avx512` (x86-64 with AVX-512 F/BW/VL/DQ and FMA): 16-float vectors; with AVX512-BF16 also the
+  bfloat16 kernel in oneDNN's order on such CPUs, and with AMX the one in oneDNN's order there;
 - `avx2` (x86-64 with AVX2 and FMA: most laptops and desktops, AMD EPYC before Zen 4): 8-float vectors.
-Both have a float32 kernel and a bfloat16 kernel in ATen's order (torch's bf16 kernel on CPUs without
-AVX-512 bf16 support). Which kernel serves a weight, and whether its bfloat16 results equal torch's bit
-for bit on this machine, is decided in `stablelm.kernels.linear`.
+Both have a float32 kernel and bfloat16/float16 kernels in ATen's order (torch's own kernel where
+oneDNN does not take the dtype), and the rotary embedding. Which kernel serves a weight, and whether its
+half-precision results equal torch's bit for bit on this machine, is decided in
+`stablelm.kernels.linear`.
 
 The shared library is compiled once into `$STABLELM_CACHE/kernels` (default
 `~/.cache/stablelm/kernels`), named by a hash of the source and flags, written atomically. Where it
@@ -124,7 +125,7 @@ def _selected(wanted: str) -> str | None:
 
 
 def has_dpbf16() -> bool:
-    """Whether the oneDNN-order bfloat16 kernel (AVX512-BF16) is built and runs here."""
+    """Whether the oneDNN-order bfloat16 kernels (AVX512-BF16, and AMX where the CPU has it) can run here."""
     return selected_isa() == "avx512" and "avx512_bf16" in cpu_flags() and library() is not None
 
 
@@ -207,7 +208,7 @@ def library() -> ctypes.CDLL | None:
 
 
 def kernel(kind: str):  # noqa: ANN201 - a ctypes function, or None
-    """The C function for `kind` ("f32", "bf16_dot", "f16_dot", "bf16_dpbf16") here, or None."""
+    """The C function for `kind` (one of `KINDS`) here, or None."""
     return _kernels(selected_isa()).get(kind)
 
 
@@ -281,7 +282,8 @@ def run_linear(
     block: int = 0,
 ) -> torch.Tensor:
     """y = x @ cat(weights)^T (+ cat(biases)) with the `kind` kernel, for `x` (M, K) and one to three
-    (N_i, K) weights of the kernel's dtype on the CPU; `block` is the bf16_dpbf16 kernel's K block.
+    (N_i, K) weights of the kernel's dtype on the CPU; `block` is the K block (bf16_dpbf16) or call
+    length (bf16_amx) of the oneDNN-order kernels.
 
     Raises:
         ValueError: The kernel is not here, or the tensors do not fit it (checked here: the C code
