@@ -328,3 +328,25 @@ def test_float32_kernels_are_a_fixed_choice(monkeypatch):
         monkeypatch.setattr(kernel_linear, "cpu_vendor", lambda vendor=vendor: vendor)
         monkeypatch.setattr(kernel_linear, "_PLANS", {})
         assert (kernel_linear.plan(torch.float32, 768, 768, False, rows) is not None) == used, (vendor, rows)
+
+
+@pytest.mark.parametrize(
+    "status,error,match",
+    [(1, MemoryError, "could not allocate its work buffers"), (2, ValueError, "bad arguments"),
+     (3, RuntimeError, "refused the AMX tiles")],
+)  # fmt: skip
+def test_a_kernels_failure_is_a_clear_error(status, error, match):
+    x, w = torch.ones(2, 64, dtype=torch.bfloat16), torch.ones(64, 64, dtype=torch.bfloat16)
+    with pytest.raises(error, match=match):
+        native.call(lambda *args: status, "bf16_amx", x, [w], [None], 64)
+
+
+def test_a_kernel_the_os_refuses_is_not_chosen(monkeypatch):
+    """AMX tiles need the OS's permission: refused, the kernel is skipped, torch's runs."""
+
+    def refused(kind, *args):
+        raise RuntimeError("stablelm's bf16_amx kernel cannot run here: the OS refused the AMX tiles' state")
+
+    monkeypatch.setattr(kernel_linear, "run_linear", refused)
+    probes = kernel_linear._probes(torch.bfloat16, 64, 64, False, (1,))
+    assert not kernel_linear._reproduces_torch(("bf16_amx", 64), probes)
