@@ -2,28 +2,45 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
+# PyTorch's CPU wheels. A bare `pip install torch` from PyPI pulls the CUDA build (several GB of CUDA
+# libraries) on Linux; this index serves the CPU build. Where it cannot be reached, torch comes from the
+# indexes pip is configured with. Override: `make TORCH_INDEX=https://download.pytorch.org/whl/cu128 test`,
+# or `make TORCH_INDEX= test` for pip's own choice.
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+
 .PHONY: test run lint format clean
 
-# The CPU build of torch goes in first: a loose `torch` requirement resolved on its own
-# pulls a multi-GB CUDA build.
-$(VENV)/.installed: pyproject.toml
+# `make run` installs what the package needs; `make test` adds the test tools (pytest, ruff, and
+# transformers + peft as the numerical reference).
+$(VENV)/.runtime: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q torch==2.13.0
+	@if [ -n "$(TORCH_INDEX)" ] && $(PY) scripts/reachable.py "$(TORCH_INDEX)/torch/"; then \
+		echo "installing torch $(TORCH_VERSION) from $(TORCH_INDEX)"; \
+		$(PIP) install -q "torch==$(TORCH_VERSION)" --extra-index-url "$(TORCH_INDEX)"; \
+	else \
+		[ -z "$(TORCH_INDEX)" ] || echo "note: $(TORCH_INDEX) cannot be reached; torch comes from pip's configured indexes"; \
+		$(PIP) install -q "torch==$(TORCH_VERSION)"; \
+	fi
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.runtime
 	$(PIP) install -q -e ".[test]"
 	touch $@
 
-test: $(VENV)/.installed
+test: $(VENV)/.test
 	$(PY) -m pytest -q
 
-run: $(VENV)/.installed
+run: $(VENV)/.runtime
 	$(VENV)/bin/stablelm generate "The for statement"
 
-lint: $(VENV)/.installed
+lint: $(VENV)/.test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-format: $(VENV)/.installed
+format: $(VENV)/.test
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
