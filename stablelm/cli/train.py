@@ -17,12 +17,14 @@ examples:
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 import torch
 
 from ..checkpoint.load import resolve_device, resolve_dtype
+from ..config import StableLmConfig
 from ..heads import StableLmForCausalLM
 from ..seeding import set_seed
 from ..tokenizer import AutoTokenizer, Tokenizer
@@ -36,8 +38,16 @@ from ..training import (
     split_blocks,
     tokenize,
 )
-from ..training.checkpoints import list_checkpoints
+from ..training.arguments import MAX_SEED
+from ..training.checkpoints import check_output_dir, list_checkpoints, read_trainer_state
+from ..training.memory import (
+    InsufficientMemoryError,
+    check_training_memory,
+    estimate_training_memory,
+)
 from ..training.sources import add_special_tokens, check_vocabulary, load_model, read_model_config
+from ..training.trainer import resolve_precision
+from ..training.wording import plural
 from .errors import UsageError
 from .options import DEVICES, bounded
 
@@ -160,14 +170,15 @@ def _add_output_arguments(group: argparse._ArgumentGroup) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    _check_flags(args)
     output_dir = Path(args.output_dir)
+    # Before any work: a folder that cannot be written would fail the first save, steps later.
+    check_output_dir(output_dir, name="--output-dir")
     resume_from = _resume_point(output_dir, resume=args.resume)
     training_args = _training_arguments(args)  # checks the values before any loading
     set_seed(args.seed)
     device = resolve_device(args.device)
-    model, tokenizer = _model_and_tokenizer(args, device)
-    block_size = args.block_size or min(model.config.max_position_embeddings, DEFAULT_BLOCK_SIZE_CAP)
-    check_block_size(block_size, max_position_embeddings=model.config.max_position_embeddings)
+    model, tokenizer, block_size = _model_and_tokenizer(args, device)
     train_blocks, eval_blocks = _blocks(args, tokenizer, block_size)
     log = _Log(args.log_interval)
     trainer = Trainer(
@@ -184,10 +195,28 @@ def run(args: argparse.Namespace) -> int:
         log.close()
     trainer.save_model(output_dir, dtype=resolve_dtype(args.save_dtype))
     print(
-        f"trained {state.step} steps on {state.tokens_seen:,} tokens; model saved in {output_dir}",
+        f"trained {plural(state.step, 'step')} on {plural(state.tokens_seen, 'token')}; model saved in "
+        f"{output_dir}",
         file=sys.stderr,
     )
     return 0
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Usage errors for the values argparse's range checks let through: NaN and infinities, seeds too large."""
+    numbers = {
+        "--lr": args.lr,
+        "--min-lr": args.min_lr,
+        "--weight-decay": args.weight_decay,
+        "--eval-fraction": args.eval_fraction,
+    }
+    for flag, value in numbers.items():
+        if value is not None and not math.isfinite(value):
+            raise UsageError(f"argument {flag}: expected a finite number, got {value}")
+    if math.isnan(args.max_grad_norm):
+        raise UsageError("argument --max-grad-norm: expected a number >= 0 (0 or inf: no clipping), got nan")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UsageError(f"argument --seed: expected an integer in [0, {MAX_SEED}], got {args.seed}")
 
 
 def _resume_point(output_dir: Path, *, resume: bool) -> Path | None:
@@ -199,6 +228,8 @@ def _resume_point(output_dir: Path, *, resume: bool) -> Path | None:
         )
     if resume and not checkpoints:
         print(f"no checkpoint in {output_dir} yet: starting from step 0", file=sys.stderr)
+    if checkpoints:
+        read_trainer_state(checkpoints[-1])  # a damaged one fails now, not after the data is tokenized
     return checkpoints[-1] if checkpoints else None
 
 
@@ -225,40 +256,84 @@ def _training_arguments(args: argparse.Namespace) -> TrainingArguments:
 
 def _model_and_tokenizer(
     args: argparse.Namespace, device: torch.device
-) -> tuple[StableLmForCausalLM, Tokenizer]:
+) -> tuple[StableLmForCausalLM, Tokenizer, int]:
+    """The model, its tokenizer and the block size; the memory the run needs is checked before the
+    optimiser's (and, for a new model, the weights') memory is taken."""
     if args.config is not None:
         if args.tokenizer is None:
             raise UsageError(
                 "--config trains a new model and needs --tokenizer (see 'stablelm train-tokenizer')"
             )
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-        model = StableLmForCausalLM(read_model_config(args.config, tokenizer=tokenizer)).to(device)
+        config = read_model_config(args.config, tokenizer=tokenizer)
+        block_size = _block_size(args, config)
+        try:
+            _check_memory(args, config, block_size, device, weights_loaded=False)
+        except InsufficientMemoryError as err:
+            raise InsufficientMemoryError(f"--config {args.config}: {err}") from None
+        model = StableLmForCausalLM(config).to(device)
     else:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
         model = load_model(args.model, device=device)
+        block_size = _block_size(args, model.config)
     if args.add_special_tokens:
         add_special_tokens(tokenizer, model, args.add_special_tokens)
     check_vocabulary(tokenizer, model)
-    return model, tokenizer
+    if args.config is None:
+        _check_memory(args, model.config, block_size, device, weights_loaded=True)
+    return model, tokenizer, block_size
+
+
+def _block_size(args: argparse.Namespace, config: StableLmConfig) -> int:
+    block_size = args.block_size or min(config.max_position_embeddings, DEFAULT_BLOCK_SIZE_CAP)
+    check_block_size(block_size, max_position_embeddings=config.max_position_embeddings)
+    return block_size
+
+
+def _check_memory(
+    args: argparse.Namespace,
+    config: StableLmConfig,
+    block_size: int,
+    device: torch.device,
+    *,
+    weights_loaded: bool,
+) -> None:
+    bf16 = resolve_precision(args.precision, device) == "bf16"
+    estimate = estimate_training_memory(
+        config,
+        batch_size=args.batch_size,
+        block_size=block_size,
+        gradient_checkpointing=args.gradient_checkpointing,
+        activation_bytes=2 if bf16 else 4,
+    )
+    check_training_memory(estimate, device=device, weights_loaded=weights_loaded)
 
 
 def _blocks(
     args: argparse.Namespace, tokenizer: Tokenizer, block_size: int
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     documents = read_documents(args.data)
-    blocks = pack(tokenize(tokenizer, documents), block_size)
+    blocks = _pack(tokenizer, documents, block_size, flag="--data")
     if args.eval_data:
-        eval_blocks = pack(tokenize(tokenizer, read_documents(args.eval_data)), block_size)
+        eval_blocks = _pack(tokenizer, read_documents(args.eval_data), block_size, flag="--eval-data")
     elif args.eval_fraction > 0:
         blocks, eval_blocks = split_blocks(blocks, args.eval_fraction)
     else:
         eval_blocks = None
-    held = f", {len(eval_blocks)} held out" if eval_blocks is not None else ""
+    held = f", {len(eval_blocks):,} held out" if eval_blocks is not None else ""
     print(
-        f"data: {len(documents):,} documents, {len(blocks):,} training blocks of {block_size} tokens{held}",
+        f"data: {plural(len(documents), 'document')}, {plural(len(blocks), 'training block')} of "
+        f"{block_size} tokens{held}",
         file=sys.stderr,
     )
     return blocks, eval_blocks
+
+
+def _pack(tokenizer: Tokenizer, documents: list[str], block_size: int, *, flag: str) -> torch.Tensor:
+    try:
+        return pack(tokenize(tokenizer, documents), block_size)
+    except ValueError as err:
+        raise ValueError(f"{flag}: {err}") from err
 
 
 class _Log:

@@ -18,6 +18,8 @@ import argparse
 import sys
 
 from ..training import read_documents, train_tokenizer
+from ..training.checkpoints import check_output_dir
+from ..training.wording import plural
 from .options import bounded
 
 
@@ -52,6 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_dir(args.output_dir, name="--output-dir")  # before training, which can take minutes
     documents = read_documents(args.data)
     tokenizer = train_tokenizer(
         documents,
@@ -62,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     )
     tokenizer.save_pretrained(args.output_dir)
     print(
-        f"trained a {len(tokenizer):,}-token tokenizer on {len(documents):,} documents; saved in {args.output_dir}",
+        f"trained a {len(tokenizer):,}-token tokenizer on {plural(len(documents), 'document')}; saved in "
+        f"{args.output_dir}",
         file=sys.stderr,
     )
     return 0

@@ -2,25 +2,39 @@
 
 `data` reads text and JSON-lines files and packs their tokens into blocks, `optim` builds AdamW and its
 warmup-cosine schedule, `arguments` holds a run's settings, `checkpoints` writes and restores training
-checkpoints atomically, `trainer` runs the loop, `sources` sets up the model and tokenizer a run starts
-from, and `tokenizer_training` trains a byte-level BPE tokenizer. The `stablelm train` and
+checkpoints atomically (and checks an output folder before a run), `trainer` runs the loop, `sources` sets
+up the model and tokenizer a run starts from, `memory` estimates whether a run fits before it allocates,
+`tokenizer_training` trains a byte-level BPE tokenizer, and `wording` writes counts in messages. The `stablelm train` and
 `stablelm train-tokenizer` commands drive them.
 """
 
 from .arguments import TrainingArguments
-from .data import BlockOrder, pack, read_documents, split_blocks, tokenize
+from .checkpoints import check_output_dir
+from .data import BlockOrder, check_text, pack, read_documents, split_blocks, tokenize
+from .memory import (
+    InsufficientMemoryError,
+    MemoryEstimate,
+    check_training_memory,
+    estimate_training_memory,
+)
 from .optim import build_optimizer, learning_rate_at, parameter_groups
 from .tokenizer_training import train_tokenizer
 from .trainer import Trainer, TrainingEvent, TrainingState, check_block_size
 
 __all__ = [
     "BlockOrder",
+    "InsufficientMemoryError",
+    "MemoryEstimate",
     "Trainer",
     "TrainingArguments",
     "TrainingEvent",
     "TrainingState",
     "build_optimizer",
     "check_block_size",
+    "check_output_dir",
+    "check_text",
+    "check_training_memory",
+    "estimate_training_memory",
     "learning_rate_at",
     "pack",
     "parameter_groups",

@@ -9,6 +9,11 @@ settings that fix the data order). Both .pt files hold tensors and numbers only 
 A checkpoint is written in full into a hidden `.checkpoint-{step}.partial` folder, then renamed: an
 interrupted write leaves only that partial folder, which is ignored and cleared by the next save, and the
 last good checkpoint stays in place. Older checkpoints beyond the number to keep are removed afterwards.
+
+Resuming reads and checks everything first (the state's fields, the weights' shapes against the model, the
+optimiser state's shapes against the parameters, the random generators' state) and only then changes the
+model, the optimiser and the generators: a damaged or foreign checkpoint is a `CheckpointError` naming the
+file, and leaves the run as it was. `check_output_dir` tells before a run starts whether its saves can work.
 """
 
 from __future__ import annotations
@@ -17,10 +22,13 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from ..checkpoint import CheckpointError
 
 if TYPE_CHECKING:
     from ..model import StableLmPreTrainedModel
@@ -30,6 +38,45 @@ STATE_NAME = "trainer_state.json"
 OPTIMIZER_NAME = "optimizer.pt"
 RNG_NAME = "rng_state.pt"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# trainer_state.json's fields and their types (see trainer.TrainingState).
+_STATE_FIELDS = {"step": int, "tokens_seen": int, "log_history": list, "run": dict}
+_DAMAGED = (
+    "delete that folder to resume from the checkpoint before it, or start afresh in another --output-dir"
+)
+
+
+def check_output_dir(path: str | os.PathLike, *, name: str = "output_dir") -> None:
+    """Raise ValueError unless checkpoints can be written to `path`: a folder, or one that can be created.
+
+    Called before training starts, so that a bad folder costs no steps. Creates nothing: a missing folder
+    is checked at its nearest existing parent. Writing is tested by creating and removing a temporary file.
+
+    Args:
+        path: The output folder.
+        name: How messages name it ("--output-dir" on the command line).
+    """
+    path = Path(path)
+    existing = path
+    while not existing.exists() and not existing.is_symlink() and existing.parent != existing:
+        existing = existing.parent
+    if existing.is_symlink() and not existing.exists():
+        raise ValueError(
+            f"{name} {str(path)!r}: {existing} is a broken symbolic link; remove it or choose another folder."
+        )
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"cannot be created: {existing} is a file"
+        raise ValueError(
+            f"{name} {str(path)!r} {where}; choose a folder (new or existing) for the checkpoints and the model."
+        )
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".stablelm-write-test-", dir=existing)
+    except OSError as err:
+        what = "write there" if existing == path else f"create it: cannot write in {existing}"
+        raise ValueError(
+            f"{name} {str(path)!r}: cannot {what} ({err.strerror or err}); choose a folder you can write to."
+        ) from err
+    os.close(handle)
+    os.remove(probe)
 
 
 def save_checkpoint(
@@ -71,30 +118,141 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
+def read_trainer_state(folder: str | os.PathLike) -> dict[str, Any]:
+    """The trainer state (trainer_state.json) of a checkpoint folder, its fields checked.
+
+    Raises:
+        FileNotFoundError: There is no trainer_state.json.
+        stablelm.CheckpointError: It is not JSON, or lacks a field, or a field has the wrong type.
+    """
+    path = Path(folder) / STATE_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{Path(folder)} is not a training checkpoint (no {STATE_NAME}); resume from a checkpoint-N folder "
+            "that a training run wrote."
+        )
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} is damaged: not JSON ({err}); {_DAMAGED}.") from err
+    if not isinstance(state, dict):
+        raise CheckpointError(
+            f"{path} is damaged: it holds a JSON {type(state).__name__}, not an object; {_DAMAGED}."
+        )
+    for key, kind in _STATE_FIELDS.items():
+        if key not in state:
+            raise CheckpointError(
+                f"{path} is not a trainer state of this package: it lacks {key!r}; {_DAMAGED}."
+            )
+        value = state[key]
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
+            raise CheckpointError(
+                f"{path} is not a trainer state of this package: {key!r} is {value!r}, not a "
+                f"{'count' if kind is int else kind.__name__}; {_DAMAGED}."
+            )
+    unknown = sorted(set(state) - set(_STATE_FIELDS))
+    if unknown:
+        raise CheckpointError(
+            f"{path} is not a trainer state of this package: unknown fields {unknown}; {_DAMAGED}."
+        )
+    return state
+
+
 def load_checkpoint(
     folder: Path, *, model: StableLmPreTrainedModel, optimizer: torch.optim.Optimizer
 ) -> dict[str, Any]:
     """Restore the weights, the optimiser and the random generators from `folder`; return its trainer state.
 
+    Everything is read and checked before anything changes: on an error, `model` and `optimizer` are as
+    they were.
+
     Raises:
         FileNotFoundError: `folder` is not a complete training checkpoint.
-        stablelm.checkpoint.CheckpointError: Its weights do not fit `model`.
+        stablelm.CheckpointError: A file is damaged, or its weights or optimiser state do not fit `model`.
     """
+    folder = Path(folder)
     missing = [name for name in (STATE_NAME, OPTIMIZER_NAME, RNG_NAME) if not (folder / name).is_file()]
     if missing:
         raise FileNotFoundError(
             f"{folder} is not a complete training checkpoint (missing {', '.join(missing)}); resume from a "
             "checkpoint-N folder that a training run wrote."
         )
-    saved = type(model).from_pretrained(folder, dtype=model.dtype, device=model.device)
+    state = read_trainer_state(folder)
+    saved = type(model).from_pretrained(folder, dtype=model.dtype, device=model.device).state_dict()
+    _check_weights(folder, saved, dict(model.state_dict()))
+    optimizer_state = _load_tensors(folder / OPTIMIZER_NAME, map_location=model.device)
+    _check_optimizer_state(folder / OPTIMIZER_NAME, optimizer_state, optimizer)
+    rng = _load_tensors(folder / RNG_NAME, map_location="cpu")
+    _check_rng_state(folder / RNG_NAME, rng)
     with torch.no_grad():
-        model.load_state_dict(saved.state_dict())
+        model.load_state_dict(saved)
     del saved
-    optimizer.load_state_dict(
-        torch.load(folder / OPTIMIZER_NAME, map_location=model.device, weights_only=True)
-    )
-    _set_rng_state(torch.load(folder / RNG_NAME, weights_only=True))
-    return json.loads((folder / STATE_NAME).read_text(encoding="utf-8"))
+    optimizer.load_state_dict(optimizer_state)
+    _set_rng_state(rng)
+    return state
+
+
+def _load_tensors(path: Path, *, map_location: Any) -> Any:
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except OSError:
+        raise
+    # A damaged file fails anywhere in torch.load's unpickler (struct.error, KeyError, RuntimeError, ...).
+    except Exception as err:
+        reason = f"{type(err).__name__}: {str(err).split('. ')[0]}"
+        raise CheckpointError(
+            f"{path} is damaged or not a file torch.save wrote ({reason}); {_DAMAGED}."
+        ) from err
+
+
+def _check_weights(folder: Path, saved: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """Raise CheckpointError unless the weights `saved` in `folder` have the names and shapes of `expected`."""
+    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"The weights in {folder} are from another model: {(missing or unexpected)[:3]} are "
+            f"{'missing' if missing else 'unexpected'}. Resume with the --config or --model that run used."
+        )
+    for name, tensor in expected.items():
+        if saved[name].shape != tensor.shape:
+            raise CheckpointError(
+                f"The weights in {folder} are from another model: {name} is {tuple(saved[name].shape)} there "
+                f"but {tuple(tensor.shape)} here. Resume with the --config or --model that run used."
+            )
+
+
+def _check_optimizer_state(path: Path, state: Any, optimizer: torch.optim.Optimizer) -> None:
+    """Raise CheckpointError unless `state` is an optimiser state dict whose shapes fit `optimizer`'s parameters."""
+    groups = state.get("param_groups") if isinstance(state, dict) else None
+    if not isinstance(groups, list) or not isinstance(state.get("state"), dict):
+        raise CheckpointError(f"{path} is not an optimiser state (no param_groups and state); {_DAMAGED}.")
+    ours = [group["params"] for group in optimizer.param_groups]
+    theirs = [group.get("params") if isinstance(group, dict) else None for group in groups]
+    if [len(p) if isinstance(p, list) else None for p in theirs] != [len(p) for p in ours]:
+        raise CheckpointError(
+            f"{path} is the optimiser state of another model (its parameter groups hold "
+            f"{[len(p) if isinstance(p, list) else None for p in theirs]} parameters, this model's "
+            f"{[len(p) for p in ours]}). Resume with the --config or --model that run used."
+        )
+    for parameters, ids in zip(ours, theirs, strict=True):
+        for parameter, index in zip(parameters, ids, strict=True):
+            for key, value in (state["state"].get(index) or {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != parameter.shape:
+                    raise CheckpointError(
+                        f"{path} is the optimiser state of another model: its {key} of parameter {index} is "
+                        f"{tuple(value.shape)}, the parameter {tuple(parameter.shape)}. Resume with the --config "
+                        "or --model that run used."
+                    )
+
+
+def _check_rng_state(path: Path, state: Any) -> None:
+    cpu = state.get("cpu") if isinstance(state, dict) else None
+    if (
+        not isinstance(cpu, torch.Tensor)
+        or cpu.dtype != torch.uint8
+        or cpu.numel() != torch.get_rng_state().numel()
+    ):
+        raise CheckpointError(f"{path} is not the random generators' state of a training run; {_DAMAGED}.")
 
 
 def _rng_state() -> dict[str, Any]:

@@ -5,6 +5,12 @@ tokens are followed by the end-of-text token, the documents are concatenated in 
 cut into blocks of `block_size` tokens (the tail that does not fill a block is dropped). The order in which
 training visits the blocks is a function of the seed and the position alone, so a resumed run reads the
 same batches as an uninterrupted one.
+
+Files are read as strict UTF-8 (a leading byte-order mark is dropped). Bytes that are not UTF-8, and lone
+UTF-16 surrogates (a JSON escape such as "\\udc80", or text decoded with errors="surrogateescape"), are
+errors naming the file, the line and the byte offset, not replaced: silently changing training text would
+teach the model or the tokenizer U+FFFD where the data meant something else, and the tokenizers library
+cannot encode a lone surrogate at all. Convert such files to UTF-8 first (`iconv -f LATIN1 -t UTF-8`, say).
 """
 
 from __future__ import annotations
@@ -12,16 +18,19 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 
 from ..tokenizer import Tokenizer
+from .wording import plural
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 _HINT = 'Pass text files (.txt, .md, .rst), JSON-lines files (.jsonl, one {"text": ...} per line) or folders.'
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def find_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
@@ -43,6 +52,8 @@ def find_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
             if not found:
                 raise FileNotFoundError(f"The folder {str(path)!r} holds no data files. {_HINT}")
             files += found
+        elif path.exists():
+            raise FileNotFoundError(f"Training data {str(path)!r} is not a regular file or folder. {_HINT}")
         else:
             raise FileNotFoundError(f"Training data {str(path)!r} does not exist. {_HINT}")
     return files
@@ -53,7 +64,8 @@ def read_documents(paths: Sequence[str | os.PathLike]) -> list[str]:
 
     Raises:
         FileNotFoundError: A path does not exist.
-        ValueError: A JSON-lines record is not valid JSON or has no string "text", or there is no text at all.
+        ValueError: A file is not UTF-8 (the message names the line and byte offset), a JSON-lines record is
+            not valid JSON, has no string "text" or holds a lone surrogate, or there is no text at all.
     """
     documents: list[str] = []
     for path in find_files(paths):
@@ -66,16 +78,17 @@ def read_documents(paths: Sequence[str | os.PathLike]) -> list[str]:
 
 
 def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not UTF-8 text ({err}); convert it to UTF-8 first.") from err
+    data = path.read_bytes()
+    return _decode(path, data, line=1, offset=0)
 
 
 def _read_jsonl(path: Path) -> list[str]:
     texts = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    offset = 0
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            line = _decode(path, raw, line=number, offset=offset)
+            offset += len(raw)
             if not line.strip():
                 continue
             try:
@@ -87,14 +100,60 @@ def _read_jsonl(path: Path) -> list[str]:
                     f'{path}:{number} has no string "text" field; each line must be an object like '
                     '{"text": "..."}.'
                 )
+            if match := _SURROGATE.search(record["text"]):
+                raise ValueError(
+                    f'{path}:{number}: the "text" holds a lone surrogate {_escape(match.group())} (half of a '
+                    "UTF-16 pair, escaped in the JSON), which is not a character and cannot be tokenized; fix "
+                    "or drop that record."
+                )
             texts.append(record["text"])
     return texts
 
 
+def _decode(path: Path, data: bytes, *, line: int, offset: int) -> str:
+    """`data` (the file's bytes from byte `offset`, line `line`) as UTF-8, or a ValueError naming the place."""
+    try:
+        return data.decode("utf-8-sig" if offset == 0 else "utf-8")
+    except UnicodeDecodeError as err:
+        bad = data[err.start : err.end]
+        line += data.count(b"\n", 0, err.start)
+        raise ValueError(
+            f"{path}:{line} is not UTF-8 text: byte offset {offset + err.start:,} holds {bad!r} ({err.reason}). "
+            "Convert the file to UTF-8 first (for example iconv -f LATIN1 -t UTF-8), or drop that line."
+        ) from None
+
+
+def _escape(char: str) -> str:
+    return f"\\u{ord(char):04x}"
+
+
+def check_text(documents: Sequence[str]) -> None:
+    """Raise ValueError if a document is not a str or holds a lone surrogate, which no tokenizer can encode.
+
+    Lone surrogates come from text decoded with errors="surrogateescape" (undecodable bytes kept as
+    U+DC80..U+DCFF) or from JSON escapes of half a UTF-16 pair.
+    """
+    for index, document in enumerate(documents):
+        if not isinstance(document, str):
+            raise TypeError(f"Document {index} is a {type(document).__name__}, not a str.")
+        if match := _SURROGATE.search(document):
+            raise ValueError(
+                f"Document {index} holds a lone surrogate {_escape(match.group())} at character {match.start():,}, "
+                "which is not a character and cannot be tokenized (text decoded with errors='surrogateescape'?). "
+                "Read the file as UTF-8 (errors='strict'), or replace such characters first."
+            )
+
+
 def tokenize(tokenizer: Tokenizer, documents: Iterable[str]) -> torch.Tensor:
-    """One int64 stream of the documents' tokens, each document followed by the eos token (if any)."""
+    """One int64 stream of the documents' tokens, each document followed by the eos token (if any).
+
+    Raises:
+        ValueError: A document holds a lone surrogate (see `check_text`).
+    """
+    documents = list(documents)
+    check_text(documents)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    encodings = tokenizer.backend_tokenizer.encode_batch_fast(list(documents), add_special_tokens=False)
+    encodings = tokenizer.backend_tokenizer.encode_batch_fast(documents, add_special_tokens=False)
     stream = [token for encoding in encodings for token in (*encoding.ids, *eos)]
     return torch.tensor(stream, dtype=torch.int64)
 
@@ -112,8 +171,8 @@ def pack(stream: torch.Tensor, block_size: int) -> torch.Tensor:
     n = stream.numel() // block_size
     if n == 0:
         raise ValueError(
-            f"The data has {stream.numel()} tokens, fewer than one block of {block_size}; add text or lower "
-            "the block size."
+            f"The data has {plural(stream.numel(), 'token')}, fewer than one block of {block_size}; add text or "
+            "lower the block size."
         )
     return stream[: n * block_size].view(n, block_size)
 
@@ -130,8 +189,8 @@ def split_blocks(blocks: torch.Tensor, fraction: float) -> tuple[torch.Tensor, t
     held = torch.tensor([math.floor((i + 1) * fraction) > math.floor(i * fraction) for i in range(n)])
     if fraction > 0 and (not held.any() or held.all()):
         raise ValueError(
-            f"The data makes only {n} block(s), too few to hold out {fraction:.0%} of them; add text, lower the "
-            "block size, or pass separate held-out data."
+            f"The data makes only {plural(n, 'block')}, too few to hold out {fraction:.0%} of them; add text, "
+            "lower the block size, or pass separate held-out data."
         )
     return blocks[~held], blocks[held]
 

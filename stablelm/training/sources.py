@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,6 +29,8 @@ _OTHER_KEYS = frozenset(
 )
 # Config fields that, when the file leaves them out, come from the tokenizer a new model is trained with.
 _FROM_TOKENIZER = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")
+# Models often pad their vocabulary up to a multiple of 64 or 128 for speed; such padding is not warned of.
+_PADDING_MULTIPLE = 128
 
 
 def read_model_config(path: str | os.PathLike, *, tokenizer: Tokenizer | None = None) -> StableLmConfig:
@@ -41,11 +44,13 @@ def read_model_config(path: str | os.PathLike, *, tokenizer: Tokenizer | None = 
             message suggests the closest one), or its values are invalid.
     """
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"Model config {str(path)!r} is a folder; pass the config.json file in it.")
     if not path.is_file():
         raise FileNotFoundError(f"Model config {str(path)!r} does not exist; pass a StableLM config.json.")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON ({err}).") from err
     if not isinstance(data, dict):
         raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object of config keys.")
@@ -98,10 +103,29 @@ def add_special_tokens(tokenizer: Tokenizer, model: StableLmForCausalLM, tokens:
 
 
 def check_vocabulary(tokenizer: Tokenizer, model: StableLmForCausalLM) -> None:
-    """Raise ValueError if the tokenizer makes ids the model has no embedding for."""
-    if len(tokenizer) > model.config.vocab_size:
+    """Check that the tokenizer's ids fit the model's embeddings, and that few embedding rows go unused.
+
+    A model vocabulary padded past the tokenizer's to a multiple of 128 (as StableLM 2's, for speed) is
+    usual; rows beyond that are never trained nor used: a warning, since they only cost memory and time.
+
+    Raises:
+        ValueError: The tokenizer makes ids the model has no embedding for (they would index out of range).
+    """
+    vocab_size = model.config.vocab_size
+    tokens = max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
+    if tokens > vocab_size:
         raise ValueError(
-            f"The tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {model.config.vocab_size}; "
-            "set vocab_size in the model config to at least the tokenizer's size (or leave it out to take it "
-            "from the tokenizer), or pass the tokenizer the model was trained with."
+            f"The tokenizer has {tokens} tokens (ids up to {tokens - 1}) but the model's vocab_size is "
+            f"{vocab_size}; set vocab_size in the model config to at least the tokenizer's size (or leave it "
+            "out to take it from the tokenizer), or pass the tokenizer the model was trained with."
+        )
+    padded = -(-tokens // _PADDING_MULTIPLE) * _PADDING_MULTIPLE
+    if vocab_size > padded:
+        warnings.warn(
+            f"The model's vocab_size ({vocab_size}) is larger than the tokenizer's {tokens} tokens: "
+            f"{vocab_size - tokens} embedding rows will never be used (memory and time spent for nothing). Set "
+            f"vocab_size to {tokens} in the model config (or leave it out to take it from the tokenizer), or "
+            "pass the tokenizer the model was made for.",
+            UserWarning,
+            stacklevel=2,
         )

@@ -9,9 +9,11 @@ from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from ..tokenizer import Tokenizer
 from ..tokenizer.encoding import VERY_LARGE_INTEGER
+from .data import check_text
 
 END_OF_TEXT = "<|endoftext|>"
 PADDING = "<|padding|>"
+MAX_VOCAB_SIZE = 2**32  # the tokenizers library's token ids are 32-bit
 
 
 def train_tokenizer(
@@ -39,7 +41,8 @@ def train_tokenizer(
         The tokenizer; `save_pretrained(folder)` writes tokenizer.json and tokenizer_config.json.
 
     Raises:
-        ValueError: The vocabulary is too small for the byte alphabet and the special tokens.
+        ValueError: The vocabulary is too small for the byte alphabet and the special tokens (or larger than
+            32-bit ids allow), or a text holds a lone surrogate (see `data.check_text`).
     """
     specials = list(dict.fromkeys([END_OF_TEXT, PADDING, *extra_special_tokens]))
     alphabet = pre_tokenizers.ByteLevel.alphabet()
@@ -47,6 +50,11 @@ def train_tokenizer(
         raise ValueError(
             f"vocab_size {vocab_size} is too small: a byte-level vocabulary needs {len(alphabet)} byte tokens plus "
             f"{len(specials)} special tokens; use at least {len(alphabet) + len(specials)} (a few thousand is usual)."
+        )
+    if vocab_size > MAX_VOCAB_SIZE:
+        raise ValueError(
+            f"vocab_size {vocab_size} is too large: token ids are 32-bit, so at most {MAX_VOCAB_SIZE:,} (a few "
+            "thousand to a few hundred thousand is usual)."
         )
     if min_frequency < 1:
         raise ValueError(f"min_frequency must be at least 1, got {min_frequency}.")
@@ -61,6 +69,8 @@ def train_tokenizer(
         initial_alphabet=alphabet,
         show_progress=False,
     )
+    texts = list(texts)
+    check_text(texts)
     backend.train_from_iterator(texts, trainer=trainer)
     return Tokenizer(
         backend,

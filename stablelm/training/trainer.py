@@ -22,7 +22,14 @@ import torch
 from ..heads import StableLmForCausalLM
 from ..tokenizer import Tokenizer
 from .arguments import TrainingArguments
-from .checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoints import (
+    STATE_NAME,
+    check_output_dir,
+    list_checkpoints,
+    load_checkpoint,
+    read_trainer_state,
+    save_checkpoint,
+)
 from .data import BlockOrder
 from .optim import build_optimizer, learning_rate_at
 
@@ -116,7 +123,11 @@ class Trainer:
 
         Returns:
             The final state: step, tokens seen, and the history of losses.
+
+        Raises:
+            ValueError: `args.output_dir` is a file or cannot be written to (checked before the first step).
         """
+        check_output_dir(self.output_dir)
         if resume_from is not None:
             self.resume(resume_from)
         if self.args.gradient_checkpointing:
@@ -202,11 +213,7 @@ class Trainer:
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         device = self.model.device
-        precision = self.args.precision
-        if precision == "auto":
-            bf16_gpu = device.type == "cuda" and torch.cuda.is_bf16_supported()
-            precision = "bf16" if bf16_gpu else "fp32"
-        if precision == "fp32":
+        if resolve_precision(self.args.precision, device) == "fp32":
             return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
@@ -229,9 +236,16 @@ class Trainer:
 
         Raises:
             ValueError: The checkpoint's run used other data or settings that fix the data order.
+            stablelm.CheckpointError: The checkpoint is damaged, or of another model (nothing is changed).
         """
         folder = Path(checkpoint)
+        if (folder / STATE_NAME).is_file():  # settings first: a foreign run is refused before any loading
+            self._check_same_run(folder, read_trainer_state(folder))
         state = load_checkpoint(folder, model=self.model, optimizer=self.optimizer)
+        self.state = TrainingState(**state)
+        self._emit("resume", path=str(folder))
+
+    def _check_same_run(self, folder: Path, state: dict[str, Any]) -> None:
         differ = {k: (v, state["run"].get(k)) for k, v in self.state.run.items() if state["run"].get(k) != v}
         if differ:
             detail = ", ".join(f"{k}: now {now!r}, then {then!r}" for k, (now, then) in differ.items())
@@ -239,8 +253,6 @@ class Trainer:
                 f"Cannot resume from {folder}: it was trained with other data or settings ({detail}). Resume "
                 "with the same data, --seed, --batch-size, --grad-accum and --block-size, or start afresh."
             )
-        self.state = TrainingState(**state)
-        self._emit("resume", path=str(folder))
 
     def latest_checkpoint(self) -> Path | None:
         """The newest complete checkpoint in `output_dir`, or None."""
@@ -283,6 +295,15 @@ def _check_blocks(name: str, blocks: torch.Tensor, model: StableLmForCausalLM) -
             f"{name} holds token id {top}, outside the model's vocabulary of {config.vocab_size}; resize the "
             "embeddings to the tokenizer first (model.resize_token_embeddings(len(tokenizer)))."
         )
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """ "fp32" or "bf16": what `precision` ("auto", "fp32" or "bf16") means on `device` (auto: bf16 on a GPU
+    that supports it)."""
+    if precision == "auto":
+        bf16_gpu = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return "bf16" if bf16_gpu else "fp32"
+    return precision
 
 
 def check_block_size(block_size: int, *, max_position_embeddings: int) -> None:
