@@ -125,8 +125,11 @@ class StableLmPreTrainedModel(nn.Module):
 
         Reads `config.json`, `generation_config.json` (as the dict `model.generation_config`) and the weights:
         `model.safetensors`, sharded safetensors with their index, or legacy `pytorch_model*.bin` through
-        `torch.load(weights_only=True)`. Each tensor is read once, straight into `dtype` on `device`. A
-        classification model loads a causal LM's backbone and initialises its head, with one warning.
+        `torch.load(weights_only=True)` (refused before torch 2.6, whose check could be bypassed). Each tensor
+        is read once, straight into `dtype` on `device`, and a floating-point one holding NaN or an infinity
+        is refused. A classification model loads a causal LM's backbone and initialises its head, with one
+        warning. A checkpoint that stores its own `lm_head.weight` although the config ties it keeps that
+        head untied (and warns) unless it equals the embedding.
 
         Args:
             name_or_path: A local folder, or a hub repo id (only the needed files are fetched, into the hub cache).
@@ -145,8 +148,9 @@ class StableLmPreTrainedModel(nn.Module):
 
         Raises:
             FileNotFoundError: The model is neither a local folder nor on the hub, or files are missing.
-            stablelm.checkpoint.CheckpointError: A file is damaged or does not fit the config; the message
-                names the file and what to do.
+            stablelm.checkpoint.CheckpointError: A file is damaged, malformed, non-finite, a link out of the
+                folder, or does not fit the config (checked before the model is built); the message names the
+                file and what to do.
         """
         from .checkpoint import load_pretrained
 
@@ -179,7 +183,9 @@ class StableLmPreTrainedModel(nn.Module):
 
         Safetensors (or `pytorch_model.bin` with `safe_serialization=False`) in shards of at most
         `max_shard_size` ("5GB", "500MB", "2GiB" or bytes) with an index when there are several. A tied LM
-        head is left out, as the reference does. Each file is written under a temporary name and renamed.
+        head is left out, as the reference does. Each file is written under a temporary name and renamed;
+        over an existing checkpoint the weights switch at one rename (the index after all its new shards), so
+        an interrupted save leaves the old checkpoint whole, and the next save clears what it left behind.
         """
         from .checkpoint import save_pretrained
 

@@ -4,6 +4,10 @@ A folder holds `config.json`, optionally `generation_config.json`, and the weigh
 layouts, looked for in this order (safetensors first, as the reference does):
 `model.safetensors`; `model.safetensors.index.json` naming `model-0000i-of-0000n.safetensors` shards;
 the legacy `pytorch_model.bin`; `pytorch_model.bin.index.json` naming `.bin` shards.
+
+Every file read stays inside the folder: an index may name only plain paths within it, and a symbolic
+link may point only within it, or, for a Hugging Face cache snapshot, within that repo's cache folder
+(`snapshots/<rev>/file -> ../../blobs/<hash>`).
 """
 
 from __future__ import annotations
@@ -77,7 +81,32 @@ def resolve_folder(
     folder = resolve_model_dir(name_or_path, allow_patterns=_SAFE_PATTERNS, **hub)
     if not ((folder / SAFE_WEIGHTS_NAME).is_file() or (folder / SAFE_INDEX_NAME).is_file()):
         folder = resolve_model_dir(name_or_path, allow_patterns=_BIN_PATTERNS, **hub)
+    for name in (CONFIG_NAME, GENERATION_CONFIG_NAME, SAFE_WEIGHTS_NAME, SAFE_INDEX_NAME, BIN_WEIGHTS_NAME,
+                 BIN_INDEX_NAME):  # fmt: skip
+        check_inside(folder, folder / name)
     return folder
+
+
+def check_inside(folder: Path, path: Path) -> None:
+    """Refuse `path` if it is (or lies under) a symbolic link leading out of the model folder.
+
+    A Hugging Face cache snapshot (`.../models--org--name/snapshots/<rev>`) links each file to
+    `../../blobs/<hash>`: inside the repo's cache folder, which is allowed.
+    """
+    if not os.path.lexists(path):
+        return
+    home = folder.resolve()
+    if home.parent.name == "snapshots" and home.parent.parent.name.startswith("models--"):
+        home = home.parent.parent
+    try:
+        target = path.resolve()
+    except (OSError, RuntimeError) as err:  # a loop of links
+        raise CheckpointError(f"{path} is a symbolic link that cannot be followed ({err}).") from err
+    if not target.is_relative_to(home):
+        raise CheckpointError(
+            f"{path} is a symbolic link to {target}, outside the model folder {home}; refusing to follow it. "
+            "Copy the file into the folder (or load the folder it belongs to)."
+        )
 
 
 def check_not_empty(folder: Path) -> None:
@@ -117,6 +146,7 @@ def _read_index(index: Path, fmt: WeightFormat) -> WeightFiles:
         if name not in shards:
             shards[name] = _shard_path(index, name)
     for name, path in shards.items():
+        check_inside(index.parent, path)
         if not path.is_file():
             example = next(k for k, v in weight_map.items() if v == name)
             raise CheckpointError(

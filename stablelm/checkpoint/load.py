@@ -1,9 +1,10 @@
 """from_pretrained: build the model with meta parameters, check the checkpoint against it, then fill it.
 
 Every check (files, headers, names, shapes) runs before any weight is read, so a bad checkpoint fails
-fast and a failed load leaves nothing behind. Each tensor then comes straight from the memory-mapped file
-(in place on the CPU when its dtype is already right, else copied once into its dtype and device) and
-takes the place of its meta placeholder.
+fast and a failed load leaves nothing behind; the layer count and shapes are compared with the config
+even before the model is built. Each tensor then comes straight from the memory-mapped file (in place on
+the CPU when its dtype is already right, else copied once into its dtype and device), is checked for NaN
+and infinities, and takes the place of its meta placeholder.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from .layout import (
     read_generation_config,
     resolve_folder,
 )
-from .plan import LoadPlan, plan_load
+from .plan import LoadPlan, check_before_building, plan_load
 from .readers import SafetensorsReader, StoredTensor, TorchBinReader, open_reader
 
 if TYPE_CHECKING:
@@ -86,15 +87,14 @@ def load_pretrained(
         readers.extend(open_reader(path, weights.format) for path in weights.files)
         found = _tensors_by_name(weights, readers)
         target_dtype = fixed_dtype or _auto_dtype(config, (stored.dtype for _, stored in found.values()))
-        with _EmptyParameters():
-            model = cls(config)
-        plan = plan_load(
-            model, {name: stored.shape for name, (_, stored) in found.items()}, source=weights.source
+        model, plan = plan_checkpoint(
+            cls, config, {name: stored.shape for name, (_, stored) in found.items()}, source=weights.source
         )
         state = _materialise(plan, found, readers, dtype=target_dtype, device=target_device)
     finally:
         for reader in readers:
             reader.close()
+    _keep_stored_heads(model, state, plan, found)
     _install(model, state, plan, dtype=target_dtype, device=target_device)
     if optimize is not None:
         set_kernels(model, optimize)
@@ -201,6 +201,26 @@ def _tensors_by_name(weights: WeightFiles, readers: list[Reader]) -> dict[str, t
     return found
 
 
+def plan_checkpoint(
+    cls: type[M], config: StableLmConfig, found: dict[str, tuple[int, ...]], *, source: Path
+) -> tuple[M, LoadPlan]:
+    """`cls` built with meta parameters, and how the checkpoint's tensors (name -> shape) fill it.
+
+    The layer count and shapes are compared with the config first, from one layer, so that a config that
+    does not fit (a million layers, say) is refused at once instead of after building it.
+    """
+    from ..model import DecoderLayer
+
+    def one_layer() -> nn.Module:
+        with _EmptyParameters():
+            return DecoderLayer(config, 0)
+
+    check_before_building(config, found, source=source, one_layer=one_layer)
+    with _EmptyParameters():
+        model = cls(config)
+    return model, plan_load(model, found, source=source)
+
+
 # ---- filling the model -----------------------------------------------------------------------------------
 def _materialise(
     plan: LoadPlan,
@@ -211,7 +231,7 @@ def _materialise(
     device: torch.device,
 ) -> dict[str, torch.Tensor]:
     """Read every planned tensor once, shard by shard in file order, into `dtype` on `device`."""
-    model_key = {ckpt: key for key, ckpt in plan.sources.items()}
+    model_key = {ckpt: key for key, ckpt in {**plan.sources, **plan.stored_aliases}.items()}
     total = sum(found[ckpt][1].nbytes for ckpt in model_key)
     state: dict[str, torch.Tensor] = {}
     with _progress_bar(total, f"Loading {len(readers)} shard{'s' if len(readers) > 1 else ''}") as bar:
@@ -221,6 +241,31 @@ def _materialise(
                 state[model_key[ckpt]] = tensor
                 bar.update(found[ckpt][1].nbytes)
     return state
+
+
+def _keep_stored_heads(
+    model: StableLmPreTrainedModel,
+    state: dict[str, torch.Tensor],
+    plan: LoadPlan,
+    found: dict[str, tuple[Reader, StoredTensor]],
+) -> None:
+    """A head the checkpoint stores although the config ties it: tied if it equals the embedding, else
+    kept as stored (untied, `tie_word_embeddings` turned off) with a warning, never silently dropped."""
+    for alias, ckpt in plan.stored_aliases.items():
+        key = plan.aliases[alias]
+        if torch.equal(state[alias], state[key]):
+            state[alias] = state[key]
+            continue
+        model.config.tie_word_embeddings = False
+        warnings.warn(
+            f"{found[ckpt][0].path} stores its own {ckpt}, which differs from {key}, but the config sets "
+            "tie_word_embeddings to true (the head would share the embedding). Loading the stored head "
+            "untied, as the reference does; model.config.tie_word_embeddings is now False. If the head should "
+            f'be the embedding, remove {ckpt} from the file; otherwise set "tie_word_embeddings": false in '
+            f"{CONFIG_NAME}.",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def _install(
@@ -235,7 +280,7 @@ def _install(
     for key in plan.new:
         state[key] = torch.empty(plan.shapes[key], dtype=dtype, device=device)
     for alias, key in plan.aliases.items():
-        state[alias] = state[key]
+        state.setdefault(alias, state[key])
     model.load_state_dict(state, strict=True, assign=True)
     for owner in dict.fromkeys(model.get_submodule(key.rpartition(".")[0]) for key in plan.new):
         model._init_weights(owner)

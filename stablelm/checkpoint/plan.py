@@ -4,18 +4,27 @@ The reference's rules: the backbone prefix (`model.`) is added or removed when a
 checkpoint meets a model with a head or the other way round; a classifier's missing head is initialised
 afresh; another task's head in the checkpoint is left unused; a tied LM head needs no tensor of its own;
 computed rotary frequencies in old checkpoints are ignored. Anything else that does not fit is an error.
+A checkpoint that stores its own LM head although the config ties it keeps that head (see `LoadPlan`).
+
+Before the model is even built, `check_before_building` compares the checkpoint's layer count and the
+shapes of its embedding and of every layer with what the config describes: building a model of a
+config that asks for a million layers would take hours, on the meta device too.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from .layout import CONFIG_NAME, CheckpointError
+
+if TYPE_CHECKING:
+    from ..config import StableLmConfig
 
 # The task heads of this family. A checkpoint of one head loads into another (a causal LM's backbone
 # into a classifier, say); the other head's weights are then reported as unused, not as an error.
@@ -23,6 +32,13 @@ _HEAD_KEYS = frozenset({"lm_head.weight", "score.weight", "score.bias"})
 # Rotary frequencies are computed, not loaded; older checkpoints saved them (once per layer, even).
 _NON_PERSISTENT = re.compile(r"(^|\.)rotary_emb\.\w*inv_freq$")
 _NAMES_SHOWN = 5
+# A decoder layer's tensor in a checkpoint of the backbone (`layers.3.mlp...`) or of a model with a head.
+_LAYER_KEY = re.compile(r"^(?:model\.)?layers\.(\d+)\.(.+)$")
+_EMBEDDING_KEYS = ("model.embed_tokens.weight", "embed_tokens.weight")
+_CONFIG_HINT = (
+    f"Check that the config ({CONFIG_NAME} beside the weights, or the config passed) belongs to these "
+    "weights: vocab_size, hidden_size, num_hidden_layers, num_key_value_heads, use_qkv_bias, ..."
+)
 
 
 @dataclass(frozen=True)
@@ -35,6 +51,9 @@ class LoadPlan:
         aliases: Tied model key -> the key whose tensor it shares (`lm_head.weight` -> the embedding).
         new: Model keys the checkpoint lacks that are initialised afresh (the head of another task).
         unused: Checkpoint keys of another task's head, left unread.
+        stored_aliases: Tied model key -> checkpoint key, for a tied tensor the checkpoint stores anyway
+            (`lm_head.weight` with `tie_word_embeddings`): read too, and kept tied only if it equals the
+            tensor it would share; otherwise the model keeps it untied, as the reference does.
     """
 
     sources: dict[str, str]
@@ -42,6 +61,7 @@ class LoadPlan:
     aliases: dict[str, str]
     new: list[str]
     unused: list[str]
+    stored_aliases: dict[str, str] = field(default_factory=dict)
 
 
 def plan_load(model: nn.Module, found: dict[str, tuple[int, ...]], *, source: Path) -> LoadPlan:
@@ -49,6 +69,7 @@ def plan_load(model: nn.Module, found: dict[str, tuple[int, ...]], *, source: Pa
     shapes, aliases = _expected(model)
     by_model_key = _map_prefix(model, [key for key in found if not _NON_PERSISTENT.search(key)])
     sources = {key: ckpt for key, ckpt in by_model_key.items() if key in shapes}
+    stored_aliases = {key: ckpt for key, ckpt in by_model_key.items() if key in aliases}
     missing = [key for key in shapes if key not in sources]
     may_initialise = _initialisable(model)
     new = [key for key in missing if may_initialise(key)]
@@ -59,9 +80,56 @@ def plan_load(model: nn.Module, found: dict[str, tuple[int, ...]], *, source: Pa
     mismatched = [
         (key, shapes[key], found[ckpt]) for key, ckpt in sources.items() if shapes[key] != found[ckpt]
     ]
+    mismatched += [
+        (key, shapes[aliases[key]], found[ckpt])
+        for key, ckpt in stored_aliases.items()
+        if shapes[aliases[key]] != found[ckpt]
+    ]
     if missing or unexpected or mismatched:
         raise _mismatch_error(model, source, missing, unexpected, mismatched)
-    return LoadPlan(sources, shapes, aliases, new, unused)
+    return LoadPlan(sources, shapes, aliases, new, unused, stored_aliases)
+
+
+def check_before_building(
+    config: StableLmConfig,
+    found: dict[str, tuple[int, ...]],
+    *,
+    source: Path,
+    one_layer: Callable[[], nn.Module],
+) -> None:
+    """Refuse a checkpoint whose layer count, embedding or layer shapes differ from the config's, from the
+    names and shapes alone; `one_layer` builds a single decoder layer (on the meta device) to compare with."""
+    layers: dict[int, list[tuple[str, str]]] = {}
+    for key in found:
+        match = _LAYER_KEY.match(key)
+        if match and not _NON_PERSISTENT.search(key):
+            layers.setdefault(int(match.group(1)), []).append((key, match.group(2)))
+    # Fewer layers in the config than in the file build quickly, and `plan_load` names the extra tensors.
+    if len(layers) < config.num_hidden_layers:
+        numbers = sorted(layers)
+        held = ", ".join(map(str, numbers[:_NAMES_SHOWN])) + (" ..." if len(numbers) > _NAMES_SHOWN else "")
+        raise CheckpointError(
+            f"The config sets num_hidden_layers to {config.num_hidden_layers}, but the weights in {source} hold "
+            f"{len(layers)} decoder layers{f' (numbered {held})' if layers else ''}. {_CONFIG_HINT}"
+        )
+    mismatched = []
+    want = (config.vocab_size, config.hidden_size)
+    for key in _EMBEDDING_KEYS:
+        if key in found and found[key] != want:
+            mismatched.append((key, want, found[key]))
+    if not mismatched:  # the layer is built at the config's width only once that width is the file's
+        expected = {name: tuple(t.shape) for name, t in one_layer().state_dict().items()}
+        for keys in layers.values():
+            for key, name in keys:
+                if name in expected and expected[name] != found[key]:
+                    mismatched.append((key, expected[name], found[key]))
+    if mismatched:
+        lines = [f"The weights in {source} do not fit the model its config describes:"]
+        for key, shape, got in mismatched[:_NAMES_SHOWN]:
+            lines.append(f"- {key}: the model expects shape {list(shape)}, the checkpoint holds {list(got)}")
+        if len(mismatched) > _NAMES_SHOWN:
+            lines.append(f"- and {len(mismatched) - _NAMES_SHOWN} more shape mismatches")
+        raise CheckpointError("\n".join([*lines, _CONFIG_HINT]))
 
 
 def _expected(model: nn.Module) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
@@ -122,10 +190,7 @@ def _mismatch_error(
             "checkpoint is incomplete."
         )
     else:
-        lines.append(
-            f"Check that the config ({CONFIG_NAME} beside the weights, or the config passed) belongs to these "
-            "weights: vocab_size, hidden_size, num_hidden_layers, num_key_value_heads, use_qkv_bias, ..."
-        )
+        lines.append(_CONFIG_HINT)
     return CheckpointError("\n".join(lines))
 
 

@@ -1,11 +1,16 @@
 """Reading tensors out of weight files: the names, shapes and dtypes first, the data only on request.
 
 Safetensors files are parsed here (an 8-byte header length, a JSON header, then raw little-endian data)
-so that every header is checked against the file before any data is read. Data comes from a memory map:
-a CPU tensor already in its target dtype is used in place, and any other is copied once into its dtype
-and device, its mapped pages given back right after, so peak memory stays near the size of the loaded
-weights. Legacy `.bin` files are opened only by `torch.load(weights_only=True, mmap=True)`, which
-refuses any pickle that would run code.
+so that every header is checked against the file before any data is read, at least as strictly as the
+`safetensors` library does: no duplicate names, whole numbers only, and tensors that tile the data
+exactly (no overlap, no hole, nothing after the last one). Data comes from a memory map: a CPU tensor
+already in its target dtype is used in place, and any other is copied once into its dtype and device,
+its mapped pages given back right after, so peak memory stays near the size of the loaded weights.
+Every floating-point tensor is checked for NaN and infinities as it is read.
+
+Legacy `.bin` files are opened only by `torch.load(weights_only=True)` (memory-mapped when they are zip
+archives, as every torch >= 1.6 writes them), which refuses any pickle that would run code; before torch
+2.6 that refusal could be bypassed (CVE-2025-32434), so there `.bin` files are not opened at all.
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ from __future__ import annotations
 import json
 import mmap
 import pickle
+import re
 import struct
+import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +46,10 @@ _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-_MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
+_MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+_MAX_DIM = 2**63 - 1  # torch's sizes are int64
+_SAFE_TORCH = (2, 6)  # torch.load(weights_only=True) cannot be talked into running code from here on
+_SHOWN = 200  # characters of a malformed header entry quoted in an error
 
 
 @dataclass(frozen=True)
@@ -80,9 +90,11 @@ class SafetensorsReader:
             stored = self.tensors[name]
             target = dtype if stored.dtype.is_floating_point else stored.dtype
             if device.type == "cpu" and target == stored.dtype and stored.offset % stored.dtype.itemsize == 0:
-                yield name, _view(mapped, stored)
+                tensor = _view(mapped, stored)
+                check_finite(tensor, name, self.path)
+                yield name, tensor
             else:
-                yield name, _copy_out(mapped, stored, target, device)
+                yield name, _copy_out(mapped, stored, target, device, name=name, path=self.path)
 
     def close(self) -> None:
         pass
@@ -95,28 +107,49 @@ def _read_safetensors_header(path: Path) -> dict[str, StoredTensor]:
         if len(prefix) < 8:
             raise _corrupt(path, f"it is {size} bytes long, too short for a header")
         (header_len,) = struct.unpack("<Q", prefix)
+        # The length is not quoted: a file that is no safetensors file at all would have its first bytes echoed.
         if header_len > min(_MAX_HEADER_BYTES, size - 8):
-            raise _corrupt(path, f"its header claims {header_len} bytes but the file holds {size}")
+            raise _corrupt(path, f"its first 8 bytes are no header length that fits in its {size} bytes")
         raw = f.read(header_len)
     try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise _corrupt(path, f"its header is not valid JSON ({err})") from err
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as err:
+        raise _corrupt(path, f"its header names {err.key!r} twice") from None
+    except UnicodeDecodeError:
+        raise _corrupt(path, "its header is not UTF-8 text") from None
+    except json.JSONDecodeError as err:
+        raise _corrupt(path, f"its header is not valid JSON ({err.msg} at byte {err.pos})") from None
     if not isinstance(header, dict):
         raise _corrupt(path, "its header is not a JSON object")
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _corrupt(path, "its header's '__metadata__' is not a map of strings to strings")
     data_start, data_size = 8 + header_len, size - 8 - header_len
-    tensors = {name: _stored(path, name, entry, data_start) for name, entry in header.items()}
-    needed = max((t.offset + t.nbytes for t in tensors.values()), default=data_start) - data_start
-    if needed > data_size:
-        raise _corrupt(
-            path,
-            f"its header describes {needed} bytes of tensor data but only {data_size} follow (truncated)",
-        )
-    return tensors
+    spans = {name: _span(path, name, entry) for name, entry in header.items()}
+    _check_tiling(path, spans, data_size)
+    return {
+        name: StoredTensor(dtype, shape, data_start + begin)
+        for name, (dtype, shape, begin, _) in spans.items()
+    }
 
 
-def _stored(path: Path, name: str, entry: object, data_start: int) -> StoredTensor:
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object that names a key twice is refused (json.loads would silently keep the last)."""
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _span(path: Path, name: str, entry: object) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+    """dtype, shape and [begin, end) in the data of one header entry, checked against each other."""
     if (
         isinstance(entry, dict)
         and isinstance(entry.get("dtype"), str)
@@ -126,15 +159,63 @@ def _stored(path: Path, name: str, entry: object, data_start: int) -> StoredTens
             f"{path} stores {name!r} as {entry['dtype']}, a dtype this loader does not read "
             f"(it reads {', '.join(_SAFETENSORS_DTYPES)})."
         )
-    try:
-        dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
-        shape = tuple(int(n) for n in entry["shape"])
-        begin, end = (int(n) for n in entry["data_offsets"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise _corrupt(path, f"the header entry of {name!r} is malformed ({entry!r})") from err
-    if min(shape, default=0) < 0 or not 0 <= begin <= end or end - begin != _numel(shape) * dtype.itemsize:
-        raise _corrupt(path, f"the header entry of {name!r} is inconsistent ({entry!r})")
-    return StoredTensor(dtype, shape, data_start + begin)
+    shape, offsets = (
+        (entry.get("shape"), entry.get("data_offsets")) if isinstance(entry, dict) else (None, None)
+    )
+    if (
+        not isinstance(entry, dict)
+        or not isinstance(entry.get("dtype"), str)
+        or not isinstance(shape, list)
+        or not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_count(n) for n in [*shape, *offsets])
+    ):
+        shown = repr(entry)
+        shown = shown if len(shown) <= _SHOWN else shown[:_SHOWN] + "..."
+        raise _corrupt(
+            path,
+            f"the header entry of {name!r} is malformed ({shown}); it needs a dtype, a shape of whole numbers "
+            "and two whole-number data_offsets",
+        )
+    dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+    begin, end = offsets
+    if (
+        max(shape, default=0) > _MAX_DIM
+        or end < begin
+        or end - begin != _numel(tuple(shape)) * dtype.itemsize
+    ):
+        raise _corrupt(
+            path,
+            f"the header entry of {name!r} is inconsistent: {entry['dtype']} of shape {shape} takes "
+            f"{_numel(tuple(shape)) * dtype.itemsize} bytes, its data_offsets [{begin}, {end}] span {end - begin}",
+        )
+    return dtype, tuple(shape), begin, end
+
+
+def _is_count(n: object) -> bool:
+    return type(n) is int and n >= 0  # not bool, float or str, which int() would quietly accept
+
+
+def _check_tiling(path: Path, spans: dict, data_size: int) -> None:
+    """The tensors, in offset order, must cover the data exactly: from byte 0, end to end, to its last byte."""
+    end, last = 0, None
+    for name, (_, _, begin, stop) in sorted(spans.items(), key=lambda item: item[1][2:]):
+        if begin > end:
+            where = f"after {last!r}" if last is not None else "before it"
+            raise _corrupt(path, f"{name!r} starts at byte {begin} of the data, leaving a hole {where}")
+        if begin < end:
+            raise _corrupt(path, f"the data of {name!r} overlaps that of {last!r}")
+        end, last = stop, name
+    if end > data_size:
+        raise _corrupt(
+            path, f"its header describes {end} bytes of tensor data but only {data_size} follow (truncated)"
+        )
+    if end < data_size:
+        after = f" after {last!r}" if last is not None else ""
+        raise _corrupt(
+            path,
+            f"{data_size - end} bytes follow the last tensor{after}, which no tensor of the header covers",
+        )
 
 
 def _view(mapped: mmap.mmap, stored: StoredTensor) -> torch.Tensor:
@@ -145,7 +226,13 @@ def _view(mapped: mmap.mmap, stored: StoredTensor) -> torch.Tensor:
 
 
 def _copy_out(
-    mapped: mmap.mmap, stored: StoredTensor, target: torch.dtype, device: torch.device
+    mapped: mmap.mmap,
+    stored: StoredTensor,
+    target: torch.dtype,
+    device: torch.device,
+    *,
+    name: str,
+    path: Path,
 ) -> torch.Tensor:
     """A copy of the stored tensor in `target` on `device`; the mapped pages are given back afterwards."""
     out = torch.empty(stored.shape, dtype=target, device=device)
@@ -155,9 +242,11 @@ def _copy_out(
     _advise(mapped, "MADV_WILLNEED", first, stored.offset + stored.nbytes - first)
     if stored.offset % stored.dtype.itemsize:  # misaligned: read the bytes, then reinterpret them
         raw = torch.frombuffer(mapped, dtype=torch.uint8, count=stored.nbytes, offset=stored.offset)
-        out.copy_(raw.clone().view(stored.dtype).view(stored.shape))
+        source = raw.clone().view(stored.dtype).view(stored.shape)
     else:
-        out.copy_(_view(mapped, stored))
+        source = _view(mapped, stored)
+    check_finite(source, name, path)  # the stored values: a cast to a narrower dtype is not the file's fault
+    out.copy_(source)
     # Read pages count as this process's memory while mapped; drop them (the page cache keeps them) so
     # that converting a checkpoint never holds the source and the result at once.
     _advise(mapped, "MADV_DONTNEED", first, stored.offset + stored.nbytes - first)
@@ -169,24 +258,61 @@ def _advise(mapped: mmap.mmap, advice: str, start: int, length: int) -> None:
         mapped.madvise(getattr(mmap, advice), start, length)
 
 
+def check_finite(tensor: torch.Tensor, name: str, path: Path) -> None:
+    """Refuse a floating-point tensor that holds NaN or an infinity: it would make the logits NaN, silently.
+
+    One pass of `aminmax` (NaN propagates to both ends; an infinity is one of them), which reads at memory
+    speed and allocates nothing the size of the tensor; the exact count is worked out only on failure.
+    """
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return
+    values = tensor if tensor.dtype.itemsize > 1 else tensor.to(torch.float16)  # float8 has no aminmax
+    low, high = torch.aminmax(values)
+    if bool(low.isfinite() & high.isfinite()):
+        return
+    bad = values.isfinite().logical_not_().reshape(-1)
+    first = int(bad.nonzero()[0])
+    raise CheckpointError(
+        f"{path} holds {int(bad.sum())} NaN or infinite values in {name!r} (the first at flat index {first}): "
+        "a model with them computes NaN logits. The file is damaged, or the training that wrote it diverged; "
+        "download it again or use an earlier checkpoint."
+    )
+
+
+def torch_version() -> tuple[int, int]:
+    """(major, minor) of the running torch."""
+    match = re.match(r"(\d+)\.(\d+)", str(torch.__version__))
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
 class TorchBinReader:
-    """A legacy `pytorch_model*.bin` file, opened with `torch.load(weights_only=True, mmap=True)`."""
+    """A legacy `pytorch_model*.bin` file, opened with `torch.load(weights_only=True)`.
+
+    Memory-mapped when it is a zip archive (torch >= 1.6 writes them); the older non-zip serialization
+    cannot be mapped and is read whole, still with `weights_only=True`.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         check_not_lfs_pointer(path)
+        if torch_version() < _SAFE_TORCH:
+            raise CheckpointError(
+                f"{path} is a pickled PyTorch file, and torch {torch.__version__} cannot load one safely: before "
+                "torch 2.6, torch.load(weights_only=True) can be made to run code (CVE-2025-32434). Upgrade "
+                "torch to 2.6 or later, or convert the checkpoint to safetensors in a trusted environment."
+            )
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
         except pickle.UnpicklingError as err:
             if "weights only" not in str(err).lower():
-                raise _corrupt(path, f"its pickle is damaged ({err})") from err
+                raise _corrupt(path, f"its pickle is damaged ({_first_line(err)})") from err
             raise CheckpointError(
                 f"{path} holds objects other than tensors, which loading would have to execute; refusing to "
                 f"unpickle it ({str(err).splitlines()[0]}). Convert the checkpoint to safetensors in a trusted "
                 "environment."
             ) from err
         except Exception as err:  # zip and storage errors differ by torch version
-            raise _corrupt(path, f"torch.load failed ({type(err).__name__}: {err})") from err
+            raise _corrupt(path, f"torch.load failed ({type(err).__name__}: {_first_line(err)})") from err
         if not isinstance(state, dict):
             raise CheckpointError(f"{path} holds a {type(state).__name__}, not a dict of named tensors.")
         for name, value in state.items():
@@ -204,6 +330,7 @@ class TorchBinReader:
         assert self._state is not None, "reader used after close()"
         for name in names:
             src = self._state[name]
+            check_finite(src, name, self.path)
             target = dtype if src.dtype.is_floating_point else src.dtype
             if device.type == "cpu" and target == src.dtype and src.is_contiguous():
                 yield name, src
@@ -223,6 +350,11 @@ def _corrupt(path: Path, what: str) -> CheckpointError:
         f"{path} is not a valid {'safetensors' if path.suffix == '.safetensors' else 'PyTorch'} weights file: "
         f"{what}. It is probably truncated or corrupt; download or copy it again."
     )
+
+
+def _first_line(err: Exception) -> str:
+    line = (str(err).splitlines() or [""])[0]
+    return line if len(line) <= _SHOWN else line[:_SHOWN] + "..."
 
 
 def _numel(shape: tuple[int, ...]) -> int:

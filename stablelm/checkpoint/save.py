@@ -1,8 +1,12 @@
 """save_pretrained: config.json, generation_config.json and the weights, in the reference's layout.
 
 Every file is written under a temporary name, flushed to disk and then renamed, so an interrupted save
-never leaves a file that looks whole. Weight files of an earlier save in the same format that this save
-does not rewrite (a different shard count) are removed afterwards, so the folder describes one model.
+never leaves a file that looks whole. Saving over a checkpoint switches the weights at one rename: the
+single `model.safetensors`, or the index written after all its shards. New shards never take the name
+of a file already there (they get a random tag, `model-1a2b3c4d-00001-of-00002.safetensors`, instead), so
+until that rename the old index and its shards stay whole and load as before. Afterwards the weight files
+of the earlier save in the same format are removed, so the folder describes one model; the temporary
+files of an earlier save that was killed are removed first.
 """
 
 from __future__ import annotations
@@ -11,16 +15,18 @@ import copy
 import json
 import os
 import re
+import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
 
-from ..atomic import atomic_path, write_text_atomic
+from ..atomic import atomic_path, remove_leftovers, write_text_atomic
 from .layout import (
     BIN_INDEX_NAME,
     BIN_WEIGHTS_NAME,
+    CONFIG_NAME,
     GENERATION_CONFIG_NAME,
     SAFE_INDEX_NAME,
     SAFE_WEIGHTS_NAME,
@@ -47,12 +53,13 @@ def save_pretrained(
         raise NotADirectoryError(f"{folder} is a file; save_pretrained needs a folder to write into.")
     folder.mkdir(parents=True, exist_ok=True)
     limit = parse_size(max_shard_size)
+    remove_leftovers(folder, _written_here)
     state = _state_to_save(model)
     shards = _split(state, limit)
     weights_name, index_name = (
         (SAFE_WEIGHTS_NAME, SAFE_INDEX_NAME) if safe_serialization else (BIN_WEIGHTS_NAME, BIN_INDEX_NAME)
     )
-    names = [_shard_name(weights_name, i, len(shards)) for i in range(len(shards))]
+    names = _shard_names(folder, weights_name, len(shards))
     for keys, name in zip(shards, names, strict=True):
         tensors = {key: _standalone(state[key]) for key in keys}
         with atomic_path(folder / name) as tmp:
@@ -61,7 +68,7 @@ def save_pretrained(
             else:
                 torch.save(tensors, tmp)
         del tensors
-    if len(shards) > 1:
+    if len(shards) > 1:  # the index goes last: the new checkpoint exists from its rename on
         index = {
             "metadata": {"total_size": sum(t.nbytes for t in state.values())},
             "weight_map": {
@@ -125,16 +132,35 @@ def _split(state: dict[str, torch.Tensor], limit: int) -> list[list[str]]:
     return shards
 
 
-def _shard_name(weights_name: str, i: int, n: int) -> str:
+def _shard_names(folder: Path, weights_name: str, n: int) -> list[str]:
+    """The reference's names (`model-00001-of-00003.safetensors`), or, where one of them is taken (by the
+    checkpoint being replaced, whose index may name it), the same with a random tag after the stem."""
     if n == 1:
-        return weights_name
+        return [weights_name]
     stem, dot, ext = weights_name.partition(".")
-    return f"{stem}-{i + 1:05d}-of-{n:05d}{dot}{ext}"
+    names = [f"{stem}-{i + 1:05d}-of-{n:05d}{dot}{ext}" for i in range(n)]
+    if any(os.path.lexists(folder / name) for name in names):
+        tag = secrets.token_hex(4)
+        names = [f"{stem}-{tag}-{i + 1:05d}-of-{n:05d}{dot}{ext}" for i in range(n)]
+    return names
+
+
+def _weights_pattern(weights_name: str) -> re.Pattern[str]:
+    """The single weight file and the shards (tagged or not) that `save_pretrained` writes in one format."""
+    stem, _, ext = weights_name.partition(".")
+    return re.compile(rf"^{re.escape(stem)}((-[0-9a-f]{{8}})?-\d{{5}}-of-\d{{5}})?\.{re.escape(ext)}$")
+
+
+def _written_here(name: str) -> bool:
+    """Whether `save_pretrained` writes a file of this name (whose temporary files it may clear)."""
+    fixed = {CONFIG_NAME, GENERATION_CONFIG_NAME, SAFE_INDEX_NAME, BIN_INDEX_NAME}
+    return name in fixed or any(
+        _weights_pattern(w).match(name) for w in (SAFE_WEIGHTS_NAME, BIN_WEIGHTS_NAME)
+    )
 
 
 def _remove_stale(folder: Path, weights_name: str, index_name: str, *, keep: set[str]) -> None:
-    stem, _, ext = weights_name.partition(".")
-    ours = re.compile(rf"^{re.escape(stem)}(-\d{{5}}-of-\d{{5}})?\.{re.escape(ext)}$")
+    ours = _weights_pattern(weights_name)
     for path in folder.iterdir():
         if path.name not in keep and (ours.match(path.name) or path.name == index_name):
             path.unlink()
