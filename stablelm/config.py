@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
+import reprlib
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +72,29 @@ _DEFAULTS: dict[str, Any] = {
 }
 _PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
 _ATTN_IMPLEMENTATIONS = (None, "eager", "sdpa", "flash_attention_2")
+_SIZES = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+)
+_BOOLEANS = ("use_cache", "tie_word_embeddings", "use_qkv_bias", "qk_layernorm", "use_parallel_residual")
+# Optional keys of `rope_scaling`, by the check they get (beside the required keys of ROPE_REQUIRED_KEYS).
+_ROPE_POSITIVE_KEYS = (
+    "factor",
+    "attention_factor",
+    "beta_fast",
+    "beta_slow",
+    "low_freq_factor",
+    "high_freq_factor",
+)
+_ROPE_NUMBER_KEYS = ("mscale", "mscale_all_dim")
+_ROPE_LIST_KEYS = ("short_factor", "long_factor")
+_SHOW = reprlib.Repr()  # values in messages, cut short (a hostile file can hold megabytes in one field)
+_SHOW.maxstring = _SHOW.maxother = 60
 
 
 class StableLmConfig:
@@ -113,6 +138,7 @@ class StableLmConfig:
 
     def __init__(
         self,
+        /,
         *,
         num_labels: int | None = None,
         id2label: dict[int, str] | None = None,
@@ -130,11 +156,18 @@ class StableLmConfig:
         if "dtype" in kwargs:  # newer files write `dtype` instead of `torch_dtype`
             dtype = kwargs.pop("dtype")
             kwargs.setdefault("torch_dtype", dtype)
+        if rope_parameters is not None and not isinstance(rope_parameters, dict):
+            raise ValueError(
+                "rope_parameters must be a dict such as {'rope_type': 'default', 'rope_theta': 10000.0}, got "
+                f"{_SHOW.repr(rope_parameters)}."
+            )
+        # Messages about the rope keys name the field the file used.
+        self._rope_field = "rope_parameters" if rope_parameters else "rope_scaling"
         if rope_parameters:
             _merge_rope_parameters(kwargs, rope_parameters)
         for name, default in _DEFAULTS.items():
             setattr(self, name, copy.deepcopy(kwargs.pop(name, default)))
-        self.rope_scaling = _normalise_rope_scaling(self.rope_scaling)
+        self.rope_scaling = _normalise_rope_scaling(self.rope_scaling, self._rope_field)
         self.id2label, self.label2id = _labels(num_labels, id2label, label2id)
         self.attn_implementation = attn_implementation
         # Unknown keys (architectures, transformers_version, generation defaults of old files, ...).
@@ -172,10 +205,12 @@ class StableLmConfig:
 
     # ---- validation ------------------------------------------------------------------------------------
     def validate(self) -> None:
-        """Check the fields against each other; raise ValueError saying what to change."""
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"):
-            _check_positive_int(name, getattr(self, name))
-        for name in ("num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+        """Check every field's type and range, and the fields against each other.
+
+        Raises:
+            ValueError: Naming the field, the value it holds and what it must be.
+        """
+        for name in _SIZES:
             _check_positive_int(name, getattr(self, name))
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
@@ -189,61 +224,85 @@ class StableLmConfig:
                 f"({self.num_key_value_heads}); for grouped-query attention pick a divisor (1 for MQA, "
                 f"{self.num_attention_heads} for MHA)."
             )
-        if not 0.0 < self.partial_rotary_factor <= 1.0:
-            raise ValueError(
-                f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}; it is the fraction "
-                "of each head that is rotated (StableLM uses 0.25)."
-            )
+        for name in _BOOLEANS:
+            _check_bool(name, getattr(self, name))
+        _check_number(
+            "partial_rotary_factor",
+            self.partial_rotary_factor,
+            "in (0, 1]",
+            lambda v: 0.0 < v <= 1.0,
+            hint="; it is the fraction of each head that is rotated (StableLM uses 0.25)",
+        )
         if self.rotary_dim < 2 or self.rotary_dim % 2:
             raise ValueError(
                 f"partial_rotary_factor {self.partial_rotary_factor} gives rotary dimension {self.rotary_dim} "
                 f"for head_dim {self.head_dim}; it must be even and at least 2. Choose a factor such that "
                 "head_dim * partial_rotary_factor is a positive even integer."
             )
-        if self.hidden_act not in ACTIVATIONS:
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACTIVATIONS:
             raise ValueError(
-                f"hidden_act {self.hidden_act!r} is not supported; use one of {sorted(ACTIVATIONS)}."
+                f"hidden_act {_SHOW.repr(self.hidden_act)} is not supported; use one of {sorted(ACTIVATIONS)}."
             )
         for name in ("layer_norm_eps", "initializer_range"):
-            if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be a positive number, got {getattr(self, name)!r}.")
+            _check_number(name, getattr(self, name), "a positive number", lambda v: v > 0)
         for name in ("hidden_dropout", "attention_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}.")
+            _check_number(name, getattr(self, name), "in [0, 1)", lambda v: 0.0 <= v < 1.0)
+        if self.classifier_dropout is not None:
+            _check_number(
+                "classifier_dropout", self.classifier_dropout, "null or in [0, 1)", lambda v: 0.0 <= v < 1.0
+            )
+        for name in ("bos_token_id", "pad_token_id", "eos_token_id"):
+            _check_token_id(name, getattr(self, name), self.vocab_size, several=name == "eos_token_id")
         if self.problem_type not in _PROBLEM_TYPES:
-            raise ValueError(f"problem_type must be one of {_PROBLEM_TYPES}, got {self.problem_type!r}.")
+            raise ValueError(
+                f"problem_type must be one of {_PROBLEM_TYPES}, got {_SHOW.repr(self.problem_type)}."
+            )
         if self.attn_implementation not in _ATTN_IMPLEMENTATIONS:
             raise ValueError(
-                f"attn_implementation must be 'eager', 'sdpa' or 'flash_attention_2', got {self.attn_implementation!r}."
+                "attn_implementation must be 'eager', 'sdpa' or 'flash_attention_2', got "
+                f"{_SHOW.repr(self.attn_implementation)}."
+            )
+        dtype = self.torch_dtype
+        if not (
+            dtype is None
+            or isinstance(dtype, str)
+            or type(dtype).__module__ + type(dtype).__name__ == "torchdtype"
+        ):
+            raise ValueError(
+                f"torch_dtype must be null or a dtype name such as 'bfloat16', got {_SHOW.repr(dtype)}."
             )
         self._validate_rope()
 
     def _validate_rope(self) -> None:
-        if not isinstance(self.rope_theta, (int, float)) or self.rope_theta <= 0:
-            raise ValueError(f"rope_theta must be a positive number, got {self.rope_theta!r}.")
+        _check_number("rope_theta", self.rope_theta, "a positive number", lambda v: v > 0)
+        original = self.extra.get("original_max_position_embeddings")
+        if original is not None:
+            _check_positive_int("original_max_position_embeddings", original)
         if self.rope_scaling is None:
             return
-        rope_type = self.rope_type
-        if rope_type not in ROPE_REQUIRED_KEYS:
+        field = getattr(self, "_rope_field", "rope_scaling")
+        rope_type = self.rope_scaling.get("rope_type")
+        if not isinstance(rope_type, str) or rope_type not in ROPE_REQUIRED_KEYS:
             raise ValueError(
-                f"Unknown rope type {rope_type!r} in rope_scaling; use one of {sorted(ROPE_REQUIRED_KEYS)} "
-                "(or rope_scaling=None for plain RoPE)."
+                f"Unknown rope type {_SHOW.repr(rope_type)} in {field}; use one of {sorted(ROPE_REQUIRED_KEYS)} "
+                f"(or {field}=None for plain RoPE)."
             )
         missing = [key for key in ROPE_REQUIRED_KEYS[rope_type] if self.rope_scaling.get(key) is None]
         if missing:
             raise ValueError(
-                f"rope_scaling of type {rope_type!r} is missing {', '.join(missing)}; add "
+                f"{field} of type {rope_type!r} is missing {', '.join(missing)}; add "
                 + ", ".join(f'"{key}": ...' for key in missing)
-                + " to rope_scaling."
+                + f" to {field}."
             )
-        if rope_type == "longrope":
-            half = self.rotary_dim // 2
-            for key in ("short_factor", "long_factor"):
-                if len(self.rope_scaling[key]) != half:
-                    raise ValueError(
-                        f"rope_scaling[{key!r}] has {len(self.rope_scaling[key])} entries; it needs rotary_dim / 2 "
-                        f"= {half}."
-                    )
+        _check_rope_keys(self.rope_scaling, field, self.rotary_dim // 2)
+        if (
+            rope_type == "llama3"
+            and self.rope_scaling["high_freq_factor"] <= self.rope_scaling["low_freq_factor"]
+        ):
+            raise ValueError(
+                f"{field}['high_freq_factor'] ({self.rope_scaling['high_freq_factor']}) must be greater than "
+                f"{field}['low_freq_factor'] ({self.rope_scaling['low_freq_factor']})."
+            )
 
     # ---- serialisation --------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -267,10 +326,9 @@ class StableLmConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], **overrides: Any) -> StableLmConfig:
         """Build a config from a config.json dict; `overrides` replace its keys."""
-        data = {**data, **overrides}
-        if "id2label" in data and data["id2label"] is not None:
-            data["id2label"] = {int(k): v for k, v in data["id2label"].items()}
-        return cls(**data)
+        if not isinstance(data, dict):
+            raise ValueError(f"A config must be a dict of config.json keys, got {type(data).__name__}.")
+        return cls(**{**data, **overrides})
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
@@ -283,16 +341,32 @@ class StableLmConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> StableLmConfig:
+        """Read a config.json file.
+
+        Raises:
+            ValueError: The file is not UTF-8 JSON holding an object, or a value is invalid; the message
+                starts with the file's path and names the field.
+        """
         path = Path(path)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
+        except UnicodeDecodeError as err:
+            raise ValueError(
+                f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); the file is damaged or not a "
+                "config.json."
+            ) from err
+        except (ValueError, RecursionError) as err:  # bad syntax, an integer too long, nesting too deep
             raise ValueError(
                 f"{path} is not valid JSON ({err}); the file is damaged or not a config.json."
             ) from err
         if not isinstance(data, dict):
             raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object of config keys.")
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except RecursionError as err:
+            raise ValueError(f"{path}: a value is nested too deeply to be a config field.") from err
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from err
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any) -> StableLmConfig:
@@ -338,13 +412,14 @@ def _merge_rope_parameters(kwargs: dict[str, Any], rope_parameters: dict[str, An
         kwargs["rope_scaling"] = None
 
 
-def _normalise_rope_scaling(rope_scaling: dict[str, Any] | None) -> dict[str, Any] | None:
+def _normalise_rope_scaling(rope_scaling: dict[str, Any] | None, field: str) -> dict[str, Any] | None:
     """Legacy files spell the rope type as `type`; keep one spelling (`rope_type`)."""
     if rope_scaling is None:
         return None
     if not isinstance(rope_scaling, dict):
         raise ValueError(
-            f"rope_scaling must be a dict such as {{'rope_type': 'linear', 'factor': 2.0}}, got {rope_scaling!r}."
+            f"{field} must be a dict such as {{'rope_type': 'linear', 'factor': 2.0}}, got "
+            f"{_SHOW.repr(rope_scaling)}."
         )
     scaling = dict(rope_scaling)
     legacy = scaling.pop("type", None)
@@ -372,20 +447,117 @@ def _default_id2label(n: int) -> dict[int, str]:
 def _labels(
     num_labels: int | None, id2label: dict[int, str] | None, label2id: dict[str, int] | None
 ) -> tuple[dict[int, str], dict[str, int]]:
+    if num_labels is not None:
+        _check_positive_int("num_labels", num_labels)
     if id2label is None:
-        if num_labels is not None and (not isinstance(num_labels, int) or num_labels < 1):
-            raise ValueError(f"num_labels must be a positive integer, got {num_labels!r}.")
         id2label = _default_id2label(num_labels if num_labels is not None else 2)
+    elif not isinstance(id2label, dict):
+        raise ValueError(f'id2label must be a dict such as {{"0": "NEGATIVE"}}, got {_SHOW.repr(id2label)}.')
     elif num_labels is not None and num_labels != len(id2label):
         raise ValueError(
             f"num_labels ({num_labels}) disagrees with id2label ({len(id2label)} labels); pass one of them."
         )
-    id2label = {int(k): v for k, v in id2label.items()}
+    labels = {}
+    for key, value in id2label.items():
+        try:
+            index = int(key)
+        except (TypeError, ValueError):
+            index = -1
+        if isinstance(key, bool) or index < 0 or not isinstance(value, str):
+            raise ValueError(
+                'id2label must map label indices to label names, such as {"0": "NEGATIVE"}; got the entry '
+                f"{_SHOW.repr(key)}: {_SHOW.repr(value)}."
+            )
+        labels[index] = value
     if label2id is None:
-        label2id = {v: k for k, v in id2label.items()}
-    return id2label, dict(label2id)
+        label2id = {v: k for k, v in labels.items()}
+    elif not isinstance(label2id, dict) or not all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in label2id.items()
+    ):
+        raise ValueError(
+            f'label2id must map label names to indices, such as {{"NEGATIVE": 0}}; got {_SHOW.repr(label2id)}.'
+        )
+    return labels, dict(label2id)
+
+
+def _kind(value: Any) -> str:
+    """How a value of the wrong type is described in a message."""
+    if isinstance(value, str):
+        return " (a string: write the value without quotes)"
+    return f" (a {type(value).__name__})"
 
 
 def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a positive integer, got {_SHOW.repr(value)}{_kind(value)}.")
+    if value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(
+            f"{name} must be true or false (a JSON boolean, without quotes), got {_SHOW.repr(value)} "
+            f"(a {type(value).__name__})."
+        )
+
+
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
+def _check_number(name: str, value: Any, requirement: str, ok: Any, *, hint: str = "") -> None:
+    """`value` must be a finite int or float (not a bool, not a string) for which `ok(value)` holds."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be {requirement}, got {_SHOW.repr(value)}{_kind(value)}{hint}.")
+    if not _finite(value):
+        raise ValueError(f"{name} must be {requirement}, got {_SHOW.repr(value)} (it must be finite){hint}.")
+    if not ok(value):
+        raise ValueError(f"{name} must be {requirement}, got {value!r}{hint}.")
+
+
+def _check_token_id(name: str, value: Any, vocab_size: int, *, several: bool = False) -> None:
+    """None, a token id in [0, vocab_size), or (for `several`) a list of them."""
+    ids = value if several and isinstance(value, (list, tuple)) else [value]
+    if value is None or all(
+        isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids
+    ):
+        return
+    allowed = f"null or a token id (an integer in [0, {vocab_size}), the vocabulary)"
+    raise ValueError(
+        f"{name} must be {allowed}{', or a list of them' if several else ''}, got {_SHOW.repr(value)}."
+    )
+
+
+def _check_rope_keys(scaling: dict[str, Any], field: str, half: int) -> None:
+    """The types and ranges of the rope parameters that are set."""
+    for key in _ROPE_POSITIVE_KEYS:
+        if scaling.get(key) is not None:
+            _check_number(f"{field}[{key!r}]", scaling[key], "a positive number", lambda v: v > 0)
+    for key in _ROPE_NUMBER_KEYS:
+        if scaling.get(key) is not None:
+            _check_number(f"{field}[{key!r}]", scaling[key], "a number", lambda v: True)
+    if scaling.get("original_max_position_embeddings") is not None:
+        _check_positive_int(
+            f"{field}['original_max_position_embeddings']", scaling["original_max_position_embeddings"]
+        )
+    if scaling.get("truncate") is not None:
+        _check_bool(f"{field}['truncate']", scaling["truncate"])
+    for key in _ROPE_LIST_KEYS:
+        factors = scaling.get(key)
+        if factors is None:
+            continue
+        if not isinstance(factors, (list, tuple)) or not all(
+            not isinstance(f, bool) and isinstance(f, (int, float)) and _finite(f) and f > 0 for f in factors
+        ):
+            raise ValueError(
+                f"{field}[{key!r}] must be a list of positive numbers, one per rotated frequency; got "
+                f"{_SHOW.repr(factors)}."
+            )
+        if len(factors) != half:
+            raise ValueError(
+                f"{field}[{key!r}] has {len(factors)} entries; it needs rotary_dim / 2 = {half}."
+            )

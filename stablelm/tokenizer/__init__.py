@@ -6,7 +6,7 @@ and returns a `Tokenizer`; `StreamingDetokenizer` turns generated ids into text 
 
 Modules: `tokenizer` (encode, decode, special tokens), `encoding` (the output and the padding and
 truncation rules), `files` (reading a checkpoint), `chat_template` (sandboxed Jinja rendering),
-`streaming` (incremental detokenization).
+`template_budget` (its limits on time and size), `streaming` (incremental detokenization).
 """
 
 from .chat_template import ChatTemplateError, ChatTemplateSecurityError, render_chat_template

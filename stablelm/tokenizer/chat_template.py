@@ -1,9 +1,10 @@
 """Render chat templates: the Jinja programs that checkpoints ship to turn a conversation into a prompt.
 
 Templates come from the hub and are untrusted code, so they run in Jinja's `ImmutableSandboxedEnvironment`
-and see only plain data (strings, numbers, lists, dicts). The environment matches the one the reference
-renders with (`trim_blocks`, `lstrip_blocks`, `loopcontrols`, `raise_exception`, `strftime_now`, a `tojson`
-that does not HTML-escape), so a template renders the same text here as there.
+and see only plain data (strings, numbers, lists, dicts), within a budget of time and size
+(`template_budget`). The environment matches the one the reference renders with (`trim_blocks`,
+`lstrip_blocks`, `loopcontrols`, `raise_exception`, `strftime_now`, a `tojson` that does not HTML-escape), so
+a template renders the same text here as there.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import types
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -20,6 +22,8 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from . import template_budget as budget
 
 _MIN_JINJA = (3, 1, 6)  # older versions have known sandbox escapes
 # Appended to the final message so its end can be found (and cut) in the rendered text.
@@ -39,10 +43,57 @@ class _TemplateRaised(TemplateError):
 
 
 class _SandboxedEnvironment(ImmutableSandboxedEnvironment):
+    """The sandbox, with the budget's checks in its hooks (every call, attribute, item and operator)."""
+
+    code_generator_class = budget.BudgetCodeGenerator
+    intercepted_binops = frozenset({"*", "**", "%", "+"})
+    concat = staticmethod(budget.budgeted_concat)
+
     def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
         # Jinja returns an Undefined that fails only when used, so `{{ ''.__class__ }}` renders as "";
         # failing at the first unsafe access gives one clear error for every escape attempt.
         raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        budget.tick()
+        if isinstance(__obj, types.BuiltinMethodType) and isinstance(getattr(__obj, "__self__", None), str):
+            args = budget.check_str_method(__obj.__self__, __obj.__name__, args, kwargs)
+        return budget.checked(super().call(__context, __obj, *args, **kwargs), "a call's result")
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        budget.tick()
+        if operator == "*":
+            budget.check_repeat(left, right)
+            budget.check_repeat(right, left)
+        elif operator == "**":
+            budget.check_power(left, right)
+        elif operator == "%" and isinstance(left, str):
+            budget.check_percent(left, right)
+        return budget.checked(super().call_binop(context, operator, left, right), f"the {operator} operator")
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        budget.tick()
+        return super().getattr(obj, attribute)
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        budget.tick()
+        return super().getitem(obj, argument)
+
+    def wrap_str_format(self, value: Any) -> Any:
+        wrapper = super().wrap_str_format(value)
+        if wrapper is None:
+            return None
+        text, is_map = value.__self__, value.__name__ == "format_map"
+
+        @functools.wraps(wrapper)
+        def checked_format(*args: Any, **kwargs: Any) -> str:
+            if is_map and len(args) == 1 and isinstance(args[0], Mapping):
+                budget.check_format(text, (), args[0])
+            elif not is_map:
+                budget.check_format(text, args, kwargs)
+            return budget.checked(wrapper(*args, **kwargs), "str.format")
+
+        return checked_format
 
 
 class _GenerationBlock(jinja2.ext.Extension):
@@ -79,7 +130,7 @@ class _TemplateNamespace(jinja2.utils.Namespace):
 
     def __setitem__(self, name: str, value: Any) -> None:
         _TemplateNamespace._check_name(name)
-        jinja2.utils.Namespace.__setitem__(self, name, value)
+        jinja2.utils.Namespace.__setitem__(self, name, budget.checked(value, f"namespace attribute {name!r}"))
 
     @staticmethod
     def _check_name(name: Any) -> None:
@@ -88,7 +139,8 @@ class _TemplateNamespace(jinja2.utils.Namespace):
 
 
 def _raise_exception(message: str) -> None:
-    raise _TemplateRaised(message)
+    message = str(message)
+    raise _TemplateRaised(message if len(message) <= 2000 else message[:2000] + "...")
 
 
 def _tojson(
@@ -99,12 +151,15 @@ def _tojson(
     sort_keys: bool = False,
 ) -> str:
     # Jinja's own `tojson` escapes <, >, & and ' for HTML, which would change the prompt text.
+    budget.check_small(indent, "tojson's indent")
+    budget.check_small(separators, "tojson's separators")
     return json.dumps(
         value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
     )
 
 
 def _strftime_now(fmt: str) -> str:
+    budget.check_small(fmt, "strftime_now's format")
     return datetime.now().strftime(fmt)
 
 
@@ -117,14 +172,20 @@ def _environment() -> ImmutableSandboxedEnvironment:
             f"{jinja2.__version__} is installed. Upgrade it with `pip install -U 'jinja2>=3.1.6'`."
         )
     env = _SandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, jinja2.ext.loopcontrols]
+        trim_blocks=True,
+        lstrip_blocks=True,
+        extensions=[_GenerationBlock, jinja2.ext.loopcontrols, budget.BudgetExtension],
+        finalize=budget.printable,
     )
     env.filters["tojson"] = _tojson
+    env.filters.update({name: budget.budgeted_filter(name, f) for name, f in env.filters.items()})
     env.globals.update(
         raise_exception=_raise_exception,
         strftime_now=_strftime_now,
         dict=_TemplateDict(),
         namespace=_TemplateNamespace,
+        range=budget.bounded_range,
+        lipsum=budget.bounded_lipsum,
     )
     return env
 
@@ -137,6 +198,11 @@ def _compile(source: str) -> jinja2.Template:
         raise ChatTemplateError(
             f"The chat template is not valid Jinja (line {err.lineno}): {err.message}. Fix the template or pass "
             "another one with `chat_template=`."
+        ) from err
+    except RecursionError as err:
+        raise ChatTemplateError(
+            "The chat template nests its expressions or blocks too deeply to be compiled; pass another one with "
+            "`chat_template=`."
         ) from err
 
 
@@ -229,7 +295,10 @@ def render_chat_template(
         The rendered prompt text.
 
     Raises:
-        ChatTemplateError: The template raised an error (its message is passed on) or is not valid Jinja.
+        ChatTemplateError: The template raised an error (its message is passed on), failed (a Python error
+            such as a TypeError, named in the message), is not valid Jinja, or went over its budget: it ran for
+            more than `template_budget.MAX_SECONDS`, or would build more than `template_budget.MAX_CHARS`
+            characters.
         ChatTemplateSecurityError: The template tried to reach outside the sandbox.
         ValueError: The conversation is empty, or `continue_final_message` cannot be honoured.
     """
@@ -252,8 +321,20 @@ def render_chat_template(
         conversation[-1]["content"] = final + _CONTINUE_TAG
     context = {"tools": None, "documents": None, **_plain(dict(variables or {}))}
     context.update(messages=conversation, add_generation_prompt=add_generation_prompt)
+    if len(template) > budget.MAX_TEMPLATE_CHARS:
+        raise ChatTemplateError(
+            f"The chat template is {len(template):,} characters long, more than the {budget.MAX_TEMPLATE_CHARS:,} "
+            "a chat template may have; pass another one with `chat_template=`."
+        )
+    compiled = _compile(template)
     try:
-        rendered = _compile(template).render(**context)
+        rendered = _render(compiled, context)
+    except budget.BudgetExceeded as err:
+        raise _over_budget(str(err)) from err
+    except RecursionError as err:
+        raise _over_budget("it nests calls, loops or values too deeply") from err
+    except MemoryError as err:
+        raise _over_budget("it ran out of memory") from err
     except SecurityError as err:
         raise ChatTemplateSecurityError(
             f"The chat template tried to reach outside the sandbox ({err}); nothing it asked for was executed. "
@@ -261,9 +342,32 @@ def render_chat_template(
         ) from err
     except _TemplateRaised as err:
         raise ChatTemplateError(f"The chat template raised an error: {err.message}") from err
-    except TemplateError as err:
-        raise ChatTemplateError(f"The chat template failed to render: {type(err).__name__}: {err}") from err
+    except Exception as err:  # the template's own mistakes: TemplateError, TypeError, IndexError, ...
+        raise ChatTemplateError(
+            f"The chat template failed to render: {type(err).__name__}: {str(err)[:2000]}"
+        ) from err
     return rendered if final is None else _cut_after_final_message(rendered, final)
+
+
+def _render(compiled: jinja2.Template, context: dict[str, Any]) -> str:
+    """Render within the budget: the time limit, and the size limit on the text as it comes."""
+    parts, size = [], 0
+    with budget.rendering() as limits:
+        for part in compiled.generate(**context):
+            size += len(part)
+            if size > budget.MAX_CHARS:
+                raise budget.BudgetExceeded(f"its text would pass {budget.MAX_CHARS:,} characters")
+            limits.tick()
+            parts.append(part)
+    return "".join(parts)
+
+
+def _over_budget(reason: str) -> ChatTemplateError:
+    return ChatTemplateError(
+        f"The chat template exceeded its budget: {reason}. A chat template must render in a few seconds to at "
+        f"most {budget.MAX_CHARS:,} characters; use a template from a source you trust, or pass another one "
+        "with `chat_template=`."
+    )
 
 
 def _cut_after_final_message(rendered: str, final: str) -> str:

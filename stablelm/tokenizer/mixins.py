@@ -67,7 +67,8 @@ class ChatMixin:
         Raises:
             ValueError: Both `add_generation_prompt` and `continue_final_message`, an empty conversation,
                 or no chat template.
-            ChatTemplateError: The template raised an error (its message is passed on) or is not valid Jinja.
+            ChatTemplateError: The template raised an error (its message is passed on), failed, is not valid
+                Jinja, or went over its budget of time and size (see `render_chat_template`).
             ChatTemplateSecurityError: The template tried to reach outside the sandbox.
         """
         if tools is not None and not all(isinstance(tool, Mapping) for tool in tools):
