@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING
 
 import torch
@@ -30,8 +31,26 @@ def resize_token_embeddings(
     if head is not None:
         _resize_head(model, head, new_num_tokens, mean_resizing=mean_resizing)
     model.config.vocab_size = new_num_tokens
+    _drop_ids_past(model.config, new_num_tokens)
     model.tie_weights()
     return model.get_input_embeddings()
+
+
+def _drop_ids_past(config, n: int) -> None:  # noqa: ANN001
+    """A vocabulary shrunk below a special token's id loses that id (a config naming an id outside its
+    vocabulary is refused when loaded), with a warning."""
+    for name in ("bos_token_id", "pad_token_id", "eos_token_id"):
+        value = getattr(config, name)
+        ids = value if isinstance(value, list) else [value]
+        kept = [i for i in ids if i is None or i < n]
+        if kept == ids:
+            continue
+        warnings.warn(
+            f"resize_token_embeddings({n}): {name} {value} lies outside the new vocabulary; "
+            f"config.{name} is now {kept if isinstance(value, list) else None}",
+            stacklevel=3,
+        )
+        setattr(config, name, kept if isinstance(value, list) else None)
 
 
 def _resize_embedding(

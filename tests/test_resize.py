@@ -114,11 +114,15 @@ def test_every_model_class_resizes_like_the_reference(cls, ref_name):
     assert torch.equal(getattr(out, field), getattr(expected, field))
 
 
-def test_padding_row_beyond_the_new_size_is_dropped():
+def test_padding_row_beyond_the_new_size_is_dropped(tmp_path):
     model = StableLmModel(tiny_config(pad_token_id=120))
-    model.resize_token_embeddings(100)
+    with pytest.warns(UserWarning, match="pad_token_id 120 lies outside the new vocabulary"):
+        model.resize_token_embeddings(100)
     assert model.embed_tokens.padding_idx is None
     assert model.embed_tokens.num_embeddings == 100
+    assert model.config.pad_token_id is None
+    model.save_pretrained(tmp_path)  # a config naming an id past its vocabulary would be refused here
+    assert StableLmModel.from_pretrained(tmp_path).config.pad_token_id is None
 
 
 def test_requires_grad_is_kept():
