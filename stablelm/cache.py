@@ -3,7 +3,8 @@
 Both caches take keys and values shaped (B, H_kv, T, D) with the absolute positions they occupy, and
 return everything stored so far for the layer. `DynamicCache` grows by concatenation; `StaticCache`
 preallocates `max_cache_len` slots so shapes never change (what compiled decoding needs) and returns all
-slots: the attention mask hides the ones not yet written.
+slots: the attention mask hides the ones not yet written. `StaticCache.grow` enlarges it when asked
+(generation past the model's context does, rather than preallocating every position up front).
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ class StaticCache(Cache):
         self.keys = [new(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [new(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.max_cache_len = max_cache_len
+        self.zeroed = zeroed
         self._length = 0
 
     @classmethod
@@ -152,6 +154,20 @@ class StaticCache(Cache):
     def advance(self, new_tokens: int) -> None:
         # Kept out of `update` so that a compiled step changes no Python state.
         self._length += new_tokens
+
+    def grow(self, max_cache_len: int) -> None:
+        """Enlarge to `max_cache_len` slots, keeping the stored positions (each layer's tensors are
+        replaced by larger ones, one at a time, so the extra memory at any moment is one layer's)."""
+        if max_cache_len <= self.max_cache_len:
+            return
+        new = torch.zeros if self.zeroed else torch.empty
+        for tensors in (self.keys, self.values):
+            for i, old in enumerate(tensors):
+                grown = new((*old.shape[:2], max_cache_len, old.shape[3]), dtype=old.dtype, device=old.device)
+                grown[:, :, : self._length] = old[:, :, : self._length]
+                tensors[i] = grown
+                del old
+        self.max_cache_len = max_cache_len
 
     def reset(self) -> None:
         """Forget every stored position (the buffers are reused)."""

@@ -9,11 +9,34 @@ from torch import nn
 from .cache import Cache
 from .config import StableLmConfig
 from .generation import UNSET, StopStringChecker, generate, resolve_config
+from .generation.inputs import check_attention_mask, check_input_ids, check_inputs_embeds
 from .layers import Linear
 from .model import StableLmModel, StableLmPreTrainedModel
 from .outputs import CausalLMOutput, SequenceClassifierOutput, TokenClassifierOutput
 
 IGNORE_INDEX = -100
+
+
+def check_forward_inputs(
+    model: StableLmModel,
+    input_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+) -> None:
+    """Clear errors for inputs the decoder cannot take: ids that are not integers or lie outside the
+    vocabulary (else an IndexError from inside torch's embedding), embeddings of the wrong width, a mask
+    that is not (B, past + T) of 0 and 1. The value checks read the tensors back, so they run on the CPU
+    and, on an accelerator, for prompts (T > 1) only: never per decode step, nor while compiling."""
+    if input_ids is not None and inputs_embeds is None:
+        check_input_ids(input_ids, model.embed_tokens.num_embeddings)
+        B, T = input_ids.shape
+    elif inputs_embeds is not None and input_ids is None:
+        check_inputs_embeds(inputs_embeds, model.config.hidden_size)
+        B, T = inputs_embeds.shape[:2]
+    else:
+        return  # StableLmModel.forward says to pass exactly one
+    if attention_mask is not None:
+        check_attention_mask(attention_mask, B, positions=T)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -103,6 +126,7 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
             cache_implementation=cache_implementation,
             compile=compile,
         )
+        config.validate()  # before the stop checker reads num_return_sequences
         stop_checker = None
         if config.stop_strings:
             if tokenizer is None:
@@ -140,6 +164,7 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
         """Logits (B, T, V) for every position, or only the last `logits_to_keep` (0 keeps all; a 1-D
         tensor picks positions). With `labels` (B, T), also the shifted cross-entropy loss. Other
         arguments as `StableLmModel.forward`."""
+        check_forward_inputs(self.model, input_ids, attention_mask, inputs_embeds)
         out = self.model(
             input_ids,
             attention_mask=attention_mask,
@@ -187,6 +212,7 @@ class StableLmForSequenceClassification(StableLmPreTrainedModel):
     ) -> SequenceClassifierOutput:
         """Logits (B, num_labels) at each row's last non-pad token; with `labels`, the loss of the
         config's `problem_type` (inferred from num_labels and the labels' dtype when unset)."""
+        check_forward_inputs(self.model, input_ids, attention_mask, inputs_embeds)
         out = self.model(
             input_ids,
             attention_mask=attention_mask,
@@ -270,6 +296,7 @@ class StableLmForTokenClassification(StableLmPreTrainedModel):
         output_hidden_states: bool = False,
     ) -> TokenClassifierOutput:
         """Logits (B, T, num_labels); with `labels` (B, T), the cross-entropy loss (-100 ignored)."""
+        check_forward_inputs(self.model, input_ids, attention_mask, inputs_embeds)
         out = self.model(
             input_ids,
             attention_mask=attention_mask,

@@ -6,6 +6,7 @@ top-k, top-p, min-p), so a seeded run draws the same tokens as the reference's `
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,10 +26,17 @@ class SamplingParams:
     repetition_penalty: float = 1.0
 
     def validate(self) -> None:
-        """Raise ValueError naming the parameter and its valid range."""
-        if self.temperature is None or self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}.")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
+        """Raise ValueError naming the parameter and its valid range (TypeError when not a number).
+        NaN is out of every range."""
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, (bool, str)) or not _is_real(value)):
+                raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__}).")
+        if self.temperature is None or not 0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be >= 0 and finite (0 means greedy), got {self.temperature}.")
+        if self.top_k is not None and (
+            isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0
+        ):
             raise ValueError(
                 f"top_k must be a non-negative integer (0 or None disables it), got {self.top_k!r}."
             )
@@ -36,14 +44,22 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p}.")
         if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1] (None disables it), got {self.min_p}.")
-        if self.repetition_penalty is None or self.repetition_penalty <= 0:
+        if self.repetition_penalty is None or not 0 < self.repetition_penalty < math.inf:
             raise ValueError(
-                f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty}."
+                f"repetition_penalty must be > 0 and finite (1 disables it), got {self.repetition_penalty}."
             )
 
     @property
     def greedy(self) -> bool:
         return not self.do_sample or self.temperature == 0
+
+
+def _is_real(value: object) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def repetition_penalty(scores: torch.Tensor, input_ids: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -4,6 +4,7 @@ arguments, the checkpoint's defaults and the reference's defaults combine."""
 from __future__ import annotations
 
 import copy
+import operator
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -61,6 +62,27 @@ class GenerationConfig:
         }
         return {**copy.deepcopy(self.extra), **out}
 
+    def validate(self) -> None:
+        """Raise TypeError (wrong type) or ValueError (out of range) naming the first field `generate`
+        cannot use. The sampling settings are checked by `SamplingParams.validate`; the lengths against
+        the prompt and the model when generation starts."""
+        for name, minimum in (
+            ("max_new_tokens", 1),
+            ("max_length", None),
+            ("min_new_tokens", 0),
+            ("num_return_sequences", 1),
+            ("pad_token_id", None),
+        ):
+            value = getattr(self, name)
+            if value is not None:
+                check_integer(name, value, minimum)
+        eos = self.eos_token_id
+        for value in eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos]:
+            check_integer("eos_token_id", value, None, what="an integer or a list of integers")
+        for name in ("do_sample", "compile"):
+            if getattr(self, name) not in (True, False, None):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+
     def updated(self, **overrides: Any) -> GenerationConfig:
         """A copy with every override that is not UNSET applied."""
         new = copy.deepcopy(self)
@@ -68,6 +90,18 @@ class GenerationConfig:
             if value is not UNSET:
                 setattr(new, key, value)
         return new
+
+
+def check_integer(name: str, value: Any, minimum: int | None, *, what: str = "an integer") -> None:
+    """Raise TypeError unless `value` is an integer (a bool is not), ValueError when below `minimum`."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be {what}, got {value!r} ({type(value).__name__}).") from None
+    if minimum is not None and number < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {number}.")
 
 
 def resolve_config(

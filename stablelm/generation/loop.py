@@ -17,9 +17,11 @@ import torch
 from ..cache import Cache, DynamicCache, StaticCache
 from ..decode import DecodeStep
 from ..sampling import SamplingParams, process_logits, select_tokens
-from .config import DEFAULT_NEW_TOKENS, GenerationConfig
+from .config import DEFAULT_NEW_TOKENS, GenerationConfig, check_integer
+from .inputs import check_attention_mask, check_input_ids, check_inputs_embeds
 
 COMPILE_LENGTH_BUCKET = 256  # compiled static caches are sized in these steps
+CACHE_GROW_MIN = 256  # a static cache past the model's context grows by at least this many slots
 GPU_SYNC_EVERY = 8  # greedy generate on a GPU reads the stopping state back once per this many tokens
 _EXTENDING_ROPE_TYPES = ("dynamic", "yarn", "longrope", "llama3")
 
@@ -58,7 +60,10 @@ class _Plan:
     compile: bool
 
 
-def _plan(model: Any, config: GenerationConfig, prompt_length: int) -> _Plan:
+def _plan(model: Any, config: GenerationConfig, batch: int, prompt_length: int, stops: bool) -> _Plan:
+    """Check every setting against the prompt (`batch` rows of `prompt_length`; `stops` says a stop
+    checker may end rows) and the model, and resolve them. Raises before any work is done."""
+    config.validate()
     # None switches a processor off, as in the reference.
     params = SamplingParams(
         do_sample=bool(config.do_sample),
@@ -70,13 +75,12 @@ def _plan(model: Any, config: GenerationConfig, prompt_length: int) -> _Plan:
     )
     params.validate()
     if config.max_new_tokens is not None:
-        if config.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {config.max_new_tokens}.")
-        max_new = config.max_new_tokens
+        max_new = int(config.max_new_tokens)
     else:
         max_length = config.max_length
         if max_length is None:
             max_length = min(prompt_length + DEFAULT_NEW_TOKENS, model.config.max_position_embeddings)
+        max_length = int(max_length)
         if max_length <= prompt_length:
             raise ValueError(
                 f"max_length ({max_length}) counts the prompt, which already has {prompt_length} tokens: "
@@ -84,10 +88,18 @@ def _plan(model: Any, config: GenerationConfig, prompt_length: int) -> _Plan:
             )
         max_new = max_length - prompt_length
     eos_ids = config.eos_token_id
-    eos_list = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids or [])
+    eos_list = [] if eos_ids is None else list(eos_ids) if isinstance(eos_ids, (list, tuple)) else [eos_ids]
+    eos_list = [int(e) for e in eos_list]
     device = model.device
     eos = torch.tensor(eos_list, dtype=torch.long, device=device) if eos_list else None
-    pad = config.pad_token_id if config.pad_token_id is not None else (eos_list[0] if eos_list else 0)
+    pad = int(config.pad_token_id) if config.pad_token_id is not None else (eos_list[0] if eos_list else 0)
+    vocab = _vocab_size(model)
+    if batch > 1 and (eos_list or stops) and not 0 <= pad < vocab:
+        raise ValueError(
+            f"pad_token_id ({pad}{'' if config.pad_token_id is not None else ', the first eos_token_id'}) is "
+            f"outside the model's vocabulary of {vocab} tokens: rows that finish early are fed it. Pass a "
+            "pad_token_id in the vocabulary (e.g. the tokenizer's)."
+        )
     _check_length(model.config, prompt_length, max_new)
     cache_impl = config.cache_implementation or "static"
     if cache_impl not in ("static", "dynamic"):
@@ -96,7 +108,15 @@ def _plan(model: Any, config: GenerationConfig, prompt_length: int) -> _Plan:
         raise ValueError(
             "compile=True needs the static cache (fixed shapes): drop cache_implementation='dynamic'."
         )
-    return _Plan(params, max_new, config.min_new_tokens or 0, eos, pad, cache_impl, bool(config.compile))
+    min_new = int(config.min_new_tokens or 0)
+    return _Plan(params, max_new, min_new, eos, pad, cache_impl, bool(config.compile))
+
+
+def _vocab_size(model: Any) -> int:
+    """Rows of the input embedding table (the ids the model accepts)."""
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if get is not None else None
+    return embedding.num_embeddings if embedding is not None else model.config.vocab_size
 
 
 def _check_length(config: Any, prompt_length: int, max_new: int) -> None:
@@ -117,15 +137,28 @@ def _check_length(config: Any, prompt_length: int, max_new: int) -> None:
         )
 
 
-def _make_cache(model: Any, plan: _Plan, batch: int, total: int) -> Cache:
+def _cache_length(config: Any, plan: _Plan, prompt_length: int, length: int | None = None) -> int:
+    """Slots of a static cache: the prompt plus every new token, but past the model's context
+    (`max_position_embeddings`) only a first part: a generation that long, when it goes on, grows the
+    cache as it goes (`length`, the current size, asks for the next size: about 1.5 times as many)."""
+    needed = prompt_length + plan.max_new_tokens
+    if length is None:
+        context = config.max_position_embeddings
+        slots = min(needed, context if prompt_length < context else prompt_length + CACHE_GROW_MIN)
+    else:
+        slots = min(needed, length + max(CACHE_GROW_MIN, length // 2))
+    if plan.compile:  # round up so that nearby lengths share one compiled graph
+        slots = -(-slots // COMPILE_LENGTH_BUCKET) * COMPILE_LENGTH_BUCKET
+    return slots
+
+
+def _make_cache(model: Any, plan: _Plan, batch: int, prompt_length: int) -> Cache:
     if plan.cache_implementation == "dynamic":
         return DynamicCache()
-    if plan.compile:  # round up so that nearby lengths share one compiled graph
-        total = -(-total // COMPILE_LENGTH_BUCKET) * COMPILE_LENGTH_BUCKET
     return StaticCache.for_model(
         model.config,
         batch_size=batch,
-        max_cache_len=total,
+        max_cache_len=_cache_length(model.config, plan, prompt_length),
         dtype=getattr(model, "kv_cache_dtype", None) or model.dtype,
         device=model.device,
         zeroed=plan.compile,  # eager decoding never reads an unwritten slot
@@ -138,13 +171,15 @@ class _Stepper:
     With a static cache (and an attention backend that can take a mask over its slots) the steps run
     through `DecodeStep`, whose inputs are preallocated tensors updated in place, so nothing is allocated
     per token and the step can be compiled. Otherwise each step is a plain forward over a growing mask.
+    The static cache holds the whole generation when it fits the model's context, else grows when full
+    (see `_cache_length`).
     """
 
     def __init__(self, model: Any, plan: _Plan, mask: torch.Tensor) -> None:
         B, T = mask.shape
-        self.model, self.mask = model, mask
+        self.model, self.mask, self.plan, self.prompt_length = model, mask, plan, T
         self.padded = not bool(mask.all())
-        self.cache = _make_cache(model, plan, B, T + plan.max_new_tokens)
+        self.cache = _make_cache(model, plan, B, T)
         self.position_ids = mask.sum(-1, keepdim=True)  # (B, 1) next position, as the reference's cumsum
         self.step_fn: DecodeStep | None = None
         if isinstance(self.cache, StaticCache) and model.config.attn_implementation != "flash_attention_2":
@@ -165,7 +200,17 @@ class _Stepper:
         )
         return out.logits[:, -1].to(dtype=torch.float32, copy=True)
 
+    def _grow(self) -> None:
+        """Make room for more positions in a full static cache (and its key mask)."""
+        old = self.cache.max_cache_len
+        new = _cache_length(self.model.config, self.plan, self.prompt_length, old)
+        self.cache.grow(new)
+        if self.step_fn is not None:
+            self.key_mask = torch.nn.functional.pad(self.key_mask, (0, new - old), value=False)
+
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.cache, StaticCache) and self.cache.get_seq_length() >= self.cache.max_cache_len:
+            self._grow()
         if self.step_fn is not None:
             self.key_mask.index_fill_(1, self.cache_position, True)
             logits = self.step_fn(
@@ -191,7 +236,6 @@ class _Stepper:
         return logits
 
 
-@torch.no_grad()
 def stream_tokens(
     model: Any,
     input_ids: torch.Tensor | None,
@@ -219,12 +263,54 @@ def stream_tokens(
             same for every value; above 1, up to `sync_every - 1` forward passes past the end are computed
             and dropped. Worth it on a GPU, where each readback stalls the queue; a stop checker reads every
             step's tokens anyway, so it implies 1.
+
+    Every argument is checked when this is called (TypeError/ValueError naming it), before any work.
     """
-    if sync_every < 1:
-        raise ValueError(f"sync_every must be at least 1, got {sync_every}.")
+    check_prompt(model, input_ids, attention_mask, inputs_embeds)
+    return _start(
+        model,
+        input_ids,
+        attention_mask,
+        config=config,
+        inputs_embeds=inputs_embeds,
+        generator=generator,
+        stop_checker=stop_checker,
+        sync_every=sync_every,
+    )
+
+
+def _start(
+    model: Any,
+    input_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    *,
+    config: GenerationConfig,
+    inputs_embeds: torch.Tensor | None,
+    generator: torch.Generator | None,
+    stop_checker: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
+    sync_every: int,
+) -> Iterator[Step]:
+    """`stream_tokens` on a checked prompt: check the settings, then return the steps' generator."""
+    check_integer("sync_every", sync_every, 1)
     source = input_ids if input_ids is not None else inputs_embeds
     B, T = source.shape[:2]
-    plan = _plan(model, config, T)
+    plan = _plan(model, config, B, T, stop_checker is not None)
+    return _steps(model, plan, input_ids, attention_mask, inputs_embeds, generator, stop_checker, sync_every)
+
+
+@torch.no_grad()
+def _steps(
+    model: Any,
+    plan: _Plan,
+    input_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+    generator: torch.Generator | None,
+    stop_checker: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
+    sync_every: int,
+) -> Iterator[Step]:
+    """The decode loop of `stream_tokens`, over checked arguments."""
+    B, T = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
     device = model.device
     mask = torch.ones(B, T, dtype=torch.long) if attention_mask is None else attention_mask
     stepper = _Stepper(model, plan, mask.to(device).long())
@@ -265,26 +351,45 @@ def stream_tokens(
         logits = stepper.step(tokens)
 
 
+def check_prompt(
+    model: Any,
+    input_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+) -> None:
+    """Check the prompt tensors: exactly one of `input_ids` (integer ids within the model's vocabulary)
+    and `inputs_embeds` (B, T, hidden_size), at least one row and one position, and an `attention_mask`
+    of 0 and 1 of the same (B, T). TypeError/ValueError naming the argument. With `model` None, the
+    checks that need the model (vocabulary, hidden size) are left out."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("Pass exactly one of input_ids and inputs_embeds to generate.")
+    if input_ids is not None:
+        check_input_ids(input_ids, None if model is None else _vocab_size(model))
+        B, T = input_ids.shape
+    else:
+        check_inputs_embeds(inputs_embeds, None if model is None else model.config.hidden_size)
+        B, T = inputs_embeds.shape[:2]
+    if attention_mask is not None:
+        check_attention_mask(attention_mask, B, T)
+
+
 def prepare_inputs(
     input_ids: torch.Tensor | None,
     attention_mask: torch.Tensor | None,
     inputs_embeds: torch.Tensor | None,
     config: GenerationConfig,
+    *,
+    model: Any = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Check the prompt tensors and repeat them for `num_return_sequences`."""
-    if (input_ids is None) == (inputs_embeds is None):
-        raise ValueError("Pass exactly one of input_ids and inputs_embeds to generate.")
+    """Check the settings and the prompt tensors (`check_prompt`; a 1-D `input_ids` is one row), and
+    repeat them for `num_return_sequences`."""
+    config.validate()
+    if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    check_prompt(model, input_ids, attention_mask, inputs_embeds)
     if input_ids is not None:
-        if input_ids.dim() == 1:
-            input_ids = input_ids[None]
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(
-                f"input_ids must be (batch, length) with length >= 1, got shape {tuple(input_ids.shape)}."
-            )
         _check_padding(input_ids, attention_mask, config)
-    n = 1 if config.num_return_sequences is None else config.num_return_sequences
-    if n < 1:
-        raise ValueError(f"num_return_sequences must be at least 1, got {n}.")
+    n = 1 if config.num_return_sequences is None else int(config.num_return_sequences)
     if n > 1:
         input_ids, attention_mask, inputs_embeds = (
             None if t is None else t.repeat_interleave(n, dim=0)
@@ -311,11 +416,6 @@ def _check_padding(
                 "tokenizer returned (e.g. model.generate(**tokenizer(texts, padding=True, return_tensors='pt')))."
             )
         return
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(
-            f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids {tuple(input_ids.shape)}; "
-            "they must match."
-        )
     if input_ids.shape[0] > 1 and bool((attention_mask[:, -1] == 0).any()):
         warnings.warn(
             "A decoder-only architecture is being used, but right-padding was detected! For correct generation "
@@ -340,16 +440,13 @@ def generate(
     With `inputs_embeds` instead of ids, only the new tokens are returned (as the reference does).
     """
     input_ids, attention_mask, inputs_embeds = prepare_inputs(
-        input_ids, attention_mask, inputs_embeds, config
+        input_ids, attention_mask, inputs_embeds, config, model=model
     )
-    if streamer is not None and input_ids is not None:
-        streamer.put(input_ids.cpu())
-    new_tokens: list[torch.Tensor] = []
     # On a GPU, reading the stopping state back each token stalls the queue. Without a streamer (which
     # wants each token as it comes) read it every GPU_SYNC_EVERY tokens. Greedy only: the steps computed
     # past the end would draw from the random generator, leaving it where the reference does not.
     batched_sync = model.device.type == "cuda" and streamer is None and not config.do_sample
-    for step in stream_tokens(
+    steps = _start(  # checks the settings against the prompt and the model
         model,
         input_ids,
         attention_mask,
@@ -358,7 +455,11 @@ def generate(
         generator=generator,
         stop_checker=stop_checker,
         sync_every=GPU_SYNC_EVERY if batched_sync else 1,
-    ):
+    )
+    if streamer is not None and input_ids is not None:
+        streamer.put(input_ids.cpu())
+    new_tokens: list[torch.Tensor] = []
+    for step in steps:
         new_tokens.append(step.tokens)
         if streamer is not None:
             streamer.put(step.tokens.cpu())
