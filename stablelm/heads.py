@@ -133,6 +133,8 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
                 raise ValueError(
                     "stop_strings need the tokenizer to read the text: pass tokenizer=... to generate."
                 )
+            if input_ids is not None and not isinstance(input_ids, torch.Tensor):
+                check_input_ids(input_ids)  # a TypeError naming it, before its shape is read
             rows = (input_ids if input_ids is not None else inputs_embeds).shape[0]
             stop_checker = StopStringChecker(
                 tokenizer, config.stop_strings, rows * (config.num_return_sequences or 1)

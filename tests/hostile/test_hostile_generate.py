@@ -248,6 +248,12 @@ def test_bad_prompt_tensors_are_refused_before_any_work(case, no_work):
     assert streamer.calls == 0
 
 
+def test_a_list_of_ids_with_stop_strings_is_refused_by_name():
+    ours, _ = _peaked()
+    with pytest.raises(TypeError, match="input_ids must be a torch.Tensor"):
+        ours.generate(_ids().tolist(), max_new_tokens=3, stop_strings=["x"], tokenizer=object())
+
+
 def test_stream_tokens_checks_when_called():
     ours, _ = _peaked()
     config = resolve_config(ours, None, max_new_tokens=3)
