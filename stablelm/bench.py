@@ -1,4 +1,5 @@
-"""`python -m stablelm.bench`: time this package's generation on random weights of a real model's shape.
+"""`python -m stablelm.bench` (also `stablelm bench`): time this package's generation on random weights of
+a real model's shape, or on a checkpoint.
 
 Prints prefill and decode tokens/s, the effective read bandwidth of decoding (weight bytes per token
 times tokens/s) against the machine's measured read bandwidth, compile time and peak RSS. The
@@ -124,10 +125,17 @@ def time_generate(
     return {"prefill_tok_s": prefill, "decode_tok_s": decode}
 
 
+def load_model(name_or_path: str, dtype: str | None, *, device: str = "cpu") -> StableLmForCausalLM:
+    """A checkpoint to time, in `dtype` (None: the checkpoint's own), not yet optimized."""
+    return StableLmForCausalLM.from_pretrained(
+        name_or_path, dtype=dtype or "auto", device=device, optimize=False
+    ).eval()
+
+
 def prepare(
     *,
-    shape: str,
-    dtype: str,
+    shape: str | None = None,
+    dtype: str | None = None,
     batch: int,
     prompt: int,
     new_tokens: int,
@@ -135,12 +143,19 @@ def prepare(
     optimize: bool = True,
     fp32_cache: bool = False,
     device: str = "cpu",
+    model: str | None = None,
 ) -> tuple[Callable[..., torch.Tensor], torch.Tensor, dict[str, Any]]:
-    """Build the model (optimised for inference unless asked not to) and warm up (compiling if asked).
+    """Build the model (random weights of `shape`, or the checkpoint `model`), optimised for inference
+    unless asked not to, and warm up (compiling if asked).
 
     Returns `generate(input_ids, streamer=None)`, the prompt's ids, and what describes the run.
     """
-    model = random_model(shape, DTYPES[dtype], device=device)
+    if model is not None:
+        source, model = model, load_model(model, dtype, device=device)
+        dtype = str(model.dtype).removeprefix("torch.")
+    else:
+        shape, dtype = shape or "160m", dtype or "bfloat16"
+        source, model = shape, random_model(shape, DTYPES[dtype], device=device)
     nbytes = weight_bytes(model)
     optimize_for_inference(model, kernels=optimize, fp32_cache=fp32_cache)
     ids = torch.randint(
@@ -165,7 +180,7 @@ def prepare(
         + (" optimized" if optimize else " plain")
         + (" fp32-cache" if fp32_cache else "")
         + (" compiled" if compile else ""),
-        "shape": shape,
+        "shape": source,
         "dtype": dtype,
         "batch": batch,
         "prompt": prompt,
@@ -189,31 +204,9 @@ def run(**kwargs: Any) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m stablelm.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="160m")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--prompt", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--compile", action="store_true", help="compile the decode step")
-    parser.add_argument(
-        "--no-optimize",
-        action="store_true",
-        help="torch's kernels instead of stablelm's (from_pretrained(optimize=False))",
-    )
-    parser.add_argument(
-        "--fp32-cache", action="store_true", help="float32 KV cache for a half-precision model (CPU)"
-    )
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--json", action="store_true", help="print one JSON line")
-    args = parser.parse_args(argv)
-    if args.fp32_cache and (args.dtype == "float32" or args.no_optimize or args.device != "cpu"):
-        parser.error(
-            "--fp32-cache is for a bfloat16/float16 model optimized on the CPU: drop it, or use "
-            "--dtype bfloat16 without --no-optimize on --device cpu."
-        )
-    result = run(
+def run_args(args: argparse.Namespace) -> dict[str, Any]:
+    """`run` with the options of `stablelm bench` (see `stablelm.cli.bench.add_arguments`)."""
+    return run(
         shape=args.shape,
         dtype=args.dtype,
         batch=args.batch,
@@ -223,12 +216,51 @@ def main(argv: list[str] | None = None) -> None:
         optimize=not args.no_optimize,
         fp32_cache=args.fp32_cache,
         device=args.device,
+        model=args.model,
     )
-    if args.json:
+
+
+def report(result: dict[str, Any], *, as_json: bool) -> None:
+    """Print `run`'s figures: one JSON line, or one figure a line."""
+    if as_json:
         print(json.dumps(result))
         return
     for key, value in result.items():
         print(f"{key:>20}: {value:.2f}" if isinstance(value, float) else f"{key:>20}: {value}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m stablelm.bench`: the options of `stablelm bench` (`stablelm bench --help`)."""
+    from .cli import bench as command
+    from .cli.options import compile_notice
+    from .threads import parse_threads, set_threads
+
+    summary, _, details = (command.__doc__ or "").strip().partition("\n")
+    parser = argparse.ArgumentParser(
+        prog="python -m stablelm.bench",
+        description=summary,
+        epilog=details.strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    command.add_arguments(parser)
+    parser.add_argument(
+        "--threads",
+        metavar="N|auto",
+        help="CPU threads (default: torch's; `stablelm bench` defaults to auto)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        threads = parse_threads(args.threads, name="--threads")
+    except ValueError as err:
+        parser.error(str(err))
+    problem = command.check(args)
+    if problem:
+        parser.error(problem)
+    if args.threads is not None:
+        set_threads(threads)
+    if args.compile:
+        compile_notice()
+    report(run_args(args), as_json=args.json)
 
 
 if __name__ == "__main__":

@@ -211,8 +211,8 @@ def test_chat_ends_at_the_end_of_input(checkpoint):
 
 def test_chat_needs_a_chat_template(checkpoint, tmp_path):
     for item in checkpoint.iterdir():
-        (tmp_path / item.name).symlink_to(item)
-    (tmp_path / "tokenizer_config.json").unlink()
+        if item.name != "tokenizer_config.json":
+            shutil.copy(item, tmp_path / item.name)  # copies: loading refuses links out of the folder
     result = stablelm("chat", "-m", str(tmp_path), stdin="Hi\n")
     fails(result, 1, "has no chat template")
     assert "stablelm generate" in result.stderr

@@ -38,10 +38,11 @@ class UsageError(CliError):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with a one-line error (no usage block) that points at --help."""
+    """argparse with a one-line error (no usage block), prefixed `stablelm: error:` like every other
+    error, that points at the command's --help."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        self.exit(EXIT_USAGE, f"stablelm: error: {message} (see '{self.prog} --help')\n")
 
 
 def one_line(text: str) -> str:
@@ -68,10 +69,14 @@ def report(err: BaseException, *, debug: bool, stream: TextIO | None = None) -> 
 
 
 def silence_broken_pipe() -> int:
-    """After stdout's reader went away (`stablelm generate ... | head`): stop writing there, exit quietly."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    return EXIT_ERROR
+    """After stdout's reader went away (`stablelm generate ... | head -1`): stop writing there and end
+    quietly with success, as the reader has what it wanted (the final flush goes to /dev/null)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no stdout file to redirect (an in-memory one, say)
+        pass
+    return EXIT_OK
 
 
 def show_warning_line(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001

@@ -1,30 +1,36 @@
 """Continue a prompt, streaming the new text to stdout as the model makes it.
 
-The prompt is the argument, or stdin when there is none (or it is "-"), its final newline dropped.
-Only the new text goes to stdout, followed by a newline; everything else goes to stderr.
+The prompt is the argument, or stdin (UTF-8) when there is none (or it is "-"), its final newline
+dropped. Only the new text goes to stdout, followed by a newline; everything else goes to stderr. With
+--json, stdout gets one JSON object instead: {"prompt", "text", "prompt_tokens", "tokens",
+"finish_reason"} ("stop": the model's end token or a --stop string; "length": -n or the context ran out).
+The text never goes past the model's context: a prompt that fills it is an error, and -n is lowered to
+the room left.
 
 examples:
   stablelm generate "The for statement"
   stablelm generate -m stabilityai/stablelm-2-1_6b -n 64 --temperature 0 "The capital of France is"
   echo "def fibonacci(n):" | stablelm generate -m ./my-model --stop "\\n\\n" --seed 0 -v
+  stablelm generate --json -n 32 "The for statement" | jq -r .text
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 
 from .errors import UsageError
-from .loading import load
 from .options import (
+    add_compile_option,
     add_load_options,
     add_output_options,
     add_sampling_options,
+    compile_notice,
     describe_sampling,
     generation_config,
 )
-from .stream import TextStream
 
 DEFAULT_NEW_TOKENS = 256
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
@@ -44,10 +50,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-stream", action="store_true", help="print the text at the end instead of as it is made"
     )
-    add_output_options(parser)
+    add_compile_option(parser)
+    add_output_options(
+        parser,
+        json_help='print one JSON object {"prompt", "text", "prompt_tokens", "tokens", "finish_reason"} '
+        "at the end instead of the text",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    from .loading import load
+    from .stream import TextStream
+
     prompt = read_prompt(args.prompt)
     stops = [unescape(stop) for stop in args.stop]
     if not all(stops):
@@ -55,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = load(args)
     model, tokenizer = loaded.model, loaded.tokenizer
     input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(model.device)
-    config = generation_config(
+    config = generation_config(  # a prompt that fills the context is an error, with what to do
         model, tokenizer, args, prompt_tokens=input_ids.shape[1], default_new_tokens=DEFAULT_NEW_TOKENS
     )
     stream = TextStream(
@@ -63,33 +77,76 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.verbose:
         print(loaded.describe(), file=sys.stderr)
+        print(args.threads_note, file=sys.stderr)
         print(f"sampling: {describe_sampling(config, seed=args.seed)}", file=sys.stderr)
-    if args.no_stream:
-        sys.stdout.write("".join(stream))
+    if args.compile:
+        compile_notice()
+    if args.json:
+        text = "".join(stream)
+        record = {
+            "prompt": prompt,
+            "text": text,
+            "prompt_tokens": stream.stats.prompt_tokens,
+            "tokens": stream.stats.new_tokens,
+            "finish_reason": finish_reason(stream.stats.finish),
+        }
+        sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+    elif args.no_stream:
+        sys.stdout.write("".join(stream) + "\n")
     else:
         for chunk in stream:
             sys.stdout.write(chunk)
             sys.stdout.flush()
-    sys.stdout.write("\n")
+        sys.stdout.write("\n")
     sys.stdout.flush()
     if args.verbose:
         print(*stream.stats.describe(), sep="\n", file=sys.stderr)
     return 0
 
 
+def finish_reason(finish: str | None) -> str:
+    """The JSON output's finish_reason (OpenAI's words): "stop" for the model's end token or a stop
+    string, "length" for -n or the end of the context, and "interrupted"."""
+    return "stop" if finish in ("eos", "stop string") else finish or "length"
+
+
 def read_prompt(argument: str | None) -> str:
-    """The prompt argument, or stdin's text without its final line break.
+    """The prompt argument, or stdin's text (UTF-8) without its final line break.
 
     Raises:
-        UsageError: The prompt is empty or only whitespace.
+        UsageError: The prompt is empty or only whitespace, stdin is closed, or it is not UTF-8 text.
     """
     if argument is None or argument == "-":
-        if sys.stdin.isatty():
-            print("stablelm: reading the prompt from the terminal; end it with Ctrl-D", file=sys.stderr)
-        argument = sys.stdin.read().removesuffix("\n").removesuffix("\r")
+        argument = read_stdin_text("the prompt")
+        argument = argument.removesuffix("\n").removesuffix("\r")
     if not argument.strip():
         raise UsageError("the prompt is empty: pass it as an argument or on stdin")
     return argument
+
+
+def read_stdin_text(what: str) -> str:
+    """All of stdin, decoded as UTF-8; a clear UsageError when stdin is closed or is not UTF-8."""
+    stdin = sys.stdin
+    if stdin is None or getattr(stdin, "buffer", None) is None:
+        raise UsageError(f"stdin is closed, and {what} is read from it: pass {what} as an argument")
+    if stdin.isatty():
+        print(f"stablelm: reading {what} from the terminal; end it with Ctrl-D", file=sys.stderr)
+    try:
+        data = stdin.buffer.read()
+    except OSError as err:  # a closed or unreadable descriptor
+        raise UsageError(f"cannot read {what} from stdin ({err.strerror or err})") from None
+    return decode_utf8(data, f"{what} on stdin")
+
+
+def decode_utf8(data: bytes, what: str) -> str:
+    """`data` as UTF-8 text; a UsageError naming `what` and the first bad byte when it is not."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UsageError(
+            f"{what} is not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}): "
+            "convert it, e.g. with iconv -t UTF-8"
+        ) from None
 
 
 def unescape(text: str) -> str:

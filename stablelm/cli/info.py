@@ -1,27 +1,33 @@
 """Describe a checkpoint: its architecture, parameter count, and size on disk and in memory.
 
-Reads config.json, the weight files' headers and the tokenizer files; no weights are loaded.
+Reads config.json, the weight files' headers and the tokenizer files; no weights are loaded. A config
+that does not fit the weights' names and shapes is an error, as it is for loading.
+
+With --json, stdout gets one JSON object with the same facts (config.json's names where it has one,
+sizes in bytes). torch and the checkpoint readers are imported by `run`, so that --help stays quick.
 
 examples:
   stablelm info -m stabilityai/stablelm-2-1_6b
   stablelm info -m ./my-model --dtype float16
+  stablelm info --json | jq .parameters
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ..checkpoint.layout import WeightFiles, find_weights, resolve_folder
-from ..checkpoint.load import resolve_dtype
-from ..checkpoint.readers import open_reader
-from ..config import StableLmConfig
-from ..heads import StableLmForCausalLM
-from ..tokenizer import AutoTokenizer
 from .loading import model_source
-from .options import DTYPES, add_model_option
+from .options import DTYPES, add_json_option, add_model_option
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..checkpoint.layout import WeightFiles
+    from ..checkpoint.readers import StoredTensor
+    from ..config import StableLmConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,20 +38,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="the dtype to size the weights in memory for (default: auto, the checkpoint's)",
     )
+    add_json_option(parser, "print one JSON object with the same facts instead of the table")
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..checkpoint.layout import find_weights, resolve_folder
+    from ..checkpoint.load import plan_checkpoint, resolve_dtype
+    from ..config import StableLmConfig
+    from ..model import StableLmModel
+
     source = model_source(args.model)
     folder = resolve_folder(source, revision=None, cache_dir=None, local_files_only=False, token=None)
     config = StableLmConfig.from_pretrained(folder)
     weights = find_weights(folder)
-    stored = stored_dtypes(weights)
+    tensors = stored_tensors(weights)
+    # The backbone against the config (any task's head fits): refuses a config the weights do not fit.
+    plan_checkpoint(StableLmModel, config, {k: t.shape for k, t in tensors.items()}, source=weights.source)
+    stored = list(dict.fromkeys(t.dtype for t in tensors.values()))
     if args.dtype != "auto":
         dtype = resolve_dtype(args.dtype)
     elif config.torch_dtype is not None:
         dtype = resolve_dtype(config.torch_dtype)
     else:
         dtype = next((d for d in stored if d.is_floating_point), torch.float32)
+    if args.json:
+        print(json.dumps(facts(source, config, weights, stored, dtype, folder), ensure_ascii=False))
+        return 0
     rows = [("model", source), *architecture(config)]
     rows += sizes(config, weights, stored, dtype)
     rows.append(("tokenizer", tokenizer_summary(folder)))
@@ -91,9 +111,7 @@ def sizes(
     params = parameter_count(config)
     on_disk = sum(path.stat().st_size for path in weights.files)
     files = f"{len(weights.files)} file{'s' if len(weights.files) > 1 else ''}"
-    kv_per_token = (
-        2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype.itemsize
-    )
+    kv_per_token = kv_cache_per_token(config, dtype)
     return [
         ("parameters", f"{params:,} ({short_count(params)})"),
         ("on disk", f"{human_bytes(on_disk)} in {files} ({', '.join(name(d) for d in stored)})"),
@@ -105,32 +123,94 @@ def sizes(
     ]
 
 
+def facts(
+    source: str,
+    config: StableLmConfig,
+    weights: WeightFiles,
+    stored: list[torch.dtype],
+    dtype: torch.dtype,
+    folder: Path,
+) -> dict[str, Any]:
+    """What the table shows, as one JSON-ready dict: config.json's names where it has one, bytes."""
+    params = parameter_count(config)
+    factor = (config.rope_scaling or {}).get("factor")
+    return {
+        "model": source,
+        "num_hidden_layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "hidden_act": config.hidden_act,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
+        "rope_type": config.rope_type,
+        "rope_theta": config.rope_theta,
+        "rope_factor": factor,
+        "rotary_dim": config.rotary_dim,
+        "max_position_embeddings": config.max_position_embeddings,
+        "vocab_size": config.vocab_size,
+        "use_qkv_bias": bool(config.use_qkv_bias),
+        "qk_layernorm": bool(config.qk_layernorm),
+        "use_parallel_residual": bool(config.use_parallel_residual),
+        "tie_word_embeddings": bool(config.tie_word_embeddings),
+        "parameters": params,
+        "disk_bytes": sum(path.stat().st_size for path in weights.files),
+        "weight_files": len(weights.files),
+        "stored_dtypes": [name(d) for d in stored],
+        "dtype": name(dtype),
+        "memory_bytes": params * dtype.itemsize,
+        "kv_cache_bytes_per_token": kv_cache_per_token(config, dtype),
+        "tokenizer": tokenizer_facts(folder),
+    }
+
+
+def kv_cache_per_token(config: StableLmConfig, dtype: torch.dtype) -> int:
+    """Bytes of keys and values one token adds to the cache, every layer together."""
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype.itemsize
+
+
 def parameter_count(config: StableLmConfig) -> int:
     """The causal LM's distinct parameters (a tied head counted once), built on the meta device."""
+    import torch
+
+    from ..heads import StableLmForCausalLM
+
     with torch.device("meta"):
         model = StableLmForCausalLM(config)
     return model.num_parameters()
 
 
-def stored_dtypes(weights: WeightFiles) -> list[torch.dtype]:
-    """The dtypes of the stored tensors, in order of first appearance (read from the headers)."""
-    found: dict[torch.dtype, None] = {}
+def stored_tensors(weights: WeightFiles) -> dict[str, StoredTensor]:
+    """The stored tensors' dtypes and shapes by name, in file order (read from the headers)."""
+    from ..checkpoint.readers import open_reader
+
+    found: dict[str, StoredTensor] = {}
     for path in weights.files:
         reader = open_reader(path, weights.format)
         try:
-            found.update(dict.fromkeys(stored.dtype for stored in reader.tensors.values()))
+            found.update(reader.tensors)
         finally:
             reader.close()
-    return list(found)
+    return found
 
 
-def tokenizer_summary(folder: Path) -> str:
+def tokenizer_facts(folder: Path) -> dict[str, Any] | None:
+    """The tokenizer's size and whether it has a chat template; None without a tokenizer.json."""
+    from ..tokenizer import AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except FileNotFoundError:
+        return None
+    return {"tokens": len(tokenizer), "chat_template": tokenizer.chat_template is not None}
+
+
+def tokenizer_summary(folder: Path) -> str:
+    found = tokenizer_facts(folder)
+    if found is None:
         return "none (no tokenizer.json)"
-    template = "a chat template" if tokenizer.chat_template is not None else "no chat template"
-    return f"{len(tokenizer):,} tokens, {template}"
+    template = "a chat template" if found["chat_template"] else "no chat template"
+    return f"{found['tokens']:,} tokens, {template}"
 
 
 def name(dtype: torch.dtype) -> str:

@@ -1,20 +1,25 @@
-"""Which model a command uses (--model, else the bundled demo) and loading it with its tokenizer."""
+"""Which model a command uses (--model, else the bundled demo) and loading it with its tokenizer.
+
+torch and the model's modules are imported by `load`, not here, so that --help stays quick.
+"""
 
 from __future__ import annotations
 
 import argparse
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from ..fast import optimize_for_inference
-from ..heads import StableLmForCausalLM
-from ..tokenizer import AutoTokenizer, Tokenizer
+from .. import demo_model_path
 from .errors import UsageError
 
-DEMO_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo"
+if TYPE_CHECKING:
+    import torch
+
+    from ..heads import StableLmForCausalLM
+    from ..tokenizer import Tokenizer
+
+DEMO_DIR = demo_model_path(check=False)
 
 
 def model_source(name_or_path: str | None) -> str:
@@ -41,6 +46,8 @@ class Loaded:
 
     def generator(self, seed: int | None) -> torch.Generator | None:
         """A generator seeded with `seed` on the model's device; None (torch's global one) without a seed."""
+        import torch
+
         if seed is None:
             return None
         return torch.Generator(device=self.model.device).manual_seed(seed)
@@ -53,6 +60,10 @@ class Loaded:
 
 def load(args: argparse.Namespace) -> Loaded:
     """The tokenizer (first: it is quick, and fails fast on a folder without one), then the model."""
+    from ..fast import optimize_for_inference
+    from ..heads import StableLmForCausalLM
+    from ..tokenizer import AutoTokenizer
+
     source = model_source(args.model)
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(source)

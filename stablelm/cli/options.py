@@ -1,15 +1,20 @@
-"""The options several commands share: which model and how to load it, and how to sample.
+"""The options several commands share: which model and how to load it, how to sample, how to report.
 
 Values are checked here, by argparse, so that a bad one is a usage error (exit 2) before any model loads.
+Nothing here imports torch (the generation functions import it when called), so --help stays quick.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..generation import GenerationConfig, resolve_config
+from .errors import CliError
+
+if TYPE_CHECKING:
+    from ..generation import GenerationConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -19,6 +24,8 @@ CLI_SAMPLING: dict[str, Any] = dict(
     do_sample=True, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repetition_penalty=1.0
 )
 _SAMPLING_KEYS = tuple(CLI_SAMPLING)
+# Rope types that extend past max_position_embeddings (as stablelm.generation's length check has them).
+EXTENDING_ROPE_TYPES = ("dynamic", "yarn", "longrope", "llama3")
 
 
 def add_model_option(parser: argparse.ArgumentParser) -> None:
@@ -71,12 +78,35 @@ def add_sampling_options(parser: argparse.ArgumentParser, *, default_new_tokens:
     group.add_argument("--seed", type=int, help="seed the sampler, so a run can be repeated")
 
 
-def add_output_options(parser: argparse.ArgumentParser) -> None:
+def add_output_options(parser: argparse.ArgumentParser, *, json_help: str | None = None) -> None:
     parser.add_argument(
         "-v",
         "--verbose",
         action="store_true",
-        help="report load time, token counts and speed on stderr",
+        help="report load time, threads, token counts and speed on stderr",
+    )
+    if json_help:
+        add_json_option(parser, json_help)
+
+
+def add_json_option(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--json", action="store_true", help=help)
+
+
+def add_compile_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the decode step with torch.compile: faster tokens after about a minute of compiling",
+    )
+
+
+def compile_notice() -> None:
+    """The line --compile prints before it goes quiet for a while."""
+    print(
+        "stablelm: compiling the decode step (torch.compile); the first tokens take about a minute",
+        file=sys.stderr,
+        flush=True,
     )
 
 
@@ -127,26 +157,65 @@ def sampling_settings(file_config: dict[str, Any] | None, args: argparse.Namespa
     return settings
 
 
+class PromptTooLong(CliError):
+    """The prompt leaves no room in the model's context for a single new token."""
+
+
+def context_room(model_config: Any, prompt_tokens: int) -> int | None:
+    """Positions the model's context has left after a prompt of `prompt_tokens` (negative when the prompt
+    overflows it); None for a rope type that extends past max_position_embeddings."""
+    if getattr(model_config, "rope_type", None) in EXTENDING_ROPE_TYPES:
+        return None
+    return model_config.max_position_embeddings - prompt_tokens
+
+
+def check_prompt_fits(model_config: Any, prompt_tokens: int, *, what: str = "the prompt") -> None:
+    """Raise PromptTooLong, with what to do at the shell, when `what` leaves no room for new text."""
+    room = context_room(model_config, prompt_tokens)
+    if room is not None and room < 1:
+        context = model_config.max_position_embeddings
+        raise PromptTooLong(
+            f"{what} has {prompt_tokens} tokens, and the model's context holds {context} (the prompt and "
+            f"the new text together): shorten it to under {context} tokens, or use a model with a longer "
+            "context (-m)"
+        )
+
+
 def generation_config(
     model: Any, tokenizer: Any, args: argparse.Namespace, *, prompt_tokens: int, default_new_tokens: int
 ) -> GenerationConfig:
     """The settings of one generation: the checkpoint's, the CLI's sampling defaults and the flags.
 
-    Generation stops at the model's EOS tokens and at the tokenizer's (the end of a chat turn). Without
-    -n, at most `default_new_tokens`, and no further than the model's context.
+    Generation stops at the model's EOS tokens and at the tokenizer's (the end of a chat turn). At most
+    -n tokens (default `default_new_tokens`), and never past the model's context: a larger -n is
+    lowered to the room left (said once, with --verbose).
+
+    Raises:
+        PromptTooLong: The prompt fills the context.
     """
-    max_new = args.max_new_tokens
-    if max_new is None:
-        room = model.config.max_position_embeddings - prompt_tokens
-        max_new = max(1, min(default_new_tokens, room))
+    from ..generation import resolve_config
+
+    check_prompt_fits(model.config, prompt_tokens)
+    requested = args.max_new_tokens if args.max_new_tokens is not None else default_new_tokens
+    room = context_room(model.config, prompt_tokens)
+    max_new = requested if room is None else min(requested, room)
+    if max_new < requested and args.max_new_tokens is not None and args.verbose:
+        if not getattr(args, "context_noted", False):
+            args.context_noted = True
+            print(
+                f"stablelm: -n {requested} is more than the {room} positions left in the model's context "
+                f"({model.config.max_position_embeddings}): generating at most {max_new} tokens",
+                file=sys.stderr,
+            )
     config = resolve_config(
         model, None, max_new_tokens=max_new, **sampling_settings(model.generation_config, args)
     )
     eos = config.eos_token_id
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
-        eos_ids.append(tokenizer.eos_token_id)
-    return config.updated(eos_token_id=eos_ids or None)
+    for extra in [tokenizer.eos_token_id, *getattr(args, "extra_eos_ids", [])]:
+        if extra is not None and extra not in eos_ids:
+            eos_ids.append(extra)
+    return config.updated(eos_token_id=eos_ids or None, compile=bool(getattr(args, "compile", False)))
 
 
 def describe_sampling(config: Any, *, seed: int | None) -> str:

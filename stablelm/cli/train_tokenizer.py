@@ -17,9 +17,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..training import read_documents, train_tokenizer
-from ..training.checkpoints import check_output_dir
-from ..training.wording import plural
 from .options import bounded
 
 
@@ -54,6 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..training import read_documents, train_tokenizer  # here, so that --help does not load torch
+    from ..training.checkpoints import check_output_dir
+    from ..training.wording import plural
+
     check_output_dir(args.output_dir, name="--output-dir")  # before training, which can take minutes
     documents = read_documents(args.data)
     tokenizer = train_tokenizer(

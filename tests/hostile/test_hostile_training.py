@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import stablelm.training
 from stablelm import CheckpointError, StableLmConfig, StableLmForCausalLM
 from stablelm.cli import main
-from stablelm.cli import train as train_command
-from stablelm.cli import train_tokenizer as train_tokenizer_command
+from stablelm.cli import train_run as train_command
 from stablelm.training import (
     InsufficientMemoryError,
     Trainer,
@@ -153,7 +153,7 @@ def test_train_tokenizer_checks_its_output_dir_first(files, tmp_path, capsys, mo
     def refuse(*args, **kwargs):
         raise AssertionError("the tokenizer was trained")
 
-    monkeypatch.setattr(train_tokenizer_command, "train_tokenizer", refuse)
+    monkeypatch.setattr(stablelm.training, "train_tokenizer", refuse)
     (tmp_path / "taken").write_text("x")
     args = ["train-tokenizer", "--data", str(files / "data.jsonl"), "--output-dir", str(tmp_path / "taken")]
     assert main(args) == 1

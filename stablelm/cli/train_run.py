@@ -1,0 +1,261 @@
+"""`stablelm train`'s work (the command's arguments are in `train`, which imports this module only to
+run, so that `stablelm train --help` does not load torch)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from ..checkpoint.load import resolve_device, resolve_dtype
+from ..config import StableLmConfig
+from ..heads import StableLmForCausalLM
+from ..seeding import set_seed
+from ..tokenizer import AutoTokenizer, Tokenizer
+from ..training import (
+    Trainer,
+    TrainingArguments,
+    TrainingEvent,
+    check_block_size,
+    pack,
+    read_documents,
+    split_blocks,
+    tokenize,
+)
+from ..training.arguments import MAX_SEED
+from ..training.checkpoints import check_output_dir, list_checkpoints, read_trainer_state
+from ..training.memory import (
+    InsufficientMemoryError,
+    check_training_memory,
+    estimate_training_memory,
+)
+from ..training.sources import add_special_tokens, check_vocabulary, load_model, read_model_config
+from ..training.trainer import resolve_precision
+from ..training.wording import plural
+from .errors import UsageError
+from .train import DEFAULT_BLOCK_SIZE_CAP
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_flags(args)
+    output_dir = Path(args.output_dir)
+    # Before any work: a folder that cannot be written would fail the first save, steps later.
+    check_output_dir(output_dir, name="--output-dir")
+    resume_from = _resume_point(output_dir, resume=args.resume)
+    training_args = _training_arguments(args)  # checks the values before any loading
+    set_seed(args.seed)
+    device = resolve_device(args.device)
+    model, tokenizer, block_size = _model_and_tokenizer(args, device)
+    train_blocks, eval_blocks = _blocks(args, tokenizer, block_size)
+    log = _Log(args.log_interval)
+    trainer = Trainer(
+        model,
+        args=training_args,
+        train_blocks=train_blocks,
+        eval_blocks=eval_blocks,
+        tokenizer=tokenizer,
+        callback=log,
+    )
+    try:
+        state = trainer.train(resume_from=resume_from)
+    finally:
+        log.close()
+    trainer.save_model(output_dir, dtype=resolve_dtype(args.save_dtype))
+    print(
+        f"trained {plural(state.step, 'step')} on {plural(state.tokens_seen, 'token')}; model saved in "
+        f"{output_dir}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Usage errors for the values argparse's range checks let through: NaN and infinities, seeds too large."""
+    numbers = {
+        "--lr": args.lr,
+        "--min-lr": args.min_lr,
+        "--weight-decay": args.weight_decay,
+        "--eval-fraction": args.eval_fraction,
+    }
+    for flag, value in numbers.items():
+        if value is not None and not math.isfinite(value):
+            raise UsageError(f"argument {flag}: expected a finite number, got {value}")
+    if math.isnan(args.max_grad_norm):
+        raise UsageError("argument --max-grad-norm: expected a number >= 0 (0 or inf: no clipping), got nan")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UsageError(f"argument --seed: expected an integer in [0, {MAX_SEED}], got {args.seed}")
+
+
+def _resume_point(output_dir: Path, *, resume: bool) -> Path | None:
+    checkpoints = list_checkpoints(output_dir)
+    if checkpoints and not resume:
+        raise UsageError(
+            f"{output_dir} holds checkpoints of an earlier run ({checkpoints[-1].name}); pass --resume to "
+            "continue it, or choose another --output-dir"
+        )
+    if resume and not checkpoints:
+        print(f"no checkpoint in {output_dir} yet: starting from step 0", file=sys.stderr)
+    if checkpoints:
+        read_trainer_state(checkpoints[-1])  # a damaged one fails now, not after the data is tokenized
+    return checkpoints[-1] if checkpoints else None
+
+
+def _training_arguments(args: argparse.Namespace) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=args.output_dir,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.lr,
+        min_learning_rate=args.min_lr,
+        warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm or None,
+        eval_interval=args.eval_interval,
+        eval_batches=args.eval_batches,
+        save_interval=args.save_interval,
+        save_total_limit=args.save_total_limit,
+        seed=args.seed,
+        precision=args.precision,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
+
+
+def _model_and_tokenizer(
+    args: argparse.Namespace, device: torch.device
+) -> tuple[StableLmForCausalLM, Tokenizer, int]:
+    """The model, its tokenizer and the block size; the memory the run needs is checked before the
+    optimiser's (and, for a new model, the weights') memory is taken."""
+    if args.config is not None:
+        if args.tokenizer is None:
+            raise UsageError(
+                "--config trains a new model and needs --tokenizer (see 'stablelm train-tokenizer')"
+            )
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        config = read_model_config(args.config, tokenizer=tokenizer)
+        block_size = _block_size(args, config)
+        try:
+            _check_memory(args, config, block_size, device, weights_loaded=False)
+        except InsufficientMemoryError as err:
+            raise InsufficientMemoryError(f"--config {args.config}: {err}") from None
+        model = StableLmForCausalLM(config).to(device)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+        model = load_model(args.model, device=device)
+        block_size = _block_size(args, model.config)
+    if args.add_special_tokens:
+        add_special_tokens(tokenizer, model, args.add_special_tokens)
+    check_vocabulary(tokenizer, model)
+    if args.config is None:
+        _check_memory(args, model.config, block_size, device, weights_loaded=True)
+    return model, tokenizer, block_size
+
+
+def _block_size(args: argparse.Namespace, config: StableLmConfig) -> int:
+    block_size = args.block_size or min(config.max_position_embeddings, DEFAULT_BLOCK_SIZE_CAP)
+    check_block_size(block_size, max_position_embeddings=config.max_position_embeddings)
+    return block_size
+
+
+def _check_memory(
+    args: argparse.Namespace,
+    config: StableLmConfig,
+    block_size: int,
+    device: torch.device,
+    *,
+    weights_loaded: bool,
+) -> None:
+    bf16 = resolve_precision(args.precision, device) == "bf16"
+    estimate = estimate_training_memory(
+        config,
+        batch_size=args.batch_size,
+        block_size=block_size,
+        gradient_checkpointing=args.gradient_checkpointing,
+        activation_bytes=2 if bf16 else 4,
+    )
+    check_training_memory(estimate, device=device, weights_loaded=weights_loaded)
+
+
+def _blocks(
+    args: argparse.Namespace, tokenizer: Tokenizer, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    documents = read_documents(args.data)
+    blocks = _pack(tokenizer, documents, block_size, flag="--data")
+    if args.eval_data:
+        eval_blocks = _pack(tokenizer, read_documents(args.eval_data), block_size, flag="--eval-data")
+    elif args.eval_fraction > 0:
+        blocks, eval_blocks = split_blocks(blocks, args.eval_fraction)
+    else:
+        eval_blocks = None
+    held = f", {len(eval_blocks):,} held out" if eval_blocks is not None else ""
+    print(
+        f"data: {plural(len(documents), 'document')}, {plural(len(blocks), 'training block')} of "
+        f"{block_size} tokens{held}",
+        file=sys.stderr,
+    )
+    return blocks, eval_blocks
+
+
+def _pack(tokenizer: Tokenizer, documents: list[str], block_size: int, *, flag: str) -> torch.Tensor:
+    try:
+        return pack(tokenize(tokenizer, documents), block_size)
+    except ValueError as err:
+        raise ValueError(f"{flag}: {err}") from err
+
+
+class _Log:
+    """Shows training progress on stderr: a tqdm bar on a terminal, else a line every `interval` steps."""
+
+    def __init__(self, interval: int) -> None:
+        self.interval, self.bar = interval, None
+        self.losses: list[float] = []
+        self.seconds_per_token: list[float] = []
+
+    def __call__(self, event: TrainingEvent) -> None:
+        if event.kind == "step":
+            self._step(event)
+        elif event.kind == "eval":
+            self._write(
+                f"step {event.step}: held-out loss {event.eval_loss:.4f}, perplexity {event.perplexity:.2f}"
+            )
+        else:
+            self._write(f"{'saved' if event.kind == 'save' else 'resumed from'} {event.path}")
+
+    def _step(self, event: TrainingEvent) -> None:
+        self.losses.append(event.loss)
+        self.seconds_per_token.append(1.0 / event.tokens_per_second)
+        if len(self.losses) < self.interval and event.step < event.max_steps:
+            return
+        # Steps are of equal size, so the harmonic mean of their rates is the rate over the interval.
+        loss = sum(self.losses) / len(self.losses)
+        rate = len(self.seconds_per_token) / sum(self.seconds_per_token)
+        self.losses, self.seconds_per_token = [], []
+        text = f"loss {loss:.4f}, lr {event.learning_rate:.2e}, {rate:,.0f} tokens/s"
+        bar = self._bar(event)
+        if bar is None:
+            print(f"step {event.step}/{event.max_steps}: {text}", file=sys.stderr, flush=True)
+        else:
+            bar.update(event.step - bar.n)
+            bar.set_postfix_str(text)
+
+    def _bar(self, event: TrainingEvent):  # noqa: ANN202 - a tqdm bar, or None
+        if self.bar is None and sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+            except ImportError:  # tqdm is optional (huggingface_hub brings it)
+                return None
+            self.bar = tqdm(total=event.max_steps, initial=event.step, unit="step", file=sys.stderr)
+        return self.bar
+
+    def _write(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
