@@ -9,6 +9,8 @@
 4. The report: held-out perplexity against a unigram baseline, greedy samples, load + generate time.
 5. The export: config.json, model.safetensors, tokenizer.json, tokenizer_config.json and
    generation_config.json into stablelm/assets/demo.
+6. Then `python scripts/build_demo_chat.py` gives the exported model its chat template and a short chat
+   fine-tune (the export above writes a tokenizer_config.json without a template).
 
 Deterministic given --seed on the same Python build, torch version and CPU (threads and vector units decide
 the order of floating-point sums). Interrupted? Run the same command again: training resumes from its last
