@@ -20,6 +20,8 @@ _LAZY: dict[str, str] = {
     "DynamicCache": "cache",
     "StaticCache": "cache",
     "CheckpointError": "checkpoint",
+    "QuantizationConfig": "quantization",
+    "quantize": "quantization",
     "StableLmConfig": "config",
     "optimize_for_inference": "fast",
     "GenerationConfig": "generation",
@@ -66,6 +68,7 @@ __all__ = [
     "CheckpointError",
     "DynamicCache",
     "GenerationConfig",
+    "QuantizationConfig",
     "SequenceClassifierOutput",
     "StableLmConfig",
     "StableLmForCausalLM",
@@ -80,6 +83,7 @@ __all__ = [
     "TokenClassifierOutput",
     "Tokenizer",
     "demo_model_path",
+    "quantize",
     "optimize_for_inference",
     "set_seed",
     "set_threads",
@@ -99,6 +103,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from .model import StableLmModel, StableLmPreTrainedModel
     from .model import StableLmModel as AutoModel
     from .outputs import BaseModelOutput, CausalLMOutput, SequenceClassifierOutput, TokenClassifierOutput
+    from .quantization import QuantizationConfig, quantize
     from .seeding import set_seed
     from .streamers import TextIteratorStreamer, TextStreamer
     from .threads import set_threads

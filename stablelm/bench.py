@@ -71,6 +71,10 @@ def weight_bytes(model: torch.nn.Module) -> int:
         id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.weight is not head
     }
     params = {id(p): p for p in model.parameters() if id(p) not in skip}
+    # quantized layers keep their weights in buffers (stablelm.quantization); rotary tables are not read
+    for module in model.modules():
+        if hasattr(module, "quant_type"):
+            params.update({id(b): b for b in module.buffers(recurse=False)})
     return sum(p.numel() * p.element_size() for p in params.values())
 
 
@@ -144,6 +148,7 @@ def prepare(
     fp32_cache: bool = False,
     device: str = "cpu",
     model: str | None = None,
+    quantize: str | None = None,
 ) -> tuple[Callable[..., torch.Tensor], torch.Tensor, dict[str, Any]]:
     """Build the model (random weights of `shape`, or the checkpoint `model`), optimised for inference
     unless asked not to, and warm up (compiling if asked).
@@ -156,6 +161,10 @@ def prepare(
     else:
         shape, dtype = shape or "160m", dtype or "bfloat16"
         source, model = shape, random_model(shape, DTYPES[dtype], device=device)
+    if quantize is not None:  # weight-only int8 / int4 (stablelm.quantization)
+        from .quantization import quantize as quantize_model
+
+        quantize_model(model, quantize)
     nbytes = weight_bytes(model)
     optimize_for_inference(model, kernels=optimize, fp32_cache=fp32_cache)
     ids = torch.randint(
@@ -217,6 +226,7 @@ def run_args(args: argparse.Namespace) -> dict[str, Any]:
         fp32_cache=args.fp32_cache,
         device=args.device,
         model=args.model,
+        quantize=getattr(args, "quantize", None),
     )
 
 

@@ -119,6 +119,7 @@ class StableLmPreTrainedModel(nn.Module):
         token: str | bool | None = None,
         trust_remote_code: bool | None = None,
         optimize: bool | None = None,
+        quantization_config: object = None,
         **config_overrides: object,
     ) -> StableLmPreTrainedModel:
         """Load a model from a checkpoint folder or a Hugging Face hub repo id, in eval mode.
@@ -144,6 +145,10 @@ class StableLmPreTrainedModel(nn.Module):
             optimize: Run inference on stablelm's kernels where they serve (the default; bfloat16
                 bit-identical to torch, float32 within rounding; see `stablelm.fast`). False keeps
                 torch's kernels; None follows `STABLELM_OPTIMIZE` (0 turns them off).
+            quantization_config: "int8", "int4", a dict or a `stablelm.QuantizationConfig`: quantize the
+                linear layers (weight-only) while loading, one tensor at a time (the bf16 model is never
+                held whole). A checkpoint saved quantized loads as it is without this argument; passing
+                one that differs from the checkpoint's is an error. See docs/quantization.md.
             **config_overrides: Config fields to change, such as `num_labels=3`.
 
         Raises:
@@ -169,6 +174,7 @@ class StableLmPreTrainedModel(nn.Module):
             token=token,
             trust_remote_code=trust_remote_code,
             optimize=optimize,
+            quantization_config=quantization_config,
             **config_overrides,
         )
 

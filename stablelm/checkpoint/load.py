@@ -63,6 +63,7 @@ def load_pretrained(
     token: str | bool | None = None,
     trust_remote_code: bool | None = None,
     optimize: bool | None = None,
+    quantization_config: Any = None,
     **config_overrides: Any,
 ) -> M:
     """Load `cls` from a checkpoint folder or hub repo id; see `StableLmPreTrainedModel.from_pretrained`."""
@@ -81,16 +82,40 @@ def load_pretrained(
     )
     check_not_empty(folder)
     config = _build_config(folder, config, attn_implementation, config_overrides)
+    quant, stored_quantized = _quantization(config, quantization_config, folder)
     weights = find_weights(folder)
     readers: list[Reader] = []
     try:
         readers.extend(open_reader(path, weights.format) for path in weights.files)
         found = _tensors_by_name(weights, readers)
         target_dtype = fixed_dtype or _auto_dtype(config, (stored.dtype for _, stored in found.values()))
-        model, plan = plan_checkpoint(
-            cls, config, {name: stored.shape for name, (_, stored) in found.items()}, source=weights.source
-        )
-        state = _materialise(plan, found, readers, dtype=target_dtype, device=target_device)
+        shapes = {name: stored.shape for name, (_, stored) in found.items()}
+        quantized_on_load: set[str] = set()
+        expected: dict = {}
+
+        def prepare(model: nn.Module) -> None:
+            from ..quantization.apply import expected_tensors, replace_with_empty
+
+            if config.tie_word_embeddings:  # a head that shares the embedding stays as it is
+                quant.modules_to_not_convert = list(dict.fromkeys([*quant.modules_to_not_convert, "lm_head"]))
+            expected.update(expected_tensors(model, quant))
+            replace_with_empty(model, quant, target_dtype)
+
+        if stored_quantized:  # the dense layers' shapes are checked against the config from the others
+            dense = {k: v for k, v in shapes.items() if not _quantized_key(k, shapes)}
+            model, plan = plan_checkpoint(
+                cls, config, shapes, source=weights.source, prepare=prepare, dense_found=dense
+            )
+            _check_quantized_dtypes(expected, found, plan, quant)
+        else:
+            model, plan = plan_checkpoint(cls, config, shapes, source=weights.source)
+            if quant is not None:
+                prepare(model)
+                quantized_on_load = {key for key in expected if key.endswith(".weight")}
+        state = _materialise(
+            plan, found, readers, dtype=target_dtype, device=target_device, quant=quant,
+            quantize_keys=quantized_on_load, stored_quantized=stored_quantized,
+        )  # fmt: skip
     finally:
         for reader in readers:
             reader.close()
@@ -98,6 +123,10 @@ def load_pretrained(
     _install(model, state, plan, dtype=target_dtype, device=target_device)
     if optimize is not None:
         set_kernels(model, optimize)
+        if quant is not None:
+            for module in model.modules():
+                if hasattr(module, "quant_type"):
+                    module.use_kernels = optimize
     model.config.torch_dtype = str(target_dtype).removeprefix("torch.")
     model.generation_config = read_generation_config(folder)
     _warn_new_and_unused(model, plan, weights.source)
@@ -181,6 +210,56 @@ def _build_config(
     return config
 
 
+# ---- quantization ----------------------------------------------------------------------------------------
+def _quantization(config: StableLmConfig, requested: Any, folder: Path) -> tuple[Any, bool]:
+    """(the QuantizationConfig to apply or None, whether the checkpoint is stored quantized)."""
+    stored = config.extra.get("quantization_config")
+    if stored is None and requested is None:
+        return None, False
+    from ..quantization import QuantizationConfig
+
+    wanted = None if requested is None else QuantizationConfig.coerce(requested)
+    if stored is None:
+        return wanted, False
+    try:
+        found = QuantizationConfig.from_dict(stored, what=f"quantization_config in {folder / CONFIG_NAME}")
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(str(err)) from None
+    if wanted is not None and wanted.to_dict() != found.to_dict():
+        raise ValueError(
+            f"quantization_config={requested!r} differs from the checkpoint's own ({found.to_dict()} in "
+            f"{folder / CONFIG_NAME}): a quantized checkpoint loads only as it was saved. Omit "
+            "quantization_config, or quantize the unquantized checkpoint."
+        )
+    return found, True
+
+
+_QUANT_SUFFIXES = (".weight_scale", ".weight_min")
+
+
+def _quantized_key(key: str, shapes: dict) -> bool:
+    if key.endswith(_QUANT_SUFFIXES):
+        return True
+    return key.endswith(".weight") and key[: -len("weight")] + "weight_scale" in shapes
+
+
+def _check_quantized_dtypes(expected: dict, found: dict, plan: LoadPlan, quant: Any) -> None:
+    """Refuse quantized tensors whose dtype is not the one the checkpoint's quantization_config describes."""
+    wrong = []
+    for key, dtype in expected.items():
+        ckpt = plan.sources.get(key)
+        if ckpt is not None and found[ckpt][1].dtype != dtype:
+            wrong.append((ckpt, dtype, found[ckpt][1].dtype, found[ckpt][0].path))
+    if wrong:
+        ckpt, dtype, got, path = wrong[0]
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        raise CheckpointError(
+            f"{path} holds {ckpt} as {str(got).removeprefix('torch.')}, but the quantization_config in "
+            f"{CONFIG_NAME} ({quant.to_dict()}) describes {str(dtype).removeprefix('torch.')}{more}: the weights "
+            "and their description do not belong together. Save the model again, or fix quantization_config."
+        )
+
+
 # ---- reading ---------------------------------------------------------------------------------------------
 def _tensors_by_name(weights: WeightFiles, readers: list[Reader]) -> dict[str, tuple[Reader, StoredTensor]]:
     found: dict[str, tuple[Reader, StoredTensor]] = {}
@@ -202,7 +281,13 @@ def _tensors_by_name(weights: WeightFiles, readers: list[Reader]) -> dict[str, t
 
 
 def plan_checkpoint(
-    cls: type[M], config: StableLmConfig, found: dict[str, tuple[int, ...]], *, source: Path
+    cls: type[M],
+    config: StableLmConfig,
+    found: dict[str, tuple[int, ...]],
+    *,
+    source: Path,
+    prepare: Any = None,
+    dense_found: dict[str, tuple[int, ...]] | None = None,
 ) -> tuple[M, LoadPlan]:
     """`cls` built with meta parameters, and how the checkpoint's tensors (name -> shape) fill it.
 
@@ -215,9 +300,13 @@ def plan_checkpoint(
         with _EmptyParameters():
             return DecoderLayer(config, 0)
 
-    check_before_building(config, found, source=source, one_layer=one_layer)
+    check_before_building(
+        config, found if dense_found is None else dense_found, source=source, one_layer=one_layer
+    )
     with _EmptyParameters():
         model = cls(config)
+    if prepare is not None:  # a stored quantized checkpoint: its layers become quantized placeholders first
+        prepare(model)
     return model, plan_load(model, found, source=source)
 
 
@@ -229,18 +318,61 @@ def _materialise(
     *,
     dtype: torch.dtype,
     device: torch.device,
+    quant: Any = None,
+    quantize_keys: set[str] | frozenset[str] = frozenset(),
+    stored_quantized: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Read every planned tensor once, shard by shard in file order, into `dtype` on `device`."""
+    """Read every planned tensor once, shard by shard in file order, into `dtype` on `device`.
+
+    `quantize_keys` (model keys of dense weights): each is copied out of the file (its pages given
+    back), quantized and dropped before the next is read. A stored quantized checkpoint's scales keep
+    their stored dtype."""
     model_key = {ckpt: key for key, ckpt in {**plan.sources, **plan.stored_aliases}.items()}
     total = sum(found[ckpt][1].nbytes for ckpt in model_key)
     state: dict[str, torch.Tensor] = {}
     with _progress_bar(total, f"Loading {len(readers)} shard{'s' if len(readers) > 1 else ''}") as bar:
         for reader in readers:
             names = [ckpt for ckpt in reader.tensors if ckpt in model_key]
-            for ckpt, tensor in reader.materialise(names, dtype=dtype, device=device):
+            plain = [
+                n
+                for n in names
+                if model_key[n] not in quantize_keys
+                and not (stored_quantized and n.endswith(_QUANT_SUFFIXES))
+            ]
+            kept = [n for n in names if stored_quantized and n.endswith(_QUANT_SUFFIXES)]
+            for ckpt, tensor in reader.materialise(plain, dtype=dtype, device=device):
                 state[model_key[ckpt]] = tensor
                 bar.update(found[ckpt][1].nbytes)
+            for ckpt in kept:  # scales as stored (float32 / bfloat16), whatever the model's dtype
+                for _, tensor in reader.materialise([ckpt], dtype=found[ckpt][1].dtype, device=device):
+                    state[model_key[ckpt]] = tensor
+                bar.update(found[ckpt][1].nbytes)
+            for ckpt in sorted(
+                (n for n in names if model_key[n] in quantize_keys), key=lambda n: reader.tensors[n].offset
+            ):
+                stored_dtype = found[ckpt][1].dtype
+                for _, dense in reader.materialise(
+                    [ckpt], dtype=stored_dtype, device=torch.device("cpu"), copy=True
+                ):
+                    state.update(_quantize_tensor(model_key[ckpt], dense, quant, device))
+                    del dense
+                bar.update(found[ckpt][1].nbytes)
     return state
+
+
+def _quantize_tensor(
+    key: str, dense: torch.Tensor, quant: Any, device: torch.device
+) -> dict[str, torch.Tensor]:
+    from ..quantization import formats
+
+    prefix = key[: -len("weight")]
+    if quant.quant_type == "int8":
+        q, s = formats.quantize_int8(dense)
+        out = {"weight": q, "weight_scale": s}
+    else:
+        q, s, m = formats.quantize_int4(dense, quant.group_size)
+        out = {"weight": q, "weight_scale": s, "weight_min": m}
+    return {prefix + name: t.to(device) for name, t in out.items()}
 
 
 def _keep_stored_heads(

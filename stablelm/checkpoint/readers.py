@@ -74,9 +74,10 @@ class SafetensorsReader:
         self.tensors = _read_safetensors_header(path)
 
     def materialise(
-        self, names: Iterable[str], *, dtype: torch.dtype, device: torch.device
+        self, names: Iterable[str], *, dtype: torch.dtype, device: torch.device, copy: bool = False
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield each named tensor on `device`, floating-point ones cast to `dtype`, in file order.
+        """Yield each named tensor on `device`, floating-point ones cast to `dtype`, in file order
+        (`copy`: always a copy, the mapped pages given back: quantizing while loading).
 
         On the CPU, a tensor already in its target dtype is the memory-mapped file itself (a private,
         copy-on-write mapping, which the tensors keep alive): no copy, and its pages are the page
@@ -89,7 +90,12 @@ class SafetensorsReader:
         for name in ordered:
             stored = self.tensors[name]
             target = dtype if stored.dtype.is_floating_point else stored.dtype
-            if device.type == "cpu" and target == stored.dtype and stored.offset % stored.dtype.itemsize == 0:
+            if (
+                not copy
+                and device.type == "cpu"
+                and target == stored.dtype
+                and stored.offset % stored.dtype.itemsize == 0
+            ):
                 tensor = _view(mapped, stored)
                 check_finite(tensor, name, self.path)
                 yield name, tensor
@@ -324,9 +330,10 @@ class TorchBinReader:
         self.tensors = {name: StoredTensor(t.dtype, tuple(t.shape)) for name, t in state.items()}
 
     def materialise(
-        self, names: Iterable[str], *, dtype: torch.dtype, device: torch.device
+        self, names: Iterable[str], *, dtype: torch.dtype, device: torch.device, copy: bool = False
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield each named tensor on `device`, floating-point ones cast to `dtype` (mapped, as above)."""
+        del copy  # legacy .bin: torch.load's tensors as they are
         assert self._state is not None, "reader used after close()"
         for name in names:
             src = self._state[name]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 
 from .errors import UsageError
-from .options import compile_notice
+from .options import add_quantize_option, compile_notice
 
 # The shapes and dtypes of stablelm.bench (SHAPES, DTYPES), named here so that --help needs no torch.
 SHAPE_NAMES = ("1.6b", "160m", "3b", "tiny")
@@ -66,6 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a float32 KV cache for a bfloat16/float16 model (CPU, optimized)",
     )
     parser.add_argument("--device", default="cpu", help="where to run: cpu (default), cuda, cuda:1, ...")
+    add_quantize_option(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
 
 

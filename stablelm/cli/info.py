@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .loading import model_source
-from .options import DTYPES, add_json_option, add_model_option
+from .options import DTYPES, add_json_option, add_model_option, add_quantize_option
 
 if TYPE_CHECKING:
     import torch
@@ -38,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="the dtype to size the weights in memory for (default: auto, the checkpoint's)",
     )
+    add_quantize_option(parser)
     add_json_option(parser, "print one JSON object with the same facts instead of the table")
 
 
@@ -55,7 +56,19 @@ def run(args: argparse.Namespace) -> int:
     weights = find_weights(folder)
     tensors = stored_tensors(weights)
     # The backbone against the config (any task's head fits): refuses a config the weights do not fit.
-    plan_checkpoint(StableLmModel, config, {k: t.shape for k, t in tensors.items()}, source=weights.source)
+    shapes = {k: t.shape for k, t in tensors.items()}
+    quant = _quantization(config, getattr(args, "quantize", None), folder)
+    if config.extra.get("quantization_config"):
+        from ..checkpoint.load import _quantized_key
+        from ..quantization.apply import replace_with_empty
+
+        dense = {k: v for k, v in shapes.items() if not _quantized_key(k, shapes)}
+        plan_checkpoint(
+            StableLmModel, config, shapes, source=weights.source, dense_found=dense,
+            prepare=lambda model: replace_with_empty(model, quant, torch.bfloat16),
+        )  # fmt: skip
+    else:
+        plan_checkpoint(StableLmModel, config, shapes, source=weights.source)
     stored = list(dict.fromkeys(t.dtype for t in tensors.values()))
     if args.dtype != "auto":
         dtype = resolve_dtype(args.dtype)
@@ -63,11 +76,24 @@ def run(args: argparse.Namespace) -> int:
         dtype = resolve_dtype(config.torch_dtype)
     else:
         dtype = next((d for d in stored if d.is_floating_point), torch.float32)
+    quantization = (
+        None if quant is None else {**quant.to_dict(), "bytes": quantized_size(config, quant, dtype)}
+    )
     if args.json:
-        print(json.dumps(facts(source, config, weights, stored, dtype, folder), ensure_ascii=False))
+        data = facts(source, config, weights, stored, dtype, folder)
+        data["quantization"] = quantization
+        print(json.dumps(data, ensure_ascii=False))
         return 0
     rows = [("model", source), *architecture(config)]
     rows += sizes(config, weights, stored, dtype)
+    if quantization is not None:
+        group = f", groups of {quant.group_size}" if quant.quant_type == "int4" else ""
+        rows.append(
+            (
+                "quantization",
+                f"{quant.quant_type} weight-only{group}: {human_bytes(quantization['bytes'])} in memory",
+            )
+        )
     rows.append(("tokenizer", tokenizer_summary(folder)))
     width = max(len(label) for label, _ in rows) + 2
     for label, value in rows:
@@ -230,3 +256,29 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"
+
+
+def _quantization(config: StableLmConfig, requested: str | None, folder: Path) -> Any:
+    """The checkpoint's own quantization (checked against --quantize), or the one --quantize asks for."""
+    from ..checkpoint.load import _quantization as resolve
+
+    return resolve(config, requested, folder)[0]
+
+
+def quantized_size(config: StableLmConfig, quant: Any, dtype: torch.dtype) -> int:
+    """Bytes of the model's tensors with its linear layers quantized as `quant` (built on the meta device)."""
+    import copy
+
+    from ..checkpoint.load import _EmptyParameters
+    from ..heads import StableLmForCausalLM
+    from ..quantization.apply import quantized_bytes, replace_with_empty
+
+    config = copy.deepcopy(config)
+    with _EmptyParameters():
+        model = StableLmForCausalLM(config)
+    model.to(dtype=dtype)
+    if config.tie_word_embeddings:
+        quant = copy.deepcopy(quant)
+        quant.modules_to_not_convert = [*quant.modules_to_not_convert, "lm_head"]
+    replace_with_empty(model, quant, dtype)
+    return quantized_bytes(model)

@@ -55,6 +55,9 @@ class Loaded:
     def describe(self) -> str:
         """One line for --verbose: what was loaded, how, and how fast."""
         dtype = str(self.model.dtype).removeprefix("torch.")
+        quant = self.model.config.extra.get("quantization_config")
+        if quant:
+            dtype += f", weights {quant['quant_type']}"
         return f"load: {self.source} in {self.seconds:.2f} s ({dtype} on {self.model.device})"
 
 
@@ -67,6 +70,8 @@ def load(args: argparse.Namespace) -> Loaded:
     source = model_source(args.model)
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(source)
-    model = StableLmForCausalLM.from_pretrained(source, dtype=args.dtype, device=args.device)
+    model = StableLmForCausalLM.from_pretrained(
+        source, dtype=args.dtype, device=args.device, quantization_config=getattr(args, "quantize", None)
+    )
     optimize_for_inference(model)  # frozen parameters: plain calls take the fast path too
     return Loaded(source, model, tokenizer, time.perf_counter() - start)

@@ -48,6 +48,20 @@ def add_load_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", choices=DEVICES, default="auto", help="where to run (default: auto, CUDA when available)"
     )
+    add_quantize_option(parser)
+
+
+QUANTIZE_CHOICES = ("int8", "int4")
+
+
+def add_quantize_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--quantize",
+        choices=QUANTIZE_CHOICES,
+        default=None,
+        help="quantize the linear layers' weights while loading (weight-only: int8 per channel, int4 in "
+        "groups of 128); a checkpoint saved quantized needs no flag",
+    )
 
 
 def add_sampling_options(parser: argparse.ArgumentParser, *, default_new_tokens: int) -> None:

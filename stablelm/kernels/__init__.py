@@ -217,7 +217,7 @@ def clear_caches() -> None:
     `STABLELM_ISA`, `CC` or `STABLELM_CACHE` in a running process)."""
     from .linear import _PLANS
 
-    for cached in (_selected, _library, _kernels):
+    for cached in (_selected, _library, _kernels, _quant_library):
         cached.cache_clear()
     _PLANS.clear()
 
@@ -343,3 +343,36 @@ def call(fn, kind: str, x: torch.Tensor, weights, biases, block: int) -> torch.T
     if status:
         raise ValueError(f"bad arguments to stablelm's {kind} kernel: {m}x{k}, block {block}")
     return y
+
+
+# ---- weight-only quantized kernels (quant.c: int8 and int4, see stablelm.quantization) ----------------
+QUANT_SOURCE = Path(__file__).with_name("quant.c")
+
+
+@cache
+def _quant_library(isa: str | None) -> ctypes.CDLL | None:
+    if isa is None:
+        return None
+    try:
+        lib = ctypes.CDLL(str(build(QUANT_SOURCE, isa=isa)))
+    except (RuntimeError, OSError, subprocess.SubprocessError):
+        return None
+    p, i = ctypes.c_void_p, ctypes.c_int
+    lib.stablelm_q8_linear.argtypes = [p, i, i, i, i, p, i, p, p, p, i]
+    lib.stablelm_q4_linear.argtypes = [p, i, i, i, i, p, i, p, p, p, i, p, i, i]
+    lib.stablelm_q8_dequant.argtypes = [p, p, i, i, i, p, i, i]
+    lib.stablelm_q4_dequant.argtypes = [p, p, p, i, i, i, i, p, i, i]
+    for fn in (
+        lib.stablelm_q8_linear,
+        lib.stablelm_q4_linear,
+        lib.stablelm_q8_dequant,
+        lib.stablelm_q4_dequant,
+    ):
+        fn.restype = ctypes.c_int
+    return lib
+
+
+def quant_library() -> ctypes.CDLL | None:
+    """The quantized kernels' library (`quant.c`) for `selected_isa()`, or None where it cannot be used
+    (as `library()`); `clear_caches()` forgets it too."""
+    return _quant_library(selected_isa())

@@ -1,0 +1,463 @@
+/* Weight-only quantized linear layers: y[M, N] = x[M, K] @ dequant(W)[N, K]^T (+ b), activations in
+ * float32 or bfloat16, the sums in float32, one rounding to the activations' dtype at the end.
+ *
+ * Formats (see stablelm/quantization/formats.py, which quantizes and documents them):
+ * - int8: W int8 [N, K] row-major, symmetric, one float32 scale per output: w[n, k] = q[n, k] * s[n].
+ * - int4: W uint8 [N, K / 2], groups of `group` k (a multiple of 64) with a bfloat16 scale and minimum
+ *   each ([N, K / group]): w = q * s + min, q in 0..15. Within each run of 64 k, byte j (0..31) holds
+ *   q[k0 + j] in its low nibble and q[k0 + 32 + j] in its high nibble, so that the low nibbles of 32
+ *   bytes are 32 consecutive k (one vector of x, no shuffling of x or of the nibbles).
+ *
+ * Kernels (one source, compiled per instruction set like linear.c: VW = 16 floats with AVX-512, 8 with
+ * AVX2):
+ * - q8: per output, VW-wide float32 partial sums of q * x (int8 widened to int32, converted), times
+ *   s[n] at the end. 4 outputs and up to MR rows at once, each weight vector converted once.
+ * - q4 (float32): the same over nibbles; each group's partial sums are scaled as the group ends, the
+ *   minimum's share (min_g * sum of the group's x) added per output at the end.
+ * - q4 (AVX512-BF16, bfloat16 x): the nibbles become the bfloat16 numbers 128 + q by OR-ing in 0x4300
+ *   (bfloat16 represents every integer up to 256 exactly), and vdpbf16ps sums pairs of them against x;
+ *   the group's sum minus 128 * (its x summed) is q . x. Two instructions per 64 nibbles to decode.
+ * - dequant: rows [n0, n1) of W to bfloat16 or float32 (prefill: tiles of the weight dequantized into
+ *   the cache, then torch's matrix product; the `dequantize` API).
+ *
+ * Every kernel returns 0, 1 when a work buffer cannot be allocated, 2 on bad arguments (nothing
+ * written). Work is split over blocks of outputs on `threads` OpenMP threads (torch's pool).
+ */
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX512F__)
+#define VW 16
+#define MRMAX 4
+typedef __m512 vf;
+#define vzero() _mm512_setzero_ps()
+#define vload(p) _mm512_loadu_ps(p)
+#define vfma(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define vmul(a, b) _mm512_mul_ps(a, b)
+#define vadd(a, b) _mm512_add_ps(a, b)
+#define vset1(v) _mm512_set1_ps(v)
+#define vstore(p, v) _mm512_storeu_ps(p, v)
+/* VW int8 at p as floats */
+static inline vf vload_i8(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+}
+/* VW bytes at p: their low and high nibbles as floats */
+static inline void vload_u4(const uint8_t* p, vf* lo, vf* hi) {
+  __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
+  *lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
+  *hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+}
+static inline float vsum(vf v) { return _mm512_reduce_add_ps(v); }
+#else
+#define VW 8
+#define MRMAX 2
+typedef __m256 vf;
+#define vzero() _mm256_setzero_ps()
+#define vload(p) _mm256_loadu_ps(p)
+#define vfma(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define vmul(a, b) _mm256_mul_ps(a, b)
+#define vadd(a, b) _mm256_add_ps(a, b)
+#define vset1(v) _mm256_set1_ps(v)
+#define vstore(p, v) _mm256_storeu_ps(p, v)
+static inline vf vload_i8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+}
+static inline void vload_u4(const uint8_t* p, vf* lo, vf* hi) {
+  __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));
+  *lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15)));
+  *hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+}
+static inline float vsum(vf v) {
+  __m128 q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  q = _mm_add_ss(q, _mm_movehdup_ps(q));
+  return _mm_cvtss_f32(q);
+}
+#endif
+
+#define NB 4 /* outputs per inner block */
+#define XF32 0
+#define XBF16 1
+
+static inline float from_bf16(uint16_t h) {
+  uint32_t u = (uint32_t)h << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+static inline uint16_t round_bf16(float f) { /* to nearest even, NaN as torch makes it */
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+static inline float load_one(const void* p, int type, int64_t i) {
+  return type == XBF16 ? from_bf16(((const uint16_t*)p)[i]) : ((const float*)p)[i];
+}
+static inline void store_one(void* p, int type, int64_t i, float v) {
+  if (type == XBF16)
+    ((uint16_t*)p)[i] = round_bf16(v);
+  else
+    ((float*)p)[i] = v;
+}
+
+/* x (M rows of K, stride ldx, in `type`) as float32, rows of K */
+static float* x_to_f32(const void* x, int type, int M, int K, int ldx) {
+  float* xf = (float*)aligned_alloc(64, ((size_t)M * K * 4 + 63) / 64 * 64);
+  if (!xf) return NULL;
+  for (int m = 0; m < M; m++)
+    for (int k = 0; k < K; k++) xf[(size_t)m * K + k] = load_one(x, type, (int64_t)m * ldx + k);
+  return xf;
+}
+
+/* ---- int8 ------------------------------------------------------------------------------------------ */
+static inline __attribute__((always_inline)) void q8_block(const float* xf, int K, int mr, const int8_t* w,
+                                                           const float* s, int nn, float out[NB][MRMAX]) {
+  vf acc[NB][MRMAX];
+  for (int j = 0; j < NB; j++)
+    for (int m = 0; m < MRMAX; m++) acc[j][m] = vzero();
+  const int8_t* r[NB];
+  for (int j = 0; j < NB; j++) r[j] = w + (size_t)(j < nn ? j : 0) * K;
+  int k = 0;
+  for (; k + VW <= K; k += VW) {
+    vf xv[MRMAX];
+    for (int m = 0; m < MRMAX; m++)
+      if (m < mr) xv[m] = vload(xf + (size_t)m * K + k);
+    if ((k & 63) == 0)
+      for (int j = 0; j < NB; j++) _mm_prefetch((const char*)(r[j] + (size_t)NB * K + k), _MM_HINT_T0);
+    for (int j = 0; j < NB; j++) {
+      vf wv = vload_i8(r[j] + k);
+      for (int m = 0; m < MRMAX; m++)
+        if (m < mr) acc[j][m] = vfma(wv, xv[m], acc[j][m]);
+    }
+  }
+  for (int j = 0; j < NB; j++)
+    for (int m = 0; m < mr; m++) {
+      float t = vsum(acc[j][m]);
+      for (int kk = k; kk < K; kk++) t += (float)r[j][kk] * xf[(size_t)m * K + kk];
+      out[j][m] = j < nn ? t * s[j] : 0.0f;
+    }
+}
+
+int stablelm_q8_linear(const void* x, int type, int M, int K, int ldx, void* y, int N, const int8_t* w,
+                       const float* s, const void* b, int threads) {
+  if (M <= 0 || K <= 0 || N <= 0 || (type != XF32 && type != XBF16) || ldx < K) return 2;
+  float* xf = x_to_f32(x, type, M, K, ldx);
+  if (!xf) return 1;
+  int blocks = (N + NB - 1) / NB;
+#pragma omp parallel for num_threads(blocks < threads ? blocks : threads) schedule(static)
+  for (int blk = 0; blk < blocks; blk++) {
+    int n0 = blk * NB, nn = N - n0 < NB ? N - n0 : NB;
+    float out[NB][MRMAX];
+    for (int m0 = 0; m0 < M; m0 += MRMAX) {
+      int mr = M - m0 < MRMAX ? M - m0 : MRMAX;
+      const float* xm = xf + (size_t)m0 * K;
+      switch (mr) { /* constant row counts: the accumulators stay in registers */
+        case 1: q8_block(xm, K, 1, w + (size_t)n0 * K, s + n0, nn, out); break;
+#if MRMAX >= 2
+        case 2: q8_block(xm, K, 2, w + (size_t)n0 * K, s + n0, nn, out); break;
+#endif
+#if MRMAX >= 4
+        case 3: q8_block(xm, K, 3, w + (size_t)n0 * K, s + n0, nn, out); break;
+        case 4: q8_block(xm, K, 4, w + (size_t)n0 * K, s + n0, nn, out); break;
+#endif
+      }
+      for (int j = 0; j < nn; j++)
+        for (int m = 0; m < mr; m++) {
+          float v = out[j][m] + (b ? load_one(b, type, n0 + j) : 0.0f);
+          store_one(y, type, (int64_t)(m0 + m) * N + n0 + j, v);
+        }
+    }
+  }
+  free(xf);
+  return 0;
+}
+
+/* ---- int4 ------------------------------------------------------------------------------------------ */
+/* sums of x over each group: xs[m * G + g] */
+static void group_sums(const float* xf, int M, int K, int group, float* xs) {
+  int G = K / group;
+  for (int m = 0; m < M; m++)
+    for (int g = 0; g < G; g++) {
+      float t = 0.0f;
+      for (int k = g * group; k < (g + 1) * group; k++) t += xf[(size_t)m * K + k];
+      xs[m * G + g] = t;
+    }
+}
+
+static inline __attribute__((always_inline)) void q4_block(const float* xf, const float* xs, int K, int group,
+                                                           int mr, const uint8_t* w, const uint16_t* sc,
+                                                           const uint16_t* mn, int nn, float out[NB][MRMAX]) {
+  int G = K / group, half = K / 2;
+  float acc[NB][MRMAX][VW] __attribute__((aligned(64)));
+  for (int j = 0; j < NB; j++)
+    for (int m = 0; m < MRMAX; m++) vstore(acc[j][m], vzero());
+  for (int g = 0; g < G; g++) {
+    vf ga[NB][MRMAX];
+    for (int j = 0; j < NB; j++)
+      for (int m = 0; m < MRMAX; m++) ga[j][m] = vzero();
+    for (int k0 = g * group; k0 < (g + 1) * group; k0 += 64) {
+      for (int c = 0; c < 32; c += VW) {
+        vf xlo[MRMAX], xhi[MRMAX];
+        for (int m = 0; m < MRMAX; m++)
+          if (m < mr) {
+            xlo[m] = vload(xf + (size_t)m * K + k0 + c);
+            xhi[m] = vload(xf + (size_t)m * K + k0 + 32 + c);
+          }
+        if (c == 0 && (k0 & 127) == 0)
+          for (int j = 0; j < NB; j++)
+            _mm_prefetch((const char*)(w + (size_t)(NB + j) * half + k0 / 2), _MM_HINT_T0);
+        for (int j = 0; j < NB; j++) {
+          int row = j < nn ? j : 0;
+          vf lo, hi;
+          vload_u4(w + (size_t)row * half + k0 / 2 + c, &lo, &hi);
+          for (int m = 0; m < MRMAX; m++)
+            if (m < mr) ga[j][m] = vfma(hi, xhi[m], vfma(lo, xlo[m], ga[j][m]));
+        }
+      }
+    }
+    for (int j = 0; j < NB; j++) {
+      vf sv = vset1(from_bf16(sc[(size_t)(j < nn ? j : 0) * G + g]));
+      for (int m = 0; m < MRMAX; m++)
+        if (m < mr) vstore(acc[j][m], vfma(ga[j][m], sv, vload(acc[j][m])));
+    }
+  }
+  for (int j = 0; j < NB; j++)
+    for (int m = 0; m < mr; m++) {
+      float t = vsum(vload(acc[j][m]));
+      if (j < nn)
+        for (int g = 0; g < G; g++) t += from_bf16(mn[(size_t)j * G + g]) * xs[m * G + g];
+      out[j][m] = j < nn ? t : 0.0f;
+    }
+}
+
+#if defined(__AVX512BF16__)
+static inline __m512 bf16x16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+/* x as bfloat16 pairs; the group's sums of x are those of the bfloat16 values, so 128 * sum cancels
+   the offset exactly as the products were summed (up to float32 rounding). One row: the low and high
+   nibbles in separate chains (8 chains hide vdpbf16ps's latency); more rows: the scaled group sums
+   are added to accumulators in memory (registers hold the groups' sums). */
+static inline __attribute__((always_inline)) void q4_block_bf16(const uint16_t* xb, const float* xs, int K,
+                                                                int group, int mr, const uint8_t* w,
+                                                                const uint16_t* sc, const uint16_t* mn, int nn,
+                                                                float out[NB][MRMAX]) {
+  int G = K / group, half = K / 2;
+  const __m512i low = _mm512_set1_epi16(15), bias = _mm512_set1_epi16(0x4300);
+  const uint8_t* r[NB];
+  for (int j = 0; j < NB; j++) r[j] = w + (size_t)(j < nn ? j : 0) * half;
+  float accm[NB][MRMAX][16] __attribute__((aligned(64)));
+  __m512 acc1[NB];
+  for (int j = 0; j < NB; j++) {
+    acc1[j] = _mm512_setzero_ps();
+    for (int m = 0; m < MRMAX; m++) _mm512_store_ps(accm[j][m], _mm512_setzero_ps());
+  }
+  for (int g = 0; g < G; g++) {
+    __m512 ga[NB][MRMAX], gb[NB];
+    for (int j = 0; j < NB; j++) {
+      gb[j] = _mm512_setzero_ps();
+      for (int m = 0; m < MRMAX; m++) ga[j][m] = _mm512_setzero_ps();
+    }
+    for (int k0 = g * group; k0 < (g + 1) * group; k0 += 64) {
+      __m512bh xlo[MRMAX], xhi[MRMAX];
+      for (int m = 0; m < MRMAX; m++)
+        if (m < mr) {
+          xlo[m] = (__m512bh)_mm512_loadu_si512(xb + (size_t)m * K + k0);
+          xhi[m] = (__m512bh)_mm512_loadu_si512(xb + (size_t)m * K + k0 + 32);
+        }
+      if ((k0 & 127) == 0)
+        for (int j = 0; j < NB; j++) _mm_prefetch((const char*)(r[j] + (size_t)NB * half + k0 / 2), _MM_HINT_T0);
+      for (int j = 0; j < NB; j++) {
+        __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(r[j] + k0 / 2)));
+        __m512bh lo = (__m512bh)_mm512_ternarylogic_epi32(bytes, low, bias, 0xEA); /* (a & b) | c */
+        __m512bh hi = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(bytes, 4), bias);
+        if (mr == 1) {
+          ga[j][0] = _mm512_dpbf16_ps(ga[j][0], lo, xlo[0]);
+          gb[j] = _mm512_dpbf16_ps(gb[j], hi, xhi[0]);
+        } else
+          for (int m = 0; m < MRMAX; m++)
+            if (m < mr) ga[j][m] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(ga[j][m], lo, xlo[m]), hi, xhi[m]);
+      }
+    }
+    for (int j = 0; j < NB; j++) {
+      __m512 sv = _mm512_set1_ps(from_bf16(sc[(size_t)(j < nn ? j : 0) * G + g]));
+      if (mr == 1)
+        acc1[j] = _mm512_fmadd_ps(_mm512_add_ps(ga[j][0], gb[j]), sv, acc1[j]);
+      else
+        for (int m = 0; m < MRMAX; m++)
+          if (m < mr) _mm512_store_ps(accm[j][m], _mm512_fmadd_ps(ga[j][m], sv, _mm512_load_ps(accm[j][m])));
+    }
+  }
+  for (int j = 0; j < NB; j++)
+    for (int m = 0; m < mr; m++) {
+      float t = _mm512_reduce_add_ps(mr == 1 ? acc1[j] : _mm512_load_ps(accm[j][m]));
+      if (j < nn) { /* sum over groups of (min - 128 s) * (x summed), 16 groups at a time */
+        __m512 c = _mm512_setzero_ps();
+        for (int g = 0; g < G; g += 16) {
+          __mmask16 live = G - g >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (G - g)) - 1u);
+          __m512 sv = bf16x16(_mm256_maskz_loadu_epi16(live, sc + (size_t)j * G + g));
+          __m512 mv = bf16x16(_mm256_maskz_loadu_epi16(live, mn + (size_t)j * G + g));
+          __m512 xv = _mm512_maskz_loadu_ps(live, xs + m * G + g);
+          c = _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_set1_ps(128.0f), sv, mv), xv, c);
+        }
+        t += _mm512_reduce_add_ps(c);
+      }
+      out[j][m] = j < nn ? t : 0.0f;
+    }
+}
+#endif
+
+/* mode 0: float32 sums; mode 1: AVX512-BF16 (bfloat16 x only) */
+int stablelm_q4_linear(const void* x, int type, int M, int K, int ldx, void* y, int N, const uint8_t* w,
+                       const uint16_t* sc, const uint16_t* mn, int group, const void* b, int mode, int threads) {
+  if (M <= 0 || K <= 0 || N <= 0 || (type != XF32 && type != XBF16) || ldx < K) return 2;
+  if (group <= 0 || group % 64 || K % group) return 2;
+#if !defined(__AVX512BF16__)
+  if (mode == 1) return 2;
+#endif
+  if (mode == 1 && type != XBF16) return 2;
+  int G = K / group;
+  float* xf = x_to_f32(x, type, M, K, ldx);
+  float* xs = (float*)malloc((size_t)M * G * sizeof(float));
+  uint16_t* xb = NULL;
+  if (mode == 1) xb = (uint16_t*)malloc((size_t)M * K * 2);
+  if (!xf || !xs || (mode == 1 && !xb)) {
+    free(xf), free(xs), free(xb);
+    return 1;
+  }
+  group_sums(xf, M, K, group, xs);
+  if (xb)
+    for (int m = 0; m < M; m++) memcpy(xb + (size_t)m * K, (const uint16_t*)x + (size_t)m * ldx, (size_t)K * 2);
+  int blocks = (N + NB - 1) / NB, half = K / 2;
+#pragma omp parallel for num_threads(blocks < threads ? blocks : threads) schedule(static)
+  for (int blk = 0; blk < blocks; blk++) {
+    int n0 = blk * NB, nn = N - n0 < NB ? N - n0 : NB;
+    const uint8_t* wb = w + (size_t)n0 * half;
+    const uint16_t *sb = sc + (size_t)n0 * G, *mb = mn + (size_t)n0 * G;
+    float out[NB][MRMAX];
+    for (int m0 = 0; m0 < M; m0 += MRMAX) {
+      int mr = M - m0 < MRMAX ? M - m0 : MRMAX;
+      const float* xm = xf + (size_t)m0 * K;
+      const float* xsm = xs + (size_t)m0 * G;
+#if defined(__AVX512BF16__)
+      if (mode == 1) {
+        const uint16_t* xbm = xb + (size_t)m0 * K;
+        switch (mr) {
+          case 1: q4_block_bf16(xbm, xsm, K, group, 1, wb, sb, mb, nn, out); break;
+          case 2: q4_block_bf16(xbm, xsm, K, group, 2, wb, sb, mb, nn, out); break;
+          case 3: q4_block_bf16(xbm, xsm, K, group, 3, wb, sb, mb, nn, out); break;
+          case 4: q4_block_bf16(xbm, xsm, K, group, 4, wb, sb, mb, nn, out); break;
+        }
+      } else
+#endif
+      {
+        switch (mr) {
+          case 1: q4_block(xm, xsm, K, group, 1, wb, sb, mb, nn, out); break;
+#if MRMAX >= 2
+          case 2: q4_block(xm, xsm, K, group, 2, wb, sb, mb, nn, out); break;
+#endif
+#if MRMAX >= 4
+          case 3: q4_block(xm, xsm, K, group, 3, wb, sb, mb, nn, out); break;
+          case 4: q4_block(xm, xsm, K, group, 4, wb, sb, mb, nn, out); break;
+#endif
+        }
+      }
+      for (int j = 0; j < nn; j++)
+        for (int m = 0; m < mr; m++) {
+          float v = out[j][m] + (b ? load_one(b, type, n0 + j) : 0.0f);
+          store_one(y, type, (int64_t)(m0 + m) * N + n0 + j, v);
+        }
+    }
+  }
+  free(xf), free(xs), free(xb);
+  return 0;
+}
+
+/* ---- dequantization: rows [n0, n1) into out ([n1 - n0, K], `type`), w = q * s (+ min), in float32,
+   then one rounding (to nearest even) -------------------------------------------------------------- */
+static inline void vstore_out(void* out, int type, int64_t i, vf v) {
+  if (type == XF32) {
+    vstore((float*)out + i, v);
+    return;
+  }
+#if VW == 16
+  __m512i u = _mm512_castps_si512(v);
+  u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+  _mm256_storeu_si256((__m256i*)((uint16_t*)out + i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+#else
+  __m256i u = _mm256_castps_si256(v);
+  u = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
+  u = _mm256_srli_epi32(u, 16);
+  __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
+  _mm_storeu_si128((__m128i*)((uint16_t*)out + i), h);
+#endif
+}
+
+int stablelm_q8_dequant(const int8_t* w, const float* s, int K, int n0, int n1, void* out, int type, int threads) {
+  if (K <= 0 || n0 < 0 || n1 < n0 || (type != XF32 && type != XBF16)) return 2;
+  int rows = n1 - n0;
+#pragma omp parallel for num_threads(rows < threads ? (rows > 0 ? rows : 1) : threads) schedule(static)
+  for (int r = 0; r < rows; r++) {
+    const int8_t* q = w + (size_t)(n0 + r) * K;
+    float sr = s[n0 + r];
+    int k = 0;
+#if defined(__AVX512BF16__)
+    if (type == XBF16)
+      for (; k + VW <= K; k += VW)
+        _mm256_storeu_si256((__m256i*)((uint16_t*)out + (int64_t)r * K + k), (__m256i)_mm512_cvtneps_pbh(vmul(vload_i8(q + k), vset1(sr))));
+#endif
+    for (; k + VW <= K; k += VW) vstore_out(out, type, (int64_t)r * K + k, vmul(vload_i8(q + k), vset1(sr)));
+    for (; k < K; k++) store_one(out, type, (int64_t)r * K + k, (float)q[k] * sr);
+  }
+  return 0;
+}
+
+int stablelm_q4_dequant(const uint8_t* w, const uint16_t* sc, const uint16_t* mn, int group, int K, int n0, int n1,
+                        void* out, int type, int threads) {
+  if (K <= 0 || n0 < 0 || n1 < n0 || group <= 0 || group % 64 || K % group || (type != XF32 && type != XBF16))
+    return 2;
+  int rows = n1 - n0, G = K / group;
+#pragma omp parallel for num_threads(rows < threads ? (rows > 0 ? rows : 1) : threads) schedule(static)
+  for (int r = 0; r < rows; r++) {
+    const uint8_t* q = w + (size_t)(n0 + r) * (K / 2);
+    const uint16_t *sr = sc + (size_t)(n0 + r) * G, *mr = mn + (size_t)(n0 + r) * G;
+#if defined(__AVX512BF16__)
+    if (type == XBF16) { /* per group, the 16 values as bfloat16 (rounded once), looked up with vpermw */
+      const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+      const __m512i low = _mm512_set1_epi16(15);
+      uint16_t* o = (uint16_t*)out + (int64_t)r * K;
+      for (int g = 0; g < G; g++) {
+        __m512 v = _mm512_add_ps(_mm512_mul_ps(iota, _mm512_set1_ps(from_bf16(sr[g]))), _mm512_set1_ps(from_bf16(mr[g])));
+        __m512i table = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(v));
+        for (int k0 = g * group; k0 < (g + 1) * group; k0 += 64) {
+          __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(q + k0 / 2)));
+          _mm512_storeu_si512(o + k0, _mm512_permutexvar_epi16(_mm512_and_si512(bytes, low), table));
+          _mm512_storeu_si512(o + k0 + 32, _mm512_permutexvar_epi16(_mm512_srli_epi16(bytes, 4), table));
+        }
+      }
+      continue;
+    }
+#endif
+    for (int k0 = 0; k0 < K; k0 += 64) {
+      vf sv = vset1(from_bf16(sr[k0 / group])), mv = vset1(from_bf16(mr[k0 / group]));
+      for (int c = 0; c < 32; c += VW) {
+        vf lo, hi;
+        vload_u4(q + k0 / 2 + c, &lo, &hi);
+        vstore_out(out, type, (int64_t)r * K + k0 + c, vadd(vmul(lo, sv), mv));
+        vstore_out(out, type, (int64_t)r * K + k0 + 32 + c, vadd(vmul(hi, sv), mv));
+      }
+    }
+  }
+  return 0;
+}
+
+/* whether the AVX512-BF16 int4 kernel (mode 1) was compiled in */
+int stablelm_q4_has_bf16(void) {
+#if defined(__AVX512BF16__)
+  return 1;
+#else
+  return 0;
+#endif
+}

@@ -1,0 +1,218 @@
+"""`QuantizedLinear`: a linear layer whose weight is stored int8 or int4 (see `formats`).
+
+Its state dict holds the quantized tensors (`weight`, `weight_scale`, `weight_min` for int4, `bias` in
+the model's dtype): what `save_pretrained` writes and a quantized checkpoint loads back. A call on the
+CPU with float32 or bfloat16 activations runs on stablelm's native kernels (`stablelm/kernels/quant.c`):
+up to `KERNEL_MAX_ROWS` rows (decoding) on the quantized weight itself, more rows (prefill) by
+dequantizing tiles of the weight into the cache and multiplying each with torch's kernel. Elsewhere
+(other devices or dtypes, no kernels: `STABLELM_ISA=none`, autograd on) the weight is dequantized with
+torch and `F.linear` runs; gradients flow to the input, never to the frozen quantized weight.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels import cpu_flags, quant_library, selected_isa
+from . import formats
+
+KERNEL_MAX_ROWS = 8  # beyond this, dequantized tiles and torch's matrix product are faster
+TILE_BYTES = 1 << 20  # prefill: weight rows dequantized per torch call (bfloat16 bytes)
+_TYPES = {torch.float32: 0, torch.bfloat16: 1}
+# mode of the int4 kernel: 1 = AVX512-BF16 sums (bfloat16 activations), 0 = float32 sums. None: pick.
+FORCE_INT4_MODE: int | None = None
+
+
+class QuantizedLinear(nn.Module):
+    """y = x @ dequant(weight)^T + bias, with the weight stored in `quant_type` ("int8" or "int4")."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        quant_type: str,
+        group_size: int = 128,
+        bias: bool = False,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.quant_type, self.group_size = quant_type, group_size
+        self.use_kernels = True
+        if quant_type == "int8":
+            self.register_buffer(
+                "weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device)
+            )
+            self.register_buffer(
+                "weight_scale", torch.empty(out_features, dtype=torch.float32, device=device)
+            )
+            self.weight_min = None
+        else:
+            g = in_features // group_size
+            self.register_buffer(
+                "weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device)
+            )
+            self.register_buffer(
+                "weight_scale", torch.empty(out_features, g, dtype=torch.bfloat16, device=device)
+            )
+            self.register_buffer(
+                "weight_min", torch.empty(out_features, g, dtype=torch.bfloat16, device=device)
+            )
+        self.bias = (
+            nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
+            if bias
+            else None
+        )
+
+    @classmethod
+    def from_dense(
+        cls, weight: torch.Tensor, bias: torch.Tensor | None, *, quant_type: str, group_size: int = 128
+    ) -> QuantizedLinear:
+        """Quantize a dense [N, K] weight (and keep its bias in its dtype)."""
+        n, k = weight.shape
+        layer = cls(
+            k,
+            n,
+            quant_type=quant_type,
+            group_size=group_size,
+            bias=bias is not None,
+            dtype=weight.dtype,
+            device="meta",
+        )
+        layer.set_quantized(
+            *(
+                formats.quantize_int8(weight)
+                if quant_type == "int8"
+                else formats.quantize_int4(weight, group_size)
+            )
+        )
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach().to("cpu"), requires_grad=False)
+        return layer.to(weight.device) if weight.device.type != "cpu" else layer
+
+    def set_quantized(
+        self, q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None = None
+    ) -> None:
+        self.weight, self.weight_scale = q, scale
+        if minimum is not None:
+            self.weight_min = minimum
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.quant_type == "int4" else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, quant_type={self.quant_type}{group}"
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense weight this layer computes with, [N, K] in `dtype` (computed in float32)."""
+        if self.quant_type == "int8":
+            w = formats.dequantize_int8(self.weight, self.weight_scale)
+        else:
+            w = formats.dequantize_int4(self.weight, self.weight_scale, self.weight_min)
+        return w.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = None
+        if self.use_kernels and not torch.is_grad_enabled() and x.is_cpu and self.weight.is_cpu:
+            y = self._native(x)
+        if y is None:
+            y = F.linear(x, self.dequantized(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return y
+
+    # ---- native kernels ------------------------------------------------------------------------------
+    def _native(self, x: torch.Tensor) -> torch.Tensor | None:
+        kind = _TYPES.get(x.dtype)
+        if (
+            kind is None
+            or x.shape[-1] != self.in_features
+            or (self.bias is not None and self.bias.dtype != x.dtype)
+        ):
+            return None
+        lib = quant_library()
+        if lib is None:
+            return None
+        rows = x.reshape(-1, self.in_features)
+        if rows.stride(-1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < self.in_features):
+            rows = rows.contiguous()
+        m = rows.shape[0]
+        if m == 0:
+            return x.new_empty(*x.shape[:-1], self.out_features)
+        if m > KERNEL_MAX_ROWS:
+            y = self._tiled(rows)
+        else:
+            y = torch.empty(m, self.out_features, dtype=x.dtype)
+            ldx = rows.stride(0) if m > 1 else self.in_features
+            b = None if self.bias is None else self.bias.data_ptr()
+            threads = torch.get_num_threads()
+            if self.quant_type == "int8":
+                status = lib.stablelm_q8_linear(
+                    rows.data_ptr(), kind, m, self.in_features, ldx, y.data_ptr(), self.out_features,
+                    self.weight.data_ptr(), self.weight_scale.data_ptr(), b, threads,
+                )  # fmt: skip
+            else:
+                mode = int4_mode(x.dtype)
+                status = lib.stablelm_q4_linear(
+                    rows.data_ptr(), kind, m, self.in_features, ldx, y.data_ptr(), self.out_features,
+                    self.weight.data_ptr(), self.weight_scale.data_ptr(), self.weight_min.data_ptr(),
+                    self.group_size, b, mode, threads,
+                )  # fmt: skip
+            _check(status, self.quant_type, m, self.in_features)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def _tiled(self, rows: torch.Tensor) -> torch.Tensor:
+        """Many rows: tiles of the weight dequantized (into the cache) and multiplied with torch's kernel."""
+        lib = quant_library()
+        k, n = self.in_features, self.out_features
+        tile = max(16, TILE_BYTES // (2 * k) // 16 * 16)
+        kind = _TYPES[rows.dtype]
+        y = torch.empty(rows.shape[0], n, dtype=rows.dtype)
+        buffer = torch.empty(min(tile, n), k, dtype=rows.dtype)
+        threads = torch.get_num_threads()
+        for n0 in range(0, n, tile):
+            n1 = min(n, n0 + tile)
+            w = buffer[: n1 - n0]
+            if self.quant_type == "int8":
+                status = lib.stablelm_q8_dequant(
+                    self.weight.data_ptr(),
+                    self.weight_scale.data_ptr(),
+                    k,
+                    n0,
+                    n1,
+                    w.data_ptr(),
+                    kind,
+                    threads,
+                )
+            else:
+                status = lib.stablelm_q4_dequant(
+                    self.weight.data_ptr(), self.weight_scale.data_ptr(), self.weight_min.data_ptr(),
+                    self.group_size, k, n0, n1, w.data_ptr(), kind, threads,
+                )  # fmt: skip
+            _check(status, self.quant_type, n1 - n0, k)
+            torch.mm(rows, w.t(), out=y[:, n0:n1]) if n1 - n0 == n else y[:, n0:n1].copy_(
+                torch.mm(rows, w.t())
+            )
+        if self.bias is not None:
+            y += self.bias
+        return y
+
+
+def int4_mode(dtype: torch.dtype) -> int:
+    """1 (AVX512-BF16 sums) for bfloat16 activations on CPUs with AVX512-BF16 at the avx512 level, else 0."""
+    if FORCE_INT4_MODE is not None:
+        return FORCE_INT4_MODE
+    lib = quant_library()
+    bf16 = lib is not None and lib.stablelm_q4_has_bf16()
+    return int(
+        bf16 and dtype == torch.bfloat16 and selected_isa() == "avx512" and "avx512_bf16" in cpu_flags()
+    )
+
+
+def _check(status: int, quant_type: str, m: int, k: int) -> None:
+    if status == 1:
+        raise MemoryError(
+            f"stablelm's {quant_type} kernel could not allocate its work buffers ({m} rows of {k})"
+        )
+    if status:
+        raise ValueError(f"bad arguments to stablelm's {quant_type} kernel: {m}x{k}")

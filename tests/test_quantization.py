@@ -1,0 +1,273 @@
+"""Weight-only int8/int4: formats, kernels against a dequantized reference, loading/saving, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config
+from safetensors.torch import load_file, save_file
+
+import stablelm
+from stablelm.checkpoint import CheckpointError
+from stablelm.heads import StableLmForCausalLM
+from stablelm.quantization import QuantizationConfig, QuantizedLinear, formats
+from stablelm.quantization import linear as qlinear
+
+ROOT = Path(__file__).resolve().parents[1]
+# in_features multiples of 64 so int4 (group 64) quantizes every linear layer
+CONFIG = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=64,
+)
+
+
+def _model(seed: int = 0, **overrides) -> StableLmForCausalLM:
+    torch.manual_seed(seed)
+    model = StableLmForCausalLM(tiny_config(**{**CONFIG, **overrides})).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    return model
+
+
+def _saved(tmp_path: Path, **overrides) -> Path:
+    folder = tmp_path / "dense"
+    _model(**overrides).save_pretrained(folder)
+    return folder
+
+
+QTYPES = [("int8", 128), ("int4", 64), ("int4", 128)]
+
+
+@pytest.mark.parametrize(("qtype", "group"), QTYPES)
+def test_formats_round_trip_and_error_bound(qtype, group):
+    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(0)).bfloat16()
+    if qtype == "int8":
+        q, s = formats.quantize_int8(w)
+        deq = formats.dequantize_int8(q, s)
+        step = s[:, None]
+    else:
+        q, s, m = formats.quantize_int4(w, group)
+        assert torch.equal(formats.pack_int4(formats.unpack_int4(q)), q)
+        deq = formats.dequantize_int4(q, s, m)
+        step = s.float().repeat_interleave(group, 1)
+    # every weight within half a step (plus the bf16 rounding of the scale and minimum)
+    assert ((deq - w.float()).abs() <= step * 0.5 + 1e-2 * w.float().abs().amax()).all()
+
+
+def _reference(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+    y = x.double() @ layer.dequantized().double().t()
+    return y if layer.bias is None else y + layer.bias.double()
+
+
+@pytest.mark.parametrize("isa", ["auto", "avx2", "none"])
+@pytest.mark.parametrize(("qtype", "group"), QTYPES)
+def test_kernels_match_dequantized_reference(qtype, group, isa, monkeypatch):
+    from stablelm.kernels import best_isa, clear_caches
+
+    if isa == "avx2" and best_isa() is None:
+        pytest.skip("no AVX2 on this CPU")
+    monkeypatch.setenv("STABLELM_ISA", isa)
+    clear_caches()
+    try:
+        gen = torch.Generator().manual_seed(1)
+        w = (torch.randn(40, 256, generator=gen) * 0.05).bfloat16()
+        layer = QuantizedLinear.from_dense(
+            w, torch.randn(40, generator=gen).bfloat16(), quant_type=qtype, group_size=group
+        )
+        for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 8e-3)):
+            layer.bias.data = layer.bias.data.to(dtype)
+            for rows in (1, 3, 8, 20):
+                x = torch.randn(rows, 256, generator=gen).to(dtype)
+                with torch.no_grad():
+                    y = layer(x)
+                ref = _reference(layer, x)
+                assert y.dtype == dtype
+                assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < tol, (dtype, rows)
+    finally:
+        monkeypatch.delenv("STABLELM_ISA")
+        clear_caches()
+
+
+def test_int4_both_kernel_modes_agree():
+    if qlinear.int4_mode(torch.bfloat16) == 0:
+        pytest.skip("no AVX512-BF16 kernel on this CPU")
+    gen = torch.Generator().manual_seed(2)
+    layer = QuantizedLinear.from_dense(
+        (torch.randn(64, 512, generator=gen) * 0.05).bfloat16(), None, quant_type="int4"
+    )
+    x = torch.randn(2, 512, generator=gen).bfloat16()
+    outs = []
+    for mode in (0, 1):
+        qlinear.FORCE_INT4_MODE = mode
+        try:
+            with torch.no_grad():
+                outs.append(layer(x).float())
+        finally:
+            qlinear.FORCE_INT4_MODE = None
+    assert (outs[0] - outs[1]).abs().max() <= 8e-3 * outs[0].abs().max()
+
+
+@pytest.mark.parametrize(("qtype", "group"), QTYPES)
+def test_greedy_generation_equals_dequantized_reference(qtype, group):
+    model = _model()
+    stablelm.quantize(model, QuantizationConfig(qtype, group_size=group))
+    assert all(type(m) is not torch.nn.Linear for m in model.modules())
+    # the reference: the same model with dense float32 weights equal to the dequantized ones
+    ref = _model().float()
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedLinear):
+            ref.get_submodule(name).weight.data = module.dequantized()
+    ids = torch.tensor([[3, 17, 5, 99, 42]])
+    out = model.generate(ids, max_new_tokens=12, do_sample=False)
+    # float32 activations: the kernels' sums are within float32 rounding of the reference's
+    model.float()
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear) and module.weight_min is not None:
+            module.weight_scale.data, module.weight_min.data = (
+                module.weight_scale.bfloat16(),
+                module.weight_min.bfloat16(),
+            )
+    with torch.no_grad():
+        assert torch.allclose(model(out).logits, ref(out).logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(
+        model.generate(ids, max_new_tokens=12, do_sample=False),
+        ref.generate(ids, max_new_tokens=12, do_sample=False),
+    )
+
+
+@pytest.mark.parametrize("qtype", ["int8", "int4"])
+def test_save_load_round_trip_bit_exact(tmp_path, qtype):
+    dense = _saved(tmp_path)
+    model = StableLmForCausalLM.from_pretrained(
+        dense, quantization_config={"quant_type": qtype, "group_size": 64}
+    )
+    direct = stablelm.quantize(_model(), QuantizationConfig(qtype, group_size=64))
+    for (k, a), (k2, b) in zip(model.state_dict().items(), direct.state_dict().items(), strict=True):
+        assert k == k2 and a.dtype == b.dtype and torch.equal(a, b), k
+    model.save_pretrained(tmp_path / "q")
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert config["quantization_config"]["quant_type"] == qtype
+    stored = load_file(tmp_path / "q" / "model.safetensors")
+    assert stored["model.layers.0.mlp.down_proj.weight"].dtype == (
+        torch.int8 if qtype == "int8" else torch.uint8
+    )
+    back = StableLmForCausalLM.from_pretrained(tmp_path / "q")
+    for (k, a), (_, b) in zip(model.state_dict().items(), back.state_dict().items(), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b), k
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.equal(
+        back.generate(ids, max_new_tokens=5, do_sample=False),
+        model.generate(ids, max_new_tokens=5, do_sample=False),
+    )
+
+
+def test_quantized_checkpoint_with_wrong_description_refused(tmp_path):
+    model = StableLmForCausalLM.from_pretrained(_saved(tmp_path), quantization_config="int8")
+    model.save_pretrained(tmp_path / "q")
+    config_path = tmp_path / "q" / "config.json"
+    config = json.loads(config_path.read_text())
+    # int8 tensors described as int4: shapes and names do not fit
+    config["quantization_config"] = {**config["quantization_config"], "quant_type": "int4", "group_size": 64}
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="weight_min|shape"):
+        StableLmForCausalLM.from_pretrained(tmp_path / "q")
+    # the same names and shapes, but bf16 values where int8 is described
+    config["quantization_config"] = {**config["quantization_config"], "quant_type": "int8"}
+    config_path.write_text(json.dumps(config))
+    path = tmp_path / "q" / "model.safetensors"
+    tensors = load_file(path)
+    key = "model.layers.0.mlp.up_proj.weight"
+    tensors[key] = tensors[key].to(torch.bfloat16)
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"{key}.*bfloat16.*int8"):
+        StableLmForCausalLM.from_pretrained(tmp_path / "q")
+    # another method's config, and a request that differs from the stored one
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="quant_method 'bitsandbytes'"):
+        StableLmForCausalLM.from_pretrained(tmp_path / "q")
+
+
+def test_bad_configs_name_the_argument(tmp_path):
+    with pytest.raises(ValueError, match="quant_type 'int3'"):
+        QuantizationConfig("int3")
+    with pytest.raises(ValueError, match="group_size 48"):
+        QuantizationConfig("int4", group_size=48)
+    with pytest.raises(TypeError, match="quantization_config must be"):
+        StableLmForCausalLM.from_pretrained(_saved(tmp_path), quantization_config=4)
+    model = StableLmForCausalLM.from_pretrained(tmp_path / "dense", quantization_config="int8")
+    model.save_pretrained(tmp_path / "q")
+    with pytest.raises(ValueError, match="differs from the checkpoint's own"):
+        StableLmForCausalLM.from_pretrained(tmp_path / "q", quantization_config="int4")
+    with pytest.raises(ValueError, match="already quantized"):
+        stablelm.quantize(model, "int4")
+
+
+RSS_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, torch
+    from stablelm.heads import StableLmForCausalLM
+    from stablelm.bench import peak_rss_gb
+    import stablelm.checkpoint.load, stablelm.quantization.apply, safetensors.torch  # imports are not weights
+    base = peak_rss_gb()
+    model = StableLmForCausalLM.from_pretrained(sys.argv[1], quantization_config=sys.argv[2])
+    size = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    print(json.dumps({"base": base, "peak": peak_rss_gb(), "size": size / 1e9}))
+    """
+)
+
+
+def test_peak_rss_while_quantizing_on_load(tmp_path):
+    # ~200 MB of bf16 linear weights in 8 layers of 25 MB: a full bf16 materialisation would add ~200 MB
+    torch.manual_seed(0)
+    cfg = tiny_config(vocab_size=256, hidden_size=1024, intermediate_size=4096, num_hidden_layers=8,
+                      num_attention_heads=8, num_key_value_heads=8)  # fmt: skip
+    model = StableLmForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "big")
+    del model
+    layer = 4096 * 1024 * 2 / 1e9  # the largest layer in bf16
+    out = subprocess.run(
+        [sys.executable, "-c", RSS_SCRIPT, str(tmp_path / "big"), "int4"], capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True,
+    )  # fmt: skip
+    got = json.loads(out.stdout)
+    assert got["peak"] - got["base"] <= 1.2 * got["size"] + layer + 0.02, got
+
+
+def test_cli_quantize(tmp_path):
+    dense = _saved(tmp_path, vocab_size=4096)  # the demo tokenizer's
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        src = ROOT / "stablelm" / "assets" / "demo" / name
+        if src.exists():
+            (dense / name).write_bytes(src.read_bytes())
+    run = [sys.executable, "-m", "stablelm"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    info = subprocess.run(
+        [*run, "info", "-m", str(dense), "--quantize", "int4", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert info.returncode == 0, info.stderr
+    data = json.loads(info.stdout)
+    assert data["quantization"]["quant_type"] == "int4"
+    gen = subprocess.run(
+        [*run, "generate", "-m", str(dense), "--quantize", "int8", "--max-new-tokens", "3", "hello"],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert gen.returncode == 0, gen.stderr
+    bad = subprocess.run(
+        [*run, "info", "-m", str(dense), "--quantize", "int3"], capture_output=True, text=True, env=env
+    )
+    assert bad.returncode == 2 and "--quantize" in bad.stderr
