@@ -9,7 +9,7 @@ PIP := $(VENV)/bin/pip
 TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: test run lint format clean
+.PHONY: test run serve lint format clean
 
 # `make run` installs what the package needs; `make test` adds the test tools (pytest, ruff, and
 # transformers + peft as the numerical reference).
@@ -26,6 +26,10 @@ $(VENV)/.runtime: pyproject.toml
 	$(PIP) install -q -e .
 	touch $@
 
+$(VENV)/.serve: $(VENV)/.runtime
+	$(PIP) install -q -e ".[serve]"
+	touch $@
+
 $(VENV)/.test: $(VENV)/.runtime
 	$(PIP) install -q -e ".[test]"
 	touch $@
@@ -35,6 +39,9 @@ test: $(VENV)/.test
 
 run: $(VENV)/.runtime
 	$(VENV)/bin/stablelm generate "The for statement"
+
+serve: $(VENV)/.serve
+	$(VENV)/bin/stablelm serve $(ARGS)
 
 lint: $(VENV)/.test
 	$(VENV)/bin/ruff check .

@@ -337,7 +337,7 @@ def test_every_command_is_registered_with_its_interface(capsys):
         assert callable(module.add_arguments) and callable(module.run), name
         assert module.__doc__.strip(), name
         assert name in parser.format_help()
-    assert [cli.command_name(m) for m in cli.COMMANDS][:4] == ["generate", "chat", "info", "bench"]
+    assert [cli.command_name(m) for m in cli.COMMANDS][:5] == ["generate", "chat", "serve", "info", "bench"]
 
 
 def test_bench_passes_its_arguments_through(capsys):

@@ -1,4 +1,4 @@
-"""The `stablelm` command (also `python -m stablelm`): generate, chat, info, bench, train, train-tokenizer.
+"""The `stablelm` command (also `python -m stablelm`): generate, chat, serve, info, bench, train, train-tokenizer.
 
 Each subcommand is a module of this package named in COMMAND_MODULES, with a docstring (its first line is
 the command's help line, the rest the epilog of its --help), `add_arguments(parser)` and `run(args) -> int`.
@@ -31,7 +31,7 @@ from .errors import (
     warnings_as_lines,
 )
 
-COMMAND_MODULES = ("generate", "chat", "info", "bench", "train", "train_tokenizer")
+COMMAND_MODULES = ("generate", "chat", "serve", "info", "bench", "train", "train_tokenizer")
 
 _EPILOG = """\
 Run 'stablelm COMMAND --help' for the options of a command. Without --model, commands use the bundled

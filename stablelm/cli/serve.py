@@ -34,9 +34,14 @@ DEMO_MODEL_ID = "stablelm-demo"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_load_options(parser)
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     parser.add_argument(
-        "--port", type=bounded(int, low=0, high=65535), default=8000, help="port (default: 8000; 0 picks a free one)"
+        "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)"
+    )
+    parser.add_argument(
+        "--port",
+        type=bounded(int, low=0, high=65535),
+        default=8000,
+        help="port (default: 8000; 0 picks a free one)",
     )
     parser.add_argument(
         "--api-key",
@@ -118,7 +123,12 @@ def run(args: argparse.Namespace) -> int:
     )
     app = create_app(engine, model_id=model_id, api_key=api_key)
     config = uvicorn.Config(
-        app, log_level="warning", access_log=False, timeout_graceful_shutdown=10, lifespan="off", loop="asyncio"
+        app,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=10,
+        lifespan="off",
+        loop="asyncio",
     )
     server = _Server(config, engine)
     print(
@@ -163,9 +173,13 @@ class _Server:
 def _listen(host: str, port: int) -> socket.socket:
     """A socket listening on host:port (bound here, so that the port is known before serving starts)."""
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
     except socket.gaierror as err:
-        raise UsageError(f"--host {host!r} is not an address this machine can listen on ({err.strerror})") from None
+        raise UsageError(
+            f"--host {host!r} is not an address this machine can listen on ({err.strerror})"
+        ) from None
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -1,0 +1,581 @@
+"""The serving engine: one model in one thread, many requests decoded together (continuous batching).
+
+A request becomes one `Job` per prompt; a job takes `n` rows (one per choice). Rows are what the engine
+decodes together, at most `max_batch` of them. A job is admitted at once when it has rows free and
+nobody waits before it; else it waits in a queue of at most `max_queue` jobs (beyond it, `submit`
+raises `QueueFull`). Each step of the engine's thread:
+
+1. drops cancelled jobs (a client went away): their rows and caches are freed at once;
+2. runs one prefill chunk (at most `prefill_chunk` tokens) of the oldest admitted job still
+   prefilling; chunks are cut from the prompt's start, so they depend on the prompt alone. After its last
+   chunk the job's `n` rows draw their first token and join the running rows;
+3. runs one decode step of every running row together (`RowForward.decode`, batch-invariant);
+4. samples each row's next token with the row's own settings and generator, turns it into text
+   (incomplete UTF-8 and text that may begin a stop string held back), and sends an `Event` to the
+   job's sink; a finished row leaves, and its rows go to the next job waiting.
+
+Events reach the asyncio side through `Job.sink` (the app passes `loop.call_soon_threadsafe`). `stop()`
+aborts everything (finish_reason "abort") and ends the thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import secrets
+import sys
+import threading
+import traceback
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+GREEDY_BELOW = 1e-5  # temperatures under this are greedy (as vLLM's): dividing by them overflows
+
+
+class QueueFull(Exception):
+    """The queue holds `max_queue` jobs already."""
+
+
+class Unavailable(Exception):
+    """The engine is loading, failed to load, or is shutting down."""
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How one job draws its tokens and when its rows stop (OpenAI's fields and vLLM's extras)."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 (or -1): off
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # None: no logprobs; k: the chosen token's and the k most likely
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
+
+
+@dataclass
+class TokenLogprob:
+    """A drawn token's log-probability under the model, and the `top` most likely (id, logprob)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class Event:
+    """What one row made in one step. `index` is the choice's index in the HTTP response; `tokens` the
+    token drawn (none for a job aborted before it started); `text` what may be shown now;
+    `finish_reason` is set on a row's last event ("stop", "length" or "abort")."""
+
+    index: int
+    text: str
+    tokens: list[int]
+    logprobs: list[TokenLogprob] | None
+    finish_reason: str | None = None
+
+
+@dataclass
+class Failure:
+    """The engine failed on this job (an error inside the model's step); the job's rows are gone."""
+
+    message: str
+
+
+@dataclass(eq=False)
+class Job:
+    """One prompt to continue `n` times.
+
+    Attributes:
+        prompt: The prompt's token ids.
+        n: Choices (rows) to make.
+        options: Sampling and stopping.
+        stop_ids: Tokens that end a row (EOS, end of turn), unless `options.ignore_eos`.
+        sink: Called from the engine's thread with each `Event` (or a `Failure`).
+        first_index: Index of the job's first choice in the response (prompts of a batch follow each other).
+    """
+
+    prompt: list[int]
+    n: int
+    options: SamplingOptions
+    stop_ids: frozenset[int]
+    sink: Callable[[Event | Failure], None]
+    first_index: int = 0
+    cancelled: bool = field(default=False, init=False)
+
+
+class _Row:
+    """One choice being decoded: its cache, generator, tokens so far and text state."""
+
+    def __init__(self, engine: Engine, job: Job, index: int, cache: Any) -> None:
+        import torch
+
+        from ..cli.stream import StopFilter
+        from ..tokenizer import StreamingDetokenizer
+
+        self.job, self.index, self.cache = job, index, cache
+        options = job.options
+        self.generator = None
+        if not options.greedy:
+            seed = secrets.randbits(63) if options.seed is None else (options.seed + index) % 2**64
+            self.generator = torch.Generator(device=engine.forward.device).manual_seed(seed)
+        self.generated: list[int] = []
+        self.counts = None  # per-token counts of the generated tokens, for presence/frequency penalties
+        if options.presence_penalty or options.frequency_penalty:
+            self.counts = torch.zeros(engine.vocab_size, dtype=torch.float32, device=engine.forward.device)
+        self.detokenizer = StreamingDetokenizer(engine.tokenizer, skip_special_tokens=True)
+        self.stops = StopFilter(options.stop)
+        self.token: int | None = None  # the last drawn token: the next step feeds it
+        self.finish: str | None = None
+
+
+@dataclass
+class _Prefill:
+    job: Job
+    cache: Any
+    done: int = 0
+
+
+class Engine:
+    """Owns the model and runs the scheduler in a background thread (see the module docstring).
+
+    Args:
+        load: Called in the engine's thread; returns an object with `model` and `tokenizer` (the CLI's
+            `Loaded`). Until it returns, `state` is "loading".
+        max_batch: Most rows decoded together.
+        max_queue: Most jobs waiting for rows.
+        prefill_chunk: Most prompt tokens run in one step.
+        on_failure: Called (from the engine's thread) if loading fails; the error is kept in `error`.
+    """
+
+    def __init__(
+        self,
+        load: Callable[[], Any],
+        *,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        prefill_chunk: int = 128,
+        on_failure: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        for name, value in (
+            ("max_batch", max_batch),
+            ("max_queue", max_queue),
+            ("prefill_chunk", prefill_chunk),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        self._load = load
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self._on_failure = on_failure
+        self.state = "loading"  # loading, ready, failed, stopping, stopped
+        self.error: BaseException | None = None
+        self.loaded: Any = None
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.forward: Any = None
+        self.context = 0
+        self.vocab_size = 0
+        self.eos_ids: frozenset[int] = frozenset()
+        self.sampling_defaults: dict[str, float] = {}
+        self._cond = threading.Condition()
+        self._waiting: deque[Job] = deque()  # jobs without rows yet
+        self._admitted: deque[Job] = deque()  # jobs given rows, not yet taken up by the thread
+        self._free_rows = max_batch
+        self._stop_requested = False
+        self._wake = False  # a cancellation to act on
+        self._prefilling: list[_Prefill] = []  # the thread's own from here on
+        self._rows: list[_Row] = []
+        self.counters = {"steps": 0, "finished": 0, "cancelled": 0, "aborted": 0, "failed": 0}
+        self._thread = threading.Thread(target=self._main, name="stablelm-engine", daemon=True)
+
+    # --- the asyncio side ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, jobs: Iterable[Job]) -> None:
+        """Queue `jobs` (all of them or none).
+
+        Raises:
+            Unavailable: Not ready (loading, failed, stopping).
+            QueueFull: They do not fit in the queue now.
+            ValueError: A job asks for more rows than `max_batch`.
+        """
+        jobs = list(jobs)
+        for job in jobs:
+            if not 1 <= job.n <= self.max_batch:
+                raise ValueError(
+                    f"n must be between 1 and {self.max_batch} (the server's --max-batch), got {job.n}."
+                )
+        with self._cond:
+            if self.state != "ready" or self._stop_requested:
+                raise Unavailable(self.state)
+            free, waiting = self._free_rows, len(self._waiting)
+            admit = []
+            for job in jobs:  # admitted now while rows are free and nobody waits before them
+                if waiting == 0 and job.n <= free:
+                    admit.append(job)
+                    free -= job.n
+                else:
+                    waiting += 1
+            if waiting > self.max_queue:
+                raise QueueFull(f"the queue holds {self.max_queue} requests waiting for rows already")
+            self._free_rows = free
+            self._admitted.extend(admit)
+            self._waiting.extend(job for job in jobs if job not in admit)
+            self._cond.notify()
+
+    def cancel(self, job: Job) -> None:
+        """Drop `job` (its client went away): its rows are freed at the start of the next step."""
+        if not job.cancelled:
+            job.cancelled = True
+            with self._cond:
+                self._wake = True
+                self._cond.notify()
+
+    def stop(self) -> None:
+        """Stop taking jobs, abort the ones in flight (finish_reason "abort") and end the thread."""
+        with self._cond:
+            self._stop_requested = True
+            if self.state == "ready":
+                self.state = "stopping"
+            self._cond.notify()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def load(self) -> dict[str, int]:
+        """Rows running, jobs prefilling and waiting, and the step counters (for /load and tests)."""
+        with self._cond:
+            waiting, admitted, free = len(self._waiting), len(self._admitted), self._free_rows
+        caches = [row.cache for row in list(self._rows)] + [p.cache for p in list(self._prefilling)]
+        return {
+            "rows_running": len(self._rows),
+            "kv_cache_bytes": sum(c.nbytes() for c in caches if c is not None),
+            "rows_free": free,
+            "prefilling": len(self._prefilling) + admitted,
+            "waiting": waiting,
+            "max_batch": self.max_batch,
+            "max_queue": self.max_queue,
+            **self.counters,
+        }
+
+    # --- the engine's thread -------------------------------------------------------------------------
+
+    def _main(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            try:
+                self._setup(self._load())
+            except BaseException as err:  # noqa: BLE001 - reported to the caller, who ends the server
+                self.error = err
+                with self._cond:
+                    self.state = "failed"
+                if self._on_failure is not None:
+                    self._on_failure(err)
+                return
+            try:
+                self._loop()
+            finally:
+                with self._cond:
+                    self.state = "stopped"
+
+    def _setup(self, loaded: Any) -> None:
+        from ..generation import resolve_config
+        from .forward import RowForward
+
+        self.loaded, self.model, self.tokenizer = loaded, loaded.model, loaded.tokenizer
+        self.model.eval()
+        self.forward = RowForward(self.model)
+        self.context = self.forward.context
+        self.vocab_size = self.model.lm_head.weight.shape[0]
+        eos = resolve_config(self.model, None).eos_token_id
+        ids = set([eos] if isinstance(eos, int) else list(eos or []))
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        self.eos_ids = frozenset(int(i) for i in ids)
+        self.sampling_defaults = sampling_defaults(getattr(self.model, "generation_config", None))
+        with self._cond:
+            if self.state == "loading":
+                self.state = "stopping" if self._stop_requested else "ready"
+
+    def _loop(self) -> None:
+        trimmed = True
+        while True:
+            with self._cond:
+                while not (
+                    self._stop_requested or self._wake or self._admitted or self._prefilling or self._rows
+                ):
+                    if not trimmed:
+                        _trim_memory()  # idle: give the freed caches back to the system
+                        trimmed = True
+                    self._cond.wait()
+                trimmed = False
+                self._wake = False
+                if self._stop_requested:
+                    self._abort_all()
+                    return
+                self._drop_cancelled()
+                self._prefilling.extend(_Prefill(job, None) for job in self._admitted)
+                self._admitted.clear()
+            self.counters["steps"] += 1
+            if self._prefilling:
+                self._guarded([self._prefilling[0].job], self._prefill_step)
+            decoding = [row for row in self._rows if row.token is not None and row.finish is None]
+            if decoding:
+                self._guarded([row.job for row in decoding], partial(self._decode_step, decoding))
+            finished = [row for row in self._rows if row.finish is not None]
+            if finished:
+                self.counters["finished"] += len(finished)
+                self._rows = [row for row in self._rows if row.finish is None]
+                with self._cond:
+                    self._recount()
+
+    def _guarded(self, jobs: list[Job], work: Callable[[], None]) -> None:
+        """Run `work`; if it raises, fail `jobs` (their rows go) and keep serving the others."""
+        try:
+            work()
+        except Exception as err:  # noqa: BLE001 - a bug or out of memory: the server keeps running
+            print(f"stablelm: error in the engine's step: {type(err).__name__}: {err}", file=sys.stderr)
+            traceback.print_exc(file=sys.stderr)
+            message = f"the server failed to generate: {type(err).__name__}: {err}"
+            failed = {id(job) for job in jobs}
+            for job in {id(job): job for job in jobs}.values():
+                job.cancelled = True
+                job.sink(Failure(message))
+            self.counters["failed"] += len(failed)
+            self._prefilling = [p for p in self._prefilling if id(p.job) not in failed]
+            self._rows = [row for row in self._rows if id(row.job) not in failed]
+            with self._cond:
+                self._recount()
+
+    def _drop_cancelled(self) -> None:
+        """(Under the lock.) Forget cancelled jobs: waiting, admitted, prefilling, and their rows."""
+        dropped = {id(job) for job in (*self._waiting, *self._admitted) if job.cancelled}
+        dropped |= {id(p.job) for p in self._prefilling if p.job.cancelled}
+        dropped |= {id(row.job) for row in self._rows if row.job.cancelled}
+        if not dropped:
+            return
+        self.counters["cancelled"] += len(dropped)
+        self._waiting = deque(job for job in self._waiting if not job.cancelled)
+        self._admitted = deque(job for job in self._admitted if not job.cancelled)
+        self._prefilling = [p for p in self._prefilling if not p.job.cancelled]
+        self._rows = [row for row in self._rows if not row.job.cancelled]
+        self._recount()
+
+    def _recount(self) -> None:
+        """(Under the lock.) The rows free now, given to the jobs waiting, in order."""
+        held = sum(job.n for job in self._admitted) + sum(p.job.n for p in self._prefilling) + len(self._rows)
+        self._free_rows = self.max_batch - held
+        while self._waiting and self._waiting[0].n <= self._free_rows:
+            job = self._waiting.popleft()
+            self._free_rows -= job.n
+            self._admitted.append(job)
+
+    def _abort_all(self) -> None:
+        """(Under the lock.) Every job in flight or waiting ends now, with finish_reason "abort"."""
+        jobs = {}
+        for row in self._rows:
+            if not row.job.cancelled:
+                jobs[id(row.job)] = row.job
+                self._finish(row, "abort", token=None, logprob=None)
+        for job in [*self._waiting, *self._admitted, *(p.job for p in self._prefilling)]:
+            if not job.cancelled and id(job) not in jobs:
+                jobs[id(job)] = job
+                for i in range(job.n):
+                    job.sink(
+                        Event(
+                            job.first_index + i,
+                            "",
+                            [],
+                            [] if job.options.logprobs is not None else None,
+                            "abort",
+                        )
+                    )
+        self.counters["aborted"] += len(jobs)
+        self._rows.clear()
+        self._prefilling.clear()
+        self._waiting.clear()
+        self._admitted.clear()
+        self._free_rows = self.max_batch
+
+    def _prefill_step(self) -> None:
+        prefill = self._prefilling[0]
+        job = prefill.job
+        prompt = job.prompt
+        if prefill.cache is None:
+            prefill.cache = self.forward.new_cache(len(prompt) + job.options.max_tokens)
+        chunk = prompt[prefill.done : prefill.done + self.prefill_chunk]
+        hidden = self.forward.prefill(prefill.cache, chunk, prompt_length=len(prompt))
+        prefill.done += len(chunk)
+        if prefill.done < len(prompt):
+            return
+        self._prefilling.pop(0)
+        logits = self.forward.logits(hidden)[0]
+        for index in range(job.n):
+            cache = prefill.cache if index == job.n - 1 else prefill.cache.copy()
+            row = _Row(self, job, index, cache)
+            self._rows.append(row)
+            self._next(row, logits)
+
+    def _decode_step(self, rows: list[_Row]) -> None:
+        logits = self.forward.decode([row.cache for row in rows], [row.token for row in rows])
+        for row, row_logits in zip(rows, logits, strict=True):
+            self._next(row, row_logits)
+
+    # --- one row's next token --------------------------------------------------------------------------
+
+    def _next(self, row: _Row, logits: Any) -> None:
+        """Draw `row`'s next token from its fp32 logits (V,), and send what it makes."""
+        import torch
+
+        options = row.job.options
+        scores = logits[None]
+        logprob = None
+        if options.logprobs is not None:
+            logprobs = torch.log_softmax(scores, dim=-1)[0]
+        scores = self._process(row, scores)
+        if options.greedy:
+            token = int(torch.argmax(scores, dim=-1)[0])
+        else:
+            probs = torch.softmax(scores, dim=-1)
+            token = int(torch.multinomial(probs, 1, generator=row.generator)[0, 0])
+        if options.logprobs is not None:
+            top = []
+            if options.logprobs:
+                values, ids = torch.topk(logprobs, min(options.logprobs, logprobs.shape[0]))
+                top = list(zip(ids.tolist(), values.tolist(), strict=True))
+            logprob = TokenLogprob(token, float(logprobs[token]), top)
+        row.generated.append(token)
+        if row.counts is not None:
+            row.counts[token] += 1
+        row.token = token
+        job = row.job
+        if token in job.stop_ids and not options.ignore_eos:
+            self._finish(row, "stop", token=token, logprob=logprob)
+            return
+        piece = row.detokenizer.push(token)
+        # stop strings count from min_tokens on (as in vLLM)
+        text = row.stops.push(piece) if len(row.generated) >= options.min_tokens else piece
+        if row.stops.stopped:
+            self._finish(row, "stop", token=token, logprob=logprob, text=text)
+        elif len(row.generated) >= options.max_tokens:
+            self._finish(row, "length", token=token, logprob=logprob, text=text)
+        else:
+            job.sink(
+                Event(job.first_index + row.index, text, [token], None if logprob is None else [logprob])
+            )
+
+    def _process(self, row: _Row, scores: Any) -> Any:
+        """The logits processors, per row, in vLLM's order: penalties, logit bias, min_tokens, then
+        temperature, top-k, top-p and min-p (stablelm.sampling's functions)."""
+        import torch
+
+        from .. import sampling
+
+        options = row.job.options
+        if options.repetition_penalty != 1.0:
+            seen = torch.tensor([row.job.prompt + row.generated], device=scores.device)
+            scores = sampling.repetition_penalty(scores, seen, options.repetition_penalty)
+        if row.counts is not None:
+            scores = (
+                scores - options.frequency_penalty * row.counts - options.presence_penalty * (row.counts > 0)
+            )
+        if options.logit_bias:
+            ids = torch.tensor([i for i, _ in options.logit_bias], device=scores.device)
+            bias = torch.tensor([b for _, b in options.logit_bias], dtype=scores.dtype, device=scores.device)
+            scores = scores.index_add(1, ids, bias[None])
+        if len(row.generated) < options.min_tokens and row.job.stop_ids:
+            banned = torch.tensor(sorted(row.job.stop_ids), device=scores.device)
+            scores = sampling.suppress_tokens(scores, banned)
+        if options.greedy:
+            return scores
+        scores = sampling.temperature(scores, options.temperature)
+        if options.top_k > 0:
+            scores = sampling.top_k(scores, options.top_k)
+        scores = sampling.top_p(scores, options.top_p)
+        if options.min_p > 0:
+            scores = sampling.min_p(scores, options.min_p)
+        return scores
+
+    def _finish(
+        self, row: _Row, reason: str, *, token: int | None, logprob: TokenLogprob | None, text: str = ""
+    ) -> None:
+        """End `row`: the text still held back (unless a stop string ended it) goes with its last event."""
+        if not row.stops.stopped:
+            text += row.stops.push(row.detokenizer.flush())
+            if row.stops.stopped:
+                reason = "stop"
+            else:
+                text += row.stops.flush()
+        row.finish = reason
+        job = row.job
+        tokens = [] if token is None else [token]
+        logprobs = None if logprob is None else [logprob]
+        if job.options.logprobs is not None and logprobs is None:
+            logprobs = []
+        job.sink(Event(job.first_index + row.index, text, tokens, logprobs, reason))
+
+
+SAMPLING_DEFAULTS = {  # (low, high, open_low): where a generation_config.json value is usable
+    "temperature": (0.0, None, False),
+    "top_p": (0.0, 1.0, True),
+    "top_k": (-1, None, False),
+    "min_p": (0.0, 1.0, False),
+    "repetition_penalty": (0.0, None, True),
+}
+
+
+def sampling_defaults(generation_config: Any) -> dict[str, float]:
+    """The sampling settings a checkpoint's generation_config.json sets (temperature, top_p, top_k, min_p,
+    repetition_penalty): the defaults of requests that leave them out, as in vLLM. Values out of range are
+    left out."""
+    if generation_config is None:
+        return {}
+    found = generation_config if isinstance(generation_config, dict) else generation_config.to_dict()
+    defaults = {}
+    for name, (low, high, open_low) in SAMPLING_DEFAULTS.items():
+        value = found.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            continue
+        if (
+            (value <= low if open_low else value < low)
+            or (high is not None and value > high)
+            or value == float("inf")
+        ):
+            continue
+        defaults[name] = int(value) if name == "top_k" else float(value)
+    return defaults
+
+
+_LIBC: Any = None
+
+
+def _trim_memory() -> None:
+    """Return freed heap memory to the system (glibc keeps large freed blocks otherwise)."""
+    global _LIBC
+    if _LIBC is None:
+        name = ctypes.util.find_library("c")
+        try:
+            _LIBC = ctypes.CDLL(name) if name else False
+        except OSError:
+            _LIBC = False
+    trim = getattr(_LIBC, "malloc_trim", None) if _LIBC else None
+    if trim is not None:
+        trim(0)
