@@ -6,7 +6,7 @@
 - ```console blocks: every `$ command` line runs in bash with the package's `stablelm` on PATH, in one
   working folder per block (so a block's files persist from one command to the next); each must exit 0,
   and those that generate or describe must print something on stdout.
-- A ```python block that talks to `http://127.0.0.1:8000` runs against `stablelm serve` on the demo model,
+- A block that talks to `http://127.0.0.1:8000` runs against `stablelm serve` on the demo model,
   started here on a free port (the block's address rewritten to it).
 - ```bash blocks are the set-up (clone, make) and the server's start: the only ones not run here, listed
   in NOT_RUN with the reason, and the test fails if another block appears unrun.
@@ -34,7 +34,10 @@ REVISION = "0" * 40
 # Blocks not run by this test: (a string that identifies the block, why).
 NOT_RUN = [
     ("git clone", "the set-up itself: clones the repository and runs make (CI runs it on a fresh clone)"),
-    ("stablelm serve", "starts the server, which runs until stopped: started here for the blocks that use it"),
+    (
+        "stablelm serve",
+        "starts the server, which runs until stopped: started here for the blocks that use it",
+    ),
 ]
 SERVER_URL = "http://127.0.0.1:8000"
 
@@ -95,20 +98,31 @@ def test_every_block_is_run_or_listed():
         assert any(key in code for _, code, _ in blocks()), f"NOT_RUN names {key!r}, which no block holds"
 
 
+class served:
+    """`stablelm serve` on the demo model for a block that talks to SERVER_URL (rewritten to the server's
+    address), nothing for the others."""
+
+    def __init__(self, code: str) -> None:
+        self.code, self.server = code, None
+
+    def __enter__(self) -> str:
+        if SERVER_URL not in self.code:
+            return self.code
+        from test_serve import Server  # the test extra's httpx and openai
+
+        self.server = Server(None)  # the demo model, as the README's `stablelm serve`
+        return self.code.replace(SERVER_URL, self.server.url)
+
+    def __exit__(self, *exc) -> None:
+        if self.server is not None:
+            assert self.server.stop() == 0, self.server.stderr
+
+
 @pytest.mark.parametrize("block", [b for b in blocks() if b[0] == "python"], ids=block_id)
 def test_python_block_runs(block, hub_cache, tmp_path):
     _, code, line = block
-    server = None
-    if SERVER_URL in code:
-        from test_serve import Server  # the test extra's httpx and openai
-
-        server = Server(None)  # the demo model, as the README's `stablelm serve`
-        code = code.replace(SERVER_URL, server.url)
-    try:
+    with served(code) as code:
         _run_python_block(code, line, hub_cache, tmp_path)
-    finally:
-        if server is not None:
-            assert server.stop() == 0, server.stderr
 
 
 def _run_python_block(code: str, line: int, hub_cache: Path, tmp_path: Path) -> None:
@@ -127,6 +141,11 @@ def _run_python_block(code: str, line: int, hub_cache: Path, tmp_path: Path) -> 
 @pytest.mark.parametrize("block", [b for b in blocks() if b[0] == "console"], ids=block_id)
 def test_console_block_runs(block, hub_cache, tmp_path):
     _, code, line = block
+    with served(code) as code:
+        _run_console_block(code, line, hub_cache, tmp_path)
+
+
+def _run_console_block(code: str, line: int, hub_cache: Path, tmp_path: Path) -> None:
     commands = [text[2:] for text in code.splitlines() if text.startswith("$ ")]
     assert commands, f"README.md:{line}: a console block without a '$ ' command"
     for command in commands:
@@ -139,5 +158,7 @@ def test_console_block_runs(block, hub_cache, tmp_path):
             timeout=300,
         )
         assert result.returncode == 0, f"README.md:{line}: {command!r} failed:\n{result.stderr[-3000:]}"
-        if re.search(r"(^|\| )stablelm (generate|chat|info|bench)\b", command):
+        if re.search(r"(^|\| )(stablelm (generate|chat|info|bench)|curl)\b", command):
             assert result.stdout.strip(), f"README.md:{line}: {command!r} printed nothing"
+        if command.startswith("curl "):
+            assert '"choices"' in result.stdout, f"README.md:{line}: {command!r} got {result.stdout[:500]}"
