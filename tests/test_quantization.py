@@ -220,6 +220,11 @@ RSS_SCRIPT = textwrap.dedent(
     from stablelm.heads import StableLmForCausalLM
     from stablelm.bench import peak_rss_gb
     import stablelm.checkpoint.load, stablelm.quantization.apply, safetensors.torch  # imports are not weights
+    from stablelm.quantization import formats
+    # Code is not weights either: the first call of each op pages in ~25 MB of libtorch's code, which RSS
+    # counts. Quantize a small tensor both ways before taking the base.
+    formats.quantize_int4(torch.randn(256, 1024, dtype=torch.bfloat16), 128)
+    formats.quantize_int8(torch.randn(256, 1024, dtype=torch.bfloat16))
     base = peak_rss_gb()
     model = StableLmForCausalLM.from_pretrained(sys.argv[1], quantization_config=sys.argv[2])
     size = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
