@@ -511,9 +511,11 @@ def _wait_for_torch(process: subprocess.Popen, timeout: float = 60.0) -> None:
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc to see start-up")
-@pytest.mark.parametrize("later", [0.0, 0.3, 1.5])
+@pytest.mark.parametrize("later", [0.0, 0.1, 0.3, 0.6, 1.0, 1.5])
 def test_ctrl_c_at_start_up_exits_130_without_a_traceback(later):
-    # chat on an open pipe waits for a message, so the command is still running whenever the signal comes
+    # chat on an open pipe waits for a message, so the command is still running whenever the signal comes.
+    # Landing inside torch's import, the signal once aborted the process (-6), was swallowed (status 0,
+    # "stdin is empty") or killed it by SIGINT after the 130 was returned (-2).
     process = spawn("chat", "--chat-template", "chatml", stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
     _wait_for_torch(process)
     time.sleep(later)
@@ -521,6 +523,24 @@ def test_ctrl_c_at_start_up_exits_130_without_a_traceback(later):
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
     assert b"Traceback" not in err and len(err.decode().strip().splitlines()) <= 1
+
+
+def test_start_up_imports_leave_sigint_as_they_found_it():
+    code = (
+        "import signal; from stablelm.cli.errors import import_start_up; "
+        "before = signal.getsignal(signal.SIGINT); import_start_up(); "
+        "print(signal.getsignal(signal.SIGINT) is before, before is signal.SIG_IGN)"
+    )
+    for preexec, ignored in ((None, "False"), (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN), "True")):
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            preexec_fn=preexec,
+        )
+        assert out.stdout.split() == ["True", ignored], out.stderr
 
 
 # ---- 9. the demo model's folder -------------------------------------------------------------------------

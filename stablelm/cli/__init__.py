@@ -26,6 +26,7 @@ from .errors import (
     ArgumentParser,
     CliError,
     UsageError,
+    import_start_up,
     report,
     silence_broken_pipe,
     warnings_as_lines,
@@ -165,6 +166,7 @@ def _main(argv: list[str]) -> int:
         return _status(exit)
     args.passthrough = extra
     debug = getattr(args, "debug", False)
+    import_start_up()  # torch's import is no place for a KeyboardInterrupt
     restore = threads.torch_threads_if_loaded()
     with warnings_as_lines():
         try:

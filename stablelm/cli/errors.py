@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
+import threading
 import traceback
 import warnings
 from collections.abc import Iterator
@@ -23,6 +25,42 @@ EXIT_INTERRUPTED = 130
 # Errors whose message is written for the user (a missing model, a damaged file, a value out of range):
 # their message alone is shown. Any other exception is a bug, shown with its type and a pointer to --debug.
 _USER_ERRORS = (OSError, ValueError, ImportError)
+
+
+# What `import_start_up` imports: torch and the libraries every model command uses.
+START_UP_MODULES = ("torch", "safetensors.torch", "tokenizers", "jinja2")
+
+
+def import_start_up(modules: tuple[str, ...] = START_UP_MODULES) -> None:
+    """Import `modules` with Ctrl-C ending the process at once, status 130 (no traceback).
+
+    Python raises KeyboardInterrupt wherever the signal lands, and inside torch's import (~1.5 s, several
+    seconds on a busy machine) that goes wrong: in a pybind11 callback it aborts the process ("terminate
+    called after throwing ... KeyboardInterrupt", status -6); some of torch's import code swallows it, so
+    the command goes on as if nothing happened; and in code compiled by exec (dataclasses, namedtuples)
+    CPython marks it unhandled even once caught, killing the process by SIGINT on its way out. Nothing is
+    written while importing, so nothing is lost by ending there and then. Outside the main thread (where
+    signal handlers cannot be set), or where SIGINT is not Python's own (ignored in a background job,
+    say), the modules are simply imported."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        for name in modules:
+            __import__(name)
+        return
+
+    def leave(signum: int, frame: object) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            os.write(2, b"\n")
+        os._exit(EXIT_INTERRUPTED)
+
+    previous = signal.signal(signal.SIGINT, leave)
+    try:
+        for name in modules:
+            __import__(name)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class CliError(Exception):
