@@ -10,7 +10,11 @@ same rounds. Prints prefill tokens/s (time to the first new token), decode token
 ratios, decoding's effective bandwidth (weight bytes read per token times tokens/s) as a fraction of the
 read bandwidth each process measured right after its timings, warm-up time and peak RSS.
 
+With --quantize, int8 and int4 weight-only models (`stablelm.quantize`) join the turns, and their ratios
+to our bfloat16 ("optimized") in the same rounds are printed too.
+
 Run:  python benchmarks/generate.py --shape 160m --dtype bfloat16 --batch 1 [--compile] [--rounds 3]
+      python benchmarks/generate.py --shape 3b --batch 1 --quantize --rounds 2   # bf16 vs int8 vs int4
       python benchmarks/generate.py --matrix       # the shapes/dtypes/batches of the issues
 """
 
@@ -25,7 +29,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-KINDS = ["ref", "plain", "optimized", "fp32-cache", "compiled"]
+KINDS = ["ref", "plain", "optimized", "fp32-cache", "compiled", "int8", "int4"]
+QUANTIZED = ("int8", "int4")
 
 
 def prepare_reference(args: argparse.Namespace):  # noqa: ANN201 - (generate, ids, info)
@@ -96,6 +101,7 @@ def serve(args: argparse.Namespace) -> None:
             # Compiled bf16 attention runs over every slot of the cache: give it the fp32 one on CPU.
             fp32_cache=args.child == "fp32-cache" or (args.child == "compiled" and fp32_cache_applies(args)),
             device=args.device,
+            quantize=args.child if args.child in QUANTIZED else None,
         )
     print("READY", flush=True)
     for line in sys.stdin:
@@ -162,8 +168,24 @@ def compare(args: argparse.Namespace, bandwidth: float) -> None:
         for _ in range(args.rounds):  # take turns: both see the same drift of the machine
             ref_rounds.append(ref.time())
             ours.time()
-        results[kind] = ours.finish()
+        if kind == "optimized" and args.quantize:  # kept: the quantized models take turns with it
+            bf16 = ours
+        else:
+            results[kind] = ours.finish()
         paired[kind] = best(ref_rounds)
+    if args.quantize:
+        quantized = {kind: Child(kind, args) for kind in QUANTIZED}
+        own: dict[str, list[dict]] = {kind: [] for kind in QUANTIZED}
+        for _ in range(args.rounds):
+            for kind, child in quantized.items():
+                own[kind].append(bf16.time())
+                child.time()
+        results["optimized"] = bf16.finish()
+        for kind, child in quantized.items():
+            results[kind] = child.finish()
+            paired[kind] = paired["optimized"]
+            results[kind]["vs_bf16"] = best(own[kind])
+        kinds += list(QUANTIZED)
     results = {"ref": ref.finish(), **results}
     paired["ref"] = results["ref"]
     print(
@@ -181,6 +203,7 @@ def compare(args: argparse.Namespace, bandwidth: float) -> None:
             "stablelm " + ("plain" if kind == "plain" else "optimized") if kind != "ref" else result["impl"]
         )
         impl += {"fp32-cache": " + fp32 cache", "compiled": " compiled"}.get(kind, "")
+        impl = f"stablelm {kind} weights" if kind in QUANTIZED else impl
         print(
             f"{impl:<30}{result['prefill_tok_s']:>14.1f}{result['decode_tok_s']:>14.2f}"
             f"{result['decode_tok_s'] / paired[kind]['decode_tok_s']:>8.2f}{gbs:>8.1f}"
@@ -196,6 +219,14 @@ def compare(args: argparse.Namespace, bandwidth: float) -> None:
         + "/".join(f"{r['bandwidth_gb_s']:.1f}" for r in results.values())
         + " GB/s after each process's timings, the % bw column's base)"
     )
+    for kind in QUANTIZED if args.quantize else ():
+        mine, bf16 = results[kind], results[kind]["vs_bf16"]
+        print(
+            f"{kind} vs our bfloat16 in the same turns: decode {mine['decode_tok_s'] / bf16['decode_tok_s']:.2f}x"
+            f" ({mine['decode_tok_s']:.2f} vs {bf16['decode_tok_s']:.2f} tok/s), prefill "
+            f"{mine['prefill_tok_s'] / bf16['prefill_tok_s']:.2f}x ({mine['prefill_tok_s']:.1f} vs "
+            f"{bf16['prefill_tok_s']:.1f} tok/s); x ref and GB/s above use the bf16 weights' bytes"
+        )
 
 
 def main() -> None:
@@ -209,6 +240,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timed turns per implementation")
     parser.add_argument("--compile", action="store_true", help="also time the compiled decode path")
     parser.add_argument("--matrix", action="store_true", help="run the issues' matrix of settings")
+    parser.add_argument(
+        "--quantize", action="store_true", help="also time int8 and int4 weights, in turns with our bf16"
+    )
     parser.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rounds < 1:

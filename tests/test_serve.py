@@ -539,6 +539,38 @@ def test_chat_without_a_chat_template_is_400(small):
     assert error["code"] == "chat_template_missing" and "chat template" in error["message"]
 
 
+def test_chat_template_option_serves_a_model_without_one(tmp_path, tokenizer):
+    from stablelm.cli.templates import CHATML
+
+    folder = save_checkpoint(tmp_path / "no-template", chat_template=False)
+    running = Server(folder, "--max-batch", "1", "--chat-template", "chatml")
+    try:
+        reply = running.client().chat.completions.create(
+            model=MODEL_ID, messages=HELLO, max_tokens=3, temperature=0
+        )
+        assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 3
+        rendered = tokenizer.apply_chat_template(
+            HELLO, chat_template=CHATML, add_generation_prompt=True, tokenize=False
+        )
+        assert rendered.startswith("<|im_start|>user\n")
+        assert reply.usage.prompt_tokens == len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    finally:
+        assert running.stop() == 0, running.stderr
+
+
+@pytest.mark.parametrize("value", ["nosuch", "empty"])
+def test_a_bad_chat_template_option_is_a_usage_error(tmp_path, checkpoint, value):
+    if value == "empty":
+        (tmp_path / "empty.jinja").write_text("  \n")
+        value = str(tmp_path / "empty.jinja")
+    result = subprocess.run(
+        [sys.executable, "-c", LAUNCHER, "serve", "--port", "0", "-m", str(checkpoint), "--chat-template", value],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "stablelm: error: --chat-template" in result.stderr and "Traceback" not in result.stderr
+
+
 def long_stream(url: str, **extra):
     body = {"prompt": PROMPT, "max_tokens": CONTEXT - 10, "stream": True, "ignore_eos": True, **extra}
     return httpx.stream(

@@ -12,6 +12,7 @@ with finish_reason "abort", and it exits with status 0. Needs FastAPI and uvicor
 examples:
   stablelm serve
   stablelm serve -m stabilityai/stablelm-2-zephyr-1_6b --port 8080 --api-key "$KEY"
+  stablelm serve -m ./base-model-tuned-on-chatml --chat-template chatml
   curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
       -d '{"prompt": "The for statement", "max_tokens": 32, "temperature": 0}'
 """
@@ -27,6 +28,7 @@ from typing import Any
 
 from .errors import CliError, UsageError
 from .options import add_load_options, bounded
+from .templates import BUILTIN, ChatFormat, find_template, unknown_template
 
 API_KEY_ENV = "STABLELM_API_KEY"
 DEMO_MODEL_ID = "stablelm-demo"
@@ -52,6 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model-id",
         metavar="NAME",
         help=f"the model's name in the API (default: --model as given, or {DEMO_MODEL_ID} for the demo model)",
+    )
+    parser.add_argument(
+        "--chat-template",
+        metavar="FILE|NAME",
+        help=f"the chat format of /v1/chat/completions, for a model without a template (or instead of its "
+        f"own): a Jinja file, one of {', '.join(sorted(BUILTIN))}, or the name of one of the tokenizer's",
     )
     parser.add_argument(
         "--max-batch",
@@ -93,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     if api_key is not None and not api_key.strip():
         raise UsageError("--api-key is empty: give a key, or leave the option out")
+    chat_format = find_template(args.chat_template) if args.chat_template else None  # a bad file: now
+    chat_variables: dict[str, str] = {}
     sock = _listen(args.host, args.port)
     host, port = sock.getsockname()[:2]
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
@@ -105,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
 
     def loader() -> Any:
         loaded = load(args)
+        if args.chat_template:
+            chat_variables.update(use_chat_template(loaded.tokenizer, args.chat_template, chat_format))
         dtype = str(loaded.model.dtype).removeprefix("torch.")
         print(
             f"stablelm: ready: {model_id} ({dtype} on {loaded.model.device}, {args.threads_used} threads, "
@@ -121,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
         prefill_chunk=args.prefill_chunk,
         on_failure=failed,
     )
-    app = create_app(engine, model_id=model_id, api_key=api_key)
+    app = create_app(engine, model_id=model_id, api_key=api_key, chat_variables=chat_variables)
     config = uvicorn.Config(
         app,
         log_level="warning",
@@ -148,6 +160,23 @@ def run(args: argparse.Namespace) -> int:
         raise engine.error
     print("stablelm: stopped", file=sys.stderr, flush=True)
     return 0
+
+
+def use_chat_template(tokenizer: Any, value: str, chat_format: ChatFormat | None) -> dict[str, str]:
+    """Make --chat-template the tokenizer's chat template; return the template variables to render with
+    (a built-in's special tokens that the tokenizer does not define).
+
+    Raises:
+        UsageError: `value` names no file, built-in or template of the tokenizer.
+    """
+    if chat_format is None:  # not a file nor a built-in: one of the tokenizer's named templates?
+        if not (isinstance(tokenizer.chat_template, dict) and value in tokenizer.chat_template):
+            raise unknown_template(value)
+        tokenizer.chat_template = tokenizer.chat_template[value]
+        return {}
+    tokenizer.chat_template = chat_format.source
+    known = tokenizer.special_tokens_map
+    return {name: token for name, token in chat_format.defaults if not known.get(name)}
 
 
 class _Server:

@@ -72,10 +72,16 @@ class EventStream(StreamingResponse):
 
 
 def create_app(
-    engine: Engine, *, model_id: str, api_key: str | None = None, created: int | None = None
+    engine: Engine,
+    *,
+    model_id: str,
+    api_key: str | None = None,
+    created: int | None = None,
+    chat_variables: dict[str, str] | None = None,
 ) -> FastAPI:
     """The app serving `engine`'s model as `model_id`; with `api_key`, every endpoint but /health and
-    /version asks for `Authorization: Bearer <api_key>`."""
+    /version asks for `Authorization: Bearer <api_key>`. `chat_variables`: further variables for the chat
+    template (read when the first request comes, so the loader may fill them in)."""
     app = FastAPI(title="stablelm", docs_url=None, redoc_url=None, openapi_url=None)
     created = created or int(time.time())
     state: dict[str, Any] = {}
@@ -92,6 +98,7 @@ def create_app(
                 eos_ids=engine.eos_ids,
                 defaults=engine.sampling_defaults,
                 chat_stop_ids=chat_stop_ids(tokenizer),
+                chat_variables=dict(chat_variables or {}),
             )
             state["tokens"] = Tokens(tokenizer)
         return state["info"]

@@ -61,6 +61,7 @@ class ServerInfo:
     eos_ids: frozenset[int] = frozenset()
     defaults: dict[str, float] = field(default_factory=dict)  # sampling defaults of generation_config.json
     chat_stop_ids: frozenset[int] = frozenset()  # end-of-turn tokens of the chat template
+    chat_variables: dict[str, str] = field(default_factory=dict)  # more variables for the chat template
 
 
 @dataclass
@@ -518,12 +519,15 @@ def render_chat(info: ServerInfo, messages: list[dict[str, str]], chat_template:
     if chat_template is None:
         raise bad(
             f"The model `{info.model_id}` has no chat template (its tokenizer_config.json sets none), so it "
-            "cannot answer chat requests: use /v1/completions with a plain prompt, or serve a chat model.",
+            "cannot answer chat requests: use /v1/completions with a plain prompt, or start the server with "
+            "--chat-template (chatml, zephyr or a Jinja file).",
             "messages",
             "chat_template_missing",
         )
     try:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, **info.chat_variables
+        )
     except (ValueError, TypeError) as err:  # ChatTemplateError is a ValueError
         raise bad(f"The chat template cannot render these messages: {err}", "messages") from None
     if not ids:
