@@ -186,7 +186,7 @@ def compare(args: argparse.Namespace, bandwidth: float) -> None:
             paired[kind] = paired["optimized"]
             results[kind]["vs_bf16"] = best(own[kind])
         kinds += list(QUANTIZED)
-    results = {"ref": ref.finish(), **results}
+    results = {"ref": ref.finish(), **{kind: results[kind] for kind in kinds}}
     paired["ref"] = results["ref"]
     print(
         f"\n{args.shape} {args.dtype} batch {args.batch}, prompt {args.prompt}, {args.new_tokens} new tokens"

@@ -23,7 +23,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _sync_folder(path.parent)
+        sync_folder(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -59,7 +59,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _sync_folder(folder: Path) -> None:
+def sync_folder(folder: Path) -> None:
     """Make a rename in `folder` durable (POSIX; elsewhere renames are not synced this way)."""
     if os.name != "posix":
         return

@@ -18,7 +18,8 @@ def resolve_model_dir(
 ) -> Path:
     """Return a local folder holding the model's files.
 
-    A path that exists on disk is used as it is. Anything else is taken as a hub repo id and fetched
+    A path that exists on disk is used as it is (after finishing a `save_pretrained` into it that was
+    killed between switching the weights and the config files: see `save_journal`). Anything else is taken as a hub repo id and fetched
     through `huggingface_hub` (only the files matching `allow_patterns`, reusing its cache, honouring
     `HF_HUB_OFFLINE` and `local_files_only`).
 
@@ -27,6 +28,9 @@ def resolve_model_dir(
     """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
+        from .save_journal import finish_interrupted_save
+
+        finish_interrupted_save(path)  # a save_pretrained killed after its weights switched: finish it
         return path
     if path.exists():
         raise NotADirectoryError(f"{str(path)!r} is a file; pass the folder that holds the model's files.")

@@ -7,6 +7,10 @@ of a file already there (they get a random tag, `model-1a2b3c4d-00001-of-00002.s
 until that rename the old index and its shards stay whole and load as before. Afterwards the weight files
 of the earlier save in the same format are removed, so the folder describes one model; the temporary
 files of an earlier save that was killed are removed first.
+
+config.json and generation_config.json switch with the weights: written whole under pending names before
+the weights, the save's id in the weights' metadata, renamed into place after the switch; a save killed
+in between is finished by the next load or save (`stablelm.save_journal`).
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import save_file
 
-from ..atomic import atomic_path, remove_leftovers, write_text_atomic
+from ..atomic import atomic_path, remove_leftovers, sync_folder, write_text_atomic
+from ..save_journal import SAVE_ID_KEY, finish_interrupted_save, remove_pending, write_pending
 from .layout import (
     BIN_INDEX_NAME,
     BIN_WEIGHTS_NAME,
@@ -53,37 +58,59 @@ def save_pretrained(
         raise NotADirectoryError(f"{folder} is a file; save_pretrained needs a folder to write into.")
     folder.mkdir(parents=True, exist_ok=True)
     limit = parse_size(max_shard_size)
+    finish_interrupted_save(folder)
     remove_leftovers(folder, _written_here)
+    remove_pending(folder)  # of saves killed before their weights switched
     state = _state_to_save(model)
     shards = _split(state, limit)
     weights_name, index_name = (
         (SAFE_WEIGHTS_NAME, SAFE_INDEX_NAME) if safe_serialization else (BIN_WEIGHTS_NAME, BIN_INDEX_NAME)
     )
     names = _shard_names(folder, weights_name, len(shards))
-    for keys, name in zip(shards, names, strict=True):
-        tensors = {key: _standalone(state[key]) for key in keys}
-        with atomic_path(folder / name) as tmp:
-            if safe_serialization:
-                save_file(tensors, tmp, metadata={"format": "pt"})
+    save_id = secrets.token_hex(8)
+    pending = write_pending(folder, _config_texts(model), save_id)
+    switched = False
+    try:
+        for keys, name in zip(shards, names, strict=True):
+            tensors = {key: _standalone(state[key]) for key in keys}
+            with atomic_path(folder / name) as tmp:
+                if safe_serialization:
+                    save_file(tensors, tmp, metadata={"format": "pt", SAVE_ID_KEY: save_id})
+                else:
+                    torch.save(tensors, tmp)
+            del tensors
+        if len(shards) > 1:  # the index goes last: the new checkpoint exists from its rename on
+            index = {
+                "metadata": {"total_size": sum(t.nbytes for t in state.values()), SAVE_ID_KEY: save_id},
+                "weight_map": {
+                    key: name for keys, name in zip(shards, names, strict=True) for key in sorted(keys)
+                },
+            }
+            _write_json(folder / index_name, index)
+        switched = True
+        _remove_stale(
+            folder, weights_name, index_name, keep=set(names) | ({index_name} if len(shards) > 1 else set())
+        )
+    finally:
+        for path, name in pending:
+            if switched:
+                os.replace(path, folder / name)
             else:
-                torch.save(tensors, tmp)
-        del tensors
-    if len(shards) > 1:  # the index goes last: the new checkpoint exists from its rename on
-        index = {
-            "metadata": {"total_size": sum(t.nbytes for t in state.values())},
-            "weight_map": {
-                key: name for keys, name in zip(shards, names, strict=True) for key in sorted(keys)
-            },
-        }
-        _write_json(folder / index_name, index)
-    _remove_stale(
-        folder, weights_name, index_name, keep=set(names) | ({index_name} if len(shards) > 1 else set())
-    )
-    _save_config(model, folder)
+                path.unlink(missing_ok=True)
+        sync_folder(folder)
+
+
+def _config_texts(model: StableLmPreTrainedModel) -> dict[str, str]:
+    """config.json's text, and generation_config.json's where the model has one."""
+    config = copy.deepcopy(model.config)
+    config.torch_dtype = str(model.dtype).removeprefix("torch.")
+    config.extra["architectures"] = [type(model).__name__]
+    texts = {CONFIG_NAME: config.to_json_string()}
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None:  # a dict as read from the file, or a GenerationConfig
         data = generation_config.to_dict() if hasattr(generation_config, "to_dict") else generation_config
-        _write_json(folder / GENERATION_CONFIG_NAME, data)
+        texts[GENERATION_CONFIG_NAME] = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    return texts
 
 
 def parse_size(size: int | str) -> int:
@@ -164,13 +191,6 @@ def _remove_stale(folder: Path, weights_name: str, index_name: str, *, keep: set
     for path in folder.iterdir():
         if path.name not in keep and (ours.match(path.name) or path.name == index_name):
             path.unlink()
-
-
-def _save_config(model: StableLmPreTrainedModel, folder: Path) -> None:
-    config = copy.deepcopy(model.config)
-    config.torch_dtype = str(model.dtype).removeprefix("torch.")
-    config.extra["architectures"] = [type(model).__name__]
-    config.save_pretrained(folder)
 
 
 def _write_json(path: Path, data: dict) -> None:

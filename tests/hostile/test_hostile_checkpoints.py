@@ -253,6 +253,76 @@ def test_a_save_killed_mid_shard_leaves_the_old_checkpoint_and_the_next_save_cle
     )
 
 
+KILL_AFTER_SWITCH = (
+    "import os, signal, sys\n"
+    "from stablelm import StableLmForCausalLM\n"
+    "from stablelm.checkpoint import save as save_module\n"
+    "def dying(*args, **kwargs):\n"  # the weights have switched; the config files are still pending
+    "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    "save_module._remove_stale = dying\n"
+    "model = StableLmForCausalLM.from_pretrained(sys.argv[1])\n"
+    "model.save_pretrained(sys.argv[2], **({'max_shard_size': sys.argv[3]} if len(sys.argv) > 3 else {}))\n"
+)
+
+
+@pytest.mark.parametrize("shards", [None, SHARD], ids=["single", "sharded"])
+def test_a_save_killed_after_its_weights_switched_loads_as_the_new_model(tmp_path, shards):
+    # the new model differs from the old in its config as well as its weights (same shapes)
+    old, new = small_model(0), small_model(1, rope_theta=500000.0, layer_norm_eps=1e-3)
+    new.generation_config = {"max_new_tokens": 7}
+    folder, source = tmp_path / "model", tmp_path / "new"
+    old.save_pretrained(folder, **({"max_shard_size": shards} if shards else {}))
+    new.save_pretrained(source)
+    run = subprocess.run(
+        [sys.executable, "-c", KILL_AFTER_SWITCH, str(source), str(folder), *([shards] if shards else [])],
+        cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == -signal.SIGKILL
+    assert json.loads((folder / "config.json").read_text())["rope_theta"] == 10000.0  # still the old one
+    assert [p.name for p in folder.iterdir() if p.name.endswith(".pending")]
+    # a config read alone finishes the save too
+    from stablelm import StableLmConfig
+
+    assert StableLmConfig.from_pretrained(folder).rope_theta == 500000.0
+    assert not [p.name for p in folder.iterdir() if p.name.endswith(".pending")]
+    loaded = StableLmForCausalLM.from_pretrained(folder)
+    assert loaded.config.rope_theta == 500000.0 and loaded.config.layer_norm_eps == 1e-3
+    assert json.loads((folder / "generation_config.json").read_text())["max_new_tokens"] == 7
+    assert_same_weights(loaded, state_of(new))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, new(ids).logits)
+
+
+def test_a_save_killed_before_its_weights_switched_keeps_the_old_config(tmp_path):
+    old, new = small_model(0), small_model(1, rope_theta=500000.0)
+    folder, source = tmp_path / "model", tmp_path / "new"
+    old.save_pretrained(folder, max_shard_size=SHARD)
+    new.save_pretrained(source)
+    code = KILL_AFTER_SWITCH.replace("save_module._remove_stale = dying", "save_module._write_json = dying")
+    run = subprocess.run([sys.executable, "-c", code, str(source), str(folder), SHARD], cwd=ROOT, timeout=120)
+    assert run.returncode == -signal.SIGKILL
+    pending = [p for p in folder.iterdir() if p.name.endswith(".pending")]
+    assert pending  # the new config, written before the weights, never put in place
+    loaded = StableLmForCausalLM.from_pretrained(folder)
+    assert loaded.config.rope_theta == 10000.0
+    assert_same_weights(loaded, state_of(old))
+    assert all(p.exists() for p in pending)  # not this save's: a load leaves them
+    new.save_pretrained(folder, max_shard_size=SHARD)  # the next save clears them
+    assert not [p.name for p in folder.iterdir() if p.name.endswith((".pending", ".tmp"))]
+    assert StableLmForCausalLM.from_pretrained(folder).config.rope_theta == 500000.0
+
+
+def test_an_interrupted_save_removes_its_pending_config(tmp_path, monkeypatch):
+    small_model(0).save_pretrained(tmp_path)
+    interrupt_writes(monkeypatch, "second shard")
+    with pytest.raises(Interrupted):
+        small_model(1, rope_theta=500000.0).save_pretrained(tmp_path, max_shard_size=SHARD)
+    monkeypatch.undo()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".pending")]
+    assert StableLmForCausalLM.from_pretrained(tmp_path).config.rope_theta == 10000.0
+
+
 def test_a_live_writers_temporary_file_is_left_alone(tmp_path):
     small_model(0).save_pretrained(tmp_path)
     live = tmp_path / f".model.safetensors.{os.getppid()}.tmp"  # a running process (our parent) writing it
