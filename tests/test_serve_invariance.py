@@ -251,3 +251,22 @@ def test_engine_gives_a_request_the_same_tokens_and_logprobs_alone_and_among_oth
         )
         assert summary(mixed[1]) == summary(alone[0][:]) and summary(mixed[5]) == summary(alone[1]), stagger
     assert len(alone[0]) == 12 and alone[0][-1].finish_reason == "length"
+
+
+def test_a_short_last_piece_of_a_prompt_joins_the_chunk_before_it(monkeypatch):
+    # prefill_chunk=4: a last piece of at most 1 token (a quarter) is not a step of its own, which would
+    # cost every running row a decode step for one prompt token
+    chunks = []
+    real = RowForward.prefill
+
+    def prefill(self, cache, chunk, **kwargs):
+        chunks.append(len(chunk))
+        return real(self, cache, chunk, **kwargs)
+
+    monkeypatch.setattr(RowForward, "prefill", prefill)
+    model = tiny_model(torch.float32)
+    options = SamplingOptions(max_tokens=1, temperature=0.0)
+    for length, expected in ((4, [4]), (5, [5]), (6, [4, 2]), (9, [4, 5]), (10, [4, 4, 2])):
+        chunks.clear()
+        run_engine(model, [(list(range(1, length + 1)), options)])
+        assert chunks == expected, length

@@ -80,7 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=bounded(int, low=1),
         default=128,
         metavar="N",
-        help="most prompt tokens run in one step, between the decode steps of the others (default: 128)",
+        help="prompt tokens run in one step, between the decode steps of the others; a last piece of up to "
+        "a quarter of that joins the chunk before it (default: 128)",
     )
 
 

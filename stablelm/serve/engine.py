@@ -6,8 +6,9 @@ nobody waits before it; else it waits in a queue of at most `max_queue` jobs (be
 raises `QueueFull`). Each step of the engine's thread:
 
 1. drops cancelled jobs (a client went away): their rows and caches are freed at once;
-2. runs one prefill chunk (at most `prefill_chunk` tokens) of the oldest admitted job still
-   prefilling; chunks are cut from the prompt's start, so they depend on the prompt alone. After its last
+2. runs one prefill chunk (`prefill_chunk` tokens; the last piece of a prompt joins the chunk before
+   it when it is at most a quarter of that) of the oldest admitted job still prefilling; chunks are cut
+   from the prompt's start, so they depend on the prompt alone. After its last
    chunk the job's `n` rows draw their first token and join the running rows;
 3. runs one decode step of every running row together (`RowForward.decode`, batch-invariant);
 4. samples each row's next token with the row's own settings and generator, turns it into text
@@ -158,7 +159,8 @@ class Engine:
             `Loaded`). Until it returns, `state` is "loading".
         max_batch: Most rows decoded together.
         max_queue: Most jobs waiting for rows.
-        prefill_chunk: Most prompt tokens run in one step.
+        prefill_chunk: Prompt tokens run in one step; a last piece of at most a quarter of that goes with
+            the chunk before it (a 129-token prompt is one chunk of 129 at the default 128).
         on_failure: Called (from the engine's thread) if loading fails; the error is kept in `error`.
     """
 
@@ -421,7 +423,10 @@ class Engine:
         prompt = job.prompt
         if prefill.cache is None:
             prefill.cache = self.forward.new_cache(len(prompt) + job.options.max_tokens)
-        chunk = prompt[prefill.done : prefill.done + self.prefill_chunk]
+        end = prefill.done + self.prefill_chunk
+        if len(prompt) - end <= self.prefill_chunk // 4:  # a short last piece goes with this chunk:
+            end = len(prompt)  # a step of its own would cost the others a decode step for a few tokens
+        chunk = prompt[prefill.done : end]
         hidden = self.forward.prefill(prefill.cache, chunk, prompt_length=len(prompt))
         prefill.done += len(chunk)
         if prefill.done < len(prompt):
