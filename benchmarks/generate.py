@@ -14,7 +14,7 @@ With --quantize, int8 and int4 weight-only models (`stablelm.quantize`) join the
 to our bfloat16 ("optimized") in the same rounds are printed too.
 
 Run:  python benchmarks/generate.py --shape 160m --dtype bfloat16 --batch 1 [--compile] [--rounds 3]
-      python benchmarks/generate.py --shape 3b --batch 1 --quantize --rounds 2   # bf16 vs int8 vs int4
+      python benchmarks/generate.py --shape 3b --batch 1 --quantize --kinds optimized   # bf16, int8, int4
       python benchmarks/generate.py --matrix       # the shapes/dtypes/batches of the issues
 """
 
@@ -160,6 +160,10 @@ def best(timings: list[dict]) -> dict:
 def compare(args: argparse.Namespace, bandwidth: float) -> None:
     kinds = ["plain", "optimized"] + (["fp32-cache"] if fp32_cache_applies(args) else [])
     kinds += ["compiled"] if args.compile else []
+    if args.kinds:
+        kinds = [kind for kind in kinds if kind in args.kinds] or ["optimized"]
+    if args.quantize and "optimized" not in kinds:
+        kinds.append("optimized")
     ref = Child("ref", args)
     results, paired = {}, {}
     for kind in kinds:
@@ -242,6 +246,12 @@ def main() -> None:
     parser.add_argument("--matrix", action="store_true", help="run the issues' matrix of settings")
     parser.add_argument(
         "--quantize", action="store_true", help="also time int8 and int4 weights, in turns with our bf16"
+    )
+    parser.add_argument(
+        "--kinds",
+        nargs="+",
+        choices=["plain", "optimized", "fp32-cache", "compiled"],
+        help="only these of ours against the reference (default: plain, optimized, fp32-cache)",
     )
     parser.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -87,13 +87,18 @@ def test_kernels_match_dequantized_reference(qtype, group, isa, monkeypatch):
         )
         for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 8e-3)):
             layer.bias.data = layer.bias.data.to(dtype)
-            for rows in (1, 3, 8, 20):
-                x = torch.randn(rows, 256, generator=gen).to(dtype)
-                with torch.no_grad():
-                    y = layer(x)
+            # 20 rows: the prefill path, the whole weight at once, then in tiles of 16 of its 40 rows
+            for rows, scratch in ((1, None), (3, None), (8, None), (20, None), (20, 1)):
+                default, qlinear.SCRATCH_BYTES = qlinear.SCRATCH_BYTES, scratch or qlinear.SCRATCH_BYTES
+                try:
+                    x = torch.randn(rows, 256, generator=gen).to(dtype)
+                    with torch.no_grad():
+                        y = layer(x)
+                finally:
+                    qlinear.SCRATCH_BYTES = default
                 ref = _reference(layer, x)
                 assert y.dtype == dtype
-                assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < tol, (dtype, rows)
+                assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < tol, (dtype, rows, scratch)
     finally:
         monkeypatch.delenv("STABLELM_ISA")
         clear_caches()

@@ -4,12 +4,15 @@ Its state dict holds the quantized tensors (`weight`, `weight_scale`, `weight_mi
 the model's dtype): what `save_pretrained` writes and a quantized checkpoint loads back. A call on the
 CPU with float32 or bfloat16 activations runs on stablelm's native kernels (`stablelm/kernels/quant.c`):
 up to `KERNEL_MAX_ROWS` rows (decoding) on the quantized weight itself, more rows (prefill) by
-dequantizing tiles of the weight into the cache and multiplying each with torch's kernel. Elsewhere
+dequantizing the weight (whole, or in tiles of `SCRATCH_BYTES`) into a scratch buffer the thread keeps
+and multiplying with torch's kernel. Elsewhere
 (other devices or dtypes, no kernels: `STABLELM_ISA=none`, autograd on) the weight is dequantized with
 torch and `F.linear` runs; gradients flow to the input, never to the frozen quantized weight.
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +22,12 @@ from ..kernels import cpu_flags, quant_library, selected_isa
 from . import formats
 
 KERNEL_MAX_ROWS = 8  # beyond this, dequantized tiles and torch's matrix product are faster
-TILE_BYTES = 1 << 20  # prefill: weight rows dequantized per torch call (bfloat16 bytes)
+# Prefill: the weight is dequantized into a scratch buffer of at most this many bytes (the whole layer for
+# every layer of the 3B shape; tiles of this size for larger ones), kept and reused by every layer and call
+# of the thread, and multiplied in one call of torch's kernel per tile. Small tiles kept the buffer in the cache, but each matrix product of a
+# tile's few hundred rows ran at a third of the whole layer's speed.
+SCRATCH_BYTES = 64 << 20
+_scratch = threading.local()
 _TYPES = {torch.float32: 0, torch.bfloat16: 1}
 # mode of the int4 kernel: 1 = AVX512-BF16 sums (bfloat16 activations), 0 = float32 sums. None: pick.
 FORCE_INT4_MODE: int | None = None
@@ -162,40 +170,47 @@ class QuantizedLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
     def _tiled(self, rows: torch.Tensor) -> torch.Tensor:
-        """Many rows: tiles of the weight dequantized (into the cache) and multiplied with torch's kernel."""
+        """Many rows: the weight dequantized (whole, or in tiles of SCRATCH_BYTES) into the thread's scratch
+        buffer and multiplied with torch's kernel."""
         lib = quant_library()
         k, n = self.in_features, self.out_features
-        tile = max(16, TILE_BYTES // (2 * k) // 16 * 16)
+        tile = min(n, max(16, SCRATCH_BYTES // (rows.element_size() * k) // 16 * 16))
         kind = _TYPES[rows.dtype]
-        y = torch.empty(rows.shape[0], n, dtype=rows.dtype)
-        buffer = torch.empty(min(tile, n), k, dtype=rows.dtype)
+        buffer = _scratch_buffer(tile * k, rows.dtype)
+        y = torch.empty(rows.shape[0], n, dtype=rows.dtype) if tile < n else None
         threads = torch.get_num_threads()
         for n0 in range(0, n, tile):
             n1 = min(n, n0 + tile)
-            w = buffer[: n1 - n0]
+            w = buffer[: (n1 - n0) * k].view(n1 - n0, k)
             if self.quant_type == "int8":
                 status = lib.stablelm_q8_dequant(
-                    self.weight.data_ptr(),
-                    self.weight_scale.data_ptr(),
-                    k,
-                    n0,
-                    n1,
-                    w.data_ptr(),
-                    kind,
-                    threads,
-                )
+                    self.weight.data_ptr(), self.weight_scale.data_ptr(), k, n0, n1, w.data_ptr(), kind, threads
+                )  # fmt: skip
             else:
                 status = lib.stablelm_q4_dequant(
                     self.weight.data_ptr(), self.weight_scale.data_ptr(), self.weight_min.data_ptr(),
                     self.group_size, k, n0, n1, w.data_ptr(), kind, threads,
                 )  # fmt: skip
             _check(status, self.quant_type, n1 - n0, k)
-            torch.mm(rows, w.t(), out=y[:, n0:n1]) if n1 - n0 == n else y[:, n0:n1].copy_(
-                torch.mm(rows, w.t())
-            )
+            if y is None:
+                y = torch.mm(rows, w.t())
+            else:
+                y[:, n0:n1] = torch.mm(rows, w.t())
         if self.bias is not None:
             y += self.bias
         return y
+
+
+def _scratch_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """This thread's scratch buffer of `dtype`, at least `numel` elements (grown as layers need)."""
+    buffers = getattr(_scratch, "buffers", None)
+    if buffers is None:
+        buffers = _scratch.buffers = {}
+    buffer = buffers.get(dtype)
+    if buffer is None or buffer.numel() < numel:
+        buffers[dtype] = buffer = None  # the old one freed before the new one is made
+        buffers[dtype] = buffer = torch.empty(numel, dtype=dtype)
+    return buffer
 
 
 def int4_mode(dtype: torch.dtype) -> int:
