@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import cpu_flags, quant_library, selected_isa
+from ..kernels import call, cpu_flags, kernel, quant_library, selected_isa
+from ..kernels.linear import plan
 from . import formats
 
 KERNEL_MAX_ROWS = 8  # beyond this, dequantized tiles and torch's matrix product are faster
@@ -192,13 +193,24 @@ class QuantizedLinear(nn.Module):
                     self.group_size, k, n0, n1, w.data_ptr(), kind, threads,
                 )  # fmt: skip
             _check(status, self.quant_type, n1 - n0, k)
+            part = _product(rows, w)
             if y is None:
-                y = torch.mm(rows, w.t())
+                y = part
             else:
-                y[:, n0:n1] = torch.mm(rows, w.t())
+                y[:, n0:n1] = part
         if self.bias is not None:
             y += self.bias
         return y
+
+
+def _product(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """rows @ w.T with stablelm's dense kernel where its plan for this shape gives torch's bits faster
+    (on CPUs without AVX512-BF16, torch's bfloat16 product is ATen's slow one), else torch's."""
+    found = plan(w.dtype, w.shape[1], w.shape[0], False, rows.shape[0])
+    fn = None if found is None else kernel(found[0])
+    if fn is None:
+        return torch.mm(rows, w.t())
+    return call(fn, found[0], rows, [w], [None], found[1])
 
 
 def _scratch_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
