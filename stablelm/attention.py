@@ -49,7 +49,8 @@ def build_mask(
                 f"attention_mask covers {padding.shape[-1]} positions, but the cache holds {past} and the input "
                 f"adds {new}: pass a mask of length {key_length} (past plus new tokens)."
             )
-        if bool(padding.all()):
+        # an all-ones mask is no mask (the fast causal path); a compiled graph cannot branch on values
+        if not torch.compiler.is_compiling() and bool(padding.all()):
             padding = None
     if padding is None and slots == key_length and (past == 0 or new == 1):
         return AttentionMask(allowed=None, is_causal=new > 1, key_length=key_length)

@@ -161,3 +161,17 @@ def test_a_compiled_decode_step_attends_in_float32_within_rounding_of_sdpa():
     torch.testing.assert_close(compiled.float(), eager.float(), atol=2e-2, rtol=2e-2)
     # one rounding of a float32 result: nearer the truth than the bf16 kernel (which rounds the weights)
     assert (compiled.double() - truth).abs().mean() < (eager.double() - truth).abs().mean()
+
+
+def test_a_whole_graph_compile_takes_an_attention_mask():
+    # build_mask once asked whether the mask was all ones (a value the graph cannot branch on):
+    # torch.compile(fullgraph=True) failed on every call with an attention_mask
+    torch.manual_seed(0)
+    model = StableLmForCausalLM(tiny_config()).eval()
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(1))
+    compiled = torch.compile(model, fullgraph=True, dynamic=False)
+    for mask in (torch.ones_like(ids), torch.ones_like(ids).index_fill(1, torch.tensor([0, 1]), 0)):
+        mask[1] = 1  # row 0 left-padded (in the second mask), row 1 whole
+        with torch.no_grad():
+            got, want = compiled(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits
+        torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=1e-5, rtol=1e-5)
