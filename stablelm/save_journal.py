@@ -10,7 +10,8 @@ save into it renames them, so the folder never loads as new weights with the ear
 files whose id the weights do not carry belong to a save killed before its weights switched: the next
 save removes them. A single `.bin` file has no metadata: there the config files follow the weights.
 
-Light on imports (no torch): reading a config runs it.
+Light on imports: reading a config from a folder runs `finish_interrupted_save`; only a folder holding
+pending files imports the checkpoint reader (and torch).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
 import warnings
 from pathlib import Path
 
@@ -27,7 +27,6 @@ from .atomic import _alive, sync_folder
 SAVE_ID_KEY = "stablelm_save_id"  # in the weights' metadata: which save put them there
 CONFIG_FILES = ("config.json", "generation_config.json")
 _PENDING = re.compile(r"^\.(?P<name>.+)\.(?P<save>[0-9a-f]{16})\.(?P<pid>\d+)\.pending$")
-_MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit on a header
 
 
 def write_pending(folder: Path, texts: dict[str, str], save_id: str) -> list[tuple[Path, str]]:
@@ -90,29 +89,22 @@ def remove_pending(folder: Path) -> None:
 
 
 def _switched_save_id(folder: Path) -> str | None:
-    """The save id in the metadata of the file that says which weights the folder holds, as the loader
-    chooses it (the single safetensors file, then the safetensors index, then the .bin index when no
-    single .bin file is there), or None."""
+    """The save id in the metadata of the file that says which weights the folder holds, the one the
+    loader chooses (`find_weights`: the single safetensors file, or an index), or None."""
+    from safetensors import SafetensorError, safe_open
+
+    from .checkpoint.layout import CheckpointError, find_weights
+
     try:
-        if (folder / "model.safetensors").is_file():
-            with open(folder / "model.safetensors", "rb") as f:
-                (length,) = struct.unpack("<Q", f.read(8))
-                if length > _MAX_HEADER:
-                    return None
-                metadata = json.loads(f.read(length)).get("__metadata__")
-        elif (folder / "model.safetensors.index.json").is_file():
-            metadata = json.loads((folder / "model.safetensors.index.json").read_text("utf-8")).get(
-                "metadata"
-            )
-        elif (folder / "pytorch_model.bin.index.json").is_file() and not (
-            folder / "pytorch_model.bin"
-        ).is_file():
-            metadata = json.loads((folder / "pytorch_model.bin.index.json").read_text("utf-8")).get(
-                "metadata"
-            )
-        else:
+        weights = find_weights(folder)
+        if weights.index is not None:
+            metadata = json.loads(weights.index.read_text("utf-8")).get("metadata")
+        elif weights.format == "safetensors":
+            with safe_open(weights.files[0], framework="pt") as f:
+                metadata = f.metadata()
+        else:  # a single .bin file has no metadata
             return None
-    except (OSError, ValueError, struct.error, AttributeError):  # damaged files: the loader will say so
+    except (OSError, ValueError, AttributeError, CheckpointError, SafetensorError):  # the loader says what
         return None
     value = metadata.get(SAVE_ID_KEY) if isinstance(metadata, dict) else None
     return value if isinstance(value, str) else None

@@ -39,7 +39,7 @@ from .options import (
     describe_sampling,
     generation_config,
 )
-from .templates import BUILTIN, ChatFormat, find_template, unknown_template
+from .templates import BUILTIN, ChatFormat, chosen_template, find_template
 
 if TYPE_CHECKING:
     from .loading import Loaded
@@ -152,15 +152,11 @@ class Chat:
         """
         tokenizer = self.loaded.tokenizer
         value = self.args.chat_template
-        if chat_format is not None:
-            self._stop_tokens(chat_format.stops)
-            known = tokenizer.special_tokens_map
-            self.template_variables = {k: v for k, v in chat_format.defaults if not known.get(k)}
-            return chat_format.source, list(chat_format.stops)
-        if value:  # not a file nor a built-in: one of the tokenizer's named templates?
-            if isinstance(tokenizer.chat_template, dict) and value in tokenizer.chat_template:
-                return value, []
-            raise unknown_template(value)
+        if value:  # a file, a built-in, or one of the tokenizer's named templates
+            template, self.template_variables = chosen_template(tokenizer, value, chat_format)
+            stops = chat_format.stops if chat_format is not None else ()
+            self._stop_tokens(stops)
+            return template, list(stops)
         if tokenizer.chat_template is None:
             raise CliError(
                 f"{self.loaded.source} has no chat template (tokenizer_config.json sets no chat_template): "

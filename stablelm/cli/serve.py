@@ -28,7 +28,7 @@ from typing import Any
 
 from .errors import CliError, UsageError
 from .options import add_load_options, bounded
-from .templates import BUILTIN, ChatFormat, find_template, unknown_template
+from .templates import BUILTIN, ChatFormat, chosen_template, find_template
 
 API_KEY_ENV = "STABLELM_API_KEY"
 DEMO_MODEL_ID = "stablelm-demo"
@@ -170,14 +170,8 @@ def use_chat_template(tokenizer: Any, value: str, chat_format: ChatFormat | None
     Raises:
         UsageError: `value` names no file, built-in or template of the tokenizer.
     """
-    if chat_format is None:  # not a file nor a built-in: one of the tokenizer's named templates?
-        if not (isinstance(tokenizer.chat_template, dict) and value in tokenizer.chat_template):
-            raise unknown_template(value)
-        tokenizer.chat_template = tokenizer.chat_template[value]
-        return {}
-    tokenizer.chat_template = chat_format.source
-    known = tokenizer.special_tokens_map
-    return {name: token for name, token in chat_format.defaults if not known.get(name)}
+    tokenizer.chat_template, variables = chosen_template(tokenizer, value, chat_format)
+    return variables
 
 
 class _Server:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import UsageError
 
@@ -83,6 +84,24 @@ def find_template(value: str) -> ChatFormat | None:
     if path.exists():
         raise UsageError(f"--chat-template: {path} is not a file")
     return None
+
+
+def chosen_template(tokenizer: Any, value: str, chat_format: ChatFormat | None) -> tuple[str, dict[str, str]]:
+    """The template --chat-template `value` names for this tokenizer (`chat_format`: what `find_template`
+    found for it), and the variables to render it with: a built-in's special tokens the tokenizer does
+    not define itself.
+
+    Raises:
+        UsageError: `value` is no file, no built-in and none of the tokenizer's named templates.
+    """
+    if chat_format is not None:
+        known = tokenizer.special_tokens_map
+        return chat_format.source, {
+            name: token for name, token in chat_format.defaults if not known.get(name)
+        }
+    if isinstance(tokenizer.chat_template, dict) and value in tokenizer.chat_template:
+        return tokenizer.chat_template[value], {}
+    raise unknown_template(value)
 
 
 def unknown_template(value: str) -> UsageError:
