@@ -14,7 +14,7 @@ from conftest import randomize_, rope_scaling_for, tiny_config
 import stablelm
 from stablelm.cache import DynamicCache
 from stablelm.fast import optimize_for_inference
-from stablelm.serve.engine import Engine, Event, Job, SamplingOptions
+from stablelm.serve import Engine, Event, Job, SamplingOptions
 from stablelm.serve.forward import RowForward, _RowLinear
 
 DTYPES = [torch.float32, torch.bfloat16]

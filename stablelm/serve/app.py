@@ -29,18 +29,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Engine, Event, Failure, Job, QueueFull, Unavailable
-from .protocol import (
-    ApiError,
-    Parsed,
-    ServerInfo,
-    Tokens,
-    chat_logprobs,
-    completion_logprobs,
-    parse_chat,
-    parse_completion,
-    parse_json,
-    usage,
-)
+from .fields import ApiError, parse_json
+from .protocol import Parsed, ServerInfo, parse_chat, parse_completion
+from .responses import Tokens, chat_logprobs, completion_logprobs, usage
 
 MAX_BODY_BYTES = 8 * 2**20
 

@@ -29,94 +29,12 @@ import threading
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-GREEDY_BELOW = 1e-5  # temperatures under this are greedy (as vLLM's): dividing by them overflows
-
-
-class QueueFull(Exception):
-    """The queue holds `max_queue` jobs already."""
-
-
-class Unavailable(Exception):
-    """The engine is loading, failed to load, or is shutting down."""
-
-
-@dataclass(frozen=True)
-class SamplingOptions:
-    """How one job draws its tokens and when its rows stop (OpenAI's fields and vLLM's extras)."""
-
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 (or -1): off
-    min_p: float = 0.0
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    logit_bias: tuple[tuple[int, float], ...] = ()
-    min_tokens: int = 0
-    ignore_eos: bool = False
-    stop: tuple[str, ...] = ()
-    logprobs: int | None = None  # None: no logprobs; k: the chosen token's and the k most likely
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature < GREEDY_BELOW
-
-
-@dataclass
-class TokenLogprob:
-    """A drawn token's log-probability under the model, and the `top` most likely (id, logprob)."""
-
-    token: int
-    logprob: float
-    top: list[tuple[int, float]]
-
-
-@dataclass
-class Event:
-    """What one row made in one step. `index` is the choice's index in the HTTP response; `tokens` the
-    token drawn (none for a job aborted before it started); `text` what may be shown now;
-    `finish_reason` is set on a row's last event ("stop", "length" or "abort")."""
-
-    index: int
-    text: str
-    tokens: list[int]
-    logprobs: list[TokenLogprob] | None
-    finish_reason: str | None = None
-
-
-@dataclass
-class Failure:
-    """The engine failed on this job (an error inside the model's step); the job's rows are gone."""
-
-    message: str
-
-
-@dataclass(eq=False)
-class Job:
-    """One prompt to continue `n` times.
-
-    Attributes:
-        prompt: The prompt's token ids.
-        n: Choices (rows) to make.
-        options: Sampling and stopping.
-        stop_ids: Tokens that end a row (EOS, end of turn), unless `options.ignore_eos`.
-        sink: Called from the engine's thread with each `Event` (or a `Failure`).
-        first_index: Index of the job's first choice in the response (prompts of a batch follow each other).
-    """
-
-    prompt: list[int]
-    n: int
-    options: SamplingOptions
-    stop_ids: frozenset[int]
-    sink: Callable[[Event | Failure], None]
-    first_index: int = 0
-    cancelled: bool = field(default=False, init=False)
+from .jobs import Event, Failure, Job, QueueFull, TokenLogprob, Unavailable
+from .sampling import process_scores, sampling_defaults
 
 
 class _Row:
@@ -455,7 +373,14 @@ class Engine:
         logprob = None
         if options.logprobs is not None:
             logprobs = torch.log_softmax(scores, dim=-1)[0]
-        scores = self._process(row, scores)
+        scores = process_scores(
+            options,
+            scores,
+            prompt=row.job.prompt,
+            generated=row.generated,
+            counts=row.counts,
+            stop_ids=row.job.stop_ids,
+        )
         if options.greedy:
             token = int(torch.argmax(scores, dim=-1)[0])
         else:
@@ -487,38 +412,6 @@ class Engine:
                 Event(job.first_index + row.index, text, [token], None if logprob is None else [logprob])
             )
 
-    def _process(self, row: _Row, scores: Any) -> Any:
-        """The logits processors, per row, in vLLM's order: penalties, logit bias, min_tokens, then
-        temperature, top-k, top-p and min-p (stablelm.sampling's functions)."""
-        import torch
-
-        from .. import sampling
-
-        options = row.job.options
-        if options.repetition_penalty != 1.0:
-            seen = torch.tensor([row.job.prompt + row.generated], device=scores.device)
-            scores = sampling.repetition_penalty(scores, seen, options.repetition_penalty)
-        if row.counts is not None:
-            scores = (
-                scores - options.frequency_penalty * row.counts - options.presence_penalty * (row.counts > 0)
-            )
-        if options.logit_bias:
-            ids = torch.tensor([i for i, _ in options.logit_bias], device=scores.device)
-            bias = torch.tensor([b for _, b in options.logit_bias], dtype=scores.dtype, device=scores.device)
-            scores = scores.index_add(1, ids, bias[None])
-        if len(row.generated) < options.min_tokens and row.job.stop_ids:
-            banned = torch.tensor(sorted(row.job.stop_ids), device=scores.device)
-            scores = sampling.suppress_tokens(scores, banned)
-        if options.greedy:
-            return scores
-        scores = sampling.temperature(scores, options.temperature)
-        if options.top_k > 0:
-            scores = sampling.top_k(scores, options.top_k)
-        scores = sampling.top_p(scores, options.top_p)
-        if options.min_p > 0:
-            scores = sampling.min_p(scores, options.min_p)
-        return scores
-
     def _finish(
         self, row: _Row, reason: str, *, token: int | None, logprob: TokenLogprob | None, text: str = ""
     ) -> None:
@@ -536,37 +429,6 @@ class Engine:
         if job.options.logprobs is not None and logprobs is None:
             logprobs = []
         job.sink(Event(job.first_index + row.index, text, tokens, logprobs, reason))
-
-
-SAMPLING_DEFAULTS = {  # (low, high, open_low): where a generation_config.json value is usable
-    "temperature": (0.0, None, False),
-    "top_p": (0.0, 1.0, True),
-    "top_k": (-1, None, False),
-    "min_p": (0.0, 1.0, False),
-    "repetition_penalty": (0.0, None, True),
-}
-
-
-def sampling_defaults(generation_config: Any) -> dict[str, float]:
-    """The sampling settings a checkpoint's generation_config.json sets (temperature, top_p, top_k, min_p,
-    repetition_penalty): the defaults of requests that leave them out, as in vLLM. Values out of range are
-    left out."""
-    if generation_config is None:
-        return {}
-    found = generation_config if isinstance(generation_config, dict) else generation_config.to_dict()
-    defaults = {}
-    for name, (low, high, open_low) in SAMPLING_DEFAULTS.items():
-        value = found.get(name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-            continue
-        if (
-            (value <= low if open_low else value < low)
-            or (high is not None and value > high)
-            or value == float("inf")
-        ):
-            continue
-        defaults[name] = int(value) if name == "top_k" else float(value)
-    return defaults
 
 
 _LIBC: Any = None

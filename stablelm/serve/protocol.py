@@ -1,4 +1,5 @@
-"""OpenAI's request bodies checked field by field, and the response bodies and stream chunks built.
+"""OpenAI's request bodies (completions and chat) checked field by field into a `Parsed` request. The
+readers of single fields are in `fields`, the pieces of response bodies in `responses`.
 
 Every problem with a request is an `ApiError` with OpenAI's error shape
 `{"error": {"message", "type", "param", "code"}}` and the HTTP status carrying the number: 400 for a
@@ -10,43 +11,28 @@ rather than silently ignored; unknown fields are ignored, as OpenAI's clients se
 
 from __future__ import annotations
 
-import json
-import math
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from .engine import SamplingOptions, TokenLogprob
+from .fields import (
+    ApiError,
+    bad,
+    kind_of,
+    read_bool,
+    read_int,
+    read_number,
+    read_string,
+    show,
+)
+from .sampling import SamplingOptions
 
 MAX_LOGPROBS = 20  # top_logprobs / logprobs at most (OpenAI: 20 for chat; vLLM's default max)
 MAX_STOPS = 16  # stop strings per request (OpenAI allows 4; vLLM, llama.cpp any number)
 MAX_LOGIT_BIAS = 1024  # entries of logit_bias
 INT64 = (-(2**63), 2**63 - 1)
 CHAT_ROLES = ("system", "developer", "user", "assistant")
-
-
-class ApiError(Exception):
-    """An error answered with OpenAI's error body and `status`."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str = "invalid_request_error",  # noqa: A002 - OpenAI's field name
-        param: str | None = None,
-        code: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def bad(message: str, param: str | None, code: str | None = None) -> ApiError:
-    return ApiError(400, message, param=param, code=code)
 
 
 @dataclass
@@ -79,104 +65,11 @@ class Parsed:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-# --- reading fields --------------------------------------------------------------------------------------
-
-
-def parse_json(raw: bytes) -> dict[str, Any]:
-    """The body as a JSON object."""
-    if not raw.strip():
-        raise bad("The request body is empty: send a JSON object (Content-Type: application/json).", None)
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise bad(f"The request body is not valid JSON ({err}): send a JSON object.", None) from None
-    except RecursionError:
-        raise bad("The request body nests too deeply to parse: send a plain JSON object.", None) from None
-    if not isinstance(body, dict):
-        raise bad(f"The request body must be a JSON object, got {_kind(body)}.", None)
-    return body
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    return {
-        bool: "a boolean",
-        int: "an integer",
-        float: "a number",
-        str: "a string",
-        list: "an array",
-        dict: "an object",
-    }.get(type(value), type(value).__name__)
-
-
-def _show(value: Any) -> str:
-    text = json.dumps(value) if not isinstance(value, float) or math.isfinite(value) else str(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _int(body: dict, name: str, default: Any, *, low: int | None = None, high: int | None = None) -> Any:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise bad(f"'{name}' must be an integer, got {_kind(value)} ({_show(value)}).", name)
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise bad(f"'{name}' must be {_range(low, high)}, got {value}.", name)
-    return value
-
-
-def _number(
-    body: dict,
-    name: str,
-    default: float,
-    *,
-    low: float | None = None,
-    high: float | None = None,
-    open_low: bool = False,
-) -> float:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise bad(f"'{name}' must be a finite number, got {_kind(value)} ({_show(value)}).", name)
-    too_low = low is not None and (value <= low if open_low else value < low)
-    if too_low or (high is not None and value > high):
-        raise bad(f"'{name}' must be {_range(low, high, open_low)}, got {value}.", name)
-    return float(value)
-
-
-def _range(low: float | None, high: float | None, open_low: bool = False) -> str:
-    if low is not None and high is not None:
-        return f"in {'(' if open_low else '['}{low:g}, {high:g}]"
-    if low is not None:
-        return f"{'>' if open_low else '>='} {low:g}"
-    return f"<= {high:g}"
-
-
-def _bool(body: dict, name: str, default: bool) -> bool:
-    value = body.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise bad(f"'{name}' must be true or false, got {_kind(value)} ({_show(value)}).", name)
-    return value
-
-
-def _string(body: dict, name: str) -> str | None:
-    value = body.get(name)
-    if value is not None and not isinstance(value, str):
-        raise bad(f"'{name}' must be a string, got {_kind(value)}.", name)
-    return value
-
-
 # --- the fields both endpoints share ---------------------------------------------------------------------
 
 
 def check_model(body: dict, info: ServerInfo) -> None:
-    model = _string(body, "model")
+    model = read_string(body, "model")
     if model is not None and model != info.model_id:
         raise ApiError(
             404,
@@ -192,7 +85,7 @@ def _stop(body: dict) -> tuple[str, ...]:
         return ()
     stops = [value] if isinstance(value, str) else value
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-        raise bad(f"'stop' must be a string or an array of strings, got {_kind(value)}.", "stop")
+        raise bad(f"'stop' must be a string or an array of strings, got {kind_of(value)}.", "stop")
     if len(stops) > MAX_STOPS:
         raise bad(f"'stop' may hold at most {MAX_STOPS} strings, got {len(stops)}.", "stop")
     if any(not s for s in stops):
@@ -206,7 +99,7 @@ def _logit_bias(body: dict, info: ServerInfo) -> tuple[tuple[int, float], ...]:
         return ()
     if not isinstance(value, dict):
         raise bad(
-            f"'logit_bias' must be an object mapping token ids to biases, got {_kind(value)}.", "logit_bias"
+            f"'logit_bias' must be an object mapping token ids to biases, got {kind_of(value)}.", "logit_bias"
         )
     if len(value) > MAX_LOGIT_BIAS:
         raise bad(f"'logit_bias' may hold at most {MAX_LOGIT_BIAS} tokens, got {len(value)}.", "logit_bias")
@@ -215,7 +108,7 @@ def _logit_bias(body: dict, info: ServerInfo) -> tuple[tuple[int, float], ...]:
         try:
             token = int(key)
         except ValueError:
-            raise bad(f"'logit_bias' keys must be token ids, got {_show(key)}.", "logit_bias") from None
+            raise bad(f"'logit_bias' keys must be token ids, got {show(key)}.", "logit_bias") from None
         if not 0 <= token < info.vocab_size:
             raise bad(
                 f"'logit_bias' names token id {token}, outside the vocabulary (0 to {info.vocab_size - 1}).",
@@ -223,7 +116,7 @@ def _logit_bias(body: dict, info: ServerInfo) -> tuple[tuple[int, float], ...]:
             )
         if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
             raise bad(
-                f"'logit_bias' values must be numbers in [-100, 100], got {_show(bias)} for token {token}.",
+                f"'logit_bias' values must be numbers in [-100, 100], got {show(bias)} for token {token}.",
                 "logit_bias",
             )
         biases.append((token, float(bias)))
@@ -231,18 +124,18 @@ def _logit_bias(body: dict, info: ServerInfo) -> tuple[tuple[int, float], ...]:
 
 
 def _stream(body: dict) -> tuple[bool, bool]:
-    stream = _bool(body, "stream", False)
+    stream = read_bool(body, "stream", False)
     options = body.get("stream_options")
     if options is None:
         return stream, False
     if not isinstance(options, dict):
-        raise bad(f"'stream_options' must be an object, got {_kind(options)}.", "stream_options")
+        raise bad(f"'stream_options' must be an object, got {kind_of(options)}.", "stream_options")
     if not stream:
         raise bad("'stream_options' can only be given with \"stream\": true.", "stream_options")
     include = options.get("include_usage")
     if include is not None and not isinstance(include, bool):
         raise bad(
-            f"'stream_options.include_usage' must be true or false, got {_kind(include)}.",
+            f"'stream_options.include_usage' must be true or false, got {kind_of(include)}.",
             "stream_options.include_usage",
         )
     return stream, bool(include)
@@ -257,23 +150,23 @@ def _refuse(body: dict, names: tuple[str, ...], why: str) -> None:
 
 def _options(body: dict, info: ServerInfo, *, max_tokens: int | None, logprobs: int | None) -> dict[str, Any]:
     """The sampling fields both endpoints share (max_tokens and logprobs read by the caller)."""
-    _string(body, "user")
+    read_string(body, "user")
     default = info.defaults
-    top_k = _int(body, "top_k", default.get("top_k", 0), low=-1)
+    top_k = read_int(body, "top_k", default.get("top_k", 0), low=-1)
     return dict(
-        temperature=_number(body, "temperature", default.get("temperature", 1.0), low=0.0),
-        top_p=_number(body, "top_p", default.get("top_p", 1.0), low=0.0, high=1.0, open_low=True),
+        temperature=read_number(body, "temperature", default.get("temperature", 1.0), low=0.0),
+        top_p=read_number(body, "top_p", default.get("top_p", 1.0), low=0.0, high=1.0, open_low=True),
         top_k=max(top_k, 0),
-        min_p=_number(body, "min_p", default.get("min_p", 0.0), low=0.0, high=1.0),
-        seed=_int(body, "seed", None, low=INT64[0], high=INT64[1]),
-        presence_penalty=_number(body, "presence_penalty", 0.0, low=-2.0, high=2.0),
-        frequency_penalty=_number(body, "frequency_penalty", 0.0, low=-2.0, high=2.0),
-        repetition_penalty=_number(
+        min_p=read_number(body, "min_p", default.get("min_p", 0.0), low=0.0, high=1.0),
+        seed=read_int(body, "seed", None, low=INT64[0], high=INT64[1]),
+        presence_penalty=read_number(body, "presence_penalty", 0.0, low=-2.0, high=2.0),
+        frequency_penalty=read_number(body, "frequency_penalty", 0.0, low=-2.0, high=2.0),
+        repetition_penalty=read_number(
             body, "repetition_penalty", default.get("repetition_penalty", 1.0), low=0.0, open_low=True
         ),
         logit_bias=_logit_bias(body, info),
-        min_tokens=_int(body, "min_tokens", 0, low=0),
-        ignore_eos=_bool(body, "ignore_eos", False),
+        min_tokens=read_int(body, "min_tokens", 0, low=0),
+        ignore_eos=read_bool(body, "ignore_eos", False),
         stop=_stop(body),
         logprobs=logprobs,
         max_tokens=max_tokens,
@@ -305,7 +198,7 @@ def _fit(prompts: list[list[int]], requested: int | None, info: ServerInfo, what
 
 
 def _n(body: dict, info: ServerInfo) -> int:
-    return _int(body, "n", 1, low=1, high=info.max_batch)
+    return read_int(body, "n", 1, low=1, high=info.max_batch)
 
 
 def _finish_options(parsed: dict[str, Any], max_tokens: int) -> SamplingOptions:
@@ -326,7 +219,7 @@ def parse_completion(body: dict, info: ServerInfo, *, max_prompts: int) -> Parse
     check_model(body, info)
     _refuse(body, ("echo", "suffix", "prompt_logprobs"), "it returns the new text only")
     n = _n(body, info)
-    best_of = _int(body, "best_of", None, low=1)
+    best_of = read_int(body, "best_of", None, low=1)
     if best_of is not None and best_of != n:
         raise bad(
             f"'best_of' is not supported (it must equal n, {n}, if given).",
@@ -336,8 +229,8 @@ def parse_completion(body: dict, info: ServerInfo, *, max_prompts: int) -> Parse
     prompts = _prompts(body.get("prompt"), info)
     if len(prompts) > max_prompts:
         raise bad(f"'prompt' may hold at most {max_prompts} prompts here, got {len(prompts)}.", "prompt")
-    max_tokens = _int(body, "max_tokens", 16, low=1)
-    logprobs = _int(body, "logprobs", None, low=0, high=MAX_LOGPROBS)
+    max_tokens = read_int(body, "max_tokens", 16, low=1)
+    logprobs = read_int(body, "logprobs", None, low=0, high=MAX_LOGPROBS)
     options = _options(body, info, max_tokens=None, logprobs=logprobs)
     stream, include_usage = _stream(body)
     fitted = _fit(prompts, max_tokens, info, "prompt", "prompt")
@@ -372,7 +265,11 @@ def _prompts(value: Any, info: ServerInfo) -> list[list[int]]:
         items = value
     else:
         got = (
-            "an empty array" if value == [] else "a mixed array" if isinstance(value, list) else _kind(value)
+            "an empty array"
+            if value == []
+            else "a mixed array"
+            if isinstance(value, list)
+            else kind_of(value)
         )
         raise bad(
             f"'prompt' must be a non-empty string, array of strings, array of token ids or array of such "
@@ -401,7 +298,7 @@ def _prompts(value: Any, info: ServerInfo) -> list[list[int]]:
         else:
             raise bad(
                 "'prompt' must be a string, an array of strings, or (arrays of) token ids; mixed or empty "
-                f"items are not allowed, got an item that is {_kind(item) if item != [] else 'an empty array'}.",
+                f"items are not allowed, got an item that is {kind_of(item) if item != [] else 'an empty array'}.",
                 "prompt",
             )
         prompts.append(list(ids))
@@ -438,11 +335,11 @@ def parse_chat(body: dict, info: ServerInfo, *, chat_template: Any) -> Parsed:
             )
     messages = _messages(body.get("messages"))
     n = _n(body, info)
-    max_tokens = _int(body, "max_completion_tokens", None, low=1)
+    max_tokens = read_int(body, "max_completion_tokens", None, low=1)
     if max_tokens is None:
-        max_tokens = _int(body, "max_tokens", None, low=1)
-    want = _bool(body, "logprobs", False)
-    top = _int(body, "top_logprobs", None, low=0, high=MAX_LOGPROBS)
+        max_tokens = read_int(body, "max_tokens", None, low=1)
+    want = read_bool(body, "logprobs", False)
+    top = read_int(body, "top_logprobs", None, low=0, high=MAX_LOGPROBS)
     if top and not want:
         raise bad("'top_logprobs' needs \"logprobs\": true.", "top_logprobs")
     options = _options(body, info, max_tokens=None, logprobs=(top or 0) if want else None)
@@ -463,14 +360,16 @@ def parse_chat(body: dict, info: ServerInfo, *, chat_template: Any) -> Parsed:
 
 def _messages(value: Any) -> list[dict[str, str]]:
     if not isinstance(value, list):
-        raise bad(f"'messages' must be an array of messages, got {_kind(value)}.", "messages")
+        raise bad(f"'messages' must be an array of messages, got {kind_of(value)}.", "messages")
     if not value:
         raise bad("'messages' is empty: send at least one message.", "messages")
     messages = []
     for i, message in enumerate(value):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
-            raise bad(f"'{where}' must be an object with 'role' and 'content', got {_kind(message)}.", where)
+            raise bad(
+                f"'{where}' must be an object with 'role' and 'content', got {kind_of(message)}.", where
+            )
         role = message.get("role")
         if not isinstance(role, str) or role not in CHAT_ROLES:
             if role in ("tool", "function"):
@@ -479,12 +378,12 @@ def _messages(value: Any) -> list[dict[str, str]]:
                     f"{where}.role",
                 )
             raise bad(
-                f"'{where}.role' must be one of {', '.join(CHAT_ROLES)}, got {_show(role)}.", f"{where}.role"
+                f"'{where}.role' must be one of {', '.join(CHAT_ROLES)}, got {show(role)}.", f"{where}.role"
             )
         content = _content(message.get("content"), f"{where}.content", role)
         name = message.get("name")
         if name is not None and not isinstance(name, str):
-            raise bad(f"'{where}.name' must be a string, got {_kind(name)}.", f"{where}.name")
+            raise bad(f"'{where}.name' must be a string, got {kind_of(name)}.", f"{where}.name")
         messages.append({"role": "system" if role == "developer" else role, "content": content})
     return messages
 
@@ -502,15 +401,15 @@ def _content(value: Any, where: str, role: str) -> str:
                 or part.get("type") != "text"
                 or not isinstance(part.get("text"), str)
             ):
-                kind = part.get("type") if isinstance(part, dict) else _kind(part)
+                kind = part.get("type") if isinstance(part, dict) else kind_of(part)
                 raise bad(
                     f'\'{where}[{j}]\' must be a text part {{"type": "text", "text": ...}} (only text is '
-                    f"supported), got {_show(kind)}.",
+                    f"supported), got {show(kind)}.",
                     f"{where}[{j}]",
                 )
             texts.append(part["text"])
         return "".join(texts)
-    raise bad(f"'{where}' must be a string or an array of text parts, got {_kind(value)}.", where)
+    raise bad(f"'{where}' must be a string or an array of text parts, got {kind_of(value)}.", where)
 
 
 def render_chat(info: ServerInfo, messages: list[dict[str, str]], chat_template: Any) -> list[int]:
@@ -533,91 +432,3 @@ def render_chat(info: ServerInfo, messages: list[dict[str, str]], chat_template:
     if not ids:
         raise bad("The conversation renders to an empty prompt.", "messages")
     return list(ids)
-
-
-# --- responses ------------------------------------------------------------------------------------------------
-
-
-class Tokens:
-    """Token ids as OpenAI's logprobs show them: text, and bytes."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self._text: dict[int, str] = {}
-        self._bytes: dict[int, list[int]] = {}
-        decoder = getattr(tokenizer.backend_tokenizer, "decoder", None)
-        self._byte_level = type(decoder).__name__ == "ByteLevel"
-        self._byte_map = _unicode_to_bytes() if self._byte_level else {}
-
-    def text(self, token: int) -> str:
-        if token not in self._text:
-            self._text[token] = self.tokenizer.decode([token])
-        return self._text[token]
-
-    def bytes(self, token: int) -> list[int]:
-        if token not in self._bytes:
-            piece = self.tokenizer.convert_ids_to_tokens(token) or ""
-            if self._byte_level and piece and all(c in self._byte_map for c in piece):
-                raw = bytes(self._byte_map[c] for c in piece)
-            elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
-                raw = bytes([int(piece[3:5], 16)])
-            else:
-                raw = self.text(token).encode("utf-8")
-            self._bytes[token] = list(raw)
-        return self._bytes[token]
-
-
-def _unicode_to_bytes() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, reversed: the byte each character of a token stands for."""
-    bs = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
-
-
-def chat_logprobs(tokens: Tokens, entries: list[TokenLogprob]) -> list[dict[str, Any]]:
-    """`choices[i].logprobs.content` of a chat response."""
-    return [
-        {
-            "token": tokens.text(e.token),
-            "logprob": e.logprob,
-            "bytes": tokens.bytes(e.token),
-            "top_logprobs": [
-                {"token": tokens.text(t), "logprob": lp, "bytes": tokens.bytes(t)} for t, lp in e.top
-            ],
-        }
-        for e in entries
-    ]
-
-
-def completion_logprobs(tokens: Tokens, entries: list[TokenLogprob], offset: int = 0) -> dict[str, Any]:
-    """`choices[i].logprobs` of a completion: tokens, token_logprobs, top_logprobs, text_offset (counted
-    from `offset`)."""
-    texts = [tokens.text(e.token) for e in entries]
-    offsets = []
-    for text in texts:
-        offsets.append(offset)
-        offset += len(text)
-    return {
-        "tokens": texts,
-        "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [{tokens.text(t): lp for t, lp in e.top} for e in entries],
-        "text_offset": offsets,
-    }
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
