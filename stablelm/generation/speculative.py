@@ -22,10 +22,11 @@ from typing import Any
 
 import torch
 
+from ..attention import AttentionMask
 from ..cache import Cache, StaticCache
 from ..sampling import process_logits
 from .config import GenerationConfig, check_integer
-from .loop import Step, _cache_length, _make_cache, _Plan
+from .loop import Step, _cache_length, _make_cache, _Plan, _Stepper
 
 DEFAULT_NGRAM = 2  # the reference's max_matching_ngram_size default
 DEFAULT_ASSISTANT_TOKENS = 20  # the reference's num_assistant_tokens default
@@ -299,22 +300,27 @@ def _run(
         mask = torch.ones(1, capacity, dtype=torch.long, device=device)
         mask[:, :T] = attention_mask
     seq = _Sequence(ids, T, 0, mask)
-    cache = _make_cache(model, replace(plan, max_new_tokens=capacity - T), 1, T)
+    prompt_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    stepper = _Stepper(model, replace(plan, max_new_tokens=capacity - T), prompt_mask.to(device).long())
+    cache = stepper.cache
     drafter.start(plan, seq)
     eos = set() if plan.eos is None else set(plan.eos.tolist())
     first_row = torch.zeros(1, dtype=torch.long)
-    cached = 0
+    first = None  # the first draft is proposed before the prompt runs, as in the reference
     while True:
         # Room for the draft and the model's own token after it, within max_new_tokens.
         draft = drafter.propose(seq, plan.max_new_tokens - seq.produced - 1, plan, generator)
         k = len(draft.tokens)
         seq.ids[seq.length : seq.length + k] = draft.tokens
-        logits = _forward(model, cache, seq, cached, seq.length + k, keep=k + 1, plan=plan)
+        if first is None:  # the prompt as plain decoding runs it, then the draft after it
+            first = stepper.prefill(input_ids=input_ids)
+            logits = torch.cat([first, _verify(model, cache, seq, T, T + k, plan)]) if k else first
+        else:  # the last token (not yet in the cache) and the draft
+            logits = _verify(model, cache, seq, seq.length - 1, seq.length + k, plan)
         new = _accept(_processed(plan, logits, seq, rows=k + 1), draft, plan, generator)
         new = new[: plan.max_new_tokens - seq.produced]
         kept = len(new) - 1
-        cached = seq.length + kept  # the sequence and the kept draft; the rest is rolled back
-        cache.crop(cached)
+        cache.crop(seq.length + kept)  # keep the sequence and the kept draft, roll the rest back
         stats = drafter.stats
         stats.drafted, stats.accepted, stats.passes = (
             stats.drafted + k,
@@ -336,12 +342,46 @@ def _run(
                 return
 
 
+def _verify(model: Any, cache: Cache, seq: _Sequence, start: int, end: int, plan: _Plan) -> torch.Tensor:
+    """fp32 logits (end - start, V) after each of positions [start, end), over a cache holding [0, start).
+
+    The decode step (`stablelm.decode`) over several tokens, attending query by query: each row is bit
+    for bit what decoding the tokens one at a time gives, so greedy speculative decoding makes exactly
+    plain decoding's tokens in every dtype.
+    """
+    _make_room(model, cache, end, plan, seq)
+    base = model.model
+    x = base.embed_tokens(seq.ids[None, start:end])  # (1, T, C)
+    device = x.device
+    allowed = None
+    if seq.mask is None:
+        positions = torch.arange(start, end, device=device)[None]
+    else:
+        keys = seq.mask[:, :end]
+        positions = (keys.cumsum(-1) - 1)[:, start:end]
+        causal = torch.arange(end, device=device)[None] <= torch.arange(start, end, device=device)[:, None]
+        allowed = (causal[None] & keys[:, None].bool())[:, None]  # (1, 1, T, S)
+    mask = AttentionMask(allowed=allowed, is_causal=False, key_length=end, per_query=True)
+    cache_position = torch.arange(start, end, device=device)
+    rope = base.rotary_emb(positions, x.dtype)
+    for layer in base.layers:
+        x = layer(x, rope, mask, cache, cache_position)
+    cache.advance(end - start)
+    return model.lm_head(base.norm(x)[0]).float()
+
+
+def _make_room(model: Any, cache: Cache, end: int, plan: _Plan, seq: _Sequence) -> None:
+    """Grow a static cache that cannot hold `end` positions (past the model's context, see loop.py)."""
+    if isinstance(cache, StaticCache) and end > cache.max_cache_len:
+        cache.grow(max(end, _cache_length(model.config, plan, seq.length, cache.max_cache_len)))
+
+
 def _forward(
     model: Any, cache: Cache, seq: _Sequence, start: int, end: int, *, keep: int, plan: _Plan
 ) -> torch.Tensor:
-    """fp32 logits (keep, V) of the last `keep` of positions [start, end), run over a cache holding [0, start)."""
-    if isinstance(cache, StaticCache) and end > cache.max_cache_len:  # past the model's context: grow
-        cache.grow(max(end, _cache_length(model.config, plan, seq.length, cache.max_cache_len)))
+    """fp32 logits (keep, V) of the last `keep` of positions [start, end), run over a cache holding
+    [0, start) by the model's forward (the assistant's: any causal LM)."""
+    _make_room(model, cache, end, plan, seq)
     inputs: dict[str, Any] = {}
     if seq.mask is not None:
         mask = seq.mask[:, :end]
