@@ -315,3 +315,39 @@ def test_batches_and_embeddings_are_refused_clearly():
     embeds = ours.model.embed_tokens(_prompt()).detach()
     with pytest.raises(ValueError, match="pass input_ids, not inputs_embeds"):
         ours.generate(inputs_embeds=embeds, max_new_tokens=4, assistant_model=ours)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_checking_a_draft_gives_the_decode_steps_logits(dtype):
+    """One pass over several tokens, each row what decoding them one at a time gives: bit for bit in half
+    precision, so that greedy speculative decoding makes plain decoding's tokens there too (one many-query
+    attention call rounds differently, which parted the demo model's text from plain greedy's); within
+    float32 rounding in float32, where a matrix product over several rows rounds differently from one row."""
+    from conftest import randomize_
+
+    from stablelm.cache import StaticCache
+    from stablelm.generation.speculative import _Sequence, _verify
+
+    config = tiny_config(num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128)
+    model = StableLmForCausalLM(config).eval()
+    randomize_(model)
+    model = model.to(dtype)
+    ids = _prompt(length=100)
+
+    def cache():
+        c = StaticCache.for_model(model.config, batch_size=1, max_cache_len=128, dtype=dtype, device="cpu")
+        model(ids[:, :90], past_key_values=c)
+        return c
+
+    with torch.no_grad():
+        steps = cache()
+        one_by_one = torch.cat(
+            [model(ids[:, i : i + 1], past_key_values=steps).logits[0] for i in range(90, 100)]
+        )
+        checked = _verify(model, cache(), _Sequence(ids[0], 100, 0, None), 90, 100, plan=None)
+        batched = model(ids[:, 90:100], past_key_values=cache()).logits[0]
+    if dtype == torch.bfloat16:
+        assert torch.equal(checked, one_by_one.float())
+        assert not torch.equal(batched, one_by_one)  # what the query-by-query attention is for
+    else:
+        torch.testing.assert_close(checked, one_by_one, rtol=0, atol=1e-5)
