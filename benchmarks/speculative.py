@@ -38,7 +38,8 @@ import stablelm
 from stablelm import AutoTokenizer, StableLmForCausalLM
 from stablelm.fast import optimize_for_inference
 from stablelm.generation import generate, resolve_config
-from stablelm.generation.speculative import AssistantDraft, Drafter, PromptLookup, _Draft
+from stablelm.generation.drafts import AssistantDraft, PromptLookup
+from stablelm.generation.speculative import Draft, Drafter
 
 # textwrap.dedent's docstring (CPython 3.11), as the demo model's corpus heads a document.
 DOCSTRING = """textwrap.dedent(text)
@@ -67,10 +68,10 @@ class Oracle(Drafter):
         super().__init__()
         self.truth, self.prompt_length, self.size = truth, prompt_length, size
 
-    def propose(self, seq: Any, limit: int, plan: Any, generator: Any) -> _Draft:
+    def propose(self, seq: Any, limit: int, plan: Any, generator: Any) -> Draft:
         done = seq.length - self.prompt_length
         tokens = self.truth[done : done + min(self.size, limit)]
-        return _Draft(torch.tensor(tokens, dtype=torch.long), None)
+        return Draft(torch.tensor(tokens, dtype=torch.long), None)
 
 
 def truncated(model: StableLmForCausalLM, layers: int) -> StableLmForCausalLM:

@@ -9,8 +9,8 @@ from torch import nn
 from .cache import Cache
 from .config import StableLmConfig
 from .generation import UNSET, StopStringChecker, generate, resolve_config
+from .generation.drafts import make_draft
 from .generation.inputs import check_attention_mask, check_input_ids, check_inputs_embeds
-from .generation.speculative import make_draft
 from .layers import Linear
 from .model import StableLmModel, StableLmPreTrainedModel
 from .outputs import CausalLMOutput, SequenceClassifierOutput, TokenClassifierOutput

@@ -9,7 +9,8 @@ from conftest import make_pair, reference_config, tiny_config
 
 from stablelm import StableLmForCausalLM, set_seed
 from stablelm.generation import StopStringChecker, generate, resolve_config
-from stablelm.generation.speculative import AssistantDraft, Drafter, PromptLookup, _Draft
+from stablelm.generation.drafts import AssistantDraft, PromptLookup
+from stablelm.generation.speculative import Draft, Drafter
 
 VOCAB = 128
 CONFIGS = {
@@ -62,7 +63,7 @@ class Oracle(Drafter):
         tokens = list(self.truth[done : done + size])
         if wrong < len(tokens):
             tokens[wrong] = (tokens[wrong] + 1) % VOCAB
-        return _Draft(torch.tensor(tokens, dtype=torch.long), None)
+        return Draft(torch.tensor(tokens, dtype=torch.long), None)
 
 
 # ---- greedy: the tokens of plain decoding ----------------------------------------------------------------
@@ -326,7 +327,7 @@ def test_checking_a_draft_gives_the_decode_steps_logits(dtype):
     from conftest import randomize_
 
     from stablelm.cache import StaticCache
-    from stablelm.generation.speculative import _Sequence, _verify
+    from stablelm.generation.speculative import Tokens, _verify
 
     config = tiny_config(num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128)
     model = StableLmForCausalLM(config).eval()
@@ -344,7 +345,7 @@ def test_checking_a_draft_gives_the_decode_steps_logits(dtype):
         one_by_one = torch.cat(
             [model(ids[:, i : i + 1], past_key_values=steps).logits[0] for i in range(90, 100)]
         )
-        checked = _verify(model, cache(), _Sequence(ids[0], 100, 0, None), 90, 100, plan=None)
+        checked = _verify(model, cache(), Tokens(ids[0], 100, 0, None), 90, 100, plan=None)
         batched = model(ids[:, 90:100], past_key_values=cache()).logits[0]
     if dtype == torch.bfloat16:
         assert torch.equal(checked, one_by_one.float())

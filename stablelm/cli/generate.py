@@ -152,7 +152,7 @@ def load_draft(args: argparse.Namespace, loaded: Any) -> Any:
         UsageError: The draft model cannot be loaded, or its tokenizer or vocabulary is not the model's.
     """
     from ..generation import GenerationConfig
-    from ..generation.speculative import make_draft
+    from ..generation.drafts import make_draft
 
     if args.prompt_lookup is not None:
         return make_draft(loaded.model, GenerationConfig(prompt_lookup_num_tokens=args.prompt_lookup))

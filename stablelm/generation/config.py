@@ -42,7 +42,7 @@ class GenerationConfig:
     stop_strings: str | list[str] | None = None
     cache_implementation: str | None = None
     compile: bool = False
-    # speculative decoding (stablelm.generation.speculative)
+    # speculative decoding (stablelm.generation.drafts)
     prompt_lookup_num_tokens: int | None = None
     max_matching_ngram_size: int | None = None
     num_assistant_tokens: int | None = None

@@ -264,7 +264,7 @@ def stream_tokens(
             same for every value; above 1, up to `sync_every - 1` forward passes past the end are computed
             and dropped. Worth it on a GPU, where each readback stalls the queue; a stop checker reads every
             step's tokens anyway, so it implies 1.
-        draft: A drafter of `stablelm.generation.speculative` (batch of one): speculative decoding, with the
+        draft: A drafter of `stablelm.generation.drafts` (batch of one): speculative decoding, with the
             same steps at greedy and the same distribution when sampling. None decodes token by token.
 
     Every argument is checked when this is called (TypeError/ValueError naming it), before any work.
