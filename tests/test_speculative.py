@@ -127,11 +127,12 @@ def test_eos_min_new_tokens_and_max_new_tokens_cut_a_kept_draft():
     ids = _prompt(seed=2)
     free = generate(ours, ids, config=resolve_config(ours, None, max_new_tokens=30, eos_token_id=None))
     truth = free[0, ids.shape[1] :].tolist()
-    eos = truth[7]  # reached inside a draft; banned before token 4 by min_new_tokens when it occurs earlier
+    eos = truth[7]  # reached inside a kept draft (held back by min_new_tokens in the second case)
     for kw in (
         dict(max_new_tokens=30, eos_token_id=eos),
         dict(max_new_tokens=30, eos_token_id=eos, min_new_tokens=truth.index(eos) + 1),
         dict(max_new_tokens=11, eos_token_id=None),
+        dict(max_new_tokens=1, eos_token_id=None),
         dict(max_new_tokens=30, eos_token_id=[VOCAB - 1, eos], repetition_penalty=1.2),
     ):
         config = resolve_config(ours, None, **kw)
