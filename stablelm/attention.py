@@ -25,12 +25,17 @@ class AttentionMask:
         is_causal: With `allowed` None, whether the causal triangle applies (T > 1).
         key_length: Number of valid key positions (past + T); a static cache holds more slots than this.
         padding: The caller's 2-D mask (B, past + T), 1 for real tokens, when the batch is padded.
+        per_query: Attend each of the T queries in its own one-query call (queries at the last T
+            positions), so that the outputs are bit for bit those of decoding the tokens one at a time:
+            the many-query kernels round differently in half precision. Speculative decoding checks its
+            drafts this way.
     """
 
     allowed: torch.Tensor | None
     is_causal: bool
     key_length: int
     padding: torch.Tensor | None = None
+    per_query: bool = False
 
 
 def build_mask(
@@ -77,6 +82,8 @@ def attention(
     dropout: float = 0.0,
 ) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v for q (B, H, T, D), k/v (B, Hkv, S, D); returns (B, T, H, D)."""
+    if mask.per_query and q.shape[2] > 1:
+        return _query_by_query(q, k, v, mask, implementation=implementation, scale=scale, dropout=dropout)
     groups = q.shape[1] // k.shape[1]
     if k.shape[2] > mask.key_length and (mask.allowed is None or mask.allowed.shape[-1] == mask.key_length):
         k, v = k[:, :, : mask.key_length], v[:, :, : mask.key_length]  # a static cache's written slots
@@ -110,6 +117,25 @@ def attention(
         q, k, v, attn_mask=mask.allowed, dropout_p=dropout, is_causal=mask.is_causal, scale=scale, **gqa
     )
     return out.transpose(1, 2)
+
+
+def _query_by_query(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, **kwargs: object
+) -> torch.Tensor:
+    """`attention` of each query alone over the keys up to its own position, as a decode step runs it."""
+    T = q.shape[2]
+    first = mask.key_length - T
+    outputs = []
+    for i in range(T):
+        length = first + i + 1
+        one = AttentionMask(
+            allowed=None if mask.allowed is None else mask.allowed[:, :, i : i + 1, :length],
+            is_causal=False,
+            key_length=length,
+            padding=None if mask.padding is None else mask.padding[:, :length],
+        )
+        outputs.append(attention(q[:, :, i : i + 1], k, v, one, **kwargs))
+    return torch.cat(outputs, dim=1)
 
 
 def _one_query_attention(

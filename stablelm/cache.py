@@ -155,6 +155,16 @@ class StaticCache(Cache):
         # Kept out of `update` so that a compiled step changes no Python state.
         self._length += new_tokens
 
+    def crop(self, length: int) -> None:
+        """Keep only the first `length` positions (speculative decoding's rollback). The slots after them
+        keep stale values, which attention never reads (eager attention reads the stored positions only,
+        compiled steps mask them) and later writes overwrite."""
+        if not 0 <= length <= self._length:
+            raise ValueError(
+                f"crop length must be in [0, {self._length}] (the stored positions), got {length}."
+            )
+        self._length = length
+
     def grow(self, max_cache_len: int) -> None:
         """Enlarge to `max_cache_len` slots, keeping the stored positions (each layer's tensors are
         replaced by larger ones, one at a time, so the extra memory at any moment is one layer's)."""

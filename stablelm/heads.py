@@ -9,6 +9,7 @@ from torch import nn
 from .cache import Cache
 from .config import StableLmConfig
 from .generation import UNSET, StopStringChecker, generate, resolve_config
+from .generation.drafts import make_draft
 from .generation.inputs import check_attention_mask, check_input_ids, check_inputs_embeds
 from .layers import Linear
 from .model import StableLmModel, StableLmPreTrainedModel
@@ -90,6 +91,11 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         cache_implementation: str | None = UNSET,
         compile: bool = UNSET,
+        prompt_lookup_num_tokens: int | None = UNSET,
+        max_matching_ngram_size: int | None = UNSET,
+        assistant_model=None,  # noqa: ANN001 - a smaller causal LM with the model's vocabulary
+        num_assistant_tokens: int | None = UNSET,
+        assistant_confidence_threshold: float | None = UNSET,
     ) -> torch.Tensor:
         """Generate continuations of the prompt, as the reference's `generate` does.
 
@@ -100,7 +106,9 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
         first EOS). `stop_strings` (needs `tokenizer`) end a row when its text reaches one of them.
         `cache_implementation` is "static" (preallocated, default) or "dynamic". `compile=True` compiles
         the decode step with torch.compile (paid once per model, batch size and length; falls back to eager
-        with a notice when compilation is unavailable).
+        with a notice when compilation is unavailable). `prompt_lookup_num_tokens` or `assistant_model`
+        decode speculatively (one prompt at a time; see docs/speculative.md): same tokens at greedy, same
+        distribution when sampling.
 
         Returns:
             LongTensor (B * num_return_sequences, prompt + new): the prompt followed by the new tokens
@@ -125,6 +133,10 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
             stop_strings=stop_strings,
             cache_implementation=cache_implementation,
             compile=compile,
+            prompt_lookup_num_tokens=prompt_lookup_num_tokens,
+            max_matching_ngram_size=max_matching_ngram_size,
+            num_assistant_tokens=num_assistant_tokens,
+            assistant_confidence_threshold=assistant_confidence_threshold,
         )
         config.validate()  # before the stop checker reads num_return_sequences
         stop_checker = None
@@ -148,6 +160,7 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
             generator=generator,
             streamer=streamer,
             stop_checker=stop_checker,
+            draft=make_draft(self, config, assistant_model),
         )
 
     def forward(

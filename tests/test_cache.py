@@ -176,3 +176,20 @@ def test_eager_decoding_never_reads_an_unwritten_slot(padded, monkeypatch):
     monkeypatch.setattr(loop, "_make_cache", poisoned)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
     assert out.tolist() == expected.tolist()
+
+
+def test_static_cache_crop_rolls_back_and_the_next_writes_overwrite():
+    model = StableLmForCausalLM(tiny_config()).eval()
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(0))
+    other = (ids[:, 6:] + 1) % 128
+    rolled = _static(model, 1, 12)
+    with torch.no_grad():
+        model(ids, past_key_values=rolled)
+        rolled.crop(6)  # drop the last three positions, then write others there
+        a = model(other, past_key_values=rolled).logits
+        fresh = _static(model, 1, 12)
+        model(ids[:, :6], past_key_values=fresh)
+        b = model(other, past_key_values=fresh).logits
+    assert rolled.get_seq_length() == 9 and torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"crop length must be in \[0, 9\]"):
+        rolled.crop(10)

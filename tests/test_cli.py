@@ -345,3 +345,72 @@ def test_bench_passes_its_arguments_through(capsys):
     assert '"shape": "tiny"' in capsys.readouterr().out
     assert cli.main(["bench", "--help"]) == 0
     assert "--new-tokens" in capsys.readouterr().out
+
+
+# ---- speculative decoding: --prompt-lookup and --draft-model ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def draft_checkpoint(checkpoint, tmp_path_factory) -> Path:
+    """The checkpoint's first decoder layer, final norm and head: a draft model with its tokenizer."""
+    from stablelm import StableLmForCausalLM
+
+    model = StableLmForCausalLM.from_pretrained(checkpoint)
+    config = model.config.to_dict()
+    config["num_hidden_layers"] = 1
+    small = StableLmForCausalLM(type(model.config)(**config))
+    wanted = small.state_dict().keys()
+    small.load_state_dict({k: v for k, v in model.state_dict().items() if k in wanted}, strict=True)
+    folder = tmp_path_factory.mktemp("draft")
+    small.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(checkpoint / name, folder / name)
+    return folder
+
+
+@pytest.mark.parametrize("flags", [["--prompt-lookup", "3"], ["--draft-model", "{draft}"]])
+def test_speculative_flags_print_the_greedy_text(flags, checkpoint, draft_checkpoint, greedy, capsys):
+    flags = [f.format(draft=draft_checkpoint) for f in flags]
+    args = ["generate", "-m", str(checkpoint), "-n", "24", "--temperature", "0", "-v", *flags, PROMPT]
+    assert cli.main(args) == 0
+    captured = capsys.readouterr()
+    assert captured.out == greedy + "\n"
+    assert re.search(r"speculative: \d+ of \d+ draft tokens kept .*, 24 tokens in \d+ passes", captured.err)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--prompt-lookup", "0"], "argument --prompt-lookup: expected an integer >= 1, got 0"),
+        (
+            ["--prompt-lookup", "2", "--draft-model", "{draft}"],
+            "pass one of --prompt-lookup and --draft-model",
+        ),
+        (["--prompt-lookup", "2", "--compile"], "--compile compiles the one-token step"),
+        (["--draft-model", "/no/such/model"], "--draft-model /no/such/model: No folder at '/no/such/model'"),
+        (["--draft-model", "{other_tokenizer}"], "its tokenizer is not the model's"),
+        (
+            ["--draft-model", "{other_vocab}"],
+            "assistant_model has a vocabulary of 64 tokens and the model 50304",
+        ),
+    ],
+    ids=["zero", "both", "compile", "missing", "other-tokenizer", "other-vocab"],
+)
+def test_bad_speculative_flags_are_usage_errors(
+    flags, message, checkpoint, draft_checkpoint, tmp_path, capsys
+):
+    from stablelm import StableLmForCausalLM
+
+    other_tokenizer = tmp_path / "other-tokenizer"
+    shutil.copytree(draft_checkpoint, other_tokenizer)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(FIXTURES / "cl100k-dolma2" / name, other_tokenizer / name)
+    other_vocab = tmp_path / "other-vocab"
+    StableLmForCausalLM(tiny_config(vocab_size=64)).save_pretrained(other_vocab)  # no tokenizer files
+    flags = [
+        f.format(draft=draft_checkpoint, other_tokenizer=other_tokenizer, other_vocab=other_vocab)
+        for f in flags
+    ]
+    assert cli.main(["generate", "-m", str(checkpoint), "-n", "4", *flags, PROMPT]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err

@@ -12,6 +12,7 @@ examples:
   stablelm generate -m stabilityai/stablelm-2-1_6b -n 64 --temperature 0 "The capital of France is"
   echo "def fibonacci(n):" | stablelm generate -m ./my-model --stop "\\n\\n" --seed 0 -v
   stablelm generate --json -n 32 "The for statement" | jq -r .text
+  stablelm generate --temperature 0 --prompt-lookup 10 "$(cat notes.txt)"
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import argparse
 import json
 import re
 import sys
+from pathlib import Path
+from typing import Any
 
 from .errors import UsageError
 from .options import (
@@ -27,6 +30,7 @@ from .options import (
     add_load_options,
     add_output_options,
     add_sampling_options,
+    bounded,
     compile_notice,
     describe_sampling,
     generation_config,
@@ -51,6 +55,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-stream", action="store_true", help="print the text at the end instead of as it is made"
     )
     add_compile_option(parser)
+    group = parser.add_argument_group(
+        "speculative decoding",
+        "Draft tokens cheaply and check them in one pass of the model: the same text at --temperature 0,\n"
+        "the same distribution when sampling; faster when the drafts are often right.",
+    )
+    group.add_argument(
+        "--prompt-lookup",
+        type=bounded(int, low=1),
+        metavar="N",
+        help="draft up to N tokens from what followed the last words earlier in the prompt or text (for "
+        "output that repeats the prompt: summaries, edits, quotes)",
+    )
+    group.add_argument(
+        "--draft-model",
+        metavar="PATH",
+        help="draft with this smaller model, which must share the model's tokenizer",
+    )
     add_output_options(
         parser,
         json_help='print one JSON object {"prompt", "text", "prompt_tokens", "tokens", "finish_reason"} '
@@ -66,14 +87,27 @@ def run(args: argparse.Namespace) -> int:
     stops = [unescape(stop) for stop in args.stop]
     if not all(stops):
         raise UsageError("--stop needs a non-empty string")
+    if args.prompt_lookup is not None and args.draft_model:
+        raise UsageError("pass one of --prompt-lookup and --draft-model: both draft tokens")
+    if args.compile and (args.prompt_lookup is not None or args.draft_model):
+        raise UsageError(
+            "--compile compiles the one-token step, which --prompt-lookup and --draft-model do not use"
+        )
     loaded = load(args)
     model, tokenizer = loaded.model, loaded.tokenizer
+    draft = load_draft(args, loaded)
     input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(model.device)
     config = generation_config(  # a prompt that fills the context is an error, with what to do
         model, tokenizer, args, prompt_tokens=input_ids.shape[1], default_new_tokens=DEFAULT_NEW_TOKENS
     )
     stream = TextStream(
-        model, tokenizer, input_ids, config=config, generator=loaded.generator(args.seed), stops=stops
+        model,
+        tokenizer,
+        input_ids,
+        config=config,
+        generator=loaded.generator(args.seed),
+        stops=stops,
+        draft=draft,
     )
     if args.verbose:
         print(loaded.describe(), file=sys.stderr)
@@ -101,7 +135,45 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     if args.verbose:
         print(*stream.stats.describe(), sep="\n", file=sys.stderr)
+        if draft is not None:
+            s = draft.stats
+            print(
+                f"speculative: {s.accepted} of {s.drafted} draft tokens kept ({s.acceptance:.0%}), "
+                f"{s.tokens} tokens in {s.passes} passes of the model",
+                file=sys.stderr,
+            )
     return 0
+
+
+def load_draft(args: argparse.Namespace, loaded: Any) -> Any:
+    """The drafter --prompt-lookup or --draft-model asks for (None without them).
+
+    Raises:
+        UsageError: The draft model cannot be loaded, or its tokenizer or vocabulary is not the model's.
+    """
+    from ..generation import GenerationConfig
+    from ..generation.drafts import make_draft
+
+    if args.prompt_lookup is not None:
+        return make_draft(loaded.model, GenerationConfig(prompt_lookup_num_tokens=args.prompt_lookup))
+    if not args.draft_model:
+        return None
+    from ..fast import optimize_for_inference
+    from ..heads import StableLmForCausalLM
+    from ..tokenizer import AutoTokenizer
+
+    path = Path(args.draft_model)
+    try:
+        if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
+            if AutoTokenizer.from_pretrained(path).get_vocab() != loaded.tokenizer.get_vocab():
+                raise ValueError(
+                    "its tokenizer is not the model's; drafts must use the model's tokens: pass a draft "
+                    "model trained with the same tokenizer"
+                )
+        draft_model = StableLmForCausalLM.from_pretrained(path, dtype=args.dtype, device=args.device)
+        return make_draft(loaded.model, GenerationConfig(), optimize_for_inference(draft_model))
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--draft-model {args.draft_model}: {err}") from None
 
 
 def finish_reason(finish: str | None) -> str:

@@ -89,15 +89,19 @@ class TextStream:
         config: GenerationConfig,
         generator: torch.Generator | None = None,
         stops: Sequence[str] = (),
+        draft: Any = None,
     ) -> None:
         self.model, self.input_ids, self.config, self.generator = model, input_ids, config, generator
+        self.draft = draft  # a speculative drafter, or None
         self.detokenizer = StreamingDetokenizer(tokenizer, skip_special_tokens=True)
         self.stop = StopFilter(stops)
         self.stats = Stats(prompt_tokens=input_ids.shape[1])
 
     def __iter__(self) -> Iterator[str]:
         start = time.perf_counter()
-        steps = stream_tokens(self.model, self.input_ids, config=self.config, generator=self.generator)
+        steps = stream_tokens(
+            self.model, self.input_ids, config=self.config, generator=self.generator, draft=self.draft
+        )
         for step in steps:
             text = self.stop.push(self.detokenizer.push(int(step.tokens[0])))  # int() waits for the device
             self._count(start)

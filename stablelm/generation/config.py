@@ -42,6 +42,11 @@ class GenerationConfig:
     stop_strings: str | list[str] | None = None
     cache_implementation: str | None = None
     compile: bool = False
+    # speculative decoding (stablelm.generation.drafts)
+    prompt_lookup_num_tokens: int | None = None
+    max_matching_ngram_size: int | None = None
+    num_assistant_tokens: int | None = None
+    assistant_confidence_threshold: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod

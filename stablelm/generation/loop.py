@@ -246,6 +246,7 @@ def stream_tokens(
     generator: torch.Generator | None = None,
     stop_checker: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     sync_every: int = 1,
+    draft: Any = None,
 ) -> Iterator[Step]:
     """Generate token by token, yielding a `Step` each time.
 
@@ -263,6 +264,8 @@ def stream_tokens(
             same for every value; above 1, up to `sync_every - 1` forward passes past the end are computed
             and dropped. Worth it on a GPU, where each readback stalls the queue; a stop checker reads every
             step's tokens anyway, so it implies 1.
+        draft: A drafter of `stablelm.generation.drafts` (batch of one): speculative decoding, with the
+            same steps at greedy and the same distribution when sampling. None decodes token by token.
 
     Every argument is checked when this is called (TypeError/ValueError naming it), before any work.
     """
@@ -276,6 +279,7 @@ def stream_tokens(
         generator=generator,
         stop_checker=stop_checker,
         sync_every=sync_every,
+        draft=draft,
     )
 
 
@@ -289,12 +293,15 @@ def _start(
     generator: torch.Generator | None,
     stop_checker: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
     sync_every: int,
+    draft: Any = None,
 ) -> Iterator[Step]:
     """`stream_tokens` on a checked prompt: check the settings, then return the steps' generator."""
     check_integer("sync_every", sync_every, 1)
     source = input_ids if input_ids is not None else inputs_embeds
     B, T = source.shape[:2]
     plan = _plan(model, config, B, T, stop_checker is not None)
+    if draft is not None:
+        return draft.steps(model, plan, input_ids, attention_mask, inputs_embeds, generator, stop_checker)
     return _steps(model, plan, input_ids, attention_mask, inputs_embeds, generator, stop_checker, sync_every)
 
 
@@ -434,6 +441,7 @@ def generate(
     generator: torch.Generator | None = None,
     streamer: TokenStreamer | None = None,
     stop_checker: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    draft: Any = None,
 ) -> torch.Tensor:
     """Run `stream_tokens` to the end; return the prompt followed by the new tokens (B, T + n).
 
@@ -455,6 +463,7 @@ def generate(
         generator=generator,
         stop_checker=stop_checker,
         sync_every=GPU_SYNC_EVERY if batched_sync else 1,
+        draft=draft,
     )
     if streamer is not None and input_ids is not None:
         streamer.put(input_ids.cpu())

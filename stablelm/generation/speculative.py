@@ -1,0 +1,266 @@
+"""Speculative decoding, lossless: draft a few tokens cheaply, check them all in one forward of the model.
+
+The drafters (`drafts`: `PromptLookup` copies what followed an earlier occurrence of the sequence's last
+n-gram, `AssistantDraft` lets a smaller model with the same vocabulary generate them) propose; this module
+checks, keeps and rolls back. Each round the model runs once
+over its uncached tokens and the k draft tokens (`logits_to_keep=k + 1`), so it scores the token after the
+sequence and after each draft prefix at once. Greedy keeps the draft up to the first token the model would
+not have picked, then the model's own pick; sampling keeps draft tokens by the speculative-sampling rule
+(Leviathan et al. 2023, the reference's `_speculative_sampling`) and draws the next from the residual, so
+the tokens are distributed as plain sampling's. The cache is then cropped back to the kept positions: the
+rejected slots of a static cache are never read again, and the next round overwrites them.
+
+One sequence at a time (batch 1), as in the reference. Stopping (EOS, stop strings, `max_new_tokens`,
+`min_new_tokens`) is decided token by token, as plain decoding decides it: a draft that runs past an end is cut.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from ..attention import AttentionMask
+from ..cache import Cache, StaticCache
+from ..sampling import process_logits
+from .loop import Step, _cache_length, _Plan, _Stepper
+
+
+@dataclass
+class DraftStats:
+    """How the last generation's drafts fared.
+
+    Attributes:
+        drafted: Draft tokens proposed to the model.
+        accepted: Draft tokens the model kept.
+        passes: Forward passes of the model (the prompt's included).
+        tokens: New tokens made.
+    """
+
+    drafted: int = 0
+    accepted: int = 0
+    passes: int = 0
+    tokens: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        """Share of the draft tokens that were kept (0 when none was drafted)."""
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+@dataclass
+class Tokens:
+    """The tokens so far: `ids[:length]` (prompt and accepted tokens), the round's draft after them."""
+
+    ids: torch.Tensor  # (capacity,) long
+    length: int
+    produced: int  # new tokens among the `length`
+    mask: torch.Tensor | None  # (1, capacity) the prompt's attention mask then ones; None without padding
+
+
+@dataclass
+class Draft:
+    """A drafter's proposal."""
+
+    tokens: torch.Tensor  # (k,) long
+    probs: torch.Tensor | None  # (k, V) the distributions they were drawn from; None for a fixed draft
+
+
+class Drafter:
+    """Proposes draft tokens; `steps` runs speculative decoding with them (what `generate(draft=...)` calls)."""
+
+    overshoot = 0  # how far past the last new token a draft may reach (it is checked, then cut)
+
+    def __init__(self) -> None:
+        self.stats = DraftStats()
+
+    def start(self, plan: _Plan, seq: Tokens) -> None:
+        """Set up for a new generation."""
+
+    def propose(self, seq: Tokens, limit: int, plan: _Plan, generator: torch.Generator | None) -> Draft:
+        """Tokens to follow `seq.ids[:seq.length]`: at most `limit` (the room left before the last new
+        token) plus `overshoot`, none when `limit` is 0."""
+        raise NotImplementedError
+
+    def steps(
+        self,
+        model: Any,
+        plan: _Plan,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        generator: torch.Generator | None,
+        stop_checker: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
+    ) -> Iterator[Step]:
+        """Check that speculative decoding applies (ValueError naming what to change), then return its steps."""
+        if inputs_embeds is not None:
+            raise ValueError(f"{self.name} drafts token ids: pass input_ids, not inputs_embeds.")
+        if input_ids.shape[0] != 1:
+            raise ValueError(
+                f"{self.name} generates one sequence at a time (as the reference's assisted generation), "
+                f"got {input_ids.shape[0]} rows (prompts times num_return_sequences): call generate per "
+                "prompt, with num_return_sequences=1."
+            )
+        if plan.compile:
+            raise ValueError(
+                f"compile=True compiles the one-token step, which {self.name} does not use: drop one."
+            )
+        self.stats = DraftStats()
+        return _run(self, model, plan, input_ids, attention_mask, generator, stop_checker)
+
+    name = "speculative decoding"
+
+
+@torch.no_grad()
+def _run(
+    drafter: Drafter,
+    model: Any,
+    plan: _Plan,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    generator: torch.Generator | None,
+    stop_checker: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
+) -> Iterator[Step]:
+    """Speculative decoding of one sequence, a `Step` per new token."""
+    device = model.device
+    T = input_ids.shape[1]
+    capacity = T + plan.max_new_tokens + drafter.overshoot
+    ids = torch.empty(capacity, dtype=torch.long, device=device)
+    ids[:T] = input_ids[0]
+    mask = None
+    if attention_mask is not None and not bool(attention_mask.all()):
+        mask = torch.ones(1, capacity, dtype=torch.long, device=device)
+        mask[:, :T] = attention_mask
+    seq = Tokens(ids, T, 0, mask)
+    prompt_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    stepper = _Stepper(model, replace(plan, max_new_tokens=capacity - T), prompt_mask.to(device).long())
+    cache = stepper.cache
+    drafter.start(plan, seq)
+    eos = set() if plan.eos is None else set(plan.eos.tolist())
+    first_row = torch.zeros(1, dtype=torch.long)
+    first = None  # the first draft is proposed before the prompt runs, as in the reference
+    while True:
+        # Room for the draft and the model's own token after it, within max_new_tokens.
+        draft = drafter.propose(seq, plan.max_new_tokens - seq.produced - 1, plan, generator)
+        k = len(draft.tokens)
+        seq.ids[seq.length : seq.length + k] = draft.tokens
+        if first is None:  # the prompt as plain decoding runs it, then the draft after it
+            first = stepper.prefill(input_ids=input_ids)
+            logits = torch.cat([first, _verify(model, cache, seq, T, T + k, plan)]) if k else first
+        else:  # the last token (not yet in the cache) and the draft
+            logits = _verify(model, cache, seq, seq.length - 1, seq.length + k, plan)
+        new = _accept(processed_scores(plan, logits, seq, rows=k + 1), draft, plan, generator)
+        new = new[: plan.max_new_tokens - seq.produced]
+        kept = len(new) - 1
+        cache.crop(seq.length + kept)  # keep the sequence and the kept draft, roll the rest back
+        stats = drafter.stats
+        stats.drafted, stats.accepted, stats.passes = (
+            stats.drafted + k,
+            stats.accepted + kept,
+            stats.passes + 1,
+        )
+        for token in new:
+            seq.ids[seq.length] = token
+            seq.length += 1
+            seq.produced += 1
+            stats.tokens += 1
+            tokens = seq.ids[seq.length - 1 : seq.length].clone()
+            stopped = token in eos
+            if not stopped and stop_checker is not None:
+                stopped = bool(stop_checker(first_row, tokens.cpu())[0])
+            reason = "stop" if stopped else "length" if seq.produced == plan.max_new_tokens else None
+            yield Step(tokens=tokens, finish_reasons=[reason])
+            if reason is not None:
+                return
+
+
+def _verify(model: Any, cache: Cache, seq: Tokens, start: int, end: int, plan: _Plan) -> torch.Tensor:
+    """fp32 logits (end - start, V) after each of positions [start, end), over a cache holding [0, start).
+
+    The decode step (`stablelm.decode`) over several tokens, attending query by query: each row is bit
+    for bit what decoding the tokens one at a time gives, so greedy speculative decoding makes exactly
+    plain decoding's tokens in every dtype.
+    """
+    make_room(model, cache, end, plan, seq)
+    base = model.model
+    x = base.embed_tokens(seq.ids[None, start:end])  # (1, T, C)
+    device = x.device
+    allowed = None
+    if seq.mask is None:
+        positions = torch.arange(start, end, device=device)[None]
+    else:
+        keys = seq.mask[:, :end]
+        positions = (keys.cumsum(-1) - 1)[:, start:end]
+        causal = torch.arange(end, device=device)[None] <= torch.arange(start, end, device=device)[:, None]
+        allowed = (causal[None] & keys[:, None].bool())[:, None]  # (1, 1, T, S)
+    mask = AttentionMask(allowed=allowed, is_causal=False, key_length=end, per_query=True)
+    cache_position = torch.arange(start, end, device=device)
+    rope = base.rotary_emb(positions, x.dtype)
+    for layer in base.layers:
+        x = layer(x, rope, mask, cache, cache_position)
+    cache.advance(end - start)
+    return model.lm_head(base.norm(x)[0]).float()
+
+
+def make_room(model: Any, cache: Cache, end: int, plan: _Plan, seq: Tokens) -> None:
+    """Grow a static cache that cannot hold `end` positions (past the model's context, see loop.py)."""
+    if isinstance(cache, StaticCache) and end > cache.max_cache_len:
+        cache.grow(max(end, _cache_length(model.config, plan, seq.length, cache.max_cache_len)))
+
+
+def processed_scores(
+    plan: _Plan, logits: torch.Tensor, seq: Tokens, *, rows: int, offset: int = 0
+) -> torch.Tensor:
+    """Scores (rows, V) as plain decoding processes them: row i for the step after `seq` and `offset + i`
+    draft tokens (the repetition penalty sees them, EOS is banned while below `min_new_tokens`)."""
+    first, length = seq.produced + offset, seq.length + offset
+    banned = [plan.eos if first + i < plan.min_new_tokens else None for i in range(rows)]
+    if plan.params.repetition_penalty == 1.0 and all(b is banned[0] for b in banned):
+        return process_logits(logits, seq.ids[None, :length], plan.params, banned_ids=banned[0])
+    return torch.cat(
+        [
+            process_logits(logits[i : i + 1], seq.ids[None, : length + i], plan.params, banned_ids=banned[i])
+            for i in range(rows)
+        ]
+    )
+
+
+def _accept(scores: torch.Tensor, draft: Draft, plan: _Plan, generator: torch.Generator | None) -> list[int]:
+    """The new tokens of a round: the kept draft tokens, then one token of the model's."""
+    if plan.params.greedy:
+        return _agreeing(draft.tokens, scores.argmax(-1))
+    probs = torch.softmax(scores, dim=-1)
+    if draft.probs is None:  # a fixed draft: sample every position, keep while the samples agree
+        return _agreeing(draft.tokens, torch.multinomial(probs, 1, generator=generator).squeeze(1))
+    return _speculative_sampling(draft, probs, generator)
+
+
+def _agreeing(draft: torch.Tensor, picked: torch.Tensor) -> list[int]:
+    """The model's picks up to and including the first that differs from the draft (or the one after it)."""
+    drafted, picks = draft.tolist(), picked.tolist()
+    n = 0
+    while n < len(drafted) and drafted[n] == picks[n]:
+        n += 1
+    return picks[: n + 1]
+
+
+def _speculative_sampling(draft: Draft, p: torch.Tensor, generator: torch.Generator | None) -> list[int]:
+    """Keep draft token i with probability min(1, p_i / q_i) until the first refusal, then draw the next
+    token from the residual max(p - q, 0) (or from p after a fully kept draft): each token is then
+    distributed as p, the model's own (Leviathan et al. 2023, algorithm 1; the reference's rule)."""
+    tokens, q = draft.tokens, draft.probs
+    k = len(tokens)
+    rows = torch.arange(k, device=p.device)
+    ratio = p[rows, tokens] / q[rows, tokens]
+    keep = (torch.rand(k, generator=generator, device=p.device) <= ratio).tolist()
+    n = keep.index(False) if False in keep else k
+    dist = p[n]
+    if n < k:
+        residual = (p[n] - q[n]).clamp(min=0)
+        total = residual.sum()
+        if total > 0:  # zero only when p equals q there, where a refusal has probability 0
+            dist = residual / total
+    token = int(torch.multinomial(dist, 1, generator=generator))
+    return [*tokens[:n].tolist(), token]

@@ -1,0 +1,355 @@
+"""Speculative decoding: the tokens of plain decoding at greedy (ours and the reference's, also the
+reference's own prompt lookup and assisted generation), the model's distribution when sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_pair, reference_config, tiny_config
+
+from stablelm import StableLmForCausalLM, set_seed
+from stablelm.generation import StopStringChecker, generate, resolve_config
+from stablelm.generation.drafts import AssistantDraft, PromptLookup
+from stablelm.generation.speculative import Draft, Drafter
+
+VOCAB = 128
+CONFIGS = {
+    "mha": dict(),
+    "gqa": dict(num_key_value_heads=2),
+    "qkln-parallel": dict(num_key_value_heads=2, qk_layernorm=True, use_parallel_residual=True),
+}
+
+
+def peaked_pair(scale=8.0, seed=0, **kw):
+    """Ours and the reference on the same random weights, the LM head scaled so that no two logits are
+    within rounding of each other (see test_generation.peaked_pair)."""
+    ours, ref = make_pair(tiny_config(max_position_embeddings=128, **kw), seed=seed)
+    with torch.no_grad():
+        ours.lm_head.weight.mul_(scale)
+        ref.lm_head.weight.mul_(scale)
+    return ours, ref
+
+
+def truncated(model, layers: int):
+    """A copy of `model` with only its first `layers` decoder layers (the final norm and head kept)."""
+    config = tiny_config(**{**model.config.to_dict(), "num_hidden_layers": layers})
+    small = type(model)(config).eval()
+    wanted = small.state_dict().keys()
+    small.load_state_dict({k: v for k, v in model.state_dict().items() if k in wanted}, strict=True)
+    return small
+
+
+def _prompt(length=12, seed=0, vocab=VOCAB):
+    return torch.randint(1, vocab, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+class Oracle(Drafter):
+    """Drafts plain decoding's own continuation (of `truth`, given the sequence so far), with one wrong
+    token at a position that moves each round (also past the draft: all kept) unless not `corrupt`, so
+    every number of kept tokens and every rollback length occurs."""
+
+    overshoot = 6
+
+    def __init__(self, truth: list[int], prompt_length: int, sizes=(0, 1, 3, 6, 4, 2, 5), corrupt=True):
+        super().__init__()
+        self.truth, self.prompt_length, self.sizes, self.round = truth, prompt_length, sizes, 0
+        self.corrupt = corrupt
+
+    def propose(self, seq, limit, plan, generator):
+        size = self.sizes[self.round % len(self.sizes)] if limit > 0 else 0
+        wrong = self.round % (size + 2) if self.corrupt else size  # >= size: nothing wrong
+        self.round += 1
+        done = seq.length - self.prompt_length
+        tokens = list(self.truth[done : done + size])
+        if wrong < len(tokens):
+            tokens[wrong] = (tokens[wrong] + 1) % VOCAB
+        return Draft(torch.tensor(tokens, dtype=torch.long), None)
+
+
+# ---- greedy: the tokens of plain decoding ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_prompt_lookup_greedy_gives_plain_greedy_and_the_references_tokens(name, cache):
+    ours, ref = peaked_pair(**CONFIGS[name])
+    ids = _prompt()
+    kw = dict(max_new_tokens=40, eos_token_id=None)
+    plain = ours.generate(ids, **kw)
+    fast = ours.generate(ids, prompt_lookup_num_tokens=5, cache_implementation=cache, **kw)
+    assert fast.tolist() == plain.tolist() == ref.generate(ids, **kw).tolist()
+    assert fast.tolist() == ref.generate(ids, prompt_lookup_num_tokens=5, **kw).tolist()
+    draft = PromptLookup(num_tokens=5)
+    generate(ours, ids, config=resolve_config(ours, None, **kw), draft=draft)
+    assert draft.stats.accepted > 5 and draft.stats.passes < 40  # the drafts were used, not only checked
+
+
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_every_rollback_length_gives_plain_greedy(cache):
+    ours, _ = peaked_pair(**CONFIGS["gqa"])
+    ids = _prompt()
+    config = resolve_config(ours, None, max_new_tokens=45, eos_token_id=None, cache_implementation=cache)
+    plain = generate(ours, ids, config=config)
+    oracle = Oracle(plain[0, ids.shape[1] :].tolist(), ids.shape[1])
+    assert generate(ours, ids, config=config, draft=oracle).tolist() == plain.tolist()
+    assert 0 < oracle.stats.accepted < oracle.stats.drafted and oracle.stats.passes < 30
+
+
+def test_assistant_greedy_gives_plain_greedy_and_the_references_assisted_tokens():
+    ours, ref = peaked_pair(**CONFIGS["gqa"], num_hidden_layers=3)
+    ours_small = truncated(ours, 1)
+    ref_small = type(ref)._from_config(reference_config(ours_small.config), attn_implementation="sdpa").eval()
+    ref_small.load_state_dict(ours_small.state_dict())
+    ids = _prompt()
+    kw = dict(max_new_tokens=30, eos_token_id=None)
+    plain = ours.generate(ids, **kw)
+    fast = ours.generate(ids, assistant_model=ours_small, **kw)
+    assert fast.tolist() == plain.tolist() == ref.generate(ids, **kw).tolist()
+    assert fast.tolist() == ref.generate(ids, assistant_model=ref_small, **kw).tolist()
+    for confidence in (0.0, 0.4):
+        draft = AssistantDraft(ours_small, num_tokens=4, confidence=confidence)
+        assert (
+            generate(ours, ids, config=resolve_config(ours, None, **kw), draft=draft).tolist()
+            == plain.tolist()
+        )
+        assert 0 < draft.stats.accepted < draft.stats.drafted
+    # The model as its own assistant: every draft token is kept.
+    itself = AssistantDraft(ours, num_tokens=4, confidence=0.0)
+    generate(ours, ids, config=resolve_config(ours, None, **kw), draft=itself)
+    assert itself.stats.accepted == itself.stats.drafted > 20
+
+
+# ---- stopping and streaming, token by token as plain decoding ---------------------------------------------
+
+
+def test_eos_min_new_tokens_and_max_new_tokens_cut_a_kept_draft():
+    ours, ref = peaked_pair(**CONFIGS["mha"])
+    ids = _prompt(seed=2)
+    free = generate(ours, ids, config=resolve_config(ours, None, max_new_tokens=30, eos_token_id=None))
+    truth = free[0, ids.shape[1] :].tolist()
+    eos = truth[7]  # reached inside a kept draft (held back by min_new_tokens in the second case)
+    for kw in (
+        dict(max_new_tokens=30, eos_token_id=eos),
+        dict(max_new_tokens=30, eos_token_id=eos, min_new_tokens=truth.index(eos) + 1),
+        dict(max_new_tokens=11, eos_token_id=None),
+        dict(max_new_tokens=1, eos_token_id=None),
+        dict(max_new_tokens=30, eos_token_id=[VOCAB - 1, eos], repetition_penalty=1.2),
+    ):
+        config = resolve_config(ours, None, **kw)
+        plain = generate(ours, ids, config=config)
+        truth = generate(ours, ids, config=config.updated(eos_token_id=None))[0, 12:].tolist()
+        oracle = Oracle(truth, 12, sizes=(6,), corrupt=False)
+        spec = generate(ours, ids, config=config, draft=oracle)
+        assert spec.tolist() == plain.tolist() == ref.generate(ids, **kw).tolist(), kw
+        assert ours.generate(ids, prompt_lookup_num_tokens=3, **kw).tolist() == plain.tolist(), kw
+
+
+def test_stop_strings_end_inside_a_kept_draft():
+    from pathlib import Path
+
+    from stablelm import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(Path(__file__).parent / "fixtures" / "gpt-neox-20b")
+    model = StableLmForCausalLM(
+        tiny_config(
+            vocab_size=50304,
+            hidden_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=256,
+        )
+    ).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    ids = torch.tensor([tok.encode("The weather is")])
+    config = resolve_config(model, None, max_new_tokens=16, eos_token_id=None)
+    truth = generate(model, ids, config=config)[0, ids.shape[1] :].tolist()
+    stop = tok.decode(truth[:6])[-3:]
+    plain = model.generate(ids, max_new_tokens=16, eos_token_id=None, stop_strings=stop, tokenizer=tok)
+    assert plain.shape[1] < ids.shape[1] + 16
+    oracle = Oracle(truth, ids.shape[1], sizes=(8,), corrupt=False)
+    spec = generate(model, ids, config=config, draft=oracle, stop_checker=StopStringChecker(tok, stop, 1))
+    assert spec.tolist() == plain.tolist() and oracle.stats.accepted >= 5
+
+
+def test_streamer_gets_each_token_in_order():
+    ours, _ = peaked_pair()
+    ids = _prompt()
+    puts = []
+
+    class Recorder:
+        def put(self, value):
+            puts.append(value.tolist())
+
+        def end(self):
+            puts.append("end")
+
+    out = ours.generate(
+        ids, max_new_tokens=30, eos_token_id=None, prompt_lookup_num_tokens=4, streamer=Recorder()
+    )
+    assert puts[0] == ids.tolist() and puts[-1] == "end"
+    assert [p[0] for p in puts[1:-1]] == out[0, ids.shape[1] :].tolist()
+
+
+def test_padded_single_prompt_gives_plain_tokens():
+    ours, _ = peaked_pair()
+    ids = _prompt()
+    mask = torch.ones_like(ids)
+    mask[:, :3] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=30, eos_token_id=None)
+    plain = ours.generate(ids, **kw)
+    assert ours.generate(ids, prompt_lookup_num_tokens=4, **kw).tolist() == plain.tolist()
+    assert ours.generate(ids, assistant_model=truncated(ours, 1), **kw).tolist() == plain.tolist()
+
+
+# ---- sampling: the model's own distribution --------------------------------------------------------------
+
+
+def test_prompt_lookup_sampling_draws_the_references_tokens_with_the_same_seed():
+    """The reference samples every position of a checked draft at once, as we do: same draws, same text.
+    (Not with top_p < 1: the reference also cuts a draft at the first token its processors forbid on
+    uniform scores, which top_p does to some tokens; the distribution is the same, the draws are not.)"""
+    ours, ref = peaked_pair(scale=3.0, vocab_size=16)
+    ids = _prompt(vocab=16)
+    for kw in (dict(), dict(temperature=0.7, top_k=5), dict(repetition_penalty=1.3, min_p=0.1)):
+        kw = dict(max_new_tokens=25, eos_token_id=None, do_sample=True, prompt_lookup_num_tokens=4, **kw)
+        for seed in (0, 1):
+            set_seed(seed)
+            a = ours.generate(ids, **kw)
+            set_seed(seed)
+            assert a.tolist() == ref.generate(ids, **kw).tolist(), (kw, seed)
+
+
+def _chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """p-value of Pearson's chi-square test of `counts` against `probs` (cells of expected count < 5 pooled)."""
+    expected = probs.double() * counts.sum()
+    small = expected < 5
+    obs = torch.cat([counts[~small].double(), counts[small].double().sum()[None]])
+    exp = torch.cat([expected[~small], expected[small].sum()[None]])
+    keep = exp > 0
+    stat = ((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()
+    dof = int(keep.sum()) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.double), stat / 2))
+
+
+def _exact_first_two(model, ids, vocab, **sampling) -> torch.Tensor:
+    """The model's own probabilities (vocab * vocab,) of the first two sampled tokens, from its logits."""
+    from stablelm.sampling import SamplingParams, process_logits
+
+    params = SamplingParams(do_sample=True, **sampling)
+    with torch.no_grad():
+        first = torch.softmax(process_logits(ours_logits(model, ids), ids, params), -1)[0]  # (V,)
+        both = torch.cat([ids.expand(vocab, -1), torch.arange(vocab)[:, None]], dim=1)
+        second = torch.softmax(process_logits(ours_logits(model, both), both, params), -1)  # (V, V)
+    return (first[:, None] * second).flatten()
+
+
+def ours_logits(model, ids):
+    return model(ids).logits[:, -1].float()
+
+
+def test_speculative_sampling_follows_the_models_distribution():
+    vocab = 6
+    model, _ = peaked_pair(scale=3.0, vocab_size=vocab)
+    assistant, _ = peaked_pair(scale=3.0, vocab_size=vocab, seed=1)
+    ids = _prompt(length=5, vocab=vocab)
+    sampling = dict(temperature=0.8, top_k=4)  # the processors shape both p and q
+    exact = _exact_first_two(model, ids, vocab, **sampling)
+    drafts = _exact_first_two(assistant, ids, vocab, **sampling)
+    assert 0.5 * (exact - drafts).abs().sum() > 0.2  # the assistant's drafts are often refused
+    config = resolve_config(model, None, max_new_tokens=3, eos_token_id=None, do_sample=True, **sampling)
+    gen = torch.Generator().manual_seed(0)
+    n = 1500
+    draft = AssistantDraft(assistant, num_tokens=2, confidence=0.0)
+    counts = torch.zeros(vocab * vocab)
+    refused = 0
+    for _ in range(n):
+        out = generate(model, ids, config=config, generator=gen, draft=draft)[0, ids.shape[1] :]
+        counts[out[0] * vocab + out[1]] += 1
+        refused += draft.stats.drafted - draft.stats.accepted
+    assert refused > n // 4  # the residual distribution was drawn from, often
+    assert _chi_square_p(counts, exact) > 1e-3
+    # The test can fail: keeping every draft token gives the assistant's distribution, which it rejects.
+    naive = torch.bincount(torch.multinomial(drafts, n, replacement=True, generator=gen), minlength=vocab**2)
+    assert _chi_square_p(naive, exact) < 1e-6
+
+
+# ---- clear errors ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(prompt_lookup_num_tokens=0), ValueError, "prompt_lookup_num_tokens must be at least 1"),
+        (dict(prompt_lookup_num_tokens="3"), TypeError, "prompt_lookup_num_tokens must be an integer"),
+        (dict(prompt_lookup_num_tokens=3, max_matching_ngram_size=0), ValueError, "max_matching_ngram_size"),
+        (
+            dict(prompt_lookup_num_tokens=3, num_return_sequences=2, do_sample=True),
+            ValueError,
+            "one sequence",
+        ),
+        (dict(prompt_lookup_num_tokens=3, compile=True), ValueError, "compile=True"),
+        (dict(assistant_model="small"), TypeError, "assistant_model must be a causal language model"),
+        (dict(assistant_model="same", num_assistant_tokens=0), ValueError, "num_assistant_tokens"),
+        (
+            dict(assistant_model="same", assistant_confidence_threshold=1.5),
+            ValueError,
+            "confidence_threshold",
+        ),
+        (dict(assistant_model="same", prompt_lookup_num_tokens=3), ValueError, "Pass one of"),
+        (dict(assistant_model="other-vocab"), ValueError, "assistant_model has a vocabulary of 64 tokens"),
+    ],
+)
+def test_bad_settings_get_clear_errors(kwargs, error, message):
+    ours, _ = peaked_pair()
+    if kwargs.get("assistant_model") == "same":
+        kwargs["assistant_model"] = ours
+    elif kwargs.get("assistant_model") == "other-vocab":
+        kwargs["assistant_model"] = StableLmForCausalLM(tiny_config(vocab_size=64)).eval()
+    with pytest.raises(error, match=message):
+        ours.generate(_prompt(), max_new_tokens=4, **kwargs)
+
+
+def test_batches_and_embeddings_are_refused_clearly():
+    ours, _ = peaked_pair()
+    with pytest.raises(ValueError, match="one sequence at a time.*got 2 rows"):
+        ours.generate(torch.cat([_prompt(), _prompt(seed=1)]), max_new_tokens=4, prompt_lookup_num_tokens=3)
+    embeds = ours.model.embed_tokens(_prompt()).detach()
+    with pytest.raises(ValueError, match="pass input_ids, not inputs_embeds"):
+        ours.generate(inputs_embeds=embeds, max_new_tokens=4, assistant_model=ours)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_checking_a_draft_gives_the_decode_steps_logits(dtype):
+    """One pass over several tokens, each row what decoding them one at a time gives: bit for bit in half
+    precision, so that greedy speculative decoding makes plain decoding's tokens there too (one many-query
+    attention call rounds differently, which parted the demo model's text from plain greedy's); within
+    float32 rounding in float32, where a matrix product over several rows rounds differently from one row."""
+    from conftest import randomize_
+
+    from stablelm.cache import StaticCache
+    from stablelm.generation.speculative import Tokens, _verify
+
+    config = tiny_config(num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128)
+    model = StableLmForCausalLM(config).eval()
+    randomize_(model)
+    model = model.to(dtype)
+    ids = _prompt(length=100)
+
+    def cache():
+        c = StaticCache.for_model(model.config, batch_size=1, max_cache_len=128, dtype=dtype, device="cpu")
+        model(ids[:, :90], past_key_values=c)
+        return c
+
+    with torch.no_grad():
+        steps = cache()
+        one_by_one = torch.cat(
+            [model(ids[:, i : i + 1], past_key_values=steps).logits[0] for i in range(90, 100)]
+        )
+        checked = _verify(model, cache(), Tokens(ids[0], 100, 0, None), 90, 100, plan=None)
+        batched = model(ids[:, 90:100], past_key_values=cache()).logits[0]
+    if dtype == torch.bfloat16:
+        assert torch.equal(checked, one_by_one.float())
+        assert not torch.equal(batched, one_by_one)  # what the query-by-query attention is for
+    else:
+        torch.testing.assert_close(checked, one_by_one, rtol=0, atol=1e-5)
