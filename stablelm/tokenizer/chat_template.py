@@ -9,6 +9,7 @@ a template renders the same text here as there.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import json
 import re
@@ -96,15 +97,34 @@ class _SandboxedEnvironment(ImmutableSandboxedEnvironment):
         return checked_format
 
 
+# While `render_with_generation_spans` renders: the text rendered so far, and the spans found.
+_TRACKING: contextvars.ContextVar[tuple[list[str], list[tuple[int, int]]] | None] = contextvars.ContextVar(
+    "generation_spans", default=None
+)
+GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
 class _GenerationBlock(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}` marks assistant text for training masks; it renders its body."""
+    """`{% generation %}...{% endgeneration %}` marks assistant text for training masks; it renders its body,
+    and records where in the text the body went when `render_with_generation_spans` asks (as the reference's
+    `AssistantTracker` does)."""
 
     tags = {"generation"}
 
     def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
         lineno = next(parser.stream).lineno
         body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.Scope(body).set_lineno(lineno)
+        call = self.call_method("_generation", [])
+        return jinja2.nodes.CallBlock(call, [], [], body).set_lineno(lineno)
+
+    def _generation(self, caller: Any) -> str:
+        text = caller()
+        tracking = _TRACKING.get()
+        if tracking is not None:
+            rendered, spans = tracking
+            start = sum(map(len, rendered))
+            spans.append((start, start + len(text)))
+        return text
 
 
 class _TemplateDict:
@@ -349,9 +369,34 @@ def render_chat_template(
     return rendered if final is None else _cut_after_final_message(rendered, final)
 
 
+def render_with_generation_spans(
+    template: str,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    add_generation_prompt: bool = False,
+    variables: Mapping[str, Any] | None = None,
+) -> tuple[str, list[tuple[int, int]]]:
+    """Render as `render_chat_template` does, and say where the `{% generation %}` blocks' text lies.
+
+    Returns:
+        The rendered text and the (start, end) character spans of each generation block's output, in order:
+        the assistant text a template marks for training (empty when it has no such blocks).
+    """
+    spans: list[tuple[int, int]] = []
+    token = _TRACKING.set(([], spans))
+    try:
+        text = render_chat_template(
+            template, messages, add_generation_prompt=add_generation_prompt, variables=variables
+        )
+    finally:
+        _TRACKING.reset(token)
+    return text, spans
+
+
 def _render(compiled: jinja2.Template, context: dict[str, Any]) -> str:
     """Render within the budget: the time limit, and the size limit on the text as it comes."""
-    parts, size = [], 0
+    tracking = _TRACKING.get()
+    parts, size = (tracking[0] if tracking is not None else []), 0
     with budget.rendering() as limits:
         for part in compiled.generate(**context):
             size += len(part)
