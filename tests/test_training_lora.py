@@ -127,13 +127,15 @@ def test_generate_with_adapter_equals_the_merged_model(base, lora_run, capsys):
     assert capsys.readouterr().out == adapted
 
 
-@pytest.mark.parametrize("command", ["generate", "chat", "serve"])
+@pytest.mark.parametrize("command", ["generate", "chat", "serve", "bench"])
 def test_a_bad_adapter_is_a_clear_error(command, base, lora_run, tokenizer, tmp_path, capsys):
     other = tmp_path / "other"  # an adapter of a wider model
     add_lora(_tiny(tokenizer, hidden_size=64), LoraSettings(r=4)).save_pretrained(other)
     deeper = tmp_path / "deeper"  # layers the model does not have: peft itself only warns
     add_lora(_tiny(tokenizer, num_hidden_layers=3), LoraSettings(r=4)).save_pretrained(deeper)
-    extra = ["The for statement"] if command == "generate" else []
+    extra = {"generate": ["The for statement"], "bench": ["--prompt", "4", "--new-tokens", "2"]}.get(
+        command, []
+    )
     cases = {
         str(tmp_path / "missing"): "does not exist",
         str(base): "has no adapter_config.json",
@@ -144,8 +146,29 @@ def test_a_bad_adapter_is_a_clear_error(command, base, lora_run, tokenizer, tmp_
         assert main([command, "-m", str(base), "--adapter", path, *extra]) == 1, path
         err = capsys.readouterr().err
         assert f"--adapter {path!r}" in err and message in err and "Traceback" not in err, err
-    status = main([command, "-m", str(base), "--adapter", str(lora_run), "--quantize", "int8", *extra])
-    assert status == 2 and "--adapter and --quantize" in capsys.readouterr().err
+    if command != "bench":  # bench quantizes after loading, so after merging
+        status = main([command, "-m", str(base), "--adapter", str(lora_run), "--quantize", "int8", *extra])
+        assert status == 2 and "--adapter and --quantize" in capsys.readouterr().err
+
+
+def test_info_and_bench_take_an_adapter(base, lora_run, tokenizer, tmp_path, capsys):
+    assert main(["info", "-m", str(base), "--adapter", str(lora_run), "--json"]) == 0
+    adapter = json.loads(capsys.readouterr().out)["adapter"]
+    trained = adapter_state(apply_adapter(StableLmForCausalLM.from_pretrained(base), lora_run, merge=False))
+    assert adapter["r"] == 4 and adapter["lora_alpha"] == 8 and adapter["layers"] == 2 * 7
+    assert adapter["parameters"] == sum(t.numel() for t in trained.values())
+    assert main(["info", "-m", str(base), "--adapter", str(lora_run)]) == 0
+    assert "LoRA r 4, alpha 8 on down_proj,gate_proj" in capsys.readouterr().out
+    other = tmp_path / "other"
+    add_lora(_tiny(tokenizer, hidden_size=64), LoraSettings(r=4)).save_pretrained(other)
+    assert main(["info", "-m", str(base), "--adapter", str(other)]) == 1
+    assert "does not fit this model" in capsys.readouterr().err
+    assert (
+        main(["bench", "-m", str(base), "--adapter", str(lora_run), "--prompt", "4", "--new-tokens", "2"])
+        == 0
+    )
+    assert main(["bench", "--adapter", str(lora_run)]) == 2
+    assert "--adapter applies to a checkpoint" in capsys.readouterr().err
 
 
 # ---- the trainer with an adapter ------------------------------------------------------------------------

@@ -12,6 +12,7 @@ peft is optional (`pip install 'stablelm[lora]'`); `require_peft` says so when i
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,3 +202,55 @@ def apply_adapter(model: nn.Module, path: str | os.PathLike, *, merge: bool = Tr
             "model (-m)."
         )
     return adapted.merge_and_unload() if merge else adapted
+
+
+def describe_adapter(path: str | os.PathLike, *, weight_shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """An adapter folder's settings and size, read from its files (no weights loaded), checked against the
+    shapes of the model's stored weights.
+
+    Returns:
+        {"path", "r", "lora_alpha", "lora_dropout", "target_modules", "layers", "parameters"}.
+
+    Raises:
+        ValueError: `path` is not an adapter folder, or its adapter does not fit the weights (named "--adapter").
+    """
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(path)
+    config_path, weights = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
+    if not config_path.is_file() or not weights.is_file():
+        missing = ADAPTER_CONFIG if not config_path.is_file() else ADAPTER_WEIGHTS
+        raise ValueError(
+            f"--adapter {str(path)!r} {'does not exist' if not folder.exists() else f'has no {missing}'}: pass a "
+            "LoRA adapter folder (what 'stablelm train --lora-r' or peft's save_pretrained writes)."
+        )
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        with safe_open(weights, framework="pt") as f:
+            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118
+    except (OSError, ValueError, SafetensorError) as err:
+        raise ValueError(f"--adapter {str(path)!r} is damaged ({err}).") from None
+    layers = set()
+    for key, shape in shapes.items():
+        module, _, kind = key.removeprefix("base_model.model.").rpartition(".lora_")
+        target = weight_shapes.get(f"{module}.weight")
+        fits = target is not None and len(shape) == 2 and len(target) == 2
+        if fits:
+            fits = shape[1] == target[1] if kind.startswith("A") else shape[0] == target[0]
+        if not fits:
+            raise ValueError(
+                f"--adapter {str(path)!r} does not fit this model: its {key} {shape} matches no weight of the "
+                "model; pass the adapter trained on this model (-m)."
+            )
+        layers.add(module)
+    return {
+        "path": str(path),
+        "r": config.get("r"),
+        "lora_alpha": config.get("lora_alpha"),
+        "lora_dropout": config.get("lora_dropout"),
+        "target_modules": sorted(config.get("target_modules") or []),
+        "layers": len(layers),
+        "parameters": sum(math.prod(shape) for shape in shapes.values()),
+    }
