@@ -287,8 +287,12 @@ def test_train_on_chat_data_end_to_end(base, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "12 conversations (loss on assistant tokens)" in err and "step 2/2: loss" in err
     assert StableLmForCausalLM.from_pretrained(tmp_path / "out").config.vocab_size == 4096
-    assert main(_train(base, data, tmp_path / "all", "--loss-on", "all", "--lora-r", "2")) == 0
-    assert "(loss on all tokens)" in capsys.readouterr().err
+    args = _train(
+        base, data, tmp_path / "all", "--loss-on", "all", "--lora-r", "2", "--eval-fraction", "0.25"
+    )
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "(loss on all tokens)" in err and "held out" in err and "held-out loss" in err
     assert (tmp_path / "all" / "adapter_model.safetensors").is_file()
 
 

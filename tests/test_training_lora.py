@@ -17,6 +17,7 @@ from stablelm.cli import main
 from stablelm.training import Trainer, TrainingArguments, pack, tokenize, train_tokenizer
 from stablelm.training.checkpoints import list_checkpoints
 from stablelm.training.lora import LoraSettings, adapter_state, add_lora, apply_adapter, require_peft
+from stablelm.training.memory import estimate_training_memory
 
 peft = pytest.importorskip("peft")
 
@@ -236,6 +237,15 @@ def test_lora_resume_equals_an_uninterrupted_run(tokenizer, tmp_path):
     other_rank = Trainer(_lora_model(tokenizer, r=2), args=_args(tmp_path / "r2"), **kwargs)
     with pytest.raises(ValueError, match="other data or settings"):
         other_rank.resume(checkpoint)
+
+
+def test_the_memory_estimate_counts_only_the_trainable_parameters(tokenizer):
+    config = _tiny(tokenizer).config
+    full = estimate_training_memory(config, batch_size=2, block_size=32)
+    lora = estimate_training_memory(config, batch_size=2, block_size=32, trainable_parameters=1000)
+    assert (lora.gradients, lora.optimizer) == (4000, 8000)
+    assert (full.gradients, full.optimizer) == (4 * full.parameters, 8 * full.parameters)
+    assert (lora.weights, lora.activations) == (full.weights, full.activations)
 
 
 def test_lora_flags_are_checked(base, tmp_path, capsys, monkeypatch):

@@ -156,9 +156,11 @@ def _model_and_tokenizer(
     if args.add_special_tokens:
         add_special_tokens(tokenizer, model, args.add_special_tokens)
     check_vocabulary(tokenizer, model)
-    if args.config is None and args.lora_r is None:  # the estimate is of full fine-tuning
-        _check_memory(args, model.config, block_size, device, weights_loaded=True)
-    return train_lora.add_adapter(args, model, vocab_size), tokenizer, block_size
+    model = train_lora.add_adapter(args, model, vocab_size)  # its parameters are few: added before the check
+    if args.config is None:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        _check_memory(args, model.config, block_size, device, weights_loaded=True, trainable=trainable)
+    return model, tokenizer, block_size
 
 
 def _block_size(args: argparse.Namespace, config: StableLmConfig) -> int:
@@ -174,6 +176,7 @@ def _check_memory(
     device: torch.device,
     *,
     weights_loaded: bool,
+    trainable: int | None = None,
 ) -> None:
     bf16 = resolve_precision(args.precision, device) == "bf16"
     estimate = estimate_training_memory(
@@ -182,6 +185,7 @@ def _check_memory(
         block_size=block_size,
         gradient_checkpointing=args.gradient_checkpointing,
         activation_bytes=2 if bf16 else 4,
+        trainable_parameters=trainable,
     )
     check_training_memory(estimate, device=device, weights_loaded=weights_loaded)
 
