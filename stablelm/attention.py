@@ -73,11 +73,12 @@ def packed_segments(position_ids: torch.Tensor) -> torch.Tensor | None:
 
     Several documents packed in one row, each with positions 0, 1, ..., are told apart where the
     position does not grow by one (as the reference's `find_packed_sequence_indices`): (B, T) segment
-    numbers, or None when every row holds one document.
+    numbers, or None when every row holds one document. While compiling, the segments always (a graph
+    cannot branch on values; one document is then one segment).
     """
     first = position_ids[:, :1] - 1
     segments = (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)  # (B, T)
-    if bool((segments[:, -1] == 0).all()):
+    if not torch.compiler.is_compiling() and bool((segments[:, -1] == 0).all()):
         return None
     return segments
 

@@ -217,7 +217,7 @@ class StableLmModel(StableLmPreTrainedModel):
         segments = None
         if position_ids is None:
             position_ids = cache_position.unsqueeze(0).expand(B, T)
-        elif attention_mask is None and cache is None and not torch.compiler.is_compiling():
+        elif attention_mask is None and cache is None:
             # Training on packed documents: positions restarting inside a row keep them apart (the
             # reference's padding-free packing, without a cache or a padding mask).
             position_ids = position_ids.expand(B, T)
