@@ -83,6 +83,35 @@ def test_generation_blocks_give_the_references_assistant_mask(conversation):
     assert text == reference.apply_chat_template(conversation, chat_template=MARKED, tokenize=False)
 
 
+def test_apply_chat_template_returns_the_references_assistant_masks():
+    ours = AutoTokenizer.from_pretrained(FIXTURES / "cl100k-dolma2")
+    reference = transformers.AutoTokenizer.from_pretrained(FIXTURES / "cl100k-dolma2")
+    batch = CONVERSATIONS[:2]
+    for conversations, tensors in ((batch[0], None), (batch, None), (batch[1:], "pt")):
+        kwargs = dict(
+            chat_template=MARKED, return_assistant_tokens_mask=True, return_dict=True, return_tensors=tensors
+        )
+        got, expected = (
+            ours.apply_chat_template(conversations, **kwargs),
+            reference.apply_chat_template(conversations, **kwargs),
+        )
+        if tensors:
+            assert torch.equal(got["assistant_masks"], expected["assistant_masks"])
+            assert torch.equal(got["input_ids"], expected["input_ids"])
+        else:
+            assert got["assistant_masks"] == list(expected["assistant_masks"])
+            assert got["input_ids"] == list(expected["input_ids"])
+    with pytest.warns(UserWarning, match="no {% generation %} blocks"):
+        plain = ours.apply_chat_template(batch[1], return_assistant_tokens_mask=True, return_dict=True)
+    assert plain["assistant_masks"] == [0] * len(plain["input_ids"])
+    with pytest.raises(ValueError, match="requires `return_dict=True`"):
+        ours.apply_chat_template(batch[1], chat_template=MARKED, return_assistant_tokens_mask=True)
+    with pytest.raises(ValueError, match="without padding and truncation"):
+        ours.apply_chat_template(
+            batch, chat_template=MARKED, return_assistant_tokens_mask=True, return_dict=True, padding=True
+        )
+
+
 def _reference_incremental_mask(reference, conversation) -> tuple[list[int], list[int]]:
     """The assistant mask by rendering turn by turn with the reference: each assistant message is what
     rendering up to it adds to rendering the turns before it with the generation prompt."""

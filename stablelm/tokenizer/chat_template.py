@@ -393,6 +393,20 @@ def render_with_generation_spans(
     return text, spans
 
 
+def assistant_mask(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[int]:
+    """1 for each token whose characters (`offsets`) overlap one of `spans`, else 0: the reference's rule for
+    `return_assistant_tokens_mask`."""
+    mask, span = [0] * len(offsets), 0
+    for index, (start, end) in enumerate(offsets):
+        while span < len(spans) and start >= spans[span][1]:
+            span += 1
+        if span == len(spans):
+            break
+        if end > spans[span][0]:
+            mask[index] = 1
+    return mask
+
+
 def _render(compiled: jinja2.Template, context: dict[str, Any]) -> str:
     """Render within the budget: the time limit, and the size limit on the text as it comes."""
     tracking = _TRACKING.get()

@@ -34,6 +34,7 @@ from ..tokenizer import Tokenizer
 from ..tokenizer.chat_template import (
     GENERATION_TAG,
     ChatTemplateError,
+    assistant_mask,
     render_chat_template,
     render_with_generation_spans,
 )
@@ -195,19 +196,6 @@ def encode_conversation(
     if labels:
         labels[0] = IGNORE_INDEX
     return ids, labels
-
-
-def assistant_mask(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[int]:
-    """1 for each token whose characters overlap an assistant span, else 0 (the reference's rule)."""
-    mask, span = [0] * len(offsets), 0
-    for index, (start, end) in enumerate(offsets):
-        while span < len(spans) and start >= spans[span][1]:
-            span += 1
-        if span == len(spans):
-            break
-        if end > spans[span][0]:
-            mask[index] = 1
-    return mask
 
 
 def _incremental_spans(
