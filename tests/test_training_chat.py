@@ -378,6 +378,8 @@ def test_chat_data_errors_of_the_command(base, tmp_path, capsys):
     text = _jsonl(tmp_path / "text.jsonl", [{"text": "plain text"}])
     assert main(_train(base, tmp_path, tmp_path / "out")) == 1
     assert "mixes chat conversations" in capsys.readouterr().err
+    assert main([*_train(base, chat, tmp_path / "out"), "--eval-data", str(text)]) == 2
+    assert "--eval-data must too" in capsys.readouterr().err
     assert main(_train(base, text, tmp_path / "out", "--loss-on", "all")) == 2
     assert "--loss-on is for chat data" in capsys.readouterr().err
     no_template = tmp_path / "no-template"

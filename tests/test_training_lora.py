@@ -239,6 +239,19 @@ def test_lora_resume_equals_an_uninterrupted_run(tokenizer, tmp_path):
         other_rank.resume(checkpoint)
 
 
+def test_lora_with_gradient_checkpointing_gives_the_same_losses(tokenizer, tmp_path):
+    blocks = pack(tokenize(tokenizer, TEXTS), 32)
+    losses = []
+    for checkpointing in (False, True):
+        trainer = Trainer(
+            _lora_model(tokenizer),
+            args=_args(tmp_path / str(checkpointing), max_steps=3, gradient_checkpointing=checkpointing),
+            train_blocks=blocks,
+        )
+        losses.append([entry["loss"] for entry in trainer.train().log_history if "loss" in entry])
+    assert losses[0] == losses[1] and losses[0][-1] < losses[0][0]
+
+
 def test_the_memory_estimate_counts_only_the_trainable_parameters(tokenizer):
     config = _tiny(tokenizer).config
     full = estimate_training_memory(config, batch_size=2, block_size=32)
