@@ -12,7 +12,7 @@ from conftest import make_pair, randomize_, tiny_config, transformers
 
 from stablelm import AutoTokenizer, StableLmConfig, StableLmForCausalLM
 from stablelm.cli import main
-from stablelm.tokenizer.chat_template import render_with_generation_spans
+from stablelm.tokenizer.generation_spans import render_with_generation_spans
 from stablelm.training import Trainer, TrainingArguments
 from stablelm.training.chat import (
     IGNORE_INDEX,

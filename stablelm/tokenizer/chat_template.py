@@ -97,11 +97,10 @@ class _SandboxedEnvironment(ImmutableSandboxedEnvironment):
         return checked_format
 
 
-# While `render_with_generation_spans` renders: the text rendered so far, and the spans found.
-_TRACKING: contextvars.ContextVar[tuple[list[str], list[tuple[int, int]]] | None] = contextvars.ContextVar(
-    "generation_spans", default=None
+# While `generation_spans.render_with_generation_spans` renders: the text rendered so far, and the spans found.
+GENERATION_TRACKING: contextvars.ContextVar[tuple[list[str], list[tuple[int, int]]] | None] = (
+    contextvars.ContextVar("generation_spans", default=None)
 )
-GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
 class _GenerationBlock(jinja2.ext.Extension):
@@ -119,7 +118,7 @@ class _GenerationBlock(jinja2.ext.Extension):
 
     def _generation(self, caller: Any) -> str:
         text = caller()
-        tracking = _TRACKING.get()
+        tracking = GENERATION_TRACKING.get()
         if tracking is not None:
             rendered, spans = tracking
             start = sum(map(len, rendered))
@@ -369,47 +368,9 @@ def render_chat_template(
     return rendered if final is None else _cut_after_final_message(rendered, final)
 
 
-def render_with_generation_spans(
-    template: str,
-    messages: Sequence[Mapping[str, Any]],
-    *,
-    add_generation_prompt: bool = False,
-    variables: Mapping[str, Any] | None = None,
-) -> tuple[str, list[tuple[int, int]]]:
-    """Render as `render_chat_template` does, and say where the `{% generation %}` blocks' text lies.
-
-    Returns:
-        The rendered text and the (start, end) character spans of each generation block's output, in order:
-        the assistant text a template marks for training (empty when it has no such blocks).
-    """
-    spans: list[tuple[int, int]] = []
-    token = _TRACKING.set(([], spans))
-    try:
-        text = render_chat_template(
-            template, messages, add_generation_prompt=add_generation_prompt, variables=variables
-        )
-    finally:
-        _TRACKING.reset(token)
-    return text, spans
-
-
-def assistant_mask(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[int]:
-    """1 for each token whose characters (`offsets`) overlap one of `spans`, else 0: the reference's rule for
-    `return_assistant_tokens_mask`."""
-    mask, span = [0] * len(offsets), 0
-    for index, (start, end) in enumerate(offsets):
-        while span < len(spans) and start >= spans[span][1]:
-            span += 1
-        if span == len(spans):
-            break
-        if end > spans[span][0]:
-            mask[index] = 1
-    return mask
-
-
 def _render(compiled: jinja2.Template, context: dict[str, Any]) -> str:
     """Render within the budget: the time limit, and the size limit on the text as it comes."""
-    tracking = _TRACKING.get()
+    tracking = GENERATION_TRACKING.get()
     parts, size = (tracking[0] if tracking is not None else []), 0
     with budget.rendering() as limits:
         for part in compiled.generate(**context):

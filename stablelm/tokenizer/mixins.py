@@ -14,14 +14,9 @@ from typing import Any
 import torch
 from tokenizers import AddedToken
 
-from .chat_template import (
-    GENERATION_TAG,
-    assistant_mask,
-    render_chat_template,
-    render_with_generation_spans,
-    select_chat_template,
-)
+from .chat_template import render_chat_template, select_chat_template
 from .encoding import BatchEncoding
+from .generation_spans import GENERATION_TAG, assistant_mask, render_with_generation_spans
 
 
 class ChatMixin:

@@ -31,13 +31,8 @@ from typing import Any
 import torch
 
 from ..tokenizer import Tokenizer
-from ..tokenizer.chat_template import (
-    GENERATION_TAG,
-    ChatTemplateError,
-    assistant_mask,
-    render_chat_template,
-    render_with_generation_spans,
-)
+from ..tokenizer.chat_template import ChatTemplateError, render_chat_template
+from ..tokenizer.generation_spans import GENERATION_TAG, assistant_mask, render_with_generation_spans
 from .data import JSONL_SUFFIXES, find_files
 from .wording import plural
 
