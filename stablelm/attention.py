@@ -29,6 +29,7 @@ class AttentionMask:
             positions), so that the outputs are bit for bit those of decoding the tokens one at a time:
             the many-query kernels round differently in half precision. Speculative decoding checks its
             drafts this way.
+        packed: `allowed` keeps packed documents apart (see `packed_mask`).
     """
 
     allowed: torch.Tensor | None
@@ -36,6 +37,7 @@ class AttentionMask:
     key_length: int
     padding: torch.Tensor | None = None
     per_query: bool = False
+    packed: bool = False
 
 
 def build_mask(
@@ -69,6 +71,30 @@ def build_mask(
         allowed = allowed & keys[:, None, None, :]
         allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
     return AttentionMask(allowed=allowed, is_causal=False, key_length=key_length, padding=padding)
+
+
+def packed_segments(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """Which packed document each position belongs to, from position ids that restart per document.
+
+    Several documents packed in one row, each with positions 0, 1, ..., are told apart where the
+    position does not grow by one (as the reference's `find_packed_sequence_indices`): (B, T) segment
+    numbers, or None when every row holds one document. While compiling, the segments always (a graph
+    cannot branch on values; one document is then one segment).
+    """
+    first = position_ids[:, :1] - 1
+    segments = (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)  # (B, T)
+    if not torch.compiler.is_compiling() and bool((segments[:, -1] == 0).all()):
+        return None
+    return segments
+
+
+def packed_mask(segments: torch.Tensor) -> AttentionMask:
+    """Causal attention within each packed document only: a block-diagonal mask (B, 1, T, T) from the
+    segment numbers of `packed_segments`, so that no document attends to another."""
+    T = segments.shape[-1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    allowed = (segments[:, :, None] == segments[:, None, :]) & causal  # (B, T, T)
+    return AttentionMask(allowed=allowed[:, None], is_causal=False, key_length=T, packed=True)
 
 
 def attention(
@@ -176,6 +202,12 @@ def _flash_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, *, scale: float, dropout: float
 ) -> torch.Tensor:
     _check_flash_inputs(q)
+    if mask.packed:
+        raise ValueError(
+            "position_ids that restart inside a row (packed documents) are not supported with "
+            "attn_implementation='flash_attention_2' yet; use attn_implementation='sdpa', which keeps the "
+            "documents apart with a block-diagonal mask."
+        )
     from flash_attn import flash_attn_func, flash_attn_varlen_func
 
     k, v = k[:, :, : mask.key_length], v[:, :, : mask.key_length]  # drop unwritten static-cache slots

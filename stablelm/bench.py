@@ -149,15 +149,21 @@ def prepare(
     device: str = "cpu",
     model: str | None = None,
     quantize: str | None = None,
+    adapter: str | None = None,
 ) -> tuple[Callable[..., torch.Tensor], torch.Tensor, dict[str, Any]]:
     """Build the model (random weights of `shape`, or the checkpoint `model`), optimised for inference
-    unless asked not to, and warm up (compiling if asked).
+    unless asked not to, and warm up (compiling if asked). `adapter`, a peft LoRA adapter folder, is merged
+    into the checkpoint's weights first (before quantizing).
 
     Returns `generate(input_ids, streamer=None)`, the prompt's ids, and what describes the run.
     """
     if model is not None:
         source, model = model, load_model(model, dtype, device=device)
         dtype = str(model.dtype).removeprefix("torch.")
+        if adapter is not None:
+            from .training.lora import apply_adapter
+
+            model = apply_adapter(model, adapter)
     else:
         shape, dtype = shape or "160m", dtype or "bfloat16"
         source, model = shape, random_model(shape, DTYPES[dtype], device=device)
@@ -227,6 +233,7 @@ def run_args(args: argparse.Namespace) -> dict[str, Any]:
         device=args.device,
         model=args.model,
         quantize=getattr(args, "quantize", None),
+        adapter=getattr(args, "adapter", None),
     )
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .activations import ACT_FNS
-from .attention import AttentionMask, attention, build_mask
+from .attention import AttentionMask, attention, build_mask, packed_mask, packed_segments
 from .cache import Cache, DynamicCache
 from .config import StableLmConfig
 from .layers import Linear, fused_linear
@@ -179,7 +179,9 @@ class StableLmModel(StableLmPreTrainedModel):
         Args:
             input_ids: Token ids (B, T). Give exactly one of `input_ids` and `inputs_embeds`.
             attention_mask: (B, past + T), 1 for real tokens and 0 for padding (left or right).
-            position_ids: (B, T) rotary positions; by default past, past + 1, ...
+            position_ids: (B, T) rotary positions; by default past, past + 1, ... Without a cache and an
+                `attention_mask`, positions that restart inside a row mark packed documents, which then
+                attend only within themselves (as in the reference).
             past_key_values: A `DynamicCache` or `StaticCache` to read and extend.
             inputs_embeds: (B, T, C) embeddings in place of `input_ids`.
             use_cache: Create a `DynamicCache` when none is passed (default: `config.use_cache`).
@@ -212,9 +214,18 @@ class StableLmModel(StableLmPreTrainedModel):
             slots = past + T
         device = inputs_embeds.device
         cache_position = torch.arange(past, past + T, device=device)
+        segments = None
         if position_ids is None:
             position_ids = cache_position.unsqueeze(0).expand(B, T)
-        mask = build_mask(attention_mask, past=past, new=T, slots=slots, device=device)
+        elif attention_mask is None and cache is None:
+            # Training on packed documents: positions restarting inside a row keep them apart (the
+            # reference's padding-free packing, without a cache or a padding mask).
+            position_ids = position_ids.expand(B, T)
+            segments = packed_segments(position_ids)
+        if segments is not None:
+            mask = packed_mask(segments)
+        else:
+            mask = build_mask(attention_mask, past=past, new=T, slots=slots, device=device)
         rope = self.rotary_emb(position_ids, inputs_embeds.dtype)
 
         x = inputs_embeds

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 
 from .errors import UsageError
-from .options import add_quantize_option, compile_notice
+from .options import add_adapter_option, add_quantize_option, compile_notice
 
 # The shapes and dtypes of stablelm.bench (SHAPES, DTYPES), named here so that --help needs no torch.
 SHAPE_NAMES = ("1.6b", "160m", "3b", "tiny")
@@ -67,6 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="cpu", help="where to run: cpu (default), cuda, cuda:1, ...")
     add_quantize_option(parser)
+    add_adapter_option(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
 
 
@@ -84,6 +85,8 @@ def check(args: argparse.Namespace) -> str | None:
     """What is wrong with the combination of options, or None."""
     if args.model and args.shape:
         return "--shape and -m/--model both say what to time: give one"
+    if args.adapter and not args.model:
+        return "--adapter applies to a checkpoint: give the model it was trained on with -m"
     dtype = args.dtype or ("bfloat16" if not args.model else None)
     if args.fp32_cache and (dtype == "float32" or args.no_optimize or args.device != "cpu"):
         return (

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .loading import model_source
-from .options import DTYPES, add_json_option, add_model_option, add_quantize_option
+from .options import DTYPES, add_adapter_option, add_json_option, add_model_option, add_quantize_option
 
 if TYPE_CHECKING:
     import torch
@@ -39,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the dtype to size the weights in memory for (default: auto, the checkpoint's)",
     )
     add_quantize_option(parser)
+    add_adapter_option(parser)
     add_json_option(parser, "print one JSON object with the same facts instead of the table")
 
 
@@ -79,9 +80,15 @@ def run(args: argparse.Namespace) -> int:
     quantization = (
         None if quant is None else {**quant.to_dict(), "bytes": quantized_size(config, quant, dtype)}
     )
+    adapter = None
+    if getattr(args, "adapter", None) is not None:
+        from ..training.lora import describe_adapter
+
+        adapter = describe_adapter(args.adapter, weight_shapes=shapes)
     if args.json:
         data = facts(source, config, weights, stored, dtype, folder)
         data["quantization"] = quantization
+        data["adapter"] = adapter
         print(json.dumps(data, ensure_ascii=False))
         return 0
     rows = [("model", source), *architecture(config)]
@@ -92,6 +99,14 @@ def run(args: argparse.Namespace) -> int:
             (
                 "quantization",
                 f"{quant.quant_type} weight-only{group}: {human_bytes(quantization['bytes'])} in memory",
+            )
+        )
+    if adapter is not None:
+        rows.append(
+            (
+                "adapter",
+                f"LoRA r {adapter['r']}, alpha {adapter['lora_alpha']:g} on {','.join(adapter['target_modules'])} "
+                f"({adapter['layers']} layers): {short_count(adapter['parameters'])} parameters",
             )
         )
     rows.append(("tokenizer", tokenizer_summary(folder)))

@@ -43,6 +43,7 @@ class Loaded:
     model: StableLmForCausalLM
     tokenizer: Tokenizer
     seconds: float
+    adapter: str | None = None
 
     def generator(self, seed: int | None) -> torch.Generator | None:
         """A generator seeded with `seed` on the model's device; None (torch's global one) without a seed."""
@@ -58,7 +59,8 @@ class Loaded:
         quant = self.model.config.extra.get("quantization_config")
         if quant:
             dtype += f", weights {quant['quant_type']}"
-        return f"load: {self.source} in {self.seconds:.2f} s ({dtype} on {self.model.device})"
+        source = self.source + (f" with adapter {self.adapter}" if self.adapter else "")
+        return f"load: {source} in {self.seconds:.2f} s ({dtype} on {self.model.device})"
 
 
 def load(args: argparse.Namespace) -> Loaded:
@@ -68,10 +70,20 @@ def load(args: argparse.Namespace) -> Loaded:
     from ..tokenizer import AutoTokenizer
 
     source = model_source(args.model)
+    adapter = getattr(args, "adapter", None)
+    if adapter is not None and getattr(args, "quantize", None):
+        raise UsageError(
+            "--adapter and --quantize: an adapter is merged into full-precision weights; merge it first "
+            "('stablelm train ... --merge' writes the merged model) and quantize that"
+        )
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = StableLmForCausalLM.from_pretrained(
         source, dtype=args.dtype, device=args.device, quantization_config=getattr(args, "quantize", None)
     )
+    if adapter is not None:
+        from ..training.lora import apply_adapter
+
+        model = apply_adapter(model, adapter)
     optimize_for_inference(model)  # frozen parameters: plain calls take the fast path too
-    return Loaded(source, model, tokenizer, time.perf_counter() - start)
+    return Loaded(source, model, tokenizer, time.perf_counter() - start, adapter)

@@ -49,6 +49,16 @@ def add_load_options(parser: argparse.ArgumentParser) -> None:
         "--device", choices=DEVICES, default="auto", help="where to run (default: auto, CUDA when available)"
     )
     add_quantize_option(parser)
+    add_adapter_option(parser)
+
+
+def add_adapter_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--adapter",
+        metavar="PATH",
+        help="a peft LoRA adapter folder (as 'stablelm train --lora-r' writes) to apply to the model, merged "
+        "into its weights while loading (needs peft)",
+    )
 
 
 QUANTIZE_CHOICES = ("int8", "int4")

@@ -2,6 +2,8 @@
 
 The data (--data: .txt/.md/.rst files, .jsonl files with a "text" field per line, or folders of them) is
 tokenized, each document followed by the end-of-text token, and packed into blocks of --block-size tokens.
+Chat data (.jsonl files with a "messages" list per line) is rendered with the tokenizer's chat template,
+the loss taken on the assistant's tokens (--loss-on), and conversations packed whole, kept apart.
 The held-out loss is measured on --eval-data, or on --eval-fraction of the blocks. Checkpoints go to
 OUTPUT_DIR/checkpoint-STEP (each a complete Hugging Face checkpoint, plus the optimiser state), the final
 model and tokenizer to OUTPUT_DIR. After an interruption, run the same command with --resume: the run
@@ -12,12 +14,14 @@ examples:
   stablelm train --config config.json --tokenizer tok --data docs/ --output-dir out --max-steps 2000
   stablelm train --model ./out --data chat.jsonl --add-special-tokens "<|user|>" "<|assistant|>" \\
       --output-dir chat --lr 1e-4 --warmup-steps 20 --max-steps 200
+  stablelm train --model ./out --data chat.jsonl --lora-r 16 --output-dir adapter --max-steps 200
 """
 
 from __future__ import annotations
 
 import argparse
 
+from . import train_lora
 from .options import DEVICES, bounded
 
 DEFAULT_BLOCK_SIZE_CAP = 1024
@@ -25,6 +29,7 @@ DEFAULT_BLOCK_SIZE_CAP = 1024
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_model_arguments(parser.add_argument_group("model"))
+    train_lora.add_arguments(parser.add_argument_group("LoRA (needs peft: pip install 'stablelm[lora]')"))
     _add_data_arguments(parser.add_argument_group("data"))
     _add_optimiser_arguments(parser.add_argument_group("optimisation"))
     _add_output_arguments(parser.add_argument_group("evaluation, checkpoints and output"))
@@ -68,6 +73,11 @@ def _add_data_arguments(group: argparse._ArgumentGroup) -> None:
         type=bounded(int, low=2),
         metavar="N",
         help=f"tokens per training sequence (default: the model's context, at most {DEFAULT_BLOCK_SIZE_CAP})",
+    )
+    group.add_argument(
+        "--loss-on",
+        choices=("assistant", "all"),
+        help="chat data: take the loss on the assistant's tokens only, or on all tokens (default: assistant)",
     )
 
 

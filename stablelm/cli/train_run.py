@@ -26,6 +26,7 @@ from ..training import (
     tokenize,
 )
 from ..training.arguments import MAX_SEED
+from ..training.chat import LabelledBlocks, is_chat_data
 from ..training.checkpoints import check_output_dir, list_checkpoints, read_trainer_state
 from ..training.memory import (
     InsufficientMemoryError,
@@ -35,12 +36,15 @@ from ..training.memory import (
 from ..training.sources import add_special_tokens, check_vocabulary, load_model, read_model_config
 from ..training.trainer import resolve_precision
 from ..training.wording import plural
+from . import train_lora
 from .errors import UsageError
 from .train import DEFAULT_BLOCK_SIZE_CAP
+from .train_chat import chat_blocks
 
 
 def run(args: argparse.Namespace) -> int:
     _check_flags(args)
+    train_lora.check(args)
     output_dir = Path(args.output_dir)
     # Before any work: a folder that cannot be written would fail the first save, steps later.
     check_output_dir(output_dir, name="--output-dir")
@@ -64,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         log.close()
     trainer.save_model(output_dir, dtype=resolve_dtype(args.save_dtype))
+    if args.merge:
+        trainer.save_model(output_dir / "merged", dtype=resolve_dtype(args.save_dtype), merge=True)
     print(
         f"trained {plural(state.step, 'step')} on {plural(state.tokens_seen, 'token')}; model saved in "
         f"{output_dir}",
@@ -146,11 +152,14 @@ def _model_and_tokenizer(
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
         model = load_model(args.model, device=device)
         block_size = _block_size(args, model.config)
+    vocab_size = model.config.vocab_size
     if args.add_special_tokens:
         add_special_tokens(tokenizer, model, args.add_special_tokens)
     check_vocabulary(tokenizer, model)
+    model = train_lora.add_adapter(args, model, vocab_size)  # its parameters are few: added before the check
     if args.config is None:
-        _check_memory(args, model.config, block_size, device, weights_loaded=True)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        _check_memory(args, model.config, block_size, device, weights_loaded=True, trainable=trainable)
     return model, tokenizer, block_size
 
 
@@ -167,6 +176,7 @@ def _check_memory(
     device: torch.device,
     *,
     weights_loaded: bool,
+    trainable: int | None = None,
 ) -> None:
     bf16 = resolve_precision(args.precision, device) == "bf16"
     estimate = estimate_training_memory(
@@ -175,13 +185,18 @@ def _check_memory(
         block_size=block_size,
         gradient_checkpointing=args.gradient_checkpointing,
         activation_bytes=2 if bf16 else 4,
+        trainable_parameters=trainable,
     )
     check_training_memory(estimate, device=device, weights_loaded=weights_loaded)
 
 
 def _blocks(
     args: argparse.Namespace, tokenizer: Tokenizer, block_size: int
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor | LabelledBlocks, torch.Tensor | LabelledBlocks | None]:
+    if is_chat_data(args.data):
+        return chat_blocks(args, tokenizer, block_size)
+    if args.loss_on is not None:
+        raise UsageError('--loss-on is for chat data (.jsonl lines with "messages"); --data holds plain text')
     documents = read_documents(args.data)
     blocks = _pack(tokenizer, documents, block_size, flag="--data")
     if args.eval_data:

@@ -9,6 +9,7 @@ a template renders the same text here as there.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import json
 import re
@@ -96,15 +97,33 @@ class _SandboxedEnvironment(ImmutableSandboxedEnvironment):
         return checked_format
 
 
+# While `generation_spans.render_with_generation_spans` renders: the text rendered so far, and the spans found.
+GENERATION_TRACKING: contextvars.ContextVar[tuple[list[str], list[tuple[int, int]]] | None] = (
+    contextvars.ContextVar("generation_spans", default=None)
+)
+
+
 class _GenerationBlock(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}` marks assistant text for training masks; it renders its body."""
+    """`{% generation %}...{% endgeneration %}` marks assistant text for training masks; it renders its body,
+    and records where in the text the body went when `render_with_generation_spans` asks (as the reference's
+    `AssistantTracker` does)."""
 
     tags = {"generation"}
 
     def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
         lineno = next(parser.stream).lineno
         body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.Scope(body).set_lineno(lineno)
+        call = self.call_method("_generation", [])
+        return jinja2.nodes.CallBlock(call, [], [], body).set_lineno(lineno)
+
+    def _generation(self, caller: Any) -> str:
+        text = caller()
+        tracking = GENERATION_TRACKING.get()
+        if tracking is not None:
+            rendered, spans = tracking
+            start = sum(map(len, rendered))
+            spans.append((start, start + len(text)))
+        return text
 
 
 class _TemplateDict:
@@ -351,7 +370,8 @@ def render_chat_template(
 
 def _render(compiled: jinja2.Template, context: dict[str, Any]) -> str:
     """Render within the budget: the time limit, and the size limit on the text as it comes."""
-    parts, size = [], 0
+    tracking = GENERATION_TRACKING.get()
+    parts, size = (tracking[0] if tracking is not None else []), 0
     with budget.rendering() as limits:
         for part in compiled.generate(**context):
             size += len(part)

@@ -7,6 +7,7 @@ encoding methods; `Tokenizer` inherits both.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -15,6 +16,7 @@ from tokenizers import AddedToken
 
 from .chat_template import render_chat_template, select_chat_template
 from .encoding import BatchEncoding
+from .generation_spans import GENERATION_TAG, assistant_mask, render_with_generation_spans
 
 
 class ChatMixin:
@@ -45,6 +47,7 @@ class ChatMixin:
         padding: bool | str = False,
         truncation: bool | str | None = None,
         max_length: int | None = None,
+        return_assistant_tokens_mask: bool = False,
         **template_kwargs: Any,
     ) -> str | list[str] | list[int] | list[list[int]] | torch.Tensor | BatchEncoding:
         """Format a conversation (or a batch of them) with the chat template, as the reference does.
@@ -62,6 +65,9 @@ class ChatMixin:
             padding: Padding of a batch (see `__call__`).
             truncation: Truncation (see `__call__`).
             max_length: The length for padding and truncation (see `__call__`).
+            return_assistant_tokens_mask: Also return `assistant_masks`: 1 for the tokens of the template's
+                `{% generation %}` blocks (the assistant's text), else 0; all 0 for a template without such
+                blocks. Needs `return_dict=True` and `tokenize=True`; not with padding or truncation here.
             **template_kwargs: Further variables for the template.
 
         Raises:
@@ -75,20 +81,39 @@ class ChatMixin:
             raise TypeError("tools must be JSON-schema dicts, one per tool.")
         if documents is not None and not all(isinstance(document, Mapping) for document in documents):
             raise TypeError("documents must be dicts, such as {'title': ..., 'text': ...}.")
+        if return_assistant_tokens_mask:
+            _check_mask_request(return_dict, tokenize, continue_final_message, padding, truncation)
         template = self.get_chat_template(chat_template, tools=tools)
+        if return_assistant_tokens_mask and not GENERATION_TAG.search(template):
+            warnings.warn(
+                "return_assistant_tokens_mask=True but the chat template has no {% generation %} blocks: every "
+                "token's mask is 0.",
+                UserWarning,
+                stacklevel=2,
+            )
         batched = bool(messages) and isinstance(messages[0], (list, tuple))
         variables = {**self.special_tokens_map, **template_kwargs}
         variables.update({k: v for k, v in (("tools", tools), ("documents", documents)) if v is not None})
-        texts = [
-            render_chat_template(
-                template,
-                conversation,
-                add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message,
-                variables=variables,
-            )
-            for conversation in (messages if batched else [messages])
-        ]
+        conversations = messages if batched else [messages]
+        if return_assistant_tokens_mask:
+            rendered = [
+                render_with_generation_spans(
+                    template, conversation, add_generation_prompt=add_generation_prompt, variables=variables
+                )
+                for conversation in conversations
+            ]
+            texts = [text for text, _ in rendered]
+        else:
+            texts = [
+                render_chat_template(
+                    template,
+                    conversation,
+                    add_generation_prompt=add_generation_prompt,
+                    continue_final_message=continue_final_message,
+                    variables=variables,
+                )
+                for conversation in conversations
+            ]
         if not tokenize:
             return texts if batched else texts[0]
         encoding = self(
@@ -99,7 +124,30 @@ class ChatMixin:
             max_length=max_length,
             add_special_tokens=False,  # the template writes the special tokens itself
         )
+        if return_assistant_tokens_mask:
+            offsets = [e.offsets for e in self._backend.encode_batch(texts, add_special_tokens=False)]
+            masks = [assistant_mask(o, spans) for o, (_, spans) in zip(offsets, rendered, strict=True)]
+            if return_tensors == "pt":
+                encoding["assistant_masks"] = torch.tensor(masks, dtype=torch.int64)
+            else:
+                encoding["assistant_masks"] = masks if batched else masks[0]
         return encoding if return_dict else encoding["input_ids"]
+
+
+def _check_mask_request(
+    return_dict: bool, tokenize: bool, continue_final_message: bool, padding: bool | str, truncation: Any
+) -> None:
+    if not (return_dict and tokenize):
+        raise ValueError(
+            "`return_assistant_tokens_mask=True` requires `return_dict=True` and `tokenize=True`"
+        )
+    if continue_final_message:
+        raise ValueError("continue_final_message is not compatible with return_assistant_tokens_mask.")
+    if padding not in (False, "do_not_pad") or truncation not in (None, False, "do_not_truncate"):
+        raise ValueError(
+            "return_assistant_tokens_mask is supported without padding and truncation: pad or cut the "
+            "input_ids and assistant_masks together afterwards."
+        )
 
 
 class AddedTokensMixin:

@@ -4,7 +4,9 @@
 warmup-cosine schedule, `arguments` holds a run's settings, `checkpoints` writes and restores training
 checkpoints atomically (and checks an output folder before a run), `trainer` runs the loop, `sources` sets
 up the model and tokenizer a run starts from, `memory` estimates whether a run fits before it allocates,
-`tokenizer_training` trains a byte-level BPE tokenizer, and `wording` writes counts in messages. The `stablelm train` and
+`tokenizer_training` trains a byte-level BPE tokenizer, `chat` turns conversations into labelled packed blocks
+(loss on the assistant's tokens), `lora` adds, saves and applies peft LoRA adapters, and `wording` writes counts
+in messages. The `stablelm train` and
 `stablelm train-tokenizer` commands drive them.
 """
 

@@ -1,7 +1,7 @@
 """Training checkpoints: `checkpoint-{step}` folders that a run resumes from exactly.
 
 A checkpoint folder is a Hugging Face checkpoint (config.json, model.safetensors, tokenizer files) that
-`from_pretrained` and the reference load as they are, plus what resuming needs: `optimizer.pt` (the AdamW
+`from_pretrained` and the reference load as they are (for a LoRA run, a peft adapter folder instead), plus what resuming needs: `optimizer.pt` (the AdamW
 state), `rng_state.pt` (the random generators) and `trainer_state.json` (the step, the losses so far and the
 settings that fix the data order). Both .pt files hold tensors and numbers only and are read with
 `weights_only=True`.
@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..checkpoint import CheckpointError
+from .lora import ADAPTER_WEIGHTS, is_peft_model, load_adapter_state, read_adapter_state
 
 if TYPE_CHECKING:
     from ..model import StableLmPreTrainedModel
@@ -178,14 +179,23 @@ def load_checkpoint(
             "checkpoint-N folder that a training run wrote."
         )
     state = read_trainer_state(folder)
-    saved = type(model).from_pretrained(folder, dtype=model.dtype, device=model.device).state_dict()
-    _check_weights(folder, saved, dict(model.state_dict()))
+    adapter = is_peft_model(model)
+    if adapter:  # a LoRA run: the checkpoint holds the adapter, the base model is the one started from
+        saved = read_adapter_state(folder, model=model)
+    elif (folder / ADAPTER_WEIGHTS).is_file():
+        raise CheckpointError(
+            f"{folder} holds a LoRA adapter, not a whole model: resume it with the --lora-r and --lora-target "
+            "that run used."
+        )
+    else:
+        saved = type(model).from_pretrained(folder, dtype=model.dtype, device=model.device).state_dict()
+        _check_weights(folder, saved, dict(model.state_dict()))
     optimizer_state = _load_tensors(folder / OPTIMIZER_NAME, map_location=model.device)
     _check_optimizer_state(folder / OPTIMIZER_NAME, optimizer_state, optimizer)
     rng = _load_tensors(folder / RNG_NAME, map_location="cpu")
     _check_rng_state(folder / RNG_NAME, rng)
     with torch.no_grad():
-        model.load_state_dict(saved)
+        load_adapter_state(model, saved) if adapter else model.load_state_dict(saved)
     del saved
     optimizer.load_state_dict(optimizer_state)
     _set_rng_state(rng)

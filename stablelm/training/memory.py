@@ -56,14 +56,18 @@ def estimate_training_memory(
     block_size: int,
     gradient_checkpointing: bool = False,
     activation_bytes: int = _FLOAT32,
+    trainable_parameters: int | None = None,
 ) -> MemoryEstimate:
     """The memory a float32 AdamW run of `config` needs, with micro-batches of `batch_size` x `block_size`.
 
     Args:
         activation_bytes: Bytes per activation value: 4 in float32, 2 under bf16 autocast.
+        trainable_parameters: The parameters that train, when not all do (a LoRA adapter's): only they have
+            gradients and AdamW moments.
     """
     parameters = count_parameters(config)
     weights = parameters * _FLOAT32
+    trainable = parameters if trainable_parameters is None else trainable_parameters
     hidden, layers = config.hidden_size, config.num_hidden_layers
     kv = config.num_key_value_heads * (hidden // config.num_attention_heads)
     # Per token and layer: two norms' inputs and outputs (4h), q, k and v (h + 2kv), the attention output
@@ -74,8 +78,8 @@ def estimate_training_memory(
     return MemoryEstimate(
         parameters=parameters,
         weights=weights,
-        gradients=weights,
-        optimizer=2 * weights,
+        gradients=trainable * _FLOAT32,
+        optimizer=2 * trainable * _FLOAT32,
         activations=batch_size * block_size * per_token,
     )
 

@@ -22,6 +22,7 @@ import torch
 from ..heads import StableLmForCausalLM
 from ..tokenizer import Tokenizer
 from .arguments import TrainingArguments
+from .chat import LabelledBlocks
 from .checkpoints import (
     STATE_NAME,
     check_output_dir,
@@ -31,6 +32,7 @@ from .checkpoints import (
     save_checkpoint,
 )
 from .data import BlockOrder
+from .lora import is_peft_model, lora_settings, merged
 from .optim import build_optimizer, learning_rate_at
 
 
@@ -78,8 +80,8 @@ class Trainer:
         model: StableLmForCausalLM,
         *,
         args: TrainingArguments,
-        train_blocks: torch.Tensor,
-        eval_blocks: torch.Tensor | None = None,
+        train_blocks: torch.Tensor | LabelledBlocks,
+        eval_blocks: torch.Tensor | LabelledBlocks | None = None,
         tokenizer: Tokenizer | None = None,
         callback: Callable[[TrainingEvent], None] | None = None,
     ) -> None:
@@ -88,8 +90,10 @@ class Trainer:
         Args:
             model: The model to train, in float32 (the optimiser keeps no separate master weights).
             args: The run's settings.
-            train_blocks: (N, T) token ids; each row is one training sequence (see `data.pack`).
-            eval_blocks: (M, T) held-out token ids for the held-out loss, or None.
+            train_blocks: (N, T) token ids; each row is one training sequence (see `data.pack`). Or
+                `chat.LabelledBlocks`: ids with their labels and per-document positions (chat data); the
+                loss is then the mean over the step's labelled tokens, whichever micro-batch holds them.
+            eval_blocks: (M, T) held-out token ids (or `LabelledBlocks`) for the held-out loss, or None.
             tokenizer: Saved with each checkpoint and the final model, so that they load as they are.
             callback: Called with each `TrainingEvent`.
 
@@ -176,14 +180,34 @@ class Trainer:
         """Forward and backward over the step's micro-batches; the mean loss."""
         accumulation, batch_size = self.args.gradient_accumulation_steps, self.args.batch_size
         total = torch.zeros((), device=self.model.device)
-        for micro in range(accumulation):
-            first = (step * accumulation + micro) * batch_size
-            batch = self.train_blocks[self.order.indices(first, batch_size)].to(self.model.device)
+        rows = [
+            self.order.indices((step * accumulation + micro) * batch_size, batch_size)
+            for micro in range(accumulation)
+        ]
+        labelled = isinstance(self.train_blocks, LabelledBlocks)
+        if labelled:  # each micro-batch weighs by its labelled tokens, so the step's loss is their mean
+            counts = [int(self.train_blocks[r].predicted().sum()) for r in rows]
+        for micro, indices in enumerate(rows):
             with self._autocast():
-                loss = self.model(batch, labels=batch, use_cache=False).loss
-            (loss / accumulation).backward()
-            total += loss.detach() / accumulation
+                loss = self._loss(self.train_blocks[indices])
+            share = counts[micro] / sum(counts) if labelled else None
+            scaled = loss * share if labelled else loss / accumulation
+            scaled.backward()
+            total += scaled.detach()
         return total.item()
+
+    def _loss(self, blocks: torch.Tensor | LabelledBlocks) -> torch.Tensor:
+        """The model's mean loss over the labelled tokens of `blocks`."""
+        device = self.model.device
+        if isinstance(blocks, LabelledBlocks):
+            return self.model(
+                blocks.input_ids.to(device),
+                labels=blocks.labels.to(device),
+                position_ids=blocks.position_ids.to(device),
+                use_cache=False,
+            ).loss
+        batch = blocks.to(device)
+        return self.model(batch, labels=batch, use_cache=False).loss
 
     def _clip_gradients(self) -> float:
         parameters = [p for p in self.model.parameters() if p.grad is not None]
@@ -199,13 +223,16 @@ class Trainer:
         self.model.eval()
         limit = self.args.eval_batches * self.args.batch_size if self.args.eval_batches else None
         blocks = self.eval_blocks[:limit]
-        total = 0.0
+        total, weight = 0.0, 0
         for start in range(0, blocks.shape[0], self.args.batch_size):
-            batch = blocks[start : start + self.args.batch_size].to(self.model.device)
+            batch = blocks[start : start + self.args.batch_size]
+            # plain blocks all predict the same number of tokens; labelled ones weigh by theirs
+            count = int(batch.predicted().sum()) if isinstance(batch, LabelledBlocks) else batch.shape[0]
             with self._autocast():
-                total += self.model(batch, labels=batch, use_cache=False).loss.item() * batch.shape[0]
+                total += self._loss(batch).item() * count
+            weight += count
         self.model.train(was_training)
-        loss = total / blocks.shape[0]  # every block predicts the same number of tokens
+        loss = total / weight
         perplexity = math.exp(loss) if loss < 700 else math.inf
         self.state.log_history.append({"step": self.state.step, "eval_loss": loss, "perplexity": perplexity})
         self._emit("eval", eval_loss=loss, perplexity=perplexity)
@@ -259,22 +286,39 @@ class Trainer:
         found = list_checkpoints(self.output_dir)
         return found[-1] if found else None
 
-    def save_model(self, directory: str | os.PathLike, *, dtype: torch.dtype | None = None) -> None:
-        """Write the model (in `dtype`, default its own) and the tokenizer as a Hugging Face checkpoint."""
-        model = self.model if dtype in (None, self.model.dtype) else copy.deepcopy(self.model).to(dtype)
+    def save_model(
+        self, directory: str | os.PathLike, *, dtype: torch.dtype | None = None, merge: bool = False
+    ) -> None:
+        """Write the model (in `dtype`, default its own) and the tokenizer as a Hugging Face checkpoint.
+
+        A LoRA run's model is written as its peft adapter folder, or with `merge` as the whole model with
+        the adapter merged into its weights.
+        """
+        model = merged(self.model) if merge and is_peft_model(self.model) else self.model
+        model = model if dtype in (None, model.dtype) else copy.deepcopy(model).to(dtype)
         model.save_pretrained(directory)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(directory)
 
     # ---- helpers ---------------------------------------------------------------------------------------
     def _run_settings(self) -> dict[str, Any]:
+        blocks = self.train_blocks
+        labelled = {}
+        if isinstance(blocks, LabelledBlocks):
+            labelled = {
+                "train_labels_sum": int(blocks.labels.sum()),
+                "train_positions_sum": int(blocks.position_ids.sum()),
+            }
+            blocks = blocks.input_ids
         return {
             "seed": self.args.seed,
             "batch_size": self.args.batch_size,
             "gradient_accumulation_steps": self.args.gradient_accumulation_steps,
             "block_size": int(self.train_blocks.shape[1]),
             "train_blocks": int(self.train_blocks.shape[0]),
-            "train_tokens_sum": int(self.train_blocks.sum()),
+            "train_tokens_sum": int(blocks.sum()),
+            **labelled,
+            **({"lora": lora_settings(self.model)} if is_peft_model(self.model) else {}),
         }
 
     def _emit(self, kind: str, **values: Any) -> None:
@@ -282,8 +326,10 @@ class Trainer:
             self.callback(TrainingEvent(kind, self.state.step, self.args.max_steps, **values))
 
 
-def _check_blocks(name: str, blocks: torch.Tensor, model: StableLmForCausalLM) -> None:
+def _check_blocks(name: str, blocks: torch.Tensor | LabelledBlocks, model: StableLmForCausalLM) -> None:
     config = model.config
+    if isinstance(blocks, LabelledBlocks):
+        blocks = blocks.input_ids
     if blocks.dim() != 2 or blocks.shape[0] == 0 or blocks.dtype != torch.int64:
         raise ValueError(
             f"{name} must be a non-empty (N, block_size) int64 tensor, got {tuple(blocks.shape)}."
