@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
-import reprlib
 from pathlib import Path
 from typing import Any
 
 from .atomic import write_text_atomic
+from .config_checks import (
+    SHOW,
+    _check_bool,
+    _check_number,
+    _check_positive_int,
+    _check_token_id,
+    _default_id2label,
+    _labels,
+)
+from .rope_parameters import _merge_rope_parameters, _normalise_rope_scaling, validate_rope
 
 MODEL_TYPE = "stablelm"
 
@@ -28,18 +36,6 @@ ACTIVATIONS = frozenset(
         "sigmoid",
     }
 )
-
-# Required keys of `rope_scaling` per rope type, beside `rope_type` itself (as the reference validates them).
-ROPE_REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
-    "default": (),
-    "linear": ("factor",),
-    "dynamic": ("factor",),
-    "yarn": ("factor",),
-    "longrope": ("short_factor", "long_factor"),
-    "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
-}
-# Rope types whose frequencies are defined against the length the model was pretrained on.
-_ROPE_NEEDS_ORIGINAL_LENGTH = ("yarn", "longrope", "llama3")
 
 # Fields in config.json order, with their defaults (stablelm-3b-4e1t).
 _DEFAULTS: dict[str, Any] = {
@@ -82,19 +78,6 @@ _SIZES = (
     "max_position_embeddings",
 )
 _BOOLEANS = ("use_cache", "tie_word_embeddings", "use_qkv_bias", "qk_layernorm", "use_parallel_residual")
-# Optional keys of `rope_scaling`, by the check they get (beside the required keys of ROPE_REQUIRED_KEYS).
-_ROPE_POSITIVE_KEYS = (
-    "factor",
-    "attention_factor",
-    "beta_fast",
-    "beta_slow",
-    "low_freq_factor",
-    "high_freq_factor",
-)
-_ROPE_NUMBER_KEYS = ("mscale", "mscale_all_dim")
-_ROPE_LIST_KEYS = ("short_factor", "long_factor")
-_SHOW = reprlib.Repr()  # values in messages, cut short (a hostile file can hold megabytes in one field)
-_SHOW.maxstring = _SHOW.maxother = 60
 
 
 class StableLmConfig:
@@ -159,7 +142,7 @@ class StableLmConfig:
         if rope_parameters is not None and not isinstance(rope_parameters, dict):
             raise ValueError(
                 "rope_parameters must be a dict such as {'rope_type': 'default', 'rope_theta': 10000.0}, got "
-                f"{_SHOW.repr(rope_parameters)}."
+                f"{SHOW.repr(rope_parameters)}."
             )
         # Messages about the rope keys name the field the file used.
         self._rope_field = "rope_parameters" if rope_parameters else "rope_scaling"
@@ -241,7 +224,7 @@ class StableLmConfig:
             )
         if not isinstance(self.hidden_act, str) or self.hidden_act not in ACTIVATIONS:
             raise ValueError(
-                f"hidden_act {_SHOW.repr(self.hidden_act)} is not supported; use one of {sorted(ACTIVATIONS)}."
+                f"hidden_act {SHOW.repr(self.hidden_act)} is not supported; use one of {sorted(ACTIVATIONS)}."
             )
         for name in ("layer_norm_eps", "initializer_range"):
             _check_number(name, getattr(self, name), "a positive number", lambda v: v > 0)
@@ -255,12 +238,12 @@ class StableLmConfig:
             _check_token_id(name, getattr(self, name), self.vocab_size, several=name == "eos_token_id")
         if self.problem_type not in _PROBLEM_TYPES:
             raise ValueError(
-                f"problem_type must be one of {_PROBLEM_TYPES}, got {_SHOW.repr(self.problem_type)}."
+                f"problem_type must be one of {_PROBLEM_TYPES}, got {SHOW.repr(self.problem_type)}."
             )
         if self.attn_implementation not in _ATTN_IMPLEMENTATIONS:
             raise ValueError(
                 "attn_implementation must be 'eager', 'sdpa' or 'flash_attention_2', got "
-                f"{_SHOW.repr(self.attn_implementation)}."
+                f"{SHOW.repr(self.attn_implementation)}."
             )
         dtype = self.torch_dtype
         if not (
@@ -269,40 +252,12 @@ class StableLmConfig:
             or type(dtype).__module__ + type(dtype).__name__ == "torchdtype"
         ):
             raise ValueError(
-                f"torch_dtype must be null or a dtype name such as 'bfloat16', got {_SHOW.repr(dtype)}."
+                f"torch_dtype must be null or a dtype name such as 'bfloat16', got {SHOW.repr(dtype)}."
             )
         self._validate_rope()
 
     def _validate_rope(self) -> None:
-        _check_number("rope_theta", self.rope_theta, "a positive number", lambda v: v > 0)
-        original = self.extra.get("original_max_position_embeddings")
-        if original is not None:
-            _check_positive_int("original_max_position_embeddings", original)
-        if self.rope_scaling is None:
-            return
-        field = getattr(self, "_rope_field", "rope_scaling")
-        rope_type = self.rope_scaling.get("rope_type")
-        if not isinstance(rope_type, str) or rope_type not in ROPE_REQUIRED_KEYS:
-            raise ValueError(
-                f"Unknown rope type {_SHOW.repr(rope_type)} in {field}; use one of {sorted(ROPE_REQUIRED_KEYS)} "
-                f"(or {field}=None for plain RoPE)."
-            )
-        missing = [key for key in ROPE_REQUIRED_KEYS[rope_type] if self.rope_scaling.get(key) is None]
-        if missing:
-            raise ValueError(
-                f"{field} of type {rope_type!r} is missing {', '.join(missing)}; add "
-                + ", ".join(f'"{key}": ...' for key in missing)
-                + f" to {field}."
-            )
-        _check_rope_keys(self.rope_scaling, field, self.rotary_dim // 2)
-        if (
-            rope_type == "llama3"
-            and self.rope_scaling["high_freq_factor"] <= self.rope_scaling["low_freq_factor"]
-        ):
-            raise ValueError(
-                f"{field}['high_freq_factor'] ({self.rope_scaling['high_freq_factor']}) must be greater than "
-                f"{field}['low_freq_factor'] ({self.rope_scaling['low_freq_factor']})."
-            )
+        validate_rope(self, getattr(self, "_rope_field", "rope_scaling"))
 
     # ---- serialisation --------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -397,167 +352,3 @@ class StableLmConfig:
 
     def __repr__(self) -> str:
         return f"StableLmConfig {self.to_json_string()}"
-
-
-def _merge_rope_parameters(kwargs: dict[str, Any], rope_parameters: dict[str, Any]) -> None:
-    """Fold the newer `rope_parameters` dict into the top-level fields; its values win."""
-    params = dict(rope_parameters)
-    for key in ("rope_theta", "partial_rotary_factor"):
-        if key in params:
-            kwargs[key] = params.pop(key)
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type != "default":
-        kwargs["rope_scaling"] = params
-    elif kwargs.get("rope_scaling") is None:
-        kwargs["rope_scaling"] = None
-
-
-def _normalise_rope_scaling(rope_scaling: dict[str, Any] | None, field: str) -> dict[str, Any] | None:
-    """Legacy files spell the rope type as `type`; keep one spelling (`rope_type`)."""
-    if rope_scaling is None:
-        return None
-    if not isinstance(rope_scaling, dict):
-        raise ValueError(
-            f"{field} must be a dict such as {{'rope_type': 'linear', 'factor': 2.0}}, got "
-            f"{_SHOW.repr(rope_scaling)}."
-        )
-    scaling = dict(rope_scaling)
-    legacy = scaling.pop("type", None)
-    scaling.setdefault("rope_type", legacy or "default")
-    scaling.pop("rope_theta", None)
-    scaling.pop("partial_rotary_factor", None)
-    if scaling["rope_type"] == "default" and set(scaling) == {"rope_type"}:
-        return None
-    return scaling
-
-
-def rope_original_length(config: StableLmConfig) -> int:
-    """The pretraining length yarn/longrope/llama3 scale from (defaults to max_position_embeddings)."""
-    scaling = config.rope_scaling or {}
-    value = scaling.get(
-        "original_max_position_embeddings", config.extra.get("original_max_position_embeddings")
-    )
-    return int(value) if value is not None else config.max_position_embeddings
-
-
-def _default_id2label(n: int) -> dict[int, str]:
-    return {i: f"LABEL_{i}" for i in range(n)}
-
-
-def _labels(
-    num_labels: int | None, id2label: dict[int, str] | None, label2id: dict[str, int] | None
-) -> tuple[dict[int, str], dict[str, int]]:
-    if num_labels is not None:
-        _check_positive_int("num_labels", num_labels)
-    if id2label is None:
-        id2label = _default_id2label(num_labels if num_labels is not None else 2)
-    elif not isinstance(id2label, dict):
-        raise ValueError(f'id2label must be a dict such as {{"0": "NEGATIVE"}}, got {_SHOW.repr(id2label)}.')
-    elif num_labels is not None and num_labels != len(id2label):
-        raise ValueError(
-            f"num_labels ({num_labels}) disagrees with id2label ({len(id2label)} labels); pass one of them."
-        )
-    labels = {}
-    for key, value in id2label.items():
-        try:
-            index = int(key)
-        except (TypeError, ValueError):
-            index = -1
-        if isinstance(key, bool) or index < 0 or not isinstance(value, str):
-            raise ValueError(
-                'id2label must map label indices to label names, such as {"0": "NEGATIVE"}; got the entry '
-                f"{_SHOW.repr(key)}: {_SHOW.repr(value)}."
-            )
-        labels[index] = value
-    if label2id is None:
-        label2id = {v: k for k, v in labels.items()}
-    elif not isinstance(label2id, dict) or not all(
-        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in label2id.items()
-    ):
-        raise ValueError(
-            f'label2id must map label names to indices, such as {{"NEGATIVE": 0}}; got {_SHOW.repr(label2id)}.'
-        )
-    return labels, dict(label2id)
-
-
-def _kind(value: Any) -> str:
-    """How a value of the wrong type is described in a message."""
-    if isinstance(value, str):
-        return " (a string: write the value without quotes)"
-    return f" (a {type(value).__name__})"
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be a positive integer, got {_SHOW.repr(value)}{_kind(value)}.")
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-
-
-def _check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(
-            f"{name} must be true or false (a JSON boolean, without quotes), got {_SHOW.repr(value)} "
-            f"(a {type(value).__name__})."
-        )
-
-
-def _finite(value: int | float) -> bool:
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an integer too large for a float
-        return False
-
-
-def _check_number(name: str, value: Any, requirement: str, ok: Any, *, hint: str = "") -> None:
-    """`value` must be a finite int or float (not a bool, not a string) for which `ok(value)` holds."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be {requirement}, got {_SHOW.repr(value)}{_kind(value)}{hint}.")
-    if not _finite(value):
-        raise ValueError(f"{name} must be {requirement}, got {_SHOW.repr(value)} (it must be finite){hint}.")
-    if not ok(value):
-        raise ValueError(f"{name} must be {requirement}, got {value!r}{hint}.")
-
-
-def _check_token_id(name: str, value: Any, vocab_size: int, *, several: bool = False) -> None:
-    """None, a token id in [0, vocab_size), or (for `several`) a list of them."""
-    ids = value if several and isinstance(value, (list, tuple)) else [value]
-    if value is None or all(
-        isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids
-    ):
-        return
-    allowed = f"null or a token id (an integer in [0, {vocab_size}), the vocabulary)"
-    raise ValueError(
-        f"{name} must be {allowed}{', or a list of them' if several else ''}, got {_SHOW.repr(value)}."
-    )
-
-
-def _check_rope_keys(scaling: dict[str, Any], field: str, half: int) -> None:
-    """The types and ranges of the rope parameters that are set."""
-    for key in _ROPE_POSITIVE_KEYS:
-        if scaling.get(key) is not None:
-            _check_number(f"{field}[{key!r}]", scaling[key], "a positive number", lambda v: v > 0)
-    for key in _ROPE_NUMBER_KEYS:
-        if scaling.get(key) is not None:
-            _check_number(f"{field}[{key!r}]", scaling[key], "a number", lambda v: True)
-    if scaling.get("original_max_position_embeddings") is not None:
-        _check_positive_int(
-            f"{field}['original_max_position_embeddings']", scaling["original_max_position_embeddings"]
-        )
-    if scaling.get("truncate") is not None:
-        _check_bool(f"{field}['truncate']", scaling["truncate"])
-    for key in _ROPE_LIST_KEYS:
-        factors = scaling.get(key)
-        if factors is None:
-            continue
-        if not isinstance(factors, (list, tuple)) or not all(
-            not isinstance(f, bool) and isinstance(f, (int, float)) and _finite(f) and f > 0 for f in factors
-        ):
-            raise ValueError(
-                f"{field}[{key!r}] must be a list of positive numbers, one per rotated frequency; got "
-                f"{_SHOW.repr(factors)}."
-            )
-        if len(factors) != half:
-            raise ValueError(
-                f"{field}[{key!r}] has {len(factors)} entries; it needs rotary_dim / 2 = {half}."
-            )

@@ -11,8 +11,9 @@ import math
 import torch
 from torch import nn
 
-from .config import StableLmConfig, rope_original_length
+from .config import StableLmConfig
 from .kernels import rotary
+from .rope_parameters import rope_original_length
 
 
 def _exponents(dim: int, device: torch.device | None = None) -> torch.Tensor:
