@@ -11,31 +11,14 @@ from typing import Any
 from .atomic import write_text_atomic
 from .config_checks import (
     SHOW,
-    _check_bool,
-    _check_number,
     _check_positive_int,
-    _check_token_id,
     _default_id2label,
     _labels,
+    validate_fields,
 )
 from .rope_parameters import _merge_rope_parameters, _normalise_rope_scaling, validate_rope
 
 MODEL_TYPE = "stablelm"
-
-ACTIVATIONS = frozenset(
-    {
-        "silu",
-        "swish",
-        "gelu",
-        "gelu_new",
-        "gelu_pytorch_tanh",
-        "gelu_fast",
-        "quick_gelu",
-        "relu",
-        "tanh",
-        "sigmoid",
-    }
-)
 
 # Fields in config.json order, with their defaults (stablelm-3b-4e1t).
 _DEFAULTS: dict[str, Any] = {
@@ -66,18 +49,6 @@ _DEFAULTS: dict[str, Any] = {
     "problem_type": None,
     "torch_dtype": None,
 }
-_PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
-_ATTN_IMPLEMENTATIONS = (None, "eager", "sdpa", "flash_attention_2")
-_SIZES = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "max_position_embeddings",
-)
-_BOOLEANS = ("use_cache", "tie_word_embeddings", "use_qkv_bias", "qk_layernorm", "use_parallel_residual")
 
 
 class StableLmConfig:
@@ -119,17 +90,56 @@ class StableLmConfig:
 
     model_type = MODEL_TYPE
 
+    # Read from the class by tools and by the reference's test mixins: no aliased or nested configs.
+    attribute_map: dict[str, str] = {}
+    sub_configs: dict[str, type] = {}
+    is_encoder_decoder = False
+
     def __init__(
         self,
         /,
         *,
+        vocab_size: int = 50304,
+        intermediate_size: int = 6912,
+        hidden_size: int = 2560,
+        num_hidden_layers: int = 32,
+        num_attention_heads: int = 32,
+        num_key_value_heads: int = 32,
+        hidden_act: str = "silu",
+        max_position_embeddings: int = 4096,
+        initializer_range: float = 0.02,
+        layer_norm_eps: float = 1.0e-5,
+        use_cache: bool = True,
+        tie_word_embeddings: bool = False,
+        rope_theta: float = 10_000.0,
+        rope_scaling: dict[str, Any] | None = None,
+        rope_parameters: dict[str, Any] | None = None,
+        use_qkv_bias: bool = False,
+        qk_layernorm: bool = False,
+        use_parallel_residual: bool = False,
+        hidden_dropout: float = 0.0,
+        attention_dropout: float = 0.0,
+        partial_rotary_factor: float = 0.25,
+        bos_token_id: int | None = 0,
+        eos_token_id: int | list[int] | None = 0,
+        pad_token_id: int | None = None,
         num_labels: int | None = None,
         id2label: dict[int, str] | None = None,
         label2id: dict[str, int] | None = None,
-        rope_parameters: dict[str, Any] | None = None,
+        problem_type: str | None = None,
+        classifier_dropout: float | None = None,
+        torch_dtype: Any = None,
         attn_implementation: str | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        return_dict: bool = True,
         **kwargs: Any,
     ) -> None:
+        given = locals()
+        kwargs = {**{name: given[name] for name in _DEFAULTS}, **kwargs}
+        self.output_hidden_states = output_hidden_states
+        self.output_attentions = output_attentions
+        self.return_dict = return_dict
         model_type = kwargs.pop("model_type", MODEL_TYPE)
         if model_type != MODEL_TYPE:
             raise ValueError(
@@ -138,7 +148,8 @@ class StableLmConfig:
             )
         if "dtype" in kwargs:  # newer files write `dtype` instead of `torch_dtype`
             dtype = kwargs.pop("dtype")
-            kwargs.setdefault("torch_dtype", dtype)
+            if kwargs["torch_dtype"] is None:
+                kwargs["torch_dtype"] = dtype
         if rope_parameters is not None and not isinstance(rope_parameters, dict):
             raise ValueError(
                 "rope_parameters must be a dict such as {'rope_type': 'default', 'rope_theta': 10000.0}, got "
@@ -150,7 +161,6 @@ class StableLmConfig:
             _merge_rope_parameters(kwargs, rope_parameters)
         for name, default in _DEFAULTS.items():
             setattr(self, name, copy.deepcopy(kwargs.pop(name, default)))
-        self.rope_scaling = _normalise_rope_scaling(self.rope_scaling, self._rope_field)
         self.id2label, self.label2id = _labels(num_labels, id2label, label2id)
         self.attn_implementation = attn_implementation
         # Unknown keys (architectures, transformers_version, generation defaults of old files, ...).
@@ -174,6 +184,28 @@ class StableLmConfig:
     def num_labels(self) -> int:
         return len(self.id2label)
 
+    @num_labels.setter
+    def num_labels(self, num_labels: int) -> None:
+        """As the reference: a different count replaces the labels with LABEL_0 ... LABEL_{n-1}."""
+        _check_positive_int("num_labels", num_labels)
+        if len(self.id2label) != num_labels:
+            self.id2label, self.label2id = _labels(num_labels, None, None)
+
+    @property
+    def rope_scaling(self) -> dict[str, Any] | None:
+        """Rotary scaling parameters (`rope_type` plus its keys), or None for plain RoPE."""
+        return self._rope_scaling
+
+    @rope_scaling.setter
+    def rope_scaling(self, value: dict[str, Any] | None) -> None:
+        # Normalised on every assignment, so `config.rope_scaling = {"type": "linear", ...}` (the legacy
+        # spelling the reference's tests use) means what it says.
+        self._rope_scaling = _normalise_rope_scaling(
+            copy.deepcopy(value), getattr(self, "_rope_field", "rope_scaling")
+        )
+        if "extra" in self.__dict__:  # assigned after construction: check it against the other fields now
+            self._validate_rope()
+
     @property
     def rope_type(self) -> str:
         return (self.rope_scaling or {}).get("rope_type", "default")
@@ -186,6 +218,48 @@ class StableLmConfig:
         params["partial_rotary_factor"] = self.partial_rotary_factor
         return params
 
+    @rope_parameters.setter
+    def rope_parameters(self, value: dict[str, Any]) -> None:
+        """Replace the rotary parameters; `rope_theta` and `partial_rotary_factor` keep their values unless
+        `value` holds them (the reference drops a missing `partial_rotary_factor`, and its model then fails)."""
+        if not isinstance(value, dict):
+            raise ValueError(
+                "rope_parameters must be a dict such as {'rope_type': 'default', 'rope_theta': 10000.0}, got "
+                f"{SHOW.repr(value)}."
+            )
+        fields = {"rope_theta": self.rope_theta, "partial_rotary_factor": self.partial_rotary_factor}
+        _merge_rope_parameters(fields, value)
+        self._rope_field = "rope_parameters"
+        self.rope_theta, self.partial_rotary_factor = fields["rope_theta"], fields["partial_rotary_factor"]
+        self.rope_scaling = fields["rope_scaling"]
+        self.validate()
+
+    @property
+    def use_return_dict(self) -> bool:
+        """The reference's older name of `return_dict`."""
+        return self.return_dict
+
+    @property
+    def dtype(self) -> Any:
+        """`torch_dtype` as a torch dtype (None when unset), as the reference's `config.dtype`."""
+        if isinstance(self.torch_dtype, str):
+            import torch  # here, so that reading a config does not import torch
+
+            return getattr(torch, self.torch_dtype)
+        return self.torch_dtype
+
+    def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> StableLmConfig:
+        """The config of the text model: this config itself (StableLM has no nested configs)."""
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        # Keys this class does not know (`architectures`, `transformers_version`, ...) read as attributes, as
+        # the reference's config sets every key it is given.
+        extra = self.__dict__.get("extra")
+        if extra is not None and name in extra:
+            return extra[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
     # ---- validation ------------------------------------------------------------------------------------
     def validate(self) -> None:
         """Check every field's type and range, and the fields against each other.
@@ -193,68 +267,7 @@ class StableLmConfig:
         Raises:
             ValueError: Naming the field, the value it holds and what it must be.
         """
-        for name in _SIZES:
-            _check_positive_int(name, getattr(self, name))
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
-                f"({self.num_attention_heads}); change one so that hidden_size / num_attention_heads is a whole "
-                "head dimension."
-            )
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"num_attention_heads ({self.num_attention_heads}) must be divisible by num_key_value_heads "
-                f"({self.num_key_value_heads}); for grouped-query attention pick a divisor (1 for MQA, "
-                f"{self.num_attention_heads} for MHA)."
-            )
-        for name in _BOOLEANS:
-            _check_bool(name, getattr(self, name))
-        _check_number(
-            "partial_rotary_factor",
-            self.partial_rotary_factor,
-            "in (0, 1]",
-            lambda v: 0.0 < v <= 1.0,
-            hint="; it is the fraction of each head that is rotated (StableLM uses 0.25)",
-        )
-        if self.rotary_dim < 2 or self.rotary_dim % 2:
-            raise ValueError(
-                f"partial_rotary_factor {self.partial_rotary_factor} gives rotary dimension {self.rotary_dim} "
-                f"for head_dim {self.head_dim}; it must be even and at least 2. Choose a factor such that "
-                "head_dim * partial_rotary_factor is a positive even integer."
-            )
-        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACTIVATIONS:
-            raise ValueError(
-                f"hidden_act {SHOW.repr(self.hidden_act)} is not supported; use one of {sorted(ACTIVATIONS)}."
-            )
-        for name in ("layer_norm_eps", "initializer_range"):
-            _check_number(name, getattr(self, name), "a positive number", lambda v: v > 0)
-        for name in ("hidden_dropout", "attention_dropout"):
-            _check_number(name, getattr(self, name), "in [0, 1)", lambda v: 0.0 <= v < 1.0)
-        if self.classifier_dropout is not None:
-            _check_number(
-                "classifier_dropout", self.classifier_dropout, "null or in [0, 1)", lambda v: 0.0 <= v < 1.0
-            )
-        for name in ("bos_token_id", "pad_token_id", "eos_token_id"):
-            _check_token_id(name, getattr(self, name), self.vocab_size, several=name == "eos_token_id")
-        if self.problem_type not in _PROBLEM_TYPES:
-            raise ValueError(
-                f"problem_type must be one of {_PROBLEM_TYPES}, got {SHOW.repr(self.problem_type)}."
-            )
-        if self.attn_implementation not in _ATTN_IMPLEMENTATIONS:
-            raise ValueError(
-                "attn_implementation must be 'eager', 'sdpa' or 'flash_attention_2', got "
-                f"{SHOW.repr(self.attn_implementation)}."
-            )
-        dtype = self.torch_dtype
-        if not (
-            dtype is None
-            or isinstance(dtype, str)
-            or type(dtype).__module__ + type(dtype).__name__ == "torchdtype"
-        ):
-            raise ValueError(
-                f"torch_dtype must be null or a dtype name such as 'bfloat16', got {SHOW.repr(dtype)}."
-            )
-        self._validate_rope()
+        validate_fields(self)
 
     def _validate_rope(self) -> None:
         validate_rope(self, getattr(self, "_rope_field", "rope_scaling"))
@@ -274,6 +287,13 @@ class StableLmConfig:
         if self.id2label != _default_id2label(2):
             out["id2label"] = {str(k): v for k, v in self.id2label.items()}
             out["label2id"] = dict(self.label2id)
+        for name, default in (
+            ("output_hidden_states", False),
+            ("output_attentions", False),
+            ("return_dict", True),
+        ):
+            if getattr(self, name) != default:  # the reference writes these only when changed
+                out[name] = getattr(self, name)
         for key, value in self.extra.items():
             out.setdefault(key, copy.deepcopy(value))
         return out
@@ -287,6 +307,11 @@ class StableLmConfig:
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, json_file_path: str | os.PathLike, use_diff: bool = True) -> None:
+        """Write the config as JSON to `json_file_path`, atomically. Every field is written (`use_diff` is
+        accepted for the reference's callers: this config has no separate defaults file to diff against)."""
+        write_text_atomic(Path(json_file_path), self.to_json_string())
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write `config.json` into `save_directory` (created if needed), atomically."""
@@ -335,7 +360,9 @@ class StableLmConfig:
         hub_args = {
             k: kwargs.pop(k) for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs
         }
-        folder = resolve_model_dir(name_or_path, allow_patterns=["config.json"], **hub_args)
+        subfolder = kwargs.pop("subfolder", "") or ""
+        pattern = f"{subfolder}/config.json" if subfolder else "config.json"
+        folder = resolve_model_dir(name_or_path, allow_patterns=[pattern], **hub_args) / subfolder
         path = folder / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"No config.json in {folder}; a StableLM checkpoint folder needs one.")

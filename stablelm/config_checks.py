@@ -5,7 +5,39 @@ from __future__ import annotations
 
 import math
 import reprlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import StableLmConfig
+
+ACTIVATIONS = frozenset(
+    {
+        "silu",
+        "swish",
+        "gelu",
+        "gelu_new",
+        "gelu_pytorch_tanh",
+        "gelu_fast",
+        "quick_gelu",
+        "relu",
+        "tanh",
+        "sigmoid",
+    }
+)
+
+# What fields may hold (checked by validate_fields).
+_PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
+_ATTN_IMPLEMENTATIONS = (None, "eager", "sdpa", "flash_attention_2")
+_SIZES = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+)
+_BOOLEANS = ("use_cache", "tie_word_embeddings", "use_qkv_bias", "qk_layernorm", "use_parallel_residual")
 
 SHOW = reprlib.Repr()  # values in messages, cut short (a hostile file can hold megabytes in one field)
 SHOW.maxstring = SHOW.maxother = 60
@@ -43,7 +75,8 @@ def _labels(
     if label2id is None:
         label2id = {v: k for k, v in labels.items()}
     elif not isinstance(label2id, dict) or not all(
-        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in label2id.items()
+        isinstance(k, str) and isinstance(v, (int, str)) and not isinstance(v, bool)
+        for k, v in label2id.items()
     ):
         raise ValueError(
             f'label2id must map label names to indices, such as {{"NEGATIVE": 0}}; got {SHOW.repr(label2id)}.'
@@ -101,3 +134,73 @@ def _check_token_id(name: str, value: Any, vocab_size: int, *, several: bool = F
     raise ValueError(
         f"{name} must be {allowed}{', or a list of them' if several else ''}, got {SHOW.repr(value)}."
     )
+
+
+def validate_fields(config: StableLmConfig) -> None:
+    """Check every field's type and range, and the fields against each other.
+
+    Raises:
+        ValueError: Naming the field, the value it holds and what it must be.
+    """
+    for name in _SIZES:
+        _check_positive_int(name, getattr(config, name))
+    if config.hidden_size % config.num_attention_heads:
+        raise ValueError(
+            f"hidden_size ({config.hidden_size}) must be divisible by num_attention_heads "
+            f"({config.num_attention_heads}); change one so that hidden_size / num_attention_heads is a whole "
+            "head dimension."
+        )
+    if config.num_attention_heads % config.num_key_value_heads:
+        raise ValueError(
+            f"num_attention_heads ({config.num_attention_heads}) must be divisible by num_key_value_heads "
+            f"({config.num_key_value_heads}); for grouped-query attention pick a divisor (1 for MQA, "
+            f"{config.num_attention_heads} for MHA)."
+        )
+    for name in _BOOLEANS:
+        _check_bool(name, getattr(config, name))
+    _check_number(
+        "partial_rotary_factor",
+        config.partial_rotary_factor,
+        "in (0, 1]",
+        lambda v: 0.0 < v <= 1.0,
+        hint="; it is the fraction of each head that is rotated (StableLM uses 0.25)",
+    )
+    if config.rotary_dim < 2 or config.rotary_dim % 2:
+        raise ValueError(
+            f"partial_rotary_factor {config.partial_rotary_factor} gives rotary dimension {config.rotary_dim} "
+            f"for head_dim {config.head_dim}; it must be even and at least 2. Choose a factor such that "
+            "head_dim * partial_rotary_factor is a positive even integer."
+        )
+    if not isinstance(config.hidden_act, str) or config.hidden_act not in ACTIVATIONS:
+        raise ValueError(
+            f"hidden_act {SHOW.repr(config.hidden_act)} is not supported; use one of {sorted(ACTIVATIONS)}."
+        )
+    for name in ("layer_norm_eps", "initializer_range"):
+        _check_number(name, getattr(config, name), "a positive number", lambda v: v > 0)
+    for name in ("hidden_dropout", "attention_dropout"):
+        _check_number(name, getattr(config, name), "in [0, 1)", lambda v: 0.0 <= v < 1.0)
+    if config.classifier_dropout is not None:
+        _check_number(
+            "classifier_dropout", config.classifier_dropout, "null or in [0, 1)", lambda v: 0.0 <= v < 1.0
+        )
+    for name in ("bos_token_id", "pad_token_id", "eos_token_id"):
+        _check_token_id(name, getattr(config, name), config.vocab_size, several=name == "eos_token_id")
+    if config.problem_type not in _PROBLEM_TYPES:
+        raise ValueError(
+            f"problem_type must be one of {_PROBLEM_TYPES}, got {SHOW.repr(config.problem_type)}."
+        )
+    if config.attn_implementation not in _ATTN_IMPLEMENTATIONS:
+        raise ValueError(
+            "attn_implementation must be 'eager', 'sdpa' or 'flash_attention_2', got "
+            f"{SHOW.repr(config.attn_implementation)}."
+        )
+    dtype = config.torch_dtype
+    if not (
+        dtype is None
+        or isinstance(dtype, str)
+        or type(dtype).__module__ + type(dtype).__name__ == "torchdtype"
+    ):
+        raise ValueError(
+            f"torch_dtype must be null or a dtype name such as 'bfloat16', got {SHOW.repr(dtype)}."
+        )
+    config._validate_rope()
