@@ -75,15 +75,22 @@ def attention(
     implementation: str,
     scale: float,
     dropout: float = 0.0,
+    weights: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """softmax(q k^T * scale + mask) v for q (B, H, T, D), k/v (B, Hkv, S, D); returns (B, T, H, D)."""
+    """softmax(q k^T * scale + mask) v for q (B, H, T, D), k/v (B, Hkv, S, D); returns (B, T, H, D).
+
+    With a `weights` list, the eager path runs (whatever `implementation` says, as only it forms the
+    probabilities) and appends them (B, H, T, S) to the list: the reference's `output_attentions`.
+    """
+    if weights is not None:
+        implementation = "eager"
     groups = q.shape[1] // k.shape[1]
     if k.shape[2] > mask.key_length and (mask.allowed is None or mask.allowed.shape[-1] == mask.key_length):
         k, v = k[:, :, : mask.key_length], v[:, :, : mask.key_length]  # a static cache's written slots
     if implementation == "flash_attention_2":
         return _flash_attention(q, k, v, mask, scale=scale, dropout=dropout)
     compiled_cpu = torch.compiler.is_compiling() and q.device.type == "cpu"
-    if q.shape[2] == 1 and dropout == 0.0 and (k.dtype != q.dtype or compiled_cpu):
+    if q.shape[2] == 1 and dropout == 0.0 and weights is None and (k.dtype != q.dtype or compiled_cpu):
         # One new token, attended in (at least) float32 and rounded once: over a float32 cache under a
         # half-precision model (see `stablelm.fast`), or in a compiled CPU decode step, over every slot
         # of the static cache, as two products Inductor fuses with the masking and the softmax
@@ -104,6 +111,8 @@ def attention(
             scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         probs = F.dropout(probs, p=dropout, training=dropout > 0)
+        if weights is not None:
+            weights.append(probs)
         return torch.matmul(probs, v).transpose(1, 2)
     gqa = {"enable_gqa": True} if groups > 1 and _SDPA_HAS_GQA else {}
     out = F.scaled_dot_product_attention(

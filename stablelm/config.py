@@ -137,6 +137,7 @@ class StableLmConfig:
     ) -> None:
         given = locals()
         kwargs = {**{name: given[name] for name in _DEFAULTS}, **kwargs}
+        self.name_or_path = ""  # where from_pretrained read it; not saved
         self.output_hidden_states = output_hidden_states
         self.output_attentions = output_attentions
         self.return_dict = return_dict
@@ -372,7 +373,9 @@ class StableLmConfig:
             if str(path) in str(err):
                 raise
             raise ValueError(f"{path}: {err}") from err
-        return cls.from_dict(config.to_dict(), **kwargs) if kwargs else config
+        config = cls.from_dict(config.to_dict(), **kwargs) if kwargs else config
+        config.name_or_path = str(name_or_path)
+        return config
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, StableLmConfig) and self.to_dict() == other.to_dict()

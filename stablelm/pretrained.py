@@ -3,6 +3,7 @@ checkpointing, loading, saving, resizing the vocabulary). The modules themselves
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,22 @@ class StableLmPreTrainedModel(nn.Module):
 
     config_class = StableLmConfig
     base_model_prefix = "model"
+    main_input_name = "input_ids"
+    # Capabilities, under the reference's names (tools and the reference's test mixins read them).
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = False
+    _supports_attention_backend = False
+    _can_compile_fullgraph = True
+    _no_split_modules = ["DecoderLayer"]
+    _keep_in_fp32_modules: list[str] = []
+    _keep_in_fp32_modules_strict: list[str] = []
+    _keys_to_ignore_on_load_missing = None
+    _keys_to_ignore_on_load_unexpected = None
+    _tied_weights_keys: dict[str, str] = {}
+    _is_stateful = False
+    accepts_loss_kwargs = False  # the causal LM takes the Trainer's num_items_in_batch; the others do not
 
     def __init__(self, config: StableLmConfig) -> None:
         super().__init__()
@@ -88,16 +105,139 @@ class StableLmPreTrainedModel(nn.Module):
         unique = {id(p): p for p in self.parameters() if id(p) not in excluded}
         return sum(p.numel() for p in unique.values() if p.requires_grad or not only_trainable)
 
-    def gradient_checkpointing_enable(self) -> None:
-        """Recompute each decoder layer in the backward pass instead of storing its activations."""
-        self._base_model().gradient_checkpointing = True
+    @classmethod
+    def from_config(
+        cls,
+        config: StableLmConfig,
+        *,
+        dtype: torch.dtype | None = None,
+        torch_dtype: torch.dtype | None = None,
+        attn_implementation: str | None = None,
+    ) -> StableLmPreTrainedModel:
+        """A new model with random weights (the reference's `from_config`, also `AutoModel*.from_config`)."""
+        if attn_implementation is not None:
+            config = copy.deepcopy(config)
+            config.attn_implementation = attn_implementation
+            config.validate()
+        dtype = dtype if dtype is not None else torch_dtype
+        if dtype is None:
+            return cls(config)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # build in the dtype, as the reference does, not build then cast
+        try:
+            return cls(config)
+        finally:
+            torch.set_default_dtype(previous)
+
+    _from_config = from_config  # the reference's private spelling, which its tools call
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        return True
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        return False  # no mixture of experts
+
+    def init_weights(self) -> None:
+        """Initialise every weight afresh as the reference does, then tie."""
+        self.post_init()
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        """Whether the class has `generate` (the causal LM only)."""
+        return callable(getattr(cls, "generate", None))
+
+    @property
+    def name_or_path(self) -> str:
+        """The folder or hub id the model was loaded from ("" for a model built from a config)."""
+        return self.config.name_or_path
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The decoder under the head (the model itself for `StableLmModel`)."""
+        return self._base_model()
+
+    def get_decoder(self) -> nn.Module:
+        return self._base_model()
+
+    def get_memory_footprint(self, return_buffers: bool = True) -> int:
+        """Bytes held by the parameters (and buffers), as the reference counts them."""
+        size = sum(p.nelement() * p.element_size() for p in self.parameters())
+        if return_buffers:
+            size += sum(b.nelement() * b.element_size() for b in self.buffers())
+        return size
+
+    def set_attn_implementation(self, attn_implementation: str) -> None:
+        """Switch the attention backend ("eager", "sdpa" or "flash_attention_2") of the loaded model."""
+        if attn_implementation == "flash_attention_2":
+            check_flash_attention_available()
+        previous = self.config.attn_implementation
+        self.config.attn_implementation = attn_implementation
+        try:
+            self.config.validate()
+        except ValueError:
+            self.config.attn_implementation = previous
+            raise
+
+    def enable_input_require_grads(self) -> None:
+        """Make the input embedding's output require grad, so that gradients reach adapters through frozen
+        layers under gradient checkpointing (peft's recipe calls this)."""
+
+        def make_output_require_grad(module: nn.Module, inputs: object, output: torch.Tensor) -> None:
+            output.requires_grad_(True)
+
+        self.disable_input_require_grads()
+        self._require_grads_hook = self.get_input_embeddings().register_forward_hook(make_output_require_grad)
+
+    def disable_input_require_grads(self) -> None:
+        """Remove the hook `enable_input_require_grads` added (nothing when there is none)."""
+        hook = self.__dict__.pop("_require_grads_hook", None)
+        if hook is not None:
+            hook.remove()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute each decoder layer in the backward pass instead of storing its activations.
+
+        Args:
+            gradient_checkpointing_kwargs: Keyword arguments of `torch.utils.checkpoint.checkpoint`
+                (default `{"use_reentrant": False}`, as the reference's).
+        """
+        self.activation_checkpointing_enable(activation_checkpointing_kwargs=gradient_checkpointing_kwargs)
+
+    def activation_checkpointing_enable(
+        self,
+        activation_checkpointing_kwargs: dict | None = None,
+        every_n_layers: int = 1,
+        offload: bool = False,
+    ) -> None:
+        """The reference's newer name of `gradient_checkpointing_enable` (every layer, kept on the device).
+
+        Raises:
+            ValueError: `every_n_layers` other than 1 or `offload=True`, which this package does not do.
+        """
+        if every_n_layers != 1 or offload:
+            raise ValueError(
+                "activation_checkpointing_enable supports every_n_layers=1 and offload=False only; drop them."
+            )
+        base = self._base_model()
+        base.gradient_checkpointing = True
+        base.checkpoint_kwargs = dict(activation_checkpointing_kwargs or {"use_reentrant": False})
+        # As the reference: with checkpointing, the embedding output must require grad for gradients to
+        # flow back through layers whose weights are frozen (reentrant checkpointing needs it).
+        self.enable_input_require_grads()
 
     def gradient_checkpointing_disable(self) -> None:
         self._base_model().gradient_checkpointing = False
 
+    def activation_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing_disable()
+
     @property
     def is_gradient_checkpointing(self) -> bool:
         return self._base_model().gradient_checkpointing
+
+    is_activation_checkpointing = is_gradient_checkpointing  # the reference's newer name
 
     def _base_model(self) -> StableLmModel:
         return getattr(self, self.base_model_prefix, self)
@@ -105,8 +245,9 @@ class StableLmPreTrainedModel(nn.Module):
     @classmethod
     def from_pretrained(
         cls,
-        name_or_path: str | os.PathLike,
+        name_or_path: str | os.PathLike | None = None,
         *,
+        pretrained_model_name_or_path: str | os.PathLike | None = None,
         config: StableLmConfig | None = None,
         dtype: torch.dtype | str | None = None,
         torch_dtype: torch.dtype | str | None = None,
@@ -159,7 +300,13 @@ class StableLmPreTrainedModel(nn.Module):
         """
         from .checkpoint import load_pretrained
 
-        return load_pretrained(
+        if pretrained_model_name_or_path is not None:  # the reference's keyword name
+            if name_or_path is not None:
+                raise TypeError("Pass the model once: positionally or as pretrained_model_name_or_path=.")
+            name_or_path = pretrained_model_name_or_path
+        if name_or_path is None:
+            raise TypeError("from_pretrained needs the model: a local folder or a hub repo id.")
+        model = load_pretrained(
             cls,
             name_or_path,
             config=config,
@@ -177,6 +324,8 @@ class StableLmPreTrainedModel(nn.Module):
             quantization_config=quantization_config,
             **config_overrides,
         )
+        model.config.name_or_path = str(name_or_path)
+        return model
 
     def save_pretrained(
         self,
