@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from .config_checks import (
     _labels,
     validate_fields,
 )
-from .rope_parameters import _merge_rope_parameters, _normalise_rope_scaling, validate_rope
+from .rope_parameters import RopeParameters, _merge_rope_parameters, _normalise_rope_scaling, validate_rope
 
 MODEL_TYPE = "stablelm"
 
@@ -217,10 +218,13 @@ class StableLmConfig:
         params = {"rope_type": "default", **(self.rope_scaling or {})}
         params["rope_theta"] = self.rope_theta
         params["partial_rotary_factor"] = self.partial_rotary_factor
-        return params
+        return RopeParameters(params, self._set_rope_parameters)
 
     @rope_parameters.setter
     def rope_parameters(self, value: dict[str, Any]) -> None:
+        self._set_rope_parameters(value)
+
+    def _set_rope_parameters(self, value: dict[str, Any]) -> None:
         """Replace the rotary parameters; `rope_theta` and `partial_rotary_factor` keep their values unless
         `value` holds them (the reference drops a missing `partial_rotary_factor`, and its model then fails)."""
         if not isinstance(value, dict):
@@ -236,6 +240,16 @@ class StableLmConfig:
         self.validate()
 
     @property
+    def _attn_implementation(self) -> str:
+        """The reference's internal name of the attention backend in use ("sdpa" unless set)."""
+        return self.attn_implementation or "sdpa"
+
+    @_attn_implementation.setter
+    def _attn_implementation(self, value: str | None) -> None:
+        self.attn_implementation = value
+        self.validate()
+
+    @property
     def use_return_dict(self) -> bool:
         """The reference's older name of `return_dict`."""
         return self.return_dict
@@ -248,6 +262,10 @@ class StableLmConfig:
 
             return getattr(torch, self.torch_dtype)
         return self.torch_dtype
+
+    def __iter__(self) -> Iterator[str]:
+        """The field names, as iterating the reference's config yields its attribute names."""
+        return iter(self.to_dict())
 
     def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> StableLmConfig:
         """The config of the text model: this config itself (StableLM has no nested configs)."""
@@ -282,7 +300,7 @@ class StableLmConfig:
         """
         out: dict[str, Any] = {"model_type": MODEL_TYPE}
         out.update({name: copy.deepcopy(getattr(self, name)) for name in _DEFAULTS})
-        out["rope_parameters"] = self.rope_parameters
+        out["rope_parameters"] = dict(self.rope_parameters)
         if self.torch_dtype is not None and not isinstance(self.torch_dtype, str):
             out["torch_dtype"] = str(self.torch_dtype).removeprefix("torch.")
         if self.id2label != _default_id2label(2):
@@ -308,6 +326,14 @@ class StableLmConfig:
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        """`to_dict()` without the values that equal the defaults (`model_type` always kept), as the
+        reference's (which writes this into config.json; this package writes every field)."""
+        defaults = StableLmConfig().to_dict()
+        return {
+            k: v for k, v in self.to_dict().items() if k == "model_type" or defaults.get(k, v is None) != v
+        }
 
     def to_json_file(self, json_file_path: str | os.PathLike, use_diff: bool = True) -> None:
         """Write the config as JSON to `json_file_path`, atomically. Every field is written (`use_diff` is

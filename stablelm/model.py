@@ -240,7 +240,7 @@ class StableLmModel(StableLmPreTrainedModel):
         if position_ids is None:
             position_ids = cache_position.unsqueeze(0).expand(B, T)
         mask = build_mask(attention_mask, past=past, new=T, slots=slots, device=device)
-        rope = self.rotary_emb(position_ids, inputs_embeds.dtype)
+        rope = self.rotary_emb(inputs_embeds, position_ids)
 
         x = inputs_embeds
         hidden_states: list[torch.Tensor] = []

@@ -261,8 +261,10 @@ class StableLmPreTrainedModel(nn.Module):
         trust_remote_code: bool | None = None,
         optimize: bool | None = None,
         quantization_config: object = None,
+        output_loading_info: bool = False,
+        ignore_mismatched_sizes: bool = False,
         **config_overrides: object,
-    ) -> StableLmPreTrainedModel:
+    ) -> StableLmPreTrainedModel | tuple[StableLmPreTrainedModel, dict]:
         """Load a model from a checkpoint folder or a Hugging Face hub repo id, in eval mode.
 
         Reads `config.json`, `generation_config.json` (as the dict `model.generation_config`) and the weights:
@@ -290,6 +292,12 @@ class StableLmPreTrainedModel(nn.Module):
                 linear layers (weight-only) while loading, one tensor at a time (the bf16 model is never
                 held whole). A checkpoint saved quantized loads as it is without this argument; passing
                 one that differs from the checkpoint's is an error. See docs/quantization.md.
+            output_loading_info: Return `(model, info)`, `info` the reference's loading report: sets of
+                `missing_keys` (initialised afresh), `unexpected_keys` (unread) and `mismatched_keys`
+                ((key, checkpoint shape, model shape)), and `error_msgs`.
+            ignore_mismatched_sizes: Initialise afresh, instead of refusing, a tensor whose shape differs from
+                the model's (a classifier head loaded with another `num_labels`).
+            pretrained_model_name_or_path: The reference's keyword name of `name_or_path`.
             **config_overrides: Config fields to change, such as `num_labels=3`.
 
         Raises:
@@ -306,6 +314,7 @@ class StableLmPreTrainedModel(nn.Module):
             name_or_path = pretrained_model_name_or_path
         if name_or_path is None:
             raise TypeError("from_pretrained needs the model: a local folder or a hub repo id.")
+        info: dict = {}
         model = load_pretrained(
             cls,
             name_or_path,
@@ -322,10 +331,12 @@ class StableLmPreTrainedModel(nn.Module):
             trust_remote_code=trust_remote_code,
             optimize=optimize,
             quantization_config=quantization_config,
+            ignore_mismatched_sizes=ignore_mismatched_sizes,
+            loading_info=info,
             **config_overrides,
         )
         model.config.name_or_path = str(name_or_path)
-        return model
+        return (model, info) if output_loading_info else model
 
     def save_pretrained(
         self,

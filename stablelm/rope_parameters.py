@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .config_checks import SHOW, _check_bool, _check_number, _check_positive_int, _finite
@@ -137,3 +139,41 @@ def validate_rope(config: StableLmConfig, field: str) -> None:
             f"{field}['high_freq_factor'] ({config.rope_scaling['high_freq_factor']}) must be greater than "
             f"{field}['low_freq_factor'] ({config.rope_scaling['low_freq_factor']})."
         )
+
+
+class RopeParameters(dict):
+    """The `rope_parameters` dict a config hands out: changing it in place (`update`, item assignment, ...)
+    writes the change back to the config, as the reference's stored dict does (its tools and tests do
+    `config.rope_parameters.update({...})`)."""
+
+    def __init__(self, params: dict[str, Any], write_back: Callable[[dict[str, Any]], None]) -> None:
+        super().__init__(params)
+        self._write_back = write_back
+
+    def _changed(self) -> None:
+        self._write_back(dict(self))
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value)
+        self._changed()
+
+    def __delitem__(self, key: str) -> None:
+        super().__delitem__(key)
+        self._changed()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        super().update(*args, **kwargs)
+        self._changed()
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        value = super().setdefault(key, default)
+        self._changed()
+        return value
+
+    def pop(self, key: str, *default: Any) -> Any:
+        value = super().pop(key, *default)
+        self._changed()
+        return value
+
+    def __deepcopy__(self, memo: dict) -> dict[str, Any]:
+        return copy.deepcopy(dict(self), memo)  # a copy is a plain dict, detached from the config
