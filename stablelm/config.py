@@ -322,6 +322,11 @@ class StableLmConfig:
         """Build a config from a config.json dict; `overrides` replace its keys."""
         if not isinstance(data, dict):
             raise ValueError(f"A config must be a dict of config.json keys, got {type(data).__name__}.")
+        if "num_labels" in overrides and "id2label" not in overrides:
+            # As the reference's `num_labels` setter: another count replaces the stored labels.
+            labels = data.get("id2label")
+            if labels is not None and len(labels) != overrides["num_labels"]:
+                data = {k: v for k, v in data.items() if k not in ("id2label", "label2id")}
         return cls(**{**data, **overrides})
 
     def to_json_string(self) -> str:
