@@ -25,12 +25,14 @@ class AttentionMask:
         is_causal: With `allowed` None, whether the causal triangle applies (T > 1).
         key_length: Number of valid key positions (past + T); a static cache holds more slots than this.
         padding: The caller's 2-D mask (B, past + T), 1 for real tokens, when the batch is padded.
+        custom: `allowed` is the caller's own 4-D mask (which flash attention cannot take).
     """
 
     allowed: torch.Tensor | None
     is_causal: bool
     key_length: int
     padding: torch.Tensor | None = None
+    custom: bool = False
 
 
 def build_mask(
@@ -43,6 +45,8 @@ def build_mask(
     outputs are never read.
     """
     key_length = past + new
+    if padding is not None and padding.dim() == 4:
+        return _custom_mask(padding, past=past, new=new, slots=slots, device=device)
     if padding is not None:
         if padding.shape[-1] != key_length:
             raise ValueError(
@@ -64,6 +68,36 @@ def build_mask(
         allowed = allowed & keys[:, None, None, :]
         allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
     return AttentionMask(allowed=allowed, is_causal=False, key_length=key_length, padding=padding)
+
+
+def _custom_mask(
+    mask: torch.Tensor, *, past: int, new: int, slots: int, device: torch.device
+) -> AttentionMask:
+    """A 4-D mask (B or 1, 1, new, past + new) given in place of the 2-D one, as the reference takes it
+    (packed sequences, shared prefixes): bool with True where a query may attend, or floating point with
+    0 there and a large negative number (such as the dtype's minimum) where it may not."""
+    key_length = past + new
+    if mask.shape[1] != 1 or mask.shape[2] != new or mask.shape[3] != key_length:
+        raise ValueError(
+            f"A 4-D attention_mask must have shape (batch, 1, {new}, {key_length}) (queries, then the cache's "
+            f"{past} keys and the {new} new ones), got {tuple(mask.shape)}."
+        )
+    if mask.dtype == torch.bool:
+        allowed = mask
+    elif mask.dtype.is_floating_point:
+        allowed = mask == 0
+        if not torch.compiler.is_compiling() and not bool((allowed | (mask <= -1e4)).all()):
+            raise ValueError(
+                "A floating-point 4-D attention_mask must hold 0 where a query attends and a large negative "
+                "number (the dtype's minimum) where it does not; other values (soft biases) are not supported."
+            )
+    else:
+        raise ValueError(f"A 4-D attention_mask must be bool or floating point, got {mask.dtype}.")
+    allowed = allowed.to(device)
+    if slots > key_length:
+        allowed = F.pad(allowed, (0, slots - key_length), value=False)
+    allowed = allowed | ~allowed.any(dim=-1, keepdim=True)  # rows with no key: opened, never read
+    return AttentionMask(allowed=allowed, is_causal=False, key_length=key_length, custom=True)
 
 
 def attention(
@@ -88,6 +122,8 @@ def attention(
     if k.shape[2] > mask.key_length and (mask.allowed is None or mask.allowed.shape[-1] == mask.key_length):
         k, v = k[:, :, : mask.key_length], v[:, :, : mask.key_length]  # a static cache's written slots
     if implementation == "flash_attention_2":
+        if mask.custom:
+            raise ValueError("flash_attention_2 takes 2-D padding masks only; use sdpa for a 4-D mask.")
         return _flash_attention(q, k, v, mask, scale=scale, dropout=dropout)
     compiled_cpu = torch.compiler.is_compiling() and q.device.type == "cpu"
     if q.shape[2] == 1 and dropout == 0.0 and weights is None and (k.dtype != q.dtype or compiled_cpu):

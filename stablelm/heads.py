@@ -35,8 +35,10 @@ def check_forward_inputs(
         B, T = inputs_embeds.shape[:2]
     else:
         return  # StableLmModel.forward says to pass exactly one
-    if attention_mask is not None:
-        check_attention_mask(attention_mask, B, positions=T)
+    if attention_mask is not None and not (
+        isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4
+    ):
+        check_attention_mask(attention_mask, B, positions=T)  # a 4-D mask is checked where it is built
 
 
 def causal_lm_loss(

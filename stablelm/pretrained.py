@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .activation_checkpointing import ActivationCheckpointingMixin
 from .attention import check_flash_attention_available
 from .config import StableLmConfig
 
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
     from .model import StableLmModel
 
 
-class StableLmPreTrainedModel(nn.Module):
+class StableLmPreTrainedModel(ActivationCheckpointingMixin, nn.Module):
     """Shared behaviour of the four model classes: initialisation, sizes, checkpointing, loading."""
 
     config_class = StableLmConfig
@@ -170,74 +171,14 @@ class StableLmPreTrainedModel(nn.Module):
 
     def set_attn_implementation(self, attn_implementation: str) -> None:
         """Switch the attention backend ("eager", "sdpa" or "flash_attention_2") of the loaded model."""
+        if attn_implementation not in ("eager", "sdpa", "flash_attention_2"):
+            raise ValueError(
+                f'Specified `attn_implementation="{attn_implementation}"` is not supported: use "eager", "sdpa" '
+                'or "flash_attention_2".'
+            )
         if attn_implementation == "flash_attention_2":
             check_flash_attention_available()
-        previous = self.config.attn_implementation
         self.config.attn_implementation = attn_implementation
-        try:
-            self.config.validate()
-        except ValueError:
-            self.config.attn_implementation = previous
-            raise
-
-    def enable_input_require_grads(self) -> None:
-        """Make the input embedding's output require grad, so that gradients reach adapters through frozen
-        layers under gradient checkpointing (peft's recipe calls this)."""
-
-        def make_output_require_grad(module: nn.Module, inputs: object, output: torch.Tensor) -> None:
-            output.requires_grad_(True)
-
-        self.disable_input_require_grads()
-        self._require_grads_hook = self.get_input_embeddings().register_forward_hook(make_output_require_grad)
-
-    def disable_input_require_grads(self) -> None:
-        """Remove the hook `enable_input_require_grads` added (nothing when there is none)."""
-        hook = self.__dict__.pop("_require_grads_hook", None)
-        if hook is not None:
-            hook.remove()
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Recompute each decoder layer in the backward pass instead of storing its activations.
-
-        Args:
-            gradient_checkpointing_kwargs: Keyword arguments of `torch.utils.checkpoint.checkpoint`
-                (default `{"use_reentrant": False}`, as the reference's).
-        """
-        self.activation_checkpointing_enable(activation_checkpointing_kwargs=gradient_checkpointing_kwargs)
-
-    def activation_checkpointing_enable(
-        self,
-        activation_checkpointing_kwargs: dict | None = None,
-        every_n_layers: int = 1,
-        offload: bool = False,
-    ) -> None:
-        """The reference's newer name of `gradient_checkpointing_enable` (every layer, kept on the device).
-
-        Raises:
-            ValueError: `every_n_layers` other than 1 or `offload=True`, which this package does not do.
-        """
-        if every_n_layers != 1 or offload:
-            raise ValueError(
-                "activation_checkpointing_enable supports every_n_layers=1 and offload=False only; drop them."
-            )
-        base = self._base_model()
-        base.gradient_checkpointing = True
-        base.checkpoint_kwargs = dict(activation_checkpointing_kwargs or {"use_reentrant": False})
-        # As the reference: with checkpointing, the embedding output must require grad for gradients to
-        # flow back through layers whose weights are frozen (reentrant checkpointing needs it).
-        self.enable_input_require_grads()
-
-    def gradient_checkpointing_disable(self) -> None:
-        self._base_model().gradient_checkpointing = False
-
-    def activation_checkpointing_disable(self) -> None:
-        self.gradient_checkpointing_disable()
-
-    @property
-    def is_gradient_checkpointing(self) -> bool:
-        return self._base_model().gradient_checkpointing
-
-    is_activation_checkpointing = is_gradient_checkpointing  # the reference's newer name
 
     def _base_model(self) -> StableLmModel:
         return getattr(self, self.base_model_prefix, self)
@@ -263,6 +204,7 @@ class StableLmPreTrainedModel(nn.Module):
         quantization_config: object = None,
         output_loading_info: bool = False,
         ignore_mismatched_sizes: bool = False,
+        state_dict: dict[str, torch.Tensor] | None = None,
         **config_overrides: object,
     ) -> StableLmPreTrainedModel | tuple[StableLmPreTrainedModel, dict]:
         """Load a model from a checkpoint folder or a Hugging Face hub repo id, in eval mode.
@@ -298,6 +240,8 @@ class StableLmPreTrainedModel(nn.Module):
             ignore_mismatched_sizes: Initialise afresh, instead of refusing, a tensor whose shape differs from
                 the model's (a classifier head loaded with another `num_labels`).
             pretrained_model_name_or_path: The reference's keyword name of `name_or_path`.
+            state_dict: Weights to load instead of a checkpoint's, with `config` and no `name_or_path`
+                (as the reference's `from_pretrained(None, config=..., state_dict=...)`); every key is needed.
             **config_overrides: Config fields to change, such as `num_labels=3`.
 
         Raises:
@@ -312,6 +256,8 @@ class StableLmPreTrainedModel(nn.Module):
             if name_or_path is not None:
                 raise TypeError("Pass the model once: positionally or as pretrained_model_name_or_path=.")
             name_or_path = pretrained_model_name_or_path
+        if state_dict is not None:
+            return cls._from_state_dict(name_or_path, config, state_dict, config_overrides)
         if name_or_path is None:
             raise TypeError("from_pretrained needs the model: a local folder or a hub repo id.")
         info: dict = {}
@@ -337,6 +283,19 @@ class StableLmPreTrainedModel(nn.Module):
         )
         model.config.name_or_path = str(name_or_path)
         return (model, info) if output_loading_info else model
+
+    @classmethod
+    def _from_state_dict(
+        cls, name_or_path: object, config: StableLmConfig | None, state_dict: dict, overrides: dict
+    ) -> StableLmPreTrainedModel:
+        if name_or_path is not None or config is None or overrides:
+            raise ValueError(
+                "from_pretrained(state_dict=...) loads these weights into a model built from config=...: pass "
+                "no model folder and no other config fields."
+            )
+        model = cls(config)
+        model.load_state_dict(state_dict, strict=True)
+        return model.eval()
 
     def save_pretrained(
         self,

@@ -210,8 +210,8 @@ def test_set_attn_implementation():
     model = StableLmModel(tiny_config())
     model.set_attn_implementation("eager")
     assert model.config.attn_implementation == model.config._attn_implementation == "eager"
-    with pytest.raises(ValueError, match="attn_implementation"):
-        model.set_attn_implementation("magic")
+    with pytest.raises(ValueError, match='Specified `attn_implementation="magic"` is not supported'):
+        model.set_attn_implementation("magic")  # the reference's words
     assert model.config.attn_implementation == "eager"
 
 
@@ -256,3 +256,35 @@ def test_config_use_return_dict_and_json_file(tmp_path):
     ref = transformers.StableLmConfig.from_json_file(tmp_path / "c.json")
     assert ref.return_dict is False and ref.hidden_size == config.hidden_size
     assert "return_dict" not in json.loads(tiny_config().to_json_string())  # written only when changed
+
+
+def test_custom_4d_attention_mask_as_the_reference():
+    """A shared prefix with three endings that do not see each other, in one row (the reference's case)."""
+    ours, ref = make_pair(tiny_config())
+    ids = torch.tensor([[10, 11, 12, 13, 14, 15]])
+    allowed = torch.tensor(
+        [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 1, 0]]
+        + [[1, 1, 1, 0, 0, 1]]
+    ).bool()[None, None]
+    additive = (~allowed).float() * torch.finfo(torch.float32).min
+    positions = torch.tensor([[0, 1, 2, 3, 3, 3]])
+    theirs = ref(ids, attention_mask=additive, position_ids=positions).logits
+    for mask in (additive, allowed):
+        mine = ours(ids, attention_mask=mask, position_ids=positions).logits
+        torch.testing.assert_close(mine, theirs)
+    separate = ours(torch.tensor([[10, 11, 12, 15]])).logits[0, -1]
+    torch.testing.assert_close(mine[0, -1], separate)  # the last ending saw only the prefix
+    with pytest.raises(ValueError, match="soft biases"):
+        ours(ids, attention_mask=additive * 1e-38 - 0.5, position_ids=positions)
+    with pytest.raises(ValueError, match=r"shape \(batch, 1, 6, 6\)"):
+        ours(ids, attention_mask=additive[..., :5])
+
+
+def test_from_pretrained_with_a_state_dict_and_no_checkpoint():
+    config = tiny_config()
+    model = StableLmForCausalLM(config)
+    again = StableLmForCausalLM.from_pretrained(None, config=config, state_dict=model.state_dict())
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="config="):
+        StableLmForCausalLM.from_pretrained(None, state_dict=model.state_dict())
