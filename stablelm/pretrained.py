@@ -256,6 +256,12 @@ class StableLmPreTrainedModel(ActivationCheckpointingMixin, nn.Module):
             if name_or_path is not None:
                 raise TypeError("Pass the model once: positionally or as pretrained_model_name_or_path=.")
             name_or_path = pretrained_model_name_or_path
+        if torch.get_default_device().type == "meta":  # else a torch error deep inside the load
+            raise RuntimeError(
+                "You are using `from_pretrained` with a meta device context manager (`with torch.device('meta')`"
+                "), where no weights can be read: call it outside the context manager (which suits building an "
+                "empty model with the class itself)."
+            )
         if state_dict is not None:
             return cls._from_state_dict(name_or_path, config, state_dict, config_overrides)
         if name_or_path is None:

@@ -288,3 +288,10 @@ def test_from_pretrained_with_a_state_dict_and_no_checkpoint():
         assert torch.equal(a, b), name
     with pytest.raises(ValueError, match="config="):
         StableLmForCausalLM.from_pretrained(None, state_dict=model.state_dict())
+
+
+def test_from_pretrained_under_a_meta_device_context_is_refused_clearly(tmp_path):
+    StableLmForCausalLM(tiny_config()).save_pretrained(tmp_path)
+    with torch.device("meta"), pytest.raises(RuntimeError, match="meta device context manager"):
+        StableLmForCausalLM.from_pretrained(tmp_path)
+    assert StableLmForCausalLM.from_pretrained(tmp_path).device.type == "cpu"
