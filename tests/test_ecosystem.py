@@ -113,3 +113,22 @@ def test_text_generation_pipeline_gives_the_references_text(ours_tokenizer):
     )
     got = transformers.pipeline("text-generation", model=ours, tokenizer=tokenizer)("Hello", **options)
     assert got == expected
+
+
+def test_text_generation_pipeline_takes_stablelms_tokenizer():
+    """The tokenizer half of the pipeline check (the model half waits for the generation_config object):
+    stablelm's tokenizer in the reference's pipeline gives the reference tokenizer's text."""
+    _, ref = make_pair(tiny_config(vocab_size=50304, max_position_embeddings=64))
+    folder = "tests/fixtures/gpt-neox-20b"
+    options = dict(max_new_tokens=6, do_sample=False)
+    results = [
+        transformers.pipeline("text-generation", model=ref, tokenizer=tokenizer)(
+            ["Hello", "The weather"], **options
+        )
+        for tokenizer in (
+            stablelm.AutoTokenizer.from_pretrained(folder),
+            transformers.AutoTokenizer.from_pretrained(folder),
+        )
+    ]
+    assert results[0] == results[1]
+    assert results[0][0][0]["generated_text"].startswith("Hello")
