@@ -295,3 +295,28 @@ def test_from_pretrained_under_a_meta_device_context_is_refused_clearly(tmp_path
     with torch.device("meta"), pytest.raises(RuntimeError, match="meta device context manager"):
         StableLmForCausalLM.from_pretrained(tmp_path)
     assert StableLmForCausalLM.from_pretrained(tmp_path).device.type == "cpu"
+
+
+def test_error_paths_name_what_to_change(tmp_path):
+    with pytest.raises(TypeError, match="needs the model"):
+        StableLmForCausalLM.from_pretrained()
+    model = StableLmForCausalLM(tiny_config())
+    ids = torch.tensor([[10, 11, 12]])
+    with pytest.raises(ValueError, match="bool or floating point"):
+        model(ids, attention_mask=torch.ones(1, 1, 3, 3, dtype=torch.long))
+    from stablelm.attention import attention, build_mask
+
+    mask = build_mask(torch.ones(1, 1, 3, 3, dtype=torch.bool), past=0, new=3, slots=3, device=ids.device)
+    q = torch.zeros(1, 8, 3, 16)
+    with pytest.raises(ValueError, match="use sdpa for a 4-D mask"):
+        attention(q, q, q, mask, implementation="flash_attention_2", scale=1.0)
+
+
+def test_config_from_a_subfolder(tmp_path):
+    config = tiny_config(hidden_size=64)
+    config.save_pretrained(tmp_path / "text")
+    assert StableLmConfig.from_pretrained(tmp_path, subfolder="text") == config
+    ref = transformers.StableLmConfig.from_pretrained(tmp_path, subfolder="text")
+    assert ref.hidden_size == 64
+    with pytest.raises(FileNotFoundError):
+        StableLmConfig.from_pretrained(tmp_path, subfolder="missing")
