@@ -180,7 +180,7 @@ class Trainer:
             first = (step * accumulation + micro) * batch_size
             batch = self.train_blocks[self.order.indices(first, batch_size)].to(self.model.device)
             with self._autocast():
-                loss = self.model(batch, labels=batch, use_cache=False).loss
+                loss = self.model(batch, labels=batch, use_cache=False, return_dict=True).loss
             (loss / accumulation).backward()
             total += loss.detach() / accumulation
         return total.item()
@@ -203,7 +203,10 @@ class Trainer:
         for start in range(0, blocks.shape[0], self.args.batch_size):
             batch = blocks[start : start + self.args.batch_size].to(self.model.device)
             with self._autocast():
-                total += self.model(batch, labels=batch, use_cache=False).loss.item() * batch.shape[0]
+                total += (
+                    self.model(batch, labels=batch, use_cache=False, return_dict=True).loss.item()
+                    * batch.shape[0]
+                )
         self.model.train(was_training)
         loss = total / blocks.shape[0]  # every block predicts the same number of tokens
         perplexity = math.exp(loss) if loss < 700 else math.inf
