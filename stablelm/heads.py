@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .cache import Cache
@@ -11,10 +10,9 @@ from .config import StableLmConfig
 from .generation import UNSET, StopStringChecker, generate, resolve_config
 from .generation.inputs import check_attention_mask, check_input_ids, check_inputs_embeds
 from .layers import Linear
+from .losses import causal_lm_loss, sequence_classification_loss, token_classification_loss
 from .model import StableLmModel, StableLmPreTrainedModel, pick_cache
 from .outputs import CausalLMOutput, SequenceClassifierOutput, TokenClassifierOutput
-
-IGNORE_INDEX = -100
 
 
 def check_forward_inputs(
@@ -39,35 +37,6 @@ def check_forward_inputs(
         isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4
     ):
         check_attention_mask(attention_mask, B, positions=T)  # a 4-D mask is checked where it is built
-
-
-def causal_lm_loss(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    num_items_in_batch: torch.Tensor | int | None = None,
-    shift_labels: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Cross-entropy of each position predicting the next label; -100 labels are ignored.
-
-    The mean over the labelled positions, or with `num_items_in_batch` (the reference's Trainer passes the
-    count of labelled tokens over all its gradient-accumulation steps) their sum divided by it.
-    `shift_labels` (B, T) are labels already shifted, used as they are (the reference's sequence-parallel
-    path).
-    """
-    if shift_labels is None:
-        shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
-    loss = F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]),
-        shift_labels.reshape(-1).to(logits.device),
-        ignore_index=IGNORE_INDEX,
-        reduction="mean" if num_items_in_batch is None else "sum",
-    )
-    if num_items_in_batch is not None:
-        if torch.is_tensor(num_items_in_batch):
-            num_items_in_batch = num_items_in_batch.to(loss.device)
-        loss = loss / num_items_in_batch
-    return loss
 
 
 def _wants_dict(config: StableLmConfig, return_dict: bool | None) -> bool:
@@ -318,7 +287,11 @@ class StableLmForSequenceClassification(StableLmPreTrainedModel):
         logits = self.score(out.last_hidden_state)  # (B, T, num_labels)
         last = self._last_token(input_ids, attention_mask, logits)
         pooled = logits[torch.arange(logits.shape[0], device=logits.device), last]
-        loss = self._loss(pooled, labels) if labels is not None else None
+        loss = None
+        if labels is not None:
+            loss = sequence_classification_loss(
+                pooled, labels, num_labels=self.config.num_labels, problem_type=self.config.problem_type
+            )
         result = SequenceClassifierOutput(
             loss=loss,
             logits=pooled,
@@ -347,25 +320,6 @@ class StableLmForSequenceClassification(StableLmPreTrainedModel):
                 "attention_mask."
             )
         return T - 1
-
-    def _loss(self, pooled: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        num_labels = self.config.num_labels
-        problem_type = self.config.problem_type
-        if problem_type is None:
-            if num_labels == 1:
-                problem_type = "regression"
-            elif labels.dtype in (torch.long, torch.int):
-                problem_type = "single_label_classification"
-            else:
-                problem_type = "multi_label_classification"
-        labels = labels.to(pooled.device)
-        if problem_type == "regression":
-            if num_labels == 1:
-                return F.mse_loss(pooled.squeeze(), labels.squeeze().to(pooled.dtype))
-            return F.mse_loss(pooled, labels.to(pooled.dtype))
-        if problem_type == "single_label_classification":
-            return F.cross_entropy(pooled.view(-1, num_labels), labels.view(-1), ignore_index=IGNORE_INDEX)
-        return F.binary_cross_entropy_with_logits(pooled, labels.to(pooled.dtype))
 
 
 class StableLmForTokenClassification(StableLmPreTrainedModel):
@@ -414,8 +368,7 @@ class StableLmForTokenClassification(StableLmPreTrainedModel):
         logits = self.score(self.dropout(out.last_hidden_state))
         loss = None
         if labels is not None:
-            flat = logits.float().view(-1, self.config.num_labels)
-            loss = F.cross_entropy(flat, labels.view(-1).to(logits.device), ignore_index=IGNORE_INDEX)
+            loss = token_classification_loss(logits, labels)
         result = TokenClassifierOutput(
             loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
         )
