@@ -343,7 +343,7 @@ def _reply(chat: list[dict], question: str, paragraphs: list[str], tokenizer) ->
     for count in range(1, len(paragraphs) + 1):
         answer = "\n\n".join(paragraphs[:count])
         trial = [*chat, {"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-        length = len(tokenizer.apply_chat_template(trial))
+        length = len(tokenizer.apply_chat_template(trial, return_dict=False))
         if length >= CONTEXT or (count > 1 and len(tokenizer(answer)["input_ids"]) > ANSWER_TOKENS):
             break
         used = count
@@ -357,13 +357,15 @@ def _reply(chat: list[dict], question: str, paragraphs: list[str], tokenizer) ->
 def encode(tokenizer, chat: list[dict]) -> tuple[list[int], list[int]]:
     """The conversation's tokens (without the newline after its last end of turn) and its labels: the
     assistant's tokens and end-of-turn token; IGNORE elsewhere."""
-    ids = tokenizer.apply_chat_template(chat)
+    ids = tokenizer.apply_chat_template(chat, return_dict=False)
     labels = [IGNORE] * len(ids)
     for i, message in enumerate(chat):
         if message["role"] != "assistant":
             continue
-        start = len(tokenizer.apply_chat_template(chat[:i], add_generation_prompt=True))
-        end = len(tokenizer.apply_chat_template(chat[: i + 1])) - 1  # the "\n" after the end of turn
+        start = len(tokenizer.apply_chat_template(chat[:i], add_generation_prompt=True, return_dict=False))
+        end = (
+            len(tokenizer.apply_chat_template(chat[: i + 1], return_dict=False)) - 1
+        )  # the "\n" after the end of turn
         if ids[end - 1] != tokenizer.eos_token_id or start >= end - 1:
             raise RuntimeError(f"the template's turns do not tokenize on their own: {chat}")
         labels[start:end] = ids[start:end]
@@ -507,7 +509,10 @@ def samples(folder: Path) -> dict:
     replies = {}
     for question in QUESTIONS:
         ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt"
+            [{"role": "user", "content": question}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=False,
         )
         room = CONTEXT - ids.shape[1]
         greedy = model.generate(ids, max_new_tokens=room, do_sample=False)

@@ -30,6 +30,7 @@ class AttentionMask:
             the many-query kernels round differently in half precision. Speculative decoding checks its
             drafts this way.
         packed: `allowed` keeps packed documents apart (see `packed_mask`).
+        custom: `allowed` is the caller's own 4-D mask (which flash attention cannot take).
     """
 
     allowed: torch.Tensor | None
@@ -38,6 +39,7 @@ class AttentionMask:
     padding: torch.Tensor | None = None
     per_query: bool = False
     packed: bool = False
+    custom: bool = False
 
 
 def build_mask(
@@ -50,6 +52,8 @@ def build_mask(
     outputs are never read.
     """
     key_length = past + new
+    if padding is not None and padding.dim() == 4:
+        return _custom_mask(padding, past=past, new=new, slots=slots, device=device)
     if padding is not None:
         if padding.shape[-1] != key_length:
             raise ValueError(
@@ -97,6 +101,36 @@ def packed_mask(segments: torch.Tensor) -> AttentionMask:
     return AttentionMask(allowed=allowed[:, None], is_causal=False, key_length=T, packed=True)
 
 
+def _custom_mask(
+    mask: torch.Tensor, *, past: int, new: int, slots: int, device: torch.device
+) -> AttentionMask:
+    """A 4-D mask (B or 1, 1, new, past + new) given in place of the 2-D one, as the reference takes it
+    (packed sequences, shared prefixes): bool with True where a query may attend, or floating point with
+    0 there and a large negative number (such as the dtype's minimum) where it may not."""
+    key_length = past + new
+    if mask.shape[1] != 1 or mask.shape[2] != new or mask.shape[3] != key_length:
+        raise ValueError(
+            f"A 4-D attention_mask must have shape (batch, 1, {new}, {key_length}) (queries, then the cache's "
+            f"{past} keys and the {new} new ones), got {tuple(mask.shape)}."
+        )
+    if mask.dtype == torch.bool:
+        allowed = mask
+    elif mask.dtype.is_floating_point:
+        allowed = mask == 0
+        if not torch.compiler.is_compiling() and not bool((allowed | (mask <= -1e4)).all()):
+            raise ValueError(
+                "A floating-point 4-D attention_mask must hold 0 where a query attends and a large negative "
+                "number (the dtype's minimum) where it does not; other values (soft biases) are not supported."
+            )
+    else:
+        raise ValueError(f"A 4-D attention_mask must be bool or floating point, got {mask.dtype}.")
+    allowed = allowed.to(device)
+    if slots > key_length:
+        allowed = F.pad(allowed, (0, slots - key_length), value=False)
+    allowed = allowed | ~allowed.any(dim=-1, keepdim=True)  # rows with no key: opened, never read
+    return AttentionMask(allowed=allowed, is_causal=False, key_length=key_length, custom=True)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -106,17 +140,26 @@ def attention(
     implementation: str,
     scale: float,
     dropout: float = 0.0,
+    weights: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """softmax(q k^T * scale + mask) v for q (B, H, T, D), k/v (B, Hkv, S, D); returns (B, T, H, D)."""
-    if mask.per_query and q.shape[2] > 1:
+    """softmax(q k^T * scale + mask) v for q (B, H, T, D), k/v (B, Hkv, S, D); returns (B, T, H, D).
+
+    With a `weights` list, the eager path runs (whatever `implementation` says, as only it forms the
+    probabilities) and appends them (B, H, T, S) to the list: the reference's `output_attentions`.
+    """
+    if weights is not None:
+        implementation = "eager"
+    elif mask.per_query and q.shape[2] > 1:
         return _query_by_query(q, k, v, mask, implementation=implementation, scale=scale, dropout=dropout)
     groups = q.shape[1] // k.shape[1]
     if k.shape[2] > mask.key_length and (mask.allowed is None or mask.allowed.shape[-1] == mask.key_length):
         k, v = k[:, :, : mask.key_length], v[:, :, : mask.key_length]  # a static cache's written slots
     if implementation == "flash_attention_2":
+        if mask.custom:
+            raise ValueError("flash_attention_2 takes 2-D padding masks only; use sdpa for a 4-D mask.")
         return _flash_attention(q, k, v, mask, scale=scale, dropout=dropout)
     compiled_cpu = torch.compiler.is_compiling() and q.device.type == "cpu"
-    if q.shape[2] == 1 and dropout == 0.0 and (k.dtype != q.dtype or compiled_cpu):
+    if q.shape[2] == 1 and dropout == 0.0 and weights is None and (k.dtype != q.dtype or compiled_cpu):
         # One new token, attended in (at least) float32 and rounded once: over a float32 cache under a
         # half-precision model (see `stablelm.fast`), or in a compiled CPU decode step, over every slot
         # of the static cache, as two products Inductor fuses with the masking and the softmax
@@ -137,6 +180,8 @@ def attention(
             scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         probs = F.dropout(probs, p=dropout, training=dropout > 0)
+        if weights is not None:
+            weights.append(probs)
         return torch.matmul(probs, v).transpose(1, 2)
     gqa = {"enable_gqa": True} if groups > 1 and _SDPA_HAS_GQA else {}
     out = F.scaled_dot_product_attention(

@@ -44,7 +44,7 @@ def _decode_step(
     """
     base = model.model
     x = base.embed_tokens(tokens)  # (B, 1, C)
-    rope = base.rotary_emb(position_ids, x.dtype)
+    rope = base.rotary_emb(x, position_ids)
     allowed = None if key_mask is None else key_mask[:, None, None, :]
     mask = AttentionMask(allowed=allowed, is_causal=False, key_length=key_length)
     for layer in base.layers:

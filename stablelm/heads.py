@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .cache import Cache
@@ -12,10 +11,9 @@ from .generation import UNSET, StopStringChecker, generate, resolve_config
 from .generation.drafts import make_draft
 from .generation.inputs import check_attention_mask, check_input_ids, check_inputs_embeds
 from .layers import Linear
-from .model import StableLmModel, StableLmPreTrainedModel
+from .losses import causal_lm_loss, sequence_classification_loss, token_classification_loss
+from .model import StableLmModel, StableLmPreTrainedModel, pick_cache
 from .outputs import CausalLMOutput, SequenceClassifierOutput, TokenClassifierOutput
-
-IGNORE_INDEX = -100
 
 
 def check_forward_inputs(
@@ -36,18 +34,15 @@ def check_forward_inputs(
         B, T = inputs_embeds.shape[:2]
     else:
         return  # StableLmModel.forward says to pass exactly one
-    if attention_mask is not None:
-        check_attention_mask(attention_mask, B, positions=T)
+    if attention_mask is not None and not (
+        isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4
+    ):
+        check_attention_mask(attention_mask, B, positions=T)  # a 4-D mask is checked where it is built
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of each position predicting the next label; -100 labels are ignored."""
-    labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
-    return F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]),
-        labels.reshape(-1).to(logits.device),
-        ignore_index=IGNORE_INDEX,
-    )
+def _wants_dict(config: StableLmConfig, return_dict: bool | None) -> bool:
+    """Whether forward returns its output record (else `to_tuple()` of it), as `return_dict` or the config say."""
+    return config.return_dict if return_dict is None else return_dict
 
 
 class StableLmForCausalLM(StableLmPreTrainedModel):
@@ -62,8 +57,47 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init(self.lm_head)
 
+    accepts_loss_kwargs = True  # forward takes num_items_in_batch, which the reference's Trainer passes
+
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.Tensor,
+        next_sequence_length: int | None = None,
+        cache: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs: object,
+    ) -> dict[str, object]:
+        """The keyword arguments of one forward step of a decode loop, as the reference's (peft's
+        `PeftModelForCausalLM` and other tools call it): the ids not yet in the cache (the last
+        `next_sequence_length`), or the prompt's embeddings on the first step; position and token-type ids
+        cut to the same length; every other keyword passed on (`use_cache`, ...), `labels` excepted."""
+        cache = pick_cache(cache, kwargs.pop("past_key_values", None))
+        inputs: dict[str, object] = {}
+        if inputs_embeds is not None and is_first_iteration:
+            embeds = inputs_embeds[:, -next_sequence_length:] if next_sequence_length else inputs_embeds
+            inputs["input_ids"], inputs["inputs_embeds"] = None, embeds.clone()
+            length = embeds.shape[1]
+        else:
+            ids = input_ids[:, -next_sequence_length:] if next_sequence_length else input_ids
+            inputs["input_ids"] = ids.clone()
+            length = ids.shape[1]
+        if cache is not None:
+            inputs["cache"] = cache
+        for name in ("position_ids", "token_type_ids"):
+            value = kwargs.pop(name, None)
+            if value is not None:
+                inputs[name] = value[..., -length:].clone()
+        if attention_mask is not None:
+            inputs["attention_mask"] = attention_mask
+        kwargs.pop("labels", None)
+        for key, value in kwargs.items():
+            inputs.setdefault(key, value)
+        return inputs
 
     @torch.no_grad()
     def generate(
@@ -169,25 +203,35 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         *,
         position_ids: torch.Tensor | None = None,
+        cache: Cache | None = None,
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        output_hidden_states: bool = False,
-    ) -> CausalLMOutput:
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        cache_position: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        shift_labels: torch.Tensor | None = None,
+    ) -> CausalLMOutput | tuple:
         """Logits (B, T, V) for every position, or only the last `logits_to_keep` (0 keeps all; a 1-D
-        tensor picks positions). With `labels` (B, T), also the shifted cross-entropy loss. Other
-        arguments as `StableLmModel.forward`."""
+        tensor picks positions). With `labels` (B, T), also the shifted cross-entropy loss (see
+        `causal_lm_loss` for `num_items_in_batch` and `shift_labels`). Other arguments as
+        `StableLmModel.forward`; `return_dict=False` returns `to_tuple()`."""
         check_forward_inputs(self.model, input_ids, attention_mask, inputs_embeds)
         out = self.model(
             input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            past_key_values=pick_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
         )
         hidden = out.last_hidden_state
         if isinstance(logits_to_keep, int):
@@ -198,10 +242,19 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
         # whole LM head, expanded per row, whenever the weights do not require grad (after
         # requires_grad_(False), say); rows take the one matrix product the reference's folded path takes.
         logits = self.lm_head(hidden.reshape(-1, hidden.shape[-1])).view(*hidden.shape[:-1], -1)
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
-        return CausalLMOutput(
-            loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(
+                logits, labels, num_items_in_batch=num_items_in_batch, shift_labels=shift_labels
+            )
+        result = CausalLMOutput(
+            loss=loss,
+            logits=logits,
+            cache=out.cache,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
         )
+        return result if _wants_dict(self.config, return_dict) else result.to_tuple()
 
 
 class StableLmForSequenceClassification(StableLmPreTrainedModel):
@@ -219,12 +272,17 @@ class StableLmForSequenceClassification(StableLmPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         *,
         position_ids: torch.Tensor | None = None,
+        cache: Cache | None = None,
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        output_hidden_states: bool = False,
-    ) -> SequenceClassifierOutput:
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        cache_position: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> SequenceClassifierOutput | tuple:
         """Logits (B, num_labels) at each row's last non-pad token; with `labels`, the loss of the
         config's `problem_type` (inferred from num_labels and the labels' dtype when unset)."""
         check_forward_inputs(self.model, input_ids, attention_mask, inputs_embeds)
@@ -232,18 +290,29 @@ class StableLmForSequenceClassification(StableLmPreTrainedModel):
             input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            past_key_values=pick_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
         )
         logits = self.score(out.last_hidden_state)  # (B, T, num_labels)
         last = self._last_token(input_ids, attention_mask, logits)
         pooled = logits[torch.arange(logits.shape[0], device=logits.device), last]
-        loss = self._loss(pooled, labels) if labels is not None else None
-        return SequenceClassifierOutput(
-            loss=loss, logits=pooled, past_key_values=out.past_key_values, hidden_states=out.hidden_states
+        loss = None
+        if labels is not None:
+            loss = sequence_classification_loss(
+                pooled, labels, num_labels=self.config.num_labels, problem_type=self.config.problem_type
+            )
+        result = SequenceClassifierOutput(
+            loss=loss,
+            logits=pooled,
+            cache=out.cache,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
         )
+        return result if _wants_dict(self.config, return_dict) else result.to_tuple()
 
     def _last_token(
         self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, logits: torch.Tensor
@@ -265,25 +334,6 @@ class StableLmForSequenceClassification(StableLmPreTrainedModel):
             )
         return T - 1
 
-    def _loss(self, pooled: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        num_labels = self.config.num_labels
-        problem_type = self.config.problem_type
-        if problem_type is None:
-            if num_labels == 1:
-                problem_type = "regression"
-            elif labels.dtype in (torch.long, torch.int):
-                problem_type = "single_label_classification"
-            else:
-                problem_type = "multi_label_classification"
-        labels = labels.to(pooled.device)
-        if problem_type == "regression":
-            if num_labels == 1:
-                return F.mse_loss(pooled.squeeze(), labels.squeeze().to(pooled.dtype))
-            return F.mse_loss(pooled, labels.to(pooled.dtype))
-        if problem_type == "single_label_classification":
-            return F.cross_entropy(pooled.view(-1, num_labels), labels.view(-1), ignore_index=IGNORE_INDEX)
-        return F.binary_cross_entropy_with_logits(pooled, labels.to(pooled.dtype))
-
 
 class StableLmForTokenClassification(StableLmPreTrainedModel):
     """StableLM labelling every token (dropout then a linear layer)."""
@@ -304,26 +354,35 @@ class StableLmForTokenClassification(StableLmPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         *,
         position_ids: torch.Tensor | None = None,
+        cache: Cache | None = None,
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        output_hidden_states: bool = False,
-    ) -> TokenClassifierOutput:
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        cache_position: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> TokenClassifierOutput | tuple:
         """Logits (B, T, num_labels); with `labels` (B, T), the cross-entropy loss (-100 ignored)."""
         check_forward_inputs(self.model, input_ids, attention_mask, inputs_embeds)
         out = self.model(
             input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            past_key_values=pick_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
         )
         logits = self.score(self.dropout(out.last_hidden_state))
         loss = None
         if labels is not None:
-            flat = logits.float().view(-1, self.config.num_labels)
-            loss = F.cross_entropy(flat, labels.view(-1).to(logits.device), ignore_index=IGNORE_INDEX)
-        return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+            loss = token_classification_loss(logits, labels)
+        result = TokenClassifierOutput(
+            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
+        )
+        return result if _wants_dict(self.config, return_dict) else result.to_tuple()

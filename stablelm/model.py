@@ -87,6 +87,7 @@ class Attention(nn.Module):
         mask: AttentionMask,
         cache: Cache | None,
         cache_position: torch.Tensor,
+        weights: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
@@ -120,6 +121,7 @@ class Attention(nn.Module):
             implementation=self.config.attn_implementation or "sdpa",
             scale=self.head_dim**-0.5,
             dropout=self.config.attention_dropout if self.training else 0.0,
+            weights=weights,
         )  # (B, T, H, D)
         return self.o_proj(y.reshape(B, T, self.num_heads * self.head_dim))
 
@@ -142,9 +144,12 @@ class DecoderLayer(nn.Module):
         mask: AttentionMask,
         cache: Cache | None,
         cache_position: torch.Tensor,
+        weights: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """One layer; a `weights` list receives the attention probabilities (an out-list, so that the
+        layer returns one tensor to all its callers: the model, the decode step, the server's forward)."""
         h = self.input_layernorm(x)
-        attn_out = self.self_attn(h, rope, mask, cache, cache_position)
+        attn_out = self.self_attn(h, rope, mask, cache, cache_position, weights)
         if self.use_parallel_residual:  # x + attn(ln(x)) + mlp(ln(x))
             return x + attn_out + self.dropout(self.mlp(h))
         x = x + attn_out
@@ -156,24 +161,31 @@ class StableLmModel(StableLmPreTrainedModel):
 
     def __init__(self, config: StableLmConfig) -> None:
         super().__init__(config)
+        self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList([DecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
         self.gradient_checkpointing = False
+        self.checkpoint_kwargs: dict = {"use_reentrant": False}  # for torch.utils.checkpoint.checkpoint
         self.post_init()
 
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
-        *,
         attention_mask: torch.Tensor | None = None,
+        *,
         position_ids: torch.Tensor | None = None,
+        cache: Cache | None = None,
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        output_hidden_states: bool = False,
-    ) -> BaseModelOutput:
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        cache_position: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> BaseModelOutput | tuple:
         """Run the decoder.
 
         Args:
@@ -182,14 +194,27 @@ class StableLmModel(StableLmPreTrainedModel):
             position_ids: (B, T) rotary positions; by default past, past + 1, ... Without a cache and an
                 `attention_mask`, positions that restart inside a row mark packed documents, which then
                 attend only within themselves (as in the reference).
-            past_key_values: A `DynamicCache` or `StaticCache` to read and extend.
+            cache: A `DynamicCache` or `StaticCache` to read and extend (`past_key_values` is the
+                reference's older name of it).
             inputs_embeds: (B, T, C) embeddings in place of `input_ids`.
             use_cache: Create a `DynamicCache` when none is passed (default: `config.use_cache`).
-            output_hidden_states: Also return the input of every layer and the final output.
+            output_hidden_states: Also return the input of every layer and the final output (default:
+                `config.output_hidden_states`).
+            output_attentions: Also return every layer's attention probabilities (B, H, T, S), computed on
+                the eager path whatever `attn_implementation` is (default: `config.output_attentions`).
+            return_dict: False returns `to_tuple()` of the output (default: `config.return_dict`).
+            cache_position: Accepted and ignored, as the reference does: the positions written are the
+                cache's length onwards.
+            token_type_ids: Accepted and ignored (tokenizer output passed straight in), as the reference.
 
         Returns:
-            BaseModelOutput with `last_hidden_state` (B, T, C), `past_key_values` and `hidden_states`.
+            BaseModelOutput with `last_hidden_state` (B, T, C), `cache`, `hidden_states` and `attentions`.
         """
+        past_key_values = pick_cache(cache, past_key_values)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
         if inputs_embeds is None:
@@ -226,24 +251,34 @@ class StableLmModel(StableLmPreTrainedModel):
             mask = packed_mask(segments)
         else:
             mask = build_mask(attention_mask, past=past, new=T, slots=slots, device=device)
-        rope = self.rotary_emb(position_ids, inputs_embeds.dtype)
+        rope = self.rotary_emb(inputs_embeds, position_ids)
 
         x = inputs_embeds
         hidden_states: list[torch.Tensor] = []
+        weights: list[torch.Tensor] | None = [] if output_attentions else None
         for layer in self.layers:
             if output_hidden_states:
                 hidden_states.append(x)
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, rope, mask, cache, cache_position, use_reentrant=False)
+                x = checkpoint(layer, x, rope, mask, cache, cache_position, weights, **self.checkpoint_kwargs)
             else:
-                x = layer(x, rope, mask, cache, cache_position)
+                x = layer(x, rope, mask, cache, cache_position, weights)
         if cache is not None:
             cache.advance(T)
         x = self.norm(x)
         if output_hidden_states:
             hidden_states.append(x)
-        return BaseModelOutput(
+        out = BaseModelOutput(
             last_hidden_state=x,
-            past_key_values=cache,
+            cache=cache,
             hidden_states=tuple(hidden_states) if output_hidden_states else None,
+            attentions=tuple(weights) if output_attentions else None,
         )
+        return out if (self.config.return_dict if return_dict is None else return_dict) else out.to_tuple()
+
+
+def pick_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The cache passed as `cache` (5.24's name) or `past_key_values` (the older one), not both."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("Pass the KV cache once: as cache=... or as past_key_values=..., not both.")
+    return cache if cache is not None else past_key_values

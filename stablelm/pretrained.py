@@ -3,12 +3,14 @@ checkpointing, loading, saving, resizing the vocabulary). The modules themselves
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from .activation_checkpointing import ActivationCheckpointingMixin
 from .attention import check_flash_attention_available
 from .config import StableLmConfig
 
@@ -16,11 +18,27 @@ if TYPE_CHECKING:
     from .model import StableLmModel
 
 
-class StableLmPreTrainedModel(nn.Module):
+class StableLmPreTrainedModel(ActivationCheckpointingMixin, nn.Module):
     """Shared behaviour of the four model classes: initialisation, sizes, checkpointing, loading."""
 
     config_class = StableLmConfig
     base_model_prefix = "model"
+    main_input_name = "input_ids"
+    # Capabilities, under the reference's names (tools and the reference's test mixins read them).
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = False
+    _supports_attention_backend = False
+    _can_compile_fullgraph = True
+    _no_split_modules = ["DecoderLayer"]
+    _keep_in_fp32_modules: list[str] = []
+    _keep_in_fp32_modules_strict: list[str] = []
+    _keys_to_ignore_on_load_missing = None
+    _keys_to_ignore_on_load_unexpected = None
+    _tied_weights_keys: dict[str, str] = {}
+    _is_stateful = False
+    accepts_loss_kwargs = False  # the causal LM takes the Trainer's num_items_in_batch; the others do not
 
     def __init__(self, config: StableLmConfig) -> None:
         super().__init__()
@@ -88,16 +106,79 @@ class StableLmPreTrainedModel(nn.Module):
         unique = {id(p): p for p in self.parameters() if id(p) not in excluded}
         return sum(p.numel() for p in unique.values() if p.requires_grad or not only_trainable)
 
-    def gradient_checkpointing_enable(self) -> None:
-        """Recompute each decoder layer in the backward pass instead of storing its activations."""
-        self._base_model().gradient_checkpointing = True
+    @classmethod
+    def from_config(
+        cls,
+        config: StableLmConfig,
+        *,
+        dtype: torch.dtype | None = None,
+        torch_dtype: torch.dtype | None = None,
+        attn_implementation: str | None = None,
+    ) -> StableLmPreTrainedModel:
+        """A new model with random weights (the reference's `from_config`, also `AutoModel*.from_config`)."""
+        if attn_implementation is not None:
+            config = copy.deepcopy(config)
+            config.attn_implementation = attn_implementation
+            config.validate()
+        dtype = dtype if dtype is not None else torch_dtype
+        if dtype is None:
+            return cls(config)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # build in the dtype, as the reference does, not build then cast
+        try:
+            return cls(config)
+        finally:
+            torch.set_default_dtype(previous)
 
-    def gradient_checkpointing_disable(self) -> None:
-        self._base_model().gradient_checkpointing = False
+    _from_config = from_config  # the reference's private spelling, which its tools call
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        return True
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        return False  # no mixture of experts
+
+    def init_weights(self) -> None:
+        """Initialise every weight afresh as the reference does, then tie."""
+        self.post_init()
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        """Whether the class has `generate` (the causal LM only)."""
+        return callable(getattr(cls, "generate", None))
 
     @property
-    def is_gradient_checkpointing(self) -> bool:
-        return self._base_model().gradient_checkpointing
+    def name_or_path(self) -> str:
+        """The folder or hub id the model was loaded from ("" for a model built from a config)."""
+        return self.config.name_or_path
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The decoder under the head (the model itself for `StableLmModel`)."""
+        return self._base_model()
+
+    def get_decoder(self) -> nn.Module:
+        return self._base_model()
+
+    def get_memory_footprint(self, return_buffers: bool = True) -> int:
+        """Bytes held by the parameters (and buffers), as the reference counts them."""
+        size = sum(p.nelement() * p.element_size() for p in self.parameters())
+        if return_buffers:
+            size += sum(b.nelement() * b.element_size() for b in self.buffers())
+        return size
+
+    def set_attn_implementation(self, attn_implementation: str) -> None:
+        """Switch the attention backend ("eager", "sdpa" or "flash_attention_2") of the loaded model."""
+        if attn_implementation not in ("eager", "sdpa", "flash_attention_2"):
+            raise ValueError(
+                f'Specified `attn_implementation="{attn_implementation}"` is not supported: use "eager", "sdpa" '
+                'or "flash_attention_2".'
+            )
+        if attn_implementation == "flash_attention_2":
+            check_flash_attention_available()
+        self.config.attn_implementation = attn_implementation
 
     def _base_model(self) -> StableLmModel:
         return getattr(self, self.base_model_prefix, self)
@@ -105,8 +186,9 @@ class StableLmPreTrainedModel(nn.Module):
     @classmethod
     def from_pretrained(
         cls,
-        name_or_path: str | os.PathLike,
+        name_or_path: str | os.PathLike | None = None,
         *,
+        pretrained_model_name_or_path: str | os.PathLike | None = None,
         config: StableLmConfig | None = None,
         dtype: torch.dtype | str | None = None,
         torch_dtype: torch.dtype | str | None = None,
@@ -120,8 +202,11 @@ class StableLmPreTrainedModel(nn.Module):
         trust_remote_code: bool | None = None,
         optimize: bool | None = None,
         quantization_config: object = None,
+        output_loading_info: bool = False,
+        ignore_mismatched_sizes: bool = False,
+        state_dict: dict[str, torch.Tensor] | None = None,
         **config_overrides: object,
-    ) -> StableLmPreTrainedModel:
+    ) -> StableLmPreTrainedModel | tuple[StableLmPreTrainedModel, dict]:
         """Load a model from a checkpoint folder or a Hugging Face hub repo id, in eval mode.
 
         Reads `config.json`, `generation_config.json` (as the dict `model.generation_config`) and the weights:
@@ -149,6 +234,14 @@ class StableLmPreTrainedModel(nn.Module):
                 linear layers (weight-only) while loading, one tensor at a time (the bf16 model is never
                 held whole). A checkpoint saved quantized loads as it is without this argument; passing
                 one that differs from the checkpoint's is an error. See docs/quantization.md.
+            output_loading_info: Return `(model, info)`, `info` the reference's loading report: sets of
+                `missing_keys` (initialised afresh), `unexpected_keys` (unread) and `mismatched_keys`
+                ((key, checkpoint shape, model shape)), and `error_msgs`.
+            ignore_mismatched_sizes: Initialise afresh, instead of refusing, a tensor whose shape differs from
+                the model's (a classifier head loaded with another `num_labels`).
+            pretrained_model_name_or_path: The reference's keyword name of `name_or_path`.
+            state_dict: Weights to load instead of a checkpoint's, with `config` and no `name_or_path`
+                (as the reference's `from_pretrained(None, config=..., state_dict=...)`); every key is needed.
             **config_overrides: Config fields to change, such as `num_labels=3`.
 
         Raises:
@@ -159,7 +252,22 @@ class StableLmPreTrainedModel(nn.Module):
         """
         from .checkpoint import load_pretrained
 
-        return load_pretrained(
+        if pretrained_model_name_or_path is not None:  # the reference's keyword name
+            if name_or_path is not None:
+                raise TypeError("Pass the model once: positionally or as pretrained_model_name_or_path=.")
+            name_or_path = pretrained_model_name_or_path
+        if torch.get_default_device().type == "meta":  # else a torch error deep inside the load
+            raise RuntimeError(
+                "You are using `from_pretrained` with a meta device context manager (`with torch.device('meta')`"
+                "), where no weights can be read: call it outside the context manager (which suits building an "
+                "empty model with the class itself)."
+            )
+        if state_dict is not None:
+            return cls._from_state_dict(name_or_path, config, state_dict, config_overrides)
+        if name_or_path is None:
+            raise TypeError("from_pretrained needs the model: a local folder or a hub repo id.")
+        info: dict = {}
+        model = load_pretrained(
             cls,
             name_or_path,
             config=config,
@@ -175,8 +283,25 @@ class StableLmPreTrainedModel(nn.Module):
             trust_remote_code=trust_remote_code,
             optimize=optimize,
             quantization_config=quantization_config,
+            ignore_mismatched_sizes=ignore_mismatched_sizes,
+            loading_info=info,
             **config_overrides,
         )
+        model.config.name_or_path = str(name_or_path)
+        return (model, info) if output_loading_info else model
+
+    @classmethod
+    def _from_state_dict(
+        cls, name_or_path: object, config: StableLmConfig | None, state_dict: dict, overrides: dict
+    ) -> StableLmPreTrainedModel:
+        if name_or_path is not None or config is None or overrides:
+            raise ValueError(
+                "from_pretrained(state_dict=...) loads these weights into a model built from config=...: pass "
+                "no model folder and no other config fields."
+            )
+        model = cls(config)
+        model.load_state_dict(state_dict, strict=True)
+        return model.eval()
 
     def save_pretrained(
         self,

@@ -11,8 +11,9 @@ import math
 import torch
 from torch import nn
 
-from .config import StableLmConfig, rope_original_length
+from .config import StableLmConfig
 from .kernels import rotary
+from .rope_parameters import rope_original_length
 
 
 def _exponents(dim: int, device: torch.device | None = None) -> torch.Tensor:
@@ -177,8 +178,10 @@ class RotaryEmbedding(nn.Module):
             return torch.where(seq_len > rope_original_length(self.config), self.long_inv_freq, self.inv_freq)
         return self.inv_freq
 
-    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin, each (B, T, rotary_dim), in `dtype`, for position ids of shape (B, T)."""
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin, each (B, T, rotary_dim), in x's dtype, for position ids of shape (B, T) (the
+        reference's signature: `x` gives only the dtype)."""
+        dtype = x.dtype
         inv_freq = self._frequencies(position_ids).to(device=position_ids.device, dtype=torch.float)
         freqs = position_ids[..., None].float() * inv_freq  # (B, T, rotary_dim / 2)
         emb = torch.cat((freqs, freqs), dim=-1)

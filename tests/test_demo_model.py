@@ -98,7 +98,7 @@ def test_the_chat_template_renders_a_conversation_as_stablelm_zephyr_does(demo):
     assert prompt == RENDERED + "<|assistant|>\n"
     reference = transformers.AutoTokenizer.from_pretrained(DEMO)
     assert reference.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True) == prompt
-    ids = tokenizer.apply_chat_template(CONVERSATION, add_generation_prompt=True)
+    ids = tokenizer.apply_chat_template(CONVERSATION, add_generation_prompt=True, return_dict=False)
     assert ids.count(0) == 4 and tokenizer.decode(ids) == prompt  # one end-of-text token per turn
 
 
@@ -122,7 +122,10 @@ def test_generation_stops_at_the_end_of_a_turn(demo):
 def test_a_reply_to_a_held_out_question_ends_at_the_end_of_turn(demo, question):
     model, tokenizer = demo
     ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt"
+        [{"role": "user", "content": question}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=False,
     )
     room = model.config.max_position_embeddings - ids.shape[1]
     out = model.generate(ids, max_new_tokens=room, do_sample=False)[0, ids.shape[1] :]

@@ -453,7 +453,7 @@ def test_activations_are_the_references_and_the_configs():
     from transformers.activations import ACT2FN
 
     from stablelm.activations import ACT_FNS
-    from stablelm.config import ACTIVATIONS
+    from stablelm.config_checks import ACTIVATIONS
 
     assert set(ACT_FNS) == ACTIVATIONS
     x = torch.linspace(-6, 6, 1001)

@@ -34,7 +34,7 @@ def test_cos_sin_equal_reference_within_and_past_the_trained_length(rope, length
     ours, ref = _pair(rope, 0.5)
     positions = torch.arange(length)[None].expand(2, length)
     x = torch.zeros(1, dtype=torch.float32)
-    cos, sin = ours(positions, torch.float32)
+    cos, sin = ours(torch.empty(0), positions)
     ref_cos, ref_sin = ref(x, positions)
     assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin)
 
@@ -44,7 +44,7 @@ def test_frequencies_stay_fp32_when_the_model_is_cast():
     expected = ours.inv_freq.clone()
     ours.to(torch.bfloat16)
     assert ours.inv_freq.dtype == torch.float32 and torch.equal(ours.inv_freq, expected)
-    cos, _ = ours(torch.arange(4)[None], torch.bfloat16)
+    cos, _ = ours(torch.empty(0, dtype=torch.bfloat16), torch.arange(4)[None])
     assert cos.dtype == torch.bfloat16
 
 
@@ -59,7 +59,7 @@ def test_frequencies_are_rebuilt_after_materialising_from_meta():
 
 def test_apply_rotary_leaves_the_pass_through_channels_alone():
     config = tiny_config(partial_rotary_factor=0.25)
-    cos, sin = RotaryEmbedding(config)(torch.arange(3)[None], torch.float32)
+    cos, sin = RotaryEmbedding(config)(torch.empty(0), torch.arange(3)[None])
     x = torch.randn(1, 2, 3, config.head_dim)
     y = apply_rotary(x, cos, sin)
     assert torch.equal(y[..., config.rotary_dim :], x[..., config.rotary_dim :])

@@ -184,7 +184,7 @@ def test_chat_uses_the_models_chat_template(server, tokenizer):
     choice = out.choices[0]
     assert out.id.startswith("chatcmpl-") and out.object == "chat.completion"
     assert choice.message.role == "assistant" and choice.message.content and choice.finish_reason == "length"
-    expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
     assert out.usage.prompt_tokens == len(expected)
     assert out.usage.completion_tokens == 7 and out.usage.total_tokens == len(expected) + 7
     # the same prompt ids as a completion: the same reply

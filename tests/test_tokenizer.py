@@ -455,23 +455,22 @@ def test_chat_template_matches_reference(padded_pair, case):
     messages = kwargs.pop("messages")
     text = ours.apply_chat_template(messages, tokenize=False, **kwargs)
     assert text == ref.apply_chat_template(messages, tokenize=False, **kwargs)
-    ids = ours.apply_chat_template(messages, **kwargs)
+    ids = ours.apply_chat_template(messages, return_dict=False, **kwargs)
     assert ids == ref.apply_chat_template(messages, return_dict=False, **kwargs)
     assert ids == ours(text, add_special_tokens=False)["input_ids"]
-    tensor = ours.apply_chat_template(messages, return_tensors="pt", **kwargs)
+    tensor = ours.apply_chat_template(messages, return_tensors="pt", return_dict=False, **kwargs)
     assert torch.equal(
         tensor, ref.apply_chat_template(messages, return_tensors="pt", return_dict=False, **kwargs)
     )
+    # By default a BatchEncoding, as the reference's 5.x (lists, or tensors with return_tensors="pt").
+    _same(ours.apply_chat_template(messages, **kwargs), ref.apply_chat_template(messages, **kwargs))
     _same(
-        ours.apply_chat_template(messages, return_dict=True, **kwargs),
-        ref.apply_chat_template(messages, **kwargs),
+        ours.apply_chat_template(messages, return_tensors="pt", **kwargs),
+        ref.apply_chat_template(messages, return_tensors="pt", **kwargs),
     )
     batch = [messages, CONVERSATION[1:2]]
     options = {"padding": True, "return_tensors": "pt", **kwargs}
-    _same(
-        ours.apply_chat_template(batch, return_dict=True, **options),
-        ref.apply_chat_template(batch, **options),
-    )
+    _same(ours.apply_chat_template(batch, **options), ref.apply_chat_template(batch, **options))
 
 
 def test_chat_template_sees_special_tokens_and_kwargs(pair):
@@ -659,3 +658,44 @@ def test_streaming_and_decode_with_clean_up_match_reference(tmp_path):
         )
     raw = _stream(ours, ids, clean_up_tokenization_spaces=False)
     assert "".join(raw) == ours.decode(ids, clean_up_tokenization_spaces=False)
+
+
+# --- tokens and offsets ------------------------------------------------------------------------------------
+
+
+def test_tokenize_and_convert_ids_to_tokens_match_reference(pair):
+    ours, ref = pair
+    for text in CORPUS:
+        for special in (False, True):
+            assert ours.tokenize(text, add_special_tokens=special) == ref.tokenize(
+                text, add_special_tokens=special
+            )
+        ids = ref(text)["input_ids"]
+        assert ours.convert_ids_to_tokens(ids) == ref.convert_ids_to_tokens(ids)
+        if ids:  # one id gives one token string
+            assert ours.convert_ids_to_tokens(ids[0]) == ref.convert_ids_to_tokens(ids[0])
+    with pytest.raises(TypeError, match="tokenize takes a string"):
+        ours.tokenize(["a", "b"])
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_offsets_mapping_matches_reference(padded_pair, side):
+    ours, ref = padded_pair
+    ours.padding_side = ref.padding_side = side
+    texts = CORPUS[:4]
+    for options in (
+        {},
+        {"padding": True},
+        {"padding": True, "return_tensors": "pt"},
+        {"truncation": True, "max_length": 5},
+    ):
+        mine = ours(texts, return_offsets_mapping=True, **options)
+        theirs = ref(texts, return_offsets_mapping=True, **options)
+        if options.get("return_tensors") == "pt":
+            assert torch.equal(mine["offset_mapping"], theirs["offset_mapping"])
+            assert torch.equal(mine["input_ids"], theirs["input_ids"])
+        else:
+            assert mine["offset_mapping"] == [list(map(tuple, row)) for row in theirs["offset_mapping"]]
+            assert mine["input_ids"] == theirs["input_ids"]
+    one = ours(CORPUS[2], return_offsets_mapping=True)["offset_mapping"]
+    assert one == ref(CORPUS[2], return_offsets_mapping=True)["offset_mapping"]

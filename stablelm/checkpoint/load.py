@@ -64,9 +64,15 @@ def load_pretrained(
     trust_remote_code: bool | None = None,
     optimize: bool | None = None,
     quantization_config: Any = None,
+    ignore_mismatched_sizes: bool = False,
+    loading_info: dict[str, Any] | None = None,
     **config_overrides: Any,
 ) -> M:
-    """Load `cls` from a checkpoint folder or hub repo id; see `StableLmPreTrainedModel.from_pretrained`."""
+    """Load `cls` from a checkpoint folder or hub repo id; see `StableLmPreTrainedModel.from_pretrained`.
+
+    A `loading_info` dict receives the reference's loading report: `missing_keys` (initialised afresh),
+    `unexpected_keys` (left unread), `mismatched_keys` (key, checkpoint shape, model shape) and `error_msgs`.
+    """
     del trust_remote_code  # accepted for the reference's snippets: nothing from a checkpoint is ever executed
     if optimize is not None and not isinstance(optimize, bool):
         raise TypeError(f"optimize must be True, False or None, got {optimize!r}.")
@@ -104,11 +110,14 @@ def load_pretrained(
         if stored_quantized:  # the dense layers' shapes are checked against the config from the others
             dense = {k: v for k, v in shapes.items() if not _quantized_key(k, shapes)}
             model, plan = plan_checkpoint(
-                cls, config, shapes, source=weights.source, prepare=prepare, dense_found=dense
-            )
+                cls, config, shapes, source=weights.source, prepare=prepare, dense_found=dense,
+                ignore_mismatched_sizes=ignore_mismatched_sizes,
+            )  # fmt: skip
             _check_quantized_dtypes(expected, found, plan, quant)
         else:
-            model, plan = plan_checkpoint(cls, config, shapes, source=weights.source)
+            model, plan = plan_checkpoint(
+                cls, config, shapes, source=weights.source, ignore_mismatched_sizes=ignore_mismatched_sizes
+            )
             if quant is not None:
                 prepare(model)
                 quantized_on_load = {key for key in expected if key.endswith(".weight")}
@@ -130,6 +139,13 @@ def load_pretrained(
     model.config.torch_dtype = str(target_dtype).removeprefix("torch.")
     model.generation_config = read_generation_config(folder)
     _warn_new_and_unused(model, plan, weights.source)
+    if loading_info is not None:
+        loading_info.update(
+            missing_keys=set(plan.new) - {key for key, _, _ in plan.mismatched},
+            unexpected_keys=set(plan.unused),
+            mismatched_keys={(key, tuple(found), tuple(wanted)) for key, wanted, found in plan.mismatched},
+            error_msgs=[],
+        )
     return model.eval()
 
 
@@ -288,6 +304,7 @@ def plan_checkpoint(
     source: Path,
     prepare: Any = None,
     dense_found: dict[str, tuple[int, ...]] | None = None,
+    ignore_mismatched_sizes: bool = False,
 ) -> tuple[M, LoadPlan]:
     """`cls` built with meta parameters, and how the checkpoint's tensors (name -> shape) fill it.
 
@@ -307,7 +324,7 @@ def plan_checkpoint(
         model = cls(config)
     if prepare is not None:  # a stored quantized checkpoint: its layers become quantized placeholders first
         prepare(model)
-    return model, plan_load(model, found, source=source)
+    return model, plan_load(model, found, source=source, ignore_mismatched_sizes=ignore_mismatched_sizes)
 
 
 # ---- filling the model -----------------------------------------------------------------------------------

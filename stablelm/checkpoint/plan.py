@@ -62,10 +62,20 @@ class LoadPlan:
     new: list[str]
     unused: list[str]
     stored_aliases: dict[str, str] = field(default_factory=dict)
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
 
 
-def plan_load(model: nn.Module, found: dict[str, tuple[int, ...]], *, source: Path) -> LoadPlan:
-    """Match checkpoint names and shapes to the model's; raise one CheckpointError listing every problem."""
+def plan_load(
+    model: nn.Module,
+    found: dict[str, tuple[int, ...]],
+    *,
+    source: Path,
+    ignore_mismatched_sizes: bool = False,
+) -> LoadPlan:
+    """Match checkpoint names and shapes to the model's; raise one CheckpointError listing every problem.
+
+    With `ignore_mismatched_sizes` (the reference's option), a tensor whose shape differs from the model's
+    is left unread and its module initialised afresh (a classifier loaded for another number of labels)."""
     shapes, aliases = _expected(model)
     by_model_key = _map_prefix(model, [key for key in found if not _NON_PERSISTENT.search(key)])
     sources = {key: ckpt for key, ckpt in by_model_key.items() if key in shapes}
@@ -85,9 +95,16 @@ def plan_load(model: nn.Module, found: dict[str, tuple[int, ...]], *, source: Pa
         for key, ckpt in stored_aliases.items()
         if shapes[aliases[key]] != found[ckpt]
     ]
+    ignored = []
+    if ignore_mismatched_sizes:
+        ignored = [m for m in mismatched if m[0] in sources]
+        for key, _, _ in ignored:
+            del sources[key]
+            new.append(key)
+        mismatched = [m for m in mismatched if m not in ignored]
     if missing or unexpected or mismatched:
         raise _mismatch_error(model, source, missing, unexpected, mismatched)
-    return LoadPlan(sources, shapes, aliases, new, unused, stored_aliases)
+    return LoadPlan(sources, shapes, aliases, new, unused, stored_aliases, ignored)
 
 
 def check_before_building(

@@ -195,6 +195,7 @@ class Chat:
             add_generation_prompt=True,
             tokenize=tokenize,
             return_tensors="pt" if tokenize else None,
+            return_dict=False,
             chat_template=self.template,
             **self.template_variables,
         )

@@ -25,11 +25,11 @@ import torch
 
 from ..attention import AttentionMask, attention, build_mask
 from ..cache import Cache
-from ..config import rope_original_length
 from ..kernels import call, kernel
 from ..kernels import linear as kernel_plans
 from ..layers import Linear
 from ..rope import apply_rotary
+from ..rope_parameters import rope_original_length
 
 # Kernels whose arithmetic for a row does not depend on the other rows of the call (nor on the thread
 # count), and the most rows one call of each takes.

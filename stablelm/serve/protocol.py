@@ -425,7 +425,7 @@ def render_chat(info: ServerInfo, messages: list[dict[str, str]], chat_template:
         )
     try:
         ids = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, **info.chat_variables
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False, **info.chat_variables
         )
     except (ValueError, TypeError) as err:  # ChatTemplateError is a ValueError
         raise bad(f"The chat template cannot render these messages: {err}", "messages") from None

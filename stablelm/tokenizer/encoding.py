@@ -62,13 +62,6 @@ def padding_and_truncation(
     return pad_to, max_length if truncate else None
 
 
-def truncate(ids: list[int], max_length: int, *, side: str) -> list[int]:
-    """Keep `max_length` ids: the first ones (side "right") or the last ones (side "left")."""
-    if len(ids) <= max_length:
-        return ids
-    return ids[:max_length] if side == "right" else ids[len(ids) - max_length :]
-
-
 def pad(
     ids: list[list[int]], *, to: int | str, pad_id: int, side: str
 ) -> tuple[list[list[int]], list[list[int]]]:
@@ -82,19 +75,82 @@ def pad(
     return padded, masks
 
 
+def pad_offsets(offsets: list[list[tuple[int, int]]], masks: list[list[int]]) -> list[list[tuple[int, int]]]:
+    """Offsets of padded rows: (0, 0) at each padding position, as the reference writes them."""
+    padded = []
+    for row, mask in zip(offsets, masks, strict=True):
+        n = len(mask) - len(row)
+        padded.append([(0, 0)] * n + row if mask and mask[0] == 0 else row + [(0, 0)] * n)
+    return padded
+
+
+def encode_rows(
+    backend: Any,
+    texts: list[str],
+    *,
+    add_special_tokens: bool,
+    max_length: int | None,
+    side: str,
+    offsets: bool = False,
+) -> tuple[list[list[int]], list[list[tuple[int, int]]] | None]:
+    """Token ids of each text, cut to `max_length` on `side` (the special tokens kept), and with `offsets`
+    the (start, end) characters of each token in its text ((0, 0) for special tokens), as the reference.
+
+    Truncation happens here rather than through `enable_truncation` on the shared backend, so that
+    concurrent calls with different options cannot see each other's settings.
+    """
+    added = backend.num_special_tokens_to_add(False) if add_special_tokens else 0
+    encode = backend.encode_batch if offsets else backend.encode_batch_fast  # only the former has offsets
+    if max_length is not None and max_length < added:
+        raise ValueError(f"max_length={max_length} leaves no room for the {added} special tokens added.")
+    if max_length is None or added == 0:
+        encodings = encode(texts, add_special_tokens=add_special_tokens)
+        if max_length is not None:
+            for encoding in encodings:
+                encoding.truncate(max_length, direction=side)
+    else:
+        encodings = encode(texts, add_special_tokens=False)
+        for encoding in encodings:  # cut the text, then add the special tokens, as the backend itself does
+            encoding.truncate(max_length - added, direction=side)
+        encodings = [backend.post_process(encoding, None, True) for encoding in encodings]
+    ids = [encoding.ids for encoding in encodings]
+    return ids, [list(encoding.offsets) for encoding in encodings] if offsets else None
+
+
 def batch_encoding(
-    ids: list[list[int]], masks: list[list[int]], *, batched: bool, return_tensors: str | None
+    ids: list[list[int]],
+    masks: list[list[int]],
+    *,
+    batched: bool,
+    return_tensors: str | None,
+    offsets: list[list[tuple[int, int]]] | None = None,
 ) -> BatchEncoding:
-    """Lists (a single text unbatched), or (batch, length) int64 tensors for `return_tensors="pt"`."""
+    """Lists (a single text unbatched), or (batch, length) int64 tensors for `return_tensors="pt"`; with
+    `offsets`, also `offset_mapping` ((batch, length, 2) as a tensor)."""
     if return_tensors is None:
-        return BatchEncoding(
+        encoding = BatchEncoding(
             input_ids=ids if batched else ids[0], attention_mask=masks if batched else masks[0]
         )
+        if offsets is not None:
+            encoding["offset_mapping"] = offsets if batched else offsets[0]
+        return encoding
     if len({len(row) for row in ids}) > 1:
         raise ValueError(
             "Cannot make one tensor of texts with different lengths: pass padding=True (and set a pad token, "
             "e.g. tokenizer.pad_token = tokenizer.eos_token), or return_tensors=None for lists."
         )
-    return BatchEncoding(
+    encoding = BatchEncoding(
         input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(masks, dtype=torch.long)
     )
+    if offsets is not None:
+        encoding["offset_mapping"] = torch.tensor(offsets, dtype=torch.long).reshape(len(ids), -1, 2)
+    return encoding
+
+
+def _as_python(ids: Any) -> Any:
+    """Token ids as Python ints and lists (tensors and arrays converted)."""
+    if hasattr(ids, "tolist"):
+        return ids.tolist()
+    if isinstance(ids, (list, tuple)) and ids and not isinstance(ids[0], int):
+        return [_as_python(row) for row in ids]
+    return list(ids) if isinstance(ids, tuple) else ids

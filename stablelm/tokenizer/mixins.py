@@ -1,7 +1,7 @@
-"""Two parts of `Tokenizer` kept in their own file: chat templates, and adding tokens / saving.
+"""Parts of `Tokenizer` kept in their own file: chat templates, token strings, adding tokens / saving.
 
 They read the tokenizer's state (`_backend`, `_special_tokens`, `chat_template`, ...) and call its
-encoding methods; `Tokenizer` inherits both.
+encoding methods; `Tokenizer` inherits them.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from tokenizers import AddedToken
 
 from .chat_template import render_chat_template, select_chat_template
-from .encoding import BatchEncoding
+from .encoding import BatchEncoding, _as_python
 from .generation_spans import GENERATION_TAG, assistant_mask, render_with_generation_spans
 
 
@@ -40,7 +40,7 @@ class ChatMixin:
         continue_final_message: bool = False,
         tokenize: bool = True,
         return_tensors: str | None = None,
-        return_dict: bool = False,
+        return_dict: bool = True,
         chat_template: str | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
         documents: Sequence[Mapping[str, Any]] | None = None,
@@ -58,7 +58,8 @@ class ChatMixin:
             continue_final_message: Leave the final message open, so the model continues it.
             tokenize: Return token ids; False returns the rendered text.
             return_tensors: "pt" for a (batch, length) int64 tensor, None for lists.
-            return_dict: Return the whole `BatchEncoding` (with `attention_mask`), not only the ids.
+            return_dict: Return the whole `BatchEncoding` (`input_ids` and `attention_mask`), as the reference
+                (5.x) does by default; False returns only the ids (a list, or a tensor with `return_tensors`).
             chat_template: A Jinja template, or the name of one of the tokenizer's templates.
             tools: Tool descriptions (JSON schemas) for templates that support tool use.
             documents: Documents (dicts) for templates that support retrieval.
@@ -148,6 +149,54 @@ def _check_mask_request(
             "return_assistant_tokens_mask is supported without padding and truncation: pad or cut the "
             "input_ids and assistant_masks together afterwards."
         )
+
+
+class TokensMixin:
+    """Token strings: `tokenize`, `convert_ids_to_tokens`, `convert_tokens_to_ids`."""
+
+    def tokenize(self, text: str, pair: str | None = None, *, add_special_tokens: bool = False) -> list[str]:
+        """The token strings of `text` (and of `pair`, for a tokenizer with a pair template), as the
+        reference's `tokenize`; special tokens only with `add_special_tokens`."""
+        if not isinstance(text, str) or not (pair is None or isinstance(pair, str)):
+            raise TypeError(f"tokenize takes a string (and an optional pair string), not {text!r:.80}.")
+        return self._backend.encode(text, pair, add_special_tokens=add_special_tokens).tokens
+
+    def encode(
+        self,
+        text: str,
+        *,
+        add_special_tokens: bool = True,
+        truncation: bool | str | None = None,
+        max_length: int | None = None,
+        return_tensors: str | None = None,
+    ) -> list[int] | torch.Tensor:
+        """Encode one text to its token ids (the arguments are those of `__call__`)."""
+        encoding = self(
+            text,
+            add_special_tokens=add_special_tokens,
+            truncation=truncation,
+            max_length=max_length,
+            return_tensors=return_tensors,
+        )
+        return encoding["input_ids"]
+
+    def convert_ids_to_tokens(
+        self, ids: int | Sequence[int], *, skip_special_tokens: bool = False
+    ) -> str | None | list[str | None]:
+        """The token string of each id (None for an id outside the vocabulary)."""
+        ids = _as_python(ids)
+        if isinstance(ids, int):
+            return self._backend.id_to_token(ids)
+        skip = set(self.all_special_ids) if skip_special_tokens else set()
+        return [self._backend.id_to_token(i) for i in ids if i not in skip]
+
+    def convert_tokens_to_ids(self, tokens: str | Sequence[str]) -> int | None | list[int | None]:
+        """The id of each token string; the unk token's id (or None) for strings not in the vocabulary."""
+        if not isinstance(tokens, str):
+            return [self.convert_tokens_to_ids(token) for token in tokens]
+        found = self._backend.token_to_id(tokens)
+        unk = self._special_tokens.get("unk_token")
+        return found if found is not None or unk is None else self._backend.token_to_id(unk)
 
 
 class AddedTokensMixin:

@@ -11,9 +11,18 @@ from tokenizers import AddedToken, processors
 from tokenizers import Tokenizer as Backend
 
 from ..hub import resolve_model_dir
-from .encoding import VERY_LARGE_INTEGER, BatchEncoding, batch_encoding, pad, padding_and_truncation, truncate
+from .encoding import (
+    VERY_LARGE_INTEGER,
+    BatchEncoding,
+    _as_python,
+    batch_encoding,
+    encode_rows,
+    pad,
+    pad_offsets,
+    padding_and_truncation,
+)
 from .files import SPECIAL_TOKEN_NAMES, TOKENIZER_FILES, read_tokenizer_files
-from .mixins import AddedTokensMixin, ChatMixin
+from .mixins import AddedTokensMixin, ChatMixin, TokensMixin
 
 _CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"))
 _CLEAN_UP += ((" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
@@ -52,7 +61,7 @@ class _SpecialToken:
         tokenizer._special_tokens[self.name] = value
 
 
-class Tokenizer(ChatMixin, AddedTokensMixin):
+class Tokenizer(ChatMixin, AddedTokensMixin, TokensMixin):
     """A `tokenizers` pipeline with the reference's calling convention, special tokens and chat templates.
 
     Load one with `AutoTokenizer.from_pretrained(...)`. Calling it encodes text; `decode`, `batch_decode` and
@@ -265,6 +274,7 @@ class Tokenizer(ChatMixin, AddedTokensMixin):
         truncation: bool | str | None = None,
         max_length: int | None = None,
         add_special_tokens: bool = True,
+        return_offsets_mapping: bool = False,
     ) -> BatchEncoding:
         """Encode one text or a batch of texts.
 
@@ -278,6 +288,8 @@ class Tokenizer(ChatMixin, AddedTokensMixin):
                 `truncation_side`; None truncates only when `max_length` is given without padding.
             max_length: The length for truncation and for `padding="max_length"`.
             add_special_tokens: Apply the post-processor (bos/eos, when the tokenizer adds them).
+            return_offsets_mapping: Also return `offset_mapping`: each token's (start, end) characters in
+                its text, (0, 0) for special tokens and padding.
 
         Returns:
             A `BatchEncoding` with `input_ids` and `attention_mask` (1 for tokens, 0 for padding).
@@ -300,52 +312,20 @@ class Tokenizer(ChatMixin, AddedTokensMixin):
                 "Asked to pad, but the tokenizer has no pad token. Set one first, for example "
                 "`tokenizer.pad_token = tokenizer.eos_token`."
             )
-        ids = self._encode_ids(texts, add_special_tokens=add_special_tokens, max_length=cut_to)
+        ids, offsets = encode_rows(
+            self._backend,
+            texts,
+            add_special_tokens=add_special_tokens,
+            max_length=cut_to,
+            side=self.truncation_side,
+            offsets=return_offsets_mapping,
+        )
         if pad_to is None:
             masks = [[1] * len(row) for row in ids]
         else:
             ids, masks = pad(ids, to=pad_to, pad_id=self.pad_token_id, side=self.padding_side)
-        return batch_encoding(ids, masks, batched=batched, return_tensors=return_tensors)
-
-    def encode(
-        self,
-        text: str,
-        *,
-        add_special_tokens: bool = True,
-        truncation: bool | str | None = None,
-        max_length: int | None = None,
-        return_tensors: str | None = None,
-    ) -> list[int] | torch.Tensor:
-        """Encode one text to its token ids (the arguments are those of `__call__`)."""
-        encoding = self(
-            text,
-            add_special_tokens=add_special_tokens,
-            truncation=truncation,
-            max_length=max_length,
-            return_tensors=return_tensors,
-        )
-        return encoding["input_ids"]
-
-    def _encode_ids(
-        self, texts: list[str], *, add_special_tokens: bool, max_length: int | None
-    ) -> list[list[int]]:
-        # Truncation happens here rather than through `enable_truncation` on the shared backend, so that
-        # concurrent calls with different options cannot see each other's settings.
-        backend = self._backend
-        added = backend.num_special_tokens_to_add(False) if add_special_tokens else 0
-        if max_length is None or added == 0:
-            rows = [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=add_special_tokens)]
-            return (
-                rows
-                if max_length is None
-                else [truncate(r, max_length, side=self.truncation_side) for r in rows]
-            )
-        if max_length < added:
-            raise ValueError(f"max_length={max_length} leaves no room for the {added} special tokens added.")
-        encodings = backend.encode_batch_fast(texts, add_special_tokens=False)
-        for encoding in encodings:  # cut the text, then add the special tokens, as the backend itself does
-            encoding.truncate(max_length - added, direction=self.truncation_side)
-        return [backend.post_process(encoding, None, True).ids for encoding in encodings]
+            offsets = pad_offsets(offsets, masks) if offsets is not None else None
+        return batch_encoding(ids, masks, batched=batched, return_tensors=return_tensors, offsets=offsets)
 
     # --- decoding ---------------------------------------------------------------------------------------
 
@@ -398,24 +378,6 @@ class Tokenizer(ChatMixin, AddedTokensMixin):
         # The reference skips the clean-up for BPE models, where it would delete real spaces.
         return bool(clean_up_tokenization_spaces) and type(self._backend.model).__name__ != "BPE"
 
-    def convert_ids_to_tokens(
-        self, ids: int | Sequence[int], *, skip_special_tokens: bool = False
-    ) -> str | None | list[str | None]:
-        """The token string of each id (None for an id outside the vocabulary)."""
-        ids = _as_python(ids)
-        if isinstance(ids, int):
-            return self._backend.id_to_token(ids)
-        skip = set(self.all_special_ids) if skip_special_tokens else set()
-        return [self._backend.id_to_token(i) for i in ids if i not in skip]
-
-    def convert_tokens_to_ids(self, tokens: str | Sequence[str]) -> int | None | list[int | None]:
-        """The id of each token string; the unk token's id (or None) for strings not in the vocabulary."""
-        if not isinstance(tokens, str):
-            return [self.convert_tokens_to_ids(token) for token in tokens]
-        found = self._backend.token_to_id(tokens)
-        unk = self._special_tokens.get("unk_token")
-        return found if found is not None or unk is None else self._backend.token_to_id(unk)
-
 
 class AutoTokenizer:
     """The entry point the model's documentation uses: `AutoTokenizer.from_pretrained(name_or_path)`."""
@@ -427,12 +389,3 @@ def _check_side(name: str, side: str) -> str:
     if side not in ("left", "right"):
         raise ValueError(f"{name} must be 'left' or 'right', not {side!r}.")
     return side
-
-
-def _as_python(ids: Any) -> Any:
-    """Token ids as Python ints and lists (tensors and arrays converted)."""
-    if hasattr(ids, "tolist"):
-        return ids.tolist()
-    if isinstance(ids, (list, tuple)) and ids and not isinstance(ids[0], int):
-        return [_as_python(row) for row in ids]
-    return list(ids) if isinstance(ids, tuple) else ids

@@ -205,9 +205,10 @@ class Trainer:
                 labels=blocks.labels.to(device),
                 position_ids=blocks.position_ids.to(device),
                 use_cache=False,
+                return_dict=True,
             ).loss
         batch = blocks.to(device)
-        return self.model(batch, labels=batch, use_cache=False).loss
+        return self.model(batch, labels=batch, use_cache=False, return_dict=True).loss
 
     def _clip_gradients(self) -> float:
         parameters = [p for p in self.model.parameters() if p.grad is not None]
