@@ -105,7 +105,9 @@ def test_apply_chat_template_returns_the_references_assistant_masks():
         plain = ours.apply_chat_template(batch[1], return_assistant_tokens_mask=True, return_dict=True)
     assert plain["assistant_masks"] == [0] * len(plain["input_ids"])
     with pytest.raises(ValueError, match="requires `return_dict=True`"):
-        ours.apply_chat_template(batch[1], chat_template=MARKED, return_assistant_tokens_mask=True)
+        ours.apply_chat_template(
+            batch[1], chat_template=MARKED, return_assistant_tokens_mask=True, return_dict=False
+        )
     with pytest.raises(ValueError, match="without padding and truncation"):
         ours.apply_chat_template(
             batch, chat_template=MARKED, return_assistant_tokens_mask=True, return_dict=True, padding=True

@@ -197,7 +197,7 @@ def _verify(model: Any, cache: Cache, seq: Tokens, start: int, end: int, plan: _
         allowed = (causal[None] & keys[:, None].bool())[:, None]  # (1, 1, T, S)
     mask = AttentionMask(allowed=allowed, is_causal=False, key_length=end, per_query=True)
     cache_position = torch.arange(start, end, device=device)
-    rope = base.rotary_emb(positions, x.dtype)
+    rope = base.rotary_emb(x, positions)
     for layer in base.layers:
         x = layer(x, rope, mask, cache, cache_position)
     cache.advance(end - start)
