@@ -1,0 +1,64 @@
+"""What `generate(..., return_dict_in_generate=True)` returns: the reference's output records, with the
+same field names (attribute, key and index access over the fields that are set)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..cache import Cache
+from ..outputs import ModelOutput
+
+
+class _CacheAlias:
+    @property
+    def past_key_values(self) -> Cache | None:
+        """The reference's older name of `cache`."""
+        return self.cache
+
+
+@dataclass
+class GenerateDecoderOnlyOutput(_CacheAlias, ModelOutput):
+    """Greedy or sampled generation.
+
+    Attributes:
+        sequences: (B, T + n) the prompt and the new tokens.
+        scores: Per step, the processed scores (B, V) the token was chosen from (`output_scores`).
+        logits: Per step, the model's raw logits (B, V) in fp32 (`output_logits`).
+        attentions: Always None (output_attentions is not supported).
+        hidden_states: Always None (output_hidden_states is not supported).
+        cache: The KV cache after the last step (its positions: every token but the last).
+    """
+
+    sequences: torch.Tensor
+    scores: tuple[torch.Tensor, ...] | None = None
+    logits: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple | None = None
+    hidden_states: tuple | None = None
+    cache: Cache | None = None
+
+
+@dataclass
+class GenerateBeamDecoderOnlyOutput(_CacheAlias, ModelOutput):
+    """Beam search.
+
+    Attributes:
+        sequences: (B * num_return_sequences, T + n) the best finished beams of each prompt.
+        sequences_scores: (B * num_return_sequences,) their length-penalised scores (`output_scores`).
+        scores: Per step, the processed log-probabilities (B * num_beams, V) (`output_scores`).
+        logits: Per step, the model's raw logits (B * num_beams, V) in fp32 (`output_logits`).
+        beam_indices: (B * num_return_sequences, n) the beam row each token of `sequences` came from.
+        attentions: Always None (output_attentions is not supported).
+        hidden_states: Always None (output_hidden_states is not supported).
+        cache: The KV cache after the last step, its rows in the order of the running beams.
+    """
+
+    sequences: torch.Tensor
+    sequences_scores: torch.Tensor | None = None
+    scores: tuple[torch.Tensor, ...] | None = None
+    logits: tuple[torch.Tensor, ...] | None = None
+    beam_indices: torch.Tensor | None = None
+    attentions: tuple | None = None
+    hidden_states: tuple | None = None
+    cache: Cache | None = None
