@@ -1,5 +1,5 @@
 """Beam search (and beam sampling), as the reference's vectorised `_beam_search` does it, over the same
-decode steps as greedy decoding (`loop._Stepper`: one forward per step over the KV cache, whose rows are
+decode steps as greedy decoding (`loop.Stepper`: one forward per step over the KV cache, whose rows are
 reordered to follow the beams).
 
 Per prompt, `num_beams` running beams are extended by every token; the best `beams_to_keep` candidates
@@ -19,9 +19,11 @@ import torch.nn.functional as F
 
 from ..cache import Cache
 from .config import GenerationConfig
-from .loop import Criterion, _criteria_hit, _Plan, _Stepper, prepare_inputs, start_plan
+from .loop import criteria_hit, prepare_inputs
 from .outputs import GenerateBeamDecoderOnlyOutput
+from .plan import Criterion, Plan, start_plan
 from .processors import apply_processors
+from .stepper import Stepper
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -39,7 +41,7 @@ def _gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 class _BeamState:
     """The running and finished beams of every prompt, in the reference's static shapes."""
 
-    def __init__(self, input_ids: torch.Tensor, plan: _Plan, num_beams: int, fill: int) -> None:
+    def __init__(self, input_ids: torch.Tensor, plan: Plan, num_beams: int, fill: int) -> None:
         BN, T = input_ids.shape
         B, L, device = BN // num_beams, plan.config.max_length, input_ids.device
         self.B, self.N, self.T = B, num_beams, T
@@ -56,7 +58,7 @@ class _BeamState:
         self.indices = self.running_indices.clone()
 
 
-def _stopping(plan: _Plan, seq: torch.Tensor, history: tuple | None) -> torch.Tensor:
+def _stopping(plan: Plan, seq: torch.Tensor, history: tuple | None) -> torch.Tensor:
     """Which candidate rows (B * K, length) hit a stopping rule: the length limit, EOS, max_time, or one
     of the caller's criteria."""
     hit = torch.full((seq.shape[0],), seq.shape[-1] >= plan.config.max_length, device=seq.device)
@@ -65,7 +67,7 @@ def _stopping(plan: _Plan, seq: torch.Tensor, history: tuple | None) -> torch.Te
     if plan.deadline is not None and time.time() > plan.deadline:
         hit[:] = True
     if plan.criteria:
-        hit |= _criteria_hit(plan.criteria, seq, history)
+        hit |= criteria_hit(plan.criteria, seq, history)
     return hit
 
 
@@ -178,7 +180,7 @@ def beam_search(
     scores_seen: tuple | None = () if record_scores else None
     logits_seen: tuple | None = () if c.return_dict_in_generate and c.output_logits else None
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-    stepper = _Stepper(model, plan, mask.to(model.device).long(), cache=past_key_values)
+    stepper = Stepper(model, plan, mask.to(model.device).long(), cache=past_key_values)
     logits = stepper.prefill(
         input_ids=input_ids[:, stepper.past :] if stepper.cache is not None else input_ids
     )
