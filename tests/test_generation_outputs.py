@@ -65,6 +65,24 @@ def test_return_dict_stops_where_the_reference_stops():
     _same_cache(a.cache, b.cache)
 
 
+def test_inputs_embeds_keeps_the_cache_even_with_use_cache_false():
+    ours, ref = peaked_pair()
+    embeds = ours.model.embed_tokens(_prompts(1, 5)).detach()
+    a = ours.generate(inputs_embeds=embeds, max_new_tokens=5, use_cache=False)
+    b = ref.generate(inputs_embeds=embeds, max_new_tokens=5, use_cache=False)
+    assert a.tolist() == b.tolist()
+
+
+def test_max_time_stops_every_row_as_the_reference():
+    ours, ref = peaked_pair()
+    ids = _prompts(2, 4)
+    a = ours.generate(ids, max_new_tokens=10, max_time=0.0, eos_token_id=None)
+    b = ref.generate(ids, max_new_tokens=10, max_time=0.0, eos_token_id=None)
+    assert a.shape == b.shape == (2, 5)
+    with pytest.raises(TypeError, match="max_time must be a number"):
+        ours.generate(ids, max_new_tokens=2, max_time="1s")
+
+
 def test_output_flags_without_return_dict_give_the_tensor():
     ours, ref = peaked_pair()
     ids = _prompts(1, 4)

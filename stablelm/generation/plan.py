@@ -101,10 +101,10 @@ def make_plan(
     use_cache = config.use_cache is not False
     if config.compile and not use_cache:
         raise ValueError("compile=True needs the cache: drop use_cache=False.")
-    if config.max_time is not None and (
-        isinstance(config.max_time, bool) or not isinstance(config.max_time, (int, float))
-    ):
-        raise TypeError(f"max_time must be a number of seconds, got {config.max_time!r}.")
+    for name in ("max_time", "length_penalty"):
+        value = getattr(config, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__}).")
     resolved = config.updated(max_length=prompt_length + max_new)
     record = bool(config.return_dict_in_generate and (config.output_scores or config.output_logits))
     for i, criterion in enumerate(criteria):
@@ -182,6 +182,7 @@ def start_plan(
     plan = make_plan(model, config, B, T, stops, criteria=list(stopping_criteria))
     if input_ids is None:  # the reference counts only ids in max_length then (the new tokens)
         plan.config.max_length = plan.max_new_tokens
+        plan.use_cache = True  # and keeps the cache: the embeddings are not kept to be fed again
     return with_processors(
         plan,
         prompt_length=T if input_ids is not None else 0,
