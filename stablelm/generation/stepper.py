@@ -81,7 +81,8 @@ class Stepper:
     def prefill(self, **model_inputs: Any) -> torch.Tensor:
         """Logits after the prompt; `model_inputs` holds the positions the cache does not (all of them
         without a cache)."""
-        positions = (self.mask.cumsum(-1) - 1).masked_fill(self.mask == 0, 1)
+        # Padding at position 0, as the reference's 5.x (its keys are masked out; this keeps the cache equal).
+        positions = (self.mask.cumsum(-1) - 1).masked_fill(self.mask == 0, 0)
         if self.cache is None:
             self.ids = model_inputs["input_ids"]
             return self._recompute()
@@ -95,7 +96,7 @@ class Stepper:
         return out.logits[:, -1].to(dtype=torch.float32, copy=True)
 
     def _recompute(self) -> torch.Tensor:
-        positions = (self.mask.cumsum(-1) - 1).masked_fill(self.mask == 0, 1)
+        positions = (self.mask.cumsum(-1) - 1).masked_fill(self.mask == 0, 0)
         out = self.model(
             input_ids=self.ids,
             attention_mask=self.mask if self.padded else None,
