@@ -148,7 +148,8 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
             LongTensor (B * num_return_sequences, prompt + new): the prompt followed by the new tokens
             (only the new tokens when called with `inputs_embeds`); with `return_dict_in_generate`, a
             `GenerateDecoderOnlyOutput` (or `GenerateBeamDecoderOnlyOutput`) holding them as `sequences`,
-            with `scores` (`output_scores`), `logits` (`output_logits`) and the `cache`.
+            with `scores` (`output_scores`), `logits` (`output_logits`), `hidden_states`
+            (`output_hidden_states`) and the `cache`.
         """
         named = dict(
             max_length=max_length,

@@ -53,6 +53,22 @@ def test_return_dict_matches_reference_tensor_for_tensor(cache, sampling):
     assert a.attentions is None and a.hidden_states is None
 
 
+@pytest.mark.parametrize("beams", [1, 2])
+def test_hidden_states_match_reference(beams):
+    ours, ref = peaked_pair(**CONFIGS["gqa"])
+    ids = _prompts(2, 5, seed=2)
+    kw = dict(max_new_tokens=4, num_beams=beams, return_dict_in_generate=True, output_hidden_states=True)
+    a, b = ours.generate(ids, **kw), ref.generate(ids, **kw)
+    assert torch.equal(a.sequences, b.sequences)
+    assert len(a.hidden_states) == len(b.hidden_states) == 4
+    for ours_step, ref_step in zip(a.hidden_states, b.hidden_states, strict=True):
+        assert len(ours_step) == len(ref_step) == 3  # embeddings and each of the 2 layers
+        assert all(torch.equal(x, y) for x, y in zip(ours_step, ref_step, strict=True))
+    assert a.hidden_states[0][0].shape[1] == 5 and a.hidden_states[1][0].shape[1] == 1
+    plain = ours.generate(ids, max_new_tokens=4, num_beams=beams)
+    assert torch.equal(plain, a.sequences)
+
+
 def test_return_dict_stops_where_the_reference_stops():
     ours, ref = peaked_pair(**CONFIGS["gqa"])
     ids = _prompts(2, 5, seed=1)

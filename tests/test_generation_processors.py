@@ -201,7 +201,6 @@ def test_stopping_criteria_see_the_scores_when_asked(pair):
         (dict(penalty_alpha=0.6, top_k=4), ValueError, "penalty_alpha=0.6"),
         (dict(diversity_penalty=1.0), ValueError, "diversity_penalty=1.0"),
         (dict(output_attentions=True), ValueError, "output_attentions=True is not supported"),
-        (dict(output_hidden_states=True), ValueError, "output_hidden_states=True is not supported"),
         (dict(max_tokens=3), TypeError, "unexpected keyword argument 'max_tokens'"),
         (dict(renormalize_logits="yes"), TypeError, "renormalize_logits must be True or False"),
     ],

@@ -179,6 +179,7 @@ def beam_search(
     record_scores = c.return_dict_in_generate and c.output_scores
     scores_seen: tuple | None = () if record_scores else None
     logits_seen: tuple | None = () if c.return_dict_in_generate and c.output_logits else None
+    hidden_seen: tuple | None = () if plan.hidden_states else None
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     stepper = Stepper(model, plan, mask.to(model.device).long(), cache=past_key_values)
     logits = stepper.prefill(
@@ -191,6 +192,8 @@ def beam_search(
             logits_seen += (logits.clone(),)
         if scores_seen is not None:
             scores_seen += (log_probs.clone(),)
+        if hidden_seen is not None:
+            hidden_seen += (stepper.hidden,)
         log_probs = log_probs.view(s.B, N, -1) + s.running_scores[:, :, None]
         top_scores, top_sequences, top_indices = _top_candidates(
             s, log_probs.reshape(s.B, -1), cur_len, keep, not plan.params.greedy, generator
@@ -211,11 +214,16 @@ def beam_search(
             break
         flat_running = _flat(s.running[:, :, :cur_len])
         logits = stepper.step(flat_running[:, -1])
-    return _outputs(s, c, scores_seen, logits_seen, stepper.cache)
+    return _outputs(s, c, scores_seen, logits_seen, hidden_seen, stepper.cache)
 
 
 def _outputs(
-    s: _BeamState, c: GenerationConfig, scores_seen: tuple | None, logits_seen: tuple | None, cache: Any
+    s: _BeamState,
+    c: GenerationConfig,
+    scores_seen: tuple | None,
+    logits_seen: tuple | None,
+    hidden_seen: tuple | None,
+    cache: Any,
 ) -> torch.Tensor | GenerateBeamDecoderOnlyOutput:
     n = int(c.num_return_sequences or 1)
     sequences = _flat(s.sequences[:, :n, :])
@@ -232,5 +240,6 @@ def _outputs(
         scores=scores_seen,
         logits=logits_seen,
         beam_indices=indices,
+        hidden_states=hidden_seen,
         cache=cache,
     )

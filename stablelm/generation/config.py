@@ -349,8 +349,3 @@ def check_supported(config: GenerationConfig) -> None:
             "output_attentions=True is not supported by stablelm's generate (its attention kernels do not "
             "return the weights); leave it unset."
         )
-    if config.output_hidden_states:
-        raise ValueError(
-            "output_hidden_states=True is not supported by stablelm's generate; call the model's forward "
-            "with output_hidden_states=True on the generated sequences instead."
-        )

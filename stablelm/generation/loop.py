@@ -46,12 +46,15 @@ class Step:
             criterion) or "length".
         scores: (B, V) the processed scores the token was chosen from, when the plan records them.
         logits: (B, V) the model's raw fp32 logits, when the plan records them.
+        hidden_states: The forward's hidden states (embeddings, then each layer's output), when the
+            plan keeps them.
     """
 
     tokens: torch.Tensor
     finish_reasons: list[str | None]
     scores: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    hidden_states: tuple | None = None
 
 
 def stream_tokens(
@@ -210,7 +213,7 @@ def _steps(
         if plan.deadline is not None and time.time() > plan.deadline:
             stopped |= running
         running = running & ~stopped
-        recorded = Step(tokens, [], scores, logits) if plan.record else Step(tokens, [])
+        recorded = Step(tokens, [], scores, logits, stepper.hidden) if plan.record else Step(tokens, [])
         pending.append((recorded, stopped))
         last = step == plan.max_new_tokens - 1
         if last or len(pending) >= sync_every:
@@ -380,5 +383,6 @@ def generate(
         sequences=sequences,
         scores=tuple(s.scores for s in done) if config.output_scores else None,
         logits=tuple(s.logits for s in done) if config.output_logits else None,
+        hidden_states=tuple(s.hidden_states for s in done) if config.output_hidden_states else None,
         cache=kept.get("cache"),
     )

@@ -27,7 +27,8 @@ class GenerateDecoderOnlyOutput(_CacheAlias, ModelOutput):
         scores: Per step, the processed scores (B, V) the token was chosen from (`output_scores`).
         logits: Per step, the model's raw logits (B, V) in fp32 (`output_logits`).
         attentions: Always None (output_attentions is not supported).
-        hidden_states: Always None (output_hidden_states is not supported).
+        hidden_states: Per step, the forward's hidden states: a tuple (embeddings, then each layer's
+            output) of (B, positions fed, C) (`output_hidden_states`).
         cache: The KV cache after the last step (its positions: every token but the last).
     """
 
@@ -50,7 +51,7 @@ class GenerateBeamDecoderOnlyOutput(_CacheAlias, ModelOutput):
         logits: Per step, the model's raw logits (B * num_beams, V) in fp32 (`output_logits`).
         beam_indices: (B * num_return_sequences, n) the beam row each token of `sequences` came from.
         attentions: Always None (output_attentions is not supported).
-        hidden_states: Always None (output_hidden_states is not supported).
+        hidden_states: Per step, the forward's hidden states, as in `GenerateDecoderOnlyOutput`.
         cache: The KV cache after the last step, its rows in the order of the running beams.
     """
 

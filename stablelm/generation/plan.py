@@ -37,6 +37,7 @@ class Plan:
     processors: list = field(default_factory=list)
     criteria: list = field(default_factory=list)  # the caller's stopping criteria
     record: bool = False  # the caller asked for scores/logits: keep them in each Step
+    hidden_states: bool = False  # and for the hidden states: each step runs the model's forward
     deadline: float | None = None  # time.time() past which every row stops (max_time)
 
 
@@ -101,12 +102,17 @@ def make_plan(
     use_cache = config.use_cache is not False
     if config.compile and not use_cache:
         raise ValueError("compile=True needs the cache: drop use_cache=False.")
+    if config.compile and config.return_dict_in_generate and config.output_hidden_states:
+        raise ValueError("compile=True does not return hidden states: drop compile or output_hidden_states.")
     for name in ("max_time", "length_penalty"):
         value = getattr(config, name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__}).")
     resolved = config.updated(max_length=prompt_length + max_new)
-    record = bool(config.return_dict_in_generate and (config.output_scores or config.output_logits))
+    record = bool(
+        config.return_dict_in_generate
+        and (config.output_scores or config.output_logits or config.output_hidden_states)
+    )
     for i, criterion in enumerate(criteria):
         if not callable(criterion):
             raise TypeError(
@@ -125,6 +131,7 @@ def make_plan(
         pad_finished=pad_finished,
         criteria=list(criteria),
         record=record,
+        hidden_states=bool(config.return_dict_in_generate and config.output_hidden_states),
         deadline=None if config.max_time is None else time.time() + float(config.max_time),
     )
 

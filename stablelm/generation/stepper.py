@@ -71,7 +71,12 @@ class Stepper:
             self.cache.grow(_cache_length(model.config, plan, L))
         self.position_ids = mask.sum(-1, keepdim=True)  # (B, 1) next position, as the reference's cumsum
         self.step_fn: DecodeStep | None = None
-        if isinstance(self.cache, StaticCache) and model.config.attn_implementation != "flash_attention_2":
+        self.hidden: tuple | None = None  # the last forward's hidden states, when the plan keeps them
+        if (
+            isinstance(self.cache, StaticCache)
+            and model.config.attn_implementation != "flash_attention_2"
+            and not plan.hidden_states  # the one-token step returns logits only
+        ):
             self.step_fn = DecodeStep.for_model(model, compile=plan.compile)
             # Slots each new token may see: the prompt's real tokens now, each step's own slot as it comes.
             self.key_mask = torch.zeros(B, self.cache.max_cache_len, dtype=torch.bool, device=mask.device)
@@ -92,7 +97,9 @@ class Stepper:
             position_ids=positions[:, self.past :],
             past_key_values=self.cache,
             logits_to_keep=1,
+            output_hidden_states=self.plan.hidden_states,
         )
+        self.hidden = out.hidden_states
         return out.logits[:, -1].to(dtype=torch.float32, copy=True)
 
     def _recompute(self) -> torch.Tensor:
@@ -103,7 +110,9 @@ class Stepper:
             position_ids=positions,
             use_cache=False,
             logits_to_keep=1,
+            output_hidden_states=self.plan.hidden_states,
         )
+        self.hidden = out.hidden_states
         return out.logits[:, -1].to(dtype=torch.float32, copy=True)
 
     def _grow(self) -> None:
@@ -148,7 +157,9 @@ class Stepper:
                 position_ids=self.position_ids,
                 past_key_values=self.cache,
                 logits_to_keep=1,
+                output_hidden_states=self.plan.hidden_states,
             )
+            self.hidden = out.hidden_states
             logits = out.logits[:, -1].to(dtype=torch.float32, copy=True)
         self.position_ids += 1
         return logits
