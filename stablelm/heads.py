@@ -94,6 +94,7 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
         logits_processor=None,  # noqa: ANN001 - a list of callables (input_ids, scores) -> scores
         stopping_criteria=None,  # noqa: ANN001 - a list of callables (input_ids, scores) -> bool tensor
         past_key_values: Cache | None = None,
+        prefix_allowed_tokens_fn=None,  # noqa: ANN001 - (batch_id, input_ids) -> list of allowed token ids
         max_length: int | None = UNSET,
         max_new_tokens: int | None = UNSET,
         min_new_tokens: int | None = UNSET,
@@ -137,7 +138,8 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
         reference's GenerationConfig may be passed in `settings` (`typical_p`, `sequence_bias`,
         `forced_eos_token_id`, ... see docs/generation.md); those stablelm does not implement are refused
         by name. `logits_processor` / `stopping_criteria` add callables with the reference's signatures
-        (its own LogitsProcessorList / StoppingCriteriaList work). `past_key_values` continues from a
+        (its own LogitsProcessorList / StoppingCriteriaList work), and `prefix_allowed_tokens_fn` constrains
+        each row's next token as the reference's does. `past_key_values` continues from a
         cache holding the first positions of `input_ids` (which repeats the cached tokens); `use_cache=False`
         recomputes the whole sequence each step. `inputs` is the reference's name of `input_ids`.
         `cache_implementation` is "static" (preallocated, default) or "dynamic". `compile=True` compiles
@@ -187,6 +189,7 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
             logits_processor=logits_processor,
             stopping_criteria=stopping_criteria,
             past_key_values=past_key_values,
+            prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
             tokenizer=tokenizer,
             streamer=streamer,
             generator=generator,

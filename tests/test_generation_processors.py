@@ -107,6 +107,27 @@ def test_forced_bos_after_a_one_token_prompt_matches_reference(pair):
     assert torch.equal(a.sequences, b.sequences) and a.sequences[:, 1].tolist() == [9, 9]
 
 
+@pytest.mark.parametrize("beams", [1, 3])
+def test_prefix_allowed_tokens_fn_matches_reference(pair, beams):
+    ours, ref = pair
+    ids = _prompts(2, 4, seed=5)
+    seen = []
+
+    def allowed(batch_id, row):
+        seen.append(batch_id)
+        return [int(row[-1]) % 50 + k for k in range(1 + batch_id, 12, 2)]
+
+    kw = dict(max_new_tokens=6, eos_token_id=None, num_beams=beams, prefix_allowed_tokens_fn=allowed)
+    a, b = ours.generate(ids, **kw), ref.generate(ids, **kw)
+    assert a.tolist() == b.tolist()
+    assert sorted(set(seen)) == [0, 1]
+    for row in a.tolist():
+        for prev, token in zip(row[3:-1], row[4:], strict=True):
+            assert token in range(prev % 50 + 1, prev % 50 + 12)
+    with pytest.raises(ValueError, match="returned no token for batch_id 0"):
+        ours.generate(ids, max_new_tokens=2, prefix_allowed_tokens_fn=lambda b, r: [])
+
+
 def test_the_references_own_processors_and_criteria_work_when_passed_in(pair, free):
     ids, new = free
     ours, ref = pair
@@ -202,6 +223,8 @@ def test_stopping_criteria_see_the_scores_when_asked(pair):
         (dict(diversity_penalty=1.0), ValueError, "diversity_penalty=1.0"),
         (dict(output_attentions=True), ValueError, "output_attentions=True is not supported"),
         (dict(max_tokens=3), TypeError, "unexpected keyword argument 'max_tokens'"),
+        (dict(negative_prompt_ids=torch.ones(1, 2, dtype=torch.long)), ValueError, "negative_prompt_ids="),
+        (dict(synced_gpus=True), ValueError, "synced_gpus=True is a setting"),
         (dict(renormalize_logits="yes"), TypeError, "renormalize_logits must be True or False"),
     ],
 )

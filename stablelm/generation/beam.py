@@ -142,6 +142,7 @@ def beam_search(
     logits_processor: Sequence[Callable] = (),
     stopping_criteria: Sequence[Criterion] = (),
     past_key_values: Cache | None = None,
+    prefix_allowed_tokens_fn: Callable | None = None,
 ) -> torch.Tensor | GenerateBeamDecoderOnlyOutput:
     """Beam search over `config.num_beams` beams per prompt; with `do_sample`, beam sampling.
 
@@ -165,6 +166,7 @@ def beam_search(
         logits_processor=logits_processor,
         stopping_criteria=stopping_criteria,
         past_key_values=past_key_values,
+        prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
     )
     c, N = plan.config, int(config.num_beams)
     eos = plan.eos

@@ -40,6 +40,7 @@ def run_generate(
     logits_processor: Any,
     stopping_criteria: Any,
     past_key_values: Any,
+    prefix_allowed_tokens_fn: Any,
     tokenizer: Any,
     streamer: Any,
     generator: torch.Generator | None,
@@ -76,6 +77,7 @@ def run_generate(
             logits_processor=processors,
             stopping_criteria=criteria,
             past_key_values=past_key_values,
+            prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
         )
     stop_checker = None
     if config.stop_strings:
@@ -101,4 +103,5 @@ def run_generate(
         logits_processor=processors,
         stopping_criteria=criteria,
         past_key_values=past_key_values,
+        prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
     )

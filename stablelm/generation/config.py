@@ -89,6 +89,13 @@ UNSUPPORTED: dict[str, Any] = {
     "constraints": None,
     "force_words_ids": None,
     "prefill_chunk_size": None,
+    # arguments of the reference's generate beside its settings
+    "synced_gpus": False,
+    "negative_prompt_ids": None,
+    "negative_prompt_attention_mask": None,
+    "custom_generate": None,
+    "trust_remote_code": False,
+    "assistant_model": None,
 }
 # Read from files and reference objects, never used.
 METADATA = ("transformers_version", "_from_model_config", "_commit_hash", "_original_object_hash")

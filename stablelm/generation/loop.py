@@ -319,6 +319,7 @@ def generate(
     logits_processor: Sequence[Callable] = (),
     stopping_criteria: Sequence[Criterion] = (),
     past_key_values: Cache | None = None,
+    prefix_allowed_tokens_fn: Callable | None = None,
 ) -> torch.Tensor | GenerateDecoderOnlyOutput:
     """Run `stream_tokens` to the end; return the prompt followed by the new tokens (B, T + n), or with
     `config.return_dict_in_generate` a `GenerateDecoderOnlyOutput` (scores, logits, cache).
@@ -348,6 +349,7 @@ def generate(
         logits_processor=logits_processor,
         stopping_criteria=stopping_criteria,
         past_key_values=past_key_values,
+        prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
     )
     sync_every = GPU_SYNC_EVERY if batched_sync and not plan.criteria and plan.deadline is None else 1
     kept: dict[str, Any] = {}

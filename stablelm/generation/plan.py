@@ -150,6 +150,7 @@ def with_processors(
     mask: torch.Tensor | None,
     device: torch.device,
     custom: Sequence[Callable] = (),
+    prefix_allowed_tokens_fn: Callable | None = None,
 ) -> Plan:
     """`plan` with its logits processors built (they need the prompt's length and padding)."""
     for i, processor in enumerate(custom):
@@ -166,6 +167,7 @@ def with_processors(
         padding_lengths=padding_lengths(mask),
         device=device,
         custom=list(custom),
+        prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
     )
     return plan
 
@@ -181,6 +183,7 @@ def start_plan(
     logits_processor: Sequence[Callable],
     stopping_criteria: Sequence[Criterion],
     past_key_values: Cache | None,
+    prefix_allowed_tokens_fn: Callable | None = None,
 ) -> Plan:
     """The plan of a checked prompt, processors included (shared by sampling and beam search)."""
     source = input_ids if input_ids is not None else inputs_embeds
@@ -196,6 +199,7 @@ def start_plan(
         mask=attention_mask,
         device=model.device,
         custom=list(logits_processor),
+        prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
     )
 
 

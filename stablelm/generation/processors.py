@@ -177,6 +177,34 @@ class MinNewTokensLengthLogitsProcessor(_SuppressEos):
         return self.suppress(scores) if input_ids.shape[-1] < self.until else scores
 
 
+class PrefixConstrainedLogitsProcessor:
+    """Allow only the tokens `fn(batch_id, row_ids)` lists for each row (`rows_per_prompt` rows per
+    prompt: its beams or returned sequences)."""
+
+    def __init__(self, fn: Callable[[int, torch.Tensor], list[int]], rows_per_prompt: int) -> None:
+        if not callable(fn):
+            raise TypeError(f"prefix_allowed_tokens_fn must be a callable (batch_id, input_ids), got {fn!r}.")
+        self.fn, self.n = fn, rows_per_prompt
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        mask = torch.full_like(scores, -math.inf)
+        prompts = input_ids.shape[0] // self.n
+        for batch_id in range(prompts):
+            for beam in range(self.n):
+                row = batch_id * self.n + beam
+                allowed = self.fn(batch_id, input_ids[row])
+                if len(allowed) == 0:
+                    raise ValueError(
+                        f"prefix_allowed_tokens_fn returned no token for batch_id {batch_id}: the constraint "
+                        "cannot be met."
+                    )
+                mask[row, allowed] = 0
+        out = scores + mask
+        # Where every allowed token of every row of a prompt is -inf, the constraint still holds (score 0).
+        stuck = out.amax(dim=-1).isneginf().view(prompts, -1).all(dim=-1, keepdim=True)
+        return torch.where(stuck.repeat_interleave(self.n, dim=0), mask, out)
+
+
 class _Force:
     def __init__(self, ids: list[int], at_length: int) -> None:
         self.ids, self.at_length = ids, at_length
@@ -311,6 +339,7 @@ def build_processors(
     padding_lengths: torch.Tensor | None,
     device: torch.device,
     custom: Sequence[Processor] = (),
+    prefix_allowed_tokens_fn: Callable[[int, torch.Tensor], list[int]] | None = None,
 ) -> list[Processor]:
     """The processors of a resolved `config`, in the reference's order, with `custom` merged in as the
     reference merges them: one of the same class name takes the place of ours, the others come after
@@ -323,6 +352,7 @@ def build_processors(
         padding_lengths: (rows,) left padding of each row, or None without padding.
         device: Where the scores live.
         custom: The caller's `logits_processor` entries.
+        prefix_allowed_tokens_fn: The caller's `(batch_id, input_ids) -> allowed token ids`, or None.
     """
     c = config
     out: list[Processor] = []
@@ -338,6 +368,9 @@ def build_processors(
         out.append(MinLengthLogitsProcessor(c.min_length, eos, device))
     if eos and c.min_new_tokens:
         out.append(MinNewTokensLengthLogitsProcessor(prompt_length, c.min_new_tokens, eos, device))
+    if prefix_allowed_tokens_fn is not None:
+        rows = max(c.num_beams or 1, c.num_return_sequences or 1)
+        out.append(PrefixConstrainedLogitsProcessor(prefix_allowed_tokens_fn, rows))
     if c.forced_bos_token_id is not None:
         out.append(ForcedBOSTokenLogitsProcessor(c.forced_bos_token_id))
     if c.forced_eos_token_id is not None:
