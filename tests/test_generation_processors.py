@@ -167,12 +167,13 @@ def test_custom_stopping_criteria_and_processors_match_reference(pair, free):
     def halve(input_ids, scores):
         return scores / 2 + (input_ids.shape[1] % 3)
 
-    kw = dict(max_new_tokens=12, eos_token_id=7, pad_token_id=0, logits_processor=[halve])
-    for criteria in ([StopAfter(stop)], [plain_bool], [StopAfter(stop), plain_bool]):
-        a = ours.generate(ids, stopping_criteria=criteria, **kw)
-        b = ref.generate(ids, stopping_criteria=transformers.StoppingCriteriaList(criteria), **kw)
-        assert a.tolist() == b.tolist()
-    assert a.shape[1] <= 14
+    for eos in (7, None):  # without EOS, a stopped row is not padded (as the reference)
+        kw = dict(max_new_tokens=12, eos_token_id=eos, pad_token_id=0, logits_processor=[halve])
+        for criteria in ([StopAfter(stop)], [plain_bool], [StopAfter(stop), plain_bool]):
+            a = ours.generate(ids, stopping_criteria=criteria, **kw)
+            b = ref.generate(ids, stopping_criteria=transformers.StoppingCriteriaList(criteria), **kw)
+            assert a.tolist() == b.tolist()
+        assert a.shape[1] <= 14
 
 
 def test_stopping_criteria_see_the_scores_when_asked(pair):

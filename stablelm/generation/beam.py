@@ -162,7 +162,6 @@ def beam_search(
         input_ids,
         attention_mask,
         None,
-        stops=False,
         logits_processor=logits_processor,
         stopping_criteria=stopping_criteria,
         past_key_values=past_key_values,

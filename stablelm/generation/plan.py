@@ -46,13 +46,12 @@ def make_plan(
     config: GenerationConfig,
     batch: int,
     prompt_length: int,
-    stops: bool,
     *,
     criteria: Sequence[Criterion] = (),
 ) -> Plan:
-    """Check every setting against the prompt (`batch` rows of `prompt_length`; `stops` says a stop
-    checker may end rows) and the model, and resolve them. Raises before any work is done. The processors
-    are built later, by `_with_processors`, once the prompt's padding is known."""
+    """Check every setting against the prompt (`batch` rows of `prompt_length`) and the model, and
+    resolve them. Raises before any work is done. The processors are built later, by `with_processors`,
+    once the prompt's padding is known."""
     config.validate()
     # None switches a processor off, as in the reference.
     params = SamplingParams(
@@ -179,7 +178,6 @@ def start_plan(
     attention_mask: torch.Tensor | None,
     inputs_embeds: torch.Tensor | None,
     *,
-    stops: bool,
     logits_processor: Sequence[Callable],
     stopping_criteria: Sequence[Criterion],
     past_key_values: Cache | None,
@@ -189,7 +187,7 @@ def start_plan(
     source = input_ids if input_ids is not None else inputs_embeds
     B, T = source.shape[:2]
     check_past(past_key_values, B, T, config)
-    plan = make_plan(model, config, B, T, stops, criteria=list(stopping_criteria))
+    plan = make_plan(model, config, B, T, criteria=list(stopping_criteria))
     if input_ids is None:  # the reference counts only ids in max_length then (the new tokens)
         plan.config.max_length = plan.max_new_tokens
         plan.use_cache = True  # and keeps the cache: the embeddings are not kept to be fed again
