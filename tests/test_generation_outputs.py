@@ -224,5 +224,7 @@ def test_generation_config_files_round_trip_with_the_reference(tmp_path):
     ) == GenerationConfig.from_dict(json.loads((tmp_path / "ours" / "generation_config.json").read_text()))
     with pytest.raises(FileNotFoundError, match="No generation_config.json"):
         GenerationConfig.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="No folder at"):
+        GenerationConfig.from_pretrained(str(tmp_path / "missing"))
     with pytest.raises(TypeError, match="model.generation_config must be a GenerationConfig"):
         peaked_pair()[0].generation_config = 3

@@ -176,9 +176,16 @@ class GenerationConfig:
         )
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, config_file_name: str = CONFIG_FILE) -> GenerationConfig:
-        """Read `generation_config.json` from the folder `path` (or the JSON file `path` itself)."""
-        path = Path(path)
+    def from_pretrained(
+        cls, name_or_path: str | Path, *, config_file_name: str = CONFIG_FILE, **hub_options: Any
+    ) -> GenerationConfig:
+        """Read `generation_config.json` from a checkpoint's folder, a hub repo id (`hub_options`:
+        `revision`, `cache_dir`, `local_files_only`, `token`) or the JSON file itself."""
+        from ..hub import resolve_model_dir
+
+        path = Path(name_or_path).expanduser()
+        if not path.is_file():
+            path = resolve_model_dir(name_or_path, allow_patterns=[config_file_name], **hub_options)
         file = path / config_file_name if path.is_dir() else path
         if not file.is_file():
             raise FileNotFoundError(f"No {config_file_name} in {path}: pass the folder of a checkpoint.")
