@@ -228,3 +228,22 @@ def test_generation_config_files_round_trip_with_the_reference(tmp_path):
         GenerationConfig.from_pretrained(str(tmp_path / "missing"))
     with pytest.raises(TypeError, match="model.generation_config must be a GenerationConfig"):
         peaked_pair()[0].generation_config = 3
+
+
+def test_the_references_text_generation_pipeline_drives_generate(monkeypatch):
+    """transformers' pipeline reads model.generation_config (to_diff_dict, update) and passes its
+    generation_config and settings to generate. (`can_generate` is set here in case the model lacks it.)"""
+    from pathlib import Path
+
+    ours, ref = peaked_pair(vocab_size=50304)
+    monkeypatch.setattr(type(ours), "can_generate", classmethod(lambda cls: True), raising=False)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        Path(__file__).parent / "fixtures" / "gpt-neox-20b"
+    )
+    texts = [
+        transformers.pipeline("text-generation", model=model, tokenizer=tokenizer)(
+            "Hello there", max_new_tokens=6, do_sample=False, num_beams=2
+        )
+        for model in (ours, ref)
+    ]
+    assert texts[0] == texts[1] and texts[0][0]["generated_text"].startswith("Hello there")

@@ -208,6 +208,10 @@ class GenerationConfig:
         out = {name: copy.deepcopy(getattr(self, name)) for name in self.field_names()}
         return {**copy.deepcopy(self.extra), **{k: v for k, v in out.items() if v is not None}}
 
+    def to_diff_dict(self) -> dict[str, Any]:
+        """The reference's name for the settings that differ from the defaults: here, the ones set."""
+        return self.to_dict()
+
     def to_json_string(self) -> str:
         return json.dumps(_jsonable(self.to_dict()), indent=2, sort_keys=True) + "\n"
 
