@@ -114,6 +114,7 @@ def test_beam_sampling_with_set_seed_matches_reference(sampling):
     [
         (dict(num_beams=2, num_return_sequences=3), r"num_return_sequences \(3\) must be at most num_beams"),
         (dict(num_beams=0), "num_beams must be at least 1"),
+        (dict(num_return_sequences=2), "num_return_sequences=2 needs do_sample=True or num_beams >= 2"),
         (dict(num_beams=2, early_stopping="sometimes"), "early_stopping must be True, False or 'never'"),
         (dict(num_beams=2, num_beam_groups=2, diversity_penalty=0.5), "num_beam_groups=2 is a setting"),
         (dict(num_beams=2, length_penalty="long"), "length_penalty must be a number"),

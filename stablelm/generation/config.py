@@ -258,6 +258,11 @@ class GenerationConfig:
         if self.early_stopping not in (True, False, None, "never"):
             raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}.")
         beams, returned = self.num_beams or 1, self.num_return_sequences or 1
+        if beams == 1 and returned > 1 and not self.do_sample:
+            raise ValueError(
+                f"num_return_sequences={returned} needs do_sample=True or num_beams >= {returned}: greedy "
+                "decoding would return the same sequence each time (the reference refuses it too)."
+            )
         if beams > 1 and returned > beams:
             raise ValueError(
                 f"num_return_sequences ({returned}) must be at most num_beams ({beams}): beam search returns "

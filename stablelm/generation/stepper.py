@@ -67,7 +67,7 @@ class Stepper:
         self.cache = (
             None if not plan.use_cache else cache if cache is not None else _make_cache(model, plan, B, L)
         )
-        if isinstance(self.cache, StaticCache):
+        if cache is not None and isinstance(self.cache, StaticCache):  # the caller's: room for the prompt
             self.cache.grow(_cache_length(model.config, plan, L))
         self.position_ids = mask.sum(-1, keepdim=True)  # (B, 1) next position, as the reference's cumsum
         self.step_fn: DecodeStep | None = None
