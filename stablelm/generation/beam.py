@@ -21,8 +21,7 @@ from ..cache import Cache
 from .config import GenerationConfig
 from .loop import criteria_hit, prepare_inputs
 from .outputs import GenerateBeamDecoderOnlyOutput
-from .plan import Criterion, Plan, start_plan
-from .processors import apply_processors
+from .plan import Criterion, Plan, apply_processors, start_plan
 from .stepper import Stepper
 
 

@@ -20,8 +20,7 @@ from ..sampling import select_tokens
 from .config import GenerationConfig, check_integer
 from .inputs import check_attention_mask, check_input_ids, check_inputs_embeds
 from .outputs import GenerateDecoderOnlyOutput
-from .plan import Criterion, Plan, start_plan, vocab_size
-from .processors import apply_processors
+from .plan import Criterion, Plan, apply_processors, start_plan, vocab_size
 from .stepper import Stepper
 
 GPU_SYNC_EVERY = 8  # greedy generate on a GPU reads the stopping state back once per this many tokens
@@ -88,7 +87,7 @@ def stream_tokens(
             and dropped. Worth it on a GPU, where each readback stalls the queue; a stop checker or a
             stopping criterion reads every step's tokens anyway, so it implies 1.
         logits_processor: Callables `(input_ids, scores) -> scores` added to the settings' processors, as
-            the reference merges them (see `processors.build_processors`).
+            the reference merges them (see `plan.build_processors`).
         stopping_criteria: Callables `(input_ids, scores) -> bool` or a bool tensor per row; a row stops
             when one says so. `scores` is the tuple of the steps' scores when the config asks to return
             them, else None (as the reference passes them).

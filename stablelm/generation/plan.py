@@ -15,7 +15,30 @@ import torch
 from ..cache import Cache
 from ..sampling import SamplingParams
 from .config import DEFAULT_NEW_TOKENS, GenerationConfig
-from .processors import build_processors
+from .processors import (
+    EpsilonLogitsWarper,
+    EtaLogitsWarper,
+    ExponentialDecayLengthPenalty,
+    ForcedBOSTokenLogitsProcessor,
+    ForcedEOSTokenLogitsProcessor,
+    InfNanRemoveLogitsProcessor,
+    LogitNormalization,
+    MinLengthLogitsProcessor,
+    MinNewTokensLengthLogitsProcessor,
+    MinPLogitsWarper,
+    NoBadWordsLogitsProcessor,
+    NoRepeatNGramLogitsProcessor,
+    PrefixConstrainedLogitsProcessor,
+    Processor,
+    RepetitionPenaltyLogitsProcessor,
+    SequenceBiasLogitsProcessor,
+    SuppressTokensAtBeginLogitsProcessor,
+    SuppressTokensLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    TypicalLogitsWarper,
+)
 
 _EXTENDING_ROPE_TYPES = ("dynamic", "yarn", "longrope", "llama3")
 Criterion = Callable[[torch.Tensor, Any], Any]
@@ -249,3 +272,104 @@ def _check_length(config: Any, prompt_length: int, max_new: int) -> None:
             "the text after that point may degrade.",
             stacklevel=3,
         )
+
+
+def _open_unit(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+        raise ValueError(f"{name} must be a number in (0, 1), got {value!r}.")
+    return float(value)
+
+
+def build_processors(
+    config: GenerationConfig,
+    *,
+    prompt_length: int,
+    eos: list[int],
+    padding_lengths: torch.Tensor | None,
+    device: torch.device,
+    custom: Sequence[Processor] = (),
+    prefix_allowed_tokens_fn: Callable[[int, torch.Tensor], list[int]] | None = None,
+) -> list[Processor]:
+    """The processors of a resolved `config`, in the reference's order, with `custom` merged in as the
+    reference merges them: one of the same class name takes the place of ours, the others come after
+    the processors and before the sampling warpers.
+
+    Args:
+        config: Resolved settings (see `resolve_config`).
+        prompt_length: Tokens in the prompt (0 with `inputs_embeds`).
+        eos: The EOS ids (possibly empty).
+        padding_lengths: (rows,) left padding of each row, or None without padding.
+        device: Where the scores live.
+        custom: The caller's `logits_processor` entries.
+        prefix_allowed_tokens_fn: The caller's `(batch_id, input_ids) -> allowed token ids`, or None.
+    """
+    c = config
+    out: list[Processor] = []
+    if c.sequence_bias is not None:
+        out.append(SequenceBiasLogitsProcessor(c.sequence_bias))
+    if c.repetition_penalty is not None and c.repetition_penalty != 1.0:
+        out.append(RepetitionPenaltyLogitsProcessor(c.repetition_penalty, padding_lengths))
+    if c.no_repeat_ngram_size:
+        out.append(NoRepeatNGramLogitsProcessor(c.no_repeat_ngram_size))
+    if c.bad_words_ids is not None:
+        out.append(NoBadWordsLogitsProcessor(c.bad_words_ids, eos))
+    if eos and c.min_length:
+        out.append(MinLengthLogitsProcessor(c.min_length, eos, device))
+    if eos and c.min_new_tokens:
+        out.append(MinNewTokensLengthLogitsProcessor(prompt_length, c.min_new_tokens, eos, device))
+    if prefix_allowed_tokens_fn is not None:
+        rows = max(c.num_beams or 1, c.num_return_sequences or 1)
+        out.append(PrefixConstrainedLogitsProcessor(prefix_allowed_tokens_fn, rows))
+    if c.forced_bos_token_id is not None:
+        out.append(ForcedBOSTokenLogitsProcessor(c.forced_bos_token_id))
+    if c.forced_eos_token_id is not None:
+        out.append(ForcedEOSTokenLogitsProcessor(c.max_length, c.forced_eos_token_id))
+    if c.remove_invalid_values is True:
+        out.append(InfNanRemoveLogitsProcessor())
+    if c.exponential_decay_length_penalty is not None:
+        out.append(ExponentialDecayLengthPenalty(c.exponential_decay_length_penalty, eos, prompt_length))
+    if c.suppress_tokens is not None:
+        out.append(SuppressTokensLogitsProcessor(c.suppress_tokens, device))
+    if c.begin_suppress_tokens is not None:
+        begin = prompt_length + (1 if prompt_length <= 1 and c.forced_bos_token_id is not None else 0)
+        out.append(SuppressTokensAtBeginLogitsProcessor(c.begin_suppress_tokens, begin, device))
+    out = merge_custom(out, custom)
+    if c.do_sample and c.temperature != 0:  # temperature 0 is greedy (stablelm's reading)
+        keep = max(2, 1 + len(eos)) if (c.num_beams or 1) > 1 else 1
+        if c.temperature is not None and c.temperature != 1.0:
+            out.append(TemperatureLogitsWarper(c.temperature))
+        if c.top_k:
+            out.append(TopKLogitsWarper(c.top_k, keep))
+        if c.top_p is not None and c.top_p < 1.0:
+            out.append(TopPLogitsWarper(c.top_p, keep))
+        if c.min_p is not None:
+            out.append(MinPLogitsWarper(c.min_p, keep))
+        if c.typical_p is not None and c.typical_p < 1.0:
+            out.append(TypicalLogitsWarper(_open_unit("typical_p", c.typical_p), keep))
+        if c.epsilon_cutoff is not None and 0.0 < c.epsilon_cutoff < 1.0:
+            out.append(EpsilonLogitsWarper(c.epsilon_cutoff, keep))
+        if c.eta_cutoff is not None and 0.0 < c.eta_cutoff < 1.0:
+            out.append(EtaLogitsWarper(c.eta_cutoff, keep))
+    if c.renormalize_logits is True:
+        out.append(LogitNormalization())
+    return out
+
+
+def merge_custom(defaults: list, custom: Sequence) -> list:
+    """The reference's `_merge_criteria_processor_list`: a custom entry whose class has the name of a default
+    one's takes its place; the other custom entries follow the defaults, in their order."""
+    if not custom:
+        return defaults
+    merged = []
+    for default in defaults:
+        same = next((c for c in custom if type(c).__name__ == type(default).__name__), None)
+        merged.append(same if same is not None else default)
+    return merged + [c for c in custom if not any(c is m for m in merged)]
+
+
+def apply_processors(
+    processors: Sequence[Processor], input_ids: torch.Tensor, scores: torch.Tensor
+) -> torch.Tensor:
+    for processor in processors:
+        scores = processor(input_ids, scores)
+    return scores
