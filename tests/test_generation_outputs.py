@@ -194,6 +194,9 @@ def test_the_references_generation_config_object_is_read():
     a, b = ours.generate(ids, generation_config=config), ref.generate(ids, generation_config=config)
     assert a.tolist() == b.tolist() and eos in a[0].tolist()
     assert ours.generate(ids, config).tolist() == b.tolist()  # positional, as the reference's
+    as_dict = dict(max_new_tokens=8, num_beams=2, no_repeat_ngram_size=2)
+    assert ours.generate(ids, generation_config=as_dict).tolist() == b.tolist()
+    assert ours.generate(ids, generation_config=GenerationConfig(**as_dict)).tolist() == b.tolist()
     assert ours.generation_config.eos_token_id == eos  # became stablelm's object, with attributes
     assert isinstance(ours.generation_config, GenerationConfig)
 
