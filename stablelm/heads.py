@@ -14,7 +14,7 @@ from .generation import UNSET, GenerationConfig
 from .generation.call import run_generate
 from .generation.config import as_generation_config
 from .generation.inputs import check_attention_mask, check_input_ids, check_inputs_embeds
-from .generation.outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
+from .generation.outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput, transition_scores
 from .layers import Linear
 from .model import StableLmModel, StableLmPreTrainedModel
 from .outputs import CausalLMOutput, SequenceClassifierOutput, TokenClassifierOutput
@@ -67,6 +67,23 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
+
+    def compute_transition_scores(
+        self,
+        sequences: torch.Tensor,
+        scores: tuple[torch.Tensor, ...],
+        beam_indices: torch.Tensor | None = None,
+        normalize_logits: bool = False,
+    ) -> torch.Tensor:
+        """The score of each generated token (B, n) from `generate`'s `scores` (and `beam_indices` after
+        beam search), as the reference's method: with `normalize_logits`, log-probabilities."""
+        return transition_scores(
+            sequences,
+            scores,
+            beam_indices,
+            vocab_size=self.config.vocab_size,
+            normalize_logits=normalize_logits,
+        )
 
     @property
     def generation_config(self) -> GenerationConfig:

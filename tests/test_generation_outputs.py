@@ -250,3 +250,27 @@ def test_the_references_text_generation_pipeline_drives_generate(monkeypatch):
         for model in (ours, ref)
     ]
     assert texts[0] == texts[1] and texts[0][0]["generated_text"].startswith("Hello there")
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_compute_transition_scores_matches_reference(beams, normalize):
+    ours, ref = peaked_pair(**CONFIGS["gqa"])
+    ids = _prompts(2, 4, seed=8)
+    free = ref.generate(ids, max_new_tokens=6, eos_token_id=None, pad_token_id=0)
+    kw = dict(
+        max_new_tokens=6,
+        num_beams=beams,
+        eos_token_id=int(free[0, 6]),
+        pad_token_id=0,
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
+    a, b = ours.generate(ids, **kw), ref.generate(ids, **kw)
+    beam_a = a.beam_indices if beams > 1 else None
+    beam_b = b.beam_indices if beams > 1 else None
+    got = ours.compute_transition_scores(a.sequences, a.scores, beam_a, normalize_logits=normalize)
+    want = ref.compute_transition_scores(b.sequences, b.scores, beam_b, normalize_logits=normalize)
+    assert torch.equal(got, want) and got.shape[0] == 2
+    with pytest.raises(ValueError, match="scores is empty"):
+        ours.compute_transition_scores(a.sequences, ())

@@ -63,3 +63,33 @@ class GenerateBeamDecoderOnlyOutput(_CacheAlias, ModelOutput):
     attentions: tuple | None = None
     hidden_states: tuple | None = None
     cache: Cache | None = None
+
+
+def transition_scores(
+    sequences: torch.Tensor,
+    scores: tuple[torch.Tensor, ...],
+    beam_indices: torch.Tensor | None,
+    *,
+    vocab_size: int,
+    normalize_logits: bool = False,
+) -> torch.Tensor:
+    """The score of each generated token (B, n), as the reference's `compute_transition_scores`: from the
+    steps' `scores` (per beam with `beam_indices`), log-softmaxed first with `normalize_logits`; 0 past a
+    beam's end."""
+    if not scores:
+        raise ValueError("scores is empty: generate with return_dict_in_generate=True, output_scores=True.")
+    if beam_indices is None:  # greedy or sampling: row i always continues row i
+        beam_indices = torch.arange(scores[0].shape[0], device=sequences.device).view(-1, 1)
+        beam_indices = beam_indices.expand(-1, len(scores))
+    stacked = torch.stack(scores).reshape(len(scores), -1).transpose(0, 1)  # (rows * V, n)
+    if normalize_logits:
+        stacked = torch.nn.functional.log_softmax(stacked.reshape(-1, vocab_size, stacked.shape[-1]), dim=1)
+        stacked = stacked.reshape(-1, stacked.shape[-1])
+    ended = beam_indices < 0
+    length = int((1 - ended.long()).sum(-1).max())
+    beam_indices, ended = beam_indices.clone()[:, :length], ended[:, :length]
+    beam_indices[ended] = 0
+    indices = sequences[:, sequences.shape[-1] - length :] + beam_indices * vocab_size
+    out = stacked.gather(0, indices)
+    out[ended] = 0
+    return out
