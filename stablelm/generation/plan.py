@@ -86,19 +86,7 @@ def make_plan(
         repetition_penalty=1.0 if config.repetition_penalty is None else config.repetition_penalty,
     )
     params.validate()
-    if config.max_new_tokens is not None:
-        max_new = int(config.max_new_tokens)
-    else:
-        max_length = config.max_length
-        if max_length is None:
-            max_length = min(prompt_length + DEFAULT_NEW_TOKENS, model.config.max_position_embeddings)
-        max_length = int(max_length)
-        if max_length <= prompt_length:
-            raise ValueError(
-                f"max_length ({max_length}) counts the prompt, which already has {prompt_length} tokens: "
-                "raise max_length or pass max_new_tokens instead."
-            )
-        max_new = max_length - prompt_length
+    max_new = _max_new_tokens(model, config, prompt_length)
     eos_ids = config.eos_token_id
     eos_list = [] if eos_ids is None else list(eos_ids) if isinstance(eos_ids, (list, tuple)) else [eos_ids]
     eos_list = [int(e) for e in eos_list]
@@ -114,22 +102,7 @@ def make_plan(
             "pad_token_id in the vocabulary (e.g. the tokenizer's)."
         )
     _check_length(model.config, prompt_length, max_new)
-    cache_impl = config.cache_implementation or "static"
-    if cache_impl not in ("static", "dynamic"):
-        raise ValueError(f"cache_implementation must be 'static' or 'dynamic', got {cache_impl!r}.")
-    if config.compile and cache_impl != "static":
-        raise ValueError(
-            "compile=True needs the static cache (fixed shapes): drop cache_implementation='dynamic'."
-        )
-    use_cache = config.use_cache is not False
-    if config.compile and not use_cache:
-        raise ValueError("compile=True needs the cache: drop use_cache=False.")
-    if config.compile and config.return_dict_in_generate and config.output_hidden_states:
-        raise ValueError("compile=True does not return hidden states: drop compile or output_hidden_states.")
-    for name in ("max_time", "length_penalty"):
-        value = getattr(config, name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__}).")
+    cache_impl, use_cache = _check_cache_and_numbers(config)
     resolved = config.updated(max_length=prompt_length + max_new)
     record = bool(
         config.return_dict_in_generate
@@ -156,6 +129,43 @@ def make_plan(
         hidden_states=bool(config.return_dict_in_generate and config.output_hidden_states),
         deadline=None if config.max_time is None else time.time() + float(config.max_time),
     )
+
+
+def _max_new_tokens(model: Any, config: GenerationConfig, prompt_length: int) -> int:
+    """max_new_tokens, else max_length (which counts the prompt), else 20 within the model's context."""
+    if config.max_new_tokens is not None:
+        return int(config.max_new_tokens)
+    max_length = config.max_length
+    if max_length is None:
+        max_length = min(prompt_length + DEFAULT_NEW_TOKENS, model.config.max_position_embeddings)
+    max_length = int(max_length)
+    if max_length <= prompt_length:
+        raise ValueError(
+            f"max_length ({max_length}) counts the prompt, which already has {prompt_length} tokens: "
+            "raise max_length or pass max_new_tokens instead."
+        )
+    return max_length - prompt_length
+
+
+def _check_cache_and_numbers(config: GenerationConfig) -> tuple[str, bool]:
+    """The cache's kind and whether there is one, checked against `compile`; the plain numbers checked."""
+    cache_impl = config.cache_implementation or "static"
+    if cache_impl not in ("static", "dynamic"):
+        raise ValueError(f"cache_implementation must be 'static' or 'dynamic', got {cache_impl!r}.")
+    if config.compile and cache_impl != "static":
+        raise ValueError(
+            "compile=True needs the static cache (fixed shapes): drop cache_implementation='dynamic'."
+        )
+    use_cache = config.use_cache is not False
+    if config.compile and not use_cache:
+        raise ValueError("compile=True needs the cache: drop use_cache=False.")
+    if config.compile and config.return_dict_in_generate and config.output_hidden_states:
+        raise ValueError("compile=True does not return hidden states: drop compile or output_hidden_states.")
+    for name in ("max_time", "length_penalty"):
+        value = getattr(config, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__}).")
+    return cache_impl, use_cache
 
 
 def padding_lengths(mask: torch.Tensor | None) -> torch.Tensor | None:
