@@ -1,11 +1,16 @@
-"""Generation: settings (`config`), the decode loop (`loop`) and stop strings (`stop`)."""
+"""Generation: settings (`config`), logits processors (`processors`), the decode loop (`loop`), beam
+search (`beam`), the `generate` call (`call`), its output records (`outputs`), stop strings (`stop`) and
+speculative decoding (`speculative` checks drafts, `drafts` makes them)."""
 
 from .config import UNSET, GenerationConfig, resolve_config
 from .loop import Step, TokenStreamer, generate, prepare_inputs, stream_tokens
+from .outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 from .stop import StopStringChecker
 
 __all__ = [
     "UNSET",
+    "GenerateBeamDecoderOnlyOutput",
+    "GenerateDecoderOnlyOutput",
     "GenerationConfig",
     "Step",
     "StopStringChecker",
