@@ -328,7 +328,7 @@ def test_checking_a_draft_gives_the_decode_steps_logits(dtype):
     from conftest import randomize_
 
     from stablelm.cache import StaticCache
-    from stablelm.generation.speculative import Tokens, _verify
+    from stablelm.generation.speculative import Tokens, verify_logits
 
     config = tiny_config(num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128)
     model = StableLmForCausalLM(config).eval()
@@ -346,7 +346,7 @@ def test_checking_a_draft_gives_the_decode_steps_logits(dtype):
         one_by_one = torch.cat(
             [model(ids[:, i : i + 1], past_key_values=steps).logits[0] for i in range(90, 100)]
         )
-        checked = _verify(model, cache(), Tokens(ids[0], 100, 0, None), 90, 100, plan=None)
+        checked = verify_logits(model, cache(), Tokens(ids[0], 100, 0, None), 90, 100, plan=None)
         batched = model(ids[:, 90:100], past_key_values=cache()).logits[0]
     if dtype == torch.bfloat16:
         assert torch.equal(checked, one_by_one.float())

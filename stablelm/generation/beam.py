@@ -19,9 +19,10 @@ import torch.nn.functional as F
 
 from ..cache import Cache
 from .config import GenerationConfig
-from .loop import criteria_hit, prepare_inputs
+from .loop import criteria_hit
 from .outputs import GenerateBeamDecoderOnlyOutput
 from .plan import Criterion, Plan, apply_processors, start_plan
+from .prompt import prepare_inputs
 from .stepper import Stepper
 
 

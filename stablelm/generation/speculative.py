@@ -191,18 +191,18 @@ def _run(
         seq.ids[seq.length : seq.length + k] = draft.tokens
         if first is None:  # the prompt as plain decoding runs it, then the draft after it
             first = stepper.prefill(input_ids=input_ids)
-            logits = torch.cat([first, _verify(model, cache, seq, T, T + k, plan)]) if k else first
+            logits = torch.cat([first, verify_logits(model, cache, seq, T, T + k, plan)]) if k else first
         else:  # the last token (not yet in the cache) and the draft
-            logits = _verify(model, cache, seq, seq.length - 1, seq.length + k, plan)
+            logits = verify_logits(model, cache, seq, seq.length - 1, seq.length + k, plan)
         scores = processed_scores(plan, logits, seq, rows=k + 1)
         new = _accept(scores, draft, plan, generator)
         new = new[: plan.max_new_tokens - seq.produced]
-        kept = len(new) - 1
-        cache.crop(seq.length + kept)  # keep the sequence and the kept draft, roll the rest back
+        accepted = len(new) - 1
+        cache.crop(seq.length + accepted)  # keep the sequence and the kept draft, roll the rest back
         stats = drafter.stats
         stats.drafted, stats.accepted, stats.passes = (
             stats.drafted + k,
-            stats.accepted + kept,
+            stats.accepted + accepted,
             stats.passes + 1,
         )
         for i, token in enumerate(new):
@@ -231,7 +231,7 @@ def _run(
                 return
 
 
-def _verify(model: Any, cache: Cache, seq: Tokens, start: int, end: int, plan: Plan) -> torch.Tensor:
+def verify_logits(model: Any, cache: Cache, seq: Tokens, start: int, end: int, plan: Plan) -> torch.Tensor:
     """fp32 logits (end - start, V) after each of positions [start, end), over a cache holding [0, start).
 
     The decode step (`stablelm.decode`) over several tokens, attending query by query: each row is bit
