@@ -34,6 +34,14 @@ class Cache:
     def advance(self, new_tokens: int) -> None:
         """Record that every layer stored `new_tokens` more positions (called once per forward)."""
 
+    def select_batch(self, indices: torch.Tensor) -> None:
+        """Reorder the batch rows: row i becomes row `indices[i]` (beam search's reordering)."""
+        raise NotImplementedError
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        """The reference's name of `select_batch`."""
+        self.select_batch(beam_idx)
+
 
 class DynamicCache(Cache):
     """A cache that grows with every call; positions must be appended in order."""
@@ -178,6 +186,18 @@ class StaticCache(Cache):
                 tensors[i] = grown
                 del old
         self.max_cache_len = max_cache_len
+
+    def select_batch(self, indices: torch.Tensor) -> None:
+        """Reorder the batch rows in place (the buffers stay, so a compiled step keeps its inputs);
+        `indices` has one entry per row."""
+        if indices.shape[0] != self.keys[0].shape[0]:
+            raise ValueError(
+                f"A static cache keeps its {self.keys[0].shape[0]} rows: pass that many indices, got "
+                f"{indices.shape[0]}."
+            )
+        n = self._length  # the slots past it hold nothing yet
+        for t in (*self.keys, *self.values):
+            t[:, :, :n] = t[:, :, :n].index_select(0, indices.to(t.device))
 
     def reset(self) -> None:
         """Forget every stored position (the buffers are reused)."""

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from .cache import Cache
 from .config import StableLmConfig
-from .generation import UNSET, StopStringChecker, generate, resolve_config
-from .generation.drafts import make_draft
+from .generation import UNSET, GenerationConfig
+from .generation.call import run_generate
+from .generation.config import as_generation_config
 from .generation.inputs import check_attention_mask, check_input_ids, check_inputs_embeds
+from .generation.outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput, transition_scores
 from .layers import Linear
 from .losses import causal_lm_loss, sequence_classification_loss, token_classification_loss
 from .model import StableLmModel, StableLmPreTrainedModel, pick_cache
@@ -48,7 +52,6 @@ def _wants_dict(config: StableLmConfig, return_dict: bool | None) -> bool:
 class StableLmForCausalLM(StableLmPreTrainedModel):
     """StableLM with a language-modelling head: next-token logits over the vocabulary."""
 
-    generation_config = None  # set from generation_config.json by from_pretrained
     kv_cache_dtype: torch.dtype | None = None  # generate's static cache dtype (None: the model's)
 
     def __init__(self, config: StableLmConfig) -> None:
@@ -99,12 +102,50 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
             inputs.setdefault(key, value)
         return inputs
 
+    def compute_transition_scores(
+        self,
+        sequences: torch.Tensor,
+        scores: tuple[torch.Tensor, ...],
+        beam_indices: torch.Tensor | None = None,
+        normalize_logits: bool = False,
+    ) -> torch.Tensor:
+        """The score of each generated token (B, n) from `generate`'s `scores` (and `beam_indices` after
+        beam search), as the reference's method: with `normalize_logits`, log-probabilities."""
+        return transition_scores(
+            sequences,
+            scores,
+            beam_indices,
+            vocab_size=self.config.vocab_size,
+            normalize_logits=normalize_logits,
+        )
+
+    @property
+    def generation_config(self) -> GenerationConfig:
+        """The generation defaults: generation_config.json's (from_pretrained reads it), else the
+        config's special tokens. May be set to a GenerationConfig (stablelm's or the reference's), a dict
+        of generation_config.json's keys, or None (back to the config's special tokens)."""
+        found = self.__dict__.get("_generation_config")
+        if found is None:
+            found = GenerationConfig.from_model_config(self.config)
+            self.__dict__["_generation_config"] = found
+        return found
+
+    @generation_config.setter
+    def generation_config(self, value: GenerationConfig | dict | None) -> None:
+        self.__dict__["_generation_config"] = as_generation_config(value, name="model.generation_config")
+
     @torch.no_grad()
     def generate(
         self,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         *,
+        inputs: torch.Tensor | None = None,
+        generation_config=None,  # noqa: ANN001 - GenerationConfig (ours or the reference's) or dict
+        logits_processor=None,  # noqa: ANN001 - a list of callables (input_ids, scores) -> scores
+        stopping_criteria=None,  # noqa: ANN001 - a list of callables (input_ids, scores) -> bool tensor
+        past_key_values: Cache | None = None,
+        prefix_allowed_tokens_fn=None,  # noqa: ANN001 - (batch_id, input_ids) -> list of allowed token ids
         max_length: int | None = UNSET,
         max_new_tokens: int | None = UNSET,
         min_new_tokens: int | None = UNSET,
@@ -117,11 +158,19 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
         eos_token_id: int | list[int] | None = UNSET,
         pad_token_id: int | None = UNSET,
         num_return_sequences: int | None = UNSET,
+        num_beams: int | None = UNSET,
+        length_penalty: float | None = UNSET,
+        early_stopping: bool | str | None = UNSET,
+        no_repeat_ngram_size: int | None = UNSET,
+        bad_words_ids: list[list[int]] | None = UNSET,
+        return_dict_in_generate: bool | None = UNSET,
+        output_scores: bool | None = UNSET,
+        output_logits: bool | None = UNSET,
+        use_cache: bool | None = UNSET,
         stop_strings: str | list[str] | None = UNSET,
         tokenizer=None,  # noqa: ANN001 - a stablelm.Tokenizer; typed loosely to keep imports pointing down
         streamer=None,  # noqa: ANN001 - anything with put(tensor) and end()
         generator: torch.Generator | None = None,
-        generation_config=None,  # noqa: ANN001 - GenerationConfig or dict
         inputs_embeds: torch.Tensor | None = None,
         cache_implementation: str | None = UNSET,
         compile: bool = UNSET,
@@ -130,14 +179,25 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
         assistant_model=None,  # noqa: ANN001 - a smaller causal LM with the model's vocabulary
         num_assistant_tokens: int | None = UNSET,
         assistant_confidence_threshold: float | None = UNSET,
-    ) -> torch.Tensor:
+        **settings: Any,
+    ) -> torch.Tensor | GenerateDecoderOnlyOutput | GenerateBeamDecoderOnlyOutput:
         """Generate continuations of the prompt, as the reference's `generate` does.
 
-        Unset arguments come from `generation_config`, else the checkpoint's generation_config.json, else
-        the reference's defaults: `max_length` 20 (counting the prompt), greedy, and when sampling
+        Unset arguments come from `generation_config` (stablelm's, the reference's or a dict), then the
+        model's `generation_config` (the checkpoint's generation_config.json), then the reference's
+        defaults: `max_length` 20 new tokens (capped at the model's context), greedy, and when sampling
         temperature 1.0, top_k 50, top_p 1.0, no min_p, repetition_penalty 1.0. `temperature=0` is
         greedy. `eos_token_id` may be a list; finished rows are padded with `pad_token_id` (default: the
         first EOS). `stop_strings` (needs `tokenizer`) end a row when its text reaches one of them.
+        `num_beams` > 1 is beam search (`length_penalty`, `early_stopping` True/False/"never",
+        `num_return_sequences` <= `num_beams`; beam sampling with `do_sample`). Every other field of the
+        reference's GenerationConfig may be passed in `settings` (`typical_p`, `sequence_bias`,
+        `forced_eos_token_id`, ... see docs/generation.md); those stablelm does not implement are refused
+        by name. `logits_processor` / `stopping_criteria` add callables with the reference's signatures
+        (its own LogitsProcessorList / StoppingCriteriaList work), and `prefix_allowed_tokens_fn` constrains
+        each row's next token as the reference's does. `past_key_values` continues from a
+        cache holding the first positions of `input_ids` (which repeats the cached tokens); `use_cache=False`
+        recomputes the whole sequence each step. `inputs` is the reference's name of `input_ids`.
         `cache_implementation` is "static" (preallocated, default) or "dynamic". `compile=True` compiles
         the decode step with torch.compile (paid once per model, batch size and length; falls back to eager
         with a notice when compilation is unavailable). `prompt_lookup_num_tokens` or `assistant_model`
@@ -146,12 +206,12 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
 
         Returns:
             LongTensor (B * num_return_sequences, prompt + new): the prompt followed by the new tokens
-            (only the new tokens when called with `inputs_embeds`).
+            (only the new tokens when called with `inputs_embeds`); with `return_dict_in_generate`, a
+            `GenerateDecoderOnlyOutput` (or `GenerateBeamDecoderOnlyOutput`) holding them as `sequences`,
+            with `scores` (`output_scores`), `logits` (`output_logits`), `hidden_states`
+            (`output_hidden_states`) and the `cache`.
         """
-
-        config = resolve_config(
-            self,
-            generation_config,
+        named = dict(
             max_length=max_length,
             max_new_tokens=max_new_tokens,
             min_new_tokens=min_new_tokens,
@@ -164,6 +224,15 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
             num_return_sequences=num_return_sequences,
+            num_beams=num_beams,
+            length_penalty=length_penalty,
+            early_stopping=early_stopping,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+            bad_words_ids=bad_words_ids,
+            return_dict_in_generate=return_dict_in_generate,
+            output_scores=output_scores,
+            output_logits=output_logits,
+            use_cache=use_cache,
             stop_strings=stop_strings,
             cache_implementation=cache_implementation,
             compile=compile,
@@ -172,29 +241,22 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
             num_assistant_tokens=num_assistant_tokens,
             assistant_confidence_threshold=assistant_confidence_threshold,
         )
-        config.validate()  # before the stop checker reads num_return_sequences
-        stop_checker = None
-        if config.stop_strings:
-            if tokenizer is None:
-                raise ValueError(
-                    "stop_strings need the tokenizer to read the text: pass tokenizer=... to generate."
-                )
-            if input_ids is not None and not isinstance(input_ids, torch.Tensor):
-                check_input_ids(input_ids)  # a TypeError naming it, before its shape is read
-            rows = (input_ids if input_ids is not None else inputs_embeds).shape[0]
-            stop_checker = StopStringChecker(
-                tokenizer, config.stop_strings, rows * (config.num_return_sequences or 1)
-            )
-        return generate(
+        return run_generate(
             self,
             input_ids,
             attention_mask,
-            config=config,
+            inputs=inputs,
             inputs_embeds=inputs_embeds,
-            generator=generator,
+            generation_config=generation_config,
+            logits_processor=logits_processor,
+            stopping_criteria=stopping_criteria,
+            past_key_values=past_key_values,
+            prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
+            tokenizer=tokenizer,
             streamer=streamer,
-            stop_checker=stop_checker,
-            draft=make_draft(self, config, assistant_model),
+            generator=generator,
+            assistant_model=assistant_model,
+            settings={**named, **settings},
         )
 
     def forward(

@@ -62,12 +62,22 @@ def _is_real(value: object) -> bool:
     return True
 
 
-def repetition_penalty(scores: torch.Tensor, input_ids: torch.Tensor, penalty: float) -> torch.Tensor:
+def repetition_penalty(
+    scores: torch.Tensor,
+    input_ids: torch.Tensor,
+    penalty: float,
+    *,
+    ignore_before: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Make every token already in `input_ids` (prompt included) less likely: divide positive scores by
-    `penalty`, multiply negative ones."""
+    `penalty`, multiply negative ones. `ignore_before` (B,) skips each row's first positions (its left
+    padding, as the reference does when given an attention mask)."""
     if penalty == 1.0 or input_ids.shape[1] == 0:
         return scores
     vocab = scores.shape[-1]
+    if ignore_before is not None:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        input_ids = input_ids.masked_fill(positions[None, :] < ignore_before[:, None], vocab)
     ids = input_ids.clamp(max=vocab)  # ids past the head's vocabulary land on a dropped extra column
     padded = torch.nn.functional.pad(scores, (0, 1))
     picked = torch.gather(padded, 1, ids)
@@ -85,35 +95,67 @@ def temperature(scores: torch.Tensor, value: float) -> torch.Tensor:
     return scores if value == 1.0 else scores / value
 
 
-def top_k(scores: torch.Tensor, k: int | None) -> torch.Tensor:
-    """Keep the k highest scores (ties with the k-th are kept)."""
+def top_k(scores: torch.Tensor, k: int | None, *, keep: int = 1) -> torch.Tensor:
+    """Keep the k highest scores (ties with the k-th are kept), at least `keep`."""
     if not k:
         return scores
-    k = min(k, scores.shape[-1])
+    k = min(max(k, keep), scores.shape[-1])
     kth = torch.topk(scores, k)[0][..., -1, None]
     return scores.masked_fill(scores < kth, NEG_INF)
 
 
-def top_p(scores: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep the smallest set of tokens whose probability reaches p (at least one)."""
+def top_p(scores: torch.Tensor, p: float, *, keep: int = 1) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probability reaches p (at least `keep`)."""
     if p >= 1.0:
         return scores
     sorted_scores, order = torch.sort(scores, descending=False)
     cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
     remove_sorted = cumulative <= (1 - p)
-    remove_sorted[..., -1:] = False
+    remove_sorted[..., -keep:] = False
     remove = remove_sorted.scatter(1, order, remove_sorted)
     return scores.masked_fill(remove, NEG_INF)
 
 
-def min_p(scores: torch.Tensor, p: float | None) -> torch.Tensor:
-    """Drop tokens less likely than p times the most likely one (the top token always stays)."""
+def min_p(scores: torch.Tensor, p: float | None, *, keep: int = 1) -> torch.Tensor:
+    """Drop tokens less likely than p times the most likely one (the top `keep` tokens always stay)."""
     if p is None:
         return scores
     probs = torch.softmax(scores, dim=-1)
     remove = probs < p * probs.amax(dim=-1, keepdim=True)
-    remove.scatter_(-1, torch.topk(probs, 1, dim=-1).indices, False)
+    remove.scatter_(-1, torch.topk(probs, min(keep, probs.shape[-1]), dim=-1).indices, False)
     return scores.masked_fill(remove, NEG_INF)
+
+
+def typical_p(scores: torch.Tensor, mass: float, *, keep: int = 1) -> torch.Tensor:
+    """Locally typical sampling: keep the tokens whose surprise is closest to the entropy, up to `mass`."""
+    normalized = torch.nn.functional.log_softmax(scores, dim=-1)
+    p = torch.exp(normalized)
+    entropy = -(normalized * p).nansum(-1, keepdim=True)
+    shifted = torch.abs((-normalized) - entropy)
+    sorted_shifted, order = torch.sort(shifted, descending=False)
+    cumulative = scores.gather(-1, order).softmax(dim=-1).cumsum(dim=-1)
+    last = (cumulative < mass).sum(dim=1)
+    last.clamp_(max=sorted_shifted.shape[-1] - 1)
+    remove_sorted = sorted_shifted > sorted_shifted.gather(1, last.view(-1, 1))
+    remove_sorted[..., :keep] = 0
+    remove = remove_sorted.scatter(1, order, remove_sorted)
+    return scores.masked_fill(remove, NEG_INF)
+
+
+def epsilon_cutoff(scores: torch.Tensor, epsilon: float | torch.Tensor, *, keep: int = 1) -> torch.Tensor:
+    """Drop tokens of probability below `epsilon` (a number, or (B, 1) per row), keeping the top `keep`."""
+    remove = scores.softmax(dim=-1) < epsilon
+    kth = torch.topk(scores, min(keep, scores.size(-1)))[0][..., -1, None]
+    return scores.masked_fill(remove & (scores < kth), NEG_INF)
+
+
+def eta_cutoff(scores: torch.Tensor, eta: float, *, keep: int = 1) -> torch.Tensor:
+    """Epsilon cutoff at min(eta, sqrt(eta) * exp(-entropy)) per row (eta sampling)."""
+    epsilon = torch.tensor(eta, device=scores.device)
+    entropy = torch.distributions.Categorical(logits=scores).entropy()
+    return epsilon_cutoff(
+        scores, torch.min(epsilon, torch.sqrt(epsilon) * torch.exp(-entropy))[..., None], keep=keep
+    )
 
 
 def process_logits(

@@ -156,7 +156,7 @@ def test_static_cache_is_bit_identical_to_the_dynamic_one_in_bf16(padded):
 @pytest.mark.parametrize("padded", [False, True])
 def test_eager_decoding_never_reads_an_unwritten_slot(padded, monkeypatch):
     """generate's eager static cache skips the zero fill: garbage (here NaN) in unwritten slots is unseen."""
-    from stablelm.generation import loop
+    from stablelm.generation import stepper
 
     model, ref = make_pair(tiny_config(num_key_value_heads=2))
     ids = torch.randint(1, 128, (2, 6), generator=torch.Generator().manual_seed(3))
@@ -164,7 +164,7 @@ def test_eager_decoding_never_reads_an_unwritten_slot(padded, monkeypatch):
     if padded:
         mask[0, :2] = 0
     expected = ref.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
-    make_cache = loop._make_cache
+    make_cache = stepper.make_cache
 
     def poisoned(*args):
         cache = make_cache(*args)
@@ -173,7 +173,7 @@ def test_eager_decoding_never_reads_an_unwritten_slot(padded, monkeypatch):
             t.fill_(float("nan"))
         return cache
 
-    monkeypatch.setattr(loop, "_make_cache", poisoned)
+    monkeypatch.setattr(stepper, "make_cache", poisoned)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
     assert out.tolist() == expected.tolist()
 

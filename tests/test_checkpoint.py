@@ -651,17 +651,21 @@ def test_resaving_with_fewer_shards_removes_the_stale_ones(pair, tmp_path):
     ]
 
 
-def test_generation_config_is_a_dict_read_and_written_back(pair, ref_dir, tmp_path):
+def test_generation_config_is_read_and_written_back(pair, ref_dir, tmp_path):
     model = StableLmForCausalLM.from_pretrained(ref_dir)
-    assert model.generation_config == json.loads((ref_dir / "generation_config.json").read_text())
-    model.generation_config["max_new_tokens"] = 7
+    assert model.generation_config.to_dict() == json.loads((ref_dir / "generation_config.json").read_text())
+    model.generation_config.max_new_tokens = 7
     model.save_pretrained(tmp_path / "a")
     assert json.loads((tmp_path / "a" / "generation_config.json").read_text())["max_new_tokens"] == 7
     (tmp_path / "a" / "generation_config.json").unlink()
     again = StableLmForCausalLM.from_pretrained(tmp_path / "a")
-    assert again.generation_config is None
+    # without the file, the config's special tokens (as the reference's from_model_config)
+    assert again.generation_config.eos_token_id == again.config.eos_token_id
     again.save_pretrained(tmp_path / "b")
     assert not (tmp_path / "b" / "generation_config.json").exists()
+    again.generation_config = {"max_new_tokens": 3}  # a dict, as the file holds it
+    again.save_pretrained(tmp_path / "c")
+    assert json.loads((tmp_path / "c" / "generation_config.json").read_text()) == {"max_new_tokens": 3}
 
 
 def test_max_shard_size_spellings():

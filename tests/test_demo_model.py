@@ -111,7 +111,7 @@ def test_the_chat_template_refuses_roles_it_does_not_know(demo):
 def test_generation_stops_at_the_end_of_a_turn(demo):
     model, tokenizer = demo
     assert (tokenizer.eos_token, tokenizer.eos_token_id) == ("<|endoftext|>", 0)
-    assert model.generation_config["eos_token_id"] == 0
+    assert model.generation_config.eos_token_id == 0
 
 
 # Held-out documents' questions; most greedy replies end (28 of 30 held-out questions in the README's

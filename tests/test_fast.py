@@ -357,12 +357,12 @@ def test_attention_over_a_wider_cache_rounds_once_and_leaves_prefill_exact():
 
 
 def test_generate_decodes_over_the_fp32_cache(monkeypatch):
-    from stablelm.generation import loop
+    from stablelm.generation import stepper
 
     model = optimize_for_inference(StableLmForCausalLM(tiny_config()).to(torch.bfloat16), fp32_cache=True)
     caches = []
-    make_cache = loop._make_cache
-    monkeypatch.setattr(loop, "_make_cache", lambda *a: caches.append(make_cache(*a)) or caches[-1])
+    make_cache = stepper.make_cache
+    monkeypatch.setattr(stepper, "make_cache", lambda *a: caches.append(make_cache(*a)) or caches[-1])
     out = model.generate(_ids(2, 5), max_new_tokens=6, do_sample=False)
     assert out.shape == (2, 11)
     assert caches[0].keys[0].dtype == torch.float32 and caches[0].get_seq_length() == 10

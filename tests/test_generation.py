@@ -244,7 +244,8 @@ def test_generation_config_of_the_checkpoint_gives_the_defaults():
     assert ours.generate(ids).shape == (1, 7)
     assert ours.generate(ids, max_new_tokens=5).shape == (1, 9)  # an argument wins
     assert ours.generate(ids, generation_config=GenerationConfig(max_new_tokens=2)).shape == (1, 6)
-    config = GenerationConfig.from_dict(ours.generation_config)
+    config = ours.generation_config  # the dict became an object with attributes
+    assert isinstance(config, GenerationConfig) and config.max_new_tokens == 3
     assert GenerationConfig.from_dict(config.to_dict()) == config
     assert config.to_dict()["transformers_version"] == "x"  # unknown keys are kept
 

@@ -328,7 +328,7 @@ def test_checking_a_draft_gives_the_decode_steps_logits(dtype):
     from conftest import randomize_
 
     from stablelm.cache import StaticCache
-    from stablelm.generation.speculative import Tokens, _verify
+    from stablelm.generation.speculative import Tokens, verify_logits
 
     config = tiny_config(num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128)
     model = StableLmForCausalLM(config).eval()
@@ -346,10 +346,132 @@ def test_checking_a_draft_gives_the_decode_steps_logits(dtype):
         one_by_one = torch.cat(
             [model(ids[:, i : i + 1], past_key_values=steps).logits[0] for i in range(90, 100)]
         )
-        checked = _verify(model, cache(), Tokens(ids[0], 100, 0, None), 90, 100, plan=None)
+        checked = verify_logits(model, cache(), Tokens(ids[0], 100, 0, None), 90, 100, plan=None)
         batched = model(ids[:, 90:100], past_key_values=cache()).logits[0]
     if dtype == torch.bfloat16:
         assert torch.equal(checked, one_by_one.float())
         assert not torch.equal(batched, one_by_one)  # what the query-by-query attention is for
     else:
         torch.testing.assert_close(checked, one_by_one, rtol=0, atol=1e-5)
+
+
+# ---- the rest of generate's interface ---------------------------------------------------------------------
+
+
+def test_processors_and_stopping_criteria_as_plain_decoding():
+    """The settings' processors, the caller's logits_processor (ours and the reference's objects) and
+    stopping_criteria apply at each draft position as at that step of plain decoding."""
+    from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor
+
+    ours, ref = peaked_pair(**CONFIGS["gqa"])
+    ids = _prompt()
+    truth = ours.generate(ids, max_new_tokens=40, eos_token_id=None)[0, 12:].tolist()
+
+    def length_ban(input_ids, scores):  # depends on how many tokens precede the position
+        scores = scores.clone()
+        scores[:, input_ids.shape[1] % VOCAB] = -float("inf")
+        return scores
+
+    def stop_at(input_ids, scores):
+        return input_ids[:, -1] == truth[9]
+
+    for kw in (
+        dict(no_repeat_ngram_size=2, bad_words_ids=[[truth[3]]]),
+        dict(logits_processor=[length_ban]),
+        dict(logits_processor=LogitsProcessorList([NoRepeatNGramLogitsProcessor(3)])),
+        dict(stopping_criteria=[stop_at]),
+        dict(sequence_bias={(truth[5],): -50.0}, min_length=20, eos_token_id=truth[2]),
+    ):
+        kw = {"max_new_tokens": 40, "eos_token_id": None, **kw}
+        plain = ours.generate(ids, **kw)
+        if "stopping_criteria" in kw:
+            # the criterion stops plain decoding at the stop token's first occurrence, not at the first step
+            assert plain.shape[1] == 12 + truth.index(truth[9]) + 1 > 12 + 3
+        else:
+            assert plain.tolist() == ref.generate(ids, **kw).tolist(), kw
+        assert ours.generate(ids, prompt_lookup_num_tokens=5, **kw).tolist() == plain.tolist(), kw
+        small = truncated(ours, 1)
+        assert ours.generate(ids, assistant_model=small, **kw).tolist() == plain.tolist(), kw
+    # max_time: every row stops once the time is up, after the first token as in plain decoding.
+    kw = dict(max_new_tokens=40, eos_token_id=None, max_time=0.0)
+    assert ours.generate(ids, prompt_lookup_num_tokens=5, **kw).tolist() == ours.generate(ids, **kw).tolist()
+
+
+def test_return_dict_in_generate_gives_plain_decodings_scores_logits_and_cache():
+    ours, _ = peaked_pair(**CONFIGS["gqa"])
+    ids = _prompt()
+    kw = dict(
+        max_new_tokens=30,
+        eos_token_id=None,
+        repetition_penalty=1.3,
+        return_dict_in_generate=True,
+        output_scores=True,
+        output_logits=True,
+    )
+    plain = ours.generate(ids, **kw)
+    for spec in (
+        ours.generate(ids, prompt_lookup_num_tokens=5, **kw),
+        ours.generate(ids, assistant_model=truncated(ours, 1), **kw),
+    ):
+        assert spec.sequences.tolist() == plain.sequences.tolist()
+        assert len(spec.scores) == len(spec.logits) == 30
+        torch.testing.assert_close(torch.cat(spec.scores), torch.cat(plain.scores), rtol=0, atol=1e-4)
+        torch.testing.assert_close(torch.cat(spec.logits), torch.cat(plain.logits), rtol=0, atol=1e-4)
+        assert spec.past_key_values.get_seq_length() == plain.past_key_values.get_seq_length() == 12 + 29
+        # The returned cache holds the sequence's keys: continuing from it gives plain decoding's next token.
+        nxt = ours.generate(spec.sequences, past_key_values=spec.past_key_values, max_new_tokens=1)
+        assert nxt.tolist() == ours.generate(plain.sequences, max_new_tokens=1).tolist()
+
+
+def test_speculative_fields_are_generation_config_fields():
+    """Set in a generation config (ours, the reference's, a dict), not refused as unimplemented settings."""
+    import transformers
+
+    from stablelm.generation import GenerationConfig
+    from stablelm.generation.config import UNSUPPORTED
+
+    assert not {"prompt_lookup_num_tokens", "assistant_model", "num_assistant_tokens"} & set(UNSUPPORTED)
+    ours, ref = peaked_pair()
+    ids = _prompt()
+    expected = ours.generate(ids, max_new_tokens=30, eos_token_id=None).tolist()
+    for config in (
+        GenerationConfig(prompt_lookup_num_tokens=4, max_matching_ngram_size=3, max_new_tokens=30),
+        {"prompt_lookup_num_tokens": 4, "max_new_tokens": 30},
+        transformers.GenerationConfig(prompt_lookup_num_tokens=4, max_new_tokens=30),
+    ):
+        out = ours.generate(ids, generation_config=config, eos_token_id=None)
+        assert out.tolist() == expected
+    saved = GenerationConfig(num_assistant_tokens=5, assistant_confidence_threshold=0.2).to_dict()
+    assert saved == {"num_assistant_tokens": 5, "assistant_confidence_threshold": 0.2}
+    ours.generation_config = GenerationConfig.from_dict({**saved, "prompt_lookup_num_tokens": 0})
+    with pytest.raises(ValueError, match="prompt_lookup_num_tokens must be at least 1"):
+        ours.generate(ids, max_new_tokens=4)  # the model's own generation config is read too
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_beams=2), "num_beams=2"),
+        (dict(use_cache=False), "use_cache=False"),
+        (dict(return_dict_in_generate=True, output_hidden_states=True), "output_hidden_states=True"),
+        (dict(compile=True), "compile=True"),
+        (dict(past_key_values="cache"), "past_key_values"),
+    ],
+)
+@pytest.mark.parametrize("drafting", ["prompt_lookup_num_tokens", "assistant_model"])
+def test_settings_that_do_not_combine_with_drafting_are_refused_by_both_names(kwargs, message, drafting):
+    from stablelm.cache import DynamicCache
+
+    ours, _ = peaked_pair()
+    ids = _prompt()
+    if kwargs.get("past_key_values") == "cache":
+        cache = DynamicCache()
+        ours(ids[:, :5], past_key_values=cache)
+        kwargs = dict(past_key_values=cache)
+    draft = (
+        {"prompt_lookup_num_tokens": 3}
+        if drafting == "prompt_lookup_num_tokens"
+        else {"assistant_model": ours}
+    )
+    with pytest.raises(ValueError, match=rf"{drafting} \(speculative decoding\) cannot .*{message}"):
+        ours.generate(ids, max_new_tokens=4, **draft, **kwargs)

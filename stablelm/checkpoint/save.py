@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..atomic import atomic_path, remove_leftovers, sync_folder, write_text_atomic
+from ..generation.config import GenerationConfig
 from ..save_journal import SAVE_ID_KEY, finish_interrupted_save, remove_pending, write_pending
 from .layout import (
     BIN_INDEX_NAME,
@@ -107,9 +108,12 @@ def _config_texts(model: StableLmPreTrainedModel) -> dict[str, str]:
     config.extra["architectures"] = [type(model).__name__]
     texts = {CONFIG_NAME: config.to_json_string()}
     generation_config = getattr(model, "generation_config", None)
-    if generation_config is not None:  # a dict as read from the file, or a GenerationConfig
+    if generation_config is not None:  # a GenerationConfig (a dict from older code)
         data = generation_config.to_dict() if hasattr(generation_config, "to_dict") else generation_config
-        texts[GENERATION_CONFIG_NAME] = json.dumps(data, indent=2, sort_keys=True) + "\n"
+        # A model without generation_config.json has its config's special tokens as generation defaults:
+        # a file holding only those adds nothing.
+        if data != GenerationConfig.from_model_config(model.config).to_dict():
+            texts[GENERATION_CONFIG_NAME] = json.dumps(data, indent=2, sort_keys=True) + "\n"
     return texts
 
 

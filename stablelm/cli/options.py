@@ -232,7 +232,7 @@ def generation_config(
                 file=sys.stderr,
             )
     config = resolve_config(
-        model, None, max_new_tokens=max_new, **sampling_settings(model.generation_config, args)
+        model, None, max_new_tokens=max_new, **sampling_settings(model.generation_config.to_dict(), args)
     )
     eos = config.eos_token_id
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])

@@ -10,8 +10,9 @@ import torch
 
 from ..cache import Cache
 from .config import GenerationConfig, check_integer
-from .loop import _make_cache, _Plan
-from .speculative import Draft, Drafter, Tokens, make_room, processed_scores
+from .plan import Plan
+from .speculative import Draft, Drafter, Tokens, check_settings, make_room, processed_scores
+from .stepper import make_cache
 
 DEFAULT_NGRAM = 2  # the reference's max_matching_ngram_size default
 DEFAULT_ASSISTANT_TOKENS = 20  # the reference's num_assistant_tokens default
@@ -39,7 +40,7 @@ class PromptLookup(Drafter):
         self.num_tokens, self.max_ngram = int(num_tokens), int(max_ngram)
         self.overshoot = self.num_tokens
 
-    def propose(self, seq: Tokens, limit: int, plan: _Plan, generator: torch.Generator | None) -> Draft:
+    def propose(self, seq: Tokens, limit: int, plan: Plan, generator: torch.Generator | None) -> Draft:
         ids, length = seq.ids[: seq.length], seq.length
         if limit <= 0:
             return Draft(ids[:0], None)
@@ -93,13 +94,13 @@ class AssistantDraft(Drafter):
             )
         self.assistant, self.num_tokens, self.confidence = assistant, int(num_tokens), float(confidence)
 
-    def start(self, plan: _Plan, seq: Tokens) -> None:
-        self.cache = _make_cache(self.assistant, plan, 1, seq.length)
+    def start(self, plan: Plan, seq: Tokens) -> None:
+        self.cache = make_cache(self.assistant, plan, 1, seq.length)
         self.fed = torch.empty_like(seq.ids)  # the tokens the assistant's cache holds, by position
         self.held = 0  # positions in its cache
         self.base = 0  # where the last draft began: positions before it hold accepted tokens
 
-    def propose(self, seq: Tokens, limit: int, plan: _Plan, generator: torch.Generator | None) -> Draft:
+    def propose(self, seq: Tokens, limit: int, plan: Plan, generator: torch.Generator | None) -> Draft:
         start = min(self.held, seq.length - 1)
         differ = (self.fed[self.base : start] != seq.ids[self.base : start]).nonzero()
         if differ.numel():  # a rejected draft token: recompute from there
@@ -140,11 +141,13 @@ def make_draft(model: Any, config: GenerationConfig, assistant_model: Any = None
             "decoding (the reference would ignore the assistant)."
         )
     if lookup is not None:
+        check_settings("prompt_lookup_num_tokens", config)
         ngram = config.max_matching_ngram_size
         return PromptLookup(num_tokens=lookup, max_ngram=DEFAULT_NGRAM if ngram is None else ngram)
     if assistant_model is None:
         return None
     _check_assistant(model, assistant_model)
+    check_settings("assistant_model", config)
     own = getattr(assistant_model, "generation_config", None)
 
     def setting(name: str, default: Any) -> Any:  # generate's, else the assistant's own, else the default
@@ -182,7 +185,7 @@ def _check_assistant(model: Any, assistant: Any) -> None:
 
 
 def _forward(
-    model: Any, cache: Cache, seq: Tokens, start: int, end: int, *, keep: int, plan: _Plan
+    model: Any, cache: Cache, seq: Tokens, start: int, end: int, *, keep: int, plan: Plan
 ) -> torch.Tensor:
     """fp32 logits (keep, V) of the last `keep` of positions [start, end), run over a cache holding
     [0, start) by the model's forward (the assistant's: any causal LM)."""
@@ -191,7 +194,7 @@ def _forward(
     if seq.mask is not None:
         mask = seq.mask[:, :end]
         inputs["attention_mask"] = mask
-        inputs["position_ids"] = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, start:end]
+        inputs["position_ids"] = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, start:end]
     out = model(
         input_ids=seq.ids[None, start:end],
         past_key_values=cache,

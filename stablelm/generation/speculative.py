@@ -10,12 +10,16 @@ not have picked, then the model's own pick; sampling keeps draft tokens by the s
 the tokens are distributed as plain sampling's. The cache is then cropped back to the kept positions: the
 rejected slots of a static cache are never read again, and the next round overwrites them.
 
-One sequence at a time (batch 1), as in the reference. Stopping (EOS, stop strings, `max_new_tokens`,
-`min_new_tokens`) is decided token by token, as plain decoding decides it: a draft that runs past an end is cut.
+One sequence at a time (batch 1), as in the reference. The settings' logits processors and the caller's
+`logits_processor` score each draft position over the tokens before it, as plain decoding scores that step.
+Stopping (EOS, stop strings, `max_new_tokens`, `stopping_criteria`, `max_time`) is decided token by token,
+as plain decoding decides it: a draft that runs past an end is cut. `return_dict_in_generate` gets each
+token's scores and logits and the cache. `check_settings` refuses what does not combine with drafting.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -24,8 +28,10 @@ import torch
 
 from ..attention import AttentionMask
 from ..cache import Cache, StaticCache
-from ..sampling import process_logits
-from .loop import Step, _cache_length, _Plan, _Stepper
+from .config import GenerationConfig
+from .loop import Step, criteria_hit
+from .plan import Plan, apply_processors
+from .stepper import Stepper, cache_length
 
 
 @dataclass
@@ -76,10 +82,10 @@ class Drafter:
     def __init__(self) -> None:
         self.stats = DraftStats()
 
-    def start(self, plan: _Plan, seq: Tokens) -> None:
+    def start(self, plan: Plan, seq: Tokens) -> None:
         """Set up for a new generation."""
 
-    def propose(self, seq: Tokens, limit: int, plan: _Plan, generator: torch.Generator | None) -> Draft:
+    def propose(self, seq: Tokens, limit: int, plan: Plan, generator: torch.Generator | None) -> Draft:
         """Tokens to follow `seq.ids[:seq.length]`: at most `limit` (the room left before the last new
         token) plus `overshoot`, none when `limit` is 0."""
         raise NotImplementedError
@@ -87,14 +93,22 @@ class Drafter:
     def steps(
         self,
         model: Any,
-        plan: _Plan,
+        plan: Plan,
         input_ids: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
         inputs_embeds: torch.Tensor | None,
         generator: torch.Generator | None,
         stop_checker: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
+        past_key_values: Cache | None = None,
+        kept: dict[str, Any] | None = None,
     ) -> Iterator[Step]:
-        """Check that speculative decoding applies (ValueError naming what to change), then return its steps."""
+        """Check that speculative decoding applies (ValueError naming what to change), then return its
+        steps (`kept` receives the model's cache)."""
+        check_settings(self.name, plan.config)
+        if past_key_values is not None:
+            raise ValueError(
+                f"{self.name} (speculative decoding) cannot continue from past_key_values: drop one of them."
+            )
         if inputs_embeds is not None:
             raise ValueError(f"{self.name} drafts token ids: pass input_ids, not inputs_embeds.")
         if input_ids.shape[0] != 1:
@@ -103,25 +117,50 @@ class Drafter:
                 f"got {input_ids.shape[0]} rows (prompts times num_return_sequences): call generate per "
                 "prompt, with num_return_sequences=1."
             )
-        if plan.compile:
-            raise ValueError(
-                f"compile=True compiles the one-token step, which {self.name} does not use: drop one."
-            )
         self.stats = DraftStats()
-        return _run(self, model, plan, input_ids, attention_mask, generator, stop_checker)
+        return _run(self, model, plan, input_ids, attention_mask, generator, stop_checker, kept)
 
     name = "speculative decoding"
+
+
+def check_settings(name: str, config: GenerationConfig) -> None:
+    """Refuse the resolved settings that speculative decoding (asked for by the setting `name`) does not
+    combine with, naming both (ValueError)."""
+    refused = [
+        (
+            (config.num_beams or 1) > 1,
+            f"num_beams={config.num_beams}",
+            "beam search keeps several sequences; the reference would drop the drafting with a warning",
+        ),
+        (
+            config.use_cache is False,
+            "use_cache=False",
+            "the drafts are checked over the cache, as in the reference",
+        ),
+        (bool(config.compile), "compile=True", "it compiles the one-token step, which drafting does not use"),
+        (
+            bool(config.return_dict_in_generate and config.output_hidden_states),
+            "output_hidden_states=True",
+            "a draft's check returns no hidden states",
+        ),
+    ]
+    for hit, setting, why in refused:
+        if hit:
+            raise ValueError(
+                f"{name} (speculative decoding) cannot be combined with {setting} ({why}): drop one of them."
+            )
 
 
 @torch.no_grad()
 def _run(
     drafter: Drafter,
     model: Any,
-    plan: _Plan,
+    plan: Plan,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
     generator: torch.Generator | None,
     stop_checker: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
+    kept: dict[str, Any] | None,
 ) -> Iterator[Step]:
     """Speculative decoding of one sequence, a `Step` per new token."""
     device = model.device
@@ -135,8 +174,12 @@ def _run(
         mask[:, :T] = attention_mask
     seq = Tokens(ids, T, 0, mask)
     prompt_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-    stepper = _Stepper(model, replace(plan, max_new_tokens=capacity - T), prompt_mask.to(device).long())
+    stepper = Stepper(model, replace(plan, max_new_tokens=capacity - T), prompt_mask.to(device).long())
     cache = stepper.cache
+    if kept is not None:
+        kept["cache"] = cache
+    # The stopping criteria see the steps' scores when they are returned, as in plain decoding.
+    history: tuple | None = () if plan.config.return_dict_in_generate and plan.config.output_scores else None
     drafter.start(plan, seq)
     eos = set() if plan.eos is None else set(plan.eos.tolist())
     first_row = torch.zeros(1, dtype=torch.long)
@@ -148,20 +191,21 @@ def _run(
         seq.ids[seq.length : seq.length + k] = draft.tokens
         if first is None:  # the prompt as plain decoding runs it, then the draft after it
             first = stepper.prefill(input_ids=input_ids)
-            logits = torch.cat([first, _verify(model, cache, seq, T, T + k, plan)]) if k else first
+            logits = torch.cat([first, verify_logits(model, cache, seq, T, T + k, plan)]) if k else first
         else:  # the last token (not yet in the cache) and the draft
-            logits = _verify(model, cache, seq, seq.length - 1, seq.length + k, plan)
-        new = _accept(processed_scores(plan, logits, seq, rows=k + 1), draft, plan, generator)
+            logits = verify_logits(model, cache, seq, seq.length - 1, seq.length + k, plan)
+        scores = processed_scores(plan, logits, seq, rows=k + 1)
+        new = _accept(scores, draft, plan, generator)
         new = new[: plan.max_new_tokens - seq.produced]
-        kept = len(new) - 1
-        cache.crop(seq.length + kept)  # keep the sequence and the kept draft, roll the rest back
+        accepted = len(new) - 1
+        cache.crop(seq.length + accepted)  # keep the sequence and the kept draft, roll the rest back
         stats = drafter.stats
         stats.drafted, stats.accepted, stats.passes = (
             stats.drafted + k,
-            stats.accepted + kept,
+            stats.accepted + accepted,
             stats.passes + 1,
         )
-        for token in new:
+        for i, token in enumerate(new):
             seq.ids[seq.length] = token
             seq.length += 1
             seq.produced += 1
@@ -170,13 +214,24 @@ def _run(
             stopped = token in eos
             if not stopped and stop_checker is not None:
                 stopped = bool(stop_checker(first_row, tokens.cpu())[0])
+            if plan.criteria:
+                if history is not None:
+                    history += (scores[i : i + 1],)
+                stopped = (
+                    bool(criteria_hit(plan.criteria, seq.ids[None, : seq.length], history)[0]) or stopped
+                )
+            if plan.deadline is not None and time.time() > plan.deadline:
+                stopped = True
             reason = "stop" if stopped else "length" if seq.produced == plan.max_new_tokens else None
-            yield Step(tokens=tokens, finish_reasons=[reason])
+            if plan.record:
+                yield Step(tokens, [reason], scores[i : i + 1], logits[i : i + 1])
+            else:
+                yield Step(tokens, [reason])
             if reason is not None:
                 return
 
 
-def _verify(model: Any, cache: Cache, seq: Tokens, start: int, end: int, plan: _Plan) -> torch.Tensor:
+def verify_logits(model: Any, cache: Cache, seq: Tokens, start: int, end: int, plan: Plan) -> torch.Tensor:
     """fp32 logits (end - start, V) after each of positions [start, end), over a cache holding [0, start).
 
     The decode step (`stablelm.decode`) over several tokens, attending query by query: each row is bit
@@ -204,30 +259,30 @@ def _verify(model: Any, cache: Cache, seq: Tokens, start: int, end: int, plan: _
     return model.lm_head(base.norm(x)[0]).float()
 
 
-def make_room(model: Any, cache: Cache, end: int, plan: _Plan, seq: Tokens) -> None:
-    """Grow a static cache that cannot hold `end` positions (past the model's context, see loop.py)."""
+def make_room(model: Any, cache: Cache, end: int, plan: Plan, seq: Tokens) -> None:
+    """Grow a static cache that cannot hold `end` positions (past the model's context, see stepper.py)."""
     if isinstance(cache, StaticCache) and end > cache.max_cache_len:
-        cache.grow(max(end, _cache_length(model.config, plan, seq.length, cache.max_cache_len)))
+        cache.grow(max(end, cache_length(model.config, plan, seq.length, cache.max_cache_len)))
 
 
 def processed_scores(
-    plan: _Plan, logits: torch.Tensor, seq: Tokens, *, rows: int, offset: int = 0
+    plan: Plan, logits: torch.Tensor, seq: Tokens, *, rows: int, offset: int = 0
 ) -> torch.Tensor:
-    """Scores (rows, V) as plain decoding processes them: row i for the step after `seq` and `offset + i`
-    draft tokens (the repetition penalty sees them, EOS is banned while below `min_new_tokens`)."""
-    first, length = seq.produced + offset, seq.length + offset
-    banned = [plan.eos if first + i < plan.min_new_tokens else None for i in range(rows)]
-    if plan.params.repetition_penalty == 1.0 and all(b is banned[0] for b in banned):
-        return process_logits(logits, seq.ids[None, :length], plan.params, banned_ids=banned[0])
+    """Scores (rows, V) as plain decoding processes them: row i by the plan's processors over the sequence
+    and its first `offset + i` draft tokens (the repetition penalty sees them, EOS is banned while below
+    `min_new_tokens`, a caller's processor gets the ids it would get at that step)."""
+    if not plan.processors:
+        return logits
+    length = seq.length + offset
     return torch.cat(
         [
-            process_logits(logits[i : i + 1], seq.ids[None, : length + i], plan.params, banned_ids=banned[i])
+            apply_processors(plan.processors, seq.ids[None, : length + i], logits[i : i + 1])
             for i in range(rows)
         ]
     )
 
 
-def _accept(scores: torch.Tensor, draft: Draft, plan: _Plan, generator: torch.Generator | None) -> list[int]:
+def _accept(scores: torch.Tensor, draft: Draft, plan: Plan, generator: torch.Generator | None) -> list[int]:
     """The new tokens of a round: the kept draft tokens, then one token of the model's."""
     if plan.params.greedy:
         return _agreeing(draft.tokens, scores.argmax(-1))

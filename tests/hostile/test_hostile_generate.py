@@ -9,7 +9,7 @@ import torch
 from conftest import make_pair, tiny_config
 
 from stablelm import DynamicCache, StableLmForCausalLM, StableLmForSequenceClassification, StaticCache
-from stablelm.generation import loop, resolve_config
+from stablelm.generation import loop, resolve_config, stepper
 
 VOCAB = 128
 
@@ -62,7 +62,7 @@ def test_huge_max_new_tokens_allocates_no_more_than_the_context(cache_slots):
 def test_generating_past_the_context_grows_the_cache_and_keeps_the_tokens(padded, cache_slots, monkeypatch):
     """Past max_position_embeddings (warned, as the reference does) the static cache starts at the context
     and grows as the text does: the tokens are the dynamic cache's and the reference's."""
-    monkeypatch.setattr(loop, "CACHE_GROW_MIN", 8)
+    monkeypatch.setattr(stepper, "CACHE_GROW_MIN", 8)
     ours, ref = _peaked(max_positions=16)
     ids = _ids(batch=2, length=5, seed=3)
     mask = torch.ones_like(ids)
@@ -140,7 +140,7 @@ def no_work(monkeypatch):
         raise AssertionError("work was done before the arguments were checked")
 
     monkeypatch.setattr(StaticCache, "__init__", refuse)
-    monkeypatch.setattr(loop, "DynamicCache", refuse)
+    monkeypatch.setattr(stepper, "DynamicCache", refuse)
 
 
 @pytest.mark.parametrize(
