@@ -75,8 +75,7 @@ def _labels(
     if label2id is None:
         label2id = {v: k for k, v in labels.items()}
     elif not isinstance(label2id, dict) or not all(
-        isinstance(k, str) and isinstance(v, (int, str)) and not isinstance(v, bool)
-        for k, v in label2id.items()
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in label2id.items()
     ):
         raise ValueError(
             f'label2id must map label names to indices, such as {{"NEGATIVE": 0}}; got {SHOW.repr(label2id)}.'

@@ -96,11 +96,6 @@ def test_lm_evaluation_harness_hflm_without_a_tokenizer_gives_the_references_log
     assert loglikelihoods(ours) == loglikelihoods(transformers.StableLmForCausalLM.from_pretrained(path))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the pipeline reads model.generation_config.to_diff_dict() and passes the reference's "
-    "GenerationConfig to generate: the generation_config object is the h-gen branch's part of issue 18",
-)
 @pytest.mark.parametrize("ours_tokenizer", [False, True])
 def test_text_generation_pipeline_gives_the_references_text(ours_tokenizer):
     ours, ref = make_pair(tiny_config(vocab_size=50304, max_position_embeddings=64))
