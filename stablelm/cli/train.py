@@ -28,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_data_arguments(parser.add_argument_group("data"))
     _add_optimiser_arguments(parser.add_argument_group("optimisation"))
     _add_output_arguments(parser.add_argument_group("evaluation, checkpoints and output"))
+    _add_distributed_arguments(parser.add_argument_group("several processes (under torchrun)"))
 
 
 def _add_model_arguments(group: argparse._ArgumentGroup) -> None:
@@ -135,6 +136,23 @@ def _add_output_arguments(group: argparse._ArgumentGroup) -> None:
         choices=("float32", "bfloat16", "float16"),
         default="float32",
         help="dtype of the final model's weights (checkpoints stay float32)",
+    )
+
+
+def _add_distributed_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--strategy",
+        choices=("ddp", "fsdp"),
+        default="ddp",
+        help="ddp: each process holds the whole model; fsdp: parameters, gradients and optimiser state are "
+        "sharded over the processes (default: ddp)",
+    )
+    group.add_argument(
+        "--dist-timeout",
+        type=bounded(float, low=0.0, open_low=True),
+        default=1800.0,
+        metavar="SECONDS",
+        help="how long a process waits for the others in a collective before the run fails (1800)",
     )
 
 

@@ -4,8 +4,11 @@ run, so that `stablelm train --help` does not load torch)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
+import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -20,6 +23,7 @@ from ..training import (
     TrainingArguments,
     TrainingEvent,
     check_block_size,
+    distributed,
     pack,
     read_documents,
     split_blocks,
@@ -27,8 +31,10 @@ from ..training import (
 )
 from ..training.arguments import MAX_SEED
 from ..training.checkpoints import check_output_dir, list_checkpoints, read_trainer_state
+from ..training.distributed import Distributed
 from ..training.memory import (
     InsufficientMemoryError,
+    MemoryEstimate,
     check_training_memory,
     estimate_training_memory,
 )
@@ -41,16 +47,22 @@ from .train import DEFAULT_BLOCK_SIZE_CAP
 
 def run(args: argparse.Namespace) -> int:
     _check_flags(args)
+    # Under torchrun: this process's rank; only rank 0 speaks (an error is printed by the rank it happens on).
+    parallel = distributed.from_environment(strategy=args.strategy)
+    if not parallel.is_main:
+        warnings.simplefilter("ignore")
     output_dir = Path(args.output_dir)
     # Before any work: a folder that cannot be written would fail the first save, steps later.
     check_output_dir(output_dir, name="--output-dir")
-    resume_from = _resume_point(output_dir, resume=args.resume)
+    resume_from = _resume_point(output_dir, resume=args.resume, parallel=parallel)
     training_args = _training_arguments(args)  # checks the values before any loading
-    set_seed(args.seed)
-    device = resolve_device(args.device)
-    model, tokenizer, block_size = _model_and_tokenizer(args, device)
-    train_blocks, eval_blocks = _blocks(args, tokenizer, block_size)
-    log = _Log(args.log_interval)
+    set_seed(args.seed)  # the same on every rank: the same initial weights
+    device = distributed.process_device(parallel, resolve_device(args.device))
+    model, tokenizer, block_size = _model_and_tokenizer(args, device, parallel)
+    train_blocks, eval_blocks = _blocks(args, tokenizer, block_size, parallel)
+    # Joined only now: reading and tokenizing the data may take longer than a collective's timeout.
+    distributed.init_process_group(parallel, device=device, timeout_s=args.dist_timeout)
+    log = _Log(args.log_interval) if parallel.is_main else None
     trainer = Trainer(
         model,
         args=training_args,
@@ -58,17 +70,22 @@ def run(args: argparse.Namespace) -> int:
         eval_blocks=eval_blocks,
         tokenizer=tokenizer,
         callback=log,
+        parallel=parallel,
     )
     try:
         state = trainer.train(resume_from=resume_from)
     finally:
-        log.close()
+        if log is not None:
+            log.close()
     trainer.save_model(output_dir, dtype=resolve_dtype(args.save_dtype))
-    print(
-        f"trained {plural(state.step, 'step')} on {plural(state.tokens_seen, 'token')}; model saved in "
-        f"{output_dir}",
-        file=sys.stderr,
-    )
+    distributed.destroy_process_group()
+    if parallel.is_main:
+        across = f" across {plural(parallel.world_size, 'process', 'processes')}" if parallel.active else ""
+        print(
+            f"trained {plural(state.step, 'step')} on {plural(state.tokens_seen, 'token')}{across}; model saved "
+            f"in {output_dir}",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -89,14 +106,14 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise UsageError(f"argument --seed: expected an integer in [0, {MAX_SEED}], got {args.seed}")
 
 
-def _resume_point(output_dir: Path, *, resume: bool) -> Path | None:
+def _resume_point(output_dir: Path, *, resume: bool, parallel: Distributed) -> Path | None:
     checkpoints = list_checkpoints(output_dir)
     if checkpoints and not resume:
         raise UsageError(
             f"{output_dir} holds checkpoints of an earlier run ({checkpoints[-1].name}); pass --resume to "
             "continue it, or choose another --output-dir"
         )
-    if resume and not checkpoints:
+    if resume and not checkpoints and parallel.is_main:
         print(f"no checkpoint in {output_dir} yet: starting from step 0", file=sys.stderr)
     if checkpoints:
         read_trainer_state(checkpoints[-1])  # a damaged one fails now, not after the data is tokenized
@@ -125,7 +142,7 @@ def _training_arguments(args: argparse.Namespace) -> TrainingArguments:
 
 
 def _model_and_tokenizer(
-    args: argparse.Namespace, device: torch.device
+    args: argparse.Namespace, device: torch.device, parallel: Distributed
 ) -> tuple[StableLmForCausalLM, Tokenizer, int]:
     """The model, its tokenizer and the block size; the memory the run needs is checked before the
     optimiser's (and, for a new model, the weights') memory is taken."""
@@ -138,7 +155,7 @@ def _model_and_tokenizer(
         config = read_model_config(args.config, tokenizer=tokenizer)
         block_size = _block_size(args, config)
         try:
-            _check_memory(args, config, block_size, device, weights_loaded=False)
+            _check_memory(args, config, block_size, device, parallel, weights_loaded=False)
         except InsufficientMemoryError as err:
             raise InsufficientMemoryError(f"--config {args.config}: {err}") from None
         model = StableLmForCausalLM(config).to(device)
@@ -150,7 +167,7 @@ def _model_and_tokenizer(
         add_special_tokens(tokenizer, model, args.add_special_tokens)
     check_vocabulary(tokenizer, model)
     if args.config is None:
-        _check_memory(args, model.config, block_size, device, weights_loaded=True)
+        _check_memory(args, model.config, block_size, device, parallel, weights_loaded=True)
     return model, tokenizer, block_size
 
 
@@ -165,6 +182,7 @@ def _check_memory(
     config: StableLmConfig,
     block_size: int,
     device: torch.device,
+    parallel: Distributed,
     *,
     weights_loaded: bool,
 ) -> None:
@@ -176,11 +194,19 @@ def _check_memory(
         gradient_checkpointing=args.gradient_checkpointing,
         activation_bytes=2 if bf16 else 4,
     )
+    if parallel.active and parallel.strategy == "fsdp":  # each rank keeps 1/W of the gradients and moments
+        shards = parallel.world_size
+        estimate = dataclasses.replace(
+            estimate, gradients=estimate.gradients // shards, optimizer=estimate.optimizer // shards
+        )
+    if device.type == "cpu":  # the ranks on this machine share its memory
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        estimate = MemoryEstimate(**{k: v * local for k, v in dataclasses.asdict(estimate).items()})
     check_training_memory(estimate, device=device, weights_loaded=weights_loaded)
 
 
 def _blocks(
-    args: argparse.Namespace, tokenizer: Tokenizer, block_size: int
+    args: argparse.Namespace, tokenizer: Tokenizer, block_size: int, parallel: Distributed
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     documents = read_documents(args.data)
     blocks = _pack(tokenizer, documents, block_size, flag="--data")
@@ -191,11 +217,12 @@ def _blocks(
     else:
         eval_blocks = None
     held = f", {len(eval_blocks):,} held out" if eval_blocks is not None else ""
-    print(
-        f"data: {plural(len(documents), 'document')}, {plural(len(blocks), 'training block')} of "
-        f"{block_size} tokens{held}",
-        file=sys.stderr,
-    )
+    if parallel.is_main:
+        print(
+            f"data: {plural(len(documents), 'document')}, {plural(len(blocks), 'training block')} of "
+            f"{block_size} tokens{held}",
+            file=sys.stderr,
+        )
     return blocks, eval_blocks
 
 

@@ -205,9 +205,9 @@ class BlockOrder:
         self.num_blocks, self.seed = num_blocks, seed
         self._epoch, self._permutation = -1, torch.empty(0, dtype=torch.int64)
 
-    def indices(self, start: int, count: int) -> torch.Tensor:
-        """The block indices of samples start, start + 1, ..., start + count - 1."""
-        return torch.stack([self._at(k) for k in range(start, start + count)])
+    def indices(self, start: int, count: int, *, stride: int = 1) -> torch.Tensor:
+        """The block indices of samples start, start + stride, ..., start + (count - 1) * stride."""
+        return torch.stack([self._at(k) for k in range(start, start + count * stride, stride)])
 
     def _at(self, k: int) -> torch.Tensor:
         epoch, i = divmod(k, self.num_blocks)

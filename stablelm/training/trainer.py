@@ -21,16 +21,19 @@ import torch
 
 from ..heads import StableLmForCausalLM
 from ..tokenizer import Tokenizer
+from . import distributed
 from .arguments import TrainingArguments
 from .checkpoints import (
     STATE_NAME,
     check_output_dir,
     list_checkpoints,
-    load_checkpoint,
+    read_checkpoint,
     read_trainer_state,
     save_checkpoint,
+    set_rng_state,
 )
 from .data import BlockOrder
+from .distributed import Distributed
 from .optim import build_optimizer, learning_rate_at
 
 
@@ -82,6 +85,7 @@ class Trainer:
         eval_blocks: torch.Tensor | None = None,
         tokenizer: Tokenizer | None = None,
         callback: Callable[[TrainingEvent], None] | None = None,
+        parallel: Distributed | None = None,
     ) -> None:
         """Set up a run.
 
@@ -92,10 +96,14 @@ class Trainer:
             eval_blocks: (M, T) held-out token ids for the held-out loss, or None.
             tokenizer: Saved with each checkpoint and the final model, so that they load as they are.
             callback: Called with each `TrainingEvent`.
+            parallel: This process's place in a data-parallel run (default: one process). Each rank passes
+                the same blocks; the global batch is batch_size x gradient_accumulation_steps x world size,
+                and rank r reads positions r, r + W, ... of each global batch of the one-process order.
 
         Raises:
             ValueError: The blocks do not fit the model (longer than max_position_embeddings, ids outside the
-                vocabulary), or the model is not float32.
+                vocabulary), or the model is not float32. Blocks are int64, or int32 (a memory-mapped token
+                cache, read a batch at a time).
         """
         _check_blocks("train_blocks", train_blocks, model)
         if eval_blocks is not None:
@@ -109,6 +117,12 @@ class Trainer:
         self.train_blocks, self.eval_blocks = train_blocks, eval_blocks
         self.output_dir = Path(args.output_dir)
         self.order = BlockOrder(train_blocks.shape[0], seed=args.seed)
+        self.parallel = parallel or Distributed()
+        self.model_class = type(model)
+        bf16 = resolve_precision(args.precision, model.device) == "bf16"
+        # What forward and backward run through: the model, DDP around it, or the model sharded by FSDP2
+        # (before the optimiser is built, so that it holds the shards).
+        self.module = distributed.wrap(model, self.parallel, bf16=bf16)
         self.optimizer = build_optimizer(
             model, lr=args.learning_rate, weight_decay=args.weight_decay, betas=args.adam_betas
         )
@@ -159,7 +173,7 @@ class Trainer:
         grad_norm = self._clip_gradients()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        tokens = args.gradient_accumulation_steps * args.batch_size * self.train_blocks.shape[1]
+        tokens = self._global_batch() * self.train_blocks.shape[1]
         seconds = time.perf_counter() - start
         self.state.step += 1
         self.state.tokens_seen += tokens
@@ -172,23 +186,34 @@ class Trainer:
             tokens_per_second=tokens / max(seconds, 1e-9),
         )
 
+    def _global_batch(self) -> int:
+        """Samples per optimiser step, over all ranks."""
+        return self.args.gradient_accumulation_steps * self.args.batch_size * self.parallel.world_size
+
     def _accumulate_gradients(self, step: int) -> float:
-        """Forward and backward over the step's micro-batches; the mean loss."""
+        """Forward and backward over this rank's micro-batches of the step; the mean loss over all ranks."""
         accumulation, batch_size = self.args.gradient_accumulation_steps, self.args.batch_size
+        rank, world = self.parallel.rank, self.parallel.world_size
         total = torch.zeros((), device=self.model.device)
         for micro in range(accumulation):
-            first = (step * accumulation + micro) * batch_size
-            batch = self.train_blocks[self.order.indices(first, batch_size)].to(self.model.device)
+            # Positions rank, rank + W, ... of the global batch: the same samples, in the same steps, for
+            # any world size with the same global batch.
+            first = step * self._global_batch() + rank + world * micro * batch_size
+            batch = self._batch(self.train_blocks[self.order.indices(first, batch_size, stride=world)])
+            distributed.set_gradient_sync(self.module, micro == accumulation - 1)
             with self._autocast():
-                loss = self.model(batch, labels=batch, use_cache=False).loss
+                loss = self.module(batch, labels=batch, use_cache=False).loss
             (loss / accumulation).backward()
             total += loss.detach() / accumulation
-        return total.item()
+        return (distributed.all_reduce(total, self.parallel) / world).item()
+
+    def _batch(self, blocks: torch.Tensor) -> torch.Tensor:
+        return blocks.to(device=self.model.device, dtype=torch.int64)
 
     def _clip_gradients(self) -> float:
         parameters = [p for p in self.model.parameters() if p.grad is not None]
         limit = self.args.max_grad_norm if self.args.max_grad_norm is not None else math.inf
-        return torch.nn.utils.clip_grad_norm_(parameters, limit).item()
+        return distributed.plain_norm(torch.nn.utils.clip_grad_norm_(parameters, limit)).item()
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
@@ -199,13 +224,23 @@ class Trainer:
         self.model.eval()
         limit = self.args.eval_batches * self.args.batch_size if self.args.eval_batches else None
         blocks = self.eval_blocks[:limit]
-        total = 0.0
-        for start in range(0, blocks.shape[0], self.args.batch_size):
-            batch = blocks[start : start + self.args.batch_size].to(self.model.device)
+        count, batch_size = blocks.shape[0], self.args.batch_size
+        rank, world = self.parallel.rank, self.parallel.world_size
+        mine = torch.arange(rank, count, world)  # this rank's share: blocks rank, rank + W, ...
+        # Every rank runs as many batches as the largest share has: a sharded model gathers its weights in
+        # each forward, with all ranks. The surplus batch of a smaller share is computed and not counted.
+        largest_share = math.ceil(count / world)
+        batches = math.ceil(largest_share / batch_size)
+        total = torch.zeros((), dtype=torch.float64)
+        for number in range(batches):
+            rows = mine[number * batch_size : (number + 1) * batch_size]
+            batch = self._batch(blocks[rows if rows.numel() else torch.zeros(1, dtype=torch.int64)])
             with self._autocast():
-                total += self.model(batch, labels=batch, use_cache=False).loss.item() * batch.shape[0]
+                loss = self.module(batch, labels=batch, use_cache=False).loss
+            total += loss.double().cpu() * rows.numel()
         self.model.train(was_training)
-        loss = total / blocks.shape[0]  # every block predicts the same number of tokens
+        total = distributed.all_reduce(total.to(self.model.device), self.parallel).item()
+        loss = total / count  # every block predicts the same number of tokens
         perplexity = math.exp(loss) if loss < 700 else math.inf
         self.state.log_history.append({"step": self.state.step, "eval_loss": loss, "perplexity": perplexity})
         self._emit("eval", eval_loss=loss, perplexity=perplexity)
@@ -219,15 +254,22 @@ class Trainer:
 
     # ---- checkpoints ------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        """Write `output_dir/checkpoint-{step}` (atomically) and drop checkpoints beyond the limit."""
-        path = save_checkpoint(
-            self.output_dir,
-            model=self.model,
-            tokenizer=self.tokenizer,
-            optimizer=self.optimizer,
-            state=asdict(self.state),
-            keep=self.args.save_total_limit,
-        )
+        """Write `output_dir/checkpoint-{step}` (atomically) and drop checkpoints beyond the limit.
+
+        In a data-parallel run every rank calls this (the shards are gathered) and rank 0 writes.
+        """
+        model = distributed.full_model(self.model, model_class=self.model_class)
+        optimizer_state = distributed.full_optimizer_state(self.model, self.optimizer)
+        path = self.output_dir / f"checkpoint-{self.state.step}"
+        if self.parallel.is_main:
+            path = save_checkpoint(
+                self.output_dir,
+                model=model,
+                tokenizer=self.tokenizer,
+                optimizer_state=optimizer_state,
+                state=asdict(self.state),
+                keep=self.args.save_total_limit,
+            )
         self._emit("save", path=str(path))
         return path
 
@@ -241,17 +283,29 @@ class Trainer:
         folder = Path(checkpoint)
         if (folder / STATE_NAME).is_file():  # settings first: a foreign run is refused before any loading
             self._check_same_run(folder, read_trainer_state(folder))
-        state = load_checkpoint(folder, model=self.model, optimizer=self.optimizer)
-        self.state = TrainingState(**state)
+        # Each rank reads the whole checkpoint (on the CPU when it is to be sharded) and keeps its part.
+        device = "cpu" if distributed.is_sharded(self.model) else None
+        saved = read_checkpoint(
+            folder, model=self.model, optimizer=self.optimizer, model_class=self.model_class, device=device
+        )
+        distributed.load_full_state(
+            self.model, self.optimizer, weights=saved.weights, optimizer_state=saved.optimizer_state
+        )
+        set_rng_state(saved.rng)
+        self.state = TrainingState(**saved.state)
         self._emit("resume", path=str(folder))
 
     def _check_same_run(self, folder: Path, state: dict[str, Any]) -> None:
-        differ = {k: (v, state["run"].get(k)) for k, v in self.state.run.items() if state["run"].get(k) != v}
+        then = dict(state["run"])
+        if "global_batch_size" not in then and "batch_size" in then:  # written before data-parallel runs
+            then["global_batch_size"] = then["batch_size"] * then.get("gradient_accumulation_steps", 1)
+        differ = {k: (v, then.get(k)) for k, v in self.state.run.items() if then.get(k) != v}
         if differ:
             detail = ", ".join(f"{k}: now {now!r}, then {then!r}" for k, (now, then) in differ.items())
             raise ValueError(
                 f"Cannot resume from {folder}: it was trained with other data or settings ({detail}). Resume "
-                "with the same data, --seed, --batch-size, --grad-accum and --block-size, or start afresh."
+                "with the same data, --seed and --block-size, and the same global batch (--batch-size x "
+                "--grad-accum x processes; any split of it), or start afresh."
             )
 
     def latest_checkpoint(self) -> Path | None:
@@ -260,18 +314,25 @@ class Trainer:
         return found[-1] if found else None
 
     def save_model(self, directory: str | os.PathLike, *, dtype: torch.dtype | None = None) -> None:
-        """Write the model (in `dtype`, default its own) and the tokenizer as a Hugging Face checkpoint."""
-        model = self.model if dtype in (None, self.model.dtype) else copy.deepcopy(self.model).to(dtype)
+        """Write the model (in `dtype`, default its own) and the tokenizer as a Hugging Face checkpoint.
+
+        In a data-parallel run every rank calls this (the shards are gathered) and rank 0 writes.
+        """
+        model = distributed.full_model(self.model, model_class=self.model_class)
+        if not self.parallel.is_main:
+            return
+        if dtype not in (None, model.dtype):
+            model = (copy.deepcopy(model) if model is self.model else model).to(dtype)
         model.save_pretrained(directory)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(directory)
 
     # ---- helpers ---------------------------------------------------------------------------------------
     def _run_settings(self) -> dict[str, Any]:
+        # The global batch, not its split into micro-batches, accumulation and ranks, fixes the data order.
         return {
             "seed": self.args.seed,
-            "batch_size": self.args.batch_size,
-            "gradient_accumulation_steps": self.args.gradient_accumulation_steps,
+            "global_batch_size": self._global_batch(),
             "block_size": int(self.train_blocks.shape[1]),
             "train_blocks": int(self.train_blocks.shape[0]),
             "train_tokens_sum": int(self.train_blocks.sum()),
@@ -284,9 +345,10 @@ class Trainer:
 
 def _check_blocks(name: str, blocks: torch.Tensor, model: StableLmForCausalLM) -> None:
     config = model.config
-    if blocks.dim() != 2 or blocks.shape[0] == 0 or blocks.dtype != torch.int64:
+    if blocks.dim() != 2 or blocks.shape[0] == 0 or blocks.dtype not in (torch.int64, torch.int32):
         raise ValueError(
-            f"{name} must be a non-empty (N, block_size) int64 tensor, got {tuple(blocks.shape)}."
+            f"{name} must be a non-empty (N, block_size) int64 (or int32) tensor, got {tuple(blocks.shape)} "
+            f"{blocks.dtype}."
         )
     check_block_size(int(blocks.shape[1]), max_position_embeddings=config.max_position_embeddings)
     top = int(blocks.max())
