@@ -78,6 +78,9 @@ def run(args: argparse.Namespace) -> int:
         if log is not None:
             log.close()
     trainer.save_model(output_dir, dtype=resolve_dtype(args.save_dtype))
+    # DDP's reducer is released before the process group it uses: released after it, at the interpreter's
+    # exit, it could leave a rank waiting forever (seen with gloo).
+    del trainer
     distributed.destroy_process_group()
     if parallel.is_main:
         across = f" across {plural(parallel.world_size, 'process', 'processes')}" if parallel.active else ""

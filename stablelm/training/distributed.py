@@ -23,6 +23,7 @@ that waits on a rank that hangs without exiting.
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 from dataclasses import dataclass
@@ -140,8 +141,11 @@ def wrap(model: nn.Module, dist: Distributed, *, bf16: bool) -> nn.Module:
         return model
     if dist.strategy == "ddp":
         device_ids = [model.device] if model.device.type == "cuda" else None
-        # The rotary buffers are computed, the same on every rank: no need to broadcast them each forward.
-        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+        # The rotary buffers are computed, the same on every rank: no need to broadcast them each forward
+        # (torch 2.13 renamed the flag; older versions know only broadcast_buffers).
+        ddp = nn.parallel.DistributedDataParallel
+        flag = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters else None
+        return ddp(model, device_ids=device_ids, **{flag or "broadcast_buffers": False})
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
