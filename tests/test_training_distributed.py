@@ -39,6 +39,14 @@ LOSS_RTOL, WEIGHT_ATOL = 2e-6, 1e-6
 RUN_TIMEOUT = 90
 
 
+@pytest.fixture(scope="module", autouse=True)
+def token_cache(tmp_path_factory):
+    """Tokenized data goes to a folder of this module's, not the user's cache (torchrun's ranks inherit it)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("STABLELM_DATA_CACHE", str(tmp_path_factory.mktemp("token-cache")))
+        yield
+
+
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> Path:
     """A tokenizer, a tiny config.json and JSON-lines data, in one folder."""

@@ -25,12 +25,11 @@ from ..training import (
     check_block_size,
     distributed,
     pack,
-    read_documents,
     split_blocks,
-    tokenize,
 )
 from ..training.arguments import MAX_SEED
 from ..training.checkpoints import check_output_dir, list_checkpoints, read_trainer_state
+from ..training.corpus import TokenStream, default_cache_dir, tokenize_files
 from ..training.distributed import Distributed
 from ..training.memory import (
     InsufficientMemoryError,
@@ -211,10 +210,12 @@ def _check_memory(
 def _blocks(
     args: argparse.Namespace, tokenizer: Tokenizer, block_size: int, parallel: Distributed
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    documents = read_documents(args.data)
-    blocks = _pack(tokenizer, documents, block_size, flag="--data")
+    train = _stream(args, args.data, tokenizer, parallel)
+    blocks = _pack(train.tokens, block_size, flag="--data")
     if args.eval_data:
-        eval_blocks = _pack(tokenizer, read_documents(args.eval_data), block_size, flag="--eval-data")
+        eval_blocks = _pack(
+            _stream(args, args.eval_data, tokenizer, parallel).tokens, block_size, flag="--eval-data"
+        )
     elif args.eval_fraction > 0:
         blocks, eval_blocks = split_blocks(blocks, args.eval_fraction)
     else:
@@ -222,18 +223,64 @@ def _blocks(
     held = f", {len(eval_blocks):,} held out" if eval_blocks is not None else ""
     if parallel.is_main:
         print(
-            f"data: {plural(len(documents), 'document')}, {plural(len(blocks), 'training block')} of "
+            f"data: {plural(train.documents, 'document')}, {plural(len(blocks), 'training block')} of "
             f"{block_size} tokens{held}",
             file=sys.stderr,
         )
     return blocks, eval_blocks
 
 
-def _pack(tokenizer: Tokenizer, documents: list[str], block_size: int, *, flag: str) -> torch.Tensor:
+def _stream(
+    args: argparse.Namespace, paths: list[str], tokenizer: Tokenizer, parallel: Distributed
+) -> TokenStream:
+    """The data's tokens, from the cache or tokenized into it by the first process of each machine (the
+    others wait for its file)."""
+    cache_dir = Path(args.data_cache) if args.data_cache else default_cache_dir()
+    workers = args.data_workers or len(os.sched_getaffinity(0))
+    bar = _TokenizingBar() if parallel.local_rank == 0 and sys.stderr.isatty() else None
     try:
-        return pack(tokenize(tokenizer, documents), block_size)
+        stream = tokenize_files(
+            paths,
+            tokenizer,
+            cache_dir=cache_dir,
+            workers=workers,
+            progress=bar,
+            build=parallel.local_rank == 0,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    if parallel.is_main:
+        how = "read from the cache" if stream.cached else "tokenized"
+        print(f"tokens: {plural(stream.tokens.numel(), 'token')} {how} ({stream.path})", file=sys.stderr)
+    return stream
+
+
+def _pack(stream: torch.Tensor, block_size: int, *, flag: str) -> torch.Tensor:
+    try:
+        return pack(stream, block_size)
     except ValueError as err:
         raise ValueError(f"{flag}: {err}") from err
+
+
+class _TokenizingBar:
+    """A tqdm bar of the bytes tokenized (tqdm comes with huggingface_hub; without it, no bar)."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                return
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 class _Log:
