@@ -15,6 +15,7 @@ import json
 import os
 import pydoc_data.topics
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -268,6 +269,19 @@ def test_killed_rank_ends_the_job_and_the_run_resumes_on_another_world_size(inpu
 
     # Resumed in one process, with the global batch of 8 split as 4 x 2 micro-batches instead of 2 x 2 x 2 ranks.
     assert main([*_train_args(inputs, out, "--batch-size", "4", "--grad-accum", "2"), "--resume"]) == 0
+    _assert_same_run(out, one_process)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_resume_a_one_process_checkpoint(inputs, one_process, tmp_path, strategy):
+    out = tmp_path / "resumed"
+    out.mkdir()
+    shutil.copytree(one_process / "checkpoint-12", out / "checkpoint-12")
+    command = _torchrun("--standalone", "--nproc-per-node", "2", "-m", "stablelm")
+    args = _train_args(inputs, out, "--strategy", strategy, "--batch-size", "4", "--resume")
+    result = _launch([*command, *args])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("resumed from") == 1
     _assert_same_run(out, one_process)
 
 

@@ -4,13 +4,17 @@
 warmup-cosine schedule, `arguments` holds a run's settings, `checkpoints` writes and restores training
 checkpoints atomically (and checks an output folder before a run), `trainer` runs the loop, `sources` sets
 up the model and tokenizer a run starts from, `memory` estimates whether a run fits before it allocates,
-`tokenizer_training` trains a byte-level BPE tokenizer, and `wording` writes counts in messages. The `stablelm train` and
+`tokenizer_training` trains a byte-level BPE tokenizer, `corpus` streams large data through worker
+processes into a token cache, `distributed` runs the loop data-parallel under torchrun (DDP or FSDP2), and
+`wording` writes counts in messages. The `stablelm train` and
 `stablelm train-tokenizer` commands drive them.
 """
 
 from .arguments import TrainingArguments
 from .checkpoints import check_output_dir
+from .corpus import TokenStream, tokenize_files
 from .data import BlockOrder, check_text, pack, read_documents, split_blocks, tokenize
+from .distributed import Distributed
 from .memory import (
     InsufficientMemoryError,
     MemoryEstimate,
@@ -23,12 +27,14 @@ from .trainer import Trainer, TrainingEvent, TrainingState, check_block_size
 
 __all__ = [
     "BlockOrder",
+    "Distributed",
     "InsufficientMemoryError",
     "MemoryEstimate",
     "Trainer",
     "TrainingArguments",
     "TrainingEvent",
     "TrainingState",
+    "TokenStream",
     "build_optimizer",
     "check_block_size",
     "check_output_dir",
@@ -41,5 +47,6 @@ __all__ = [
     "read_documents",
     "split_blocks",
     "tokenize",
+    "tokenize_files",
     "train_tokenizer",
 ]

@@ -139,6 +139,11 @@ def wrap(model: nn.Module, dist: Distributed, *, bf16: bool) -> nn.Module:
     `model` sharded in place by FSDP2 (each decoder layer, then the root)."""
     if not dist.active:
         return model
+    if not torch.distributed.is_initialized():
+        raise ValueError(
+            f"This process is rank {dist.rank} of {dist.world_size}, but has not joined the others: call "
+            "stablelm.training.distributed.init_process_group first."
+        )
     if dist.strategy == "ddp":
         device_ids = [model.device] if model.device.type == "cuda" else None
         # The rotary buffers are computed, the same on every rank: no need to broadcast them each forward
