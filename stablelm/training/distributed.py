@@ -272,6 +272,9 @@ def load_full_state(
         ],
     }
     set_optimizer_state_dict(model, optimizer, optim_state_dict=by_name, options=options)
+    # set_optimizer_state_dict gives tuples back as lists (betas): keep the hyperparameters as saved.
+    for group, saved in zip(optimizer.param_groups, optimizer_state["param_groups"], strict=True):
+        group.update({key: value for key, value in saved.items() if key != "params"})
 
 
 def _parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
