@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from stablelm.cli import main
-from stablelm.training import corpus, read_documents, tokenize, train_tokenizer
+from stablelm.training import corpus, pack, read_documents, split_blocks, tokenize, train_tokenizer
 
 TEXTS = [pydoc_data.topics.topics[name] for name in sorted(pydoc_data.topics.topics)[:40]]
 
@@ -68,6 +68,24 @@ def test_worker_processes_give_the_same_tokens(tokenizer, data, tmp_path, small_
     (data / "b.jsonl").write_text((data / "b.jsonl").read_text() + '{"text": oops}\n')
     with pytest.raises(ValueError, match=r"b\.jsonl:22 is not valid JSON"):
         corpus.tokenize_files([data], tokenizer, cache_dir=tmp_path / "b", workers=2)
+
+
+def test_held_out_split_of_cached_blocks_equals_split_blocks_without_a_copy_in_memory(
+    tokenizer, data, tmp_path
+):
+    stream = corpus.tokenize_files([data], tokenizer, cache_dir=tmp_path / "cache")
+    blocks = pack(stream.tokens, 32)
+    train, held = corpus.split_on_disk(stream, blocks, 0.1)
+    expected_train, expected_held = split_blocks(blocks, 0.1)
+    assert torch.equal(train, expected_train) and torch.equal(held, expected_held)
+    written = list((tmp_path / "cache").glob(f"*.train-{len(blocks)}x32-0.1.int32"))
+    assert len(written) == 1 and written[0].stat().st_size == train.numel() * 4
+    # The training blocks are read from that file (a mapping of it), not copied into this process.
+    assert train.untyped_storage().data_ptr() != blocks.untyped_storage().data_ptr()
+    written[0].write_bytes(b"\0" * written[0].stat().st_size)  # a second split maps the file as it is
+    assert int(corpus.split_on_disk(stream, blocks, 0.1)[0].abs().sum()) == 0
+    with pytest.raises(ValueError, match="too few to hold out"):
+        corpus.split_on_disk(stream, blocks[:1], 0.1)
 
 
 def test_a_rerun_reads_the_cache_by_content(tokenizer, data, tmp_path, monkeypatch):

@@ -25,11 +25,10 @@ from ..training import (
     check_block_size,
     distributed,
     pack,
-    split_blocks,
 )
 from ..training.arguments import MAX_SEED
 from ..training.checkpoints import check_output_dir, list_checkpoints, read_trainer_state
-from ..training.corpus import TokenStream, default_cache_dir, tokenize_files
+from ..training.corpus import TokenStream, default_cache_dir, split_on_disk, tokenize_files
 from ..training.distributed import Distributed
 from ..training.memory import (
     InsufficientMemoryError,
@@ -217,7 +216,7 @@ def _blocks(
             _stream(args, args.eval_data, tokenizer, parallel).tokens, block_size, flag="--eval-data"
         )
     elif args.eval_fraction > 0:
-        blocks, eval_blocks = split_blocks(blocks, args.eval_fraction)
+        blocks, eval_blocks = split_on_disk(train, blocks, args.eval_fraction, build=parallel.local_rank == 0)
     else:
         eval_blocks = None
     held = f", {len(eval_blocks):,} held out" if eval_blocks is not None else ""

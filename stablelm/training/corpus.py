@@ -35,6 +35,7 @@ from .data import (
     JSONL_SUFFIXES,
     PARQUET_SUFFIXES,
     find_files,
+    held_out_rows,
     jsonl_texts,
     no_text_error,
     read_text,
@@ -116,6 +117,35 @@ def tokenize_files(
         raise no_text_error(paths)
     tokens = torch.from_file(str(tokens_path), shared=False, size=meta["tokens"], dtype=torch.int32)
     return TokenStream(tokens=tokens, documents=meta["documents"], path=tokens_path, cached=cached)
+
+
+def split_on_disk(
+    stream: TokenStream, blocks: torch.Tensor, fraction: float, *, build: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`data.split_blocks` for blocks cut from a cached stream: the training blocks are written once, beside
+    the cache file, and memory-mapped rather than copied into memory; the held-out blocks are copied.
+
+    Args:
+        build: False waits for another process (rank 0 of a machine) to write the file instead.
+    """
+    held = held_out_rows(blocks.shape[0], fraction)
+    count, width = int((~held).sum()), blocks.shape[1]
+    path = stream.path.with_name(f"{stream.path.stem}.train-{blocks.shape[0]}x{width}-{fraction!r}.int32")
+    if not path.is_file() and build:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                f.truncate(count * width * 4)
+            out = torch.from_file(str(tmp), shared=True, size=count * width, dtype=torch.int32)
+            out, done = out.view(count, width), 0
+            for start in range(0, blocks.shape[0], 4096):  # a few MiB at a time
+                rows = blocks[start : start + 4096][~held[start : start + 4096]]
+                out[done : done + len(rows)] = rows
+                done += len(rows)
+            del out
+    elif not path.is_file():
+        _wait_for(path)
+    train = torch.from_file(str(path), shared=False, size=count * width, dtype=torch.int32)
+    return train.view(count, width), blocks[held].clone()
 
 
 # ---- planning ----------------------------------------------------------------------------------------------

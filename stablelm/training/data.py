@@ -213,16 +213,25 @@ def split_blocks(blocks: torch.Tensor, fraction: float) -> tuple[torch.Tensor, t
     Raises:
         ValueError: The fraction is outside [0, 1), or leaves no block on one side.
     """
+    held = held_out_rows(blocks.shape[0], fraction)
+    return blocks[~held], blocks[held]
+
+
+def held_out_rows(count: int, fraction: float) -> torch.Tensor:
+    """The mask of the rows `split_blocks` holds out of `count` blocks.
+
+    Raises:
+        ValueError: The fraction is outside [0, 1), or leaves no block on one side.
+    """
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"The held-out fraction must be in [0, 1), got {fraction}.")
-    n = blocks.shape[0]
-    held = torch.tensor([math.floor((i + 1) * fraction) > math.floor(i * fraction) for i in range(n)])
+    held = torch.tensor([math.floor((i + 1) * fraction) > math.floor(i * fraction) for i in range(count)])
     if fraction > 0 and (not held.any() or held.all()):
         raise ValueError(
-            f"The data makes only {plural(n, 'block')}, too few to hold out {fraction:.0%} of them; add text, "
-            "lower the block size, or pass separate held-out data."
+            f"The data makes only {plural(count, 'block')}, too few to hold out {fraction:.0%} of them; add "
+            "text, lower the block size, or pass separate held-out data."
         )
-    return blocks[~held], blocks[held]
+    return held
 
 
 class BlockOrder:
