@@ -318,6 +318,23 @@ def test_a_rank_that_raises_ends_the_whole_job_within_seconds(inputs, tmp_path, 
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
+HANGING_RANK = RAISING_RANK.replace(
+    'raise RuntimeError("rank 1 broke at step 3")', "import time; time.sleep(3600)"
+)
+
+
+def test_a_rank_that_hangs_ends_the_job_after_the_collective_timeout(inputs, tmp_path):
+    script = tmp_path / "hanging_rank.py"
+    script.write_text(HANGING_RANK)
+    args = _train_args(inputs, tmp_path / "out", "--batch-size", "2", "--dist-timeout", "5")
+    start = time.monotonic()
+    result = _launch([*_torchrun("--standalone", "--nproc-per-node", "2"), str(script), *args])
+    assert result.returncode != 0
+    # Rank 0's next collective gives up after 5 s and rank 0 exits with the error; torchrun stops rank 1.
+    assert re.search(r"stablelm: error: .*Timed out waiting 5000ms", result.stderr), result.stderr[:3000]
+    assert time.monotonic() - start < 60, result.stderr[-2000:]
+
+
 # ---- two nodes -------------------------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as sock:
