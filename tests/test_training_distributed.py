@@ -106,14 +106,39 @@ def _torchrun(*flags: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", *flags]
 
 
+def _start(command: list[str], **options) -> subprocess.Popen:
+    """torchrun in a session of its own, so that `_stop` ends its workers too."""
+    return subprocess.Popen(
+        command,
+        env=options.pop("env", _environment()),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        **options,
+    )
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Kill torchrun and its workers if they still run (a hung test leaves no process behind)."""
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait()
+
+
 def _launch(command: list[str]) -> subprocess.CompletedProcess:
+    process = _start(command)
     try:
-        return subprocess.run(
-            command, env=_environment(), capture_output=True, text=True, timeout=RUN_TIMEOUT, cwd=ROOT
-        )
-    except subprocess.TimeoutExpired as err:
-        stderr = err.stderr.decode(errors="replace") if isinstance(err.stderr, bytes) else err.stderr
+        stdout, stderr = process.communicate(timeout=RUN_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        _stop(process)
+        _, stderr = process.communicate()
         pytest.fail(f"{' '.join(command)} ran past {RUN_TIMEOUT} s:\n{(stderr or '')[-3000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 @pytest.fixture(scope="module")
@@ -246,9 +271,7 @@ def test_killed_rank_ends_the_job_and_the_run_resumes_on_another_world_size(inpu
     out = tmp_path / "killed"
     command = _torchrun("--standalone", "--nproc-per-node", "2", "-m", "stablelm")
     args = _train_args(inputs, out, "--batch-size", "2", "--grad-accum", "2")
-    job = subprocess.Popen(
-        [*command, *args], env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    job = _start([*command, *args])
     try:
         deadline = time.monotonic() + RUN_TIMEOUT
         while (
@@ -261,8 +284,7 @@ def test_killed_rank_ends_the_job_and_the_run_resumes_on_another_world_size(inpu
         killed = time.monotonic()
         _, stderr = job.communicate(timeout=60)
     finally:
-        if job.poll() is None:
-            job.kill()
+        _stop(job)
     assert job.returncode != 0 and time.monotonic() - killed < 15, stderr[-2000:]
     assert not (out / "model.safetensors").exists(), "the run ended before the kill: nothing was tested"
     assert "Signals.SIGKILL" in stderr or "SIGKILL" in stderr
@@ -373,22 +395,14 @@ def test_readme_multi_node_line_runs_as_two_nodes_on_localhost(inputs, one_proce
     args = _train_args(inputs, tmp_path / "out", "--batch-size", "2", "--grad-accum", "2")
     env = {**_environment(), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     nodes = [
-        subprocess.Popen(
-            [part.replace("$NODE_RANK", str(rank)) for part in launcher] + args,
-            env=env,
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        _start([part.replace("$NODE_RANK", str(rank)) for part in launcher] + args, env=env)
         for rank in (0, 1)
     ]
     try:
         results = [node.communicate(timeout=RUN_TIMEOUT) for node in nodes]
     finally:
         for node in nodes:
-            if node.poll() is None:
-                node.kill()
+            _stop(node)
     for node, (_, stderr) in zip(nodes, results, strict=True):
         assert node.returncode == 0, stderr[-3000:]
     assert "across 2 processes" in results[0][1] and "across" not in results[1][1]  # only rank 0 logs
