@@ -199,3 +199,20 @@ def test_chat_data_under_ddp_equals_one_process(chat, tmp_path):
     _two_processes(_args(model, data, ddp, "--strategy", "ddp", "--batch-size", "1", "--grad-accum", "2"))
     _assert_same_losses(ddp, one)
     _assert_same_tensors(load_file(ddp / "model.safetensors"), load_file(one / "model.safetensors"))
+
+
+def test_merging_a_sharded_adapter_in_the_trainer_is_refused_clearly(base, tmp_path, monkeypatch):
+    """Trainer.save_model(merge=True) needs the whole base weights, which FSDP shards: refused, naming the way
+    (the command merges the saved adapter into the base read again instead, tested above)."""
+    from stablelm.training import Trainer, TrainingArguments, distributed
+    from stablelm.training.lora import LoraSettings, add_lora
+
+    model = add_lora(StableLmForCausalLM.from_pretrained(base), LoraSettings(r=2))
+    blocks = torch.randint(0, model.config.vocab_size, (4, 16))
+    trainer = Trainer(model, args=TrainingArguments(output_dir=str(tmp_path)), train_blocks=blocks)
+    monkeypatch.setattr(distributed, "is_sharded", lambda module: True)
+    with pytest.raises(
+        ValueError, match="merge=True needs the whole weights .* FSDP shards them.*apply_adapter"
+    ):
+        trainer.save_model(tmp_path / "merged", merge=True)
+    assert not (tmp_path / "merged").exists()

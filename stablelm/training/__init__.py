@@ -2,7 +2,8 @@
 
 `data` reads text and JSON-lines files and packs their tokens into blocks, `optim` builds AdamW and its
 warmup-cosine schedule, `arguments` holds a run's settings, `checkpoints` writes and restores training
-checkpoints atomically (and checks an output folder before a run), `trainer` runs the loop, `sources` sets
+checkpoints atomically (and checks an output folder before a run), `trainer` runs the loop, `losses` weighs
+its micro-batches over ranks and takes the held-out loss, `sources` sets
 up the model and tokenizer a run starts from, `memory` estimates whether a run fits before it allocates,
 `tokenizer_training` trains a byte-level BPE tokenizer, `chat` turns conversations into labelled packed blocks
 (loss on the assistant's tokens), `lora` adds, saves and applies peft LoRA adapters, `corpus` streams large

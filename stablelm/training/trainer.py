@@ -124,7 +124,11 @@ class Trainer:
         self.output_dir = Path(args.output_dir)
         self.order = BlockOrder(train_blocks.shape[0], seed=args.seed)
         self.parallel = parallel or Distributed()
-        self.model_class = type(model)
+        # self.model stays the model as given (a peft model for LoRA): its peft_config, merging and saving need
+        # it unwrapped; forward and backward go through self.module.
+        self.model_class = type(
+            model
+        )  # for a sharded plain model's gathered copy (a LoRA run gathers its adapter)
         bf16 = resolve_precision(args.precision, model.device) == "bf16"
         # What forward and backward run through: the model, DDP around it, or the model sharded by FSDP2
         # (before the optimiser is built, so that it holds the shards).
