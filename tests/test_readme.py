@@ -35,6 +35,10 @@ REVISION = "0" * 40
 NOT_RUN = [
     ("git clone", "the set-up itself: clones the repository and runs make (CI runs it on a fresh clone)"),
     (
+        "--node-rank $NODE_RANK",
+        "needs two machines: tests/test_training_distributed.py runs it as two nodes on 127.0.0.1",
+    ),
+    (
         "stablelm serve",
         "starts the server, which runs until stopped: started here for the blocks that use it",
     ),

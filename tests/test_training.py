@@ -242,7 +242,7 @@ def test_resume_equals_an_uninterrupted_run(tokenizer, blocks, tmp_path, uninter
 def test_resume_with_other_settings_is_refused(tokenizer, blocks, tmp_path, uninterrupted):
     out = uninterrupted[0]
     trainer = Trainer(_model(tokenizer), args=_args(tmp_path, batch_size=2), train_blocks=blocks[:-4])
-    with pytest.raises(ValueError, match="batch_size: now 2, then 4"):
+    with pytest.raises(ValueError, match="global_batch_size: now 4, then 8"):
         trainer.train(resume_from=out / "checkpoint-6")
     with pytest.raises(FileNotFoundError, match="not a complete training checkpoint"):
         trainer.resume(tmp_path)

@@ -1,9 +1,11 @@
 """Train a new model from a config.json, or fine-tune a checkpoint, on text files or JSON lines.
 
-The data (--data: .txt/.md/.rst files, .jsonl files with a "text" field per line, or folders of them) is
-tokenized, each document followed by the end-of-text token, and packed into blocks of --block-size tokens.
+The data (--data: .txt/.md/.rst files, .jsonl files with a "text" field per line, .parquet files with a
+"text" column, or folders of them) is tokenized in --data-workers processes, each document followed by the
+end-of-text token, cached in --data-cache by content hash, and packed into blocks of --block-size tokens.
 Chat data (.jsonl files with a "messages" list per line) is rendered with the tokenizer's chat template,
 the loss taken on the assistant's tokens (--loss-on), and conversations packed whole, kept apart.
+Under torchrun (torchrun --nproc-per-node N -m stablelm train ...) the processes train data-parallel.
 The held-out loss is measured on --eval-data, or on --eval-fraction of the blocks. Checkpoints go to
 OUTPUT_DIR/checkpoint-STEP (each a complete Hugging Face checkpoint, plus the optimiser state), the final
 model and tokenizer to OUTPUT_DIR. After an interruption, run the same command with --resume: the run
@@ -33,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_data_arguments(parser.add_argument_group("data"))
     _add_optimiser_arguments(parser.add_argument_group("optimisation"))
     _add_output_arguments(parser.add_argument_group("evaluation, checkpoints and output"))
+    _add_distributed_arguments(parser.add_argument_group("several processes (under torchrun)"))
 
 
 def _add_model_arguments(group: argparse._ArgumentGroup) -> None:
@@ -58,7 +61,11 @@ def _add_model_arguments(group: argparse._ArgumentGroup) -> None:
 
 def _add_data_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
-        "--data", nargs="+", required=True, metavar="PATH", help="training text files or folders"
+        "--data",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="training data: text, JSON-lines or Parquet files, or folders of them",
     )
     group.add_argument("--eval-data", nargs="+", metavar="PATH", help="held-out text files or folders")
     group.add_argument(
@@ -67,6 +74,18 @@ def _add_data_arguments(group: argparse._ArgumentGroup) -> None:
         default=0.05,
         metavar="F",
         help="without --eval-data, hold out this fraction of the blocks (default: 0.05; 0 for none)",
+    )
+    group.add_argument(
+        "--data-workers",
+        type=bounded(int, low=1),
+        metavar="N",
+        help="processes that tokenize the data (default: one per usable core)",
+    )
+    group.add_argument(
+        "--data-cache",
+        metavar="DIR",
+        help="where tokenized data is kept, by content hash, so that a rerun does not tokenize again "
+        "(default: $STABLELM_DATA_CACHE, else ~/.cache/stablelm/tokens)",
     )
     group.add_argument(
         "--block-size",
@@ -145,6 +164,23 @@ def _add_output_arguments(group: argparse._ArgumentGroup) -> None:
         choices=("float32", "bfloat16", "float16"),
         default="float32",
         help="dtype of the final model's weights (checkpoints stay float32)",
+    )
+
+
+def _add_distributed_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--strategy",
+        choices=("ddp", "fsdp"),
+        default="ddp",
+        help="ddp: each process holds the whole model; fsdp: parameters, gradients and optimiser state are "
+        "sharded over the processes (default: ddp)",
+    )
+    group.add_argument(
+        "--dist-timeout",
+        type=bounded(float, low=0.0, open_low=True),
+        default=1800.0,
+        metavar="SECONDS",
+        help="how long a process waits for the others in a collective before the run fails (1800)",
     )
 
 

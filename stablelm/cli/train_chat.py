@@ -19,9 +19,10 @@ from .errors import UsageError
 
 
 def chat_blocks(
-    args: argparse.Namespace, tokenizer: Tokenizer, block_size: int
+    args: argparse.Namespace, tokenizer: Tokenizer, block_size: int, *, verbose: bool = True
 ) -> tuple[LabelledBlocks, LabelledBlocks | None]:
-    """The training and held-out blocks of --data (and --eval-data, or --eval-fraction) holding chat data."""
+    """The training and held-out blocks of --data (and --eval-data, or --eval-fraction) holding chat data;
+    `verbose` says what they hold on stderr (rank 0 of a data-parallel run)."""
     if tokenizer.chat_template is None:
         raise UsageError(
             "--data holds chat conversations, but the tokenizer has no chat template to render them with: "
@@ -38,6 +39,8 @@ def chat_blocks(
     else:
         eval_blocks = None
     held = f", {len(eval_blocks):,} held out" if eval_blocks is not None else ""
+    if not verbose:
+        return blocks, eval_blocks
     print(
         f"data: {plural(count, 'conversation')} (loss on {loss_on} tokens), {plural(len(blocks), 'training block')}"
         f" of {block_size} tokens{held}" + (f"; {notes}" if notes else ""),

@@ -4,8 +4,11 @@ run, so that `stablelm train --help` does not load torch)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
+import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -20,16 +23,18 @@ from ..training import (
     TrainingArguments,
     TrainingEvent,
     check_block_size,
+    distributed,
     pack,
-    read_documents,
-    split_blocks,
-    tokenize,
 )
 from ..training.arguments import MAX_SEED
 from ..training.chat import LabelledBlocks, is_chat_data
 from ..training.checkpoints import check_output_dir, list_checkpoints, read_trainer_state
+from ..training.corpus import TokenStream, default_cache_dir, split_on_disk, tokenize_files
+from ..training.distributed import Distributed
+from ..training.lora import apply_adapter
 from ..training.memory import (
     InsufficientMemoryError,
+    MemoryEstimate,
     check_training_memory,
     estimate_training_memory,
 )
@@ -45,16 +50,22 @@ from .train_chat import chat_blocks
 def run(args: argparse.Namespace) -> int:
     _check_flags(args)
     train_lora.check(args)
+    # Under torchrun: this process's rank; only rank 0 speaks (an error is printed by the rank it happens on).
+    parallel = distributed.from_environment(strategy=args.strategy)
+    if not parallel.is_main:
+        warnings.simplefilter("ignore")
     output_dir = Path(args.output_dir)
     # Before any work: a folder that cannot be written would fail the first save, steps later.
     check_output_dir(output_dir, name="--output-dir")
-    resume_from = _resume_point(output_dir, resume=args.resume)
+    resume_from = _resume_point(output_dir, resume=args.resume, parallel=parallel)
     training_args = _training_arguments(args)  # checks the values before any loading
-    set_seed(args.seed)
-    device = resolve_device(args.device)
-    model, tokenizer, block_size = _model_and_tokenizer(args, device)
-    train_blocks, eval_blocks = _blocks(args, tokenizer, block_size)
-    log = _Log(args.log_interval)
+    set_seed(args.seed)  # the same on every rank: the same initial weights
+    device = distributed.process_device(parallel, resolve_device(args.device))
+    model, tokenizer, block_size = _model_and_tokenizer(args, device, parallel)
+    train_blocks, eval_blocks = _blocks(args, tokenizer, block_size, parallel)
+    # Joined only now: reading and tokenizing the data may take longer than a collective's timeout.
+    distributed.init_process_group(parallel, device=device, timeout_s=args.dist_timeout)
+    log = _Log(args.log_interval) if parallel.is_main else None
     trainer = Trainer(
         model,
         args=training_args,
@@ -62,20 +73,43 @@ def run(args: argparse.Namespace) -> int:
         eval_blocks=eval_blocks,
         tokenizer=tokenizer,
         callback=log,
+        parallel=parallel,
     )
     try:
         state = trainer.train(resume_from=resume_from)
     finally:
-        log.close()
+        if log is not None:
+            log.close()
     trainer.save_model(output_dir, dtype=resolve_dtype(args.save_dtype))
     if args.merge:
-        trainer.save_model(output_dir / "merged", dtype=resolve_dtype(args.save_dtype), merge=True)
-    print(
-        f"trained {plural(state.step, 'step')} on {plural(state.tokens_seen, 'token')}; model saved in "
-        f"{output_dir}",
-        file=sys.stderr,
-    )
+        _save_merged(args, trainer, output_dir, parallel)
+    # DDP's reducer is released before the process group it uses: released after it, at the interpreter's
+    # exit, it could leave a rank waiting forever (seen with gloo).
+    del trainer
+    distributed.destroy_process_group()
+    if parallel.is_main:
+        across = f" across {plural(parallel.world_size, 'process', 'processes')}" if parallel.active else ""
+        print(
+            f"trained {plural(state.step, 'step')} on {plural(state.tokens_seen, 'token')}{across}; model saved "
+            f"in {output_dir}",
+            file=sys.stderr,
+        )
     return 0
+
+
+def _save_merged(args: argparse.Namespace, trainer: Trainer, output_dir: Path, parallel: Distributed) -> None:
+    """--merge: the model with the adapter merged into its weights, to OUTPUT_DIR/merged."""
+    directory, dtype = output_dir / "merged", resolve_dtype(args.save_dtype)
+    if not distributed.is_sharded(trainer.model):
+        trainer.save_model(directory, dtype=dtype, merge=True)
+        return
+    # FSDP holds a shard of the base weights on each rank: rank 0 merges the adapter it just saved into the
+    # base model read again from -m (the same weights: a LoRA run leaves them as they are).
+    if parallel.is_main:
+        model = apply_adapter(load_model(args.model, device=torch.device("cpu")), output_dir, merge=True)
+        model = model if dtype in (None, model.dtype) else model.to(dtype)
+        model.save_pretrained(directory)
+        trainer.tokenizer.save_pretrained(directory)
 
 
 def _check_flags(args: argparse.Namespace) -> None:
@@ -95,14 +129,14 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise UsageError(f"argument --seed: expected an integer in [0, {MAX_SEED}], got {args.seed}")
 
 
-def _resume_point(output_dir: Path, *, resume: bool) -> Path | None:
+def _resume_point(output_dir: Path, *, resume: bool, parallel: Distributed) -> Path | None:
     checkpoints = list_checkpoints(output_dir)
     if checkpoints and not resume:
         raise UsageError(
             f"{output_dir} holds checkpoints of an earlier run ({checkpoints[-1].name}); pass --resume to "
             "continue it, or choose another --output-dir"
         )
-    if resume and not checkpoints:
+    if resume and not checkpoints and parallel.is_main:
         print(f"no checkpoint in {output_dir} yet: starting from step 0", file=sys.stderr)
     if checkpoints:
         read_trainer_state(checkpoints[-1])  # a damaged one fails now, not after the data is tokenized
@@ -131,7 +165,7 @@ def _training_arguments(args: argparse.Namespace) -> TrainingArguments:
 
 
 def _model_and_tokenizer(
-    args: argparse.Namespace, device: torch.device
+    args: argparse.Namespace, device: torch.device, parallel: Distributed
 ) -> tuple[StableLmForCausalLM, Tokenizer, int]:
     """The model, its tokenizer and the block size; the memory the run needs is checked before the
     optimiser's (and, for a new model, the weights') memory is taken."""
@@ -144,7 +178,7 @@ def _model_and_tokenizer(
         config = read_model_config(args.config, tokenizer=tokenizer)
         block_size = _block_size(args, config)
         try:
-            _check_memory(args, config, block_size, device, weights_loaded=False)
+            _check_memory(args, config, block_size, device, parallel, weights_loaded=False)
         except InsufficientMemoryError as err:
             raise InsufficientMemoryError(f"--config {args.config}: {err}") from None
         model = StableLmForCausalLM(config).to(device)
@@ -159,7 +193,9 @@ def _model_and_tokenizer(
     model = train_lora.add_adapter(args, model, vocab_size)  # its parameters are few: added before the check
     if args.config is None:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        _check_memory(args, model.config, block_size, device, weights_loaded=True, trainable=trainable)
+        _check_memory(
+            args, model.config, block_size, device, parallel, weights_loaded=True, trainable=trainable
+        )
     return model, tokenizer, block_size
 
 
@@ -174,6 +210,7 @@ def _check_memory(
     config: StableLmConfig,
     block_size: int,
     device: torch.device,
+    parallel: Distributed,
     *,
     weights_loaded: bool,
     trainable: int | None = None,
@@ -187,38 +224,95 @@ def _check_memory(
         activation_bytes=2 if bf16 else 4,
         trainable_parameters=trainable,
     )
+    if parallel.active and parallel.strategy == "fsdp":  # each rank keeps 1/W of the gradients and moments
+        shards = parallel.world_size
+        estimate = dataclasses.replace(
+            estimate, gradients=estimate.gradients // shards, optimizer=estimate.optimizer // shards
+        )
+    if device.type == "cpu":  # the ranks on this machine share its memory
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        estimate = MemoryEstimate(**{k: v * local for k, v in dataclasses.asdict(estimate).items()})
     check_training_memory(estimate, device=device, weights_loaded=weights_loaded)
 
 
 def _blocks(
-    args: argparse.Namespace, tokenizer: Tokenizer, block_size: int
+    args: argparse.Namespace, tokenizer: Tokenizer, block_size: int, parallel: Distributed
 ) -> tuple[torch.Tensor | LabelledBlocks, torch.Tensor | LabelledBlocks | None]:
     if is_chat_data(args.data):
-        return chat_blocks(args, tokenizer, block_size)
+        return chat_blocks(args, tokenizer, block_size, verbose=parallel.is_main)
     if args.loss_on is not None:
         raise UsageError('--loss-on is for chat data (.jsonl lines with "messages"); --data holds plain text')
-    documents = read_documents(args.data)
-    blocks = _pack(tokenizer, documents, block_size, flag="--data")
+    train = _stream(args, args.data, tokenizer, parallel)
+    blocks = _pack(train.tokens, block_size, flag="--data")
     if args.eval_data:
-        eval_blocks = _pack(tokenizer, read_documents(args.eval_data), block_size, flag="--eval-data")
+        eval_blocks = _pack(
+            _stream(args, args.eval_data, tokenizer, parallel).tokens, block_size, flag="--eval-data"
+        )
     elif args.eval_fraction > 0:
-        blocks, eval_blocks = split_blocks(blocks, args.eval_fraction)
+        blocks, eval_blocks = split_on_disk(train, blocks, args.eval_fraction, build=parallel.local_rank == 0)
     else:
         eval_blocks = None
     held = f", {len(eval_blocks):,} held out" if eval_blocks is not None else ""
-    print(
-        f"data: {plural(len(documents), 'document')}, {plural(len(blocks), 'training block')} of "
-        f"{block_size} tokens{held}",
-        file=sys.stderr,
-    )
+    if parallel.is_main:
+        print(
+            f"data: {plural(train.documents, 'document')}, {plural(len(blocks), 'training block')} of "
+            f"{block_size} tokens{held}",
+            file=sys.stderr,
+        )
     return blocks, eval_blocks
 
 
-def _pack(tokenizer: Tokenizer, documents: list[str], block_size: int, *, flag: str) -> torch.Tensor:
+def _stream(
+    args: argparse.Namespace, paths: list[str], tokenizer: Tokenizer, parallel: Distributed
+) -> TokenStream:
+    """The data's tokens, from the cache or tokenized into it by the first process of each machine (the
+    others wait for its file)."""
+    cache_dir = Path(args.data_cache) if args.data_cache else default_cache_dir()
+    workers = args.data_workers or len(os.sched_getaffinity(0))
+    bar = _TokenizingBar() if parallel.local_rank == 0 and sys.stderr.isatty() else None
     try:
-        return pack(tokenize(tokenizer, documents), block_size)
+        stream = tokenize_files(
+            paths,
+            tokenizer,
+            cache_dir=cache_dir,
+            workers=workers,
+            progress=bar,
+            build=parallel.local_rank == 0,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    if parallel.is_main:
+        how = "read from the cache" if stream.cached else "tokenized"
+        print(f"tokens: {plural(stream.tokens.numel(), 'token')} {how} ({stream.path})", file=sys.stderr)
+    return stream
+
+
+def _pack(stream: torch.Tensor, block_size: int, *, flag: str) -> torch.Tensor:
+    try:
+        return pack(stream, block_size)
     except ValueError as err:
         raise ValueError(f"{flag}: {err}") from err
+
+
+class _TokenizingBar:
+    """A tqdm bar of the bytes tokenized (tqdm comes with huggingface_hub; without it, no bar)."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                return
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 class _Log:

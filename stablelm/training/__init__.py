@@ -2,17 +2,21 @@
 
 `data` reads text and JSON-lines files and packs their tokens into blocks, `optim` builds AdamW and its
 warmup-cosine schedule, `arguments` holds a run's settings, `checkpoints` writes and restores training
-checkpoints atomically (and checks an output folder before a run), `trainer` runs the loop, `sources` sets
+checkpoints atomically (and checks an output folder before a run), `trainer` runs the loop, `losses` weighs
+its micro-batches over ranks and takes the held-out loss, `sources` sets
 up the model and tokenizer a run starts from, `memory` estimates whether a run fits before it allocates,
 `tokenizer_training` trains a byte-level BPE tokenizer, `chat` turns conversations into labelled packed blocks
-(loss on the assistant's tokens), `lora` adds, saves and applies peft LoRA adapters, and `wording` writes counts
-in messages. The `stablelm train` and
+(loss on the assistant's tokens), `lora` adds, saves and applies peft LoRA adapters, `corpus` streams large
+data through worker processes into a token cache, `distributed` runs the loop data-parallel under torchrun
+(DDP or FSDP2), and `wording` writes counts in messages. The `stablelm train` and
 `stablelm train-tokenizer` commands drive them.
 """
 
 from .arguments import TrainingArguments
 from .checkpoints import check_output_dir
-from .data import BlockOrder, check_text, pack, read_documents, split_blocks, tokenize
+from .corpus import TokenStream, tokenize_files
+from .data import BlockOrder, check_block_size, check_text, pack, read_documents, split_blocks, tokenize
+from .distributed import Distributed
 from .memory import (
     InsufficientMemoryError,
     MemoryEstimate,
@@ -21,16 +25,18 @@ from .memory import (
 )
 from .optim import build_optimizer, learning_rate_at, parameter_groups
 from .tokenizer_training import train_tokenizer
-from .trainer import Trainer, TrainingEvent, TrainingState, check_block_size
+from .trainer import Trainer, TrainingEvent, TrainingState
 
 __all__ = [
     "BlockOrder",
+    "Distributed",
     "InsufficientMemoryError",
     "MemoryEstimate",
     "Trainer",
     "TrainingArguments",
     "TrainingEvent",
     "TrainingState",
+    "TokenStream",
     "build_optimizer",
     "check_block_size",
     "check_output_dir",
@@ -43,5 +49,6 @@ __all__ = [
     "read_documents",
     "split_blocks",
     "tokenize",
+    "tokenize_files",
     "train_tokenizer",
 ]

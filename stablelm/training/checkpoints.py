@@ -1,9 +1,9 @@
 """Training checkpoints: `checkpoint-{step}` folders that a run resumes from exactly.
 
 A checkpoint folder is a Hugging Face checkpoint (config.json, model.safetensors, tokenizer files) that
-`from_pretrained` and the reference load as they are (for a LoRA run, a peft adapter folder instead), plus what resuming needs: `optimizer.pt` (the AdamW
-state), `rng_state.pt` (the random generators) and `trainer_state.json` (the step, the losses so far and the
-settings that fix the data order). Both .pt files hold tensors and numbers only and are read with
+`from_pretrained` and the reference load as they are (for a LoRA run, a peft adapter folder instead), plus
+what resuming needs: `optimizer.pt` (the AdamW state), `rng_state.pt` (the random generators) and
+`trainer_state.json` (the step, the losses so far and the settings that fix the data order). Both .pt files hold tensors and numbers only and are read with
 `weights_only=True`.
 
 A checkpoint is written in full into a hidden `.checkpoint-{step}.partial` folder, then renamed: an
@@ -23,13 +23,14 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..checkpoint import CheckpointError
-from .lora import ADAPTER_WEIGHTS, is_peft_model, load_adapter_state, read_adapter_state
+from .lora import ADAPTER_WEIGHTS, is_peft_model, read_adapter_state
 
 if TYPE_CHECKING:
     from ..model import StableLmPreTrainedModel
@@ -85,11 +86,14 @@ def save_checkpoint(
     *,
     model: StableLmPreTrainedModel,
     tokenizer: Tokenizer | None,
-    optimizer: torch.optim.Optimizer,
+    optimizer_state: dict[str, Any],
     state: dict[str, Any],
     keep: int,
 ) -> Path:
-    """Write `output_dir/checkpoint-{state['step']}` atomically and keep the newest `keep` checkpoints."""
+    """Write `output_dir/checkpoint-{state['step']}` atomically and keep the newest `keep` checkpoints.
+
+    `optimizer_state` is a one-process `optimizer.state_dict()` (see `distributed.full_optimizer_state`).
+    """
     step = int(state["step"])
     final = output_dir / f"checkpoint-{step}"
     partial = output_dir / f".checkpoint-{step}.partial"
@@ -97,7 +101,7 @@ def save_checkpoint(
     model.save_pretrained(partial)
     if tokenizer is not None:
         tokenizer.save_pretrained(partial)
-    _save_tensors(optimizer.state_dict(), partial / OPTIMIZER_NAME)
+    _save_tensors(optimizer_state, partial / OPTIMIZER_NAME)
     _save_tensors(_rng_state(), partial / RNG_NAME)
     (partial / STATE_NAME).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
     _fsync(partial / STATE_NAME)
@@ -159,19 +163,38 @@ def read_trainer_state(folder: str | os.PathLike) -> dict[str, Any]:
     return state
 
 
-def load_checkpoint(
-    folder: Path, *, model: StableLmPreTrainedModel, optimizer: torch.optim.Optimizer
-) -> dict[str, Any]:
-    """Restore the weights, the optimiser and the random generators from `folder`; return its trainer state.
+@dataclass
+class SavedTraining:
+    """What a checkpoint holds, read and checked: the trainer state, the whole model's weights (a LoRA run's:
+    the adapter's, named as peft saves them), the optimiser state (as one process's `state_dict()`) and the random generators' state."""
 
-    Everything is read and checked before anything changes: on an error, `model` and `optimizer` are as
-    they were.
+    state: dict[str, Any]
+    weights: dict[str, torch.Tensor]
+    optimizer_state: dict[str, Any]
+    rng: dict[str, Any]
+
+
+def read_checkpoint(
+    folder: Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    model_class: type[StableLmPreTrainedModel] | None = None,
+    device: torch.device | str | None = None,
+) -> SavedTraining:
+    """Read `folder` and check it against `model` and `optimizer` (a sharded model is checked by the whole
+    shapes of its parameters), changing nothing.
+
+    Args:
+        model_class: The class that reads the weights (default: the model's own).
+        device: Where the weights and the optimiser state go (default: the model's device).
 
     Raises:
         FileNotFoundError: `folder` is not a complete training checkpoint.
         stablelm.CheckpointError: A file is damaged, or its weights or optimiser state do not fit `model`.
     """
     folder = Path(folder)
+    device = model.device if device is None else device
     missing = [name for name in (STATE_NAME, OPTIMIZER_NAME, RNG_NAME) if not (folder / name).is_file()]
     if missing:
         raise FileNotFoundError(
@@ -179,27 +202,24 @@ def load_checkpoint(
             "checkpoint-N folder that a training run wrote."
         )
     state = read_trainer_state(folder)
-    adapter = is_peft_model(model)
-    if adapter:  # a LoRA run: the checkpoint holds the adapter, the base model is the one started from
-        saved = read_adapter_state(folder, model=model)
+    if is_peft_model(
+        model
+    ):  # a LoRA run: the checkpoint holds the adapter, the base model is the one started from
+        saved = read_adapter_state(folder, model=model, device=device)
     elif (folder / ADAPTER_WEIGHTS).is_file():
         raise CheckpointError(
             f"{folder} holds a LoRA adapter, not a whole model: resume it with the --lora-r and --lora-target "
             "that run used."
         )
     else:
-        saved = type(model).from_pretrained(folder, dtype=model.dtype, device=model.device).state_dict()
+        reader = model_class or type(model)
+        saved = reader.from_pretrained(folder, dtype=model.dtype, device=device).state_dict()
         _check_weights(folder, saved, dict(model.state_dict()))
-    optimizer_state = _load_tensors(folder / OPTIMIZER_NAME, map_location=model.device)
+    optimizer_state = _load_tensors(folder / OPTIMIZER_NAME, map_location=device)
     _check_optimizer_state(folder / OPTIMIZER_NAME, optimizer_state, optimizer)
     rng = _load_tensors(folder / RNG_NAME, map_location="cpu")
     _check_rng_state(folder / RNG_NAME, rng)
-    with torch.no_grad():
-        load_adapter_state(model, saved) if adapter else model.load_state_dict(saved)
-    del saved
-    optimizer.load_state_dict(optimizer_state)
-    _set_rng_state(rng)
-    return state
+    return SavedTraining(state=state, weights=saved, optimizer_state=optimizer_state, rng=rng)
 
 
 def _load_tensors(path: Path, *, map_location: Any) -> Any:
@@ -272,7 +292,8 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Set the random generators to a state `rng_state.pt` held."""
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

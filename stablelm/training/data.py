@@ -1,6 +1,7 @@
 """Training text: read documents from files, tokenize them into one stream, pack it into blocks, order them.
 
-A document is a text file, or one record of a JSON-lines file (`{"text": ...}` per line). Each document's
+A document is a text file, one record of a JSON-lines file (`{"text": ...}` per line), or one row of a
+Parquet file's "text" column (read by `corpus`, which streams large data through a token cache). Each document's
 tokens are followed by the end-of-text token, the documents are concatenated in order, and the stream is
 cut into blocks of `block_size` tokens (the tail that does not fill a block is dropped). The order in which
 training visits the blocks is a function of the seed and the position alone, so a resumed run reads the
@@ -21,15 +22,21 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from ..config import StableLmConfig
 from ..tokenizer import Tokenizer
 from .wording import plural
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
-_HINT = 'Pass text files (.txt, .md, .rst), JSON-lines files (.jsonl, one {"text": ...} per line) or folders.'
+PARQUET_SUFFIXES = (".parquet",)
+_HINT = (
+    'Pass text files (.txt, .md, .rst), JSON-lines files (.jsonl, one {"text": ...} per line), Parquet files '
+    '(.parquet, a "text" column) or folders.'
+)
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -47,7 +54,9 @@ def find_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
             files.append(path)
         elif path.is_dir():
             found = sorted(
-                p for p in path.rglob("*") if p.is_file() and p.suffix in JSONL_SUFFIXES + TEXT_SUFFIXES
+                p
+                for p in path.rglob("*")
+                if p.is_file() and p.suffix in JSONL_SUFFIXES + TEXT_SUFFIXES + PARQUET_SUFFIXES
             )
             if not found:
                 raise FileNotFoundError(f"The folder {str(path)!r} holds no data files. {_HINT}")
@@ -69,44 +78,58 @@ def read_documents(paths: Sequence[str | os.PathLike]) -> list[str]:
     """
     documents: list[str] = []
     for path in find_files(paths):
-        documents += _read_jsonl(path) if path.suffix in JSONL_SUFFIXES else [_read_text(path)]
+        if path.suffix in PARQUET_SUFFIXES:
+            from .corpus import parquet_texts
+
+            documents += parquet_texts(path)
+        elif path.suffix in JSONL_SUFFIXES:
+            with open(path, "rb") as lines:
+                documents += jsonl_texts(path, lines)
+        else:
+            documents.append(read_text(path))
     documents = [doc for doc in documents if doc.strip()]
     if not documents:
-        names = ", ".join(str(p) for p in paths)
-        raise ValueError(f"The training data ({names}) holds no text: every file or record is empty.")
+        raise no_text_error(paths)
     return documents
 
 
-def _read_text(path: Path) -> str:
+def no_text_error(paths: Sequence[str | os.PathLike]) -> ValueError:
+    """The error for data that holds no text at all."""
+    names = ", ".join(str(p) for p in paths)
+    return ValueError(f"The training data ({names}) holds no text: every file or record is empty.")
+
+
+def read_text(path: Path) -> str:
+    """A text file's content: one document."""
     data = path.read_bytes()
     return _decode(path, data, line=1, offset=0)
 
 
-def _read_jsonl(path: Path) -> list[str]:
+def jsonl_texts(path: Path, lines: Iterable[bytes], *, first_line: int = 1, offset: int = 0) -> list[str]:
+    """The "text" of each record of JSON-lines `lines` (raw bytes, from line `first_line` at byte `offset` of
+    `path`), blank lines skipped; errors name the file, line and byte offset."""
     texts = []
-    offset = 0
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            line = _decode(path, raw, line=number, offset=offset)
-            offset += len(raw)
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number} is not valid JSON ({err}). {_HINT}") from err
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(
-                    f'{path}:{number} has no string "text" field; each line must be an object like '
-                    '{"text": "..."}.'
-                )
-            if match := _SURROGATE.search(record["text"]):
-                raise ValueError(
-                    f'{path}:{number}: the "text" holds a lone surrogate {_escape(match.group())} (half of a '
-                    "UTF-16 pair, escaped in the JSON), which is not a character and cannot be tokenized; fix "
-                    "or drop that record."
-                )
-            texts.append(record["text"])
+    for number, raw in enumerate(lines, start=first_line):
+        line = _decode(path, raw, line=number, offset=offset)
+        offset += len(raw)
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number} is not valid JSON ({err}). {_HINT}") from err
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise ValueError(
+                f'{path}:{number} has no string "text" field; each line must be an object like '
+                '{"text": "..."}.'
+            )
+        if match := _SURROGATE.search(record["text"]):
+            raise ValueError(
+                f'{path}:{number}: the "text" holds a lone surrogate {_escape(match.group())} (half of a '
+                "UTF-16 pair, escaped in the JSON), which is not a character and cannot be tokenized; fix "
+                "or drop that record."
+            )
+        texts.append(record["text"])
     return texts
 
 
@@ -150,12 +173,20 @@ def tokenize(tokenizer: Tokenizer, documents: Iterable[str]) -> torch.Tensor:
     Raises:
         ValueError: A document holds a lone surrogate (see `check_text`).
     """
-    documents = list(documents)
-    check_text(documents)
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    encodings = tokenizer.backend_tokenizer.encode_batch_fast(documents, add_special_tokens=False)
-    stream = [token for encoding in encodings for token in (*encoding.ids, *eos)]
+    stream = token_ids(tokenizer.backend_tokenizer, list(documents), eos=tokenizer.eos_token_id)
     return torch.tensor(stream, dtype=torch.int64)
+
+
+def token_ids(backend: Any, documents: list[str], *, eos: int | None) -> list[int]:
+    """The documents' token ids, each document followed by `eos` (if any), from a `tokenizers.Tokenizer`.
+
+    Raises:
+        ValueError: A document holds a lone surrogate (see `check_text`).
+    """
+    check_text(documents)
+    end = [eos] if eos is not None else []
+    encodings = backend.encode_batch_fast(documents, add_special_tokens=False)
+    return [token for encoding in encodings for token in (*encoding.ids, *end)]
 
 
 def pack(stream: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -183,16 +214,50 @@ def split_blocks(blocks: torch.Tensor, fraction: float) -> tuple[torch.Tensor, t
     Raises:
         ValueError: The fraction is outside [0, 1), or leaves no block on one side.
     """
+    held = held_out_rows(blocks.shape[0], fraction)
+    return blocks[~held], blocks[held]
+
+
+def held_out_rows(count: int, fraction: float) -> torch.Tensor:
+    """The mask of the rows `split_blocks` holds out of `count` blocks.
+
+    Raises:
+        ValueError: The fraction is outside [0, 1), or leaves no block on one side.
+    """
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"The held-out fraction must be in [0, 1), got {fraction}.")
-    n = blocks.shape[0]
-    held = torch.tensor([math.floor((i + 1) * fraction) > math.floor(i * fraction) for i in range(n)])
+    held = torch.tensor([math.floor((i + 1) * fraction) > math.floor(i * fraction) for i in range(count)])
     if fraction > 0 and (not held.any() or held.all()):
         raise ValueError(
-            f"The data makes only {plural(n, 'block')}, too few to hold out {fraction:.0%} of them; add text, "
-            "lower the block size, or pass separate held-out data."
+            f"The data makes only {plural(count, 'block')}, too few to hold out {fraction:.0%} of them; add "
+            "text, lower the block size, or pass separate held-out data."
         )
-    return blocks[~held], blocks[held]
+    return held
+
+
+def check_blocks(blocks: torch.Tensor, *, name: str, config: StableLmConfig) -> None:
+    """Raise ValueError (naming `name`) unless `blocks` are (N, T) int64 or int32 ids that fit the model."""
+    if blocks.dim() != 2 or blocks.shape[0] == 0 or blocks.dtype not in (torch.int64, torch.int32):
+        raise ValueError(
+            f"{name} must be a non-empty (N, block_size) int64 (or int32) tensor, got {tuple(blocks.shape)} "
+            f"{blocks.dtype}."
+        )
+    check_block_size(int(blocks.shape[1]), max_position_embeddings=config.max_position_embeddings)
+    top = int(blocks.max())
+    if top >= config.vocab_size:
+        raise ValueError(
+            f"{name} holds token id {top}, outside the model's vocabulary of {config.vocab_size}; resize the "
+            "embeddings to the tokenizer first (model.resize_token_embeddings(len(tokenizer)))."
+        )
+
+
+def check_block_size(block_size: int, *, max_position_embeddings: int) -> None:
+    """Raise ValueError unless 2 <= block_size <= max_position_embeddings."""
+    if not 2 <= block_size <= max_position_embeddings:
+        raise ValueError(
+            f"The block size {block_size} is outside what the model takes: use 2 to max_position_embeddings "
+            f"({max_position_embeddings}), e.g. --block-size {min(max(block_size, 2), max_position_embeddings)}."
+        )
 
 
 class BlockOrder:
@@ -205,9 +270,9 @@ class BlockOrder:
         self.num_blocks, self.seed = num_blocks, seed
         self._epoch, self._permutation = -1, torch.empty(0, dtype=torch.int64)
 
-    def indices(self, start: int, count: int) -> torch.Tensor:
-        """The block indices of samples start, start + 1, ..., start + count - 1."""
-        return torch.stack([self._at(k) for k in range(start, start + count)])
+    def indices(self, start: int, count: int, *, stride: int = 1) -> torch.Tensor:
+        """The block indices of samples start, start + stride, ..., start + (count - 1) * stride."""
+        return torch.stack([self._at(k) for k in range(start, start + count * stride, stride)])
 
     def _at(self, k: int) -> torch.Tensor:
         epoch, i = divmod(k, self.num_blocks)

@@ -121,8 +121,11 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_peft_model_state_dict(model)
 
 
-def read_adapter_state(folder: Path, *, model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter weights saved in `folder`, checked against `model`'s adapters (names and shapes).
+def read_adapter_state(
+    folder: Path, *, model: nn.Module, device: torch.device | str | None = None
+) -> dict[str, torch.Tensor]:
+    """The adapter weights saved in `folder` (on `device`, default the model's), checked against `model`'s
+    adapters (names and shapes; those of a sharded model are its whole shapes).
 
     Raises:
         stablelm.CheckpointError: The folder has no adapter, or one of another shape or on other layers.
@@ -137,7 +140,7 @@ def read_adapter_state(folder: Path, *, model: nn.Module) -> dict[str, torch.Ten
             "Resume it without --lora-r, or start the LoRA run in another --output-dir."
         )
     try:
-        saved = load_file(path, device=str(model.device))
+        saved = load_file(path, device=str(model.device if device is None else device))
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{path} is damaged ({err}); delete that checkpoint or start afresh.") from err
     expected = adapter_state(model)
@@ -152,10 +155,42 @@ def read_adapter_state(folder: Path, *, model: nn.Module) -> dict[str, torch.Ten
     return saved
 
 
-def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    from peft import set_peft_model_state_dict
+def model_state_names(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Adapter weights named as in adapter_model.safetensors, renamed to the peft model's own state-dict
+    names (with the adapter's name, "default"), for loading with `load_state_dict(strict=False)` or
+    torch.distributed's `set_model_state_dict`."""
+    name = next(iter(model.peft_config))
+    own = {key.replace(f".{name}.", "."): key for key in model.state_dict() if ".lora_" in key}
+    return {own[key]: tensor for key, tensor in state.items()}
 
-    set_peft_model_state_dict(model, state)
+
+@dataclass
+class GatheredAdapter:
+    """A sharded peft model's adapter weights gathered whole, saved as the model would save its adapter."""
+
+    model: nn.Module
+    state: dict[str, torch.Tensor]  # named as in the peft model's state dict
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.state.values())).dtype
+
+    def to(self, dtype: torch.dtype) -> GatheredAdapter:
+        return GatheredAdapter(self.model, {name: t.to(dtype) for name, t in self.state.items()})
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        self.model.save_pretrained(str(directory), state_dict=self.state)
+
+
+def gather_adapter(model: nn.Module) -> GatheredAdapter:
+    """The adapter weights of a peft model that FSDP shards, whole, on the CPU. Every rank must call it (each
+    tensor is gathered from all ranks, in the same order)."""
+    state = {}
+    for name, parameter in model.named_parameters():
+        if ".lora_" in name:
+            whole = parameter.full_tensor() if hasattr(parameter, "full_tensor") else parameter
+            state[name] = whole.detach().cpu()
+    return GatheredAdapter(model, state)
 
 
 def merged(model: nn.Module) -> nn.Module:

@@ -21,18 +21,22 @@ import torch
 
 from ..heads import StableLmForCausalLM
 from ..tokenizer import Tokenizer
+from . import distributed
 from .arguments import TrainingArguments
 from .chat import LabelledBlocks
 from .checkpoints import (
     STATE_NAME,
     check_output_dir,
     list_checkpoints,
-    load_checkpoint,
+    read_checkpoint,
     read_trainer_state,
     save_checkpoint,
+    set_rng_state,
 )
-from .data import BlockOrder
-from .lora import is_peft_model, lora_settings, merged
+from .data import BlockOrder, check_blocks
+from .distributed import Distributed
+from .lora import gather_adapter, is_peft_model, lora_settings, merged, model_state_names
+from .losses import accumulate_gradients, held_out_loss
 from .optim import build_optimizer, learning_rate_at
 
 
@@ -84,6 +88,7 @@ class Trainer:
         eval_blocks: torch.Tensor | LabelledBlocks | None = None,
         tokenizer: Tokenizer | None = None,
         callback: Callable[[TrainingEvent], None] | None = None,
+        parallel: Distributed | None = None,
     ) -> None:
         """Set up a run.
 
@@ -92,18 +97,23 @@ class Trainer:
             args: The run's settings.
             train_blocks: (N, T) token ids; each row is one training sequence (see `data.pack`). Or
                 `chat.LabelledBlocks`: ids with their labels and per-document positions (chat data); the
-                loss is then the mean over the step's labelled tokens, whichever micro-batch holds them.
+                loss is then the mean over the step's labelled tokens, whichever micro-batch and rank hold them.
             eval_blocks: (M, T) held-out token ids (or `LabelledBlocks`) for the held-out loss, or None.
             tokenizer: Saved with each checkpoint and the final model, so that they load as they are.
             callback: Called with each `TrainingEvent`.
+            parallel: This process's place in a data-parallel run (default: one process). Each rank passes
+                the same blocks; the global batch is batch_size x gradient_accumulation_steps x world size,
+                and rank r reads positions r, r + W, ... of each global batch of the one-process order.
 
         Raises:
             ValueError: The blocks do not fit the model (longer than max_position_embeddings, ids outside the
-                vocabulary), or the model is not float32.
+                vocabulary), or the model is not float32. Blocks are int64, or int32 (a memory-mapped token
+                cache, read a batch at a time).
         """
-        _check_blocks("train_blocks", train_blocks, model)
-        if eval_blocks is not None:
-            _check_blocks("eval_blocks", eval_blocks, model)
+        for name, blocks in (("train_blocks", train_blocks), ("eval_blocks", eval_blocks)):
+            if blocks is not None:
+                ids = blocks.input_ids if isinstance(blocks, LabelledBlocks) else blocks
+                check_blocks(ids, name=name, config=model.config)
         if model.dtype != torch.float32:
             raise ValueError(
                 f"Train a float32 model (this one is {model.dtype}); load it with dtype=torch.float32 and use "
@@ -113,6 +123,16 @@ class Trainer:
         self.train_blocks, self.eval_blocks = train_blocks, eval_blocks
         self.output_dir = Path(args.output_dir)
         self.order = BlockOrder(train_blocks.shape[0], seed=args.seed)
+        self.parallel = parallel or Distributed()
+        # self.model stays the model as given (a peft model for LoRA): its peft_config, merging and saving need
+        # it unwrapped; forward and backward go through self.module.
+        self.model_class = type(
+            model
+        )  # for a sharded plain model's gathered copy (a LoRA run gathers its adapter)
+        bf16 = resolve_precision(args.precision, model.device) == "bf16"
+        # What forward and backward run through: the model, DDP around it, or the model sharded by FSDP2
+        # (before the optimiser is built, so that it holds the shards).
+        self.module = distributed.wrap(model, self.parallel, bf16=bf16)
         self.optimizer = build_optimizer(
             model, lr=args.learning_rate, weight_decay=args.weight_decay, betas=args.adam_betas
         )
@@ -163,7 +183,7 @@ class Trainer:
         grad_norm = self._clip_gradients()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        tokens = args.gradient_accumulation_steps * args.batch_size * self.train_blocks.shape[1]
+        tokens = self._global_batch() * self.train_blocks.shape[1]
         seconds = time.perf_counter() - start
         self.state.step += 1
         self.state.tokens_seen += tokens
@@ -176,44 +196,32 @@ class Trainer:
             tokens_per_second=tokens / max(seconds, 1e-9),
         )
 
+    def _global_batch(self) -> int:
+        """Samples per optimiser step, over all ranks."""
+        return self.args.gradient_accumulation_steps * self.args.batch_size * self.parallel.world_size
+
     def _accumulate_gradients(self, step: int) -> float:
-        """Forward and backward over the step's micro-batches; the mean loss."""
+        """Forward and backward over this rank's micro-batches of the step; the mean loss over all ranks."""
         accumulation, batch_size = self.args.gradient_accumulation_steps, self.args.batch_size
-        total = torch.zeros((), device=self.model.device)
-        rows = [
-            self.order.indices((step * accumulation + micro) * batch_size, batch_size)
+        rank, world = self.parallel.rank, self.parallel.world_size
+        # Positions rank, rank + W, ... of the global batch: the same samples, in the same steps, for any
+        # world size with the same global batch.
+        batches = [
+            self.train_blocks[
+                self.order.indices(
+                    step * self._global_batch() + rank + world * micro * batch_size, batch_size, stride=world
+                )
+            ]
             for micro in range(accumulation)
         ]
-        labelled = isinstance(self.train_blocks, LabelledBlocks)
-        if labelled:  # each micro-batch weighs by its labelled tokens, so the step's loss is their mean
-            counts = [int(self.train_blocks[r].predicted().sum()) for r in rows]
-        for micro, indices in enumerate(rows):
-            with self._autocast():
-                loss = self._loss(self.train_blocks[indices])
-            share = counts[micro] / sum(counts) if labelled else None
-            scaled = loss * share if labelled else loss / accumulation
-            scaled.backward()
-            total += scaled.detach()
-        return total.item()
-
-    def _loss(self, blocks: torch.Tensor | LabelledBlocks) -> torch.Tensor:
-        """The model's mean loss over the labelled tokens of `blocks`."""
-        device = self.model.device
-        if isinstance(blocks, LabelledBlocks):
-            return self.model(
-                blocks.input_ids.to(device),
-                labels=blocks.labels.to(device),
-                position_ids=blocks.position_ids.to(device),
-                use_cache=False,
-                return_dict=True,
-            ).loss
-        batch = blocks.to(device)
-        return self.model(batch, labels=batch, use_cache=False, return_dict=True).loss
+        return accumulate_gradients(
+            self.module, batches, parallel=self.parallel, device=self.model.device, autocast=self._autocast
+        )
 
     def _clip_gradients(self) -> float:
         parameters = [p for p in self.model.parameters() if p.grad is not None]
         limit = self.args.max_grad_norm if self.args.max_grad_norm is not None else math.inf
-        return torch.nn.utils.clip_grad_norm_(parameters, limit).item()
+        return distributed.plain_norm(torch.nn.utils.clip_grad_norm_(parameters, limit)).item()
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
@@ -223,17 +231,15 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         limit = self.args.eval_batches * self.args.batch_size if self.args.eval_batches else None
-        blocks = self.eval_blocks[:limit]
-        total, weight = 0.0, 0
-        for start in range(0, blocks.shape[0], self.args.batch_size):
-            batch = blocks[start : start + self.args.batch_size]
-            # plain blocks all predict the same number of tokens; labelled ones weigh by theirs
-            count = int(batch.predicted().sum()) if isinstance(batch, LabelledBlocks) else batch.shape[0]
-            with self._autocast():
-                total += self._loss(batch).item() * count
-            weight += count
+        loss = held_out_loss(
+            self.module,
+            self.eval_blocks[:limit],
+            batch_size=self.args.batch_size,
+            parallel=self.parallel,
+            device=self.model.device,
+            autocast=self._autocast,
+        )
         self.model.train(was_training)
-        loss = total / weight
         perplexity = math.exp(loss) if loss < 700 else math.inf
         self.state.log_history.append({"step": self.state.step, "eval_loss": loss, "perplexity": perplexity})
         self._emit("eval", eval_loss=loss, perplexity=perplexity)
@@ -247,15 +253,22 @@ class Trainer:
 
     # ---- checkpoints ------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        """Write `output_dir/checkpoint-{step}` (atomically) and drop checkpoints beyond the limit."""
-        path = save_checkpoint(
-            self.output_dir,
-            model=self.model,
-            tokenizer=self.tokenizer,
-            optimizer=self.optimizer,
-            state=asdict(self.state),
-            keep=self.args.save_total_limit,
-        )
+        """Write `output_dir/checkpoint-{step}` (atomically) and drop checkpoints beyond the limit.
+
+        In a data-parallel run every rank calls this (the shards are gathered) and rank 0 writes.
+        """
+        model = self._whole_model()
+        optimizer_state = distributed.full_optimizer_state(self.model, self.optimizer)
+        path = self.output_dir / f"checkpoint-{self.state.step}"
+        if self.parallel.is_main:
+            path = save_checkpoint(
+                self.output_dir,
+                model=model,
+                tokenizer=self.tokenizer,
+                optimizer_state=optimizer_state,
+                state=asdict(self.state),
+                keep=self.args.save_total_limit,
+            )
         self._emit("save", path=str(path))
         return path
 
@@ -269,17 +282,34 @@ class Trainer:
         folder = Path(checkpoint)
         if (folder / STATE_NAME).is_file():  # settings first: a foreign run is refused before any loading
             self._check_same_run(folder, read_trainer_state(folder))
-        state = load_checkpoint(folder, model=self.model, optimizer=self.optimizer)
-        self.state = TrainingState(**state)
+        # Each rank reads the whole checkpoint (on the CPU when it is to be sharded) and keeps its part.
+        device = "cpu" if distributed.is_sharded(self.model) else None
+        saved = read_checkpoint(
+            folder, model=self.model, optimizer=self.optimizer, model_class=self.model_class, device=device
+        )
+        adapter = is_peft_model(self.model)  # its checkpoint holds the adapter, named as peft saves it
+        distributed.load_full_state(
+            self.model,
+            self.optimizer,
+            weights=model_state_names(self.model, saved.weights) if adapter else saved.weights,
+            optimizer_state=saved.optimizer_state,
+            strict=not adapter,
+        )
+        set_rng_state(saved.rng)
+        self.state = TrainingState(**saved.state)
         self._emit("resume", path=str(folder))
 
     def _check_same_run(self, folder: Path, state: dict[str, Any]) -> None:
-        differ = {k: (v, state["run"].get(k)) for k, v in self.state.run.items() if state["run"].get(k) != v}
+        then = dict(state["run"])
+        if "global_batch_size" not in then and "batch_size" in then:  # written before data-parallel runs
+            then["global_batch_size"] = then["batch_size"] * then.get("gradient_accumulation_steps", 1)
+        differ = {k: (v, then.get(k)) for k, v in self.state.run.items() if then.get(k) != v}
         if differ:
             detail = ", ".join(f"{k}: now {now!r}, then {then!r}" for k, (now, then) in differ.items())
             raise ValueError(
                 f"Cannot resume from {folder}: it was trained with other data or settings ({detail}). Resume "
-                "with the same data, --seed, --batch-size, --grad-accum and --block-size, or start afresh."
+                "with the same data, --seed and --block-size, and the same global batch (--batch-size x "
+                "--grad-accum x processes; any split of it), or start afresh."
             )
 
     def latest_checkpoint(self) -> Path | None:
@@ -293,30 +323,52 @@ class Trainer:
         """Write the model (in `dtype`, default its own) and the tokenizer as a Hugging Face checkpoint.
 
         A LoRA run's model is written as its peft adapter folder, or with `merge` as the whole model with
-        the adapter merged into its weights.
+        the adapter merged into its weights. In a data-parallel run every rank calls this (the shards are
+        gathered) and rank 0 writes.
+
+        Raises:
+            ValueError: `merge` with a model that FSDP shards (merge the saved adapter into the base model
+                instead: `lora.apply_adapter`).
         """
-        model = merged(self.model) if merge and is_peft_model(self.model) else self.model
-        model = model if dtype in (None, model.dtype) else copy.deepcopy(model).to(dtype)
+        adapter = is_peft_model(self.model)
+        if merge and adapter and distributed.is_sharded(self.model):
+            raise ValueError(
+                "merge=True needs the whole weights on one process, and FSDP shards them: save the adapter, "
+                "then merge it into the base model (stablelm.training.lora.apply_adapter)."
+            )
+        model = self._whole_model()
+        if not self.parallel.is_main:
+            return
+        if merge and adapter:
+            model = merged(self.model)
+        if dtype not in (None, model.dtype):
+            model = (copy.deepcopy(model) if model is self.model else model).to(dtype)
         model.save_pretrained(directory)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(directory)
 
+    def _whole_model(self) -> Any:
+        """What rank 0 saves: the model itself (a peft model saves its adapter), or the whole model gathered
+        from FSDP's shards (for a LoRA run, the adapter alone). Every rank calls this (it gathers)."""
+        if is_peft_model(self.model) and distributed.is_sharded(self.model):
+            return gather_adapter(self.model)
+        return distributed.full_model(self.model, model_class=self.model_class)
+
     # ---- helpers ---------------------------------------------------------------------------------------
     def _run_settings(self) -> dict[str, Any]:
-        blocks = self.train_blocks
-        labelled = {}
+        blocks, labelled = self.train_blocks, {}
         if isinstance(blocks, LabelledBlocks):
             labelled = {
                 "train_labels_sum": int(blocks.labels.sum()),
                 "train_positions_sum": int(blocks.position_ids.sum()),
             }
             blocks = blocks.input_ids
+        # The global batch, not its split into micro-batches, accumulation and ranks, fixes the data order.
         return {
             "seed": self.args.seed,
-            "batch_size": self.args.batch_size,
-            "gradient_accumulation_steps": self.args.gradient_accumulation_steps,
-            "block_size": int(self.train_blocks.shape[1]),
-            "train_blocks": int(self.train_blocks.shape[0]),
+            "global_batch_size": self._global_batch(),
+            "block_size": int(blocks.shape[1]),
+            "train_blocks": int(blocks.shape[0]),
             "train_tokens_sum": int(blocks.sum()),
             **labelled,
             **({"lora": lora_settings(self.model)} if is_peft_model(self.model) else {}),
@@ -327,23 +379,6 @@ class Trainer:
             self.callback(TrainingEvent(kind, self.state.step, self.args.max_steps, **values))
 
 
-def _check_blocks(name: str, blocks: torch.Tensor | LabelledBlocks, model: StableLmForCausalLM) -> None:
-    config = model.config
-    if isinstance(blocks, LabelledBlocks):
-        blocks = blocks.input_ids
-    if blocks.dim() != 2 or blocks.shape[0] == 0 or blocks.dtype != torch.int64:
-        raise ValueError(
-            f"{name} must be a non-empty (N, block_size) int64 tensor, got {tuple(blocks.shape)}."
-        )
-    check_block_size(int(blocks.shape[1]), max_position_embeddings=config.max_position_embeddings)
-    top = int(blocks.max())
-    if top >= config.vocab_size:
-        raise ValueError(
-            f"{name} holds token id {top}, outside the model's vocabulary of {config.vocab_size}; resize the "
-            "embeddings to the tokenizer first (model.resize_token_embeddings(len(tokenizer)))."
-        )
-
-
 def resolve_precision(precision: str, device: torch.device) -> str:
     """ "fp32" or "bf16": what `precision` ("auto", "fp32" or "bf16") means on `device` (auto: bf16 on a GPU
     that supports it)."""
@@ -351,12 +386,3 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         bf16_gpu = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return "bf16" if bf16_gpu else "fp32"
     return precision
-
-
-def check_block_size(block_size: int, *, max_position_embeddings: int) -> None:
-    """Raise ValueError unless 2 <= block_size <= max_position_embeddings."""
-    if not 2 <= block_size <= max_position_embeddings:
-        raise ValueError(
-            f"The block size {block_size} is outside what the model takes: use 2 to max_position_embeddings "
-            f"({max_position_embeddings}), e.g. --block-size {min(max(block_size, 2), max_position_embeddings)}."
-        )
