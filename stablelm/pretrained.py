@@ -49,6 +49,9 @@ class StableLmPreTrainedModel(ActivationCheckpointingMixin, nn.Module):
         if config.attn_implementation == "flash_attention_2":
             check_flash_attention_available()
         self.config = config
+        # An instance attribute, as the reference's: peft reads it from the instance's __dict__ to record
+        # the base model in adapter_config.json.
+        self.name_or_path: str = config.name_or_path
 
     def post_init(self, *new_modules: nn.Module) -> None:
         """Initialise weights as the reference does (all of them, or only `new_modules`), then tie."""
@@ -148,11 +151,6 @@ class StableLmPreTrainedModel(ActivationCheckpointingMixin, nn.Module):
     def can_generate(cls) -> bool:
         """Whether the class has `generate` (the causal LM only)."""
         return callable(getattr(cls, "generate", None))
-
-    @property
-    def name_or_path(self) -> str:
-        """The folder or hub id the model was loaded from ("" for a model built from a config)."""
-        return self.config.name_or_path
 
     @property
     def base_model(self) -> nn.Module:
@@ -287,7 +285,7 @@ class StableLmPreTrainedModel(ActivationCheckpointingMixin, nn.Module):
             loading_info=info,
             **config_overrides,
         )
-        model.config.name_or_path = str(name_or_path)
+        model.config.name_or_path = model.name_or_path = str(name_or_path)
         return (model, info) if output_loading_info else model
 
     @classmethod

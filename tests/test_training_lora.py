@@ -97,6 +97,8 @@ def test_the_adapter_loads_with_peft_onto_the_reference_with_our_logits(base, lo
         and config["lora_alpha"] == 8
         and set(config["target_modules"]) == set(ALL_LINEAR.split(","))
     )
+    # the base model is recorded, as peft does for the reference's models (its Auto classes read it)
+    assert config["base_model_name_or_path"] == str(base)
     reference = transformers.StableLmForCausalLM.from_pretrained(base).eval()
     before = _logits(reference, IDS)
     reference = peft.PeftModel.from_pretrained(reference, lora_run).eval()
