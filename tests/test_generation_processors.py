@@ -222,7 +222,6 @@ def test_stopping_criteria_see_the_scores_when_asked(pair):
         (dict(guidance_scale=1.5), ValueError, "guidance_scale=1.5 is a setting of the reference's generate"),
         (dict(penalty_alpha=0.6, top_k=4), ValueError, "penalty_alpha=0.6"),
         (dict(diversity_penalty=1.0), ValueError, "diversity_penalty=1.0"),
-        (dict(output_attentions=True), ValueError, "output_attentions=True is not supported"),
         (dict(max_tokens=3), TypeError, "unexpected keyword argument 'max_tokens'"),
         (dict(negative_prompt_ids=torch.ones(1, 2, dtype=torch.long)), ValueError, "negative_prompt_ids="),
         (dict(synced_gpus=True), ValueError, "synced_gpus=True is a setting"),

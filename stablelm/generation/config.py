@@ -249,6 +249,7 @@ class GenerationConfig:
             "use_cache",
             "output_scores",
             "output_logits",
+            "output_attentions",
             "return_dict_in_generate",
             "renormalize_logits",
             "remove_invalid_values",
@@ -367,8 +368,3 @@ def check_supported(config: GenerationConfig) -> None:
                 f"{key}={value!r} is a setting of the reference's generate that stablelm does not implement "
                 f"(see docs/generation.md); leave it unset (or {UNSUPPORTED[key]!r})."
             )
-    if config.output_attentions:
-        raise ValueError(
-            "output_attentions=True is not supported by stablelm's generate (its attention kernels do not "
-            "return the weights); leave it unset."
-        )
