@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_pair, tiny_config
+from conftest import make_pair, tiny_config, transformers
 from test_generation import _left_padded, _prompts
 
 from stablelm import set_seed
@@ -112,6 +112,26 @@ def test_beam_search_attentions_equal_the_references(use_cache, sample):
     _equal_steps(a.attentions, b.attentions)
     _equal_steps(a.hidden_states, b.hidden_states)
     assert a.attentions[1][0].shape == (6, 8, 1 if use_cache else 7, 7)
+
+
+def test_continuing_from_a_cache_gives_the_uncached_positions_attentions():
+    from stablelm.cache import DynamicCache
+
+    ours, ref = attention_pair()
+    ids = _prompts(2, 7, seed=2)
+    ours.config.attn_implementation = "eager"  # the cache as the reference's eager forward fills it
+    ours_cache, ref_cache = DynamicCache(), transformers.DynamicCache(config=ref.config)
+    with torch.no_grad():
+        ours(ids[:, :4], past_key_values=ours_cache)
+        ref(ids[:, :4], past_key_values=ref_cache)
+    ours.config.attn_implementation = "sdpa"
+    kw = dict(max_new_tokens=3, eos_token_id=None, **OUTPUTS)
+    a = ours.generate(ids, past_key_values=ours_cache, **kw)
+    b = ref.generate(ids, past_key_values=ref_cache, **kw)
+    assert torch.equal(a.sequences, b.sequences)
+    _equal_steps(a.attentions, b.attentions)
+    _equal_steps(a.hidden_states, b.hidden_states)
+    assert a.attentions[0][0].shape == (2, 8, 3, 7)  # the 3 positions the cache did not hold
 
 
 def _assistant_pair(ours):
