@@ -31,6 +31,10 @@ class AttentionMask:
             drafts this way.
         packed: `allowed` keeps packed documents apart (see `packed_mask`).
         custom: `allowed` is the caller's own 4-D mask (which flash attention cannot take).
+        empty_rows: (B, 1, T, 1) bool, the queries that had no key to attend to (on left padding), which
+            `allowed` opens up to every key so that no kernel produces NaN; eager attention weighs every key
+            alike for them instead, as the reference's eager attention does (its probabilities and the
+            hidden states at padded positions are then the reference's).
     """
 
     allowed: torch.Tensor | None
@@ -40,6 +44,7 @@ class AttentionMask:
     per_query: bool = False
     packed: bool = False
     custom: bool = False
+    empty_rows: torch.Tensor | None = None
 
 
 def build_mask(
@@ -73,8 +78,12 @@ def build_mask(
         if slots > key_length:
             keys = F.pad(keys, (0, slots - key_length), value=False)
         allowed = allowed & keys[:, None, None, :]
-        allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
-    return AttentionMask(allowed=allowed, is_causal=False, key_length=key_length, padding=padding)
+        empty = ~allowed.any(dim=-1, keepdim=True)
+        allowed = allowed | empty
+        return AttentionMask(
+            allowed=allowed, is_causal=False, key_length=key_length, padding=padding, empty_rows=empty
+        )
+    return AttentionMask(allowed=allowed, is_causal=False, key_length=key_length)
 
 
 def packed_segments(position_ids: torch.Tensor) -> torch.Tensor | None:
@@ -127,8 +136,11 @@ def _custom_mask(
     allowed = allowed.to(device)
     if slots > key_length:
         allowed = F.pad(allowed, (0, slots - key_length), value=False)
-    allowed = allowed | ~allowed.any(dim=-1, keepdim=True)  # rows with no key: opened, never read
-    return AttentionMask(allowed=allowed, is_causal=False, key_length=key_length, custom=True)
+    empty = ~allowed.any(dim=-1, keepdim=True)
+    allowed = allowed | empty  # rows with no key: opened, never read
+    return AttentionMask(
+        allowed=allowed, is_causal=False, key_length=key_length, custom=True, empty_rows=empty
+    )
 
 
 def attention(
@@ -147,10 +159,12 @@ def attention(
     With a `weights` list, the eager path runs (whatever `implementation` says, as only it forms the
     probabilities) and appends them (B, H, T, S) to the list: the reference's `output_attentions`.
     """
+    if mask.per_query and q.shape[2] > 1:
+        return _query_by_query(
+            q, k, v, mask, weights, implementation=implementation, scale=scale, dropout=dropout
+        )
     if weights is not None:
         implementation = "eager"
-    elif mask.per_query and q.shape[2] > 1:
-        return _query_by_query(q, k, v, mask, implementation=implementation, scale=scale, dropout=dropout)
     groups = q.shape[1] // k.shape[1]
     if k.shape[2] > mask.key_length and (mask.allowed is None or mask.allowed.shape[-1] == mask.key_length):
         k, v = k[:, :, : mask.key_length], v[:, :, : mask.key_length]  # a static cache's written slots
@@ -175,6 +189,8 @@ def attention(
         scores = torch.matmul(q, k.transpose(2, 3)) * scale  # (B, H, T, S)
         if mask.allowed is not None:
             scores = scores.masked_fill(~mask.allowed, torch.finfo(scores.dtype).min)
+            if mask.empty_rows is not None:  # every key alike (see AttentionMask.empty_rows)
+                scores = scores.masked_fill(mask.empty_rows, 0.0)
         elif mask.is_causal:
             causal = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
             scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
@@ -191,12 +207,20 @@ def attention(
 
 
 def _query_by_query(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, **kwargs: object
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: AttentionMask,
+    weights: list[torch.Tensor] | None,
+    **kwargs: object,
 ) -> torch.Tensor:
-    """`attention` of each query alone over the keys up to its own position, as a decode step runs it."""
+    """`attention` of each query alone over the keys up to its own position, as a decode step runs it.
+    With `weights`, each query's probabilities (B, H, 1, its keys) are zero-padded to `key_length` (the
+    keys it may not see) and appended together (B, H, T, key_length)."""
     T = q.shape[2]
     first = mask.key_length - T
     outputs = []
+    rows: list[torch.Tensor] | None = [] if weights is not None else None
     for i in range(T):
         length = first + i + 1
         one = AttentionMask(
@@ -205,7 +229,9 @@ def _query_by_query(
             key_length=length,
             padding=None if mask.padding is None else mask.padding[:, :length],
         )
-        outputs.append(attention(q[:, :, i : i + 1], k, v, one, **kwargs))
+        outputs.append(attention(q[:, :, i : i + 1], k, v, one, weights=rows, **kwargs))
+    if weights is not None:
+        weights.append(torch.cat([F.pad(w, (0, mask.key_length - w.shape[-1])) for w in rows], dim=2))
     return torch.cat(outputs, dim=1)
 
 

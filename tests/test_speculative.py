@@ -453,7 +453,6 @@ def test_speculative_fields_are_generation_config_fields():
     [
         (dict(num_beams=2), "num_beams=2"),
         (dict(use_cache=False), "use_cache=False"),
-        (dict(return_dict_in_generate=True, output_hidden_states=True), "output_hidden_states=True"),
         (dict(compile=True), "compile=True"),
         (dict(past_key_values="cache"), "past_key_values"),
     ],

@@ -181,6 +181,7 @@ def beam_search(
     scores_seen: tuple | None = () if record_scores else None
     logits_seen: tuple | None = () if c.return_dict_in_generate and c.output_logits else None
     hidden_seen: tuple | None = () if plan.hidden_states else None
+    attentions_seen: tuple | None = () if plan.attentions else None
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     stepper = Stepper(model, plan, mask.to(model.device).long(), cache=past_key_values)
     logits = stepper.prefill(
@@ -195,6 +196,8 @@ def beam_search(
             scores_seen += (log_probs.clone(),)
         if hidden_seen is not None:
             hidden_seen += (stepper.hidden,)
+        if attentions_seen is not None:  # like the hidden states: the rows as the step ran them
+            attentions_seen += (stepper.attentions,)
         log_probs = log_probs.view(s.B, N, -1) + s.running_scores[:, :, None]
         top_scores, top_sequences, top_indices = _top_candidates(
             s, log_probs.reshape(s.B, -1), cur_len, keep, not plan.params.greedy, generator
@@ -215,7 +218,7 @@ def beam_search(
             break
         flat_running = _flat(s.running[:, :, :cur_len])
         logits = stepper.step(flat_running[:, -1])
-    return _outputs(s, c, scores_seen, logits_seen, hidden_seen, stepper.cache)
+    return _outputs(s, c, scores_seen, logits_seen, hidden_seen, attentions_seen, stepper.cache)
 
 
 def _outputs(
@@ -224,6 +227,7 @@ def _outputs(
     scores_seen: tuple | None,
     logits_seen: tuple | None,
     hidden_seen: tuple | None,
+    attentions_seen: tuple | None,
     cache: Any,
 ) -> torch.Tensor | GenerateBeamDecoderOnlyOutput:
     n = int(c.num_return_sequences or 1)
@@ -242,5 +246,6 @@ def _outputs(
         logits=logits_seen,
         beam_indices=indices,
         hidden_states=hidden_seen,
+        attentions=attentions_seen,
         cache=cache,
     )

@@ -100,8 +100,10 @@ METADATA = ("transformers_version", "_from_model_config", "_commit_hash", "_orig
 class GenerationConfig:
     """Generation settings, as in a checkpoint's `generation_config.json` and the reference's class of the
     same name: every field None unless set (see the module's docstring); `extra` keeps the keys of a file
-    that are no field (`transformers_version`, the reference's fields stablelm does not implement).
-    `compile` is stablelm's own (compile the decode step)."""
+    that are no field (`transformers_version`, the reference's fields stablelm does not implement), and
+    so do attributes set by other names (`config.compile_config = ...`, as users of the reference set
+    them): `generate` then refuses them by name when it does not implement them, rather than ignore
+    them. `compile` is stablelm's own (compile the decode step)."""
 
     max_length: int | None = None
     max_new_tokens: int | None = None
@@ -149,6 +151,18 @@ class GenerationConfig:
     assistant_confidence_threshold: float | None = None
     compile: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("_") or name == "extra" or name in _FIELDS:
+            object.__setattr__(self, name, value)
+        else:  # a setting of the reference's that is no field here: kept, and checked by `generate`
+            self.extra[name] = value
+
+    def __getattr__(self, name: str) -> Any:
+        extra = self.__dict__.get("extra")
+        if extra is not None and not name.startswith("__") and name in extra:
+            return extra[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -249,6 +263,7 @@ class GenerationConfig:
             "use_cache",
             "output_scores",
             "output_logits",
+            "output_attentions",
             "return_dict_in_generate",
             "renormalize_logits",
             "remove_invalid_values",
@@ -276,6 +291,9 @@ class GenerationConfig:
             if value is not UNSET:
                 setattr(new, key, value)
         return new
+
+
+_FIELDS = frozenset(GenerationConfig.field_names())
 
 
 def _jsonable(value: Any) -> Any:
@@ -367,8 +385,3 @@ def check_supported(config: GenerationConfig) -> None:
                 f"{key}={value!r} is a setting of the reference's generate that stablelm does not implement "
                 f"(see docs/generation.md); leave it unset (or {UNSUPPORTED[key]!r})."
             )
-    if config.output_attentions:
-        raise ValueError(
-            "output_attentions=True is not supported by stablelm's generate (its attention kernels do not "
-            "return the weights); leave it unset."
-        )

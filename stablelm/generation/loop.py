@@ -46,6 +46,8 @@ class Step:
         logits: (B, V) the model's raw fp32 logits, when the plan records them.
         hidden_states: The forward's hidden states (embeddings, then each layer's output), when the
             plan keeps them.
+        attentions: The forward's attention probabilities, per layer (B, H, new positions, keys), when
+            the plan keeps them.
     """
 
     tokens: torch.Tensor
@@ -53,6 +55,7 @@ class Step:
     scores: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     hidden_states: tuple | None = None
+    attentions: tuple | None = None
 
 
 def stream_tokens(
@@ -219,7 +222,11 @@ def _steps(
         if plan.deadline is not None and time.time() > plan.deadline:
             stopped |= running
         running = running & ~stopped
-        recorded = Step(tokens, [], scores, logits, stepper.hidden) if plan.record else Step(tokens, [])
+        recorded = (
+            Step(tokens, [], scores, logits, stepper.hidden, stepper.attentions)
+            if plan.record
+            else Step(tokens, [])
+        )
         pending.append((recorded, stopped))
         last = step == plan.max_new_tokens - 1
         if last or len(pending) >= sync_every:
@@ -255,7 +262,8 @@ def generate(
     draft: Any = None,
 ) -> torch.Tensor | GenerateDecoderOnlyOutput:
     """Run `stream_tokens` to the end; return the prompt followed by the new tokens (B, T + n), or with
-    `config.return_dict_in_generate` a `GenerateDecoderOnlyOutput` (scores, logits, cache).
+    `config.return_dict_in_generate` a `GenerateDecoderOnlyOutput` (scores, logits, hidden states,
+    attentions, cache).
 
     With `inputs_embeds` instead of ids, only the new tokens are returned (as the reference does). With
     a `draft` (see `stream_tokens`), the steps are speculative decoding's.
@@ -332,5 +340,6 @@ def generate(
         scores=tuple(s.scores for s in done) if config.output_scores else None,
         logits=tuple(s.logits for s in done) if config.output_logits else None,
         hidden_states=tuple(s.hidden_states for s in done) if config.output_hidden_states else None,
+        attentions=tuple(s.attentions for s in done) if config.output_attentions else None,
         cache=kept.get("cache"),
     )

@@ -26,7 +26,8 @@ class GenerateDecoderOnlyOutput(_CacheAlias, ModelOutput):
         sequences: (B, T + n) the prompt and the new tokens.
         scores: Per step, the processed scores (B, V) the token was chosen from (`output_scores`).
         logits: Per step, the model's raw logits (B, V) in fp32 (`output_logits`).
-        attentions: Always None (output_attentions is not supported).
+        attentions: Per step, the forward's attention probabilities: a tuple over layers of (B, heads,
+            positions fed, positions attended) (`output_attentions`; computed on eager attention).
         hidden_states: Per step, the forward's hidden states: a tuple (embeddings, then each layer's
             output) of (B, positions fed, C) (`output_hidden_states`).
         cache: The KV cache after the last step (its positions: every token but the last).
@@ -50,7 +51,8 @@ class GenerateBeamDecoderOnlyOutput(_CacheAlias, ModelOutput):
         scores: Per step, the processed log-probabilities (B * num_beams, V) (`output_scores`).
         logits: Per step, the model's raw logits (B * num_beams, V) in fp32 (`output_logits`).
         beam_indices: (B * num_return_sequences, n) the beam row each token of `sequences` came from.
-        attentions: Always None (output_attentions is not supported).
+        attentions: Per step, the forward's attention probabilities (B * num_beams rows, in the order the
+            step ran them, as the hidden states), as in `GenerateDecoderOnlyOutput`.
         hidden_states: Per step, the forward's hidden states, as in `GenerateDecoderOnlyOutput`.
         cache: The KV cache after the last step, its rows in the order of the running beams.
     """

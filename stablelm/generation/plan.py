@@ -59,8 +59,11 @@ class Plan:
     pad_finished: bool = True  # finished rows get the pad token (the reference: when EOS is set)
     processors: list = field(default_factory=list)
     criteria: list = field(default_factory=list)  # the caller's stopping criteria
-    record: bool = False  # the caller asked for scores/logits: keep them in each Step
+    record: bool = (
+        False  # the caller asked for scores/logits/hidden states/attentions: keep them in each Step
+    )
     hidden_states: bool = False  # and for the hidden states: each step runs the model's forward
+    attentions: bool = False  # and for the attention probabilities: the forward, on eager attention
     deadline: float | None = None  # time.time() past which every row stops (max_time)
 
 
@@ -106,7 +109,12 @@ def make_plan(
     resolved = config.updated(max_length=prompt_length + max_new)
     record = bool(
         config.return_dict_in_generate
-        and (config.output_scores or config.output_logits or config.output_hidden_states)
+        and (
+            config.output_scores
+            or config.output_logits
+            or config.output_hidden_states
+            or config.output_attentions
+        )
     )
     for i, criterion in enumerate(criteria):
         if not callable(criterion):
@@ -127,6 +135,7 @@ def make_plan(
         criteria=list(criteria),
         record=record,
         hidden_states=bool(config.return_dict_in_generate and config.output_hidden_states),
+        attentions=bool(config.return_dict_in_generate and config.output_attentions),
         deadline=None if config.max_time is None else time.time() + float(config.max_time),
     )
 
@@ -161,6 +170,8 @@ def _check_cache_and_numbers(config: GenerationConfig) -> tuple[str, bool]:
         raise ValueError("compile=True needs the cache: drop use_cache=False.")
     if config.compile and config.return_dict_in_generate and config.output_hidden_states:
         raise ValueError("compile=True does not return hidden states: drop compile or output_hidden_states.")
+    if config.compile and config.return_dict_in_generate and config.output_attentions:
+        raise ValueError("compile=True does not return attentions: drop compile or output_attentions.")
     for name in ("max_time", "length_penalty"):
         value = getattr(config, name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):

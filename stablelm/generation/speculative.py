@@ -138,11 +138,6 @@ def check_settings(name: str, config: GenerationConfig) -> None:
             "the drafts are checked over the cache, as in the reference",
         ),
         (bool(config.compile), "compile=True", "it compiles the one-token step, which drafting does not use"),
-        (
-            bool(config.return_dict_in_generate and config.output_hidden_states),
-            "output_hidden_states=True",
-            "a draft's check returns no hidden states",
-        ),
     ]
     for hit, setting, why in refused:
         if hit:
@@ -181,6 +176,7 @@ def _run(
     # The stopping criteria see the steps' scores when they are returned, as in plain decoding.
     history: tuple | None = () if plan.config.return_dict_in_generate and plan.config.output_scores else None
     drafter.start(plan, seq)
+    wanted = plan.hidden_states or plan.attentions
     eos = set() if plan.eos is None else set(plan.eos.tolist())
     first_row = torch.zeros(1, dtype=torch.long)
     first = None  # the first draft is proposed before the prompt runs, as in the reference
@@ -189,11 +185,19 @@ def _run(
         draft = drafter.propose(seq, plan.max_new_tokens - seq.produced - 1, plan, generator)
         k = len(draft.tokens)
         seq.ids[seq.length : seq.length + k] = draft.tokens
+        checked: dict[str, Any] | None = {} if wanted else None  # the check's hidden states, attentions
         if first is None:  # the prompt as plain decoding runs it, then the draft after it
             first = stepper.prefill(input_ids=input_ids)
-            logits = torch.cat([first, verify_logits(model, cache, seq, T, T + k, plan)]) if k else first
+            prompt = (stepper.hidden, stepper.attentions)
+            shift = 1  # the check's row i - 1 is the round's token i (token 0's: the prompt's forward)
+            if k:
+                logits = torch.cat([first, verify_logits(model, cache, seq, T, T + k, plan, kept=checked)])
+            else:
+                logits = first
         else:  # the last token (not yet in the cache) and the draft
-            logits = verify_logits(model, cache, seq, seq.length - 1, seq.length + k, plan)
+            prompt, shift = None, 0  # the check's row i is the round's token i
+            logits = verify_logits(model, cache, seq, seq.length - 1, seq.length + k, plan, kept=checked)
+        keys = seq.length  # the round's token i attends to keys + i positions
         scores = processed_scores(plan, logits, seq, rows=k + 1)
         new = _accept(scores, draft, plan, generator)
         new = new[: plan.max_new_tokens - seq.produced]
@@ -224,19 +228,47 @@ def _run(
                 stopped = True
             reason = "stop" if stopped else "length" if seq.produced == plan.max_new_tokens else None
             if plan.record:
-                yield Step(tokens, [reason], scores[i : i + 1], logits[i : i + 1])
+                if i == 0 and prompt is not None:
+                    hidden, attentions = prompt
+                else:
+                    hidden, attentions = _row(checked, i - shift, keys + i)
+                yield Step(tokens, [reason], scores[i : i + 1], logits[i : i + 1], hidden, attentions)
             else:
                 yield Step(tokens, [reason])
             if reason is not None:
                 return
 
 
-def verify_logits(model: Any, cache: Cache, seq: Tokens, start: int, end: int, plan: Plan) -> torch.Tensor:
+def _row(checked: dict[str, Any] | None, row: int, keys: int) -> tuple[tuple | None, tuple | None]:
+    """Row `row` of a round's check, as plain decoding's step gives it for that token: hidden states
+    (1, 1, C) and attentions (1, H, 1, keys); the reference splits its check the same way."""
+    if checked is None:
+        return None, None
+    hidden, attentions = checked["hidden_states"], checked["attentions"]
+    return (
+        None if hidden is None else tuple(h[:, row : row + 1] for h in hidden),
+        None if attentions is None else tuple(a[:, :, row : row + 1, :keys] for a in attentions),
+    )
+
+
+def verify_logits(
+    model: Any,
+    cache: Cache,
+    seq: Tokens,
+    start: int,
+    end: int,
+    plan: Plan,
+    *,
+    kept: dict[str, Any] | None = None,
+) -> torch.Tensor:
     """fp32 logits (end - start, V) after each of positions [start, end), over a cache holding [0, start).
 
     The decode step (`stablelm.decode`) over several tokens, attending query by query: each row is bit
     for bit what decoding the tokens one at a time gives, so greedy speculative decoding makes exactly
-    plain decoding's tokens in every dtype.
+    plain decoding's tokens in every dtype. With `kept`, it receives, as the plan asks for them, the
+    `hidden_states` (embeddings, each layer's output; (1, end - start, C) each) and the
+    `attentions` (per layer (1, H, end - start, end), zero past each query's own position), computed on
+    eager attention, as plain decoding computes them when they are asked for.
     """
     make_room(model, cache, end, plan, seq)
     base = model.model
@@ -253,10 +285,18 @@ def verify_logits(model: Any, cache: Cache, seq: Tokens, start: int, end: int, p
     mask = AttentionMask(allowed=allowed, is_causal=False, key_length=end, per_query=True)
     cache_position = torch.arange(start, end, device=device)
     rope = base.rotary_emb(x, positions)
+    hidden: list[torch.Tensor] | None = [] if kept is not None and plan.hidden_states else None
+    weights: list[torch.Tensor] | None = [] if kept is not None and plan.attentions else None
     for layer in base.layers:
-        x = layer(x, rope, mask, cache, cache_position)
+        if hidden is not None:
+            hidden.append(x)
+        x = layer(x, rope, mask, cache, cache_position, weights)
     cache.advance(end - start)
-    return model.lm_head(base.norm(x)[0]).float()
+    x = base.norm(x)
+    if kept is not None:
+        kept["hidden_states"] = None if hidden is None else (*hidden, x)
+        kept["attentions"] = None if weights is None else tuple(weights)
+    return model.lm_head(x[0]).float()
 
 
 def make_room(model: Any, cache: Cache, end: int, plan: Plan, seq: Tokens) -> None:

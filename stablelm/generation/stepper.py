@@ -73,10 +73,14 @@ class Stepper:
         self.position_ids = mask.sum(-1, keepdim=True)  # (B, 1) next position, as the reference's cumsum
         self.step_fn: DecodeStep | None = None
         self.hidden: tuple | None = None  # the last forward's hidden states, when the plan keeps them
+        self.attentions: tuple | None = None  # and its attention probabilities, per layer
         if (
             isinstance(self.cache, StaticCache)
             and model.config.attn_implementation != "flash_attention_2"
-            and not plan.hidden_states  # the one-token step returns logits only
+            # the one-token step returns logits only: a request for more runs the model's forward (whose
+            # eager attention forms the probabilities), so the fast path is untouched by it
+            and not plan.hidden_states
+            and not plan.attentions
         ):
             self.step_fn = DecodeStep.for_model(model, compile=plan.compile)
             # Slots each new token may see: the prompt's real tokens now, each step's own slot as it comes.
@@ -99,8 +103,9 @@ class Stepper:
             past_key_values=self.cache,
             logits_to_keep=1,
             output_hidden_states=self.plan.hidden_states,
+            output_attentions=self.plan.attentions,
         )
-        self.hidden = out.hidden_states
+        self.hidden, self.attentions = out.hidden_states, out.attentions
         return out.logits[:, -1].to(dtype=torch.float32, copy=True)
 
     def _recompute(self) -> torch.Tensor:
@@ -112,8 +117,9 @@ class Stepper:
             use_cache=False,
             logits_to_keep=1,
             output_hidden_states=self.plan.hidden_states,
+            output_attentions=self.plan.attentions,
         )
-        self.hidden = out.hidden_states
+        self.hidden, self.attentions = out.hidden_states, out.attentions
         return out.logits[:, -1].to(dtype=torch.float32, copy=True)
 
     def _grow(self) -> None:
@@ -159,8 +165,9 @@ class Stepper:
                 past_key_values=self.cache,
                 logits_to_keep=1,
                 output_hidden_states=self.plan.hidden_states,
+                output_attentions=self.plan.attentions,
             )
-            self.hidden = out.hidden_states
+            self.hidden, self.attentions = out.hidden_states, out.attentions
             logits = out.logits[:, -1].to(dtype=torch.float32, copy=True)
         self.position_ids += 1
         return logits
