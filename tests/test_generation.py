@@ -285,13 +285,6 @@ def test_bad_arguments_get_clear_errors(kwargs, error, message):
         ours.generate(_prompts(1, 4), **{"max_new_tokens": 3, **kwargs})
 
 
-def test_both_input_ids_and_inputs_embeds_is_an_error():
-    ours, _ = peaked_pair()
-    ids = _prompts(1, 3)
-    with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
-        ours.generate(ids, inputs_embeds=ours.model.embed_tokens(ids))
-
-
 def test_prompt_longer_than_the_positions_with_plain_rope_is_an_error():
     ours, _ = make_pair(tiny_config(max_position_embeddings=8))
     with pytest.raises(
