@@ -57,6 +57,26 @@ def test_input_ids_with_inputs_embeds_match_reference(use_cache, padded):
     assert not any(torch.allclose(x, y) for x, y in zip(a.scores, other.scores, strict=True))
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("with_embeds", [False, True])
+def test_pad_tokens_without_a_mask_are_masked_as_the_reference(batch, with_embeds):
+    """Without an attention_mask the reference masks the ids equal to pad_token_id (when it is no EOS id),
+    wherever they are, from the ids also when the model reads embeddings."""
+    ours, ref = peaked_pair()
+    ids = _prompts(batch, 6, seed=8)
+    ids[0, 2] = ids[-1, 0] = 0
+    kw = dict(max_new_tokens=5, pad_token_id=0, eos_token_id=None, **DICT)
+    if with_embeds:
+        kw["inputs_embeds"] = _embeds(ours, ids)
+    a, b = ours.generate(ids, **kw), ref.generate(ids, **kw)
+    _same_outputs(a, b)
+    # The mask inferred is the one stablelm uses when given (a pad id that is an EOS id is no padding).
+    same = ours.generate(ids, attention_mask=(ids != 0).long(), **kw)
+    assert a.sequences.tolist() == same.sequences.tolist()
+    as_eos = dict(kw, eos_token_id=0)
+    assert ours.generate(ids, **as_eos).sequences.tolist() == ref.generate(ids, **as_eos).sequences.tolist()
+
+
 def test_input_ids_and_inputs_embeds_of_different_lengths_are_refused():
     ours, _ = peaked_pair()
     ids = _prompts(2, 5)

@@ -98,8 +98,10 @@ def prepare_inputs(
     if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 1:
         input_ids = input_ids[None]
     check_prompt(model, input_ids, attention_mask, inputs_embeds)
-    if input_ids is not None:
-        _check_padding(input_ids, attention_mask, config)
+    if input_ids is not None and attention_mask is None:
+        attention_mask = _mask_from_padding(input_ids, config)
+    if input_ids is not None and inputs_embeds is None:
+        _warn_right_padding(attention_mask)
     if position_ids is not None:
         B, T = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         position_ids = check_position_ids(position_ids, B, T)
@@ -113,25 +115,23 @@ def prepare_inputs(
     return input_ids, attention_mask, inputs_embeds, position_ids
 
 
-def _check_padding(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, config: GenerationConfig
-) -> None:
+def _mask_from_padding(input_ids: torch.Tensor, config: GenerationConfig) -> torch.Tensor | None:
+    """The mask the reference infers when none is given (`_prepare_attention_mask_for_generation`): 0 where
+    the ids hold `pad_token_id`, when it is set, occurs in them and is no EOS id (else None: all real)."""
     pad = config.pad_token_id
-    if attention_mask is None:
-        eos = config.eos_token_id
-        eos_list = [eos] if isinstance(eos, int) else list(eos or [])
-        if (
-            input_ids.shape[0] > 1
-            and pad is not None
-            and pad not in eos_list
-            and bool((input_ids == pad).any())
-        ):
-            raise ValueError(
-                "The batch holds pad tokens but no attention_mask was passed: pass the attention_mask the "
-                "tokenizer returned (e.g. model.generate(**tokenizer(texts, padding=True, return_tensors='pt')))."
-            )
-        return
-    if input_ids.shape[0] > 1 and bool((attention_mask[:, -1] == 0).any()):
+    eos = config.eos_token_id
+    eos_list = [eos] if isinstance(eos, int) else list(eos or [])
+    if pad is None or pad in eos_list or not bool((input_ids == pad).any()):
+        return None
+    return (input_ids != pad).long()
+
+
+def _warn_right_padding(attention_mask: torch.Tensor | None) -> None:
+    if (
+        attention_mask is not None
+        and attention_mask.shape[0] > 1
+        and bool((attention_mask[:, -1] == 0).any())
+    ):
         warnings.warn(
             "A decoder-only architecture is being used, but right-padding was detected! For correct generation "
             "results, please set `padding_side='left'` when initializing the tokenizer.",
