@@ -110,6 +110,10 @@ def test_no_prompt_without_a_usable_bos_is_refused():
         ours.generate(max_new_tokens=2)
     with pytest.raises(ValueError, match=r"bos_token_id \(500\) starts the prompt"):
         ours.generate(max_new_tokens=2, bos_token_id=500)
+    # The reference also takes a longer mask with no prompt (and reads its rows only); stablelm wants the
+    # mask of the one BOS position.
+    with pytest.raises(ValueError, match=r"attention_mask must have shape \(3, 1\)"):
+        ours.generate(attention_mask=torch.ones(3, 2, dtype=torch.long), max_new_tokens=2, bos_token_id=7)
 
 
 @pytest.mark.parametrize("with_ids", [False, True])
@@ -161,6 +165,21 @@ def test_position_ids_match_reference(setting):
             out[0].tolist()
             != ours.generate(**prompt, max_new_tokens=6, eos_token_id=None, **setting).tolist()
         )
+
+
+def test_position_ids_continue_over_past_key_values_as_the_reference():
+    ours, ref = peaked_pair()
+    ids, positions = _prompts(2, 5, seed=3), GAPPED
+    kw = dict(eos_token_id=None, return_dict_in_generate=True)
+    out = []
+    for m in (ours, ref):
+        first = m.generate(ids, position_ids=positions, max_new_tokens=3, **kw)
+        longer = torch.cat([positions, positions[:, -1:] + torch.arange(1, 4)], dim=1)
+        cache = first.past_key_values
+        out.append(
+            m.generate(first.sequences, position_ids=longer, past_key_values=cache, max_new_tokens=3, **kw)
+        )
+    assert out[0].sequences.tolist() == out[1].sequences.tolist()
 
 
 def test_position_ids_from_the_mask_equal_none_as_the_reference_test():
