@@ -172,6 +172,8 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
         streamer=None,  # noqa: ANN001 - anything with put(tensor) and end()
         generator: torch.Generator | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        logits_to_keep: int | None = None,
         cache_implementation: str | None = UNSET,
         compile: bool = UNSET,
         prompt_lookup_num_tokens: int | None = UNSET,
@@ -198,6 +200,11 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
         each row's next token as the reference's does. `past_key_values` continues from a
         cache holding the first positions of `input_ids` (which repeats the cached tokens); `use_cache=False`
         recomputes the whole sequence each step. `inputs` is the reference's name of `input_ids`.
+        `inputs_embeds` is the prompt as embeddings; given with `input_ids` of the same positions, the model
+        reads the embeddings and the sequences start with the ids. Given neither, the prompt is
+        `bos_token_id`. `position_ids` (B, T) are the prompt's rotary positions (the new tokens continue
+        from each row's last one). `logits_to_keep` (an int >= 0) is accepted and changes nothing: each
+        token is picked from the last position's logits.
         `cache_implementation` is "static" (preallocated, default) or "dynamic". `compile=True` compiles
         the decode step with torch.compile (paid once per model, batch size and length; falls back to eager
         with a notice when compilation is unavailable). `prompt_lookup_num_tokens` or `assistant_model`
@@ -206,7 +213,7 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
 
         Returns:
             LongTensor (B * num_return_sequences, prompt + new): the prompt followed by the new tokens
-            (only the new tokens when called with `inputs_embeds`); with `return_dict_in_generate`, a
+            (only the new tokens when called with `inputs_embeds` alone); with `return_dict_in_generate`, a
             `GenerateDecoderOnlyOutput` (or `GenerateBeamDecoderOnlyOutput`) holding them as `sequences`,
             with `scores` (`output_scores`), `logits` (`output_logits`), `hidden_states`
             (`output_hidden_states`) and the `cache`.
@@ -256,6 +263,8 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
             streamer=streamer,
             generator=generator,
             assistant_model=assistant_model,
+            position_ids=position_ids,
+            logits_to_keep=logits_to_keep,
             settings={**named, **settings},
         )
 

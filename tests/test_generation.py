@@ -285,13 +285,6 @@ def test_bad_arguments_get_clear_errors(kwargs, error, message):
         ours.generate(_prompts(1, 4), **{"max_new_tokens": 3, **kwargs})
 
 
-def test_both_input_ids_and_inputs_embeds_is_an_error():
-    ours, _ = peaked_pair()
-    ids = _prompts(1, 3)
-    with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
-        ours.generate(ids, inputs_embeds=ours.model.embed_tokens(ids))
-
-
 def test_prompt_longer_than_the_positions_with_plain_rope_is_an_error():
     ours, _ = make_pair(tiny_config(max_position_embeddings=8))
     with pytest.raises(
@@ -302,11 +295,16 @@ def test_prompt_longer_than_the_positions_with_plain_rope_is_an_error():
         ours.generate(_prompts(1, 7), max_new_tokens=3)
 
 
-def test_padding_without_an_attention_mask_is_an_error():
-    ours, _ = peaked_pair()
-    ids, _ = _left_padded([4, 2], pad=5)
-    with pytest.raises(ValueError, match="pass the attention_mask the tokenizer returned"):
-        ours.generate(ids, max_new_tokens=2, pad_token_id=5, eos_token_id=0)
+def test_padding_without_an_attention_mask_is_read_from_the_pad_token_as_the_reference():
+    ours, ref = peaked_pair()
+    ids, mask = _left_padded([4, 2], pad=5)
+    kw = dict(max_new_tokens=4, pad_token_id=5, eos_token_id=0)
+    a = ours.generate(ids, **kw)
+    assert (
+        a.tolist()
+        == ref.generate(ids, **kw).tolist()
+        == ours.generate(ids, attention_mask=mask, **kw).tolist()
+    )
 
 
 # ---- text: stop strings and streamers, with the real GPT-NeoX tokenizer ---------------------------------

@@ -143,31 +143,34 @@ def beam_search(
     stopping_criteria: Sequence[Criterion] = (),
     past_key_values: Cache | None = None,
     prefix_allowed_tokens_fn: Callable | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor | GenerateBeamDecoderOnlyOutput:
     """Beam search over `config.num_beams` beams per prompt; with `do_sample`, beam sampling.
 
     Returns the best `num_return_sequences` finished beams of each prompt (B * num_return_sequences,
-    T + n), or with `config.return_dict_in_generate` a `GenerateBeamDecoderOnlyOutput`.
+    T + n; only the n new tokens when the prompt is `inputs_embeds` alone, as in the reference), or with
+    `config.return_dict_in_generate` a `GenerateBeamDecoderOnlyOutput`.
     """
-    if inputs_embeds is not None:
-        raise ValueError(
-            "Beam search (num_beams > 1) needs input_ids; inputs_embeds is not supported with it."
-        )
     if config.stop_strings:
         raise ValueError("stop_strings are not supported with beam search (num_beams > 1).")
-    input_ids, attention_mask, _ = prepare_inputs(input_ids, attention_mask, None, config, model=model)
+    input_ids, attention_mask, inputs_embeds, position_ids = prepare_inputs(
+        input_ids, attention_mask, inputs_embeds, config, model=model, position_ids=position_ids
+    )
     plan = start_plan(
         model,
         config,
         input_ids,
         attention_mask,
-        None,
+        inputs_embeds,
         logits_processor=logits_processor,
         stopping_criteria=stopping_criteria,
         past_key_values=past_key_values,
         prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
     )
     c, N = plan.config, int(config.num_beams)
+    prompt = inputs_embeds if inputs_embeds is not None else input_ids
+    if input_ids is None:  # the beams hold the new tokens only, as the reference's (B * N, 0) prompt ids
+        input_ids = torch.zeros(prompt.shape[0], 0, dtype=torch.long, device=prompt.device)
     eos = plan.eos
     pad = config.pad_token_id if config.pad_token_id is not None else None if eos is None else int(eos[0])
     # The reference's `pad_token_id or eos_token_id[0] if eos_token_id is not None else -1`.
@@ -182,11 +185,16 @@ def beam_search(
     logits_seen: tuple | None = () if c.return_dict_in_generate and c.output_logits else None
     hidden_seen: tuple | None = () if plan.hidden_states else None
     attentions_seen: tuple | None = () if plan.attentions else None
-    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-    stepper = Stepper(model, plan, mask.to(model.device).long(), cache=past_key_values)
-    logits = stepper.prefill(
-        input_ids=input_ids[:, stepper.past :] if stepper.cache is not None else input_ids
+    mask = torch.ones(prompt.shape[:2], dtype=torch.long) if attention_mask is None else attention_mask
+    stepper = Stepper(
+        model, plan, mask.to(model.device).long(), cache=past_key_values, positions=position_ids
     )
+    if inputs_embeds is not None:  # the cache is kept then (see `start_plan`)
+        logits = stepper.prefill(inputs_embeds=inputs_embeds[:, stepper.past :])
+    else:
+        logits = stepper.prefill(
+            input_ids=input_ids[:, stepper.past :] if stepper.cache is not None else input_ids
+        )
     flat_running, cur_len = input_ids, s.T
     while True:
         log_probs = apply_processors(plan.processors, flat_running, F.log_softmax(logits, dim=-1))

@@ -18,7 +18,7 @@ from ..cache import Cache
 from ..sampling import select_tokens
 from .config import GenerationConfig, check_integer
 from .outputs import GenerateDecoderOnlyOutput
-from .plan import Criterion, Plan, apply_processors, start_plan
+from .plan import Criterion, Plan, apply_processors, start_plan, vocab_size
 from .prompt import check_prompt, prepare_inputs
 from .stepper import Stepper
 
@@ -80,7 +80,7 @@ def stream_tokens(
         input_ids: Prompt (B, T), left-padded when rows differ in length.
         attention_mask: (B, T) 1 for real tokens; required when the batch is padded.
         config: Resolved generation settings (see `resolve_config`).
-        inputs_embeds: (B, T, C) in place of `input_ids`.
+        inputs_embeds: (B, T, C) read in place of `input_ids` (which, when given too, start the sequences).
         generator: Random generator for sampling (default: torch's global one, as `set_seed` seeds).
         stop_checker: Called with (rows, tokens) of running rows after each step; returns a bool (len(rows),)
             marking rows whose text now ends a stop string.
@@ -131,9 +131,13 @@ def _start(
     logits_processor: Sequence[Callable] = (),
     stopping_criteria: Sequence[Criterion] = (),
     past_key_values: Cache | None = None,
+    prefix_allowed_tokens_fn: Callable | None = None,
+    position_ids: torch.Tensor | None = None,
     draft: Any = None,
+    kept: dict[str, Any] | None = None,
 ) -> Iterator[Step]:
-    """`stream_tokens` on a checked prompt: check the settings, then return the steps' generator."""
+    """The steps of a checked prompt (`stream_tokens` and `generate` both start here): check the settings,
+    plan, then return the steps' generator (`kept` receives the cache)."""
     check_integer("sync_every", sync_every, 1)
     plan = start_plan(
         model,
@@ -144,13 +148,28 @@ def _start(
         logits_processor=logits_processor,
         stopping_criteria=stopping_criteria,
         past_key_values=past_key_values,
+        prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
     )
+    rows = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+    _check_pad_fed(plan, rows, vocab_size(model), stops_rows=stop_checker is not None)
     if draft is not None:
+        if position_ids is not None:
+            raise ValueError(
+                f"{draft.name} (speculative decoding) does not take position_ids: drop one of them."
+            )
         return draft.steps(
-            model, plan, input_ids, attention_mask, inputs_embeds, generator, stop_checker, past_key_values
+            model,
+            plan,
+            input_ids,
+            attention_mask,
+            inputs_embeds,
+            generator,
+            stop_checker,
+            past_key_values,
+            kept,
         )
     if stop_checker is not None or plan.criteria or plan.deadline is not None:
-        sync_every = 1
+        sync_every = 1  # each step's tokens are read anyway
     return _steps(
         model,
         plan,
@@ -161,7 +180,28 @@ def _start(
         stop_checker,
         sync_every,
         past_key_values,
+        kept,
+        position_ids,
     )
+
+
+def _check_pad_fed(plan: Plan, batch: int, vocab: int, *, stops_rows: bool = False) -> None:
+    """Refuse a pad token outside the vocabulary when decoding `batch` rows would feed it to the model: a
+    row that finishes before the others is padded (`plan.pad_finished`) and the pad token is its next
+    input. Rows finish early on an EOS id of the vocabulary, a stopping criterion or (`stops_rows`) a stop
+    string. An EOS outside the vocabulary (the reference's tests set `eos_token_id=pad_token_id=-1` to
+    generate to the full length) never ends a row, so such a pad is never fed and is accepted, as the
+    reference accepts it. (Beam search never feeds the pad: finished beams leave the running ones.)"""
+    pad = plan.pad_token_id
+    if batch <= 1 or not plan.pad_finished or 0 <= pad < vocab:
+        return
+    eos = [] if plan.eos is None else plan.eos.tolist()
+    if any(0 <= e < vocab for e in eos) or plan.criteria or stops_rows:
+        given = "" if plan.config.pad_token_id is not None else ", the first eos_token_id"
+        raise ValueError(
+            f"pad_token_id ({pad}{given}) is outside the model's vocabulary of {vocab} tokens: rows that "
+            "finish early are fed it. Pass a pad_token_id in the vocabulary (e.g. the tokenizer's)."
+        )
 
 
 def criteria_hit(criteria: Sequence[Criterion], seq: torch.Tensor, scores: Any) -> torch.Tensor:
@@ -184,12 +224,13 @@ def _steps(
     sync_every: int,
     past_key_values: Cache | None = None,
     kept: dict[str, Any] | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> Iterator[Step]:
     """The decode loop of `stream_tokens`, over checked arguments. `kept` receives the cache."""
     B, T = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
     device = model.device
     mask = torch.ones(B, T, dtype=torch.long) if attention_mask is None else attention_mask
-    stepper = Stepper(model, plan, mask.to(device).long(), cache=past_key_values)
+    stepper = Stepper(model, plan, mask.to(device).long(), cache=past_key_values, positions=position_ids)
     past = stepper.past
     if kept is not None:
         kept["cache"] = stepper.cache
@@ -259,17 +300,20 @@ def generate(
     stopping_criteria: Sequence[Criterion] = (),
     past_key_values: Cache | None = None,
     prefix_allowed_tokens_fn: Callable | None = None,
+    position_ids: torch.Tensor | None = None,
     draft: Any = None,
 ) -> torch.Tensor | GenerateDecoderOnlyOutput:
     """Run `stream_tokens` to the end; return the prompt followed by the new tokens (B, T + n), or with
     `config.return_dict_in_generate` a `GenerateDecoderOnlyOutput` (scores, logits, hidden states,
     attentions, cache).
 
-    With `inputs_embeds` instead of ids, only the new tokens are returned (as the reference does). With
+    With `inputs_embeds` alone, only the new tokens are returned (as the reference does); with ids too,
+    the model reads the embeddings and the ids start the sequences. `position_ids` (B, T) are the prompt's
+    rotary positions (default: counted over the mask). With
     a `draft` (see `stream_tokens`), the steps are speculative decoding's.
     """
-    input_ids, attention_mask, inputs_embeds = prepare_inputs(
-        input_ids, attention_mask, inputs_embeds, config, model=model
+    input_ids, attention_mask, inputs_embeds, position_ids = prepare_inputs(
+        input_ids, attention_mask, inputs_embeds, config, model=model, position_ids=position_ids
     )
     # On a GPU, reading the stopping state back each token stalls the queue. Without a streamer (which
     # wants each token as it comes) read it every GPU_SYNC_EVERY tokens. Greedy only: the steps computed
@@ -281,44 +325,24 @@ def generate(
         and not config.do_sample
         and not config.return_dict_in_generate
     )
-    plan = start_plan(
+    kept: dict[str, Any] = {}
+    steps = _start(
         model,
-        config,
         input_ids,
         attention_mask,
-        inputs_embeds,
+        config=config,
+        inputs_embeds=inputs_embeds,
+        generator=generator,
+        stop_checker=stop_checker,
+        sync_every=GPU_SYNC_EVERY if batched_sync else 1,
         logits_processor=logits_processor,
         stopping_criteria=stopping_criteria,
         past_key_values=past_key_values,
         prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
+        position_ids=position_ids,
+        draft=draft,
+        kept=kept,
     )
-    sync_every = GPU_SYNC_EVERY if batched_sync and not plan.criteria and plan.deadline is None else 1
-    kept: dict[str, Any] = {}
-    if draft is not None:
-        steps = draft.steps(
-            model,
-            plan,
-            input_ids,
-            attention_mask,
-            inputs_embeds,
-            generator,
-            stop_checker,
-            past_key_values,
-            kept,
-        )
-    else:
-        steps = _steps(
-            model,
-            plan,
-            input_ids,
-            attention_mask,
-            inputs_embeds,
-            generator,
-            stop_checker,
-            sync_every,
-            past_key_values,
-            kept,
-        )
     if streamer is not None and input_ids is not None:
         streamer.put(input_ids.cpu())
     done: list[Step] = []

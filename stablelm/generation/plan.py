@@ -70,12 +70,11 @@ class Plan:
 def make_plan(
     model: Any,
     config: GenerationConfig,
-    batch: int,
     prompt_length: int,
     *,
     criteria: Sequence[Criterion] = (),
 ) -> Plan:
-    """Check every setting against the prompt (`batch` rows of `prompt_length`) and the model, and
+    """Check every setting against the prompt (of `prompt_length` positions) and the model, and
     resolve them. Raises before any work is done. The processors are built later, by `with_processors`,
     once the prompt's padding is known."""
     config.validate()
@@ -97,13 +96,6 @@ def make_plan(
     eos = torch.tensor(eos_list, dtype=torch.long, device=device) if eos_list else None
     pad = int(config.pad_token_id) if config.pad_token_id is not None else (eos_list[0] if eos_list else 0)
     pad_finished = bool(eos_list) or any(hasattr(c, "eos_token_id") for c in criteria)
-    vocab = vocab_size(model)
-    if batch > 1 and pad_finished and not 0 <= pad < vocab:
-        raise ValueError(
-            f"pad_token_id ({pad}{'' if config.pad_token_id is not None else ', the first eos_token_id'}) is "
-            f"outside the model's vocabulary of {vocab} tokens: rows that finish early are fed it. Pass a "
-            "pad_token_id in the vocabulary (e.g. the tokenizer's)."
-        )
     _check_length(model.config, prompt_length, max_new)
     cache_impl, use_cache = _check_cache_and_numbers(config)
     resolved = config.updated(max_length=prompt_length + max_new)
@@ -231,10 +223,11 @@ def start_plan(
     source = input_ids if input_ids is not None else inputs_embeds
     B, T = source.shape[:2]
     check_past(past_key_values, B, T, config)
-    plan = make_plan(model, config, B, T, criteria=list(stopping_criteria))
+    plan = make_plan(model, config, T, criteria=list(stopping_criteria))
     if input_ids is None:  # the reference counts only ids in max_length then (the new tokens)
         plan.config.max_length = plan.max_new_tokens
-        plan.use_cache = True  # and keeps the cache: the embeddings are not kept to be fed again
+    if inputs_embeds is not None:
+        plan.use_cache = True  # as the reference: the embeddings are read once, then the cache
     return with_processors(
         plan,
         prompt_length=T if input_ids is not None else 0,

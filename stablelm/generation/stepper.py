@@ -57,9 +57,19 @@ class Stepper:
 
     Args:
         mask: (B, L) 1 for real tokens over every position so far, cached ones included.
+        positions: (B, L) the rotary positions of those tokens (the caller's `position_ids`); by default
+            counted over the real tokens (padding at 0), as the reference's. The new tokens continue from
+            each row's last one.
     """
 
-    def __init__(self, model: Any, plan: Plan, mask: torch.Tensor, cache: Cache | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        plan: Plan,
+        mask: torch.Tensor,
+        cache: Cache | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> None:
         B, L = mask.shape
         self.model, self.mask, self.plan, self.prompt_length = model, mask, plan, L
         self.padded = not bool(mask.all())
@@ -70,7 +80,13 @@ class Stepper:
         )
         if cache is not None and isinstance(self.cache, StaticCache):  # the caller's: room for the prompt
             self.cache.grow(cache_length(model.config, plan, L))
-        self.position_ids = mask.sum(-1, keepdim=True)  # (B, 1) next position, as the reference's cumsum
+        if positions is None:
+            # Padding at position 0, as the reference's 5.x (its keys are masked out; this keeps the cache equal).
+            self.positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+            self.position_ids = mask.sum(-1, keepdim=True)  # (B, 1) next position, as the reference's cumsum
+        else:
+            self.positions = positions.to(mask.device)
+            self.position_ids = self.positions[:, -1:] + 1  # the reference's `position_ids[..., -1:] + 1`
         self.step_fn: DecodeStep | None = None
         self.hidden: tuple | None = None  # the last forward's hidden states, when the plan keeps them
         self.attentions: tuple | None = None  # and its attention probabilities, per layer
@@ -91,15 +107,13 @@ class Stepper:
     def prefill(self, **model_inputs: Any) -> torch.Tensor:
         """Logits after the prompt; `model_inputs` holds the positions the cache does not (all of them
         without a cache)."""
-        # Padding at position 0, as the reference's 5.x (its keys are masked out; this keeps the cache equal).
-        positions = (self.mask.cumsum(-1) - 1).masked_fill(self.mask == 0, 0)
         if self.cache is None:
             self.ids = model_inputs["input_ids"]
             return self._recompute()
         out = self.model(
             **model_inputs,
             attention_mask=self.mask if self.padded else None,
-            position_ids=positions[:, self.past :],
+            position_ids=self.positions[:, self.past :],
             past_key_values=self.cache,
             logits_to_keep=1,
             output_hidden_states=self.plan.hidden_states,
@@ -109,11 +123,10 @@ class Stepper:
         return out.logits[:, -1].to(dtype=torch.float32, copy=True)
 
     def _recompute(self) -> torch.Tensor:
-        positions = (self.mask.cumsum(-1) - 1).masked_fill(self.mask == 0, 0)
         out = self.model(
             input_ids=self.ids,
             attention_mask=self.mask if self.padded else None,
-            position_ids=positions,
+            position_ids=self.positions,
             use_cache=False,
             logits_to_keep=1,
             output_hidden_states=self.plan.hidden_states,
@@ -137,11 +150,14 @@ class Stepper:
             self.cache.select_batch(rows)
         if self.ids is not None:
             self.ids = self.ids.index_select(0, rows)
+            self.positions = self.positions.index_select(0, rows)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.cache is None:
             self.ids = torch.cat([self.ids, tokens[:, None]], dim=-1)
             self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=-1)
+            self.positions = torch.cat([self.positions, self.position_ids], dim=-1)
+            self.position_ids += 1
             return self._recompute()
         if isinstance(self.cache, StaticCache) and self.cache.get_seq_length() >= self.cache.max_cache_len:
             self._grow()
