@@ -54,10 +54,12 @@ class StableLmPreTrainedModel(ActivationCheckpointingMixin, nn.Module):
         self.name_or_path: str = config.name_or_path
 
     def post_init(self, *new_modules: nn.Module) -> None:
-        """Initialise weights as the reference does (all of them, or only `new_modules`), then tie."""
+        """Initialise weights as the reference does (all of them, or only `new_modules`), then tie; a config
+        holding `gradient_checkpointing: true` (older checkpoints) turns it on, as the reference does."""
         for module in new_modules or (self,):
             module.apply(self._init_weights)
         self.tie_weights()
+        self._checkpointing_from_config()
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -151,6 +153,12 @@ class StableLmPreTrainedModel(ActivationCheckpointingMixin, nn.Module):
     def can_generate(cls) -> bool:
         """Whether the class has `generate` (the causal LM only)."""
         return callable(getattr(cls, "generate", None))
+
+    @property
+    def tp_plan(self) -> dict[str, str]:
+        """The reference's tensor-parallel plan (module pattern -> how to shard it): empty, as this package
+        does not shard a model's tensors over devices."""
+        return {}
 
     @property
     def base_model(self) -> nn.Module:

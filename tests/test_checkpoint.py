@@ -646,6 +646,7 @@ def test_resaving_with_fewer_shards_removes_the_stale_ones(pair, tmp_path):
     ours.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "config.json",
+        "generation_config.json",
         "model.safetensors",
         "pytorch_model.bin",
     ]
@@ -661,8 +662,9 @@ def test_generation_config_is_read_and_written_back(pair, ref_dir, tmp_path):
     again = StableLmForCausalLM.from_pretrained(tmp_path / "a")
     # without the file, the config's special tokens (as the reference's from_model_config)
     assert again.generation_config.eos_token_id == again.config.eos_token_id
-    again.save_pretrained(tmp_path / "b")
-    assert not (tmp_path / "b" / "generation_config.json").exists()
+    again.save_pretrained(tmp_path / "b")  # the file is written all the same, as the reference writes it
+    written = json.loads((tmp_path / "b" / "generation_config.json").read_text())
+    assert written == {"bos_token_id": 0, "eos_token_id": 0}  # the config's special tokens
     again.generation_config = {"max_new_tokens": 3}  # a dict, as the file holds it
     again.save_pretrained(tmp_path / "c")
     assert json.loads((tmp_path / "c" / "generation_config.json").read_text()) == {"max_new_tokens": 3}
