@@ -26,6 +26,7 @@ from stablelm import (
     StableLmModel,
 )
 from stablelm.checkpoint import CheckpointError
+from stablelm.checkpoint import fill as fill_module
 from stablelm.checkpoint import load as load_module
 from stablelm.checkpoint.save import parse_size
 
@@ -429,7 +430,7 @@ def no_weights_read(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("weights were read before the checkpoint was checked")
 
-    monkeypatch.setattr(load_module, "_materialise", forbidden)
+    monkeypatch.setattr(load_module, "materialise", forbidden)
 
 
 def test_missing_keys_are_named(ref_dir, tmp_path, no_weights_read):
@@ -691,6 +692,6 @@ def test_progress_shows_on_a_terminal_only(ref_dir, monkeypatch, capsys):
     assert capsys.readouterr().err == ""
     terminal = _Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
-    monkeypatch.setattr(load_module, "_PROGRESS_DELAY_S", 0.0)
+    monkeypatch.setattr(fill_module, "_PROGRESS_DELAY_S", 0.0)
     StableLmForCausalLM.from_pretrained(ref_dir)
     assert "Loading 1 shard" in terminal.getvalue()
