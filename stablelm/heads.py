@@ -57,6 +57,7 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
     def __init__(self, config: StableLmConfig) -> None:
         super().__init__(config)
         self.model = StableLmModel(config)
+        self.vocab_size = config.vocab_size  # as the reference's; resize_token_embeddings updates it
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init(self.lm_head)
 

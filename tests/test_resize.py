@@ -162,3 +162,12 @@ def test_a_pad_to_multiple_of_that_is_no_integer_is_refused_in_the_reference_wor
         with pytest.raises(ValueError, match=re.escape(words)):
             model.resize_token_embeddings(150, pad_to_multiple_of=1.3)
     assert ours.get_input_embeddings().num_embeddings == ref.get_input_embeddings().num_embeddings
+
+
+def test_the_models_vocab_size_attribute_follows_a_resize_as_the_references():
+    ours, ref = make_pair(tiny_config())
+    assert ours.vocab_size == ref.vocab_size == 128
+    for model in (ours, ref):
+        model.resize_token_embeddings(150, pad_to_multiple_of=64)
+    assert ours.vocab_size == ref.vocab_size == ours.config.vocab_size == 192
+    assert ours.model.vocab_size == 192  # the backbone's too (the reference's keeps its old value there)

@@ -109,14 +109,14 @@ def install(
     dtype: torch.dtype,
     device: torch.device,
 ) -> None:
-    """Swap the meta placeholders for the loaded tensors; initialise a new head; tie; compute the rotary tables."""
+    """Swap the meta placeholders for the loaded tensors; initialise what the checkpoint lacks; tie; compute
+    the rotary tables."""
     for key in plan.new:
         state[key] = torch.empty(plan.shapes[key], dtype=dtype, device=device)
     for alias, key in plan.aliases.items():
         state.setdefault(alias, state[key])
     model.load_state_dict(state, strict=True, assign=True)
-    for owner in dict.fromkeys(model.get_submodule(key.rpartition(".")[0]) for key in plan.new):
-        model._init_weights(owner)
+    _initialise(model, plan.new)
     model.tie_weights()
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):  # its buffers are computed: allocate them, then compute
@@ -126,6 +126,23 @@ def install(
     left = [name for name, t in chain(model.named_parameters(), model.named_buffers()) if t.device != device]
     if left:  # a tensor this loader does not know how to fill: fail here, not in the first forward
         raise RuntimeError(f"Internal error: {left} not on {device} after loading; teach load.py about it.")
+
+
+def _initialise(model: StableLmPreTrainedModel, new: list[str]) -> None:
+    """Initialise the tensors named in `new` as the model initialises its modules, leaving the loaded
+    tensors of the same modules as they are (a layer may lack its bias but not its weight)."""
+    by_owner: dict[str, set[str]] = {}
+    for key in new:
+        owner, _, name = key.rpartition(".")
+        by_owner.setdefault(owner, set()).add(name)
+    for owner_name, fresh in by_owner.items():
+        owner = model.get_submodule(owner_name)
+        loaded = {n: p for n, p in owner.named_parameters(recurse=False) if n not in fresh}
+        for name, param in loaded.items():  # initialise a stand-in, never the loaded (maybe mapped) data
+            setattr(owner, name, nn.Parameter(torch.empty_like(param), requires_grad=param.requires_grad))
+        model._init_weights(owner)
+        for name, param in loaded.items():
+            setattr(owner, name, param)
 
 
 class EmptyParameters(TorchFunctionMode):

@@ -9,6 +9,7 @@ and infinities, and takes the place of its meta placeholder.
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from pathlib import Path
@@ -22,6 +23,7 @@ from ..fast import set_kernels
 from ..kernels import selected_isa
 from .fill import EmptyParameters, Reader, install, keep_stored_heads, materialise
 from .layout import (
+    CONFIG_NAME,
     CheckpointError,
     WeightFiles,
     check_not_empty,
@@ -30,7 +32,7 @@ from .layout import (
     resolve_folder,
 )
 from .options import auto_dtype, build_config, one_of, resolve_device, resolve_dtype
-from .plan import LoadPlan, check_before_building, plan_load
+from .plan import LoadPlan, check_before_building, names, plan_load
 from .quantized import check_quantized_dtypes, is_quantized_key, quantization_for
 from .readers import StoredTensor, open_reader
 
@@ -82,6 +84,7 @@ def load_pretrained(
     check_not_empty(folder)
     config = build_config(folder, config, attn_implementation, config_overrides)
     quant, stored_quantized = quantization_for(config, quantization_config, folder)
+    quant = copy.deepcopy(quant)  # the layers kept dense are added to it, not to the caller's
     weights = find_weights(folder)
     readers: list[Reader] = []
     try:
@@ -107,11 +110,15 @@ def load_pretrained(
                 ignore_mismatched_sizes=ignore_mismatched_sizes,
             )  # fmt: skip
             check_quantized_dtypes(expected, found, plan, quant)
+            _refuse_new_quantized(plan, expected, weights.source)
         else:
             model, plan = plan_checkpoint(
                 cls, config, shapes, source=weights.source, ignore_mismatched_sizes=ignore_mismatched_sizes
             )
             if quant is not None:
+                # Layers the checkpoint lacks stay dense: they are initialised, not read and quantized.
+                fresh = dict.fromkeys(key.rpartition(".")[0] for key in plan.new)
+                quant.modules_to_not_convert = list(dict.fromkeys([*quant.modules_to_not_convert, *fresh]))
                 prepare(model)
                 quantized_on_load = {key for key in expected if key.endswith(".weight")}
         state = materialise(
@@ -193,16 +200,40 @@ def plan_checkpoint(
     return model, plan_load(model, found, source=source, ignore_mismatched_sizes=ignore_mismatched_sizes)
 
 
+def _refuse_new_quantized(plan: LoadPlan, quantized: set[str] | dict, source: Path) -> None:
+    """A stored quantized layer's weights cannot be initialised afresh (initialisation is of dense ones)."""
+    lacking = [key for key in plan.new if key in quantized]
+    if lacking:
+        raise CheckpointError(
+            f"{source} lacks {names(lacking)}, which its quantization_config describes as quantized: stablelm "
+            "initialises missing weights only in dense layers. Complete the checkpoint, or save it again from "
+            "the model it was quantized from."
+        )
+
+
 def _warn_new_and_unused(model: nn.Module, plan: LoadPlan, source: Path) -> None:
+    """One warning naming what the checkpoint lacks (initialised afresh) and what the model left unread, as
+    the reference warns; `output_loading_info=True` lists them all."""
     parts = []
     if plan.new:
         parts.append(
-            f"newly initialised, not in {source}: {', '.join(plan.new)} (train the model on its task before "
-            "trusting its predictions)"
+            f"newly initialised, not in {source}: {names(plan.new)} (train the model on its task before "
+            "trusting its predictions; a checkpoint that should hold them is incomplete, or of another model)"
         )
+        head = model.get_output_embeddings()
+        head_keys = [key for key in plan.new if head is not None and key.startswith(_prefix_of(model, head))]
+        if head_keys and not model.config.tie_word_embeddings:
+            parts.append(
+                f"the config sets tie_word_embeddings to false: if the LM head shares the input embedding, set "
+                f'"tie_word_embeddings": true in {CONFIG_NAME}'
+            )
     if plan.unused:
-        parts.append(f"not used, the weights of another task's head: {', '.join(plan.unused)}")
+        parts.append(f"not used, no part of {type(model).__name__}: {names(plan.unused)}")
     if parts:
         warnings.warn(
             f"{type(model).__name__}.from_pretrained: {'; '.join(parts)}.", UserWarning, stacklevel=4
         )
+
+
+def _prefix_of(model: nn.Module, module: nn.Module) -> str:
+    return next(name for name, found in model.named_modules() if found is module) + "."
