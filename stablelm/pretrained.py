@@ -215,12 +215,13 @@ class StableLmPreTrainedModel(ActivationCheckpointingMixin, nn.Module):
     ) -> StableLmPreTrainedModel | tuple[StableLmPreTrainedModel, dict]:
         """Load a model from a checkpoint folder or a Hugging Face hub repo id, in eval mode.
 
-        Reads `config.json`, `generation_config.json` (as the dict `model.generation_config`) and the weights:
+        Reads `config.json`, `generation_config.json` (as `model.generation_config`) and the weights:
         `model.safetensors`, sharded safetensors with their index, or legacy `pytorch_model*.bin` through
         `torch.load(weights_only=True)` (refused before torch 2.6, whose check could be bypassed). Each tensor
         is read once, straight into `dtype` on `device`, and a floating-point one holding NaN or an infinity
-        is refused. A classification model loads a causal LM's backbone and initialises its head, with one
-        warning. A checkpoint that stores its own `lm_head.weight` although the config ties it keeps that
+        is refused. Tensors the checkpoint lacks (a classifier's head over a causal LM's backbone, the LM
+        head over a bare backbone's checkpoint) are initialised afresh and tensors the model has no place
+        for are left unread, as the reference does, with one warning naming them. A checkpoint that stores its own `lm_head.weight` although the config ties it keeps that
         head untied (and warns) unless it equals the embedding.
 
         Args:
@@ -316,7 +317,7 @@ class StableLmPreTrainedModel(ActivationCheckpointingMixin, nn.Module):
         max_shard_size: int | str = "5GB",
         safe_serialization: bool = True,
     ) -> None:
-        """Write `config.json`, `generation_config.json` (when set) and the weights to `save_directory`.
+        """Write `config.json`, `generation_config.json` (for a model that generates) and the weights.
 
         Safetensors (or `pytorch_model.bin` with `safe_serialization=False`) in shards of at most
         `max_shard_size` ("5GB", "500MB", "2GiB" or bytes) with an index when there are several. A tied LM
