@@ -143,6 +143,11 @@ def test_model_attributes_tools_read():
     assert model.get_memory_footprint(return_buffers=False) == ref.get_memory_footprint(return_buffers=False)
     assert model.config.is_encoder_decoder is ref.config.is_encoder_decoder is False
     assert model.config.get_text_config() is model.config
+    # The generation interface comes from a mixin of the reference's name, on the causal LM only.
+    for ours_class in (StableLmForCausalLM, StableLmModel, StableLmForSequenceClassification):
+        ref_class = getattr(transformers, ours_class.__name__)
+        mixed = ["GenerationMixin" in str(cls.__bases__) for cls in (ours_class, ref_class)]
+        assert mixed[0] is mixed[1] is (ours_class is StableLmForCausalLM)
 
 
 def test_name_or_path_after_loading(tmp_path):
