@@ -31,9 +31,8 @@ def resize_token_embeddings(
     if head is not None:
         _resize_head(model, head, new_num_tokens, mean_resizing=mean_resizing)
     model.config.vocab_size = new_num_tokens
-    for module in (model, model.base_model):  # the attribute the reference's models keep, on both
-        if hasattr(module, "vocab_size"):
-            module.vocab_size = new_num_tokens
+    model.vocab_size = new_num_tokens  # as the reference sets it, on every model resized
+    model.base_model.vocab_size = new_num_tokens  # (the reference leaves its backbone's stale)
     _drop_ids_past(model.config, new_num_tokens)
     model.tie_weights()
     return model.get_input_embeddings()

@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from conftest import make_pair, tiny_config, transformers
+from conftest import make_pair, reference_config, tiny_config, transformers
 
 from stablelm import (
     StableLmForCausalLM,
@@ -171,3 +171,8 @@ def test_the_models_vocab_size_attribute_follows_a_resize_as_the_references():
         model.resize_token_embeddings(150, pad_to_multiple_of=64)
     assert ours.vocab_size == ref.vocab_size == ours.config.vocab_size == 192
     assert ours.model.vocab_size == 192  # the backbone's too (the reference's keeps its old value there)
+    classifier = StableLmForSequenceClassification(tiny_config())
+    theirs = transformers.StableLmForSequenceClassification(reference_config(tiny_config()))
+    for model in (classifier, theirs):
+        model.resize_token_embeddings(130)
+    assert classifier.vocab_size == theirs.vocab_size == 130
