@@ -26,8 +26,8 @@ _LAZY: dict[str, str] = {
     "optimize_for_inference": "fast",
     "GenerationConfig": "generation",
     "StableLmForCausalLM": "heads",
-    "StableLmForSequenceClassification": "heads",
-    "StableLmForTokenClassification": "heads",
+    "StableLmForSequenceClassification": "classifiers",
+    "StableLmForTokenClassification": "classifiers",
     "StableLmModel": "model",
     "StableLmPreTrainedModel": "model",
     "BaseModelOutput": "outputs",
@@ -92,14 +92,15 @@ __all__ = [
 if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from .cache import Cache, DynamicCache, StaticCache
     from .checkpoint import CheckpointError
+    from .classifiers import StableLmForSequenceClassification, StableLmForTokenClassification
+    from .classifiers import StableLmForSequenceClassification as AutoModelForSequenceClassification
+    from .classifiers import StableLmForTokenClassification as AutoModelForTokenClassification
     from .config import StableLmConfig
     from .config import StableLmConfig as AutoConfig
     from .fast import optimize_for_inference
     from .generation import GenerationConfig
-    from .heads import StableLmForCausalLM, StableLmForSequenceClassification, StableLmForTokenClassification
+    from .heads import StableLmForCausalLM
     from .heads import StableLmForCausalLM as AutoModelForCausalLM
-    from .heads import StableLmForSequenceClassification as AutoModelForSequenceClassification
-    from .heads import StableLmForTokenClassification as AutoModelForTokenClassification
     from .model import StableLmModel, StableLmPreTrainedModel
     from .model import StableLmModel as AutoModel
     from .outputs import BaseModelOutput, CausalLMOutput, SequenceClassifierOutput, TokenClassifierOutput

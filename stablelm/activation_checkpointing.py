@@ -57,6 +57,17 @@ class ActivationCheckpointingMixin:
         # flow back through layers whose weights are frozen (reentrant checkpointing needs it).
         self.enable_input_require_grads()
 
+    def _checkpointing_from_config(self) -> None:
+        """Turn checkpointing on when the config says `gradient_checkpointing` (a key of older config.json
+        files, or set on the config before building the model), and remove the key so that it is not saved,
+        as the reference does."""
+        config = self.config
+        if not getattr(config, "gradient_checkpointing", False):
+            return
+        self.activation_checkpointing_enable()
+        config.__dict__.pop("gradient_checkpointing", None)
+        config.extra.pop("gradient_checkpointing", None)
+
     def gradient_checkpointing_disable(self) -> None:
         self._base_model().gradient_checkpointing = False
 

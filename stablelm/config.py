@@ -79,7 +79,8 @@ class StableLmConfig(ConfigFilesMixin):
         attention_dropout: Dropout on the attention probabilities.
         partial_rotary_factor: Fraction of each head that is rotated.
         bos_token_id, eos_token_id, pad_token_id: Special token ids.
-        num_labels, id2label, label2id: Classification labels (heads of the classification models).
+        num_labels, id2label, label2id: Classification labels (heads of the classification models);
+            label2id's indices may be integers or their strings ("0"), kept as given, as the reference.
         problem_type: `regression`, `single_label_classification` or `multi_label_classification`.
         classifier_dropout: Dropout before the token-classification head (default: `hidden_dropout`).
         torch_dtype: dtype the checkpoint was saved in (a string such as `"bfloat16"`).
@@ -123,7 +124,7 @@ class StableLmConfig(ConfigFilesMixin):
         pad_token_id: int | None = None,
         num_labels: int | None = None,
         id2label: dict[int, str] | None = None,
-        label2id: dict[str, int] | None = None,
+        label2id: dict[str, int] | dict[str, str] | None = None,
         problem_type: str | None = None,
         classifier_dropout: float | None = None,
         torch_dtype: Any = None,

@@ -48,8 +48,8 @@ def _default_id2label(n: int) -> dict[int, str]:
 
 
 def _labels(
-    num_labels: int | None, id2label: dict[int, str] | None, label2id: dict[str, int] | None
-) -> tuple[dict[int, str], dict[str, int]]:
+    num_labels: int | None, id2label: dict[int, str] | None, label2id: dict[str, int | str] | None
+) -> tuple[dict[int, str], dict[str, int | str]]:
     if num_labels is not None:
         _check_positive_int("num_labels", num_labels)
     if id2label is None:
@@ -75,12 +75,20 @@ def _labels(
     if label2id is None:
         label2id = {v: k for k, v in labels.items()}
     elif not isinstance(label2id, dict) or not all(
-        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in label2id.items()
+        isinstance(k, str) and _is_label_index(v) for k, v in label2id.items()
     ):
         raise ValueError(
             f'label2id must map label names to indices, such as {{"NEGATIVE": 0}}; got {SHOW.repr(label2id)}.'
         )
     return labels, dict(label2id)
+
+
+def _is_label_index(value: Any) -> bool:
+    """An index as label2id may hold it: an integer, or (as the reference accepts, and keeps as given) the
+    string of one, such as "0"."""
+    if isinstance(value, str):
+        return value.isascii() and value.isdigit()
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _kind(value: Any) -> str:

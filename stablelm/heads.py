@@ -1,4 +1,5 @@
-"""The three task heads over StableLmModel: causal LM, sequence classification, token classification."""
+"""StableLmForCausalLM, the language-modelling head over StableLmModel, and the checks of forward inputs
+that every head shares (the classifiers are in `classifiers.py`)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,15 @@ from torch import nn
 
 from .cache import Cache
 from .config import StableLmConfig
-from .generation import UNSET, GenerationConfig
+from .generation import UNSET
 from .generation.call import run_generate
-from .generation.config import as_generation_config
 from .generation.inputs import check_attention_mask, check_input_ids, check_inputs_embeds
-from .generation.outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput, transition_scores
+from .generation.outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
+from .generation_mixin import GenerationMixin
 from .layers import Linear
-from .losses import causal_lm_loss, sequence_classification_loss, token_classification_loss
+from .losses import causal_lm_loss
 from .model import StableLmModel, StableLmPreTrainedModel, pick_cache
-from .outputs import CausalLMOutput, SequenceClassifierOutput, TokenClassifierOutput
+from .outputs import CausalLMOutput
 
 
 def check_forward_inputs(
@@ -44,12 +45,12 @@ def check_forward_inputs(
         check_attention_mask(attention_mask, B, positions=T)  # a 4-D mask is checked where it is built
 
 
-def _wants_dict(config: StableLmConfig, return_dict: bool | None) -> bool:
+def wants_dict(config: StableLmConfig, return_dict: bool | None) -> bool:
     """Whether forward returns its output record (else `to_tuple()` of it), as `return_dict` or the config say."""
     return config.return_dict if return_dict is None else return_dict
 
 
-class StableLmForCausalLM(StableLmPreTrainedModel):
+class StableLmForCausalLM(GenerationMixin, StableLmPreTrainedModel):
     """StableLM with a language-modelling head: next-token logits over the vocabulary."""
 
     kv_cache_dtype: torch.dtype | None = None  # generate's static cache dtype (None: the model's)
@@ -57,6 +58,7 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
     def __init__(self, config: StableLmConfig) -> None:
         super().__init__(config)
         self.model = StableLmModel(config)
+        self.vocab_size = config.vocab_size  # as the reference's; resize_token_embeddings updates it
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init(self.lm_head)
 
@@ -64,75 +66,6 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
-
-    def prepare_inputs_for_generation(
-        self,
-        input_ids: torch.Tensor,
-        next_sequence_length: int | None = None,
-        cache: Cache | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        is_first_iteration: bool | None = False,
-        **kwargs: object,
-    ) -> dict[str, object]:
-        """The keyword arguments of one forward step of a decode loop, as the reference's (peft's
-        `PeftModelForCausalLM` and other tools call it): the ids not yet in the cache (the last
-        `next_sequence_length`), or the prompt's embeddings on the first step; position and token-type ids
-        cut to the same length; every other keyword passed on (`use_cache`, ...), `labels` excepted."""
-        cache = pick_cache(cache, kwargs.pop("past_key_values", None))
-        inputs: dict[str, object] = {}
-        if inputs_embeds is not None and is_first_iteration:
-            embeds = inputs_embeds[:, -next_sequence_length:] if next_sequence_length else inputs_embeds
-            inputs["input_ids"], inputs["inputs_embeds"] = None, embeds.clone()
-            length = embeds.shape[1]
-        else:
-            ids = input_ids[:, -next_sequence_length:] if next_sequence_length else input_ids
-            inputs["input_ids"] = ids.clone()
-            length = ids.shape[1]
-        if cache is not None:
-            inputs["cache"] = cache
-        for name in ("position_ids", "token_type_ids"):
-            value = kwargs.pop(name, None)
-            if value is not None:
-                inputs[name] = value[..., -length:].clone()
-        if attention_mask is not None:
-            inputs["attention_mask"] = attention_mask
-        kwargs.pop("labels", None)
-        for key, value in kwargs.items():
-            inputs.setdefault(key, value)
-        return inputs
-
-    def compute_transition_scores(
-        self,
-        sequences: torch.Tensor,
-        scores: tuple[torch.Tensor, ...],
-        beam_indices: torch.Tensor | None = None,
-        normalize_logits: bool = False,
-    ) -> torch.Tensor:
-        """The score of each generated token (B, n) from `generate`'s `scores` (and `beam_indices` after
-        beam search), as the reference's method: with `normalize_logits`, log-probabilities."""
-        return transition_scores(
-            sequences,
-            scores,
-            beam_indices,
-            vocab_size=self.config.vocab_size,
-            normalize_logits=normalize_logits,
-        )
-
-    @property
-    def generation_config(self) -> GenerationConfig:
-        """The generation defaults: generation_config.json's (from_pretrained reads it), else the
-        config's special tokens. May be set to a GenerationConfig (stablelm's or the reference's), a dict
-        of generation_config.json's keys, or None (back to the config's special tokens)."""
-        found = self.__dict__.get("_generation_config")
-        if found is None:
-            found = GenerationConfig.from_model_config(self.config)
-            self.__dict__["_generation_config"] = found
-        return found
-
-    @generation_config.setter
-    def generation_config(self, value: GenerationConfig | dict | None) -> None:
-        self.__dict__["_generation_config"] = as_generation_config(value, name="model.generation_config")
 
     @torch.no_grad()
     def generate(
@@ -325,135 +258,4 @@ class StableLmForCausalLM(StableLmPreTrainedModel):
             hidden_states=out.hidden_states,
             attentions=out.attentions,
         )
-        return result if _wants_dict(self.config, return_dict) else result.to_tuple()
-
-
-class StableLmForSequenceClassification(StableLmPreTrainedModel):
-    """StableLM scoring a whole sequence from its last real token (classification or regression)."""
-
-    def __init__(self, config: StableLmConfig) -> None:
-        super().__init__(config)
-        self.model = StableLmModel(config)
-        self.score = Linear(config.hidden_size, config.num_labels, bias=False)
-        self.post_init(self.score)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        *,
-        position_ids: torch.Tensor | None = None,
-        cache: Cache | None = None,
-        past_key_values: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
-        return_dict: bool | None = None,
-        cache_position: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-    ) -> SequenceClassifierOutput | tuple:
-        """Logits (B, num_labels) at each row's last non-pad token; with `labels`, the loss of the
-        config's `problem_type` (inferred from num_labels and the labels' dtype when unset)."""
-        check_forward_inputs(self.model, input_ids, attention_mask, inputs_embeds)
-        out = self.model(
-            input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=pick_cache(cache, past_key_values),
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
-            return_dict=True,
-        )
-        logits = self.score(out.last_hidden_state)  # (B, T, num_labels)
-        last = self._last_token(input_ids, attention_mask, logits)
-        pooled = logits[torch.arange(logits.shape[0], device=logits.device), last]
-        loss = None
-        if labels is not None:
-            loss = sequence_classification_loss(
-                pooled, labels, num_labels=self.config.num_labels, problem_type=self.config.problem_type
-            )
-        result = SequenceClassifierOutput(
-            loss=loss,
-            logits=pooled,
-            cache=out.cache,
-            hidden_states=out.hidden_states,
-            attentions=out.attentions,
-        )
-        return result if _wants_dict(self.config, return_dict) else result.to_tuple()
-
-    def _last_token(
-        self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, logits: torch.Tensor
-    ) -> torch.Tensor | int:
-        """Index of the rightmost token that is not padding, per row (left or right padding)."""
-        B, T = logits.shape[:2]
-        positions = torch.arange(T, device=logits.device, dtype=torch.int32)
-        if self.config.pad_token_id is not None and input_ids is not None:
-            real = (input_ids != self.config.pad_token_id).to(logits.device, torch.int32)
-            return (positions * real).argmax(-1)
-        if attention_mask is not None:
-            real = attention_mask[:, -T:].to(logits.device, torch.int32)
-            return (positions * real).argmax(-1)
-        if B != 1:
-            raise ValueError(
-                "Cannot find the last real token of each row: the config has no pad_token_id and no "
-                "attention_mask was passed. Set model.config.pad_token_id (e.g. to the tokenizer's) or pass "
-                "attention_mask."
-            )
-        return T - 1
-
-
-class StableLmForTokenClassification(StableLmPreTrainedModel):
-    """StableLM labelling every token (dropout then a linear layer)."""
-
-    def __init__(self, config: StableLmConfig) -> None:
-        super().__init__(config)
-        self.model = StableLmModel(config)
-        dropout = (
-            config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout
-        )
-        self.dropout = nn.Dropout(dropout)
-        self.score = Linear(config.hidden_size, config.num_labels)
-        self.post_init(self.score)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        *,
-        position_ids: torch.Tensor | None = None,
-        cache: Cache | None = None,
-        past_key_values: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
-        return_dict: bool | None = None,
-        cache_position: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-    ) -> TokenClassifierOutput | tuple:
-        """Logits (B, T, num_labels); with `labels` (B, T), the cross-entropy loss (-100 ignored)."""
-        check_forward_inputs(self.model, input_ids, attention_mask, inputs_embeds)
-        out = self.model(
-            input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=pick_cache(cache, past_key_values),
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
-            return_dict=True,
-        )
-        logits = self.score(self.dropout(out.last_hidden_state))
-        loss = None
-        if labels is not None:
-            loss = token_classification_loss(logits, labels)
-        result = TokenClassifierOutput(
-            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
-        )
-        return result if _wants_dict(self.config, return_dict) else result.to_tuple()
+        return result if wants_dict(self.config, return_dict) else result.to_tuple()

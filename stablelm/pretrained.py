@@ -54,10 +54,12 @@ class StableLmPreTrainedModel(ActivationCheckpointingMixin, nn.Module):
         self.name_or_path: str = config.name_or_path
 
     def post_init(self, *new_modules: nn.Module) -> None:
-        """Initialise weights as the reference does (all of them, or only `new_modules`), then tie."""
+        """Initialise weights as the reference does (all of them, or only `new_modules`), then tie; a config
+        holding `gradient_checkpointing: true` (older checkpoints) turns it on, as the reference does."""
         for module in new_modules or (self,):
             module.apply(self._init_weights)
         self.tie_weights()
+        self._checkpointing_from_config()
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -153,6 +155,12 @@ class StableLmPreTrainedModel(ActivationCheckpointingMixin, nn.Module):
         return callable(getattr(cls, "generate", None))
 
     @property
+    def tp_plan(self) -> dict[str, str]:
+        """The reference's tensor-parallel plan (module pattern -> how to shard it): empty, as this package
+        does not shard a model's tensors over devices."""
+        return {}
+
+    @property
     def base_model(self) -> nn.Module:
         """The decoder under the head (the model itself for `StableLmModel`)."""
         return self._base_model()
@@ -207,12 +215,13 @@ class StableLmPreTrainedModel(ActivationCheckpointingMixin, nn.Module):
     ) -> StableLmPreTrainedModel | tuple[StableLmPreTrainedModel, dict]:
         """Load a model from a checkpoint folder or a Hugging Face hub repo id, in eval mode.
 
-        Reads `config.json`, `generation_config.json` (as the dict `model.generation_config`) and the weights:
+        Reads `config.json`, `generation_config.json` (as `model.generation_config`) and the weights:
         `model.safetensors`, sharded safetensors with their index, or legacy `pytorch_model*.bin` through
         `torch.load(weights_only=True)` (refused before torch 2.6, whose check could be bypassed). Each tensor
         is read once, straight into `dtype` on `device`, and a floating-point one holding NaN or an infinity
-        is refused. A classification model loads a causal LM's backbone and initialises its head, with one
-        warning. A checkpoint that stores its own `lm_head.weight` although the config ties it keeps that
+        is refused. Tensors the checkpoint lacks (a classifier's head over a causal LM's backbone, the LM
+        head over a bare backbone's checkpoint) are initialised afresh and tensors the model has no place
+        for are left unread, as the reference does, with one warning naming them. A checkpoint that stores its own `lm_head.weight` although the config ties it keeps that
         head untied (and warns) unless it equals the embedding.
 
         Args:
@@ -308,7 +317,7 @@ class StableLmPreTrainedModel(ActivationCheckpointingMixin, nn.Module):
         max_shard_size: int | str = "5GB",
         safe_serialization: bool = True,
     ) -> None:
-        """Write `config.json`, `generation_config.json` (when set) and the weights to `save_directory`.
+        """Write `config.json`, `generation_config.json` (for a model that generates) and the weights.
 
         Safetensors (or `pytorch_model.bin` with `safe_serialization=False`) in shards of at most
         `max_shard_size` ("5GB", "500MB", "2GiB" or bytes) with an index when there are several. A tied LM

@@ -31,6 +31,8 @@ def resize_token_embeddings(
     if head is not None:
         _resize_head(model, head, new_num_tokens, mean_resizing=mean_resizing)
     model.config.vocab_size = new_num_tokens
+    model.vocab_size = new_num_tokens  # as the reference sets it, on every model resized
+    model.base_model.vocab_size = new_num_tokens  # (the reference leaves its backbone's stale)
     _drop_ids_past(model.config, new_num_tokens)
     model.tie_weights()
     return model.get_input_embeddings()
@@ -94,6 +96,14 @@ def _resize_head(model: StableLmPreTrainedModel, head: nn.Linear, n: int, *, mea
 
 def _resized_vocab(current: int, new_num_tokens: int | None, pad_to_multiple_of: int | None) -> int | None:
     """The size `resize_token_embeddings` goes to (None: leave the model as it is)."""
+    if pad_to_multiple_of is not None and (
+        isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int)
+    ):
+        # The reference's words ("not and" included), which its tests and users' code match, then ours.
+        raise ValueError(
+            f"Asking to pad the embedding matrix to a multiple of `{pad_to_multiple_of}`, which is not and "
+            "integer. Please make sure to pass an integer: pad_to_multiple_of must be a positive integer or None."
+        )
     for name, value in (("new_num_tokens", new_num_tokens), ("pad_to_multiple_of", pad_to_multiple_of)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be a positive integer or None, got {value!r}.")

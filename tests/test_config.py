@@ -175,6 +175,24 @@ def test_labels():
     assert reference_config(named).id2label == {0: "neg", 1: "pos"}
 
 
+def test_label2id_indices_may_be_strings_kept_as_given_as_the_reference(tmp_path):
+    labels = {"id2label": {0: "label"}, "label2id": {"label": "0"}}  # the reference's own test config
+    ours = StableLmConfig(**labels)
+    ref = transformers.StableLmConfig(**labels)
+    assert ours.label2id == ref.label2id == {"label": "0"} and ours.id2label == ref.id2label
+    ours.save_pretrained(tmp_path)
+    assert StableLmConfig.from_pretrained(tmp_path).label2id == {"label": "0"}
+    assert transformers.StableLmConfig.from_pretrained(tmp_path).label2id == {"label": "0"}
+    mixed = StableLmConfig(id2label={0: "a", 1: "b"}, label2id={"a": 0, "b": "1"})
+    assert mixed.label2id == {"a": 0, "b": "1"}
+
+
+@pytest.mark.parametrize("label2id", [{"neg": [0]}, {"neg": "first"}, {"neg": "-1"}, {"neg": 0.5}, {1: 0}])
+def test_label2id_refuses_what_is_no_index(label2id):
+    with pytest.raises(ValueError, match='label2id must map label names to indices, such as {"NEGATIVE": 0}'):
+        StableLmConfig(label2id=label2id)
+
+
 @pytest.mark.parametrize(
     "kwargs,message",
     [

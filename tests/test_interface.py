@@ -143,6 +143,11 @@ def test_model_attributes_tools_read():
     assert model.get_memory_footprint(return_buffers=False) == ref.get_memory_footprint(return_buffers=False)
     assert model.config.is_encoder_decoder is ref.config.is_encoder_decoder is False
     assert model.config.get_text_config() is model.config
+    # The generation interface comes from a mixin of the reference's name, on the causal LM only.
+    for ours_class in (StableLmForCausalLM, StableLmModel, StableLmForSequenceClassification):
+        ref_class = getattr(transformers, ours_class.__name__)
+        mixed = ["GenerationMixin" in str(cls.__bases__) for cls in (ours_class, ref_class)]
+        assert mixed[0] is mixed[1] is (ours_class is StableLmForCausalLM)
 
 
 def test_name_or_path_after_loading(tmp_path):
@@ -320,3 +325,48 @@ def test_config_from_a_subfolder(tmp_path):
     assert ref.hidden_size == 64
     with pytest.raises(FileNotFoundError):
         StableLmConfig.from_pretrained(tmp_path, subfolder="missing")
+
+
+def test_generation_config_json_is_written_for_models_that_generate_as_the_reference(tmp_path):
+    config = tiny_config(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    for ours_class, ref_class in (
+        (StableLmForCausalLM, transformers.StableLmForCausalLM),
+        (StableLmForSequenceClassification, transformers.StableLmForSequenceClassification),
+        (StableLmModel, transformers.StableLmModel),
+    ):
+        ours, ref = ours_class(config), ref_class(reference_config(config))
+        ours.save_pretrained(tmp_path / ours_class.__name__ / "ours")
+        ref.save_pretrained(tmp_path / ours_class.__name__ / "ref")
+        files = [tmp_path / ours_class.__name__ / who / "generation_config.json" for who in ("ours", "ref")]
+        assert files[0].exists() is files[1].exists() is ours.can_generate()
+        if ours.can_generate():
+            mine, theirs = (json.loads(f.read_text()) for f in files)
+            special = ("bos_token_id", "eos_token_id", "pad_token_id")
+            assert {k: mine[k] for k in special} == {k: theirs[k] for k in special} == {
+                "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0
+            }  # fmt: skip
+            again = StableLmForCausalLM.from_pretrained(files[1].parent)  # the reference's file reads back
+            assert again.generation_config.eos_token_id == 2
+
+
+def test_gradient_checkpointing_in_the_config_turns_it_on_as_the_reference(tmp_path):
+    config, ref_config = tiny_config(), reference_config(tiny_config())
+    config.gradient_checkpointing = ref_config.gradient_checkpointing = True  # set before building
+    ours, ref = StableLmForCausalLM(config), transformers.StableLmForCausalLM(ref_config)
+    assert ours.is_gradient_checkpointing is ref.is_gradient_checkpointing is True
+    assert not hasattr(config, "gradient_checkpointing") and not hasattr(ref_config, "gradient_checkpointing")
+    ours.save_pretrained(tmp_path / "a")
+    assert "gradient_checkpointing" not in json.loads((tmp_path / "a" / "config.json").read_text())
+    # An older config.json that holds the key
+    saved = json.loads((tmp_path / "a" / "config.json").read_text())
+    (tmp_path / "a" / "config.json").write_text(json.dumps({**saved, "gradient_checkpointing": True}))
+    loaded = StableLmForCausalLM.from_pretrained(tmp_path / "a")
+    theirs = transformers.StableLmForCausalLM.from_pretrained(tmp_path / "a")
+    assert loaded.is_gradient_checkpointing is theirs.is_gradient_checkpointing is True
+    assert "gradient_checkpointing" not in loaded.config.to_dict()
+    assert StableLmForCausalLM(tiny_config()).is_gradient_checkpointing is False
+
+
+def test_tensor_parallel_plan_is_empty():
+    # The reference's tools read `tp_plan` to shard a model over devices; stablelm shards nothing.
+    assert StableLmForCausalLM(tiny_config()).tp_plan == {} and StableLmModel(tiny_config()).tp_plan == {}

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
-from conftest import make_pair, tiny_config, transformers
+from conftest import make_pair, reference_config, tiny_config, transformers
 
 from stablelm import (
     StableLmForCausalLM,
@@ -149,5 +151,28 @@ def test_bad_sizes_are_rejected(bad):
     model = StableLmForCausalLM(tiny_config())
     with pytest.raises(ValueError, match="positive integer"):
         model.resize_token_embeddings(bad)
-    with pytest.raises(ValueError, match="pad_to_multiple_of"):
+    with pytest.raises(ValueError, match="pad_to_multiple_of must be a positive integer or None"):
         model.resize_token_embeddings(200, pad_to_multiple_of=bad)
+
+
+def test_a_pad_to_multiple_of_that_is_no_integer_is_refused_in_the_reference_words():
+    ours, ref = make_pair(tiny_config())
+    words = "Asking to pad the embedding matrix to a multiple of `1.3`, which is not and integer"
+    for model in (ours, ref):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            model.resize_token_embeddings(150, pad_to_multiple_of=1.3)
+    assert ours.get_input_embeddings().num_embeddings == ref.get_input_embeddings().num_embeddings
+
+
+def test_the_models_vocab_size_attribute_follows_a_resize_as_the_references():
+    ours, ref = make_pair(tiny_config())
+    assert ours.vocab_size == ref.vocab_size == 128
+    for model in (ours, ref):
+        model.resize_token_embeddings(150, pad_to_multiple_of=64)
+    assert ours.vocab_size == ref.vocab_size == ours.config.vocab_size == 192
+    assert ours.model.vocab_size == 192  # the backbone's too (the reference's keeps its old value there)
+    classifier = StableLmForSequenceClassification(tiny_config())
+    theirs = transformers.StableLmForSequenceClassification(reference_config(tiny_config()))
+    for model in (classifier, theirs):
+        model.resize_token_embeddings(130)
+    assert classifier.vocab_size == theirs.vocab_size == 130

@@ -1,14 +1,18 @@
 """Matching a checkpoint's tensor names and shapes to a model's, before any data is read.
 
 The reference's rules: the backbone prefix (`model.`) is added or removed when a bare StableLmModel
-checkpoint meets a model with a head or the other way round; a classifier's missing head is initialised
-afresh; another task's head in the checkpoint is left unused; a tied LM head needs no tensor of its own;
-computed rotary frequencies in old checkpoints are ignored. Anything else that does not fit is an error.
-A checkpoint that stores its own LM head although the config ties it keeps that head (see `LoadPlan`).
+checkpoint meets a model with a head or the other way round; a tensor the checkpoint lacks is initialised
+afresh (a classifier's head, the LM head over a bare backbone's checkpoint, ...) and a tensor the model has
+no place for is left unused, both reported (`from_pretrained` warns and `output_loading_info` lists them);
+a tied LM head needs no tensor of its own; computed rotary frequencies in old checkpoints are ignored. A
+tensor of the wrong shape is an error (unless `ignore_mismatched_sizes`). A checkpoint that stores its own
+LM head although the config ties it keeps that head (see `LoadPlan`).
 
 Before the model is even built, `check_before_building` compares the checkpoint's layer count and the
 shapes of its embedding and of every layer with what the config describes: building a model of a
-config that asks for a million layers would take hours, on the meta device too.
+config that asks for a million layers would take hours, on the meta device too. (A checkpoint with no
+decoder layers at all holds nothing to compare: every tensor of the model is then initialised afresh, as
+the reference does.)
 """
 
 from __future__ import annotations
@@ -26,9 +30,6 @@ from .layout import CONFIG_NAME, CheckpointError
 if TYPE_CHECKING:
     from ..config import StableLmConfig
 
-# The task heads of this family. A checkpoint of one head loads into another (a causal LM's backbone
-# into a classifier, say); the other head's weights are then reported as unused, not as an error.
-_HEAD_KEYS = frozenset({"lm_head.weight", "score.weight", "score.bias"})
 # Rotary frequencies are computed, not loaded; older checkpoints saved them (once per layer, even).
 _NON_PERSISTENT = re.compile(r"(^|\.)rotary_emb\.\w*inv_freq$")
 _NAMES_SHOWN = 5
@@ -49,8 +50,8 @@ class LoadPlan:
         sources: Model key -> checkpoint key, for every tensor to read.
         shapes: Model key -> shape, for every tensor of the model except tied aliases.
         aliases: Tied model key -> the key whose tensor it shares (`lm_head.weight` -> the embedding).
-        new: Model keys the checkpoint lacks that are initialised afresh (the head of another task).
-        unused: Checkpoint keys of another task's head, left unread.
+        new: Model keys the checkpoint lacks, initialised afresh (the head of another task, say).
+        unused: Checkpoint keys the model has no place for (another task's head, say), left unread.
         stored_aliases: Tied model key -> checkpoint key, for a tied tensor the checkpoint stores anyway
             (`lm_head.weight` with `tie_word_embeddings`): read too, and kept tied only if it equals the
             tensor it would share; otherwise the model keeps it untied, as the reference does.
@@ -72,7 +73,9 @@ def plan_load(
     source: Path,
     ignore_mismatched_sizes: bool = False,
 ) -> LoadPlan:
-    """Match checkpoint names and shapes to the model's; raise one CheckpointError listing every problem.
+    """Match checkpoint names and shapes to the model's; raise one CheckpointError naming every tensor whose
+    shape differs. Tensors the checkpoint lacks are to be initialised afresh, those the model has no place
+    for are left unused, as the reference does.
 
     With `ignore_mismatched_sizes` (the reference's option), a tensor whose shape differs from the model's
     is left unread and its module initialised afresh (a classifier loaded for another number of labels)."""
@@ -80,13 +83,8 @@ def plan_load(
     by_model_key = _map_prefix(model, [key for key in found if not _NON_PERSISTENT.search(key)])
     sources = {key: ckpt for key, ckpt in by_model_key.items() if key in shapes}
     stored_aliases = {key: ckpt for key, ckpt in by_model_key.items() if key in aliases}
-    missing = [key for key in shapes if key not in sources]
-    may_initialise = _initialisable(model)
-    new = [key for key in missing if may_initialise(key)]
-    missing = [key for key in missing if not may_initialise(key)]
-    extra = [key for key in by_model_key if key not in shapes and key not in aliases]
-    unused = [by_model_key[key] for key in extra if key in _HEAD_KEYS]
-    unexpected = [by_model_key[key] for key in extra if key not in _HEAD_KEYS]
+    new = [key for key in shapes if key not in sources]
+    unused = [ckpt for key, ckpt in by_model_key.items() if key not in shapes and key not in aliases]
     mismatched = [
         (key, shapes[key], found[ckpt]) for key, ckpt in sources.items() if shapes[key] != found[ckpt]
     ]
@@ -102,8 +100,8 @@ def plan_load(
             del sources[key]
             new.append(key)
         mismatched = [m for m in mismatched if m not in ignored]
-    if missing or unexpected or mismatched:
-        raise _mismatch_error(model, source, missing, unexpected, mismatched)
+    if mismatched:
+        raise _mismatch_error(model, source, mismatched)
     return LoadPlan(sources, shapes, aliases, new, unused, stored_aliases, ignored)
 
 
@@ -122,7 +120,7 @@ def check_before_building(
         if match and not _NON_PERSISTENT.search(key):
             layers.setdefault(int(match.group(1)), []).append((key, match.group(2)))
     # Fewer layers in the config than in the file build quickly, and `plan_load` names the extra tensors.
-    if len(layers) < config.num_hidden_layers:
+    if layers and len(layers) < config.num_hidden_layers:
         numbers = sorted(layers)
         held = ", ".join(map(str, numbers[:_NAMES_SHOWN])) + (" ..." if len(numbers) > _NAMES_SHOWN else "")
         raise CheckpointError(
@@ -174,43 +172,19 @@ def _map_prefix(model: nn.Module, keys: list[str]) -> dict[str, str]:
     return {key: key for key in keys}
 
 
-def _initialisable(model: nn.Module) -> Callable[[str], bool]:
-    """Which missing keys may be initialised afresh: a classifier's head, never the backbone or the LM head."""
-    prefix = model.base_model_prefix + "."
-    if not isinstance(getattr(model, model.base_model_prefix, None), nn.Module):
-        return lambda key: False
-    output = model.get_output_embeddings()
-    output_prefixes = tuple(name + "." for name, module in model.named_modules() if module is output)
-    return lambda key: not key.startswith(prefix) and not key.startswith(output_prefixes)
-
-
 def _mismatch_error(
-    model: nn.Module,
-    source: Path,
-    missing: list[str],
-    unexpected: list[str],
-    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]],
+    model: nn.Module, source: Path, mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]]
 ) -> CheckpointError:
     lines = [f"The weights in {source} do not fit {type(model).__name__} as its config describes it:"]
-    if missing:
-        lines.append(f"- {len(missing)} missing from the checkpoint: {_names(missing)}")
-    if unexpected:
-        lines.append(f"- {len(unexpected)} in the checkpoint but not in the model: {_names(unexpected)}")
     for key, want, got in mismatched[:_NAMES_SHOWN]:
         lines.append(f"- {key}: the model expects shape {list(want)}, the checkpoint holds {list(got)}")
     if len(mismatched) > _NAMES_SHOWN:
         lines.append(f"- and {len(mismatched) - _NAMES_SHOWN} more shape mismatches")
-    if any(key.endswith("lm_head.weight") for key in missing):
-        lines.append(
-            "The checkpoint has no lm_head.weight and the config sets tie_word_embeddings to false. If the head "
-            'shares the input embedding, set "tie_word_embeddings": true in config.json; otherwise the '
-            "checkpoint is incomplete."
-        )
-    else:
-        lines.append(_CONFIG_HINT)
+    lines.append(_CONFIG_HINT + " (or pass ignore_mismatched_sizes=True to initialise them afresh)")
     return CheckpointError("\n".join(lines))
 
 
-def _names(keys: list[str]) -> str:
+def names(keys: list[str]) -> str:
+    """The first few of `keys`, and how many more, for a message."""
     shown = ", ".join(keys[:_NAMES_SHOWN])
     return shown + (f" and {len(keys) - _NAMES_SHOWN} more" if len(keys) > _NAMES_SHOWN else "")

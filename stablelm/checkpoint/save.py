@@ -27,7 +27,6 @@ import torch
 from safetensors.torch import save_file
 
 from ..atomic import atomic_path, remove_leftovers, sync_folder, write_text_atomic
-from ..generation.config import GenerationConfig
 from ..save_journal import SAVE_ID_KEY, finish_interrupted_save, remove_pending, write_pending
 from .layout import (
     BIN_INDEX_NAME,
@@ -102,18 +101,14 @@ def save_pretrained(
 
 
 def _config_texts(model: StableLmPreTrainedModel) -> dict[str, str]:
-    """config.json's text, and generation_config.json's where the model has one."""
+    """config.json's text, and generation_config.json's for a model that generates (the reference writes it
+    for every such model, its config's special tokens when nothing else was set)."""
     config = copy.deepcopy(model.config)
     config.torch_dtype = str(model.dtype).removeprefix("torch.")
     config.extra["architectures"] = [type(model).__name__]
     texts = {CONFIG_NAME: config.to_json_string()}
-    generation_config = getattr(model, "generation_config", None)
-    if generation_config is not None:  # a GenerationConfig (a dict from older code)
-        data = generation_config.to_dict() if hasattr(generation_config, "to_dict") else generation_config
-        # A model without generation_config.json has its config's special tokens as generation defaults:
-        # a file holding only those adds nothing.
-        if data != GenerationConfig.from_model_config(model.config).to_dict():
-            texts[GENERATION_CONFIG_NAME] = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    if model.can_generate():
+        texts[GENERATION_CONFIG_NAME] = model.generation_config.to_json_string()
     return texts
 
 

@@ -47,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..checkpoint.layout import find_weights, resolve_folder
-    from ..checkpoint.load import plan_checkpoint, resolve_dtype
+    from ..checkpoint.load import plan_checkpoint
+    from ..checkpoint.options import resolve_dtype
     from ..config import StableLmConfig
     from ..model import StableLmModel
 
@@ -60,10 +61,10 @@ def run(args: argparse.Namespace) -> int:
     shapes = {k: t.shape for k, t in tensors.items()}
     quant = _quantization(config, getattr(args, "quantize", None), folder)
     if config.extra.get("quantization_config"):
-        from ..checkpoint.load import _quantized_key
+        from ..checkpoint.quantized import is_quantized_key
         from ..quantization.apply import replace_with_empty
 
-        dense = {k: v for k, v in shapes.items() if not _quantized_key(k, shapes)}
+        dense = {k: v for k, v in shapes.items() if not is_quantized_key(k, shapes)}
         plan_checkpoint(
             StableLmModel, config, shapes, source=weights.source, dense_found=dense,
             prepare=lambda model: replace_with_empty(model, quant, torch.bfloat16),
@@ -275,21 +276,21 @@ def human_bytes(n: float) -> str:
 
 def _quantization(config: StableLmConfig, requested: str | None, folder: Path) -> Any:
     """The checkpoint's own quantization (checked against --quantize), or the one --quantize asks for."""
-    from ..checkpoint.load import _quantization as resolve
+    from ..checkpoint.quantized import quantization_for
 
-    return resolve(config, requested, folder)[0]
+    return quantization_for(config, requested, folder)[0]
 
 
 def quantized_size(config: StableLmConfig, quant: Any, dtype: torch.dtype) -> int:
     """Bytes of the model's tensors with its linear layers quantized as `quant` (built on the meta device)."""
     import copy
 
-    from ..checkpoint.load import _EmptyParameters
+    from ..checkpoint.fill import EmptyParameters
     from ..heads import StableLmForCausalLM
     from ..quantization.apply import quantized_bytes, replace_with_empty
 
     config = copy.deepcopy(config)
-    with _EmptyParameters():
+    with EmptyParameters():
         model = StableLmForCausalLM(config)
     model.to(dtype=dtype)
     if config.tie_word_embeddings:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint.load import resolve_device, resolve_dtype
+from ..checkpoint.options import resolve_device, resolve_dtype
 from ..config import StableLmConfig
 from ..heads import StableLmForCausalLM
 from ..seeding import set_seed

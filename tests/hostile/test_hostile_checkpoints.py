@@ -215,7 +215,7 @@ def test_an_interrupted_sharded_save_leaves_the_old_checkpoint(tmp_path, monkeyp
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     named = set(index["weight_map"].values())
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        {*named, "model.safetensors.index.json", "config.json"}
+        {*named, "model.safetensors.index.json", "config.json", "generation_config.json"}
     )
 
 
@@ -249,7 +249,12 @@ def test_a_save_killed_mid_shard_leaves_the_old_checkpoint_and_the_next_save_cle
     assert_same_weights(StableLmForCausalLM.from_pretrained(folder), state_of(new))
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        {*index["weight_map"].values(), "model.safetensors.index.json", "config.json"}
+        {
+            *index["weight_map"].values(),
+            "model.safetensors.index.json",
+            "config.json",
+            "generation_config.json",
+        }
     )
 
 

@@ -136,7 +136,9 @@ HOSTILE = [
     ({"num_labels": "2"}, "num_labels"),
     ({"id2label": ["neg", "pos"]}, "id2label"),
     ({"id2label": {"first": "neg"}}, "id2label"),
-    ({"label2id": {"neg": "0"}}, "label2id"),
+    ({"label2id": {"neg": [0]}}, "label2id"),
+    ({"label2id": {"neg": "first"}}, "label2id"),
+    ({"label2id": {"neg": -1}}, "label2id"),
     ({"original_max_position_embeddings": -1}, "original_max_position_embeddings"),
 ]
 
