@@ -8,61 +8,42 @@ adapter weights and AdamW moments within atol 1e-6.
 
 from __future__ import annotations
 
-import json
-import pydoc_data.topics
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_, transformers
+from conftest import transformers
 from safetensors.torch import load_file
-from test_training_distributed import _history, _launch, _torchrun
+from training_fixtures import (
+    TEXTS,
+    history,
+    launch,
+    save_checkpoint,
+    tiny_causal_lm,
+    torchrun,
+    write_jsonl,
+    write_text_jsonl,
+)
 
-from stablelm import AutoTokenizer, StableLmConfig, StableLmForCausalLM
+from stablelm import AutoTokenizer, StableLmForCausalLM
 from stablelm.cli import main
-from stablelm.training import train_tokenizer
 from stablelm.training.lora import apply_adapter
 
 peft = pytest.importorskip("peft")
+pytestmark = pytest.mark.usefixtures("torchrun_tmpdir")
 
 DEMO = Path(__file__).parents[1] / "stablelm" / "assets" / "demo"
-TEXTS = [pydoc_data.topics.topics[name] for name in sorted(pydoc_data.topics.topics)[:12]]
 STEPS, SAVE = 6, 3
 LOSS_RTOL, WEIGHT_ATOL = 2e-6, 1e-6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def token_cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("STABLELM_DATA_CACHE", str(tmp_path_factory.mktemp("token-cache")))
-        yield
-
-
-def _tiny(vocab_size: int) -> StableLmForCausalLM:
-    torch.manual_seed(0)
-    config = StableLmConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    model = StableLmForCausalLM(config)
-    randomize_(model)
-    return model
-
-
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
+def base(training_tokenizer, tmp_path_factory) -> Path:
     """A tiny float32 checkpoint with a trained tokenizer, and JSON-lines text to train on."""
     folder = tmp_path_factory.mktemp("base")
-    tokenizer = train_tokenizer(TEXTS, vocab_size=300, model_max_length=64)
-    _tiny(len(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    (folder / "data.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in TEXTS))
+    save_checkpoint(folder, tiny_causal_lm(len(training_tokenizer)), training_tokenizer)
+    write_text_jsonl(folder / "data.jsonl", TEXTS[:12])
     return folder
 
 
@@ -76,13 +57,13 @@ def _args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
 
 
 def _two_processes(args: list[str]):
-    result = _launch([*_torchrun("--standalone", "--nproc-per-node", "2", "-m", "stablelm"), *args])
+    result = launch([*torchrun("--standalone", "--nproc-per-node", "2", "-m", "stablelm"), *args])
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
 def _assert_same_losses(ours: Path, reference: Path) -> None:
-    mine, theirs = _history(ours / f"checkpoint-{STEPS}"), _history(reference / f"checkpoint-{STEPS}")
+    mine, theirs = history(ours / f"checkpoint-{STEPS}"), history(reference / f"checkpoint-{STEPS}")
     assert [sorted(e) for e in mine] == [sorted(e) for e in theirs]
     assert any("eval_loss" in e for e in mine)
     for a, b in zip(mine, theirs, strict=True):
@@ -183,11 +164,8 @@ def chat(tmp_path_factory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("chat")
     tokenizer = AutoTokenizer.from_pretrained(DEMO)
     assert tokenizer.chat_template is not None
-    _tiny(len(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    data = folder / "chat.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in _conversations()))
-    return folder, data
+    save_checkpoint(folder, tiny_causal_lm(len(tokenizer)), tokenizer)
+    return folder, write_jsonl(folder / "chat.jsonl", _conversations())
 
 
 def test_chat_data_under_ddp_equals_one_process(chat, tmp_path):
