@@ -158,11 +158,15 @@ def test_torchrun_environment_is_read_and_checked(monkeypatch):
         ("fsdp", ("--batch-size", "4", "--grad-accum", "1")),
     ],
 )
-def test_two_processes_equal_one_with_the_same_global_batch(inputs, one_process, tmp_path, strategy, split):
+def test_two_processes_equal_one_with_the_same_global_batch(
+    inputs, one_process, tmp_path, strategy, split, torchrun_tmpdir
+):
     out = tmp_path / strategy
     command = torchrun("--standalone", "--nproc-per-node", "2", "-m", "stablelm")
     result = launch([*command, *_train_args(inputs, out, "--strategy", strategy, *split)])
     assert result.returncode == 0, result.stderr[-3000:]
+    # torchrun's agent left its torchelastic_* folder in the test's TMPDIR, not in /tmp
+    assert list(torchrun_tmpdir.glob("torchelastic_*")), list(torchrun_tmpdir.iterdir())
     _assert_same_run(out, one_process)
     # Only rank 0 logs: one line per log interval, one final line.
     assert result.stderr.count(f"step {STEPS}/{STEPS}: loss") == 1
