@@ -7,8 +7,10 @@ reply of 20-120 words drawn from Python's documentation), rendered with the demo
 turn by turn, three renders per reply). Each configuration tokenizes into a fresh cache folder with
 `corpus.tokenize_files(..., encoder=ChatEncoder(tokenizer), workers=N)`; "rerun" reads the same data again
 (the cache: nothing tokenized); "pack" packs the cached conversations into blocks of --block tokens
-(`packing.pack_on_disk`). Reported: seconds, conversations/s, tokens/s (the conversations' tokens) and MB/s
-of the file.
+(`packing.pack_on_disk`). Reported: seconds, conversations/s, tokens/s (the conversations' tokens), MB/s of
+the file, and the CPU seconds of this process and its workers (with tokens per CPU second: on a machine
+that other work shares, the rate per wall-clock second depends on what else runs, the rate per CPU second
+far less).
 
 Run: python benchmarks/chat_data.py [--conversations 60000] [--workers 1 2] [--block 2048]
 The figures are ratios within one run; on a shared machine the absolute rates drift run to run.
@@ -21,6 +23,7 @@ import json
 import os
 import pydoc_data.topics
 import random
+import resource
 import sys
 import tempfile
 import time
@@ -50,6 +53,12 @@ def write_chat_file(path: Path, conversations: int, *, seed: int = 0) -> None:
             f.write(json.dumps({"messages": messages}) + "\n")
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its children that have ended (the pool's workers, once joined)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--conversations", type=int, default=60000)
@@ -68,31 +77,31 @@ def main() -> None:
         rows, stream = [], None
         for workers in args.workers:
             cache = folder / f"cache-{workers}"
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), _cpu_seconds()
             stream = corpus.tokenize_files(
                 [data], encoder=ChatEncoder(tokenizer), cache_dir=cache, workers=workers
             )
-            rows.append(
-                (f"tokenize, {workers} worker{'s' if workers > 1 else ''}", time.perf_counter() - start)
-            )
+            name = f"tokenize, {workers} worker{'s' if workers > 1 else ''}"
+            rows.append((name, time.perf_counter() - start, _cpu_seconds() - cpu))
             assert not stream.cached
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), _cpu_seconds()
         again = corpus.tokenize_files([data], encoder=ChatEncoder(tokenizer), cache_dir=cache)
-        rows.append(("rerun (cache)", time.perf_counter() - start))
+        rows.append(("rerun (cache)", time.perf_counter() - start, _cpu_seconds() - cpu))
         assert again.cached
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), _cpu_seconds()
         _, report = packing.pack_on_disk(
             stream.streams, path=cache / "packed.int32", block_size=args.block, pad_token_id=0
         )
-        rows.append((f"pack into {report.blocks:,} blocks of {args.block}", time.perf_counter() - start))
+        name = f"pack into {report.blocks:,} blocks of {args.block}"
+        rows.append((name, time.perf_counter() - start, _cpu_seconds() - cpu))
         tokens = stream.tokens.numel()
         print(f"{tokens:,} tokens")
-        print("| | seconds | conversations/s | tokens/s | MB/s |")
-        print("|---|---|---|---|---|")
-        for name, seconds in rows:
+        print("| | seconds | conversations/s | tokens/s | MB/s | CPU s | tokens per CPU s |")
+        print("|---|---|---|---|---|---|---|")
+        for name, seconds, cpu in rows:
             print(
                 f"| {name} | {seconds:.2f} | {args.conversations / seconds:,.0f} | {tokens / seconds:,.0f} | "
-                f"{size / 1e6 / seconds:.1f} |"
+                f"{size / 1e6 / seconds:.1f} | {cpu:.1f} | {tokens / max(cpu, 1e-9):,.0f} |"
             )
 
 
