@@ -66,7 +66,8 @@ class Conversation:
 
 
 def is_chat_data(paths: Sequence[str | os.PathLike]) -> bool:
-    """Whether the data files of `paths` are chat data: JSON-lines files whose first record has "messages".
+    """Whether the data files of `paths` are chat data: JSON-lines files whose first record has "messages", or
+    Parquet files with a "messages" column.
 
     Raises:
         ValueError: Some files are chat data and others are not (a run trains on one kind).

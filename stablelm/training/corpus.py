@@ -296,11 +296,8 @@ def _jsonl_pieces(path: Path) -> tuple[list[Piece], str]:
 def jsonl_lines(piece: Piece) -> Iterator[tuple[int, str]]:
     """(line number, text) of each line of a JSON-lines piece, decoded as UTF-8 (an error names the line and
     byte offset)."""
-    with open(piece.path, "rb") as f:
-        f.seek(piece.offset)
-        data = f.read(piece.length)
     offset = piece.offset
-    for number, raw in enumerate(data.splitlines(keepends=True), start=piece.first_line):
+    for number, raw in enumerate(_raw_lines(piece), start=piece.first_line):
         yield number, decode_line(piece.path, raw, line=number, offset=offset)
         offset += len(raw)
 
@@ -310,11 +307,14 @@ def _read_texts(piece: Piece) -> list[str]:
         return [read_text(piece.path)]
     if piece.kind == "parquet":
         return parquet_texts(piece.path, group=piece.offset)
+    return jsonl_texts(piece.path, _raw_lines(piece), first_line=piece.first_line, offset=piece.offset)
+
+
+def _raw_lines(piece: Piece) -> list[bytes]:
+    """The lines (bytes, with their ends) of a JSON-lines piece."""
     with open(piece.path, "rb") as f:
         f.seek(piece.offset)
-        data = f.read(piece.length)
-    lines = data.splitlines(keepends=True)
-    return jsonl_texts(piece.path, lines, first_line=piece.first_line, offset=piece.offset)
+        return f.read(piece.length).splitlines(keepends=True)
 
 
 # ---- tokenizing --------------------------------------------------------------------------------------------
