@@ -24,6 +24,15 @@ TINY = dict(
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _token_cache_of_the_session(tmp_path_factory):
+    """Training data tokenized by tests goes to a folder of the session, not the user's cache (torchrun's ranks
+    and worker processes inherit the variable)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("STABLELM_DATA_CACHE", str(tmp_path_factory.mktemp("token-cache")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _kernels_chosen_by_exactness_only(monkeypatch):
     """Tests check which kernel runs and what it computes: not timings. Production also times a
@@ -103,3 +112,33 @@ def make_pair(
     ours = set_kernels(ours_cls(config), kernels)
     ours.load_state_dict(ref.state_dict(), strict=True)
     return ours.eval(), ref.eval()
+
+
+# ---- training --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on one thread: on a busy machine, threads waiting on each other cost far more than the tiny
+    matrix products gain (a step takes 40 times longer on two busy cores than on one). Training test modules
+    use it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def training_tokenizer():
+    """A byte-level BPE tokenizer of 300 tokens trained on 12 of Python's documentation topics."""
+    from training_fixtures import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+@pytest.fixture
+def torchrun_tmpdir(tmp_path, monkeypatch):
+    """TMPDIR under the test's folder for the torchrun it starts: torchrun's agent makes a torchelastic_*
+    folder in the temporary directory for every run and never removes it."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setenv("TMPDIR", str(folder))
+    return folder

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import pydoc_data.topics
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import transformers
+from training_fixtures import TEXTS as ALL_TEXTS
+from training_fixtures import Interrupt, stop_at_save, tiny_tokenizer, write_text_jsonl
 
 from stablelm import AutoTokenizer, StableLmConfig, StableLmForCausalLM
 from stablelm.cli import main
@@ -28,23 +29,14 @@ from stablelm.training import checkpoints as checkpoints_module
 from stablelm.training.checkpoints import list_checkpoints
 from stablelm.training.sources import read_model_config
 
-TEXTS = [pydoc_data.topics.topics[name] for name in sorted(pydoc_data.topics.topics)[:12]]
+TEXTS = ALL_TEXTS[:12]
+pytestmark = pytest.mark.usefixtures("one_thread")
 BLOCK = 32
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Run these tiny models on one thread: on a busy machine, threads waiting on each other cost far more
-    than the tiny matrix products gain (a step takes 40 times longer on two busy cores than on one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return train_tokenizer(TEXTS, vocab_size=400, model_max_length=64)
+    return tiny_tokenizer(vocab_size=400)
 
 
 @pytest.fixture(scope="module")
@@ -192,18 +184,6 @@ def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(tokenizer, blocks, tmp_pat
     assert after < before - 1.0, (before, after)
 
 
-class _Interrupt(Exception):
-    pass
-
-
-def _stop_after_save_at(step):
-    def callback(event):
-        if event.kind == "save" and event.step == step:
-            raise _Interrupt
-
-    return callback
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tokenizer, blocks, tmp_path_factory):
     """A 6-step run with dropout, accumulation and evaluation, never stopped."""
@@ -220,9 +200,9 @@ def test_resume_equals_an_uninterrupted_run(tokenizer, blocks, tmp_path, uninter
     _, model, trainer, state = uninterrupted
     kwargs = dict(train_blocks=blocks[:-4], eval_blocks=blocks[-4:], tokenizer=tokenizer)
     first = Trainer(
-        _model(tokenizer, hidden_dropout=0.1), args=_args(tmp_path), callback=_stop_after_save_at(4), **kwargs
+        _model(tokenizer, hidden_dropout=0.1), args=_args(tmp_path), callback=stop_at_save(4), **kwargs
     )
-    with pytest.raises(_Interrupt):
+    with pytest.raises(Interrupt):
         first.train()
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-4"]
 
@@ -385,7 +365,7 @@ def test_trained_tokenizer_is_deterministic_and_loads_in_the_reference(tokenizer
 # ---- the commands ----------------------------------------------------------------------------------------
 def test_train_commands_end_to_end(tmp_path, capsys):
     data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps({"text": text}) + "\n" for text in TEXTS))
+    write_text_jsonl(data, TEXTS)
     config = tmp_path / "config.json"
     config.write_text(
         json.dumps(

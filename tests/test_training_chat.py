@@ -3,14 +3,14 @@ packed documents kept apart, token-weighted losses, and clear errors for rows th
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_pair, randomize_, tiny_config, transformers
+from conftest import make_pair, tiny_config, transformers
+from training_fixtures import Interrupt, stop_at_save, tiny_causal_lm, write_jsonl
 
-from stablelm import AutoTokenizer, StableLmConfig, StableLmForCausalLM
+from stablelm import AutoTokenizer, StableLmForCausalLM
 from stablelm.cli import main
 from stablelm.tokenizer.generation_spans import render_with_generation_spans
 from stablelm.training import Trainer, TrainingArguments
@@ -24,6 +24,7 @@ from stablelm.training.chat import (
 from stablelm.training.checkpoints import list_checkpoints
 
 FIXTURES = Path(__file__).parent / "fixtures"
+pytestmark = pytest.mark.usefixtures("one_thread")
 DEMO = Path(__file__).parents[1] / "stablelm" / "assets" / "demo"
 # ChatML with the assistant's text (and its end of turn) in {% generation %} blocks, as TRL's training
 # templates mark it.
@@ -44,14 +45,6 @@ CONVERSATIONS = [
     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"}],
     [{"role": "assistant", "content": "I open the conversation."}, {"role": "user", "content": "Fine."}],
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _predicted(labels: list[int]) -> list[int]:
@@ -221,18 +214,6 @@ def test_packed_documents_stay_apart_in_a_compiled_forward():
 
 
 # ---- the trainer on labelled blocks ---------------------------------------------------------------------
-def _model(vocab_size: int, seed: int = 0) -> StableLmForCausalLM:
-    torch.manual_seed(seed)
-    model = StableLmForCausalLM(
-        StableLmConfig(
-            vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        )
-    )  # fmt: skip
-    randomize_(model, seed)
-    return model
-
-
 @pytest.fixture(scope="module")
 def chat_blocks():
     tokenizer = AutoTokenizer.from_pretrained(DEMO)
@@ -252,9 +233,9 @@ def test_the_loss_is_the_mean_over_labelled_tokens_across_micro_batches(chat_blo
     blocks = chat_blocks[torch.tensor([0, 4, 8, 5])]
     counts = blocks.predicted()
     assert len(set(counts.tolist())) > 1  # the blocks hold different numbers of labelled tokens
-    accumulated = Trainer(_model(4096), args=_args(tmp_path / "a", max_steps=1), train_blocks=blocks)
+    accumulated = Trainer(tiny_causal_lm(4096), args=_args(tmp_path / "a", max_steps=1), train_blocks=blocks)
     one_batch = Trainer(
-        _model(4096), args=_args(tmp_path / "b", max_steps=1, batch_size=4, gradient_accumulation_steps=1),
+        tiny_causal_lm(4096), args=_args(tmp_path / "b", max_steps=1, batch_size=4, gradient_accumulation_steps=1),
         train_blocks=blocks,
     )  # fmt: skip
     one_batch.order = accumulated.order  # the same four blocks in the same step
@@ -263,7 +244,7 @@ def test_the_loss_is_the_mean_over_labelled_tokens_across_micro_batches(chat_blo
     for (name, p), q in zip(accumulated.model.named_parameters(), one_batch.model.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=name)
     # and it is the mean over each document's labelled tokens, computed one block at a time
-    model = _model(4096)
+    model = tiny_causal_lm(4096)
     total = 0.0
     with torch.no_grad():
         for row in range(4):
@@ -276,46 +257,31 @@ def test_the_loss_is_the_mean_over_labelled_tokens_across_micro_batches(chat_blo
     assert trainer.evaluate()[0] == pytest.approx(total / int(counts.sum()), rel=1e-6)
 
 
-class _Interrupt(Exception):
-    pass
-
-
-def _stop_at_save(step):
-    def callback(event):
-        if event.kind == "save" and event.step == step:
-            raise _Interrupt
-
-    return callback
-
-
 def test_chat_training_resumes_exactly(chat_blocks, tmp_path):
     args = _args(tmp_path, max_steps=4, save_interval=2, save_total_limit=0)
-    whole = Trainer(_model(4096), args=_args(tmp_path / "whole", max_steps=4), train_blocks=chat_blocks)
+    whole = Trainer(
+        tiny_causal_lm(4096), args=_args(tmp_path / "whole", max_steps=4), train_blocks=chat_blocks
+    )
     state = whole.train()
-    first = Trainer(_model(4096), args=args, train_blocks=chat_blocks, callback=_stop_at_save(2))
-    with pytest.raises(_Interrupt):
+    first = Trainer(tiny_causal_lm(4096), args=args, train_blocks=chat_blocks, callback=stop_at_save(2))
+    with pytest.raises(Interrupt):
         first.train()
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2"]
-    resumed = Trainer(_model(4096, seed=5), args=args, train_blocks=chat_blocks)
+    resumed = Trainer(tiny_causal_lm(4096, seed=5), args=args, train_blocks=chat_blocks)
     final = resumed.train(resume_from=tmp_path / "checkpoint-2")
     assert final.log_history == state.log_history
     other = LabelledBlocks(chat_blocks.input_ids, chat_blocks.input_ids.clone(), chat_blocks.position_ids)
     with pytest.raises(ValueError, match="train_labels_sum"):
-        Trainer(_model(4096), args=args, train_blocks=other).resume(tmp_path / "checkpoint-2")
+        Trainer(tiny_causal_lm(4096), args=args, train_blocks=other).resume(tmp_path / "checkpoint-2")
 
 
 # ---- the command ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     folder = tmp_path_factory.mktemp("base")
-    _model(4096).save_pretrained(folder)
+    tiny_causal_lm(4096).save_pretrained(folder)
     AutoTokenizer.from_pretrained(DEMO).save_pretrained(folder)
     return folder
-
-
-def _jsonl(path: Path, rows) -> Path:
-    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
-    return path
 
 
 def _train(base, data, out, *extra) -> list[str]:
@@ -327,7 +293,7 @@ def _train(base, data, out, *extra) -> list[str]:
 
 
 def test_train_on_chat_data_end_to_end(base, tmp_path, capsys):
-    data = _jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in CONVERSATIONS * 4])
+    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in CONVERSATIONS * 4])
     assert main(_train(base, data, tmp_path / "out")) == 0
     err = capsys.readouterr().err
     assert "12 conversations (loss on assistant tokens)" in err and "step 2/2: loss" in err
@@ -366,7 +332,7 @@ def test_train_on_chat_data_end_to_end(base, tmp_path, capsys):
 )
 def test_rows_that_are_not_conversations_name_the_file_and_line(row, message, base, tmp_path, capsys):
     good = {"messages": CONVERSATIONS[1]}
-    data = _jsonl(tmp_path / "chat.jsonl", [good, good, row])
+    data = write_jsonl(tmp_path / "chat.jsonl", [good, good, row])
     assert main(_train(base, data, tmp_path / "out")) == 1
     err = capsys.readouterr().err
     assert f"{data}:3" in err and message in err and "Traceback" not in err, err
@@ -376,8 +342,8 @@ def test_rows_that_are_not_conversations_name_the_file_and_line(row, message, ba
 
 
 def test_chat_data_errors_of_the_command(base, tmp_path, capsys):
-    chat = _jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATIONS[1]}])
-    text = _jsonl(tmp_path / "text.jsonl", [{"text": "plain text"}])
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATIONS[1]}])
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": "plain text"}])
     assert main(_train(base, tmp_path, tmp_path / "out")) == 1
     assert "mixes chat conversations" in capsys.readouterr().err
     assert main([*_train(base, chat, tmp_path / "out"), "--eval-data", str(text)]) == 2
@@ -385,7 +351,7 @@ def test_chat_data_errors_of_the_command(base, tmp_path, capsys):
     assert main(_train(base, text, tmp_path / "out", "--loss-on", "all")) == 2
     assert "--loss-on is for chat data" in capsys.readouterr().err
     no_template = tmp_path / "no-template"
-    _model(4096).save_pretrained(no_template)
+    tiny_causal_lm(4096).save_pretrained(no_template)
     tokenizer = AutoTokenizer.from_pretrained(DEMO)
     tokenizer.chat_template = None
     tokenizer.save_pretrained(no_template)

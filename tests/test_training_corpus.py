@@ -75,7 +75,7 @@ def test_held_out_split_of_cached_blocks_equals_split_blocks_without_a_copy_in_m
 ):
     stream = corpus.tokenize_files([data], tokenizer, cache_dir=tmp_path / "cache")
     blocks = pack(stream.tokens, 32)
-    train, held = corpus.split_on_disk(stream, blocks, 0.1)
+    train, held = corpus.split_on_disk(blocks, 0.1, source=stream.path)
     expected_train, expected_held = split_blocks(blocks, 0.1)
     assert torch.equal(train, expected_train) and torch.equal(held, expected_held)
     written = list((tmp_path / "cache").glob(f"*.train-{len(blocks)}x32-0.1.int32"))
@@ -83,9 +83,9 @@ def test_held_out_split_of_cached_blocks_equals_split_blocks_without_a_copy_in_m
     # The training blocks are read from that file (a mapping of it), not copied into this process.
     assert train.untyped_storage().data_ptr() != blocks.untyped_storage().data_ptr()
     written[0].write_bytes(b"\0" * written[0].stat().st_size)  # a second split maps the file as it is
-    assert int(corpus.split_on_disk(stream, blocks, 0.1)[0].abs().sum()) == 0
+    assert int(corpus.split_on_disk(blocks, 0.1, source=stream.path)[0].abs().sum()) == 0
     with pytest.raises(ValueError, match="too few to hold out"):
-        corpus.split_on_disk(stream, blocks[:1], 0.1)
+        corpus.split_on_disk(blocks[:1], 0.1, source=stream.path)
 
 
 def test_a_rerun_reads_the_cache_by_content(tokenizer, data, tmp_path, monkeypatch):
@@ -113,11 +113,11 @@ def test_an_interrupted_tokenization_leaves_no_cache_entry(
 ):
     real, seen = corpus._tokenize_piece, []
 
-    def failing(piece, backend, eos):
+    def failing(piece, encoder):
         seen.append(piece)
         if len(seen) == 3:
             raise KeyboardInterrupt
-        return real(piece, backend, eos)
+        return real(piece, encoder)
 
     monkeypatch.setattr(corpus, "_tokenize_piece", failing)
     with pytest.raises(KeyboardInterrupt):

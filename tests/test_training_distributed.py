@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import json
 import os
-import pydoc_data.topics
 import re
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,43 +25,38 @@ import pytest
 import torch
 from conftest import transformers
 from safetensors.torch import load_file
+from training_fixtures import (
+    ROOT,
+    RUN_TIMEOUT,
+    TEXTS,
+    TINY_TRAINING_CONFIG,
+    environment,
+    history,
+    launch,
+    start,
+    stop,
+    tiny_tokenizer,
+    torchrun,
+    write_text_jsonl,
+)
 
 from stablelm import AutoTokenizer, StableLmForCausalLM
 from stablelm.cli import main
-from stablelm.training import BlockOrder, train_tokenizer
+from stablelm.training import BlockOrder
 from stablelm.training.distributed import Distributed, from_environment
 
-ROOT = Path(__file__).resolve().parent.parent
-TEXTS = [pydoc_data.topics.topics[name] for name in sorted(pydoc_data.topics.topics)[:12]]
 STEPS, SAVE = 24, 4
 LOSS_RTOL, WEIGHT_ATOL = 2e-6, 1e-6
-RUN_TIMEOUT = 90
-
-
-@pytest.fixture(scope="module", autouse=True)
-def token_cache(tmp_path_factory):
-    """Tokenized data goes to a folder of this module's, not the user's cache (torchrun's ranks inherit it)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("STABLELM_DATA_CACHE", str(tmp_path_factory.mktemp("token-cache")))
-        yield
+pytestmark = pytest.mark.usefixtures("torchrun_tmpdir")
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> Path:
     """A tokenizer, a tiny config.json and JSON-lines data, in one folder."""
     folder = tmp_path_factory.mktemp("inputs")
-    (folder / "data.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in TEXTS))
-    train_tokenizer(TEXTS, vocab_size=300, model_max_length=64).save_pretrained(folder / "tok")
-    config = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-    (folder / "config.json").write_text(json.dumps(config))
+    write_text_jsonl(folder / "data.jsonl", TEXTS[:12])
+    tiny_tokenizer().save_pretrained(folder / "tok")
+    (folder / "config.json").write_text(json.dumps(TINY_TRAINING_CONFIG))
     return folder
 
 
@@ -98,49 +91,6 @@ def _train_args(inputs: Path, output_dir: Path, *extra: str) -> list[str]:
     ]
 
 
-def _environment() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-
-
-def _torchrun(*flags: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", *flags]
-
-
-def _start(command: list[str], **options) -> subprocess.Popen:
-    """torchrun in a session of its own, so that `_stop` ends its workers too."""
-    return subprocess.Popen(
-        command,
-        env=options.pop("env", _environment()),
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        **options,
-    )
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """Kill torchrun and its workers if they still run (a hung test leaves no process behind)."""
-    if process.poll() is None:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait()
-
-
-def _launch(command: list[str]) -> subprocess.CompletedProcess:
-    process = _start(command)
-    try:
-        stdout, stderr = process.communicate(timeout=RUN_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        _stop(process)
-        _, stderr = process.communicate()
-        pytest.fail(f"{' '.join(command)} ran past {RUN_TIMEOUT} s:\n{(stderr or '')[-3000:]}")
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
-
-
 @pytest.fixture(scope="module")
 def one_process(inputs, tmp_path_factory) -> Path:
     """The run every data-parallel one is compared with: one process, global batch 8 (4 x 2 micro-batches)."""
@@ -149,13 +99,9 @@ def one_process(inputs, tmp_path_factory) -> Path:
     return out
 
 
-def _history(folder: Path) -> list[dict]:
-    return json.loads((folder / "trainer_state.json").read_text())["log_history"]
-
-
 def _assert_same_run(ours: Path, reference: Path) -> None:
     """Same losses, held-out losses and learning rates (within float32 rounding), same weights and AdamW state."""
-    mine, theirs = _history(ours / f"checkpoint-{STEPS}"), _history(reference / f"checkpoint-{STEPS}")
+    mine, theirs = history(ours / f"checkpoint-{STEPS}"), history(reference / f"checkpoint-{STEPS}")
     assert [sorted(e) for e in mine] == [sorted(e) for e in theirs]
     for a, b in zip(mine, theirs, strict=True):
         assert a["step"] == b["step"]
@@ -212,11 +158,15 @@ def test_torchrun_environment_is_read_and_checked(monkeypatch):
         ("fsdp", ("--batch-size", "4", "--grad-accum", "1")),
     ],
 )
-def test_two_processes_equal_one_with_the_same_global_batch(inputs, one_process, tmp_path, strategy, split):
+def test_two_processes_equal_one_with_the_same_global_batch(
+    inputs, one_process, tmp_path, strategy, split, torchrun_tmpdir
+):
     out = tmp_path / strategy
-    command = _torchrun("--standalone", "--nproc-per-node", "2", "-m", "stablelm")
-    result = _launch([*command, *_train_args(inputs, out, "--strategy", strategy, *split)])
+    command = torchrun("--standalone", "--nproc-per-node", "2", "-m", "stablelm")
+    result = launch([*command, *_train_args(inputs, out, "--strategy", strategy, *split)])
     assert result.returncode == 0, result.stderr[-3000:]
+    # torchrun's agent left its torchelastic_* folder in the test's TMPDIR, not in /tmp
+    assert list(torchrun_tmpdir.glob("torchelastic_*")), list(torchrun_tmpdir.iterdir())
     _assert_same_run(out, one_process)
     # Only rank 0 logs: one line per log interval, one final line.
     assert result.stderr.count(f"step {STEPS}/{STEPS}: loss") == 1
@@ -233,12 +183,12 @@ def test_two_processes_equal_one_with_the_same_global_batch(inputs, one_process,
 
 def test_fsdp_in_bf16_trains_close_to_float32(inputs, one_process, tmp_path):
     out = tmp_path / "bf16"
-    command = _torchrun("--standalone", "--nproc-per-node", "2", "-m", "stablelm")
+    command = torchrun("--standalone", "--nproc-per-node", "2", "-m", "stablelm")
     args = _train_args(inputs, out, "--strategy", "fsdp", "--batch-size", "4", "--precision", "bf16")
-    result = _launch([*command, *args[: args.index("--precision")], *args[args.index("--precision") + 2 :]])
+    result = launch([*command, *args[: args.index("--precision")], *args[args.index("--precision") + 2 :]])
     assert result.returncode == 0, result.stderr[-3000:]
-    losses = [e["loss"] for e in _history(out / f"checkpoint-{STEPS}") if "loss" in e]
-    expected = [e["loss"] for e in _history(one_process / f"checkpoint-{STEPS}") if "loss" in e]
+    losses = [e["loss"] for e in history(out / f"checkpoint-{STEPS}") if "loss" in e]
+    expected = [e["loss"] for e in history(one_process / f"checkpoint-{STEPS}") if "loss" in e]
     assert losses == pytest.approx(expected, rel=0.02)
     assert losses != pytest.approx(expected, rel=1e-6)  # bf16 compute did happen
     assert load_file(out / "model.safetensors")["model.norm.weight"].dtype == torch.float32
@@ -269,9 +219,9 @@ def _local_rank(pid: int) -> int | None:
 
 def test_killed_rank_ends_the_job_and_the_run_resumes_on_another_world_size(inputs, one_process, tmp_path):
     out = tmp_path / "killed"
-    command = _torchrun("--standalone", "--nproc-per-node", "2", "-m", "stablelm")
+    command = torchrun("--standalone", "--nproc-per-node", "2", "-m", "stablelm")
     args = _train_args(inputs, out, "--batch-size", "2", "--grad-accum", "2")
-    job = _start([*command, *args])
+    job = start([*command, *args])
     try:
         deadline = time.monotonic() + RUN_TIMEOUT
         while (
@@ -284,7 +234,7 @@ def test_killed_rank_ends_the_job_and_the_run_resumes_on_another_world_size(inpu
         killed = time.monotonic()
         _, stderr = job.communicate(timeout=60)
     finally:
-        _stop(job)
+        stop(job)
     assert job.returncode != 0 and time.monotonic() - killed < 15, stderr[-2000:]
     assert not (out / "model.safetensors").exists(), "the run ended before the kill: nothing was tested"
     assert "Signals.SIGKILL" in stderr or "SIGKILL" in stderr
@@ -299,9 +249,9 @@ def test_two_processes_resume_a_one_process_checkpoint(inputs, one_process, tmp_
     out = tmp_path / "resumed"
     out.mkdir()
     shutil.copytree(one_process / "checkpoint-12", out / "checkpoint-12")
-    command = _torchrun("--standalone", "--nproc-per-node", "2", "-m", "stablelm")
+    command = torchrun("--standalone", "--nproc-per-node", "2", "-m", "stablelm")
     args = _train_args(inputs, out, "--strategy", strategy, "--batch-size", "4", "--resume")
-    result = _launch([*command, *args])
+    result = launch([*command, *args])
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("resumed from") == 1
     _assert_same_run(out, one_process)
@@ -331,7 +281,7 @@ def test_a_rank_that_raises_ends_the_whole_job_within_seconds(inputs, tmp_path, 
     script.write_text(RAISING_RANK)
     args = _train_args(inputs, tmp_path / "out", "--batch-size", "2", "--strategy", strategy)
     start = time.monotonic()
-    result = _launch([*_torchrun("--standalone", "--nproc-per-node", "2"), str(script), *args])
+    result = launch([*torchrun("--standalone", "--nproc-per-node", "2"), str(script), *args])
     assert result.returncode != 0
     assert "stablelm: error: RuntimeError: rank 1 broke at step 3" in result.stderr
     # The whole run (two interpreters starting, three steps) takes a few seconds when nothing hangs; rank 0,
@@ -350,7 +300,7 @@ def test_a_rank_that_hangs_ends_the_job_after_the_collective_timeout(inputs, tmp
     script.write_text(HANGING_RANK)
     args = _train_args(inputs, tmp_path / "out", "--batch-size", "2", "--dist-timeout", "5")
     start = time.monotonic()
-    result = _launch([*_torchrun("--standalone", "--nproc-per-node", "2"), str(script), *args])
+    result = launch([*torchrun("--standalone", "--nproc-per-node", "2"), str(script), *args])
     assert result.returncode != 0
     # Rank 0's next collective gives up after 5 s and rank 0 exits with the error; torchrun stops rank 1.
     assert re.search(r"stablelm: error: .*Timed out waiting 5000ms", result.stderr), result.stderr[:3000]
@@ -393,16 +343,15 @@ def test_readme_multi_node_line_runs_as_two_nodes_on_localhost(inputs, one_proce
     train = command.index(" train ")
     launcher = command[:train].split()
     args = _train_args(inputs, tmp_path / "out", "--batch-size", "2", "--grad-accum", "2")
-    env = {**_environment(), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {**environment(), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     nodes = [
-        _start([part.replace("$NODE_RANK", str(rank)) for part in launcher] + args, env=env)
-        for rank in (0, 1)
+        start([part.replace("$NODE_RANK", str(rank)) for part in launcher] + args, env=env) for rank in (0, 1)
     ]
     try:
         results = [node.communicate(timeout=RUN_TIMEOUT) for node in nodes]
     finally:
         for node in nodes:
-            _stop(node)
+            stop(node)
     for node, (_, stderr) in zip(nodes, results, strict=True):
         assert node.returncode == 0, stderr[-3000:]
     assert "across 2 processes" in results[0][1] and "across" not in results[1][1]  # only rank 0 logs

@@ -8,61 +8,43 @@ adapter weights and AdamW moments within atol 1e-6.
 
 from __future__ import annotations
 
-import json
-import pydoc_data.topics
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_, transformers
+from conftest import transformers
 from safetensors.torch import load_file
-from test_training_distributed import _history, _launch, _torchrun
+from training_fixtures import (
+    TEXTS,
+    history,
+    launch,
+    save_checkpoint,
+    tiny_causal_lm,
+    torchrun,
+    write_jsonl,
+    write_text_jsonl,
+)
 
-from stablelm import AutoTokenizer, StableLmConfig, StableLmForCausalLM
+from stablelm import AutoTokenizer, StableLmForCausalLM
 from stablelm.cli import main
-from stablelm.training import train_tokenizer
 from stablelm.training.lora import apply_adapter
 
 peft = pytest.importorskip("peft")
+pytestmark = pytest.mark.usefixtures("torchrun_tmpdir")
 
 DEMO = Path(__file__).parents[1] / "stablelm" / "assets" / "demo"
-TEXTS = [pydoc_data.topics.topics[name] for name in sorted(pydoc_data.topics.topics)[:12]]
 STEPS, SAVE = 6, 3
 LOSS_RTOL, WEIGHT_ATOL = 2e-6, 1e-6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def token_cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("STABLELM_DATA_CACHE", str(tmp_path_factory.mktemp("token-cache")))
-        yield
-
-
-def _tiny(vocab_size: int) -> StableLmForCausalLM:
-    torch.manual_seed(0)
-    config = StableLmConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    model = StableLmForCausalLM(config)
-    randomize_(model)
-    return model
-
-
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
+def base(training_tokenizer, tmp_path_factory) -> Path:
     """A tiny float32 checkpoint with a trained tokenizer, and JSON-lines text to train on."""
     folder = tmp_path_factory.mktemp("base")
-    tokenizer = train_tokenizer(TEXTS, vocab_size=300, model_max_length=64)
-    _tiny(len(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    (folder / "data.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in TEXTS))
+    save_checkpoint(folder, tiny_causal_lm(len(training_tokenizer)), training_tokenizer)
+    write_text_jsonl(folder / "data.jsonl", TEXTS[:12])
     return folder
 
 
@@ -76,13 +58,13 @@ def _args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
 
 
 def _two_processes(args: list[str]):
-    result = _launch([*_torchrun("--standalone", "--nproc-per-node", "2", "-m", "stablelm"), *args])
+    result = launch([*torchrun("--standalone", "--nproc-per-node", "2", "-m", "stablelm"), *args])
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
 def _assert_same_losses(ours: Path, reference: Path) -> None:
-    mine, theirs = _history(ours / f"checkpoint-{STEPS}"), _history(reference / f"checkpoint-{STEPS}")
+    mine, theirs = history(ours / f"checkpoint-{STEPS}"), history(reference / f"checkpoint-{STEPS}")
     assert [sorted(e) for e in mine] == [sorted(e) for e in theirs]
     assert any("eval_loss" in e for e in mine)
     for a, b in zip(mine, theirs, strict=True):
@@ -160,6 +142,61 @@ def test_lora_under_fsdp_resumes_a_one_process_checkpoint_and_merges(base, lora_
     assert AutoTokenizer.from_pretrained(out / "merged") is not None
 
 
+# bf16 (mixed precision) under FSDP against one process in bf16. FSDP reduces the gradients in float32
+# (reduce_dtype), so summing over the ranks adds only float32 rounding (~1e-7, as above); what differs from one
+# process is bf16 rounding: FSDP casts every parameter to bf16 for compute (the one process's autocast rounds
+# only matmul operands, and keeps norm weights, embeddings and gradients float32), and each rank's gradient
+# is rounded to bf16 (relative 2^-8 = 3.9e-3 per element) before the float32 reduce-scatter. A step's loss, a
+# mean over 124 predicted tokens, moves much less than one element: measured within 1e-4 relative over 6
+# steps. Tolerance 1e-3: 4x below one bf16 rounding, 10x above what was measured, and below what a wrong batch
+# (consecutive steps' losses differ by 1-2%) or a rank weighing its gradient twice would give.
+# The adapter weights are not compared element by element: AdamW's first steps move each weight by about
+# +-lr whatever its gradient's size, so a gradient near zero whose sign a bf16 rounding flips moves that
+# weight 2 lr the other way (measured: lora_B 11-13% apart in Frobenius norm between one process in bf16 and
+# in float32, and between FSDP and one process in bf16). The held-out losses, the adapter's effect on the
+# model, are compared instead.
+BF16_LOSS_RTOL = 1e-3
+
+
+def test_lora_under_fsdp_from_step_0_equals_one_process(base, lora_one_process, tmp_path):
+    """float32: the adapter made at step 0 on every rank (the same seed), then sharded, trains as in one
+    process within float32 reduction tolerance (the other FSDP test resumes a one-process checkpoint)."""
+    out = tmp_path / "fsdp"
+    args = _args(base, base / "data.jsonl", out, *LORA, "--strategy", "fsdp", "--batch-size", "1")
+    result = _two_processes([*args, "--grad-accum", "2"])
+    assert "resumed" not in result.stderr
+    _assert_same_losses(out, lora_one_process)
+    _assert_same_optimizer(out, lora_one_process)
+    _assert_same_tensors(
+        load_file(out / "adapter_model.safetensors"),
+        load_file(lora_one_process / "adapter_model.safetensors"),
+    )
+
+
+def test_lora_under_fsdp_in_bf16_from_step_0_equals_one_process_in_bf16(base, lora_one_process, tmp_path):
+    one, fsdp = tmp_path / "one", tmp_path / "fsdp"
+    data, bf16 = base / "data.jsonl", ("--precision", "bf16")
+    assert main(_args(base, data, one, *LORA, "--batch-size", "2", "--grad-accum", "2", *bf16)) == 0
+    args = _args(
+        base, data, fsdp, *LORA, "--strategy", "fsdp", "--batch-size", "1", "--grad-accum", "2", *bf16
+    )
+    assert "resumed" not in _two_processes(args).stderr
+    mine, theirs = history(fsdp / f"checkpoint-{STEPS}"), history(one / f"checkpoint-{STEPS}")
+    assert [sorted(e) for e in mine] == [sorted(e) for e in theirs] and any("eval_loss" in e for e in mine)
+    for a, b in zip(mine, theirs, strict=True):
+        for key in set(a) - {"step"}:
+            assert a[key] == pytest.approx(b[key], rel=BF16_LOSS_RTOL), (key, a, b)
+    # bf16 did happen: the same run in float32 is further from it than float32 reductions allow
+    fp32 = history(lora_one_process / f"checkpoint-{STEPS}")
+    assert (
+        max(abs(a["loss"] / b["loss"] - 1) for a, b in zip(theirs, fp32, strict=True) if "loss" in a) > 1e-5
+    )
+    adapter = load_file(fsdp / "adapter_model.safetensors")
+    assert adapter.keys() == load_file(one / "adapter_model.safetensors").keys()
+    assert all(t.dtype == torch.float32 for t in adapter.values())  # the float32 master weights, gathered
+    assert max(t.abs().max() for name, t in adapter.items() if "lora_B" in name) > 1e-3  # B starts at 0
+
+
 # ---- chat data -----------------------------------------------------------------------------------------------
 def _conversations() -> list[dict]:
     """Conversations whose assistant turns differ in length, so that blocks hold unequal labelled counts."""
@@ -183,11 +220,8 @@ def chat(tmp_path_factory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("chat")
     tokenizer = AutoTokenizer.from_pretrained(DEMO)
     assert tokenizer.chat_template is not None
-    _tiny(len(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    data = folder / "chat.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in _conversations()))
-    return folder, data
+    save_checkpoint(folder, tiny_causal_lm(len(tokenizer)), tokenizer)
+    return folder, write_jsonl(folder / "chat.jsonl", _conversations())
 
 
 def test_chat_data_under_ddp_equals_one_process(chat, tmp_path):
@@ -216,3 +250,25 @@ def test_merging_a_sharded_adapter_in_the_trainer_is_refused_clearly(base, tmp_p
     ):
         trainer.save_model(tmp_path / "merged", merge=True)
     assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("case", ["bad-row", "mixed-data"])
+def test_a_data_error_under_torchrun_is_printed_once(chat, tmp_path, case):
+    """A bad row is met by the process that tokenizes (the first of the machine; the other waits for its cache
+    files), mixed data by every process: either way one process prints it, and the job ends at once."""
+    model, _ = chat
+    data = tmp_path / "data"
+    data.mkdir()
+    if case == "bad-row":
+        rows = [*_conversations()[:10], {"messages": [{"role": "robot", "content": "beep"}]}]
+        where = f"{write_jsonl(data / 'chat.jsonl', rows)}:11: message 0 has role 'robot'"
+    else:
+        write_jsonl(data / "a.jsonl", _conversations()[:3])
+        write_text_jsonl(data / "b.jsonl", ["plain text"])
+        where = "The data mixes chat conversations"
+    start = time.monotonic()
+    command = torchrun("--standalone", "--nproc-per-node", "2", "-m", "stablelm")
+    result = launch([*command, *_args(model, data, tmp_path / "out", "--batch-size", "1")])
+    assert result.returncode != 0
+    assert result.stderr.count("stablelm: error:") == 1 and where in result.stderr, result.stderr[-3000:]
+    assert time.monotonic() - start < 45  # the other rank does not wait out its grace period

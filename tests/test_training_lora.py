@@ -4,63 +4,47 @@ and `--adapter` on the commands that load a model."""
 from __future__ import annotations
 
 import json
-import pydoc_data.topics
 import sys
 
 import pytest
 import torch
-from conftest import randomize_, transformers
+from conftest import transformers
+from training_fixtures import TEXTS as ALL_TEXTS
+from training_fixtures import (
+    Interrupt,
+    save_checkpoint,
+    stop_at_save,
+    tiny_causal_lm,
+    tiny_tokenizer,
+    write_text_jsonl,
+)
 
-from stablelm import StableLmConfig, StableLmForCausalLM
+from stablelm import StableLmForCausalLM
 from stablelm.checkpoint import CheckpointError
 from stablelm.cli import main
-from stablelm.training import Trainer, TrainingArguments, pack, tokenize, train_tokenizer
+from stablelm.training import Trainer, TrainingArguments, pack, tokenize
 from stablelm.training.checkpoints import list_checkpoints
 from stablelm.training.lora import LoraSettings, adapter_state, add_lora, apply_adapter, require_peft
 from stablelm.training.memory import estimate_training_memory
 
 peft = pytest.importorskip("peft")
 
-TEXTS = [pydoc_data.topics.topics[name] for name in sorted(pydoc_data.topics.topics)[:8]]
+TEXTS = ALL_TEXTS[:8]
+pytestmark = pytest.mark.usefixtures("one_thread")
 ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return train_tokenizer(TEXTS, vocab_size=300, model_max_length=64)
-
-
-def _tiny(tokenizer, **overrides) -> StableLmForCausalLM:
-    fields = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    model = StableLmForCausalLM(StableLmConfig(**{**fields, **overrides}))
-    randomize_(model)
-    return model
+    return tiny_tokenizer(texts=8)
 
 
 @pytest.fixture(scope="module")
 def base(tokenizer, tmp_path_factory):
     """A tiny float32 checkpoint with its tokenizer, and JSON-lines text to train on."""
     folder = tmp_path_factory.mktemp("base")
-    _tiny(tokenizer).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    data = folder / "data.jsonl"
-    data.write_text("".join(json.dumps({"text": text}) + "\n" for text in TEXTS))
+    save_checkpoint(folder, _tiny(tokenizer), tokenizer)
+    write_text_jsonl(folder / "data.jsonl", TEXTS)
     return folder
 
 
@@ -77,6 +61,10 @@ def lora_run(base, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora")
     assert main(_train_args(base, out, "--lora-r", "4", "--lora-target", ALL_LINEAR, "--merge")) == 0
     return out
+
+
+def _tiny(tokenizer, **overrides) -> StableLmForCausalLM:
+    return tiny_causal_lm(len(tokenizer), **overrides)
 
 
 def _logits(model, ids):
@@ -197,18 +185,6 @@ def _lora_model(tokenizer, seed=0, r=4):
     return add_lora(model, LoraSettings(r=r, dropout=0.1, targets=("q_proj", "v_proj", "down_proj")))
 
 
-class _Interrupt(Exception):
-    pass
-
-
-def _stop_at_save(step):
-    def callback(event):
-        if event.kind == "save" and event.step == step:
-            raise _Interrupt
-
-    return callback
-
-
 def test_lora_resume_equals_an_uninterrupted_run(tokenizer, tmp_path):
     blocks = pack(tokenize(tokenizer, TEXTS), 32)
     kwargs = dict(train_blocks=blocks[:-2], eval_blocks=blocks[-2:], tokenizer=tokenizer)
@@ -218,8 +194,8 @@ def test_lora_resume_equals_an_uninterrupted_run(tokenizer, tmp_path):
     assert trainable and all("lora_" in n for n in trainable)
 
     out = tmp_path / "parts"
-    first = Trainer(_lora_model(tokenizer), args=_args(out), callback=_stop_at_save(2), **kwargs)
-    with pytest.raises(_Interrupt):
+    first = Trainer(_lora_model(tokenizer), args=_args(out), callback=stop_at_save(2), **kwargs)
+    with pytest.raises(Interrupt):
         first.train()
     checkpoint = list_checkpoints(out)[-1]
     names = {p.name for p in checkpoint.iterdir()}

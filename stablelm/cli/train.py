@@ -3,8 +3,9 @@
 The data (--data: .txt/.md/.rst files, .jsonl files with a "text" field per line, .parquet files with a
 "text" column, or folders of them) is tokenized in --data-workers processes, each document followed by the
 end-of-text token, cached in --data-cache by content hash, and packed into blocks of --block-size tokens.
-Chat data (.jsonl files with a "messages" list per line) is rendered with the tokenizer's chat template,
-the loss taken on the assistant's tokens (--loss-on), and conversations packed whole, kept apart.
+Chat data (.jsonl files with a "messages" list per line, or .parquet files with a "messages" column) is
+rendered with the tokenizer's chat template in the same worker processes and cache, the loss taken on the
+assistant's tokens (--loss-on), and conversations packed whole, kept apart.
 Under torchrun (torchrun --nproc-per-node N -m stablelm train ...) the processes train data-parallel.
 The held-out loss is measured on --eval-data, or on --eval-fraction of the blocks. Checkpoints go to
 OUTPUT_DIR/checkpoint-STEP (each a complete Hugging Face checkpoint, plus the optimiser state), the final

@@ -4,11 +4,14 @@ run, so that `stablelm train --help` does not load torch)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
 import sys
+import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -24,12 +27,9 @@ from ..training import (
     TrainingEvent,
     check_block_size,
     distributed,
-    pack,
 )
 from ..training.arguments import MAX_SEED
-from ..training.chat import LabelledBlocks, is_chat_data
 from ..training.checkpoints import check_output_dir, list_checkpoints, read_trainer_state
-from ..training.corpus import TokenStream, default_cache_dir, split_on_disk, tokenize_files
 from ..training.distributed import Distributed
 from ..training.lora import apply_adapter
 from ..training.memory import (
@@ -44,25 +44,30 @@ from ..training.wording import plural
 from . import train_lora
 from .errors import UsageError
 from .train import DEFAULT_BLOCK_SIZE_CAP
-from .train_chat import chat_blocks
+from .train_data import training_blocks
+
+# How long a process other than the first of its machine keeps an error of the set-up to itself: the first
+# process meets the same error on the same files, prints it and exits, and torchrun then ends this one.
+QUIET_GRACE_S = 60.0
 
 
 def run(args: argparse.Namespace) -> int:
-    _check_flags(args)
-    train_lora.check(args)
-    # Under torchrun: this process's rank; only rank 0 speaks (an error is printed by the rank it happens on).
+    # Under torchrun: this process's rank; only rank 0 speaks.
     parallel = distributed.from_environment(strategy=args.strategy)
     if not parallel.is_main:
         warnings.simplefilter("ignore")
-    output_dir = Path(args.output_dir)
-    # Before any work: a folder that cannot be written would fail the first save, steps later.
-    check_output_dir(output_dir, name="--output-dir")
-    resume_from = _resume_point(output_dir, resume=args.resume, parallel=parallel)
-    training_args = _training_arguments(args)  # checks the values before any loading
-    set_seed(args.seed)  # the same on every rank: the same initial weights
-    device = distributed.process_device(parallel, resolve_device(args.device))
-    model, tokenizer, block_size = _model_and_tokenizer(args, device, parallel)
-    train_blocks, eval_blocks = _blocks(args, tokenizer, block_size, parallel)
+    with _said_once(parallel):
+        _check_flags(args)
+        train_lora.check(args)
+        output_dir = Path(args.output_dir)
+        # Before any work: a folder that cannot be written would fail the first save, steps later.
+        check_output_dir(output_dir, name="--output-dir")
+        resume_from = _resume_point(output_dir, resume=args.resume, parallel=parallel)
+        training_args = _training_arguments(args)  # checks the values before any loading
+        set_seed(args.seed)  # the same on every rank: the same initial weights
+        device = distributed.process_device(parallel, resolve_device(args.device))
+        model, tokenizer, block_size = _model_and_tokenizer(args, device, parallel)
+        train_blocks, eval_blocks = training_blocks(args, tokenizer, block_size, parallel)
     # Joined only now: reading and tokenizing the data may take longer than a collective's timeout.
     distributed.init_process_group(parallel, device=device, timeout_s=args.dist_timeout)
     log = _Log(args.log_interval) if parallel.is_main else None
@@ -95,6 +100,23 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+@contextlib.contextmanager
+def _said_once(parallel: Distributed) -> Iterator[None]:
+    """Errors of the set-up (flags, files, model, data), said by one process of each machine.
+
+    Before the ranks join, every process of a machine does the same work on the same files (or waits for the
+    first one's token cache), so an error there is the same on each: the first process (local rank 0) prints
+    it and exits with status 1, and torchrun ends the others, which keep quiet meanwhile. One that is still
+    running after QUIET_GRACE_S (its error was its own: no GPU for its local rank, say) prints it then.
+    """
+    try:
+        yield
+    except Exception:
+        if parallel.active and parallel.local_rank != 0:
+            time.sleep(QUIET_GRACE_S)
+        raise
 
 
 def _save_merged(args: argparse.Namespace, trainer: Trainer, output_dir: Path, parallel: Distributed) -> None:
@@ -233,86 +255,6 @@ def _check_memory(
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         estimate = MemoryEstimate(**{k: v * local for k, v in dataclasses.asdict(estimate).items()})
     check_training_memory(estimate, device=device, weights_loaded=weights_loaded)
-
-
-def _blocks(
-    args: argparse.Namespace, tokenizer: Tokenizer, block_size: int, parallel: Distributed
-) -> tuple[torch.Tensor | LabelledBlocks, torch.Tensor | LabelledBlocks | None]:
-    if is_chat_data(args.data):
-        return chat_blocks(args, tokenizer, block_size, verbose=parallel.is_main)
-    if args.loss_on is not None:
-        raise UsageError('--loss-on is for chat data (.jsonl lines with "messages"); --data holds plain text')
-    train = _stream(args, args.data, tokenizer, parallel)
-    blocks = _pack(train.tokens, block_size, flag="--data")
-    if args.eval_data:
-        eval_blocks = _pack(
-            _stream(args, args.eval_data, tokenizer, parallel).tokens, block_size, flag="--eval-data"
-        )
-    elif args.eval_fraction > 0:
-        blocks, eval_blocks = split_on_disk(train, blocks, args.eval_fraction, build=parallel.local_rank == 0)
-    else:
-        eval_blocks = None
-    held = f", {len(eval_blocks):,} held out" if eval_blocks is not None else ""
-    if parallel.is_main:
-        print(
-            f"data: {plural(train.documents, 'document')}, {plural(len(blocks), 'training block')} of "
-            f"{block_size} tokens{held}",
-            file=sys.stderr,
-        )
-    return blocks, eval_blocks
-
-
-def _stream(
-    args: argparse.Namespace, paths: list[str], tokenizer: Tokenizer, parallel: Distributed
-) -> TokenStream:
-    """The data's tokens, from the cache or tokenized into it by the first process of each machine (the
-    others wait for its file)."""
-    cache_dir = Path(args.data_cache) if args.data_cache else default_cache_dir()
-    workers = args.data_workers or len(os.sched_getaffinity(0))
-    bar = _TokenizingBar() if parallel.local_rank == 0 and sys.stderr.isatty() else None
-    try:
-        stream = tokenize_files(
-            paths,
-            tokenizer,
-            cache_dir=cache_dir,
-            workers=workers,
-            progress=bar,
-            build=parallel.local_rank == 0,
-        )
-    finally:
-        if bar is not None:
-            bar.close()
-    if parallel.is_main:
-        how = "read from the cache" if stream.cached else "tokenized"
-        print(f"tokens: {plural(stream.tokens.numel(), 'token')} {how} ({stream.path})", file=sys.stderr)
-    return stream
-
-
-def _pack(stream: torch.Tensor, block_size: int, *, flag: str) -> torch.Tensor:
-    try:
-        return pack(stream, block_size)
-    except ValueError as err:
-        raise ValueError(f"{flag}: {err}") from err
-
-
-class _TokenizingBar:
-    """A tqdm bar of the bytes tokenized (tqdm comes with huggingface_hub; without it, no bar)."""
-
-    def __init__(self) -> None:
-        self.bar = None
-
-    def __call__(self, done: int, total: int) -> None:
-        if self.bar is None:
-            try:
-                from tqdm import tqdm
-            except ImportError:
-                return
-            self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr)
-        self.bar.update(done - self.bar.n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 class _Log:

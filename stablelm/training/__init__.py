@@ -5,9 +5,10 @@ warmup-cosine schedule, `arguments` holds a run's settings, `checkpoints` writes
 checkpoints atomically (and checks an output folder before a run), `trainer` runs the loop, `losses` weighs
 its micro-batches over ranks and takes the held-out loss, `sources` sets
 up the model and tokenizer a run starts from, `memory` estimates whether a run fits before it allocates,
-`tokenizer_training` trains a byte-level BPE tokenizer, `chat` turns conversations into labelled packed blocks
-(loss on the assistant's tokens), `lora` adds, saves and applies peft LoRA adapters, `corpus` streams large
-data through worker processes into a token cache, `distributed` runs the loop data-parallel under torchrun
+`tokenizer_training` trains a byte-level BPE tokenizer, `chat` renders and labels conversations (loss on the
+assistant's tokens), `packing` packs them whole into blocks (in memory or into a cached file), `lora` adds,
+saves and applies peft LoRA adapters, `corpus` streams large data (text or chat) through worker processes into
+a token cache (`parquet` reads Parquet files for it), `distributed` runs the loop data-parallel under torchrun
 (DDP or FSDP2), and `wording` writes counts in messages. The `stablelm train` and
 `stablelm train-tokenizer` commands drive them.
 """

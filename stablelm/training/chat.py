@@ -12,31 +12,46 @@ other template, each assistant message's text is what rendering the conversation
 to rendering it up to the message before with the generation prompt (the incremental rendering of TRL's
 SFT trainer): the reply and the template's end of turn, not the header the generation prompt writes.
 
-Conversations are packed whole into blocks (best-fit decreasing, as TRL's padding-free packing does), a
-conversation longer than a block is cut to the block, and each block's tail is padding with no labels.
-Position ids restart at 0 for each conversation: the model then keeps the conversations of a block apart
-(a block-diagonal causal mask, see `stablelm.attention.packed_mask`), as the reference does.
+Conversations are then packed whole into blocks by `packing` (best-fit decreasing, positions restarting at
+0 for each conversation). At scale, `ChatEncoder` is the chat data's encoder for `corpus.tokenize_files`:
+the files are streamed in pieces, rendered and tokenized in worker processes and cached by content hash
+like text, and `packing.pack_on_disk` packs the cached conversations into a memory-mapped file. A chat data
+file is JSON lines, or Parquet with a "messages" column (a list of {"role", "content"} structs per row).
 """
 
 from __future__ import annotations
 
-import bisect
+import array
+import contextlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..tokenizer import Tokenizer
 from ..tokenizer.chat_template import ChatTemplateError, render_chat_template
 from ..tokenizer.generation_spans import GENERATION_TAG, assistant_mask, render_with_generation_spans
-from .data import JSONL_SUFFIXES, find_files
-from .wording import plural
+from .corpus import Piece, backend_of, json_digest, jsonl_lines, parquet_pieces
+from .data import JSONL_SUFFIXES, PARQUET_SUFFIXES, find_files
+from .packing import IGNORE_INDEX, LabelledBlocks, PackingReport, pack_conversations
+from .parquet import parquet_columns, parquet_rows
 
-IGNORE_INDEX = -100
+__all__ = [
+    "IGNORE_INDEX",
+    "LOSS_ON",
+    "ChatEncoder",
+    "Conversation",
+    "LabelledBlocks",
+    "PackingReport",
+    "encode_conversation",
+    "encode_conversations",
+    "is_chat_data",
+    "pack_conversations",
+    "read_conversations",
+]
+
 LOSS_ON = ("assistant", "all")
 ROLES = ("system", "user", "assistant", "tool")
 _LAYOUT = '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}'
@@ -50,38 +65,9 @@ class Conversation:
     source: str
 
 
-@dataclass
-class LabelledBlocks:
-    """Packed blocks with their labels and per-document positions, indexed like a (N, T) tensor of ids.
-
-    Attributes:
-        input_ids: (N, T) token ids.
-        labels: (N, T) the ids where the loss is taken, -100 elsewhere (predicted from the position before).
-        position_ids: (N, T) positions, restarting at 0 for each packed document.
-    """
-
-    input_ids: torch.Tensor
-    labels: torch.Tensor
-    position_ids: torch.Tensor
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.input_ids.shape
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
-
-    def __getitem__(self, index: Any) -> LabelledBlocks:
-        return LabelledBlocks(self.input_ids[index], self.labels[index], self.position_ids[index])
-
-    def predicted(self) -> torch.Tensor:
-        """(N,) the number of tokens each block is trained to predict (its labels other than -100 past the
-        first position, which nothing predicts)."""
-        return (self.labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
-
-
 def is_chat_data(paths: Sequence[str | os.PathLike]) -> bool:
-    """Whether the data files of `paths` are chat data: JSON-lines files whose first record has "messages".
+    """Whether the data files of `paths` are chat data: JSON-lines files whose first record has "messages", or
+    Parquet files with a "messages" column.
 
     Raises:
         ValueError: Some files are chat data and others are not (a run trains on one kind).
@@ -98,6 +84,11 @@ def is_chat_data(paths: Sequence[str | os.PathLike]) -> bool:
 
 
 def _first_record_is_chat(path: Path) -> bool:
+    if path.suffix in PARQUET_SUFFIXES:
+        try:
+            return "messages" in parquet_columns(path)
+        except (ImportError, ValueError):
+            return False  # tokenize_files names the problem
     if path.suffix not in JSONL_SUFFIXES:
         return False
     with open(path, "rb") as f:
@@ -112,7 +103,8 @@ def _first_record_is_chat(path: Path) -> bool:
 
 
 def read_conversations(paths: Sequence[str | os.PathLike]) -> list[Conversation]:
-    """The conversations of the chat data files named by `paths`, each checked.
+    """The conversations of the chat data files named by `paths`, each checked, in memory (for small data;
+    `stablelm train` streams them through `corpus.tokenize_files` with a `ChatEncoder`).
 
     Raises:
         FileNotFoundError: A path does not exist.
@@ -122,25 +114,55 @@ def read_conversations(paths: Sequence[str | os.PathLike]) -> list[Conversation]
     """
     conversations = []
     for path in find_files(paths):
-        if path.suffix not in JSONL_SUFFIXES:
-            raise ValueError(f"{path}: chat data is JSON lines (.jsonl), one {_LAYOUT} per line.")
-        with open(path, "rb") as f:
-            for number, raw in enumerate(f, start=1):
-                if raw.strip():
-                    source = f"{path}:{number}"
-                    conversations.append(Conversation(_check_record(source, raw), source))
+        if path.suffix in PARQUET_SUFFIXES:
+            pieces = parquet_pieces(path, "messages")
+        else:
+            pieces = [
+                Piece("jsonl" if path.suffix in JSONL_SUFFIXES else "text", path, 0, path.stat().st_size)
+            ]
+        for piece in pieces:
+            conversations += _piece_conversations(piece)
     if not conversations:
-        raise ValueError(f"The chat data ({', '.join(map(str, paths))}) holds no conversation.")
+        raise _no_conversation(paths)
     return conversations
 
 
-def _check_record(source: str, raw: bytes) -> list[dict[str, str]]:
-    try:
-        record = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{source} is not UTF-8 text ({err.reason}); convert the file to UTF-8.") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{source} is not valid JSON ({err}); each line must be {_LAYOUT}.") from None
+def _no_conversation(paths: Sequence[str | os.PathLike]) -> ValueError:
+    return ValueError(f"The chat data ({', '.join(map(str, paths))}) holds no conversation.")
+
+
+def _piece_conversations(piece: Piece) -> Iterator[Conversation]:
+    """The checked conversations of a piece of a chat data file, one at a time."""
+    if piece.kind == "parquet":
+        first, rows = parquet_rows(piece.path, "messages", group=piece.offset)
+        for number, messages in enumerate(rows, start=first):
+            source = f"{piece.path}: row {number}"
+            yield Conversation(check_messages(source, {"messages": messages}), source)
+        return
+    if piece.kind != "jsonl":
+        raise ValueError(
+            f"{piece.path}: chat data is JSON lines (.jsonl), one {_LAYOUT} per line, or Parquet with a "
+            '"messages" column.'
+        )
+    for number, line in jsonl_lines(piece):
+        if line.strip():
+            source = f"{piece.path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(
+                    f"{source} is not valid JSON ({err}); each line must be {_LAYOUT}."
+                ) from None
+            yield Conversation(check_messages(source, record), source)
+
+
+def check_messages(source: str, record: Any) -> list[dict[str, str]]:
+    """The messages of a chat record (a JSON line's object, a Parquet row), checked; errors name `source`.
+
+    Raises:
+        ValueError: No "messages" list, an empty one, or a message that is not an object with a known "role"
+            and a string "content".
+    """
     messages = record.get("messages") if isinstance(record, dict) else None
     if not isinstance(messages, list):
         raise ValueError(f'{source} has no "messages" list; each line must be {_LAYOUT}.')
@@ -175,13 +197,23 @@ def encode_conversation(
     """
     if loss_on not in LOSS_ON:
         raise ValueError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r} (--loss-on).")
-    template = tokenizer.get_chat_template()
-    variables = dict(tokenizer.special_tokens_map)
+    template, variables = tokenizer.get_chat_template(), dict(tokenizer.special_tokens_map)
+    return _encode(tokenizer.backend_tokenizer, template, variables, messages, loss_on=loss_on)
+
+
+def _encode(
+    backend: Any,
+    template: str,
+    variables: dict[str, Any],
+    messages: Sequence[dict[str, str]],
+    *,
+    loss_on: str,
+) -> tuple[list[int], list[int]]:
     if GENERATION_TAG.search(template):
         text, spans = render_with_generation_spans(template, messages, variables=variables)
     else:
         text, spans = _incremental_spans(template, messages, variables)
-    encoding = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
+    encoding = backend.encode(text, add_special_tokens=False)
     ids = list(encoding.ids)
     if loss_on == "all":
         labels = list(ids)
@@ -191,6 +223,61 @@ def encode_conversation(
     if labels:
         labels[0] = IGNORE_INDEX
     return ids, labels
+
+
+class ChatEncoder:
+    """Chat data for `corpus.tokenize_files`: each conversation rendered with the chat template and
+    tokenized into three streams, "ids", "labels" (-100 where no loss is taken) and "lengths" (one per
+    conversation), which `packing.pack_on_disk` packs. Errors name the file and line (or Parquet row)."""
+
+    kind, streams, column = "chat", ("ids", "labels", "lengths"), "messages"
+
+    def __init__(self, tokenizer: Tokenizer, *, loss_on: str = "assistant") -> None:
+        if loss_on not in LOSS_ON:
+            raise ValueError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r} (--loss-on).")
+        self.backend = tokenizer.backend_tokenizer
+        self.tokenizer_json, self.loss_on = self.backend.to_str(), loss_on
+        self.tokenizer_digest = json_digest(self.tokenizer_json)
+        self.template, self.variables = tokenizer.get_chat_template(), dict(tokenizer.special_tokens_map)
+
+    def __getstate__(self) -> dict[str, Any]:  # workers rebuild the tokenizer from its JSON
+        return {**self.__dict__, "backend": None}
+
+    def fingerprint(self) -> bytes:
+        parts = (
+            self.tokenizer_digest,
+            self.template,
+            json.dumps(self.variables, sort_keys=True),
+            self.loss_on,
+        )
+        return "\n".join(parts).encode()
+
+    def encode(self, piece: Piece) -> tuple[list[bytes], int]:
+        ids, labels, lengths = array.array("i"), array.array("i"), array.array("i")
+        backend = backend_of(self)
+        for conversation in _piece_conversations(piece):
+            with _naming(conversation):
+                tokens, targets = _encode(
+                    backend, self.template, self.variables, conversation.messages, loss_on=self.loss_on
+                )
+            ids.extend(tokens)
+            labels.extend(targets)
+            lengths.append(len(tokens))
+        return [ids.tobytes(), labels.tobytes(), lengths.tobytes()], len(lengths)
+
+    def empty_error(self, paths: Sequence[str | os.PathLike]) -> ValueError:
+        return _no_conversation(paths)
+
+
+@contextlib.contextmanager
+def _naming(conversation: Conversation) -> Iterator[None]:
+    """Errors of rendering a conversation, as ValueErrors that name its file and line."""
+    try:
+        yield
+    except ChatTemplateError as err:
+        raise ValueError(f"{conversation.source}: the chat template refused it: {err}") from None
+    except ValueError as err:
+        raise ValueError(f"{conversation.source}: {err}") from None
 
 
 def _incremental_spans(
@@ -238,91 +325,6 @@ def encode_conversations(
     """`encode_conversation` of each, with the conversation's file and line in any error."""
     encoded = []
     for conversation in conversations:
-        try:
+        with _naming(conversation):
             encoded.append(encode_conversation(tokenizer, conversation.messages, loss_on=loss_on))
-        except ChatTemplateError as err:
-            raise ValueError(f"{conversation.source}: the chat template refused it: {err}") from err
-        except ValueError as err:
-            raise ValueError(f"{conversation.source}: {err}") from err
     return encoded
-
-
-@dataclass(frozen=True)
-class PackingReport:
-    """What packing did: blocks made, conversations cut to the block size, blocks left out (nothing to learn)."""
-
-    blocks: int
-    truncated: int
-    dropped: int
-
-    def describe(self) -> str:
-        notes = []
-        if self.truncated:
-            notes.append(f"{plural(self.truncated, 'conversation')} cut to the block size")
-        if self.dropped:
-            notes.append(f"{plural(self.dropped, 'block')} without labelled tokens left out")
-        return "; ".join(notes)
-
-
-def pack_conversations(
-    documents: Sequence[tuple[list[int], list[int]]], *, block_size: int, pad_token_id: int
-) -> tuple[LabelledBlocks, PackingReport]:
-    """Pack (ids, labels) documents whole into blocks of `block_size`, best-fit decreasing.
-
-    Documents longer than a block are cut to it. Each block's unused tail is `pad_token_id` with no labels;
-    its positions restart at 0 too, so that it is a document of its own. Blocks with no labelled token to
-    predict are left out (they would teach nothing).
-
-    Raises:
-        ValueError: No block has a token to learn.
-    """
-    if block_size < 2:
-        raise ValueError(f"block_size must be at least 2, got {block_size}.")
-    lengths = [min(len(ids), block_size) for ids, _ in documents]
-    order = sorted((i for i in range(len(documents)) if lengths[i] > 0), key=lambda i: (-lengths[i], i))
-    bins: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # (room left, bin), sorted: the best fit is the first with enough room
-    for i in order:
-        at = bisect.bisect_left(free, (lengths[i], -1))
-        if at == len(free):
-            bins.append([i])
-            room, index = block_size - lengths[i], len(bins) - 1
-        else:
-            room, index = free.pop(at)
-            bins[index].append(i)
-            room -= lengths[i]
-        if room > 0:
-            bisect.insort(free, (room, index))
-    rows = [_block(documents, members, lengths, block_size, pad_token_id) for members in bins]
-    blocks = LabelledBlocks(*(torch.tensor([row[k] for row in rows], dtype=torch.int64) for k in range(3)))
-    keep = blocks.predicted() > 0
-    report = PackingReport(
-        blocks=int(keep.sum()),
-        truncated=sum(len(ids) > block_size for ids, _ in documents),
-        dropped=int((~keep).sum()),
-    )
-    if report.blocks == 0:
-        raise ValueError(
-            "No conversation has a token to learn: every labelled token was cut off or there were none "
-            "(do the conversations have assistant messages? use --loss-on all, or a larger --block-size)."
-        )
-    return blocks[keep], report
-
-
-def _block(
-    documents: Sequence[tuple[list[int], list[int]]],
-    members: list[int],
-    lengths: list[int],
-    block_size: int,
-    pad_token_id: int,
-) -> tuple[list[int], list[int], list[int]]:
-    ids: list[int] = []
-    labels: list[int] = []
-    positions: list[int] = []
-    for i in members:
-        n = lengths[i]
-        ids += documents[i][0][:n]
-        labels += documents[i][1][:n]
-        positions += range(n)
-    pad = block_size - len(ids)
-    return ids + [pad_token_id] * pad, labels + [IGNORE_INDEX] * pad, positions + list(range(pad))

@@ -79,7 +79,7 @@ def read_documents(paths: Sequence[str | os.PathLike]) -> list[str]:
     documents: list[str] = []
     for path in find_files(paths):
         if path.suffix in PARQUET_SUFFIXES:
-            from .corpus import parquet_texts
+            from .parquet import parquet_texts
 
             documents += parquet_texts(path)
         elif path.suffix in JSONL_SUFFIXES:
@@ -102,7 +102,7 @@ def no_text_error(paths: Sequence[str | os.PathLike]) -> ValueError:
 def read_text(path: Path) -> str:
     """A text file's content: one document."""
     data = path.read_bytes()
-    return _decode(path, data, line=1, offset=0)
+    return decode_line(path, data, line=1, offset=0)
 
 
 def jsonl_texts(path: Path, lines: Iterable[bytes], *, first_line: int = 1, offset: int = 0) -> list[str]:
@@ -110,7 +110,7 @@ def jsonl_texts(path: Path, lines: Iterable[bytes], *, first_line: int = 1, offs
     `path`), blank lines skipped; errors name the file, line and byte offset."""
     texts = []
     for number, raw in enumerate(lines, start=first_line):
-        line = _decode(path, raw, line=number, offset=offset)
+        line = decode_line(path, raw, line=number, offset=offset)
         offset += len(raw)
         if not line.strip():
             continue
@@ -133,7 +133,7 @@ def jsonl_texts(path: Path, lines: Iterable[bytes], *, first_line: int = 1, offs
     return texts
 
 
-def _decode(path: Path, data: bytes, *, line: int, offset: int) -> str:
+def decode_line(path: Path, data: bytes, *, line: int, offset: int) -> str:
     """`data` (the file's bytes from byte `offset`, line `line`) as UTF-8, or a ValueError naming the place."""
     try:
         return data.decode("utf-8-sig" if offset == 0 else "utf-8")
@@ -269,6 +269,21 @@ class BlockOrder:
     def __init__(self, num_blocks: int, *, seed: int) -> None:
         self.num_blocks, self.seed = num_blocks, seed
         self._epoch, self._permutation = -1, torch.empty(0, dtype=torch.int64)
+
+    def micro_batches(
+        self, step: int, *, batch_size: int, accumulation: int, rank: int = 0, world_size: int = 1
+    ) -> list[torch.Tensor]:
+        """The block indices rank `rank` of `world_size` reads in optimiser step `step`, per micro-batch.
+
+        A step reads the next batch_size x accumulation x world_size samples of the order (the global batch),
+        and rank r takes its positions r, r + W, r + 2W, ...: the same samples, in the same steps, for any world
+        size with the same global batch (a run resumed on another number of processes reads the same data).
+        """
+        start = step * batch_size * accumulation * world_size + rank
+        return [
+            self.indices(start + world_size * micro * batch_size, batch_size, stride=world_size)
+            for micro in range(accumulation)
+        ]
 
     def indices(self, start: int, count: int, *, stride: int = 1) -> torch.Tensor:
         """The block indices of samples start, start + stride, ..., start + (count - 1) * stride."""

@@ -2,7 +2,7 @@
 
 A step's loss is the mean over the tokens it predicts, whichever micro-batch and whichever rank holds them.
 Plain packed blocks all predict the same number of tokens, so each micro-batch weighs 1 / (accumulation x
-world size). Labelled blocks (chat data, `chat.LabelledBlocks`) predict as many tokens as they have labels, so
+world size). Labelled blocks (chat data, `packing.LabelledBlocks`) predict as many tokens as they have labels, so
 a micro-batch weighs its labelled tokens over those of the whole global step: that count is summed over the
 ranks before any backward, and the loss and gradients are then those of one process with the same global
 batch (TRL's and transformers' `num_items_in_batch`). DDP and FSDP average the ranks' gradients, so each rank
@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from . import distributed
-from .chat import LabelledBlocks
 from .distributed import Distributed
+from .packing import LabelledBlocks
 
 Blocks = torch.Tensor | LabelledBlocks
 
@@ -28,10 +28,11 @@ Blocks = torch.Tensor | LabelledBlocks
 def batch_loss(module: nn.Module, blocks: Blocks, *, device: torch.device) -> torch.Tensor:
     """The model's mean loss over the predicted tokens of `blocks` (ids, or ids with labels and positions)."""
     if isinstance(blocks, LabelledBlocks):
+        # a memory-mapped packed file holds int32
         return module(
-            blocks.input_ids.to(device),
-            labels=blocks.labels.to(device),
-            position_ids=blocks.position_ids.to(device),
+            blocks.input_ids.to(device=device, dtype=torch.int64),
+            labels=blocks.labels.to(device=device, dtype=torch.int64),
+            position_ids=blocks.position_ids.to(device=device, dtype=torch.int64),
             use_cache=False,
             return_dict=True,  # whatever the config's return_dict says
         ).loss

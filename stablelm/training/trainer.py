@@ -23,7 +23,6 @@ from ..heads import StableLmForCausalLM
 from ..tokenizer import Tokenizer
 from . import distributed
 from .arguments import TrainingArguments
-from .chat import LabelledBlocks
 from .checkpoints import (
     STATE_NAME,
     check_output_dir,
@@ -38,6 +37,7 @@ from .distributed import Distributed
 from .lora import gather_adapter, is_peft_model, lora_settings, merged, model_state_names
 from .losses import accumulate_gradients, held_out_loss
 from .optim import build_optimizer, learning_rate_at
+from .packing import LabelledBlocks
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ class Trainer:
             model: The model to train, in float32 (the optimiser keeps no separate master weights).
             args: The run's settings.
             train_blocks: (N, T) token ids; each row is one training sequence (see `data.pack`). Or
-                `chat.LabelledBlocks`: ids with their labels and per-document positions (chat data); the
+                `packing.LabelledBlocks`: ids with their labels and per-document positions (chat data); the
                 loss is then the mean over the step's labelled tokens, whichever micro-batch and rank hold them.
             eval_blocks: (M, T) held-out token ids (or `LabelledBlocks`) for the held-out loss, or None.
             tokenizer: Saved with each checkpoint and the final model, so that they load as they are.
@@ -202,18 +202,14 @@ class Trainer:
 
     def _accumulate_gradients(self, step: int) -> float:
         """Forward and backward over this rank's micro-batches of the step; the mean loss over all ranks."""
-        accumulation, batch_size = self.args.gradient_accumulation_steps, self.args.batch_size
-        rank, world = self.parallel.rank, self.parallel.world_size
-        # Positions rank, rank + W, ... of the global batch: the same samples, in the same steps, for any
-        # world size with the same global batch.
-        batches = [
-            self.train_blocks[
-                self.order.indices(
-                    step * self._global_batch() + rank + world * micro * batch_size, batch_size, stride=world
-                )
-            ]
-            for micro in range(accumulation)
-        ]
+        shares = self.order.micro_batches(
+            step,
+            batch_size=self.args.batch_size,
+            accumulation=self.args.gradient_accumulation_steps,
+            rank=self.parallel.rank,
+            world_size=self.parallel.world_size,
+        )
+        batches = [self.train_blocks[indices] for indices in shares]
         return accumulate_gradients(
             self.module, batches, parallel=self.parallel, device=self.model.device, autocast=self._autocast
         )

@@ -4,7 +4,6 @@ work starts, with a message that names the flag or file, never a traceback from 
 from __future__ import annotations
 
 import json
-import pydoc_data.topics
 import resource
 import shutil
 import sys
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from training_fixtures import TEXTS as ALL_TEXTS
+from training_fixtures import write_text_jsonl
 
 import stablelm.training
 from stablelm import CheckpointError, StableLmConfig, StableLmForCausalLM
@@ -36,7 +37,8 @@ from stablelm.training import memory as memory_module
 from stablelm.training.sources import check_vocabulary, read_model_config
 from stablelm.training.wording import plural
 
-TEXTS = [pydoc_data.topics.topics[name] for name in sorted(pydoc_data.topics.topics)[:4]]
+TEXTS = ALL_TEXTS[:4]
+pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = dict(
     hidden_size=32,
     intermediate_size=64,
@@ -51,14 +53,6 @@ HUGE = dict(TINY, hidden_size=32768, intermediate_size=131072, num_hidden_layers
 HUGE["num_key_value_heads"] = 256
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return train_tokenizer(TEXTS, vocab_size=300)
@@ -70,7 +64,7 @@ def files(tokenizer, tmp_path_factory):
     root = tmp_path_factory.mktemp("files")
     tokenizer.save_pretrained(root / "tok")
     (root / "config.json").write_text(json.dumps(TINY))
-    (root / "data.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in TEXTS))
+    write_text_jsonl(root / "data.jsonl", TEXTS)
     return root
 
 
