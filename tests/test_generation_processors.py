@@ -241,3 +241,17 @@ def test_settings_left_at_their_off_value_are_accepted(pair):
     ids = _prompts(1, 4)
     kw = dict(max_new_tokens=4, num_beam_groups=1, diversity_penalty=0.0, guidance_scale=None, max_time=60.0)
     assert ours.generate(ids, **kw).tolist() == ref.generate(ids, **kw).tolist()
+
+
+def test_the_eos_mask_made_once_follows_the_scores_vocabulary():
+    """min_new_tokens/min_length build their EOS mask once (not every step), anew for other scores."""
+    from stablelm.generation.processors import MinNewTokensLengthLogitsProcessor
+
+    processor = MinNewTokensLengthLogitsProcessor(2, 3, [1, 4], torch.device("cpu"))
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    for vocab in (5, 7, 5):
+        scores = torch.randn(2, vocab)
+        want = scores.clone()
+        want[:, [1, 4]] = -float("inf")
+        assert torch.equal(processor(ids, scores), want)
+    assert torch.equal(processor(torch.zeros(2, 5, dtype=torch.long), scores), scores)  # past the minimum
