@@ -14,6 +14,7 @@ its kernel as eager calls do) over the weights as they are: no second copy. With
 from __future__ import annotations
 
 import sys
+import threading
 import time
 import types
 from collections.abc import Callable
@@ -70,8 +71,8 @@ class DecodeStep:
         self._compiled = compile
         self._weights: tuple[tuple[int, int], ...] = ()  # what the compiled graph froze
         self.lean = True  # False: the eager step always runs the modules (tests compare the two)
-        self._lean: LeanStep | None = None
-        self._lean_key: tuple[int, int] | None = None
+        # per Python thread (the plan's buffers are reused every step): (rows, threads) and the plan
+        self._plans = threading.local()
         if compile:
             self._fn = _new_compiled_step()
 
@@ -82,7 +83,7 @@ class DecodeStep:
         if compile not in steps:
             steps[compile] = cls(model, compile=compile)
         step = steps[compile]
-        step._lean, step._lean_key = None, None  # planned anew per generation: modules may have changed
+        step._plans.key = None  # planned anew per generation: the modules may have changed
         # Once per generation (weights do not change within one): the compiled graph holds them as frozen
         # constants, so when they have changed (in place, loaded, replaced) it is compiled anew rather
         # than run on stale weights.
@@ -120,7 +121,10 @@ class DecodeStep:
     def __getstate__(self) -> dict:
         # copies and pickles of the model carry no plan (it holds ctypes functions and this model's
         # tensors): the copy plans its own at its first step
-        return {**self.__dict__, "_lean": None, "_lean_key": None}
+        return {**self.__dict__, "_plans": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _plans=threading.local())
 
     def _lean_step(self, cache: StaticCache, tokens: torch.Tensor) -> LeanStep | None:
         """The planned eager step (`stablelm.lean_step`) for this generation, or None: the modules run.
@@ -128,15 +132,17 @@ class DecodeStep:
         threads change."""
         if not self.lean:
             return None
-        if self._lean is None or not self._lean.fits(cache, tokens):
+        plans = self._plans
+        plan = getattr(plans, "plan", None) if getattr(plans, "key", None) is not None else None
+        if plan is None or not plan.fits(cache, tokens):
             key = (tokens.shape[0], torch.get_num_threads())
-            if self._lean_key == key:  # already found not to apply
+            if getattr(plans, "key", None) == key:  # already found not to apply
                 return None
-            self._lean_key = key
-            self._lean = LeanStep.build(self.model, cache, tokens.shape[0])
-            if self._lean is not None and not self._lean.fits(cache, tokens):
-                self._lean = None
-        return self._lean
+            plans.key = key
+            plan = plans.plan = LeanStep.build(self.model, cache, tokens.shape[0])
+            if plan is not None and not plan.fits(cache, tokens):
+                plan = plans.plan = None
+        return plan
 
     def _compiled_step(self, cache: StaticCache, *inputs: torch.Tensor) -> torch.Tensor | None:
         """The compiled step over every slot; None (and eager from then on) when compilation fails."""

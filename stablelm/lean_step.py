@@ -38,10 +38,11 @@ from .rope import RotaryEmbedding
 class _Kernel:
     """One planned native linear call: y (B, sum N) = x (B, K) @ cat(weights)^T (+ biases)."""
 
-    __slots__ = ("fn", "kind", "k", "n", "tail", "tensors")
+    __slots__ = ("fn", "kind", "k", "n", "tail", "tensors", "out")
 
     def __init__(self, fn, kind: str, weights: list, biases: list, block: int, threads: int) -> None:  # noqa: ANN001
         self.fn, self.kind, self.tensors = fn, kind, (*weights, *biases)  # kept alive: pointers below
+        self.out: torch.Tensor | None = None  # where each call writes, if set (else a new tensor)
         ns = [w.shape[0] for w in weights]
         self.k, self.n = weights[0].shape[1], sum(ns)
         parts: list = []
@@ -55,7 +56,7 @@ class _Kernel:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x (B, K), rows contiguous
         m = x.shape[0]
-        y = torch.empty(m, self.n, dtype=x.dtype)
+        y = torch.empty(m, self.n, dtype=x.dtype) if self.out is None else self.out
         status = self.fn(x.data_ptr(), m, self.k, self.k, y.data_ptr(), *self.tail)
         if status:
             check_status(status, self.kind, m, self.k, self.tail[-2])
@@ -83,7 +84,7 @@ def _kernel_for(linears: tuple[nn.Module, ...], rows: int, threads: int) -> _Ker
 class _Layer:
     """One decoder layer's planned work (see the module docstring)."""
 
-    __slots__ = ("ln1", "ln2", "qkv", "o", "gate_up", "down", "act", "parallel", "inter")
+    __slots__ = ("ln1", "ln2", "qkv", "o", "gate_up", "down", "act", "parallel", "gate", "up", "mlp_in")
 
     def __init__(self, layer: nn.Module, rows: int, threads: int) -> None:
         attn, mlp = layer.self_attn, layer.mlp
@@ -94,10 +95,28 @@ class _Layer:
         self.o = _kernel_for((attn.o_proj,), rows, threads)
         self.gate_up = _kernel_for((mlp.gate_proj, mlp.up_proj), rows, threads)
         self.down = _kernel_for((mlp.down_proj,), rows, threads)
-        self.act, self.inter = mlp.act_fn, mlp.gate_proj.out_features
+        self.act = mlp.act_fn
+        if self.complete():
+            # Each call writes its own buffer, kept for the generation: no allocation per call, and no
+            # two of them alias (the residual stream passes from the o buffer to the down buffer and
+            # back). gate_up's halves and act(gate) * up are views and buffers made once.
+            dtype, inter = attn.q_proj.weight.dtype, mlp.gate_proj.out_features
+            for kernel_ in (self.qkv, self.o, self.gate_up, self.down):
+                kernel_.out = torch.empty(rows, kernel_.n, dtype=dtype)
+            self.gate, self.up = self.gate_up.out[:, :inter], self.gate_up.out[:, inter:]
+            # silu into a buffer (the out= form of the same kernel); another activation allocates
+            self.mlp_in = torch.empty(rows, inter, dtype=dtype) if self.act is F.silu else None
 
     def complete(self) -> bool:
         return None not in (self.qkv, self.o, self.gate_up, self.down) and (self.parallel or self.ln2)
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """down(act(gate(x)) * up(x)) for the layer's MLP input x (B, C), before the residual sum."""
+        self.gate_up(x)
+        if self.mlp_in is None:
+            return self.down(self.act(self.gate) * self.up)
+        torch._C._nn.silu(self.gate, out=self.mlp_in)
+        return self.down(torch.mul(self.mlp_in, self.up, out=self.mlp_in))
 
 
 def _norm(module: nn.Module) -> tuple | None:
@@ -215,7 +234,6 @@ class LeanStep:
                 enable_gqa=self.gqa,
             )  # fmt: skip
             x = layer.o(y.transpose(1, 2).reshape(B, H * D)).add_(x)  # x + attn(ln(x)) (a sum commutes)
-            gate_up = layer.gate_up(h if layer.parallel else torch.layer_norm(x, *layer.ln2))
-            x = layer.down(layer.act(gate_up[:, : layer.inter]) * gate_up[:, layer.inter :]).add_(x)
+            x = layer.mlp(h if layer.parallel else torch.layer_norm(x, *layer.ln2)).add_(x)
         x = torch.layer_norm(x, *self.norm)
         return (self.model.lm_head(x) if self.head is None else self.head(x)).float()

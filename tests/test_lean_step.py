@@ -217,3 +217,26 @@ def test_the_reference_pair_still_decodes_alike_with_kernels_off():
     assert lean_step.LeanStep.build(ours, _cache(ours), 1) is None
     kwargs = dict(max_new_tokens=8, do_sample=False)
     assert ours.generate(ids, **kwargs).tolist() == ref.generate(ids, **kwargs).tolist()
+
+
+@pytest.mark.usefixtures("isa")
+def test_generations_in_two_threads_on_one_model_keep_apart(lean_calls):
+    # the plan's buffers are reused every step: each Python thread has its own plan
+    import threading
+
+    model = _model()
+    ids = _prompts()[0]
+    want = [_generate(model, ids[i : i + 1], lean=False, new=24)[1] for i in range(2)]
+    got = [None, None]
+
+    def run(i):
+        for _ in range(3):
+            got[i] = _generate(model, ids[i : i + 1], lean=True, new=24)[1]
+
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert lean_calls or lean_step.LeanStep.build(model, _cache(model), 1) is None
