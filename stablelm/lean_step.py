@@ -22,6 +22,8 @@ and a static cache in the model's dtype on the CPU; anything else (or autograd o
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,38 +31,40 @@ from torch.nn.modules import module as _module
 
 from .attention import _SDPA_HAS_GQA
 from .cache import StaticCache
-from .kernels import check_status, decode_qkv_kernel, kernel
+from .kernels import PlannedLinear, check_status, decode_qkv_kernel, kernel, planned_linear
 from .kernels.linear import plan as kernel_plan
 from .layers import Linear
 from .rope import RotaryEmbedding
 
 
 class _Kernel:
-    """One planned native linear call: y (B, sum N) = x (B, K) @ cat(weights)^T (+ biases)."""
+    """One planned native linear call: out (B, sum N) = x (B, K) @ cat(weights)^T (+ biases), x's rows
+    contiguous, written into `out`, a buffer of its own kept for the plan's life. Every argument but
+    the input lies in a struct made once (`stablelm_linear_planned`)."""
 
-    __slots__ = ("fn", "kind", "k", "n", "tail", "tensors", "out")
+    __slots__ = ("fn", "kind", "k", "n", "out", "args", "ref", "tensors")
 
-    def __init__(self, fn, kind: str, weights: list, biases: list, block: int, threads: int) -> None:  # noqa: ANN001
-        self.fn, self.kind, self.tensors = fn, kind, (*weights, *biases)  # kept alive: pointers below
-        self.out: torch.Tensor | None = None  # where each call writes, if set (else a new tensor)
+    def __init__(
+        self, fn, kind: str, weights: list, biases: list, block: int, rows: int, threads: int
+    ) -> None:  # noqa: ANN001
+        self.fn, self.kind, self.tensors = planned_linear(), kind, (*weights, *biases)  # kept alive
         ns = [w.shape[0] for w in weights]
         self.k, self.n = weights[0].shape[1], sum(ns)
-        parts: list = []
-        for i in range(3):
-            if i < len(weights):
-                b = biases[i]
-                parts += [weights[i].data_ptr(), None if b is None else b.data_ptr(), ns[i]]
-            else:
-                parts += [None, None, 0]
-        self.tail = (self.n, len(weights), *parts, block, threads)
+        self.out = torch.empty(rows, self.n, dtype=weights[0].dtype)
+        ptrs = [t.data_ptr() if t is not None else None for t in (*weights, *biases)]
+        ws, bs = ptrs[: len(weights)] + [None] * 3, ptrs[len(weights) :] + [None] * 3
+        ns += [0, 0]
+        self.args = PlannedLinear(
+            ctypes.cast(fn, ctypes.c_void_p).value, self.out.data_ptr(), ws[0], bs[0], ws[1], bs[1], ws[2],
+            bs[2], rows, self.k, self.k, self.n, len(weights), ns[0], ns[1], ns[2], block, threads,
+        )  # fmt: skip
+        self.ref = ctypes.addressof(self.args)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x (B, K), rows contiguous
-        m = x.shape[0]
-        y = torch.empty(m, self.n, dtype=x.dtype) if self.out is None else self.out
-        status = self.fn(x.data_ptr(), m, self.k, self.k, y.data_ptr(), *self.tail)
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        status = self.fn(self.ref, x.data_ptr())
         if status:
-            check_status(status, self.kind, m, self.k, self.tail[-2])
-        return y
+            check_status(status, self.kind, x.shape[0], self.k, self.args.kb)
+        return self.out
 
 
 def _kernel_for(linears: tuple[nn.Module, ...], rows: int, threads: int) -> _Kernel | None:
@@ -78,7 +82,11 @@ def _kernel_for(linears: tuple[nn.Module, ...], rows: int, threads: int) -> _Ker
     if found is None or any(kernel_plan(dtype, k, w.shape[0], has_bias, rows) != found for w in weights[1:]):
         return None
     fn = kernel(found[0])
-    return None if fn is None else _Kernel(fn, found[0], weights, biases, found[1], threads)
+    return (
+        None
+        if fn is None or planned_linear() is None
+        else _Kernel(fn, found[0], weights, biases, found[1], rows, threads)
+    )
 
 
 class _Layer:
@@ -101,8 +109,6 @@ class _Layer:
             # two of them alias (the residual stream passes from the o buffer to the down buffer and
             # back). gate_up's halves and act(gate) * up are views and buffers made once.
             dtype, inter = attn.q_proj.weight.dtype, mlp.gate_proj.out_features
-            for kernel_ in (self.qkv, self.o, self.gate_up, self.down):
-                kernel_.out = torch.empty(rows, kernel_.n, dtype=dtype)
             self.gate, self.up = self.gate_up.out[:, :inter], self.gate_up.out[:, inter:]
             # silu into a buffer (the out= form of the same kernel); another activation allocates
             self.mlp_in = torch.empty(rows, inter, dtype=dtype) if self.act is F.silu else None
@@ -233,7 +239,9 @@ class LeanStep:
                 q_heads, kc[:, :, :length], vc[:, :, :length], attn_mask=allowed, scale=self.scale,
                 enable_gqa=self.gqa,
             )  # fmt: skip
-            x = layer.o(y.transpose(1, 2).reshape(B, H * D)).add_(x)  # x + attn(ln(x)) (a sum commutes)
+            y = y.transpose(1, 2).reshape(B, H * D)
+            x = layer.o(y if B == 1 else y.contiguous()).add_(x)  # x + attn(ln(x)) (a sum commutes)
             x = layer.mlp(h if layer.parallel else torch.layer_norm(x, *layer.ln2)).add_(x)
         x = torch.layer_norm(x, *self.norm)
-        return (self.model.lm_head(x) if self.head is None else self.head(x)).float()
+        logits = self.model.lm_head(x) if self.head is None else self.head(x)
+        return logits.to(torch.float32, copy=True)  # a copy: the head's buffer is reused next step

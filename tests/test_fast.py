@@ -48,7 +48,7 @@ def kernel_calls(monkeypatch):
     planned = lean_step._Kernel.__call__  # the planned decode step calls its kernels itself
 
     def recording_planned(self, x):
-        calls.append((self.kind, self.tail[1]))
+        calls.append((self.kind, self.args.G))
         return planned(self, x)
 
     monkeypatch.setattr(lean_step._Kernel, "__call__", recording_planned)

@@ -240,3 +240,23 @@ def test_generations_in_two_threads_on_one_model_keep_apart(lean_calls):
         worker.join()
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert lean_calls or lean_step.LeanStep.build(model, _cache(model), 1) is None
+
+
+@pytest.mark.usefixtures("isa")
+@pytest.mark.parametrize("rows", [1, 3])
+def test_a_planned_linear_call_equals_the_kernels_own(rows):
+    gen = torch.Generator().manual_seed(0)
+    ran = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        weights = [(torch.randn(n, 96, generator=gen) / 8).to(dtype) for n in (64, 32, 32)]
+        biases = [torch.randn(n, generator=gen).to(dtype) for n in (64, 32, 32)]
+        x = torch.randn(rows, 96, generator=gen).to(dtype)
+        for kind in kernels.KINDS:
+            fn = kernels.kernel(kind)
+            if fn is None or kernels._DTYPES[kind] != dtype:
+                continue
+            block = 32 if kind in ("bf16_amx", "bf16_dpbf16") else 0
+            planned = lean_step._Kernel(fn, kind, weights, biases, block, rows, torch.get_num_threads())
+            assert torch.equal(planned(x), kernels.run_linear(kind, x, weights, biases, block)), kind
+            ran.append(kind)
+    assert {"f32", "bf16_dot", "f16_dot"} <= set(ran)  # every level has these

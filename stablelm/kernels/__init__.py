@@ -192,7 +192,29 @@ def _library(isa: str | None) -> ctypes.CDLL | None:
             ctypes.c_int64,
         ]
         fn.argtypes += [ctypes.c_int] * 5
+    lib.stablelm_linear_planned.restype = ctypes.c_int
+    lib.stablelm_linear_planned.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     return lib
+
+
+class PlannedLinear(ctypes.Structure):
+    """The arguments of a linear kernel call but its input (`stablelm_linear_planned` in `linear.c`)."""
+
+    _fields_ = [
+        ("fn", ctypes.c_void_p),
+        ("y", ctypes.c_void_p),
+        *[(name, ctypes.c_void_p) for name in ("w0", "b0", "w1", "b1", "w2", "b2")],
+        *[
+            (name, ctypes.c_int64)
+            for name in ("M", "K", "ldx", "ldy", "G", "n0", "n1", "n2", "kb", "threads")
+        ],
+    ]
+
+
+def planned_linear():  # noqa: ANN201 - a ctypes function, or None
+    """`stablelm_linear_planned(PlannedLinear*, x)` of the library for `selected_isa()`, or None."""
+    lib = library()
+    return None if lib is None else lib.stablelm_linear_planned
 
 
 @cache

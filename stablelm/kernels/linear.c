@@ -807,3 +807,21 @@ uint64_t stablelm_read(const uint8_t* p, int64_t bytes, int threads) {
   }
   return result;
 }
+
+/* ---- a linear call planned once (the decode step's: `stablelm.lean_step`) ----------------------------- */
+/* Every stablelm_linear_* kernel above, with all of its arguments but the input fixed in a struct made
+ * once: each call then passes two pointers instead of eighteen arguments through ctypes. */
+typedef int (*linear_fn)(const void* x, int M, int K, int ldx, void* y, int ldy, int G, const void* w0,
+                         const void* b0, int n0, const void* w1, const void* b1, int n1, const void* w2,
+                         const void* b2, int n2, int kb, int threads);
+typedef struct {
+  linear_fn fn;
+  void* y;
+  const void *w0, *b0, *w1, *b1, *w2, *b2;
+  int64_t M, K, ldx, ldy, G, n0, n1, n2, kb, threads;
+} planned_linear_t;
+
+int stablelm_linear_planned(const planned_linear_t* p, const void* x) {
+  return p->fn(x, (int)p->M, (int)p->K, (int)p->ldx, p->y, (int)p->ldy, (int)p->G, p->w0, p->b0, (int)p->n0,
+               p->w1, p->b1, (int)p->n1, p->w2, p->b2, (int)p->n2, (int)p->kb, (int)p->threads);
+}
