@@ -42,7 +42,7 @@ def lean_calls(monkeypatch):
 
 def _model(dtype=torch.bfloat16, **config):
     torch.manual_seed(0)
-    model = StableLmForCausalLM(tiny_config(max_position_embeddings=64, **config))
+    model = StableLmForCausalLM(tiny_config(**{"max_position_embeddings": 64, **config}))
     randomize_(model)
     return model.to(dtype).eval()
 
@@ -260,3 +260,14 @@ def test_a_planned_linear_call_equals_the_kernels_own(rows):
             assert torch.equal(planned(x), kernels.run_linear(kind, x, weights, biases, block)), kind
             ran.append(kind)
     assert {"f32", "bf16_dot", "f16_dot"} <= set(ran)  # every level has these
+
+
+@pytest.mark.usefixtures("isa")
+def test_the_planned_step_follows_a_static_cache_that_grows(lean_calls):
+    # past the model's context (16 positions here) the static cache grows as the generation goes on
+    model = _model(max_position_embeddings=16)
+    ids = _prompts()[0][:1]
+    tokens, logits = _generate(model, ids, lean=True, new=20)
+    ran = len(lean_calls)
+    assert torch.equal(logits, _generate(model, ids, lean=False, new=20)[1])
+    assert ran == 19 or lean_step.LeanStep.build(model, _cache(model), 1) is None
