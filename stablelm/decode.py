@@ -14,6 +14,7 @@ its kernel as eager calls do) over the weights as they are: no second copy. With
 from __future__ import annotations
 
 import sys
+import threading
 import time
 import types
 from collections.abc import Callable
@@ -22,6 +23,7 @@ import torch
 
 from .attention import AttentionMask
 from .cache import StaticCache
+from .lean_step import LeanStep
 
 _NOTICE_SHOWN: set[str] = set()
 
@@ -68,6 +70,9 @@ class DecodeStep:
         self._fn: Callable[..., torch.Tensor] = _decode_step
         self._compiled = compile
         self._weights: tuple[tuple[int, int], ...] = ()  # what the compiled graph froze
+        self.lean = True  # False: the eager step always runs the modules (tests compare the two)
+        # per Python thread (the plan's buffers are reused every step): (rows, threads) and the plan
+        self._plans = threading.local()
         if compile:
             self._fn = _new_compiled_step()
 
@@ -78,6 +83,7 @@ class DecodeStep:
         if compile not in steps:
             steps[compile] = cls(model, compile=compile)
         step = steps[compile]
+        step._plans.key = None  # planned anew per generation: the modules may have changed
         # Once per generation (weights do not change within one): the compiled graph holds them as frozen
         # constants, so when they have changed (in place, loaded, replaced) it is compiled anew rather
         # than run on stale weights.
@@ -104,9 +110,39 @@ class DecodeStep:
         if logits is None:
             length = cache.get_seq_length() + tokens.shape[1]
             mask = key_mask[:, :length] if padded else None
-            logits = _decode_step(self.model, cache, tokens, position_ids, cache_position, mask, length)
+            lean = self._lean_step(cache, tokens)
+            if lean is not None:
+                logits = lean(cache, tokens, position_ids, mask)
+            else:
+                logits = _decode_step(self.model, cache, tokens, position_ids, cache_position, mask, length)
         cache.advance(tokens.shape[1])
         return logits
+
+    def __getstate__(self) -> dict:
+        # copies and pickles of the model carry no plan (it holds ctypes functions and this model's
+        # tensors): the copy plans its own at its first step
+        return {**self.__dict__, "_plans": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _plans=threading.local())
+
+    def _lean_step(self, cache: StaticCache, tokens: torch.Tensor) -> LeanStep | None:
+        """The planned eager step (`stablelm.lean_step`) for this generation, or None: the modules run.
+        Planned at a generation's first step (`for_model` forgets the plan), again if the rows or
+        threads change."""
+        if not self.lean:
+            return None
+        plans = self._plans
+        plan = getattr(plans, "plan", None) if getattr(plans, "key", None) is not None else None
+        if plan is None or not plan.fits(cache, tokens):
+            key = (tokens.shape[0], torch.get_num_threads())
+            if getattr(plans, "key", None) == key:  # already found not to apply
+                return None
+            plans.key = key
+            plan = plans.plan = LeanStep.build(self.model, cache, tokens.shape[0])
+            if plan is not None and not plan.fits(cache, tokens):
+                plan = plans.plan = None
+        return plan
 
     def _compiled_step(self, cache: StaticCache, *inputs: torch.Tensor) -> torch.Tensor | None:
         """The compiled step over every slot; None (and eager from then on) when compilation fails."""

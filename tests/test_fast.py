@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from conftest import make_pair, randomize_, reference_config, tiny_config, transformers
 from test_devices import assert_same_or_parted_at_a_near_tie
 
-from stablelm import StableLmForCausalLM, layers
+from stablelm import StableLmForCausalLM, layers, lean_step
 from stablelm.fast import optimize_for_inference, set_kernels
 from stablelm.kernels.linear import plan
 
@@ -45,6 +45,13 @@ def kernel_calls(monkeypatch):
         return call(fn, kind, x, weights, biases, block)
 
     monkeypatch.setattr(layers, "call", recording)
+    planned = lean_step._Kernel.__call__  # the planned decode step calls its kernels itself
+
+    def recording_planned(self, x):
+        calls.append((self.kind, self.args.G))
+        return planned(self, x)
+
+    monkeypatch.setattr(lean_step._Kernel, "__call__", recording_planned)
     return calls
 
 

@@ -255,3 +255,17 @@ def test_settings_set_as_attributes_of_the_models_generation_config_are_not_igno
         ours.generate(ids, max_new_tokens=3)
     with pytest.raises(AttributeError, match="no attribute 'no_such_setting'"):
         ours.generation_config.no_such_setting  # noqa: B018
+
+
+def test_the_eos_mask_made_once_follows_the_scores_vocabulary():
+    """min_new_tokens/min_length build their EOS mask once (not every step), anew for other scores."""
+    from stablelm.generation.processors import MinNewTokensLengthLogitsProcessor
+
+    processor = MinNewTokensLengthLogitsProcessor(2, 3, [1, 4], torch.device("cpu"))
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    for vocab in (5, 7, 5):
+        scores = torch.randn(2, vocab)
+        want = scores.clone()
+        want[:, [1, 4]] = -float("inf")
+        assert torch.equal(processor(ids, scores), want)
+    assert torch.equal(processor(torch.zeros(2, 5, dtype=torch.long), scores), scores)  # past the minimum

@@ -154,9 +154,13 @@ class NoBadWordsLogitsProcessor(SequenceBiasLogitsProcessor):
 class _SuppressEos:
     def __init__(self, eos: list[int], device: torch.device) -> None:
         self.eos = torch.tensor(eos, device=device)
+        self._banned: torch.Tensor | None = None  # (V,) the EOS mask, made once (it ran every step)
 
     def suppress(self, scores: torch.Tensor) -> torch.Tensor:
-        return torch.where(_isin_vocab(scores, self.eos), -math.inf, scores)
+        banned = self._banned
+        if banned is None or banned.shape[0] != scores.shape[-1] or banned.device != scores.device:
+            banned = self._banned = _isin_vocab(scores, self.eos)
+        return torch.where(banned, -math.inf, scores)
 
 
 class MinLengthLogitsProcessor(_SuppressEos):

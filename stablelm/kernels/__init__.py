@@ -182,7 +182,39 @@ def _library(isa: str | None) -> ctypes.CDLL | None:
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 3, *[ctypes.c_void_p] * 3, *[ctypes.c_int64] * 3]
         fn.argtypes += [ctypes.c_int] * 5
+        fn = getattr(lib, f"stablelm_decode_qkv_{name}")
+        fn.restype = ctypes.c_int
+        fn.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            *[ctypes.c_void_p] * 5,
+            ctypes.c_int64,
+            ctypes.c_int64,
+        ]
+        fn.argtypes += [ctypes.c_int] * 5
+    lib.stablelm_linear_planned.restype = ctypes.c_int
+    lib.stablelm_linear_planned.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     return lib
+
+
+class PlannedLinear(ctypes.Structure):
+    """The arguments of a linear kernel call but its input (`stablelm_linear_planned` in `linear.c`)."""
+
+    _fields_ = [
+        ("fn", ctypes.c_void_p),
+        ("y", ctypes.c_void_p),
+        *[(name, ctypes.c_void_p) for name in ("w0", "b0", "w1", "b1", "w2", "b2")],
+        *[
+            (name, ctypes.c_int64)
+            for name in ("M", "K", "ldx", "ldy", "G", "n0", "n1", "n2", "kb", "threads")
+        ],
+    ]
+
+
+def planned_linear():  # noqa: ANN201 - a ctypes function, or None
+    """`stablelm_linear_planned(PlannedLinear*, x)` of the library for `selected_isa()`, or None."""
+    lib = library()
+    return None if lib is None else lib.stablelm_linear_planned
 
 
 @cache
@@ -253,6 +285,14 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads_dim: int
     ):
         return None
     return y
+
+
+def decode_qkv_kernel(dtype: torch.dtype):  # noqa: ANN201 - a ctypes function, or None
+    """The C function that rotates one decoded token's q and k and writes k and v into a static cache's
+    slot (`stablelm_decode_qkv_*` in `linear.c`; see `stablelm.lean_step`), for `dtype`; or None."""
+    lib = library()
+    name = _ROTARY.get(dtype)
+    return None if lib is None or name is None else getattr(lib, f"stablelm_decode_qkv_{name}")
 
 
 def read_memory(buffer: torch.Tensor) -> int:
@@ -336,13 +376,18 @@ def call(fn, kind: str, x: torch.Tensor, weights, biases, block: int) -> torch.T
         x.data_ptr(), m, k, x.stride(0) if m > 1 else k, y.data_ptr(), n, len(weights),
         weights[0].data_ptr(), None if b0 is None else b0.data_ptr(), n0, *rest, block, torch.get_num_threads(),
     )  # fmt: skip
+    if status:
+        check_status(status, kind, m, k, block)
+    return y
+
+
+def check_status(status: int, kind: str, m: int, k: int, block: int) -> None:
+    """Raise the error a linear kernel's nonzero `status` stands for (`m` rows of `k`)."""
     if status == 3:
         raise RuntimeError(f"stablelm's {kind} kernel cannot run here: the OS refused the AMX tiles' state")
     if status == 1:
         raise MemoryError(f"stablelm's {kind} kernel could not allocate its work buffers ({m} rows of {k})")
-    if status:
-        raise ValueError(f"bad arguments to stablelm's {kind} kernel: {m}x{k}, block {block}")
-    return y
+    raise ValueError(f"bad arguments to stablelm's {kind} kernel: {m}x{k}, block {block}")
 
 
 # ---- weight-only quantized kernels (quant.c: int8 and int4, see stablelm.quantization) ----------------

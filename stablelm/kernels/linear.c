@@ -719,27 +719,53 @@ int stablelm_linear_bf16_amx(const uint16_t* x, int M, int K, int ldx, uint16_t*
  * the three operations is computed in fp32 and rounded to the dtype on its own, as torch does (a
  * product rounded before the sum: no FMA). Python's `stablelm.rope.apply_rotary` replaced by one call. */
 #define ROTARY(E, LOAD, STORE)                                                                         \
+  /* one head: yr = rotary(xr) over the first rot channels, a copy after them */                        \
+  static inline void rotate_head_##E(const elem_##E* xr, const elem_##E* c, const elem_##E* s,          \
+                                     elem_##E* yr, int D, int rot) {                                    \
+    int half = rot / 2;                                                                                \
+    for (int d = 0; d < rot; d++) {                                                                    \
+      float r = d < half ? -LOAD(xr[d + half]) : LOAD(xr[d - half]);                                   \
+      float a = LOAD(STORE(LOAD(xr[d]) * LOAD(c[d])));                                                 \
+      float e = LOAD(STORE(r * LOAD(s[d])));                                                           \
+      yr[d] = STORE(a + e);                                                                            \
+    }                                                                                                  \
+    for (int d = rot; d < D; d++) yr[d] = xr[d];                                                       \
+  }                                                                                                    \
   int stablelm_rotary_##E(const elem_##E* x, int64_t sb, int64_t st, int64_t sh, const elem_##E* cs,    \
                           const elem_##E* sn, elem_##E* y, int64_t ysb, int64_t yst, int64_t ysh, int B,   \
                           int T, int H, int D, int rot) {                                              \
     if (B < 0 || T < 0 || H < 0 || D <= 0 || rot < 0 || rot > D || rot % 2) return 2;                 \
-    int half = rot / 2;                                                                                \
     for (int b = 0; b < B; b++)                                                                        \
       for (int t = 0; t < T; t++) {                                                                    \
         const elem_##E* c = cs + ((int64_t)b * T + t) * rot;                                           \
         const elem_##E* s = sn + ((int64_t)b * T + t) * rot;                                           \
-        for (int h = 0; h < H; h++) {                                                                  \
-          const elem_##E* xr = x + b * sb + t * st + h * sh;                                           \
-          elem_##E* yr = y + b * ysb + t * yst + h * ysh;                                              \
-          for (int d = 0; d < rot; d++) {                                                              \
-            float r = d < half ? -LOAD(xr[d + half]) : LOAD(xr[d - half]);                             \
-            float a = LOAD(STORE(LOAD(xr[d]) * LOAD(c[d])));                                           \
-            float e = LOAD(STORE(r * LOAD(s[d])));                                                     \
-            yr[d] = STORE(a + e);                                                                      \
-          }                                                                                            \
-          for (int d = rot; d < D; d++) yr[d] = xr[d];                                                 \
-        }                                                                                              \
+        for (int h = 0; h < H; h++)                                                                    \
+          rotate_head_##E(x + b * sb + t * st + h * sh, c, s, y + b * ysb + t * yst + h * ysh, D, rot); \
       }                                                                                                \
+    return 0;                                                                                          \
+  }                                                                                                    \
+  /* One decoded token per row: qkv (B, (H + 2 Hkv) D) rows of stride `sq` (q, k, v heads side by side), \
+   * cos/sin (B, rot). Rotates q into q_out (B, H, D) contiguous, rotates k into the key cache's slot and \
+   * copies v into the value cache's, both caches (B, Hkv, S, D) contiguous with S = `slots`: the       \
+   * rotary above, the cache writes `index_copy_` makes, in one call. */                                \
+  int stablelm_decode_qkv_##E(const elem_##E* qkv, int64_t sq, const elem_##E* cs, const elem_##E* sn,  \
+                              elem_##E* q_out, elem_##E* kc, elem_##E* vc, int64_t slots, int64_t slot, \
+                              int B, int H, int Hkv, int D, int rot) {                                 \
+    if (B < 0 || H < 0 || Hkv < 0 || D <= 0 || rot < 0 || rot > D || rot % 2 || slot < 0 ||             \
+        slot >= slots)                                                                                 \
+      return 2;                                                                                        \
+    for (int b = 0; b < B; b++) {                                                                      \
+      const elem_##E* row = qkv + b * sq;                                                              \
+      const elem_##E* c = cs + (int64_t)b * rot;                                                       \
+      const elem_##E* s = sn + (int64_t)b * rot;                                                       \
+      for (int h = 0; h < H; h++)                                                                      \
+        rotate_head_##E(row + (int64_t)h * D, c, s, q_out + ((int64_t)b * H + h) * D, D, rot);         \
+      for (int h = 0; h < Hkv; h++) {                                                                  \
+        int64_t at = (((int64_t)b * Hkv + h) * slots + slot) * D;                                      \
+        rotate_head_##E(row + (int64_t)(H + h) * D, c, s, kc + at, D, rot);                            \
+        memcpy(vc + at, row + (int64_t)(H + Hkv + h) * D, (size_t)D * sizeof(elem_##E));              \
+      }                                                                                                \
+    }                                                                                                  \
     return 0;                                                                                          \
   }
 static inline float ident_f32(float v) { return v; }
@@ -780,4 +806,22 @@ uint64_t stablelm_read(const uint8_t* p, int64_t bytes, int threads) {
     result ^= r;
   }
   return result;
+}
+
+/* ---- a linear call planned once (the decode step's: `stablelm.lean_step`) ----------------------------- */
+/* Every stablelm_linear_* kernel above, with all of its arguments but the input fixed in a struct made
+ * once: each call then passes two pointers instead of eighteen arguments through ctypes. */
+typedef int (*linear_fn)(const void* x, int M, int K, int ldx, void* y, int ldy, int G, const void* w0,
+                         const void* b0, int n0, const void* w1, const void* b1, int n1, const void* w2,
+                         const void* b2, int n2, int kb, int threads);
+typedef struct {
+  linear_fn fn;
+  void* y;
+  const void *w0, *b0, *w1, *b1, *w2, *b2;
+  int64_t M, K, ldx, ldy, G, n0, n1, n2, kb, threads;
+} planned_linear_t;
+
+int stablelm_linear_planned(const planned_linear_t* p, const void* x) {
+  return p->fn(x, (int)p->M, (int)p->K, (int)p->ldx, p->y, (int)p->ldy, (int)p->G, p->w0, p->b0, (int)p->n0,
+               p->w1, p->b1, (int)p->n1, p->w2, p->b2, (int)p->n2, (int)p->kb, (int)p->threads);
 }

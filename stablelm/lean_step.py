@@ -1,0 +1,247 @@
+"""The eager one-token decode step with each layer's work planned once per generation.
+
+A decoded token of a small model is mostly small operations: after every linear kernel has streamed
+megabytes of weights through the caches, each torch call around it (a view, a check, an allocation)
+finds its code and data evicted and costs 10-40 us instead of 1-3 (measured on a 2-core Xeon). So the
+step here computes exactly what `stablelm.decode._decode_step` computes over a static cache, with the
+same kernels and torch operations in the same order, and drops everything else:
+
+- the linear layers' kernel choice (`stablelm.kernels.linear.plan`), their checks and the ctypes
+  arguments are resolved when the plan is made, not per call;
+- q and k are rotated and k and v written into the cache's slot in one native call
+  (`stablelm_decode_qkv_*`: the rotary kernel's arithmetic, the same bits as `apply_rotary`), with no
+  views, `index_copy_` or temporaries;
+- the layer norms, attention and activation are torch's own functions called directly (no module
+  dispatch, no identity dropout), the residual sums added in place into fresh kernel outputs.
+
+The plan is made only for models it reproduces exactly: exact stablelm module types without hooks, in
+eval mode, every linear layer on a native kernel for this row count, SDPA attention without q/k norms,
+and a static cache in the model's dtype on the CPU; anything else (or autograd on) runs the modules
+(`DecodeStep` falls back). Tests compare its logits with the modules' bit for bit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules import module as _module
+
+from .attention import _SDPA_HAS_GQA
+from .cache import StaticCache
+from .kernels import PlannedLinear, check_status, decode_qkv_kernel, kernel, planned_linear
+from .kernels.linear import plan as kernel_plan
+from .layers import Linear
+from .rope import RotaryEmbedding
+
+
+class _Kernel:
+    """One planned native linear call: out (B, sum N) = x (B, K) @ cat(weights)^T (+ biases), x's rows
+    contiguous, written into `out`, a buffer of its own kept for the plan's life. Every argument but
+    the input lies in a struct made once (`stablelm_linear_planned`)."""
+
+    __slots__ = ("fn", "kind", "k", "n", "out", "args", "ref", "tensors")
+
+    def __init__(
+        self, fn, kind: str, weights: list, biases: list, block: int, rows: int, threads: int
+    ) -> None:  # noqa: ANN001
+        self.fn, self.kind, self.tensors = planned_linear(), kind, (*weights, *biases)  # kept alive
+        ns = [w.shape[0] for w in weights]
+        self.k, self.n = weights[0].shape[1], sum(ns)
+        self.out = torch.empty(rows, self.n, dtype=weights[0].dtype)
+        ptrs = [t.data_ptr() if t is not None else None for t in (*weights, *biases)]
+        ws, bs = ptrs[: len(weights)] + [None] * 3, ptrs[len(weights) :] + [None] * 3
+        ns += [0, 0]
+        self.args = PlannedLinear(
+            ctypes.cast(fn, ctypes.c_void_p).value, self.out.data_ptr(), ws[0], bs[0], ws[1], bs[1], ws[2],
+            bs[2], rows, self.k, self.k, self.n, len(weights), ns[0], ns[1], ns[2], block, threads,
+        )  # fmt: skip
+        self.ref = ctypes.addressof(self.args)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        status = self.fn(self.ref, x.data_ptr())
+        if status:
+            check_status(status, self.kind, x.shape[0], self.k, self.args.kb)
+        return self.out
+
+
+def _kernel_for(linears: tuple[nn.Module, ...], rows: int, threads: int) -> _Kernel | None:
+    """The planned call for these layers fused (as `stablelm.layers.fused_linear` would make it), or None."""
+    weights = [m._parameters["weight"] for m in linears]
+    biases = [m._parameters["bias"] for m in linears]
+    dtype, k = weights[0].dtype, weights[0].shape[1]
+    has_bias = biases[0] is not None
+    for m, w, b in zip(linears, weights, biases, strict=True):
+        if not (type(m) is Linear and m.use_kernels and w.is_cpu and w.dtype == dtype and w.is_contiguous()):
+            return None
+        if w.shape[1] != k or (b is None) == has_bias or (b is not None and b.dtype != dtype):
+            return None
+    found = kernel_plan(dtype, k, weights[0].shape[0], has_bias, rows)
+    if found is None or any(kernel_plan(dtype, k, w.shape[0], has_bias, rows) != found for w in weights[1:]):
+        return None
+    fn = kernel(found[0])
+    return (
+        None
+        if fn is None or planned_linear() is None
+        else _Kernel(fn, found[0], weights, biases, found[1], rows, threads)
+    )
+
+
+class _Layer:
+    """One decoder layer's planned work (see the module docstring)."""
+
+    __slots__ = ("ln1", "ln2", "qkv", "o", "gate_up", "down", "act", "parallel", "gate", "up", "mlp_in")
+
+    def __init__(self, layer: nn.Module, rows: int, threads: int) -> None:
+        attn, mlp = layer.self_attn, layer.mlp
+        self.ln1 = _norm(layer.input_layernorm)
+        self.parallel = layer.use_parallel_residual
+        self.ln2 = None if self.parallel else _norm(layer.post_attention_layernorm)
+        self.qkv = _kernel_for((attn.q_proj, attn.k_proj, attn.v_proj), rows, threads)
+        self.o = _kernel_for((attn.o_proj,), rows, threads)
+        self.gate_up = _kernel_for((mlp.gate_proj, mlp.up_proj), rows, threads)
+        self.down = _kernel_for((mlp.down_proj,), rows, threads)
+        self.act = mlp.act_fn
+        if self.complete():
+            # Each call writes its own buffer, kept for the generation: no allocation per call, and no
+            # two of them alias (the residual stream passes from the o buffer to the down buffer and
+            # back). gate_up's halves and act(gate) * up are views and buffers made once.
+            dtype, inter = attn.q_proj.weight.dtype, mlp.gate_proj.out_features
+            self.gate, self.up = self.gate_up.out[:, :inter], self.gate_up.out[:, inter:]
+            # silu into a buffer (the out= form of the same kernel); another activation allocates
+            self.mlp_in = torch.empty(rows, inter, dtype=dtype) if self.act is F.silu else None
+
+    def complete(self) -> bool:
+        return None not in (self.qkv, self.o, self.gate_up, self.down) and (self.parallel or self.ln2)
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """down(act(gate(x)) * up(x)) for the layer's MLP input x (B, C), before the residual sum."""
+        self.gate_up(x)
+        if self.mlp_in is None:
+            return self.down(self.act(self.gate) * self.up)
+        torch._C._nn.silu(self.gate, out=self.mlp_in)
+        return self.down(torch.mul(self.mlp_in, self.up, out=self.mlp_in))
+
+
+def _norm(module: nn.Module) -> tuple | None:
+    """(normalized_shape, weight, bias, eps) of a plain nn.LayerNorm, for torch.layer_norm; else None."""
+    if type(module) is not nn.LayerNorm:
+        return None
+    return (module.normalized_shape, module.weight, module.bias, module.eps)
+
+
+def _plain_modules(model: nn.Module) -> bool:
+    """No module is in training mode or carries a hook, and no global module hook is set."""
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+        return False
+    return not any(m.training or m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+class LeanStep:
+    """The planned step for a model, a row count and a thread count; see `LeanStep.build`."""
+
+    def __init__(self, model: nn.Module, layers: list[_Layer], rows: int, threads: int) -> None:
+        base = model.model
+        config = model.config
+        self.model, self.layers, self.rows, self.threads = model, layers, rows, threads
+        self.embed = base.embed_tokens
+        self.norm = _norm(base.norm)
+        self.rotary_emb = base.rotary_emb
+        self.H, self.Hkv, self.D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.scale = self.D**-0.5
+        self.gqa = self.H != self.Hkv
+        self.dtype = base.embed_tokens.weight.dtype
+        self.qkv_fn = decode_qkv_kernel(self.dtype)
+        head = model.lm_head  # its own kernel call where one serves, else the module (torch's F.linear)
+        self.head = _kernel_for((head,), rows, threads) if type(head) is Linear else None
+        self.q = torch.empty(rows, 1, self.H, self.D, dtype=self.dtype)  # (B, 1, H, D), reused every layer
+        self.q_heads = self.q.transpose(1, 2)  # (B, H, 1, D), as attention takes it
+
+    @classmethod
+    def build(cls, model: nn.Module, cache: object, rows: int) -> LeanStep | None:
+        """The plan for `model` decoding `rows` rows over `cache`, or None where it does not apply (see the
+        module docstring): then the modules run."""
+        from .model import Attention, DecoderLayer, StableLmModel
+
+        config, base = model.config, getattr(model, "model", None)
+        if type(base) is not StableLmModel or type(cache) is not StaticCache or not _plain_modules(model):
+            return None
+        if config.qk_layernorm or (config.attn_implementation or "sdpa") != "sdpa":
+            return None
+        dtype = base.embed_tokens.weight.dtype
+        if type(base.embed_tokens) is not nn.Embedding or type(base.rotary_emb) is not RotaryEmbedding:
+            return None
+        if cache.keys[0].dtype != dtype or not cache.keys[0].is_cpu or decode_qkv_kernel(dtype) is None:
+            return None
+        if config.num_attention_heads != config.num_key_value_heads and not _SDPA_HAS_GQA:
+            return None
+        if _norm(base.norm) is None or base.embed_tokens.max_norm is not None:
+            return None
+        shape = (rows, config.num_key_value_heads, cache.max_cache_len, config.head_dim)
+        if any(t.shape != shape or not t.is_contiguous() for t in (*cache.keys, *cache.values)):
+            return None
+        threads = torch.get_num_threads()
+        layers = []
+        for layer in base.layers:
+            if type(layer) is not DecoderLayer or type(layer.self_attn) is not Attention:
+                return None
+            if _norm(layer.input_layernorm) is None:
+                return None
+            planned = _Layer(layer, rows, threads)
+            if not planned.complete():
+                return None
+            layers.append(planned)
+        return cls(model, layers, rows, threads)
+
+    def fits(self, cache: object, tokens: torch.Tensor) -> bool:
+        """Whether this plan serves this step (checked every step: cheap)."""
+        return (
+            tokens.shape == (self.rows, 1)
+            and torch.get_num_threads() == self.threads
+            and not torch.is_grad_enabled()
+            and type(cache) is StaticCache
+            and cache.keys[0].dtype == self.dtype
+            and not torch.compiler.is_compiling()
+        )
+
+    def __call__(
+        self,
+        cache: StaticCache,
+        tokens: torch.Tensor,
+        position_ids: torch.Tensor,
+        key_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """fp32 logits (B, V) after `tokens` (B, 1) at rotary positions (B, 1), written at the cache's next
+        slot; `key_mask` (B, slots so far + 1) marks the keys each row may see, or is None for all."""
+        B, H, Hkv, D = self.rows, self.H, self.Hkv, self.D
+        slot = cache.get_seq_length()
+        length, slots = slot + 1, cache.max_cache_len
+        x = F.embedding(tokens, self.embed.weight, self.embed.padding_idx).view(B, -1)  # (B, C)
+        cos, sin = self.rotary_emb(x, position_ids)  # (B, 1, rot)
+        rot = cos.shape[-1]
+        cos, sin = cos.contiguous(), sin.contiguous()
+        allowed = None if key_mask is None else key_mask[:, None, None, :]
+        q, q_heads, fn = self.q, self.q_heads, self.qkv_fn
+        cos_p, sin_p, q_p = cos.data_ptr(), sin.data_ptr(), q.data_ptr()
+        for i, layer in enumerate(self.layers):
+            kc, vc = cache.keys[i], cache.values[i]
+            h = torch.layer_norm(x, *layer.ln1)
+            qkv = layer.qkv(h)  # (B, (H + 2 Hkv) D)
+            status = fn(
+                qkv.data_ptr(), qkv.shape[1], cos_p, sin_p, q_p, kc.data_ptr(), vc.data_ptr(), slots, slot,
+                B, H, Hkv, D, rot,
+            )  # fmt: skip
+            if status:
+                raise ValueError(f"bad arguments to stablelm's decode_qkv kernel (slot {slot} of {slots})")
+            y = F.scaled_dot_product_attention(
+                q_heads, kc[:, :, :length], vc[:, :, :length], attn_mask=allowed, scale=self.scale,
+                enable_gqa=self.gqa,
+            )  # fmt: skip
+            y = y.transpose(1, 2).reshape(B, H * D)
+            x = layer.o(y if B == 1 else y.contiguous()).add_(x)  # x + attn(ln(x)) (a sum commutes)
+            x = layer.mlp(h if layer.parallel else torch.layer_norm(x, *layer.ln2)).add_(x)
+        x = torch.layer_norm(x, *self.norm)
+        logits = self.model.lm_head(x) if self.head is None else self.head(x)
+        return logits.to(torch.float32, copy=True)  # a copy: the head's buffer is reused next step
