@@ -50,7 +50,11 @@ def compile_source(source: Path, out: Path, extra: list[str]) -> ctypes.CDLL:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--old", default="HEAD", help="git revision of quant.c to compare with ('' for none)")
+    parser.add_argument(
+        "--old",
+        action="append",
+        help="git revision of quant.c to compare with (repeatable; default HEAD, '' for none)",
+    )
     parser.add_argument("--shape", default="2560x6912", help="K x N of the layer")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=9)
@@ -71,14 +75,14 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="quantbench-"))
     builds = {"new": compile_source(ROOT / "stablelm/kernels/quant.c", tmp / "new.so", [])}
-    if args.old:
-        old = tmp / "quant_old.c"
-        old.write_text(
-            subprocess.check_output(
-                ["git", "-C", str(ROOT), "show", f"{args.old}:stablelm/kernels/quant.c"], text=True
+    for rev in args.old or ["HEAD"]:
+        if rev:
+            old = tmp / f"quant_{len(builds)}.c"
+            text = subprocess.check_output(
+                ["git", "-C", str(ROOT), "show", f"{rev}:stablelm/kernels/quant.c"], text=True
             )
-        )
-        builds["old"] = compile_source(old, tmp / "old.so", [])
+            old.write_text(text)
+            builds[rev] = compile_source(old, tmp / f"quant_{len(builds)}.so", [])
     for spec in args.define:
         name, flags = spec.split("=", 1)
         builds[name] = compile_source(ROOT / "stablelm/kernels/quant.c", tmp / f"{name}.so", flags.split(","))

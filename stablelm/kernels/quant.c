@@ -402,39 +402,32 @@ static inline __attribute__((always_inline)) void q4_rows_bf16(const uint16_t* x
   int G = K / group, half = K / 2;
   const __m512i low = _mm512_set1_epi16(15), bias = _mm512_set1_epi16(0x4300);
   const uint8_t* r[Q4S];
-  __m512 acc[Q4S];
+  __m512 acc[Q4S], sv[Q4S];
   for (int i = 0; i < S; i++) r[i] = w + (size_t)rows[i] * half, acc[i] = _mm512_setzero_ps();
   for (int g = 0; g < G; g++) {
-    __m512 a[Q4S][4];
-    for (int i = 0; i < S; i++)
-      for (int u = 0; u < 4; u++) a[i][u] = _mm512_setzero_ps();
-    int k0 = g * group, k1 = k0 + group;
-    for (; k0 < k1; k0 += 128) {
-      int two = k0 + 128 <= k1; /* groups of 64 * odd end on one run */
+    if ((g & 15) == 0) { /* the scales of 16 groups at once, each picked out with vpermps */
+      __mmask16 live = G - g >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (G - g)) - 1u);
+      for (int i = 0; i < S; i++) sv[i] = bf16x16(_mm256_maskz_loadu_epi16(live, sc + (size_t)rows[i] * G + g));
+    }
+    /* two sums per row and group (low and high nibbles): each vdpbf16ps chain is S rows long */
+    __m512 a[Q4S][2];
+    for (int i = 0; i < S; i++) a[i][0] = a[i][1] = _mm512_setzero_ps();
+    for (int k0 = g * group; k0 < (g + 1) * group; k0 += 64) {
       __m512bh x0 = (__m512bh)_mm512_loadu_si512(xb + k0), x1 = (__m512bh)_mm512_loadu_si512(xb + k0 + 32);
       for (int i = 0; i < S; i++) {
-        _mm_prefetch((const char*)(r[i] + k0 / 2 + PFD), PFH);
+        if ((k0 & 127) == 0) _mm_prefetch((const char*)(r[i] + k0 / 2 + PFD), PFH);
         __m512i b0 = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(r[i] + k0 / 2)));
         a[i][0] = _mm512_dpbf16_ps(a[i][0], (__m512bh)_mm512_ternarylogic_epi32(b0, low, bias, 0xEA), x0);
         a[i][1] = _mm512_dpbf16_ps(a[i][1], (__m512bh)_mm512_or_si512(_mm512_srli_epi16(b0, 4), bias), x1);
       }
-      if (two) {
-        __m512bh x2 = (__m512bh)_mm512_loadu_si512(xb + k0 + 64), x3 = (__m512bh)_mm512_loadu_si512(xb + k0 + 96);
-        for (int i = 0; i < S; i++) {
-          __m512i b1 = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(r[i] + k0 / 2 + 32)));
-          a[i][2] = _mm512_dpbf16_ps(a[i][2], (__m512bh)_mm512_ternarylogic_epi32(b1, low, bias, 0xEA), x2);
-          a[i][3] = _mm512_dpbf16_ps(a[i][3], (__m512bh)_mm512_or_si512(_mm512_srli_epi16(b1, 4), bias), x3);
-        }
-      }
     }
-    for (int i = 0; i < S; i++) {
-      __m512 sum = _mm512_add_ps(_mm512_add_ps(a[i][0], a[i][1]), _mm512_add_ps(a[i][2], a[i][3]));
-      acc[i] = _mm512_fmadd_ps(sum, _mm512_set1_ps(from_bf16(sc[(size_t)rows[i] * G + g])), acc[i]);
-    }
+    __m512i pick = _mm512_set1_epi32(g & 15);
+    for (int i = 0; i < S; i++)
+      acc[i] = _mm512_fmadd_ps(_mm512_add_ps(a[i][0], a[i][1]), _mm512_permutexvar_ps(pick, sv[i]), acc[i]);
   }
   for (int i = 0; i < S; i++) {
     const uint16_t *sr = sc + (size_t)rows[i] * G, *mr = mn + (size_t)rows[i] * G;
-    __m512 c = _mm512_setzero_ps(); /* sum over groups of (min - 128 s) * (x summed), 16 groups at a time */
+    __m512 c = acc[i]; /* plus the sum over groups of (min - 128 s) * (x summed), 16 groups at a time */
     for (int g = 0; g < G; g += 16) {
       __mmask16 live = G - g >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (G - g)) - 1u);
       __m512 sv = bf16x16(_mm256_maskz_loadu_epi16(live, sr + g));
@@ -442,7 +435,7 @@ static inline __attribute__((always_inline)) void q4_rows_bf16(const uint16_t* x
       __m512 xv = _mm512_maskz_loadu_ps(live, xs + g);
       c = _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_set1_ps(128.0f), sv, mv), xv, c);
     }
-    out[i] = _mm512_reduce_add_ps(acc[i]) + _mm512_reduce_add_ps(c);
+    out[i] = _mm512_reduce_add_ps(c);
   }
 }
 
