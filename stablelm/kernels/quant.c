@@ -402,7 +402,7 @@ static inline __attribute__((always_inline)) void q4_rows_bf16(const uint16_t* x
   int G = K / group, half = K / 2;
   const __m512i low = _mm512_set1_epi16(15), bias = _mm512_set1_epi16(0x4300);
   const uint8_t* r[Q4S];
-  __m512 acc[Q4S], sv[Q4S];
+  __m512 acc[Q4S], sv[Q4S] = {_mm512_setzero_ps()};
   for (int i = 0; i < S; i++) r[i] = w + (size_t)rows[i] * half, acc[i] = _mm512_setzero_ps();
   for (int g = 0; g < G; g++) {
     if ((g & 15) == 0) { /* the scales of 16 groups at once, each picked out with vpermps */
@@ -453,6 +453,52 @@ static void q4_one_bf16(const uint16_t* xb, const float* xs, int K, int group, c
 }
 #endif
 
+/* One row of x, float32 sums (AVX2, or float32 activations): as q4_block, Q4F rows far apart at once
+   (see q8_one). */
+#define Q4F (VW == 16 ? 4 : 2) /* AVX2: 16 registers */
+static inline __attribute__((always_inline)) void q4_rows_f32(const float* xf, const float* xs, int K, int group,
+                                                              const uint8_t* w, const uint16_t* sc, const uint16_t* mn,
+                                                              const int S, const int* rows, float* out) {
+  int G = K / group, half = K / 2;
+  const uint8_t* r[Q4F];
+  vf acc[Q4F];
+  for (int i = 0; i < S; i++) r[i] = w + (size_t)rows[i] * half, acc[i] = vzero();
+  for (int g = 0; g < G; g++) {
+    vf ga[Q4F][2];
+    for (int i = 0; i < S; i++) ga[i][0] = ga[i][1] = vzero();
+    for (int k0 = g * group; k0 < (g + 1) * group; k0 += 64)
+      for (int c = 0; c < 32; c += VW) {
+        vf xlo = vload(xf + k0 + c), xhi = vload(xf + k0 + 32 + c);
+        for (int i = 0; i < S; i++) {
+          if (c == 0 && (k0 & 127) == 0) _mm_prefetch((const char*)(r[i] + k0 / 2 + PFD), PFH);
+          vf lo, hi;
+          vload_u4(r[i] + k0 / 2 + c, &lo, &hi);
+          ga[i][0] = vfma(lo, xlo, ga[i][0]);
+          ga[i][1] = vfma(hi, xhi, ga[i][1]);
+        }
+      }
+    for (int i = 0; i < S; i++) acc[i] = vfma(vadd(ga[i][0], ga[i][1]), vset1(from_bf16(sc[(size_t)rows[i] * G + g])), acc[i]);
+  }
+  for (int i = 0; i < S; i++) {
+    float t = vsum(acc[i]);
+    for (int g = 0; g < G; g++) t += from_bf16(mn[(size_t)rows[i] * G + g]) * xs[g];
+    out[i] = t;
+  }
+}
+
+static void q4_one_f32(const float* xf, const float* xs, int K, int group, const uint8_t* w, const uint16_t* sc,
+                       const uint16_t* mn, int n0, int n1, float* out) {
+  int len = (n1 - n0) / Q4F;
+  for (int t = 0; t < len; t++) {
+    int rows[Q4F];
+    float o[Q4F];
+    for (int i = 0; i < Q4F; i++) rows[i] = n0 + i * len + t;
+    q4_rows_f32(xf, xs, K, group, w, sc, mn, Q4F, rows, o);
+    for (int i = 0; i < Q4F; i++) out[i * len + t] = o[i];
+  }
+  for (int n = n0 + len * Q4F; n < n1; n++) q4_rows_f32(xf, xs, K, group, w, sc, mn, 1, &n, out + (n - n0));
+}
+
 /* mode 0: float32 sums; mode 1: AVX512-BF16 (bfloat16 x only) */
 int stablelm_q4_linear(const void* x, int type, int M, int K, int ldx, void* y, int N, const uint8_t* w,
                        const uint16_t* sc, const uint16_t* mn, int group, const void* b, int mode, int threads) {
@@ -475,8 +521,7 @@ int stablelm_q4_linear(const void* x, int type, int M, int K, int ldx, void* y, 
   if (xb)
     for (int m = 0; m < M; m++) memcpy(xb + (size_t)m * K, (const uint16_t*)x + (size_t)m * ldx, (size_t)K * 2);
   int blocks = (N + NB - 1) / NB, half = K / 2;
-#if defined(__AVX512BF16__)
-  if (M == 1 && mode == 1) {
+  if (M == 1) {
     int per = (N + threads - 1) / threads;
     per = (per + 15) / 16 * 16;
     int parts = (N + per - 1) / per;
@@ -486,14 +531,18 @@ int stablelm_q4_linear(const void* x, int type, int M, int K, int ldx, void* y, 
       float out[64];
       for (int c = n0; c < n1; c += 64) {
         int c1 = c + 64 < n1 ? c + 64 : n1;
-        q4_one_bf16(xb, xs, K, group, w, sc, mn, c, c1, out);
+#if defined(__AVX512BF16__)
+        if (mode == 1)
+          q4_one_bf16(xb, xs, K, group, w, sc, mn, c, c1, out);
+        else
+#endif
+          q4_one_f32(xf, xs, K, group, w, sc, mn, c, c1, out);
         for (int j = c; j < c1; j++) store_one(y, type, j, out[j - c] + (b ? load_one(b, type, j) : 0.0f));
       }
     }
     free(xf), free(xs), free(xb);
     return 0;
   }
-#endif
 #pragma omp parallel for num_threads(blocks < threads ? blocks : threads) schedule(static)
   for (int blk = 0; blk < blocks; blk++) {
     int n0 = blk * NB, nn = N - n0 < NB ? N - n0 : NB;
