@@ -10,7 +10,8 @@
  *
  * Kernels (one source, compiled per instruction set like linear.c: VW = 16 floats with AVX-512, 8 with
  * AVX2):
- * - one row of x (decoding): q8_one / q4_one_bf16, several rows of W streamed at once (see q8_one).
+ * - one row of x (decoding): q8_one, q4_one_bf16, q4_one_f32: several rows of W far apart streamed at
+ *   once, each with a software prefetch (see q8_one); the others below serve 2 to 8 rows.
  * - q8: per output, VW-wide float32 partial sums of q * x (int8 widened to int32, converted), times
  *   s[n] at the end. 4 outputs and up to MR rows at once, each weight vector converted once.
  * - q4 (float32): the same over nibbles; each group's partial sums are scaled as the group ends, the
@@ -147,10 +148,10 @@ static inline __attribute__((always_inline)) void q8_block(const float* xf, int 
 /* One row of x (decoding). Reading W from memory at one thread is bound by how many cache lines are in
    flight, not by the arithmetic: the kernels read STREAMS (int4: Q4S) rows at once that lie far apart
    (row t of each quarter of a chunk of 64 outputs), each with a software prefetch PFD bytes ahead of its
-   reads. Measured on the 3B shape with cold weights (benchmarks/quant_kernels.py): int8 +7-28%, int4
-   +6-20% over 4 adjacent rows with the next 4 prefetched; one stream (one row after another) was slower
-   than either, and prefetching 4-8 KB ahead or into L2 only was no better. (Macros: compiler -D flags
-   for such experiments.) */
+   reads (AVX2's float32 int4 kernel: Q4F). Measured on the 3B shape with cold weights
+   (benchmarks/quant_kernels.py, docs/quantization.md): int8 +8-30% over 4 adjacent rows with the next 4
+   prefetched; one stream (one row after another) was slower than either, and prefetching 4-8 KB ahead
+   or into L2 only was no better. The macros can be set with -D for such experiments. */
 #ifndef PFD
 #define PFD 2048
 #endif
