@@ -5,7 +5,10 @@ turns in one process.
 Each variant gets its own set of layers of one shape, ~`--set-mb` MB of its weights in all (more than
 the 480 MB L3 of the machine it was written on, so every pass reads the weights from memory); one pass
 calls every layer of the set once with a 1-row input. The variants take turns pass by pass; the
-figures are G weights/s (median and best of `--rounds` passes) and the ratio to bf16 (medians).
+figures are G weights/s (median and best of `--rounds` passes) and the ratio to bf16 (medians), timed
+by the process's CPU time (on a shared machine wall time counts other processes' turns; `--wall` for
+it), so use one thread (at two, CPU time counts OpenMP's spinning). `--read` adds a plain 1 GB read
+(GB/s) in the same turns.
 
 Run:  python benchmarks/quant_kernels.py [--old REV] [--shape 2560x6912] [--threads 1] [--rounds 9]
       [--define NAME=-DFLAG ...]   (extra builds of the worktree's quant.c with compiler flags)
