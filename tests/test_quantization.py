@@ -104,6 +104,41 @@ def test_kernels_match_dequantized_reference(qtype, group, isa, monkeypatch):
         clear_caches()
 
 
+@pytest.mark.parametrize("isa", ["auto", "avx2"])
+@pytest.mark.parametrize(("qtype", "group", "k"), [("int8", 128, 328), ("int4", 64, 320), ("int4", 128, 384)])
+def test_one_row_kernels_match_dequantized_reference(qtype, group, k, isa, monkeypatch):
+    """The decoding kernels (one row of x: rows of W streamed several at once, in chunks of 64 outputs,
+    split over threads) on shapes with leftovers: 133 outputs, inputs not a multiple of the vector,
+    groups of an odd number of 64-input runs; 1 and 2 threads."""
+    from stablelm.kernels import best_isa, clear_caches
+
+    if isa == "avx2" and best_isa() is None:
+        pytest.skip("no AVX2 on this CPU")
+    monkeypatch.setenv("STABLELM_ISA", isa)
+    clear_caches()
+    threads = torch.get_num_threads()
+    try:
+        gen = torch.Generator().manual_seed(3)
+        w = (torch.randn(133, k, generator=gen) * 0.05).bfloat16()
+        layer = QuantizedLinear.from_dense(
+            w, torch.randn(133, generator=gen).bfloat16(), quant_type=qtype, group_size=group
+        )
+        for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 8e-3)):
+            layer.bias.data = layer.bias.data.to(dtype)
+            for n_threads in (1, 2):
+                torch.set_num_threads(n_threads)
+                x = torch.randn(1, k, generator=gen).to(dtype)
+                with torch.no_grad():
+                    y = layer(x)
+                ref = _reference(layer, x)
+                err = ((y.double() - ref).abs() / ref.abs().max()).max(dim=0).values
+                assert err.max().item() < tol, (dtype, n_threads, err.argmax().item())
+    finally:
+        torch.set_num_threads(threads)
+        monkeypatch.delenv("STABLELM_ISA")
+        clear_caches()
+
+
 def test_int4_both_kernel_modes_agree():
     if qlinear.int4_mode(torch.bfloat16) == 0:
         pytest.skip("no AVX512-BF16 kernel on this CPU")

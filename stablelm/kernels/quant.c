@@ -10,6 +10,8 @@
  *
  * Kernels (one source, compiled per instruction set like linear.c: VW = 16 floats with AVX-512, 8 with
  * AVX2):
+ * - one row of x (decoding): q8_one, q4_one_bf16, q4_one_f32: several rows of W far apart streamed at
+ *   once, each with a software prefetch (see q8_one); the others below serve 2 to 8 rows.
  * - q8: per output, VW-wide float32 partial sums of q * x (int8 widened to int32, converted), times
  *   s[n] at the end. 4 outputs and up to MR rows at once, each weight vector converted once.
  * - q4 (float32): the same over nibbles; each group's partial sums are scaled as the group ends, the
@@ -79,6 +81,7 @@ static inline float vsum(vf v) {
 #endif
 
 #define NB 4 /* outputs per inner block */
+
 #define XF32 0
 #define XBF16 1
 
@@ -142,11 +145,89 @@ static inline __attribute__((always_inline)) void q8_block(const float* xf, int 
     }
 }
 
+/* One row of x (decoding). Reading W from memory at one thread is bound by how many cache lines are in
+   flight, not by the arithmetic: the kernels read STREAMS (int4: Q4S) rows at once that lie far apart
+   (row t of each quarter of a chunk of 64 outputs), each with a software prefetch PFD bytes ahead of its
+   reads (AVX2's float32 int4 kernel: Q4F). Measured on the 3B shape with cold weights
+   (benchmarks/quant_kernels.py, docs/quantization.md): int8 +8-30% over 4 adjacent rows with the next 4
+   prefetched; one stream (one row after another) was slower than either, and prefetching 4-8 KB ahead
+   or into L2 only was no better. The macros can be set with -D for such experiments. */
+#ifndef PFD
+#define PFD 2048
+#endif
+#ifndef PFH
+#define PFH _MM_HINT_T0
+#endif
+#ifndef STREAMS
+#define STREAMS 4
+#endif
+#define Q8U (STREAMS >= 4 ? 2 : 8 / STREAMS) /* sums per stream: 8 in all */
+static void q8_one(const float* xf, int K, const int8_t* w, const float* s, int n0, int n1, float* out) {
+  int len = (n1 - n0) / STREAMS, nr = n1 - n0 - len * STREAMS;
+  for (int t = 0; t < len; t++) {
+    const int8_t* r[STREAMS];
+    vf acc[STREAMS][Q8U][1];
+    enum { U = Q8U };
+    for (int i = 0; i < STREAMS; i++) {
+      r[i] = w + (size_t)(n0 + i * len + t) * K;
+      for (int u = 0; u < U; u++) acc[i][u][0] = vzero();
+    }
+    int k = 0;
+    for (; k + U * VW <= K; k += U * VW) {
+      for (int i = 0; i < STREAMS; i++)
+        for (int l = 0; l < U * VW; l += 64) _mm_prefetch((const char*)(r[i] + k + l + PFD), PFH);
+      for (int u = 0; u < U; u++) {
+        vf xv = vload(xf + k + u * VW);
+        for (int i = 0; i < STREAMS; i++) acc[i][u][0] = vfma(vload_i8(r[i] + k + u * VW), xv, acc[i][u][0]);
+      }
+    }
+    for (int i = 0; i < STREAMS; i++) {
+      int kk = k;
+      for (; kk + VW <= K; kk += VW) acc[i][0][0] = vfma(vload_i8(r[i] + kk), vload(xf + kk), acc[i][0][0]);
+      vf a = acc[i][0][0];
+      for (int u = 1; u < U; u++) a = vadd(a, acc[i][u][0]);
+      float v = vsum(a);
+      for (; kk < K; kk++) v += (float)r[i][kk] * xf[kk];
+      out[i * len + t] = v * s[n0 + i * len + t];
+    }
+  }
+  for (int n = n1 - nr; n < n1; n++) { /* the rows left over */
+    const int8_t* r = w + (size_t)n * K;
+    vf a0 = vzero(), a1 = vzero();
+    int k = 0;
+    for (; k + 2 * VW <= K; k += 2 * VW) {
+      a0 = vfma(vload_i8(r + k), vload(xf + k), a0);
+      a1 = vfma(vload_i8(r + k + VW), vload(xf + k + VW), a1);
+    }
+    for (; k + VW <= K; k += VW) a0 = vfma(vload_i8(r + k), vload(xf + k), a0);
+    float v = vsum(vadd(a0, a1));
+    for (; k < K; k++) v += (float)r[k] * xf[k];
+    out[n - n0] = v * s[n];
+  }
+}
+
 int stablelm_q8_linear(const void* x, int type, int M, int K, int ldx, void* y, int N, const int8_t* w,
                        const float* s, const void* b, int threads) {
   if (M <= 0 || K <= 0 || N <= 0 || (type != XF32 && type != XBF16) || ldx < K) return 2;
   float* xf = x_to_f32(x, type, M, K, ldx);
   if (!xf) return 1;
+  if (M == 1) {
+    int per = (N + threads - 1) / threads;
+    per = (per + 15) / 16 * 16;
+    int parts = (N + per - 1) / per;
+#pragma omp parallel for num_threads(parts) schedule(static)
+    for (int p = 0; p < parts; p++) {
+      int n0 = p * per, n1 = n0 + per < N ? n0 + per : N;
+      float out[64];
+      for (int c = n0; c < n1; c += 64) {
+        int c1 = c + 64 < n1 ? c + 64 : n1;
+        q8_one(xf, K, w, s, c, c1, out);
+        for (int j = c; j < c1; j++) store_one(y, type, j, out[j - c] + (b ? load_one(b, type, j) : 0.0f));
+      }
+    }
+    free(xf);
+    return 0;
+  }
   int blocks = (N + NB - 1) / NB;
 #pragma omp parallel for num_threads(blocks < threads ? blocks : threads) schedule(static)
   for (int blk = 0; blk < blocks; blk++) {
@@ -309,6 +390,118 @@ static inline __attribute__((always_inline)) void q4_block_bf16(const uint16_t* 
 }
 #endif
 
+#ifndef Q4S
+#define Q4S 4
+#endif
+#if defined(__AVX512BF16__)
+/* One row of bfloat16 x (decoding) on AVX512-BF16: as q4_block_bf16, but Q4S rows far apart streamed at
+   once with a prefetch ahead of each (see q8_one), a group's four 32-input runs in four sums per row. */
+/* S rows (streams) of W at once against one row of x */
+static inline __attribute__((always_inline)) void q4_rows_bf16(const uint16_t* xb, const float* xs, int K, int group,
+                                                               const uint8_t* w, const uint16_t* sc, const uint16_t* mn,
+                                                               const int S, const int* rows, float* out) {
+  int G = K / group, half = K / 2;
+  const __m512i low = _mm512_set1_epi16(15), bias = _mm512_set1_epi16(0x4300);
+  const uint8_t* r[Q4S];
+  __m512 acc[Q4S], sv[Q4S] = {_mm512_setzero_ps()};
+  for (int i = 0; i < S; i++) r[i] = w + (size_t)rows[i] * half, acc[i] = _mm512_setzero_ps();
+  for (int g = 0; g < G; g++) {
+    if ((g & 15) == 0) { /* the scales of 16 groups at once, each picked out with vpermps */
+      __mmask16 live = G - g >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (G - g)) - 1u);
+      for (int i = 0; i < S; i++) sv[i] = bf16x16(_mm256_maskz_loadu_epi16(live, sc + (size_t)rows[i] * G + g));
+    }
+    /* two sums per row and group (low and high nibbles): each vdpbf16ps chain is S rows long */
+    __m512 a[Q4S][2];
+    for (int i = 0; i < S; i++) a[i][0] = a[i][1] = _mm512_setzero_ps();
+    for (int k0 = g * group; k0 < (g + 1) * group; k0 += 64) {
+      __m512bh x0 = (__m512bh)_mm512_loadu_si512(xb + k0), x1 = (__m512bh)_mm512_loadu_si512(xb + k0 + 32);
+      for (int i = 0; i < S; i++) {
+        if ((k0 & 127) == 0) _mm_prefetch((const char*)(r[i] + k0 / 2 + PFD), PFH);
+        __m512i b0 = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(r[i] + k0 / 2)));
+        a[i][0] = _mm512_dpbf16_ps(a[i][0], (__m512bh)_mm512_ternarylogic_epi32(b0, low, bias, 0xEA), x0);
+        a[i][1] = _mm512_dpbf16_ps(a[i][1], (__m512bh)_mm512_or_si512(_mm512_srli_epi16(b0, 4), bias), x1);
+      }
+    }
+    __m512i pick = _mm512_set1_epi32(g & 15);
+    for (int i = 0; i < S; i++)
+      acc[i] = _mm512_fmadd_ps(_mm512_add_ps(a[i][0], a[i][1]), _mm512_permutexvar_ps(pick, sv[i]), acc[i]);
+  }
+  for (int i = 0; i < S; i++) {
+    const uint16_t *sr = sc + (size_t)rows[i] * G, *mr = mn + (size_t)rows[i] * G;
+    __m512 c = acc[i]; /* plus the sum over groups of (min - 128 s) * (x summed), 16 groups at a time */
+    for (int g = 0; g < G; g += 16) {
+      __mmask16 live = G - g >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (G - g)) - 1u);
+      __m512 sv = bf16x16(_mm256_maskz_loadu_epi16(live, sr + g));
+      __m512 mv = bf16x16(_mm256_maskz_loadu_epi16(live, mr + g));
+      __m512 xv = _mm512_maskz_loadu_ps(live, xs + g);
+      c = _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_set1_ps(128.0f), sv, mv), xv, c);
+    }
+    out[i] = _mm512_reduce_add_ps(c);
+  }
+}
+
+static void q4_one_bf16(const uint16_t* xb, const float* xs, int K, int group, const uint8_t* w, const uint16_t* sc,
+                        const uint16_t* mn, int n0, int n1, float* out) {
+  int len = (n1 - n0) / Q4S;
+  for (int t = 0; t < len; t++) { /* Q4S streams, len rows apart */
+    int rows[Q4S];
+    float o[Q4S];
+    for (int i = 0; i < Q4S; i++) rows[i] = n0 + i * len + t;
+    q4_rows_bf16(xb, xs, K, group, w, sc, mn, Q4S, rows, o);
+    for (int i = 0; i < Q4S; i++) out[i * len + t] = o[i];
+  }
+  for (int n = n0 + len * Q4S; n < n1; n++) q4_rows_bf16(xb, xs, K, group, w, sc, mn, 1, &n, out + (n - n0));
+}
+#endif
+
+/* One row of x, float32 sums (AVX2, or float32 activations): as q4_block, Q4F rows far apart at once
+   (see q8_one). */
+#ifndef Q4F
+#define Q4F (VW == 16 ? 4 : 3) /* AVX2 (16 registers): 3 measured faster than 2 or 4 */
+#endif
+static inline __attribute__((always_inline)) void q4_rows_f32(const float* xf, const float* xs, int K, int group,
+                                                              const uint8_t* w, const uint16_t* sc, const uint16_t* mn,
+                                                              const int S, const int* rows, float* out) {
+  int G = K / group, half = K / 2;
+  const uint8_t* r[Q4F];
+  vf acc[Q4F];
+  for (int i = 0; i < S; i++) r[i] = w + (size_t)rows[i] * half, acc[i] = vzero();
+  for (int g = 0; g < G; g++) {
+    vf ga[Q4F][2];
+    for (int i = 0; i < S; i++) ga[i][0] = ga[i][1] = vzero();
+    for (int k0 = g * group; k0 < (g + 1) * group; k0 += 64)
+      for (int c = 0; c < 32; c += VW) {
+        vf xlo = vload(xf + k0 + c), xhi = vload(xf + k0 + 32 + c);
+        for (int i = 0; i < S; i++) {
+          if (c == 0 && (k0 & 127) == 0) _mm_prefetch((const char*)(r[i] + k0 / 2 + PFD), PFH);
+          vf lo, hi;
+          vload_u4(r[i] + k0 / 2 + c, &lo, &hi);
+          ga[i][0] = vfma(lo, xlo, ga[i][0]);
+          ga[i][1] = vfma(hi, xhi, ga[i][1]);
+        }
+      }
+    for (int i = 0; i < S; i++) acc[i] = vfma(vadd(ga[i][0], ga[i][1]), vset1(from_bf16(sc[(size_t)rows[i] * G + g])), acc[i]);
+  }
+  for (int i = 0; i < S; i++) {
+    float t = vsum(acc[i]);
+    for (int g = 0; g < G; g++) t += from_bf16(mn[(size_t)rows[i] * G + g]) * xs[g];
+    out[i] = t;
+  }
+}
+
+static void q4_one_f32(const float* xf, const float* xs, int K, int group, const uint8_t* w, const uint16_t* sc,
+                       const uint16_t* mn, int n0, int n1, float* out) {
+  int len = (n1 - n0) / Q4F;
+  for (int t = 0; t < len; t++) {
+    int rows[Q4F];
+    float o[Q4F];
+    for (int i = 0; i < Q4F; i++) rows[i] = n0 + i * len + t;
+    q4_rows_f32(xf, xs, K, group, w, sc, mn, Q4F, rows, o);
+    for (int i = 0; i < Q4F; i++) out[i * len + t] = o[i];
+  }
+  for (int n = n0 + len * Q4F; n < n1; n++) q4_rows_f32(xf, xs, K, group, w, sc, mn, 1, &n, out + (n - n0));
+}
+
 /* mode 0: float32 sums; mode 1: AVX512-BF16 (bfloat16 x only) */
 int stablelm_q4_linear(const void* x, int type, int M, int K, int ldx, void* y, int N, const uint8_t* w,
                        const uint16_t* sc, const uint16_t* mn, int group, const void* b, int mode, int threads) {
@@ -331,6 +524,28 @@ int stablelm_q4_linear(const void* x, int type, int M, int K, int ldx, void* y, 
   if (xb)
     for (int m = 0; m < M; m++) memcpy(xb + (size_t)m * K, (const uint16_t*)x + (size_t)m * ldx, (size_t)K * 2);
   int blocks = (N + NB - 1) / NB, half = K / 2;
+  if (M == 1) {
+    int per = (N + threads - 1) / threads;
+    per = (per + 15) / 16 * 16;
+    int parts = (N + per - 1) / per;
+#pragma omp parallel for num_threads(parts) schedule(static)
+    for (int p = 0; p < parts; p++) {
+      int n0 = p * per, n1 = n0 + per < N ? n0 + per : N;
+      float out[64];
+      for (int c = n0; c < n1; c += 64) {
+        int c1 = c + 64 < n1 ? c + 64 : n1;
+#if defined(__AVX512BF16__)
+        if (mode == 1)
+          q4_one_bf16(xb, xs, K, group, w, sc, mn, c, c1, out);
+        else
+#endif
+          q4_one_f32(xf, xs, K, group, w, sc, mn, c, c1, out);
+        for (int j = c; j < c1; j++) store_one(y, type, j, out[j - c] + (b ? load_one(b, type, j) : 0.0f));
+      }
+    }
+    free(xf), free(xs), free(xb);
+    return 0;
+  }
 #pragma omp parallel for num_threads(blocks < threads ? blocks : threads) schedule(static)
   for (int blk = 0; blk < blocks; blk++) {
     int n0 = blk * NB, nn = N - n0 < NB ? N - n0 : NB;

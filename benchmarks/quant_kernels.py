@@ -1,0 +1,231 @@
+"""Batch-1 speed of the int8 / int4 kernels (`stablelm/kernels/quant.c`) with cold weights, against
+stablelm's bf16 linear layer and against another version of `quant.c` (e.g. the committed one), in
+turns in one process.
+
+Each variant gets its own set of layers of one shape, ~`--set-mb` MB of its weights in all (more than
+the 480 MB L3 of the machine it was written on, so every pass reads the weights from memory); one pass
+calls every layer of the set once with a 1-row input. The variants take turns pass by pass; the
+figures are G weights/s (median and best of `--rounds` passes) and the ratio to bf16 (medians), timed
+by the process's CPU time (on a shared machine wall time counts other processes' turns; `--wall` for
+it), so use one thread (at two, CPU time counts OpenMP's spinning). `--read` adds a plain 1 GB read
+(GB/s) in the same turns.
+
+Run:  python benchmarks/quant_kernels.py [--old REV] [--shape 2560x6912] [--threads 1] [--rounds 9]
+      [--define NAME=-DFLAG ...]   (extra builds of the worktree's quant.c with compiler flags)
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def compile_source(source: Path, out: Path, extra: list[str]) -> ctypes.CDLL:
+    from stablelm.kernels import COMMON_FLAGS, ISA_FLAGS, selected_isa
+
+    isa = selected_isa() or "avx2"
+    for flags in ISA_FLAGS[isa]:
+        result = subprocess.run(
+            ["cc", *COMMON_FLAGS, *flags, *extra, str(source), "-o", str(out)], capture_output=True, text=True
+        )
+        if result.returncode == 0:
+            break
+    else:
+        raise RuntimeError(result.stderr[-2000:])
+    lib = ctypes.CDLL(str(out))
+    p, i = ctypes.c_void_p, ctypes.c_int
+    lib.stablelm_q8_linear.argtypes = [p, i, i, i, i, p, i, p, p, p, i]
+    lib.stablelm_q4_linear.argtypes = [p, i, i, i, i, p, i, p, p, p, i, p, i, i]
+    return lib
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--old",
+        action="append",
+        help="git revision of quant.c to compare with (repeatable; default HEAD, '' for none)",
+    )
+    parser.add_argument("--shape", default="2560x6912", help="K x N of the layer")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--set-mb", type=int, default=1000)
+    parser.add_argument("--rows", type=int, default=1)
+    parser.add_argument("--kinds", default="int8,int4", help="int8, int4 or both")
+    parser.add_argument("--define", action="append", default=[], help="NAME=-DFLAG[,-DFLAG]: another build")
+    parser.add_argument("--no-bf16", action="store_true")
+    parser.add_argument("--read", action="store_true", help="also the plain read speed (GB/s)")
+    parser.add_argument("--wall", action="store_true", help="wall time instead of the process's CPU time")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    k, n = (int(v) for v in args.shape.split("x"))
+    m = args.rows
+    import stablelm.layers
+    from stablelm.quantization import QuantizedLinear
+    from stablelm.quantization.linear import int4_mode
+
+    tmp = Path(tempfile.mkdtemp(prefix="quantbench-"))
+    builds = {"new": compile_source(ROOT / "stablelm/kernels/quant.c", tmp / "new.so", [])}
+    for rev in args.old or ["HEAD"]:
+        if rev:
+            old = tmp / f"quant_{len(builds)}.c"
+            text = subprocess.check_output(
+                ["git", "-C", str(ROOT), "show", f"{rev}:stablelm/kernels/quant.c"], text=True
+            )
+            old.write_text(text)
+            builds[rev] = compile_source(old, tmp / f"quant_{len(builds)}.so", [])
+    for spec in args.define:
+        name, flags = spec.split("=", 1)
+        builds[name] = compile_source(ROOT / "stablelm/kernels/quant.c", tmp / f"{name}.so", flags.split(","))
+
+    torch.manual_seed(0)
+    budget = args.set_mb << 20
+    x = torch.randn(m, k).bfloat16()
+    mode = int4_mode(torch.bfloat16)
+    passes = {}  # name -> callable doing one pass
+    if not args.no_bf16:
+        dense = []
+        for _ in range(max(2, budget // (n * k * 2))):
+            layer = stablelm.layers.Linear(k, n, bias=False).bfloat16()
+            layer.weight.data.normal_(0, 0.02)
+            dense.append(layer)
+        passes["bf16"] = lambda: [layer(x) for layer in dense]
+    if args.read:  # the memory's read speed at this moment, as bytes: reported as G "int8 weights"/s
+        from stablelm.kernels import read_memory
+
+        buffer = torch.empty(budget, dtype=torch.uint8).fill_(1)
+        passes["read GB/s"] = lambda: read_memory(buffer)
+    one = torch.randn(n, k).bfloat16() * 0.02
+    template = {
+        q: QuantizedLinear.from_dense(one, None, quant_type=q, group_size=128) for q in ("int8", "int4")
+    }
+    y = torch.empty(m, n, dtype=torch.bfloat16)
+    for q in args.kinds.split(","):
+        t = template[q]
+        per = t.weight.numel() + t.weight_scale.numel() * t.weight_scale.element_size()
+        count = max(2, budget // per)
+        layers = []
+        for _ in range(count):  # copies of one quantized layer: the same work, distinct memory
+            layers.append(tuple(v.clone() for v in (t.weight, t.weight_scale, t.weight_min) if v is not None))
+        for name, lib in builds.items():
+            if q == "int8":
+
+                def run(lib=lib, layers=layers) -> None:
+                    for w, s in layers:
+                        lib.stablelm_q8_linear(
+                            x.data_ptr(),
+                            1,
+                            m,
+                            k,
+                            k,
+                            y.data_ptr(),
+                            n,
+                            w.data_ptr(),
+                            s.data_ptr(),
+                            None,
+                            args.threads,
+                        )
+
+            else:
+
+                def run(lib=lib, layers=layers) -> None:
+                    for w, s, mn in layers:
+                        lib.stablelm_q4_linear(
+                            x.data_ptr(),
+                            1,
+                            m,
+                            k,
+                            k,
+                            y.data_ptr(),
+                            n,
+                            w.data_ptr(),
+                            s.data_ptr(),
+                            mn.data_ptr(),
+                            128,
+                            None,
+                            mode,
+                            args.threads,
+                        )
+
+            passes[f"{q} {name}"] = run
+        # the builds agree with the layer's dequantized weights
+        ref = x.float() @ t.dequantized().t()
+        for name, lib in builds.items():
+            w = template[q]
+            if q == "int8":
+                lib.stablelm_q8_linear(
+                    x.data_ptr(),
+                    1,
+                    m,
+                    k,
+                    k,
+                    y.data_ptr(),
+                    n,
+                    w.weight.data_ptr(),
+                    w.weight_scale.data_ptr(),
+                    None,
+                    args.threads,
+                )
+            else:
+                lib.stablelm_q4_linear(
+                    x.data_ptr(),
+                    1,
+                    m,
+                    k,
+                    k,
+                    y.data_ptr(),
+                    n,
+                    w.weight.data_ptr(),
+                    w.weight_scale.data_ptr(),
+                    w.weight_min.data_ptr(),
+                    128,
+                    None,
+                    mode,
+                    args.threads,
+                )
+            err = (y.float() - ref).abs().max().item() / ref.abs().max().item()
+            assert err < 1e-2, (q, name, err)
+    counts = {"bf16": len(dense) if not args.no_bf16 else 0, "read": budget / (n * k)}
+    for q in args.kinds.split(","):
+        t = template[q]
+        per = t.weight.numel() + t.weight_scale.numel() * t.weight_scale.element_size()
+        counts[q] = max(2, budget // per)
+    # CPU time by default: on a shared machine the process is often descheduled, which wall time counts
+    clock = time.perf_counter if args.wall else time.process_time
+    rates = {name: [] for name in passes}
+    with torch.no_grad():
+        for run in passes.values():  # warm-up: build plans, touch pages
+            run()
+        for _ in range(args.rounds):
+            for name, run in passes.items():
+                start = clock()
+                run()
+                seconds = clock() - start
+                layers = counts[name.split()[0]]
+                rates[name].append(layers * n * k / seconds / 1e9)
+    load = os.getloadavg()[0]
+    print(
+        f"{k}x{n} ({k} inputs, {n} outputs), {m} row(s), {args.threads} thread(s), load {load:.1f}, "
+        f"{args.rounds} rounds, int4 mode {mode}, {'wall' if args.wall else 'CPU'} time"
+    )
+    base = statistics.median(rates["bf16"]) if "bf16" in rates else None
+    for name, values in rates.items():
+        med = statistics.median(values)
+        ratio = f"  {med / base:.2f}x bf16" if base else ""
+        print(f"  {name:12s} median {med:6.2f}  best {max(values):6.2f} G weights/s{ratio}")
+
+
+if __name__ == "__main__":
+    main()
