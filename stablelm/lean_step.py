@@ -69,6 +69,8 @@ class _Kernel:
 
 def _kernel_for(linears: tuple[nn.Module, ...], rows: int, threads: int) -> _Kernel | None:
     """The planned call for these layers fused (as `stablelm.layers.fused_linear` would make it), or None."""
+    if any(type(m) is not Linear for m in linears):  # quantized layers, peft's wrappers, ...: the modules run
+        return None
     weights = [m._parameters["weight"] for m in linears]
     biases = [m._parameters["bias"] for m in linears]
     dtype, k = weights[0].dtype, weights[0].shape[1]
