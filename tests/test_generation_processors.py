@@ -269,3 +269,16 @@ def test_the_eos_mask_made_once_follows_the_scores_vocabulary():
         want[:, [1, 4]] = -float("inf")
         assert torch.equal(processor(ids, scores), want)
     assert torch.equal(processor(torch.zeros(2, 5, dtype=torch.long), scores), scores)  # past the minimum
+
+
+def test_the_suppress_tokens_mask_made_once_follows_the_scores_vocabulary():
+    """suppress_tokens builds its mask once (not every step), anew for scores of another vocabulary."""
+    from stablelm.generation.processors import SuppressTokensLogitsProcessor
+
+    processor = SuppressTokensLogitsProcessor([0, 3, 6], torch.device("cpu"))
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    for vocab in (5, 7, 5, 7):
+        scores = torch.randn(2, vocab)
+        want = scores.clone()
+        want[:, [i for i in (0, 3, 6) if i < vocab]] = -float("inf")
+        assert torch.equal(processor(ids, scores), want)

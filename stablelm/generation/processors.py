@@ -32,6 +32,21 @@ def _isin_vocab(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.isin(torch.arange(scores.shape[-1], device=scores.device), ids.to(scores.device))
 
 
+class _VocabMask:
+    """The (V,) mask of `ids` over the scores' vocabulary, made once per vocabulary size and device: made
+    every step, the arange and isin over the whole vocabulary cost ~0.3 ms a token on the 160M shape."""
+
+    def __init__(self, ids: torch.Tensor) -> None:
+        self.ids = ids
+        self._mask: torch.Tensor | None = None
+
+    def of(self, scores: torch.Tensor) -> torch.Tensor:
+        mask = self._mask
+        if mask is None or mask.shape[0] != scores.shape[-1] or mask.device != scores.device:
+            mask = self._mask = _isin_vocab(scores, self.ids)
+        return mask
+
+
 class RepetitionPenaltyLogitsProcessor:
     def __init__(self, penalty: float, prompt_ignore_length: torch.Tensor | None = None) -> None:
         self.penalty, self.ignore_before = penalty, prompt_ignore_length
@@ -154,13 +169,10 @@ class NoBadWordsLogitsProcessor(SequenceBiasLogitsProcessor):
 class _SuppressEos:
     def __init__(self, eos: list[int], device: torch.device) -> None:
         self.eos = torch.tensor(eos, device=device)
-        self._banned: torch.Tensor | None = None  # (V,) the EOS mask, made once (it ran every step)
+        self._banned = _VocabMask(self.eos)
 
     def suppress(self, scores: torch.Tensor) -> torch.Tensor:
-        banned = self._banned
-        if banned is None or banned.shape[0] != scores.shape[-1] or banned.device != scores.device:
-            banned = self._banned = _isin_vocab(scores, self.eos)
-        return torch.where(banned, -math.inf, scores)
+        return torch.where(self._banned.of(scores), -math.inf, scores)
 
 
 class MinLengthLogitsProcessor(_SuppressEos):
@@ -268,9 +280,10 @@ class ExponentialDecayLengthPenalty:
 class SuppressTokensLogitsProcessor:
     def __init__(self, token_ids: Sequence[int], device: torch.device) -> None:
         self.ids = torch.tensor(_ids("suppress_tokens", list(token_ids)), device=device)
+        self._banned = _VocabMask(self.ids)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        return torch.where(_isin_vocab(scores, self.ids), -math.inf, scores)
+        return torch.where(self._banned.of(scores), -math.inf, scores)
 
 
 class SuppressTokensAtBeginLogitsProcessor:
