@@ -135,6 +135,7 @@ def launch(
         ]
         command += own
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(max(1, args.threads // processes))}
+    env["TMPDIR"] = str(report.parent)  # the runs' output folders and torchrun's go with the reports
     subprocess.run(command, env=env, check=True)
     return [json.loads(Path(f"{report}.{rank}").read_text()) for rank in range(processes)]
 

@@ -156,7 +156,7 @@ def _run_console_block(code: str, line: int, hub_cache: Path, tmp_path: Path) ->
         result = subprocess.run(
             ["bash", "-c", "set -o pipefail; " + command],
             cwd=tmp_path,
-            env=environment(hub_cache),
+            env={**environment(hub_cache), "TMPDIR": str(tmp_path)},  # torchrun's folders go there
             capture_output=True,
             text=True,
             timeout=300,
