@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import math
 import os
 import sys
@@ -88,9 +89,11 @@ def run(args: argparse.Namespace) -> int:
     trainer.save_model(output_dir, dtype=resolve_dtype(args.save_dtype))
     if args.merge:
         _save_merged(args, trainer, output_dir, parallel)
-    # DDP's reducer is released before the process group it uses: released after it, at the interpreter's
-    # exit, it could leave a rank waiting forever (seen with gloo).
-    del trainer
+    # DDP's reducer and FSDP's sharded modules (their device mesh) are released before the process group
+    # they use: released after it, at the interpreter's exit, a rank could wait forever or abort in gloo's
+    # teardown ("terminate called without an active exception", seen once under FSDP in bf16).
+    del trainer, model
+    gc.collect()
     distributed.destroy_process_group()
     if parallel.is_main:
         across = f" across {plural(parallel.world_size, 'process', 'processes')}" if parallel.active else ""

@@ -129,8 +129,9 @@ def init_process_group(
 
 
 def destroy_process_group() -> None:
-    """Leave the process group after a run that ended normally."""
+    """Leave the process group after a run that ended normally, once every rank is done with it."""
     if torch.distributed.is_initialized():
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
