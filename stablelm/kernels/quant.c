@@ -206,15 +206,20 @@ static void q8_one(const float* xf, int K, const int8_t* w, const float* s, int 
   }
 }
 
+/* One row's N outputs split into `parts` contiguous ranges of `per` (a multiple of 16), one per thread. */
+static inline int one_row_split(int N, int threads, int* per) {
+  int p = (N + threads - 1) / threads;
+  *per = (p + 15) / 16 * 16;
+  return (N + *per - 1) / *per;
+}
+
 int stablelm_q8_linear(const void* x, int type, int M, int K, int ldx, void* y, int N, const int8_t* w,
                        const float* s, const void* b, int threads) {
   if (M <= 0 || K <= 0 || N <= 0 || (type != XF32 && type != XBF16) || ldx < K) return 2;
   float* xf = x_to_f32(x, type, M, K, ldx);
   if (!xf) return 1;
   if (M == 1) {
-    int per = (N + threads - 1) / threads;
-    per = (per + 15) / 16 * 16;
-    int parts = (N + per - 1) / per;
+    int per, parts = one_row_split(N, threads, &per);
 #pragma omp parallel for num_threads(parts) schedule(static)
     for (int p = 0; p < parts; p++) {
       int n0 = p * per, n1 = n0 + per < N ? n0 + per : N;
@@ -525,9 +530,7 @@ int stablelm_q4_linear(const void* x, int type, int M, int K, int ldx, void* y, 
     for (int m = 0; m < M; m++) memcpy(xb + (size_t)m * K, (const uint16_t*)x + (size_t)m * ldx, (size_t)K * 2);
   int blocks = (N + NB - 1) / NB, half = K / 2;
   if (M == 1) {
-    int per = (N + threads - 1) / threads;
-    per = (per + 15) / 16 * 16;
-    int parts = (N + per - 1) / per;
+    int per, parts = one_row_split(N, threads, &per);
 #pragma omp parallel for num_threads(parts) schedule(static)
     for (int p = 0; p < parts; p++) {
       int n0 = p * per, n1 = n0 + per < N ? n0 + per : N;
