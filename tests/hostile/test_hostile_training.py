@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from training_fixtures import TEXTS as ALL_TEXTS
-from training_fixtures import write_text_jsonl
+from training_fixtures import TINY_TRAINING_CONFIG, write_text_jsonl
 
 import stablelm.training
 from stablelm import CheckpointError, StableLmConfig, StableLmForCausalLM
@@ -39,15 +39,7 @@ from stablelm.training.wording import plural
 
 TEXTS = ALL_TEXTS[:4]
 pytestmark = pytest.mark.usefixtures("one_thread")
-TINY = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    tie_word_embeddings=True,
-)
+TINY = dict(TINY_TRAINING_CONFIG, num_hidden_layers=1)
 # About 10^12 parameters: 16 TB to train in float32 with AdamW.
 HUGE = dict(TINY, hidden_size=32768, intermediate_size=131072, num_hidden_layers=60, num_attention_heads=256)
 HUGE["num_key_value_heads"] = 256
