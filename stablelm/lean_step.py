@@ -32,6 +32,7 @@ from torch.nn.modules import module as _module
 from .attention import _SDPA_HAS_GQA
 from .cache import StaticCache
 from .kernels import PlannedLinear, check_status, decode_qkv_kernel, kernel, planned_linear
+from .kernels import attention as native_attention
 from .kernels.linear import plan as kernel_plan
 from .layers import Linear
 from .rope import RotaryEmbedding
@@ -160,6 +161,11 @@ class LeanStep:
         self.head = _kernel_for((head,), rows, threads) if type(head) is Linear else None
         self.q = torch.empty(rows, 1, self.H, self.D, dtype=self.dtype)  # (B, 1, H, D), reused every layer
         self.q_heads = self.q.transpose(1, 2)  # (B, H, 1, D), as attention takes it
+        # attention in torch's bits by the native kernel where it reproduces SDPA here (AVX2 CPUs), else SDPA
+        self.attn = native_attention.plan(self.dtype, self.H, self.Hkv, self.D, self.scale)
+        self.attn_out = (
+            torch.empty(rows, self.H * self.D, dtype=self.dtype) if self.attn is not None else None
+        )
 
     @classmethod
     def build(cls, model: nn.Module, cache: object, rows: int) -> LeanStep | None:
@@ -225,6 +231,9 @@ class LeanStep:
         rot = cos.shape[-1]
         cos, sin = cos.contiguous(), sin.contiguous()
         allowed = None if key_mask is None else key_mask[:, None, None, :]
+        native_mask = None  # the native attention kernel reads a bool mask's rows as bytes
+        if key_mask is not None and key_mask.dtype == torch.bool and key_mask.stride(-1) == 1:
+            native_mask = key_mask
         q, q_heads, fn = self.q, self.q_heads, self.qkv_fn
         cos_p, sin_p, q_p = cos.data_ptr(), sin.data_ptr(), q.data_ptr()
         for i, layer in enumerate(self.layers):
@@ -237,11 +246,22 @@ class LeanStep:
             )  # fmt: skip
             if status:
                 raise ValueError(f"bad arguments to stablelm's decode_qkv kernel (slot {slot} of {slots})")
-            y = F.scaled_dot_product_attention(
-                q_heads, kc[:, :, :length], vc[:, :, :length], attn_mask=allowed, scale=self.scale,
-                enable_gqa=self.gqa,
-            )  # fmt: skip
-            y = y.transpose(1, 2).reshape(B, H * D)
+            y = None
+            if self.attn is not None and (key_mask is None or native_mask is not None):
+                status = native_attention.run(
+                    self.attn, q_heads, kc, vc, length, native_mask, self.attn_out, self.scale
+                )
+                if status == 2:
+                    raise ValueError(
+                        f"bad arguments to stablelm's attention kernel ({length} of {slots} slots)"
+                    )
+                y = self.attn_out if status == 0 else None  # 4: a score not finite: torch's kernel decides
+            if y is None:
+                y = F.scaled_dot_product_attention(
+                    q_heads, kc[:, :, :length], vc[:, :, :length], attn_mask=allowed, scale=self.scale,
+                    enable_gqa=self.gqa,
+                )  # fmt: skip
+                y = y.transpose(1, 2).reshape(B, H * D)
             x = layer.o(y if B == 1 else y.contiguous()).add_(x)  # x + attn(ln(x)) (a sum commutes)
             x = layer.mlp(h if layer.parallel else torch.layer_norm(x, *layer.ln2)).add_(x)
         x = torch.layer_norm(x, *self.norm)

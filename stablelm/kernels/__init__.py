@@ -154,7 +154,10 @@ def build(source: Path, *, isa: str = "avx2", compiler: str | None = None) -> Pa
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
             result = subprocess.run(
-                [compiler, *flags, str(source), "-o", str(built)], capture_output=True, text=True, timeout=120
+                [compiler, *flags, str(source), "-o", str(built), "-lm"],
+                capture_output=True,
+                text=True,
+                timeout=120,
             )
             if result.returncode != 0:
                 error = error or result.stderr.strip()[-500:]

@@ -1,0 +1,116 @@
+"""Decoding's attention (one new query per row over a static cache) in torch's bits, where the native
+kernel (`attention.c`) reproduces them on this machine.
+
+On CPUs where ATen runs its AVX2 kernels, torch's `scaled_dot_product_attention` for one bfloat16 query
+hands two tiny matrix products per head to MKL, ~14 us each: ~400 us a layer for a 176-key context on a
+12-head model, ~1.4 ms on a 32-head one, more than the rest of the layer's small operations together.
+`attention.c` computes the same numbers in MKL's and ATen's orders. Whether it does on this machine (its
+torch, MKL and CPU) is checked once per head layout, scale and thread count against
+`F.scaled_dot_product_attention` itself, on probes of several lengths (within and across torch's blocks of
+512 keys), with and without a mask, whose scores spread wide enough that any other order shows; a layout
+the kernel does not reproduce keeps torch's kernel. On AVX-512 CPUs torch computes otherwise (oneDNN's
+and MKL's AVX-512 code), so there the probes fail and nothing changes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import subprocess
+from functools import cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import build, selected_isa
+
+SOURCE = Path(__file__).with_name("attention.c")
+# Key counts the probes cover: vector and leftover paths, groups of four, and torch's blocks of 512.
+PROBE_LENGTHS = (1, 3, 9, 16, 24, 37, 100, 177, 512, 513, 530, 1100)
+_PLANS: dict[tuple, object] = {}
+
+
+@cache
+def _library(isa: str | None) -> ctypes.CDLL | None:
+    if isa is None:
+        return None
+    try:
+        lib = ctypes.CDLL(str(build(SOURCE, isa=isa)))
+    except (RuntimeError, OSError, subprocess.SubprocessError):
+        return None
+    p, i64, i = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    fn = lib.stablelm_decode_attention_bf16
+    fn.argtypes = [p, i64, i64, p, p, i64, i64, p, i64, p, i64, i, i, i, i, ctypes.c_float, i]
+    fn.restype = ctypes.c_int
+    return lib
+
+
+def kernel():  # noqa: ANN201 - a ctypes function, or None
+    """`stablelm_decode_attention_bf16` of the library for `selected_isa()`, or None (no native kernels)."""
+    lib = _library(selected_isa())
+    return None if lib is None else lib.stablelm_decode_attention_bf16
+
+
+def plan(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, scale: float):  # noqa: ANN201
+    """The native kernel where it gives torch's bits for this layout on this machine, else None (see the
+    module docstring). Made once per dtype, layout, scale and thread count."""
+    key = (dtype, heads, kv_heads, head_dim, float(scale), torch.get_num_threads())
+    if key not in _PLANS:
+        fn = kernel()
+        usable = (
+            fn is not None
+            and dtype == torch.bfloat16
+            and head_dim % 8 == 0
+            and 8 <= head_dim <= 512
+            and heads % kv_heads == 0
+        )
+        _PLANS[key] = fn if usable and _reproduces_torch(fn, heads, kv_heads, head_dim, scale) else None
+    return _PLANS[key]
+
+
+def run(
+    fn, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length: int, mask: torch.Tensor | None,
+    out: torch.Tensor, scale: float,
+) -> int:  # fmt: skip  # noqa: ANN001
+    """Attention of `q` (B, H, 1, D; any strides with D contiguous) over the first `length` slots of the
+    cache tensors `keys`/`values` (B, Hkv, slots, D, contiguous), `mask` (B, length) bool, rows
+    contiguous, or None; written into `out` (B, H * D, rows contiguous). The kernel's status: 0, or 4
+    when a score is not finite (then nothing is promised about `out`: run torch's kernel)."""
+    B, H, _, D = q.shape
+    Hkv, slots = keys.shape[1], keys.shape[2]
+    return fn(
+        q.data_ptr(), q.stride(0), q.stride(1), keys.data_ptr(), values.data_ptr(), slots, length,
+        None if mask is None else mask.data_ptr(), 0 if mask is None else mask.stride(0),
+        out.data_ptr(), out.stride(0), B, H, Hkv, D, scale, torch.get_num_threads(),
+    )  # fmt: skip
+
+
+def _reproduces_torch(fn, heads: int, kv_heads: int, head_dim: int, scale: float) -> bool:  # noqa: ANN001
+    gen = torch.Generator().manual_seed(0)
+    B, slots = 2, max(PROBE_LENGTHS) + 3
+    for spread in (3.0, 1.0):
+        q = (torch.randn(B, heads, 1, head_dim, generator=gen) * spread).to(torch.bfloat16)
+        keys = (torch.randn(B, kv_heads, slots, head_dim, generator=gen) * spread).to(torch.bfloat16)
+        values = torch.randn(B, kv_heads, slots, head_dim, generator=gen).to(torch.bfloat16)
+        for length in PROBE_LENGTHS:
+            mask = torch.rand(B, length, generator=gen) > 0.3
+            mask[:, -1] = True  # every row sees its own new key, as in decoding
+            for m in (None, mask):
+                try:
+                    expected = _sdpa(q, keys[:, :, :length], values[:, :, :length], m, scale)
+                except (TypeError, RuntimeError):  # e.g. a torch without enable_gqa
+                    return False
+                got = torch.empty(B, heads * head_dim, dtype=torch.bfloat16)
+                status = run(fn, q, keys, values, length, m, got, scale)
+                if status != 0 or not torch.equal(got, expected):
+                    return False
+    return True
+
+
+def _sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, scale: float):
+    """torch's result as the decode step asks for it, laid out as the kernel writes it (B, H * D)."""
+    B, H, _, D = q.shape
+    gqa = {"enable_gqa": True} if keys.shape[1] != H else {}
+    allowed = None if mask is None else mask[:, None, None]
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=scale, **gqa)
+    return out.transpose(1, 2).reshape(B, H * D)

@@ -1,0 +1,167 @@
+"""The native decode attention (`stablelm/kernels/attention.c`) gives torch's SDPA bits wherever it is
+planned, is planned on a CPU whose torch runs its AVX2 kernels, and steps aside on bad or non-finite
+input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_kernels import LEVELS, _run_isolated
+
+from stablelm import kernels
+from stablelm.kernels import attention
+
+needs_kernels = pytest.mark.skipif(
+    "avx2" not in LEVELS, reason="needs an x86-64 CPU with AVX2 and a C compiler"
+)
+
+
+def _sdpa(q, keys, values, length, mask, scale):
+    return attention._sdpa(q, keys[:, :, :length], values[:, :, :length], mask, scale)
+
+
+def _case(gen, B, H, Hkv, D, slots, spread):
+    q = (torch.randn(B, H, 1, D, generator=gen) * spread).bfloat16()
+    keys = (torch.randn(B, Hkv, slots, D, generator=gen) * spread).bfloat16()
+    values = torch.randn(B, Hkv, slots, D, generator=gen).bfloat16()
+    return q, keys, values
+
+
+def _native(fn, q, keys, values, length, mask, scale):
+    B, H, _, D = q.shape
+    out = torch.full((B, H * D), float("nan"), dtype=torch.bfloat16)
+    status = attention.run(fn, q, keys, values, length, mask, out, scale)
+    return status, out
+
+
+@needs_kernels
+@pytest.mark.parametrize("H, Hkv, D", [(12, 12, 64), (32, 32, 80), (8, 2, 64), (4, 4, 128), (4, 1, 160)])
+def test_where_planned_the_kernel_gives_sdpas_bits(H, Hkv, D):
+    scale = D**-0.5
+    fn = attention.plan(torch.bfloat16, H, Hkv, D, scale)
+    if fn is None:
+        pytest.skip("torch's SDPA is not the AVX2 one here: the native attention is not used")
+    gen = torch.Generator().manual_seed(H * D)
+    lengths = [1, 2, 5, 7, 8, 15, 16, 17, 31, 47, 100, 176, 255, 511, 512, 513, 515, 777, 1024, 1025, 1600]
+    for length in lengths:
+        for B, spread in ((1, 3.0), (2, 1.0), (2, 3.0)):
+            q, keys, values = _case(
+                gen, B, H, Hkv, D, length + int(torch.randint(0, 9, (1,), generator=gen)), spread
+            )
+            mask = torch.rand(B, length, generator=gen) > 0.4
+            mask[:, -1] = True
+            for m in (None, mask):
+                status, got = _native(fn, q, keys, values, length, m, scale)
+                assert status == 0
+                assert torch.equal(got, _sdpa(q, keys, values, length, m, scale)), (
+                    length,
+                    B,
+                    spread,
+                    m is None,
+                )
+
+
+@needs_kernels
+def test_a_query_strided_as_the_decode_step_keeps_it_and_a_sliced_mask_read_right():
+    fn = attention.plan(torch.bfloat16, 8, 8, 64, 0.125)
+    if fn is None:
+        pytest.skip("torch's SDPA is not the AVX2 one here: the native attention is not used")
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(3, 1, 8, 64, generator=gen).bfloat16().transpose(1, 2)  # (B, H, 1, D), heads D apart
+    _, keys, values = _case(gen, 3, 8, 8, 64, 40, 2.0)
+    full = torch.rand(3, 40, generator=gen) > 0.5
+    full[:, :30] |= torch.eye(3, 30, dtype=torch.bool)  # some key in every row
+    mask = full[:, :30]  # the step's key_mask[:, :length]: rows 40 apart
+    status, got = _native(fn, q, keys, values, 30, mask, 0.125)
+    assert status == 0 and torch.equal(got, _sdpa(q, keys, values, 30, mask, 0.125))
+
+
+@needs_kernels
+def test_a_row_that_may_see_no_key_gets_sdpas_zeros():
+    fn = attention.kernel()
+    gen = torch.Generator().manual_seed(2)
+    q, keys, values = _case(gen, 2, 4, 4, 64, 20, 1.0)
+    mask = torch.ones(2, 20, dtype=torch.bool)
+    mask[1] = False
+    status, got = _native(fn, q, keys, values, 20, mask, 0.125)
+    assert status == 0
+    assert torch.equal(got[1], torch.zeros(4 * 64, dtype=torch.bfloat16))
+
+
+@needs_kernels
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_score_that_is_not_finite_is_left_to_torch(bad):
+    fn = attention.kernel()
+    gen = torch.Generator().manual_seed(3)
+    q, keys, values = _case(gen, 1, 4, 4, 64, 20, 1.0)
+    keys[0, 2, 5, 7] = bad
+    status, _ = _native(fn, q, keys, values, 20, None, 0.125)
+    assert status == 4
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(D=12),  # not a multiple of 8
+        dict(D=1024),  # wider than the kernel's buffers
+        dict(length=0),
+        dict(length=41),  # beyond the cache's 40 slots
+        dict(Hkv=3),  # 8 heads do not share 3 kv heads evenly
+    ],
+)
+def test_bad_arguments_are_refused_with_nothing_written(change):
+    fn = attention.kernel()
+    p = {"B": 1, "H": 8, "Hkv": 8, "D": 64, "length": 10, **change}
+    D, Hkv = p["D"], p["Hkv"]
+    q = torch.zeros(1, 8, 1, D, dtype=torch.bfloat16)
+    keys = torch.zeros(1, Hkv, 40, D, dtype=torch.bfloat16)
+    out = torch.full((1, 8 * D), 7.0, dtype=torch.bfloat16)
+    assert attention.run(fn, q, keys, keys, p["length"], None, out, 0.125) == 2
+    assert torch.equal(out, torch.full((1, 8 * D), 7.0, dtype=torch.bfloat16))
+
+
+def test_no_plan_for_other_dtypes_or_layouts():
+    assert attention.plan(torch.float16, 8, 8, 64, 0.125) is None
+    assert attention.plan(torch.float32, 8, 8, 64, 0.125) is None
+    assert attention.plan(torch.bfloat16, 8, 8, 12, 12**-0.5) is None
+
+
+_AVX2_TORCH = """
+import torch
+from stablelm import kernels
+from stablelm.kernels import attention
+print("capability", torch.backends.cpu.get_cpu_capability(), "isa", kernels.selected_isa())
+print("planned", attention.plan(torch.bfloat16, 32, 32, 80, 80 ** -0.5) is not None)
+"""
+
+
+@needs_kernels
+def test_a_cpu_whose_torch_runs_avx2_kernels_gets_the_native_attention():
+    if "avx512f" in kernels.cpu_flags():
+        pytest.skip("an AVX-512 CPU: torch's MKL computes SDPA's products with AVX-512 code here")
+    out = _run_isolated(_AVX2_TORCH, {"STABLELM_ISA": "avx2"})
+    assert "capability AVX2 isa avx2" in out and "planned True" in out, out
+
+
+def test_the_decode_step_falls_back_to_sdpa_on_a_score_that_is_not_finite(monkeypatch):
+    from conftest import randomize_, tiny_config
+
+    from stablelm import StableLmForCausalLM
+
+    torch.manual_seed(0)
+    model = StableLmForCausalLM(tiny_config(max_position_embeddings=64)).bfloat16().eval()
+    randomize_(model)
+    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(1))
+    want = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    calls = []
+
+    def not_finite(*args):  # the kernel reports a non-finite score: torch's SDPA must answer instead
+        calls.append(args[4])
+        return 4
+
+    monkeypatch.setattr(attention, "run", not_finite)
+    got = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    if not calls:
+        pytest.skip("the native attention is not planned here")
+    assert torch.equal(got, want)
