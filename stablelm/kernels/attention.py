@@ -56,7 +56,9 @@ def plan(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, scale: fl
     module docstring). Made once per dtype, layout, scale and thread count."""
     key = (dtype, heads, kv_heads, head_dim, float(scale), torch.get_num_threads())
     if key not in _PLANS:
-        fn = kernel()
+        # torch's softmax here is ATen's AVX2 code only where that is its capability (AVX-512: 16 lanes)
+        avx2_torch = torch.backends.cpu.get_cpu_capability() == "AVX2"
+        fn = kernel() if avx2_torch and dtype == torch.bfloat16 else None
         usable = (
             fn is not None
             and dtype == torch.bfloat16
