@@ -663,15 +663,17 @@ static inline __attribute__((always_inline)) void q4_rows_i16(const int8_t* xh, 
   for (int g = 0; g < G; g++) {
     __m256i ah[Q4I], al[Q4I];
     for (int i = 0; i < S; i++) ah[i] = al[i] = _mm256_setzero_si256();
-    for (int k0 = g * group; k0 < (g + 1) * group; k0 += 64) {
-      __m256i h0 = _mm256_loadu_si256((const __m256i*)(xh + k0)), h1 = _mm256_loadu_si256((const __m256i*)(xh + k0 + 32));
-      __m256i l0 = _mm256_loadu_si256((const __m256i*)(xl + k0)), l1 = _mm256_loadu_si256((const __m256i*)(xl + k0 + 32));
+    const int8_t *hp = xh + (size_t)g * group, *lp = xl + (size_t)g * group;
+    for (int j = 0; j < group; j += 64, hp += 64, lp += 64) {
+      __m256i h0 = _mm256_loadu_si256((const __m256i*)hp), h1 = _mm256_loadu_si256((const __m256i*)(hp + 32));
+      __m256i l0 = _mm256_loadu_si256((const __m256i*)lp), l1 = _mm256_loadu_si256((const __m256i*)(lp + 32));
       for (int i = 0; i < S; i++) {
-        if ((k0 & 127) == 0) _mm_prefetch((const char*)(r[i] + k0 / 2 + PFD), PFH);
-        __m256i v = _mm256_loadu_si256((const __m256i*)(r[i] + k0 / 2));
+        const uint8_t* p = r[i] + ((size_t)g * group + j) / 2;
+        if ((j & 127) == 0) _mm_prefetch((const char*)(p + PFD), PFH);
+        __m256i v = _mm256_loadu_si256((const __m256i*)p);
         __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-        ah[i] = _mm256_add_epi16(ah[i], _mm256_add_epi16(_mm256_maddubs_epi16(lo, h0), _mm256_maddubs_epi16(hi, h1)));
-        al[i] = _mm256_add_epi16(al[i], _mm256_add_epi16(_mm256_maddubs_epi16(lo, l0), _mm256_maddubs_epi16(hi, l1)));
+        ah[i] = _mm256_add_epi16(_mm256_add_epi16(ah[i], _mm256_maddubs_epi16(lo, h0)), _mm256_maddubs_epi16(hi, h1));
+        al[i] = _mm256_add_epi16(_mm256_add_epi16(al[i], _mm256_maddubs_epi16(lo, l0)), _mm256_maddubs_epi16(hi, l1));
       }
     }
     for (int i = 0; i < S; i++) {
@@ -679,9 +681,15 @@ static inline __attribute__((always_inline)) void q4_rows_i16(const int8_t* xh, 
       acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_set1_ps(from_bf16(sc[(size_t)rows[i] * G + g]) * xinv[g]), acc[i]);
     }
   }
-  for (int i = 0; i < S; i++) {
+  for (int i = 0; i < S; i++) { /* plus the minimum's share, sum over groups of min_g * (x summed), 8 at once */
+    const uint16_t* mr = mn + (size_t)rows[i] * G;
+    int g = 0;
+    for (; g + 8 <= G; g += 8) {
+      __m256 mv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(mr + g))), 16));
+      acc[i] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(xs + g), acc[i]);
+    }
     float t = vsum(acc[i]);
-    for (int g = 0; g < G; g++) t += from_bf16(mn[(size_t)rows[i] * G + g]) * xs[g];
+    for (; g < G; g++) t += from_bf16(mr[g]) * xs[g];
     out[i] = t;
   }
 }
