@@ -3,7 +3,8 @@ run with the worktree's `quant.c` ("new") and with another revision's ("old", de
 one-row kernels), all in one process taking turns: prompt 128, 32 new tokens, greedy, 1 thread.
 
 Decode tokens/s by wall time and by the process's CPU time (on a shared machine wall time also counts
-other processes' turns); the ratios to bf16 use CPU time, best of the rounds.
+other processes' turns); the ratios to bf16 use CPU time, best of the rounds. Prefill tokens/s (the
+prompt to the first new token) by CPU time, best of the rounds, and its ratio to bf16's.
 
 Run:  OMP_NUM_THREADS=1 python benchmarks/quant_decode.py [--old REV] [--rounds 3] [--shape 3b]
 """
@@ -90,16 +91,22 @@ def main() -> None:
             end = (time.perf_counter(), time.process_time())
             first = clock.t[1]  # t[0]: the prompt handed over
             wall, cpu = (NEW - 1) / (end[0] - first[0]), (NEW - 1) / (end[1] - first[1])
-            results[name].append((wall, cpu))
+            prefill = ids.shape[1] / (first[1] - clock.t[0][1])
+            results[name].append((wall, cpu, prefill))
             print(
-                f"round {rnd} {name}: decode {wall:.2f} tok/s wall, {cpu:.2f} CPU, load {os.getloadavg()[0]:.1f}",
+                f"round {rnd} {name}: decode {wall:.2f} tok/s wall, {cpu:.2f} CPU, prefill {prefill:.1f}"
+                f" tok/s CPU, load {os.getloadavg()[0]:.1f}",
                 flush=True,
             )
-    base = max(cpu for _, cpu in results["bf16"])
+    base = max(v[1] for v in results["bf16"])
+    base_prefill = max(v[2] for v in results["bf16"])
     print("best of the rounds:")
     for name, values in results.items():
-        cpu, wall = max(v[1] for v in values), max(v[0] for v in values)
-        print(f"  {name:9s} decode {cpu:.2f} tok/s (CPU time), {wall:.2f} (wall)  {cpu / base:.2f}x bf16")
+        cpu, wall, prefill = (max(v[i] for v in values) for i in (1, 0, 2))
+        print(
+            f"  {name:9s} decode {cpu:.2f} tok/s (CPU time), {wall:.2f} (wall)  {cpu / base:.2f}x bf16;"
+            f" prefill {prefill:.1f} tok/s  {prefill / base_prefill:.2f}x bf16"
+        )
 
 
 if __name__ == "__main__":

@@ -139,6 +139,56 @@ def test_one_row_kernels_match_dequantized_reference(qtype, group, k, isa, monke
         clear_caches()
 
 
+@pytest.mark.parametrize(("qtype", "group"), [("int8", 128), ("int4", 64), ("int4", 128), ("int4", 256)])
+def test_avx2_integer_one_row_kernels_extreme_inputs(qtype, group, monkeypatch):
+    """AVX2's one-row kernels for bfloat16 x (x made int16 per block with a power-of-two scale, integer
+    sums): the largest sums the formats allow (every weight at its largest level, every x at the value
+    whose int8 digits are the largest), a block of tiny x beside a block of huge ones (each block its own
+    scale), and Inf / NaN in x (then the float32 kernels run: no finite output from a non-finite sum)."""
+    from stablelm.kernels import best_isa, clear_caches
+
+    if best_isa() is None:
+        pytest.skip("no AVX2 on this CPU")
+    monkeypatch.setenv("STABLELM_ISA", "avx2")
+    clear_caches()
+    try:
+        k = 512
+        w = torch.ones(70, k)
+        w[:, ::64] = 0.0  # int4: each group's minimum 0, the other weights at level 15; int8: at 127
+        w[1::2] *= -1
+        layer = QuantizedLinear.from_dense(w.bfloat16(), None, quant_type=qtype, group_size=group)
+        levels = formats.unpack_int4(layer.weight) if qtype == "int4" else layer.weight.abs()
+        assert levels.max().item() == (15 if qtype == "int4" else 127)
+        cases = []
+        for value in (1.984375, -1.984375, 1.9921875):  # int16 digits -128 / 64, 128 / -64, -64 / 64
+            cases.append(torch.full((1, k), value))
+        tiny = torch.randn(1, k, generator=torch.Generator().manual_seed(5)) * 1e-3
+        tiny[0, :256] = 1e4  # the first blocks huge, their weights zero below: the result is the tiny x's
+        cases.append(tiny)
+        for x in cases:
+            x = x.bfloat16()
+            lw = layer
+            if x.abs().max() > 1e3:
+                dense = torch.randn(70, k, generator=torch.Generator().manual_seed(6)) * 0.05
+                dense[:, :256] = 0.0
+                lw = QuantizedLinear.from_dense(dense.bfloat16(), None, quant_type=qtype, group_size=group)
+            with torch.no_grad():
+                y = lw(x)
+            ref = _reference(lw, x)
+            assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 8e-3, (x[0, -1].item(), qtype)
+        for bad in (float("nan"), float("inf")):
+            x = torch.randn(1, k, generator=torch.Generator().manual_seed(7)).bfloat16()
+            x[0, 100] = bad
+            with torch.no_grad():
+                y = layer(x).double()
+            ref = _reference(layer, x)
+            # not finite where the reference is not (int4's float32 kernel gives NaN for inf * w + 0 * inf)
+            assert ref.isfinite().sum() < ref.numel() and torch.equal(y.isfinite(), ref.isfinite()), bad
+    finally:
+        monkeypatch.delenv("STABLELM_ISA")
+        clear_caches()
+
+
 def test_int4_both_kernel_modes_agree():
     if qlinear.int4_mode(torch.bfloat16) == 0:
         pytest.skip("no AVX512-BF16 kernel on this CPU")

@@ -11,7 +11,8 @@
  * Kernels (one source, compiled per instruction set like linear.c: VW = 16 floats with AVX-512, 8 with
  * AVX2):
  * - one row of x (decoding): q8_one, q4_one_bf16, q4_one_f32: several rows of W far apart streamed at
- *   once, each with a software prefetch (see q8_one); the others below serve 2 to 8 rows.
+ *   once, each with a software prefetch (see q8_one); the others below serve 2 to 8 rows. On AVX2 with
+ *   bfloat16 x: q8_one_i16, q4_one_i16, integer sums over x made int16 per block (see x_to_i16).
  * - q8: per output, VW-wide float32 partial sums of q * x (int8 widened to int32, converted), times
  *   s[n] at the end. 4 outputs and up to MR rows at once, each weight vector converted once.
  * - q4 (float32): the same over nibbles; each group's partial sums are scaled as the group ends, the
@@ -213,12 +214,32 @@ static inline int one_row_split(int N, int threads, int* per) {
   return (N + *per - 1) / *per;
 }
 
+#if !defined(__AVX512F__)
+#define XB8 128
+static int x_to_i16(const float* xf, int K, int B, int bits, int16_t* x16, float* xinv);
+static void q8_one_i16(const float* xf, const int16_t* x16, const float* xinv, int K, const int8_t* w, const float* s,
+                       int n0, int n1, float* out);
+#endif
+
 int stablelm_q8_linear(const void* x, int type, int M, int K, int ldx, void* y, int N, const int8_t* w,
                        const float* s, const void* b, int threads) {
   if (M <= 0 || K <= 0 || N <= 0 || (type != XF32 && type != XBF16) || ldx < K) return 2;
   float* xf = x_to_f32(x, type, M, K, ldx);
   if (!xf) return 1;
   if (M == 1) {
+    int16_t* x16 = NULL;
+    float* xinv = NULL;
+#if !defined(__AVX512F__)
+    if (type == XBF16) { /* AVX2: integer sums over int16 x (q8_one_i16) */
+      x16 = (int16_t*)malloc((size_t)K * 2);
+      xinv = (float*)malloc(((size_t)K / XB8 + 1) * sizeof(float));
+      if (!x16 || !xinv) {
+        free(xf), free(x16), free(xinv);
+        return 1;
+      }
+      if (!x_to_i16(xf, K, XB8, 15, x16, xinv)) free(x16), x16 = NULL;
+    }
+#endif
     int per, parts = one_row_split(N, threads, &per);
 #pragma omp parallel for num_threads(parts) schedule(static)
     for (int p = 0; p < parts; p++) {
@@ -226,11 +247,16 @@ int stablelm_q8_linear(const void* x, int type, int M, int K, int ldx, void* y, 
       float out[64];
       for (int c = n0; c < n1; c += 64) {
         int c1 = c + 64 < n1 ? c + 64 : n1;
-        q8_one(xf, K, w, s, c, c1, out);
+#if !defined(__AVX512F__)
+        if (x16)
+          q8_one_i16(xf, x16, xinv, K, w, s, c, c1, out);
+        else
+#endif
+          q8_one(xf, K, w, s, c, c1, out);
         for (int j = c; j < c1; j++) store_one(y, type, j, out[j - c] + (b ? load_one(b, type, j) : 0.0f));
       }
     }
-    free(xf);
+    free(xf), free(x16), free(xinv);
     return 0;
   }
   int blocks = (N + NB - 1) / NB;
@@ -507,6 +533,181 @@ static void q4_one_f32(const float* xf, const float* xs, int K, int group, const
   for (int n = n0 + len * Q4F; n < n1; n++) q4_rows_f32(xf, xs, K, group, w, sc, mn, 1, &n, out + (n - n0));
 }
 
+#if !defined(__AVX512F__)
+/* ---- AVX2, one row of bfloat16 x (decoding): integer sums over int16 x ------------------------------
+   On AVX2 CPUs, converting each weight to float32 (vcvtdq2ps, or the nibbles' and/shift) with an FMA per
+   8 weights kept the one-row kernels far below the memory's speed (AMD EPYC, Zen 1, one thread: int8 5.8,
+   int4 5.1 G weights/s, where the memory reads ~11 GB/s; docs/quantization.md). Here x is made int16 once
+   per call, in blocks (int4: a group; int8: XB8 inputs) with a power-of-two scale each, the weights are
+   multiplied as integers (int8: vpmaddwd on int16 x, 3 instructions per 16 weights; int4: vpmaddubsw on x's
+   two int8 digits, 11 per 64 weights) into int32 sums, and each block's sum is converted to float32 and
+   scaled once. A power-of-two scale keeps a bfloat16's 8 significant bits: every x within 2^7 (int4: 2^6)
+   of its block's largest is exact, smaller ones are rounded to 2^-16 (int4: 2^-15) of that largest, well
+   below the output's bfloat16 rounding. Float32 x keeps the float32 kernels. */
+/* x16[k] = x[k] * 2^(bits - e), e of each block of B: 2^(e - 1) <= max |x| < 2^e (clamped for tiny
+   blocks), so |x16| < 2^bits; xinv[b] = 2^(e - bits). Returns 0 when x holds Inf or NaN (then the float32
+   kernels run). */
+static int x_to_i16(const float* xf, int K, int B, int bits, int16_t* x16, float* xinv) {
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  for (int b0 = 0, b = 0; b0 < K; b0 += B, b++) {
+    int b1 = b0 + B < K ? b0 + B : K, k = b0;
+    __m256 m = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+    for (; k + 8 <= b1; k += 8) {
+      __m256 v = _mm256_loadu_ps(xf + k);
+      m = _mm256_max_ps(m, _mm256_and_ps(v, absmask));
+      bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    float lanes[8], mx = 0.0f;
+    _mm256_storeu_ps(lanes, m);
+    for (int i = 0; i < 8; i++) mx = lanes[i] > mx ? lanes[i] : mx;
+    for (; k < b1; k++) {
+      float a = xf[k] < 0 ? -xf[k] : xf[k];
+      if (a != a) return 0;
+      mx = a > mx ? a : mx;
+    }
+    if (_mm256_movemask_ps(bad) || !(mx <= 3.4028235e38f)) return 0;
+    uint32_t u;
+    memcpy(&u, &mx, 4);
+    int e = (int)(u >> 23) - 126; /* mx in [2^(e-1), 2^e) for normal mx */
+    if (e < -110) e = -110;
+    uint32_t su = (uint32_t)(bits - e + 127) << 23, iu = (uint32_t)(e - bits + 127) << 23;
+    float scale;
+    memcpy(&scale, &su, 4);
+    memcpy(xinv + b, &iu, 4);
+    __m256 sv = _mm256_set1_ps(scale);
+    for (k = b0; k + 16 <= b1; k += 16) {
+      __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xf + k), sv));
+      __m256i i1 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xf + k + 8), sv));
+      _mm256_storeu_si256((__m256i*)(x16 + k), _mm256_permute4x64_epi64(_mm256_packs_epi32(i0, i1), 0xD8));
+    }
+    for (; k < b1; k++) {
+      int q = _mm_cvtss_si32(_mm_set_ss(xf[k] * scale));
+      x16[k] = (int16_t)(q > 32767 ? 32767 : q < -32767 ? -32767 : q);
+    }
+  }
+  return 1;
+}
+
+/* int8, S rows (streams) of W at once, each block of XB8 inputs summed in int32 (at most
+   XB8 * 127 * 32767 < 2^31), the tail of fewer than 16 inputs in float32 */
+#ifndef Q8I
+#define Q8I 4
+#endif
+static inline __attribute__((always_inline)) void q8_rows_i16(const float* xf, const int16_t* x16, const float* xinv,
+                                                              int K, const int8_t* w, const float* s, const int S,
+                                                              const int* rows, float* out) {
+  const int8_t* r[Q8I];
+  __m256 acc[Q8I];
+  for (int i = 0; i < S; i++) r[i] = w + (size_t)rows[i] * K, acc[i] = _mm256_setzero_ps();
+  int K16 = K / 16 * 16;
+  for (int b0 = 0; b0 < K16; b0 += XB8) {
+    int b1 = b0 + XB8 < K16 ? b0 + XB8 : K16;
+    __m256i ia[Q8I];
+    for (int i = 0; i < S; i++) ia[i] = _mm256_setzero_si256();
+    int k = b0;
+    for (; k + 32 <= b1; k += 32) {
+      __m256i x0 = _mm256_loadu_si256((const __m256i*)(x16 + k)), x1 = _mm256_loadu_si256((const __m256i*)(x16 + k + 16));
+      for (int i = 0; i < S; i++) {
+        if ((k & 63) == 0) _mm_prefetch((const char*)(r[i] + k + PFD), PFH);
+        __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(r[i] + k)));
+        __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(r[i] + k + 16)));
+        ia[i] = _mm256_add_epi32(ia[i], _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1)));
+      }
+    }
+    for (; k < b1; k += 16) {
+      __m256i x0 = _mm256_loadu_si256((const __m256i*)(x16 + k));
+      for (int i = 0; i < S; i++)
+        ia[i] = _mm256_add_epi32(ia[i], _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(r[i] + k))), x0));
+    }
+    __m256 xv = _mm256_set1_ps(xinv[b0 / XB8]);
+    for (int i = 0; i < S; i++) acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[i]), xv, acc[i]);
+  }
+  for (int i = 0; i < S; i++) {
+    float v = vsum(acc[i]);
+    for (int k = K16; k < K; k++) v += (float)r[i][k] * xf[k];
+    out[i] = v * s[rows[i]];
+  }
+}
+
+static void q8_one_i16(const float* xf, const int16_t* x16, const float* xinv, int K, const int8_t* w, const float* s,
+                       int n0, int n1, float* out) {
+  int len = (n1 - n0) / Q8I;
+  for (int t = 0; t < len; t++) {
+    int rows[Q8I];
+    float o[Q8I];
+    for (int i = 0; i < Q8I; i++) rows[i] = n0 + i * len + t;
+    q8_rows_i16(xf, x16, xinv, K, w, s, Q8I, rows, o);
+    for (int i = 0; i < Q8I; i++) out[i * len + t] = o[i];
+  }
+  for (int n = n0 + len * Q8I; n < n1; n++) q8_rows_i16(xf, x16, xinv, K, w, s, 1, &n, out + (n - n0));
+}
+
+/* int4, S rows at once. x (made int16 below 2^14 in magnitude by x_to_i16 with bits = 14) as two int8
+   digits, x = 256 h + l (h in -64..64, l in -128..127), so that vpmaddubsw multiplies the nibbles as bytes
+   (unsigned) by either digit, 32 at once, summing pairs into int16 (at most 2 * 15 * 128: no saturation):
+   per 32 bytes (64 weights) an and, a shift and an and, four vpmaddubsw and four int16 additions. A
+   group's int16 sums stay below 2^15 for groups of up to 256 (the caller's condition); at its end they
+   are widened with vpmaddwd (h's by 256), converted and scaled by s_g * xinv_g. */
+#ifndef Q4I
+#define Q4I 1
+#endif
+static inline __attribute__((always_inline)) void q4_rows_i16(const int8_t* xh, const int8_t* xl, const float* xinv,
+                                                              const float* xs, int K, int group, const uint8_t* w,
+                                                              const uint16_t* sc, const uint16_t* mn, const int S,
+                                                              const int* rows, float* out) {
+  int G = K / group, half = K / 2;
+  const __m256i low = _mm256_set1_epi8(15);
+  const uint8_t* r[Q4I];
+  __m256 acc[Q4I];
+  for (int i = 0; i < S; i++) r[i] = w + (size_t)rows[i] * half, acc[i] = _mm256_setzero_ps();
+  for (int g = 0; g < G; g++) {
+    __m256i ah[Q4I], al[Q4I];
+    for (int i = 0; i < S; i++) ah[i] = al[i] = _mm256_setzero_si256();
+    const int8_t *hp = xh + (size_t)g * group, *lp = xl + (size_t)g * group;
+    for (int j = 0; j < group; j += 64, hp += 64, lp += 64) {
+      __m256i h0 = _mm256_loadu_si256((const __m256i*)hp), h1 = _mm256_loadu_si256((const __m256i*)(hp + 32));
+      __m256i l0 = _mm256_loadu_si256((const __m256i*)lp), l1 = _mm256_loadu_si256((const __m256i*)(lp + 32));
+      for (int i = 0; i < S; i++) {
+        const uint8_t* p = r[i] + ((size_t)g * group + j) / 2;
+        if ((j & 127) == 0) _mm_prefetch((const char*)(p + PFD), PFH);
+        __m256i v = _mm256_loadu_si256((const __m256i*)p);
+        __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+        ah[i] = _mm256_add_epi16(_mm256_add_epi16(ah[i], _mm256_maddubs_epi16(lo, h0)), _mm256_maddubs_epi16(hi, h1));
+        al[i] = _mm256_add_epi16(_mm256_add_epi16(al[i], _mm256_maddubs_epi16(lo, l0)), _mm256_maddubs_epi16(hi, l1));
+      }
+    }
+    for (int i = 0; i < S; i++) {
+      __m256i t = _mm256_add_epi32(_mm256_madd_epi16(ah[i], _mm256_set1_epi16(256)), _mm256_madd_epi16(al[i], _mm256_set1_epi16(1)));
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_set1_ps(from_bf16(sc[(size_t)rows[i] * G + g]) * xinv[g]), acc[i]);
+    }
+  }
+  for (int i = 0; i < S; i++) { /* plus the minimum's share, sum over groups of min_g * (x summed), 8 at once */
+    const uint16_t* mr = mn + (size_t)rows[i] * G;
+    int g = 0;
+    for (; g + 8 <= G; g += 8) {
+      __m256 mv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(mr + g))), 16));
+      acc[i] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(xs + g), acc[i]);
+    }
+    float t = vsum(acc[i]);
+    for (; g < G; g++) t += from_bf16(mr[g]) * xs[g];
+    out[i] = t;
+  }
+}
+
+static void q4_one_i16(const int8_t* xh, const int8_t* xl, const float* xinv, const float* xs, int K, int group,
+                       const uint8_t* w, const uint16_t* sc, const uint16_t* mn, int n0, int n1, float* out) {
+  int len = (n1 - n0) / Q4I;
+  for (int t = 0; t < len; t++) {
+    int rows[Q4I];
+    float o[Q4I];
+    for (int i = 0; i < Q4I; i++) rows[i] = n0 + i * len + t;
+    q4_rows_i16(xh, xl, xinv, xs, K, group, w, sc, mn, Q4I, rows, o);
+    for (int i = 0; i < Q4I; i++) out[i * len + t] = o[i];
+  }
+  for (int n = n0 + len * Q4I; n < n1; n++) q4_rows_i16(xh, xl, xinv, xs, K, group, w, sc, mn, 1, &n, out + (n - n0));
+}
+#endif
+
 /* mode 0: float32 sums; mode 1: AVX512-BF16 (bfloat16 x only) */
 int stablelm_q4_linear(const void* x, int type, int M, int K, int ldx, void* y, int N, const uint8_t* w,
                        const uint16_t* sc, const uint16_t* mn, int group, const void* b, int mode, int threads) {
@@ -530,6 +731,26 @@ int stablelm_q4_linear(const void* x, int type, int M, int K, int ldx, void* y, 
     for (int m = 0; m < M; m++) memcpy(xb + (size_t)m * K, (const uint16_t*)x + (size_t)m * ldx, (size_t)K * 2);
   int blocks = (N + NB - 1) / NB, half = K / 2;
   if (M == 1) {
+    int16_t* x16 = NULL;
+    float* xinv = NULL;
+#if !defined(__AVX512F__)
+    if (type == XBF16 && group <= 256) { /* AVX2: integer sums over x as two int8 digits (q4_one_i16) */
+      x16 = (int16_t*)malloc((size_t)K * 4);
+      xinv = (float*)malloc((size_t)G * sizeof(float));
+      if (!x16 || !xinv) {
+        free(xf), free(xs), free(xb), free(x16), free(xinv);
+        return 1;
+      }
+      if (x_to_i16(xf, K, group, 14, x16, xinv)) {
+        int8_t *xh = (int8_t*)(x16 + K), *xl = xh + K; /* the digits after x16 */
+        for (int k = 0; k < K; k++) {
+          int l = ((x16[k] + 128) & 255) - 128;
+          xl[k] = (int8_t)l, xh[k] = (int8_t)((x16[k] - l) / 256);
+        }
+      } else
+        free(x16), x16 = NULL;
+    }
+#endif
     int per, parts = one_row_split(N, threads, &per);
 #pragma omp parallel for num_threads(parts) schedule(static)
     for (int p = 0; p < parts; p++) {
@@ -542,11 +763,16 @@ int stablelm_q4_linear(const void* x, int type, int M, int K, int ldx, void* y, 
           q4_one_bf16(xb, xs, K, group, w, sc, mn, c, c1, out);
         else
 #endif
+#if !defined(__AVX512F__)
+        if (x16)
+          q4_one_i16((const int8_t*)(x16 + K), (const int8_t*)(x16 + K) + K, xinv, xs, K, group, w, sc, mn, c, c1, out);
+        else
+#endif
           q4_one_f32(xf, xs, K, group, w, sc, mn, c, c1, out);
         for (int j = c; j < c1; j++) store_one(y, type, j, out[j - c] + (b ? load_one(b, type, j) : 0.0f));
       }
     }
-    free(xf), free(xs), free(xb);
+    free(xf), free(xs), free(xb), free(x16), free(xinv);
     return 0;
   }
 #pragma omp parallel for num_threads(blocks < threads ? blocks : threads) schedule(static)
