@@ -181,6 +181,10 @@ def attention(
         # the eager path, as the rest of the compiled step is).
         wide = torch.promote_types(k.dtype, torch.float32)
         return _one_query_attention(q.to(wide), k.to(wide), v.to(wide), mask.allowed, scale).to(q.dtype)
+    if implementation == "sdpa" and q.shape[2] == 1 and dropout == 0.0 and not compiled_cpu:
+        out = _native_one_query(q, k, v, mask, scale)  # SDPA's bits by a native kernel where one has them
+        if out is not None:
+            return out
     if k.dtype != q.dtype:  # prefill over a float32 cache: exact, it holds values of the model's dtype
         k, v = k.to(q.dtype), v.to(q.dtype)
     if implementation == "eager" or (groups > 1 and not _SDPA_HAS_GQA):
@@ -204,6 +208,46 @@ def attention(
         q, k, v, attn_mask=mask.allowed, dropout_p=dropout, is_causal=mask.is_causal, scale=scale, **gqa
     )
     return out.transpose(1, 2)
+
+
+def _native_one_query(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, scale: float
+) -> torch.Tensor | None:
+    """One bfloat16 query per row over (a slice of) a contiguous CPU cache by `stablelm.kernels.attention`
+    where it reproduces `F.scaled_dot_product_attention` on this machine (AVX2 CPUs); None elsewhere."""
+    if q.dtype != torch.bfloat16 or k.dtype != q.dtype or v.dtype != q.dtype or q.device.type != "cpu":
+        return None
+    if mask.is_causal or (mask.allowed is not None and mask.allowed.dtype != torch.bool):
+        return None
+    from .kernels import attention as native
+
+    B, H, _, D = q.shape
+    Hkv, length = k.shape[1], k.shape[2]
+    fn = native.plan(q.dtype, H, Hkv, D, scale)
+    if fn is None or H % Hkv or q.stride(3) != 1:
+        return None
+    base = None
+    for t in (k, v):  # a leading slice of (B, Hkv, slots, D) contiguous: slots = stride(1) / D
+        slots = t.stride(1) // D
+        if t.stride(3) != 1 or t.stride(2) != D or t.stride(1) != slots * D or t.stride(0) != Hkv * slots * D:
+            return None
+        base = slots if base is None else base
+        if slots != base or t.shape != k.shape:
+            return None
+    rows = None
+    if mask.allowed is not None:
+        allowed = mask.allowed
+        if allowed.dim() != 4 or allowed.shape[1:3] != (1, 1) or allowed.shape[-1] != length:
+            return None
+        rows = allowed[:, 0, 0, :]
+        if rows.stride(-1) != 1 or rows.shape[0] not in (1, B):
+            return None
+        if rows.shape[0] != B:
+            rows = rows.expand(B, length)  # one row for all: stride 0
+    out = torch.empty(B, H * D, dtype=q.dtype)
+    if native.run(fn, q, k, v, length, rows, out, scale, slots=base) != 0:
+        return None  # a score that is not finite: torch's kernel answers
+    return out.view(B, 1, H, D)
 
 
 def _query_by_query(

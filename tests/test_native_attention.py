@@ -165,3 +165,25 @@ def test_the_decode_step_falls_back_to_sdpa_on_a_score_that_is_not_finite(monkey
     if not calls:
         pytest.skip("the native attention is not planned here")
     assert torch.equal(got, want)
+
+
+@needs_kernels
+def test_the_modules_attention_takes_the_kernel_for_one_query_with_sdpas_bits(monkeypatch):
+    from stablelm.attention import AttentionMask
+    from stablelm.attention import attention as modules_attention
+
+    if attention.plan(torch.bfloat16, 8, 2, 64, 0.125) is None:
+        pytest.skip("torch's SDPA is not the AVX2 one here: the native attention is not used")
+    calls = []
+    real = attention.run
+    monkeypatch.setattr(attention, "run", lambda *a, **k: calls.append(1) or real(*a, **k))
+    gen = torch.Generator().manual_seed(4)
+    q, keys, values = _case(gen, 2, 8, 2, 64, 50, 2.0)
+    allowed = torch.rand(2, 1, 1, 37, generator=gen) > 0.3
+    allowed[..., -1] = True
+    for m, length in ((None, 50), (allowed, 37)):
+        mask = AttentionMask(allowed=m, is_causal=False, key_length=length)
+        got = modules_attention(q, keys, values, mask, implementation="sdpa", scale=0.125)  # (B, 1, H, D)
+        rows = None if m is None else m[:, 0, 0]
+        assert torch.equal(got.reshape(2, -1), _sdpa(q, keys, values, length, rows, 0.125))
+    assert len(calls) == 2

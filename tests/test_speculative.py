@@ -347,10 +347,10 @@ def test_checking_a_draft_gives_the_decode_steps_logits(dtype):
             [model(ids[:, i : i + 1], past_key_values=steps).logits[0] for i in range(90, 100)]
         )
         checked = verify_logits(model, cache(), Tokens(ids[0], 100, 0, None), 90, 100, plan=None)
-        batched = model(ids[:, 90:100], past_key_values=cache()).logits[0]
     if dtype == torch.bfloat16:
         assert torch.equal(checked, one_by_one.float())
-        assert not torch.equal(batched, one_by_one)  # what the query-by-query attention is for
+        # (whether one many-query pass would round otherwise depends on the CPU's kernels: it did on an AMX
+        # Xeon, which is what the query-by-query attention is for; on an AVX2 EPYC it happened not to)
     else:
         torch.testing.assert_close(checked, one_by_one, rtol=0, atol=1e-5)
 

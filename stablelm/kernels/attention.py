@@ -72,14 +72,14 @@ def plan(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, scale: fl
 
 def run(
     fn, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length: int, mask: torch.Tensor | None,
-    out: torch.Tensor, scale: float,
+    out: torch.Tensor, scale: float, slots: int | None = None,
 ) -> int:  # fmt: skip  # noqa: ANN001
     """Attention of `q` (B, H, 1, D; any strides with D contiguous) over the first `length` slots of the
-    cache tensors `keys`/`values` (B, Hkv, slots, D, contiguous), `mask` (B, length) bool, rows
-    contiguous, or None; written into `out` (B, H * D, rows contiguous). The kernel's status: 0, or 4
+    cache tensors `keys`/`values` (B, Hkv, slots, D, contiguous; or leading slices of such with `slots`
+    given), `mask` (B, length) bool, rows contiguous (or one row, stride 0), or None; written into `out` (B, H * D, rows contiguous). The kernel's status: 0, or 4
     when a score is not finite (then nothing is promised about `out`: run torch's kernel)."""
     B, H, _, D = q.shape
-    Hkv, slots = keys.shape[1], keys.shape[2]
+    Hkv, slots = keys.shape[1], keys.shape[2] if slots is None else slots
     return fn(
         q.data_ptr(), q.stride(0), q.stride(1), keys.data_ptr(), values.data_ptr(), slots, length,
         None if mask is None else mask.data_ptr(), 0 if mask is None else mask.stride(0),
