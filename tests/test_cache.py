@@ -190,6 +190,10 @@ def test_static_cache_crop_rolls_back_and_the_next_writes_overwrite():
         fresh = _static(model, 1, 12)
         model(ids[:, :6], past_key_values=fresh)
         b = model(other, past_key_values=fresh).logits
-    assert rolled.get_seq_length() == 9 and torch.equal(a, b)
+    assert rolled.get_seq_length() == 9
+    # float32: the prefills' projections of 9 and of 6 rows may run different kernels (on non-Intel CPUs
+    # stablelm's f32 kernel serves up to 8 rows, MKL more): the same within float32 rounding; a crop that
+    # kept the dropped positions would differ by far more
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"crop length must be in \[0, 9\]"):
         rolled.crop(10)
