@@ -170,13 +170,21 @@ def build(source: Path, *, isa: str = "avx2", compiler: str | None = None) -> Pa
     raise RuntimeError(f"{compiler} failed: {error}")
 
 
-@cache
-def _library(isa: str | None) -> ctypes.CDLL | None:
+def load(source: Path, isa: str | None) -> ctypes.CDLL | None:
+    """`source` built for `isa` (see `build`) and loaded, or None where it cannot be had (no level, no
+    compiler, a failed build or load): then callers keep torch's kernels."""
     if isa is None:
         return None
     try:
-        lib = ctypes.CDLL(str(build(SOURCE, isa=isa)))
+        return ctypes.CDLL(str(build(source, isa=isa)))
     except (RuntimeError, OSError, subprocess.SubprocessError):
+        return None
+
+
+@cache
+def _library(isa: str | None) -> ctypes.CDLL | None:
+    lib = load(SOURCE, isa)
+    if lib is None:
         return None
     lib.stablelm_read.restype = ctypes.c_uint64
     lib.stablelm_read.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
@@ -250,11 +258,13 @@ def kernel(kind: str):  # noqa: ANN201 - a ctypes function, or None
 def clear_caches() -> None:
     """Forget the chosen level, the loaded libraries and the kernel plans (after changing
     `STABLELM_ISA`, `CC` or `STABLELM_CACHE` in a running process)."""
+    from . import attention
     from .linear import _PLANS
 
-    for cached in (_selected, _library, _kernels, _quant_library):
+    for cached in (_selected, _library, _kernels, _quant_library, attention._library):
         cached.cache_clear()
     _PLANS.clear()
+    attention._PLANS.clear()
 
 
 _ROTARY = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32"}
@@ -399,11 +409,8 @@ QUANT_SOURCE = Path(__file__).with_name("quant.c")
 
 @cache
 def _quant_library(isa: str | None) -> ctypes.CDLL | None:
-    if isa is None:
-        return None
-    try:
-        lib = ctypes.CDLL(str(build(QUANT_SOURCE, isa=isa)))
-    except (RuntimeError, OSError, subprocess.SubprocessError):
+    lib = load(QUANT_SOURCE, isa)
+    if lib is None:
         return None
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.stablelm_q8_linear.argtypes = [p, i, i, i, i, p, i, p, p, p, i]

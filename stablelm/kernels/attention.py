@@ -15,14 +15,13 @@ and MKL's AVX-512 code), so there the probes fail and nothing changes.
 from __future__ import annotations
 
 import ctypes
-import subprocess
 from functools import cache
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from . import build, selected_isa
+from . import load, selected_isa
 
 SOURCE = Path(__file__).with_name("attention.c")
 # Key counts the probes cover: vector and leftover paths, groups of four, and torch's blocks of 512.
@@ -32,11 +31,8 @@ _PLANS: dict[tuple, object] = {}
 
 @cache
 def _library(isa: str | None) -> ctypes.CDLL | None:
-    if isa is None:
-        return None
-    try:
-        lib = ctypes.CDLL(str(build(SOURCE, isa=isa)))
-    except (RuntimeError, OSError, subprocess.SubprocessError):
+    lib = load(SOURCE, isa)
+    if lib is None:
         return None
     p, i64, i = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     fn = lib.stablelm_decode_attention_bf16
