@@ -7,7 +7,9 @@ step here computes exactly what `stablelm.decode._decode_step` computes over a s
 same kernels and torch operations in the same order, and drops everything else:
 
 - the linear layers' kernel choice (`stablelm.kernels.linear.plan`), their checks and the ctypes
-  arguments are resolved when the plan is made, not per call;
+  arguments are resolved when the plan is made, not per call; quantized layers (int8/int4,
+  `stablelm.quantization`) are called on their own kernels the same way, each layer of a group writing
+  its columns of one output;
 - q and k are rotated and k and v written into the cache's slot in one native call
   (`stablelm_decode_qkv_*`: the rotary kernel's arithmetic, the same bits as `apply_rotary`), with no
   views, `index_copy_` or temporaries;
@@ -15,9 +17,9 @@ same kernels and torch operations in the same order, and drops everything else:
   dispatch, no identity dropout), the residual sums added in place into fresh kernel outputs.
 
 The plan is made only for models it reproduces exactly: exact stablelm module types without hooks, in
-eval mode, every linear layer on a native kernel for this row count, SDPA attention without q/k norms,
-and a static cache in the model's dtype on the CPU; anything else (or autograd on) runs the modules
-(`DecodeStep` falls back). Tests compare its logits with the modules' bit for bit.
+eval mode, every linear layer on a native kernel for this row count (dense, or quantized for up to
+`KERNEL_MAX_ROWS` rows), SDPA attention without q/k norms, and a static cache in the model's dtype on
+the CPU; anything else (or autograd on) runs the modules (`DecodeStep` falls back). Tests compare its logits with the modules' bit for bit.
 """
 
 from __future__ import annotations
@@ -31,10 +33,12 @@ from torch.nn.modules import module as _module
 
 from .attention import _SDPA_HAS_GQA
 from .cache import StaticCache
-from .kernels import PlannedLinear, check_status, decode_qkv_kernel, kernel, planned_linear
+from .kernels import PlannedLinear, check_status, decode_qkv_kernel, kernel, planned_linear, quant_library
 from .kernels import attention as native_attention
 from .kernels.linear import plan as kernel_plan
 from .layers import Linear
+from .quantization.linear import KERNEL_MAX_ROWS, QuantizedLinear
+from .quantization.linear import check_status as check_quantized
 from .rope import RotaryEmbedding
 
 
@@ -92,26 +96,76 @@ def _kernel_for(linears: tuple[nn.Module, ...], rows: int, threads: int) -> _Ker
     )
 
 
+class _Quantized:
+    """The planned calls of quantized layers of one input (`stablelm.quantization.QuantizedLinear`: q/k/v,
+    gate/up, or one layer), each its own kernel call (the call `QuantizedLinear.forward` makes for these
+    rows, so the same bits), their outputs side by side in `out` (B, sum N): written in place for one row,
+    joined after the calls for more."""
+
+    __slots__ = ("calls", "out", "parts", "kind", "k", "tensors")
+
+    def __init__(self, layers: tuple[nn.Module, ...], rows: int, threads: int, dtype: torch.dtype) -> None:
+        self.kind, self.k = layers[0].quant_type, layers[0].in_features
+        self.out = torch.empty(rows, sum(m.out_features for m in layers), dtype=dtype)
+        self.parts, self.calls, col = [], [], 0
+        for m in layers:
+            part = self.out[:, col : col + m.out_features]  # one row: contiguous within `out`
+            part = part if rows == 1 else torch.empty(rows, m.out_features, dtype=dtype)
+            self.parts.append(part)
+            self.calls.append(m.kernel_call(rows, self.k, part.data_ptr(), dtype, threads))
+            col += m.out_features
+        if rows == 1:
+            self.parts = None
+        self.tensors = layers  # their buffers stay alive as long as the plan
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        p = x.data_ptr()
+        for fn, args in self.calls:
+            status = fn(p, *args)
+            if status:
+                check_quantized(status, self.kind, x.shape[0], self.k)
+        if self.parts is not None:
+            torch.cat(self.parts, dim=1, out=self.out)
+        return self.out
+
+
+def _calls_for(linears: tuple[nn.Module, ...], rows: int, threads: int, dtype: torch.dtype):  # noqa: ANN202
+    """The planned call for these layers of one input: fused native kernel (plain layers), the quantized
+    kernels (quantized layers), or None (anything else: the modules run)."""
+    if all(type(m) is Linear for m in linears):
+        return _kernel_for(linears, rows, threads)
+    if not all(type(m) is QuantizedLinear for m in linears) or dtype not in (torch.bfloat16, torch.float32):
+        return None
+    if rows > KERNEL_MAX_ROWS or quant_library() is None:
+        return None  # many rows: the module dequantizes tiles (see QuantizedLinear._tiled)
+    for m in linears:
+        if not (m.use_kernels and m.weight.is_cpu and m.in_features == linears[0].in_features):
+            return None
+        if (m.bias is not None and m.bias.dtype != dtype) or m.quant_type != linears[0].quant_type:
+            return None
+    return _Quantized(linears, rows, threads, dtype)
+
+
 class _Layer:
     """One decoder layer's planned work (see the module docstring)."""
 
     __slots__ = ("ln1", "ln2", "qkv", "o", "gate_up", "down", "act", "parallel", "gate", "up", "mlp_in")
 
-    def __init__(self, layer: nn.Module, rows: int, threads: int) -> None:
+    def __init__(self, layer: nn.Module, rows: int, threads: int, dtype: torch.dtype) -> None:
         attn, mlp = layer.self_attn, layer.mlp
         self.ln1 = _norm(layer.input_layernorm)
         self.parallel = layer.use_parallel_residual
         self.ln2 = None if self.parallel else _norm(layer.post_attention_layernorm)
-        self.qkv = _kernel_for((attn.q_proj, attn.k_proj, attn.v_proj), rows, threads)
-        self.o = _kernel_for((attn.o_proj,), rows, threads)
-        self.gate_up = _kernel_for((mlp.gate_proj, mlp.up_proj), rows, threads)
-        self.down = _kernel_for((mlp.down_proj,), rows, threads)
+        self.qkv = _calls_for((attn.q_proj, attn.k_proj, attn.v_proj), rows, threads, dtype)
+        self.o = _calls_for((attn.o_proj,), rows, threads, dtype)
+        self.gate_up = _calls_for((mlp.gate_proj, mlp.up_proj), rows, threads, dtype)
+        self.down = _calls_for((mlp.down_proj,), rows, threads, dtype)
         self.act = mlp.act_fn
         if self.complete():
             # Each call writes its own buffer, kept for the generation: no allocation per call, and no
             # two of them alias (the residual stream passes from the o buffer to the down buffer and
             # back). gate_up's halves and act(gate) * up are views and buffers made once.
-            dtype, inter = attn.q_proj.weight.dtype, mlp.gate_proj.out_features
+            inter = mlp.gate_proj.out_features
             self.gate, self.up = self.gate_up.out[:, :inter], self.gate_up.out[:, inter:]
             # silu into a buffer (the out= form of the same kernel); another activation allocates
             self.mlp_in = torch.empty(rows, inter, dtype=dtype) if self.act is F.silu else None
@@ -158,7 +212,7 @@ class LeanStep:
         self.dtype = base.embed_tokens.weight.dtype
         self.qkv_fn = decode_qkv_kernel(self.dtype)
         head = model.lm_head  # its own kernel call where one serves, else the module (torch's F.linear)
-        self.head = _kernel_for((head,), rows, threads) if type(head) is Linear else None
+        self.head = _calls_for((head,), rows, threads, self.dtype)
         self.q = torch.empty(rows, 1, self.H, self.D, dtype=self.dtype)  # (B, 1, H, D), reused every layer
         self.q_heads = self.q.transpose(1, 2)  # (B, H, 1, D), as attention takes it
         # attention in torch's bits by the native kernel where it reproduces SDPA here (AVX2 CPUs), else SDPA
@@ -197,7 +251,7 @@ class LeanStep:
                 return None
             if _norm(layer.input_layernorm) is None:
                 return None
-            planned = _Layer(layer, rows, threads)
+            planned = _Layer(layer, rows, threads, dtype)
             if not planned.complete():
                 return None
             layers.append(planned)

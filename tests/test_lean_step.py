@@ -13,9 +13,11 @@ from test_kernels import (
     isa,  # noqa: F401 - the fixture: each level this CPU has, forced
 )
 
+import stablelm
 from stablelm import StableLmForCausalLM, kernels, lean_step
 from stablelm.cache import StaticCache
 from stablelm.decode import DecodeStep
+from stablelm.quantization import QuantizationConfig, QuantizedLinear
 from stablelm.rope import apply_rotary
 
 VARIANTS = {
@@ -81,6 +83,44 @@ def test_the_planned_step_gives_the_modules_logits(variant, dtype, lean_calls):
             dtype == torch.bfloat16 and kernels.selected_isa() == kernels.best_isa()
         ):  # torch's bf16 kernel is reproduced here
             assert ran == 9
+
+
+@pytest.mark.parametrize("qtype", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.usefixtures("isa")
+def test_quantized_models_decode_on_the_planned_step_with_the_modules_logits(qtype, dtype, lean_calls):
+    # in_features multiples of 64: int4 (group 64) quantizes every layer, the head too
+    model = _model(
+        dtype, hidden_size=128, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2,
+        use_qkv_bias=True,
+    )  # fmt: skip
+    stablelm.quantize(model, QuantizationConfig(qtype, group_size=64))
+    assert type(model.model.layers[0].self_attn.q_proj) is QuantizedLinear
+    ids, mask = _prompts()
+    for prompt, padding in [(ids[:1], None), (ids, mask)]:  # one row (outputs in place); three rows
+        lean_calls.clear()
+        tokens, logits = _generate(model, prompt, padding, lean=True)
+        ran = len(lean_calls)
+        modules_tokens, modules_logits = _generate(model, prompt, padding, lean=False)
+        assert torch.equal(logits, modules_logits) and torch.equal(tokens, modules_tokens)
+        assert ran == (9 if kernels.quant_library() is not None else 0)
+
+
+def test_a_quantized_model_steps_aside_where_its_kernels_do_not_serve(lean_calls):
+    model = _model(hidden_size=128, intermediate_size=192, num_attention_heads=4, num_key_value_heads=4)
+    stablelm.quantize(model, QuantizationConfig("int8"))
+    assert not any(m.training for m in model.modules())  # quantizing a model in eval mode keeps it there
+    if kernels.quant_library() is None:
+        pytest.skip("no quantized kernels on this machine")
+    assert lean_step.LeanStep.build(model, _cache(model), 1) is not None
+    assert lean_step.LeanStep.build(model, _cache(model, 9), 9) is None  # rows past KERNEL_MAX_ROWS: tiles
+    model.model.layers[1].mlp.down_proj.use_kernels = False  # torch's dequantized product asked for
+    assert lean_step.LeanStep.build(model, _cache(model), 1) is None
+    ids, _ = _prompts()
+    want = _generate(model, ids[:1], lean=False)
+    lean_calls.clear()
+    got = _generate(model, ids[:1], lean=True)
+    assert not lean_calls and all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
 
 
 @pytest.mark.parametrize("variant", ["plain", "gqa-bias", "mqa-parallel"])

@@ -57,6 +57,7 @@ def replace_with_empty(model: nn.Module, config: QuantizationConfig, dtype: torc
             old.in_features, old.out_features, quant_type=config.quant_type, group_size=config.group_size,
             bias=old.bias is not None, dtype=dtype, device="meta",
         )  # fmt: skip
+        new.train(old.training)
         _set(model, name, new)
     model.config.extra[CONFIG_KEY] = config.to_dict()
     return names
@@ -88,6 +89,7 @@ def quantize(model: nn.Module, config: Any = "int8") -> nn.Module:
                 quant_type=config.quant_type, group_size=config.group_size,
             )  # fmt: skip
         new.use_kernels = getattr(module, "use_kernels", True)
+        new.train(module.training)  # a model put in eval mode stays there (the planned decode step needs it)
         _set(model, name, new)
     if hasattr(model, "config"):
         model.config.extra[CONFIG_KEY] = config.to_dict()

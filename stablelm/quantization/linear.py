@@ -152,23 +152,39 @@ class QuantizedLinear(nn.Module):
             y = self._tiled(rows)
         else:
             y = torch.empty(m, self.out_features, dtype=x.dtype)
-            ldx = rows.stride(0) if m > 1 else self.in_features
-            b = None if self.bias is None else self.bias.data_ptr()
-            threads = torch.get_num_threads()
-            if self.quant_type == "int8":
-                status = lib.stablelm_q8_linear(
-                    rows.data_ptr(), kind, m, self.in_features, ldx, y.data_ptr(), self.out_features,
-                    self.weight.data_ptr(), self.weight_scale.data_ptr(), b, threads,
-                )  # fmt: skip
-            else:
-                mode = int4_mode(x.dtype)
-                status = lib.stablelm_q4_linear(
-                    rows.data_ptr(), kind, m, self.in_features, ldx, y.data_ptr(), self.out_features,
-                    self.weight.data_ptr(), self.weight_scale.data_ptr(), self.weight_min.data_ptr(),
-                    self.group_size, b, mode, threads,
-                )  # fmt: skip
-            _check(status, self.quant_type, m, self.in_features)
+            fn, args = self.kernel_call(
+                m, rows.stride(0) if m > 1 else self.in_features, y.data_ptr(), x.dtype
+            )
+            check_status(fn(rows.data_ptr(), *args), self.quant_type, m, self.in_features)
         return y.view(*x.shape[:-1], self.out_features)
+
+    def kernel_call(self, m: int, ldx: int, y: int, dtype: torch.dtype, threads: int | None = None) -> tuple:
+        """(fn, args): `fn(x, *args)` runs this layer's native kernel on `m` (1..KERNEL_MAX_ROWS) rows of
+        `dtype` (float32 or bfloat16, the bias's dtype) at address x, `ldx` elements apart, writing
+        (m, out_features) contiguous at address `y`; returns the kernel's status (`check_status`). The caller
+        holds the library (`quant_library()` not None) and keeps x and y alive; `stablelm.lean_step`
+        makes these once per generation."""
+        lib, kind = quant_library(), _TYPES[dtype]
+        b = None if self.bias is None else self.bias.data_ptr()
+        threads = torch.get_num_threads() if threads is None else threads
+        k, n = self.in_features, self.out_features
+        if self.quant_type == "int8":
+            return lib.stablelm_q8_linear, (
+                kind,
+                m,
+                k,
+                ldx,
+                y,
+                n,
+                self.weight.data_ptr(),
+                self.weight_scale.data_ptr(),
+                b,
+                threads,
+            )
+        return lib.stablelm_q4_linear, (
+            kind, m, k, ldx, y, n, self.weight.data_ptr(), self.weight_scale.data_ptr(),
+            self.weight_min.data_ptr(), self.group_size, b, int4_mode(dtype), threads,
+        )  # fmt: skip
 
     def _tiled(self, rows: torch.Tensor) -> torch.Tensor:
         """Many rows: the weight dequantized (whole, or in tiles of SCRATCH_BYTES) into the thread's scratch
@@ -192,7 +208,7 @@ class QuantizedLinear(nn.Module):
                     self.weight.data_ptr(), self.weight_scale.data_ptr(), self.weight_min.data_ptr(),
                     self.group_size, k, n0, n1, w.data_ptr(), kind, threads,
                 )  # fmt: skip
-            _check(status, self.quant_type, n1 - n0, k)
+            check_status(status, self.quant_type, n1 - n0, k)
             part = _product(rows, w)
             if y is None:
                 y = part
@@ -236,7 +252,7 @@ def int4_mode(dtype: torch.dtype) -> int:
     )
 
 
-def _check(status: int, quant_type: str, m: int, k: int) -> None:
+def check_status(status: int, quant_type: str, m: int, k: int) -> None:
     if status == 1:
         raise MemoryError(
             f"stablelm's {quant_type} kernel could not allocate its work buffers ({m} rows of {k})"
