@@ -1,0 +1,118 @@
+"""Batch-1 decoding of one checkpoint in bf16, int8 and int4 (the documented path: `from_pretrained(...,
+quantization_config=...)` then greedy `generate`), taking turns with llama.cpp's `llama-bench` on GGUF files
+of the same weights (bf16, Q8_0, Q4_K_M), in one run; wall time, best of the rounds.
+
+`--modules` also times the quantized models with the planned decode step off (`stablelm.lean_step`), so
+the two can be compared; their tokens must equal the planned step's.
+
+Run:
+    python benchmarks/quant_vs_llama.py --folder DIR --threads 2 --rounds 2 \
+        --llama-bench PATH/llama-bench --gguf bf16=DIR/model-bf16.gguf q8_0=DIR/model-q8_0.gguf \
+        q4_k_m=DIR/model-q4_k_m.gguf
+(`DIR`: a checkpoint, e.g. written by `benchmarks/documented_path.py --folder DIR`; the GGUF files by
+llama.cpp's `convert_hf_to_gguf.py` and `llama-quantize`.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import stablelm  # noqa: E402
+from stablelm.decode import DecodeStep  # noqa: E402
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.t.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def llama_bench(binary: str, gguf: str, threads: int, prompt: int, new: int) -> tuple[float, float]:
+    """llama-bench's prefill and decode tokens/s, one repetition."""
+    cmd = [binary, "-m", gguf, "-t", str(threads), "-p", str(prompt), "-n", str(new), "-r", "1", "-o", "json"]
+    rows = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    pp = next(r["avg_ts"] for r in rows if r["n_prompt"] > 0)
+    tg = next(r["avg_ts"] for r in rows if r["n_gen"] > 0)
+    return pp, tg
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--folder", type=Path, required=True, help="a bf16 checkpoint folder")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--modules", action="store_true", help="also the quantized models without the plan")
+    parser.add_argument("--llama-bench", help="llama.cpp's llama-bench binary")
+    parser.add_argument("--gguf", nargs="*", default=[], help="NAME=FILE pairs, e.g. q8_0=model-q8_0.gguf")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    new = args.new_tokens
+    models = {"bf16": stablelm.AutoModelForCausalLM.from_pretrained(args.folder, dtype=torch.bfloat16)}
+    for q in ("int8", "int4"):
+        models[q] = stablelm.AutoModelForCausalLM.from_pretrained(
+            args.folder, dtype=torch.bfloat16, quantization_config={"quant_type": q}
+        )
+    vocab = models["bf16"].config.vocab_size
+    ids = torch.randint(0, vocab, (1, args.prompt), generator=torch.Generator().manual_seed(1))
+    variants = [("bf16", "bf16", True), ("int8", "int8", True), ("int4", "int4", True)]
+    if args.modules:
+        variants += [("int8 modules", "int8", False), ("int4 modules", "int4", False)]
+
+    def run(model: torch.nn.Module, lean: bool) -> tuple[float, float, torch.Tensor]:
+        DecodeStep.for_model(model, compile=False).lean = lean
+        clock, start = _Clock(), time.perf_counter()
+        out = model.generate(
+            input_ids=ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, streamer=clock
+        )
+        end = time.perf_counter()
+        DecodeStep.for_model(model, compile=False).lean = True
+        return args.prompt / (clock.t[1] - start), (new - 1) / (end - clock.t[1]), out
+
+    for _, model, lean in variants:  # warm-up: kernel builds, plans, page faults
+        run(models[model], lean)
+    ggufs = dict(pair.split("=", 1) for pair in args.gguf) if args.llama_bench else {}
+    best: dict[str, list[float]] = {}
+    tokens: dict[str, torch.Tensor] = {}
+    for turn in range(args.rounds):
+        timings = []
+        for name, model, lean in variants:
+            prefill, decode, tokens[name] = run(models[model], lean)
+            timings.append((name, prefill, decode))
+        for name, path in ggufs.items():
+            timings.append(
+                (f"llama.cpp {name}", *llama_bench(args.llama_bench, path, args.threads, args.prompt, new))
+            )
+        for name, prefill, decode in timings:
+            b = best.setdefault(name, [0.0, 0.0])
+            b[0], b[1] = max(b[0], prefill), max(b[1], decode)
+            print(f"round {turn} {name}: prefill {prefill:.2f} decode {decode:.2f} tok/s", flush=True)
+    print(
+        f"\n{args.folder}: batch 1, prompt {args.prompt}, {new} new tokens, {args.threads} thread(s), best of {args.rounds}"
+    )
+    base = best["bf16"][1]
+    for name, (prefill, decode) in best.items():
+        print(
+            f"  {name:18s} prefill {prefill:7.2f}  decode {decode:6.2f} tok/s  ({decode / base:.2f}x our bf16)"
+        )
+    for q in ("int8", "int4"):
+        if f"{q} modules" in tokens and not torch.equal(tokens[q], tokens[f"{q} modules"]):
+            sys.exit(f"{q}: the planned step's tokens differ from the modules'")
+
+
+if __name__ == "__main__":
+    main()
