@@ -70,13 +70,15 @@ def _reference(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
     return y if layer.bias is None else y + layer.bias.double()
 
 
+@pytest.mark.parametrize("float32_products", [False, True])
 @pytest.mark.parametrize("isa", ["auto", "avx2", "none"])
 @pytest.mark.parametrize(("qtype", "group"), QTYPES)
-def test_kernels_match_dequantized_reference(qtype, group, isa, monkeypatch):
+def test_kernels_match_dequantized_reference(qtype, group, isa, float32_products, monkeypatch):
     from stablelm.kernels import best_isa, clear_caches
 
     if isa == "avx2" and best_isa() is None:
         pytest.skip("no AVX2 on this CPU")
+    monkeypatch.setattr(qlinear, "FLOAT32_PRODUCTS", float32_products)
     monkeypatch.setenv("STABLELM_ISA", isa)
     clear_caches()
     try:
@@ -99,6 +101,9 @@ def test_kernels_match_dequantized_reference(qtype, group, isa, monkeypatch):
                 ref = _reference(layer, x)
                 assert y.dtype == dtype
                 assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < tol, (dtype, rows, scratch)
+                if float32_products and rows > qlinear.KERNEL_MAX_ROWS and isa != "none":
+                    # prefill in float32, one rounding to bfloat16 at the end: within half its ulp
+                    assert ((y.double() - ref).abs() <= ref.abs() * 2**-8 + 1e-30).all(), (dtype, scratch)
     finally:
         monkeypatch.delenv("STABLELM_ISA")
         clear_caches()
@@ -187,6 +192,16 @@ def test_avx2_integer_one_row_kernels_extreme_inputs(qtype, group, monkeypatch):
     finally:
         monkeypatch.delenv("STABLELM_ISA")
         clear_caches()
+
+
+def test_prefill_multiplies_in_float32_where_the_cpu_has_no_bfloat16_products(monkeypatch):
+    monkeypatch.setattr(qlinear, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c"}))
+    assert qlinear.float32_products()
+    for flags in ({"avx512f", "avx512_bf16"}, {"avx512f", "amx_bf16"}):
+        monkeypatch.setattr(qlinear, "cpu_flags", lambda flags=flags: frozenset(flags))
+        assert not qlinear.float32_products()
+    monkeypatch.setattr(qlinear, "FLOAT32_PRODUCTS", True)
+    assert qlinear.float32_products()
 
 
 def test_int4_both_kernel_modes_agree():

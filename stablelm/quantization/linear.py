@@ -32,6 +32,8 @@ _scratch = threading.local()
 _TYPES = {torch.float32: 0, torch.bfloat16: 1}
 # mode of the int4 kernel: 1 = AVX512-BF16 sums (bfloat16 activations), 0 = float32 sums. None: pick.
 FORCE_INT4_MODE: int | None = None
+# prefill's product of bfloat16 rows: True float32 (dequantized to float32), False bfloat16. None: pick.
+FLOAT32_PRODUCTS: bool | None = None
 
 
 class QuantizedLinear(nn.Module):
@@ -188,9 +190,13 @@ class QuantizedLinear(nn.Module):
 
     def _tiled(self, rows: torch.Tensor) -> torch.Tensor:
         """Many rows: the weight dequantized (whole, or in tiles of SCRATCH_BYTES) into the thread's scratch
-        buffer and multiplied with torch's kernel."""
+        buffer and multiplied with torch's kernel; in float32 for bfloat16 rows where the CPU has no
+        bfloat16 products (`float32_products`), the result rounded once at the end."""
         lib = quant_library()
         k, n = self.in_features, self.out_features
+        out_dtype = rows.dtype
+        if out_dtype == torch.bfloat16 and float32_products():
+            rows = rows.float()
         tile = min(n, max(16, SCRATCH_BYTES // (rows.element_size() * k) // 16 * 16))
         kind = _TYPES[rows.dtype]
         buffer = _scratch_buffer(tile * k, rows.dtype)
@@ -216,7 +222,7 @@ class QuantizedLinear(nn.Module):
                 y[:, n0:n1] = part
         if self.bias is not None:
             y += self.bias
-        return y
+        return y if y.dtype == out_dtype else y.to(out_dtype)
 
 
 def _product(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -239,6 +245,16 @@ def _scratch_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
         buffers[dtype] = buffer = None  # the old one freed before the new one is made
         buffers[dtype] = buffer = torch.empty(numel, dtype=dtype)
     return buffer
+
+
+def float32_products() -> bool:
+    """Whether prefill multiplies bfloat16 rows by float32 dequantized weights (torch's float32 product),
+    not bfloat16 ones: on CPUs without AVX512-BF16 or AMX, where a bfloat16 product is float32
+    arithmetic plus conversions (on a 2-core AMD EPYC, Zen 1: 1.1-1.3x faster, measured in
+    docs/quantization.md). `FLOAT32_PRODUCTS` overrides (tests)."""
+    if FLOAT32_PRODUCTS is not None:
+        return FLOAT32_PRODUCTS
+    return not ({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def int4_mode(dtype: torch.dtype) -> int:
