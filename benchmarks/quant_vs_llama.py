@@ -16,8 +16,6 @@ llama.cpp's `convert_hf_to_gguf.py` and `llama-quantize`.)
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,6 +23,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from documented_path import llama_bench  # noqa: E402
+
 import stablelm  # noqa: E402
 from stablelm.decode import DecodeStep  # noqa: E402
 
@@ -38,15 +39,6 @@ class _Clock:
 
     def end(self) -> None:
         pass
-
-
-def llama_bench(binary: str, gguf: str, threads: int, prompt: int, new: int) -> tuple[float, float]:
-    """llama-bench's prefill and decode tokens/s, one repetition."""
-    cmd = [binary, "-m", gguf, "-t", str(threads), "-p", str(prompt), "-n", str(new), "-r", "1", "-o", "json"]
-    rows = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
-    pp = next(r["avg_ts"] for r in rows if r["n_prompt"] > 0)
-    tg = next(r["avg_ts"] for r in rows if r["n_gen"] > 0)
-    return pp, tg
 
 
 def main() -> None:
