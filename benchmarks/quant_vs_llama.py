@@ -17,28 +17,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from documented_path import llama_bench  # noqa: E402
+from documented_path import llama_bench, timed  # noqa: E402
 
 import stablelm  # noqa: E402
 from stablelm.decode import DecodeStep  # noqa: E402
-
-
-class _Clock:
-    def __init__(self) -> None:
-        self.t: list[float] = []
-
-    def put(self, value: torch.Tensor) -> None:
-        self.t.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
 
 
 def main() -> None:
@@ -67,13 +55,16 @@ def main() -> None:
 
     def run(model: torch.nn.Module, lean: bool) -> tuple[float, float, torch.Tensor]:
         DecodeStep.for_model(model, compile=False).lean = lean
-        clock, start = _Clock(), time.perf_counter()
-        out = model.generate(
-            input_ids=ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, streamer=clock
-        )
-        end = time.perf_counter()
-        DecodeStep.for_model(model, compile=False).lean = True
-        return args.prompt / (clock.t[1] - start), (new - 1) / (end - clock.t[1]), out
+        try:
+            return timed(
+                lambda input_ids, streamer: model.generate(
+                    input_ids=input_ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                    streamer=streamer,
+                ),
+                ids,
+            )  # fmt: skip
+        finally:
+            DecodeStep.for_model(model, compile=False).lean = True
 
     for _, model, lean in variants:  # warm-up: kernel builds, plans, page faults
         run(models[model], lean)

@@ -107,15 +107,15 @@ class _Quantized:
     def __init__(self, layers: tuple[nn.Module, ...], rows: int, threads: int, dtype: torch.dtype) -> None:
         self.kind, self.k = layers[0].quant_type, layers[0].in_features
         self.out = torch.empty(rows, sum(m.out_features for m in layers), dtype=dtype)
-        self.parts, self.calls, col = [], [], 0
-        for m in layers:
-            part = self.out[:, col : col + m.out_features]  # one row: contiguous within `out`
-            part = part if rows == 1 else torch.empty(rows, m.out_features, dtype=dtype)
-            self.parts.append(part)
-            self.calls.append(m.kernel_call(rows, self.k, part.data_ptr(), dtype, threads))
-            col += m.out_features
-        if rows == 1:
+        if rows == 1:  # each layer's columns of the one row: contiguous within `out`
             self.parts = None
+            targets = self.out.split([m.out_features for m in layers], dim=1)
+        else:
+            self.parts = targets = [torch.empty(rows, m.out_features, dtype=dtype) for m in layers]
+        self.calls = [
+            m.kernel_call(rows, self.k, t.data_ptr(), dtype, threads)
+            for m, t in zip(layers, targets, strict=True)
+        ]
         self.tensors = layers  # their buffers stay alive as long as the plan
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -172,17 +172,8 @@ class QuantizedLinear(nn.Module):
         k, n = self.in_features, self.out_features
         if self.quant_type == "int8":
             return lib.stablelm_q8_linear, (
-                kind,
-                m,
-                k,
-                ldx,
-                y,
-                n,
-                self.weight.data_ptr(),
-                self.weight_scale.data_ptr(),
-                b,
-                threads,
-            )
+                kind, m, k, ldx, y, n, self.weight.data_ptr(), self.weight_scale.data_ptr(), b, threads,
+            )  # fmt: skip
         return lib.stablelm_q4_linear, (
             kind, m, k, ldx, y, n, self.weight.data_ptr(), self.weight_scale.data_ptr(),
             self.weight_min.data_ptr(), self.group_size, b, int4_mode(dtype), threads,
