@@ -40,6 +40,14 @@ def main() -> None:
     parser.add_argument("--llama-bench", help="llama.cpp's llama-bench binary")
     parser.add_argument("--gguf", nargs="*", default=[], help="NAME=FILE pairs, e.g. q8_0=model-q8_0.gguf")
     args = parser.parse_args()
+    if args.rounds < 1 or args.threads < 1 or args.new_tokens < 2 or args.prompt < 1:
+        parser.error("--rounds, --threads and --prompt must be at least 1, --new-tokens at least 2")
+    for pair in args.gguf:
+        name, _, path = pair.partition("=")
+        if not name or not path or not Path(path).is_file():
+            parser.error(f"--gguf takes NAME=FILE pairs of existing files; got {pair!r}")
+    if args.gguf and not args.llama_bench:
+        parser.error("--gguf needs --llama-bench (the llama-bench binary that runs them)")
     torch.set_num_threads(args.threads)
     new = args.new_tokens
     models = {"bf16": stablelm.AutoModelForCausalLM.from_pretrained(args.folder, dtype=torch.bfloat16)}
@@ -68,7 +76,7 @@ def main() -> None:
 
     for _, model, lean in variants:  # warm-up: kernel builds, plans, page faults
         run(models[model], lean)
-    ggufs = dict(pair.split("=", 1) for pair in args.gguf) if args.llama_bench else {}
+    ggufs = dict(pair.split("=", 1) for pair in args.gguf)
     best: dict[str, list[float]] = {}
     tokens: dict[str, torch.Tensor] = {}
     for turn in range(args.rounds):

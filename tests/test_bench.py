@@ -60,3 +60,45 @@ def test_the_side_by_side_benchmark_takes_turns_and_reports_every_row():
     assert "best of 1 turns each" in out.stdout
     refused = subprocess.run([*args, "--rounds", "0"], capture_output=True, text=True, timeout=600)
     assert refused.returncode == 2 and "--rounds must be at least 1" in refused.stderr
+
+
+def test_the_quantized_side_by_side_benchmark_runs_and_refuses_bad_arguments(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from stablelm import StableLmConfig, StableLmForCausalLM
+
+    config = StableLmConfig(
+        vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    StableLmForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "tiny")
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "quant_vs_llama.py"
+    args = [
+        sys.executable,
+        str(script),
+        "--folder",
+        str(tmp_path / "tiny"),
+        "--prompt",
+        "8",
+        "--new-tokens",
+        "4",
+    ]
+    out = subprocess.run([*args, "--rounds", "1", "--modules"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    for row in ("bf16", "int8", "int4", "int8 modules", "int4 modules"):
+        assert f"\n  {row} " in out.stdout, out.stdout
+    for bad, message in (
+        (["--rounds", "0"], "--rounds, --threads and --prompt must be at least 1"),
+        (
+            ["--llama-bench", "x", "--gguf", "q8_0"],
+            "--gguf takes NAME=FILE pairs of existing files; got 'q8_0'",
+        ),
+        (["--gguf", f"q8_0={script}"], "--gguf needs --llama-bench"),
+    ):
+        refused = subprocess.run([*args, *bad], capture_output=True, text=True, timeout=600)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
