@@ -42,6 +42,9 @@ def import_start_up(modules: tuple[str, ...] = START_UP_MODULES) -> None:
     written while importing, so nothing is lost by ending there and then. Outside the main thread (where
     signal handlers cannot be set), or where SIGINT is not Python's own (ignored in a background job,
     say), the modules are simply imported."""
+    # torch's CPU wheels do not depend on numpy, and importing torch without it warns ("Failed to
+    # initialize NumPy"); no command uses numpy, so that warning is noise on every command's stderr.
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
     if (
         threading.current_thread() is not threading.main_thread()
         or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
