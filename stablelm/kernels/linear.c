@@ -489,81 +489,74 @@ static void load16_edge(__m512i r[16], const uint16_t* w, int K, int k, int nn, 
 
 #define BCAST(xm, s) ((__m512bh)_mm512_set1_epi32((int)(xm)[s]))
 
-/* MT rows of x (pairs of k, zero padded to 32 k) x 64 outputs (nn of them: up to four blocks of 16,
- * four independent chains, so that vdpbf16ps's latency overlaps), K in blocks of kb, each summed from
- * zero in one chain over its pairs of k, block sums added in order: totals in `tot`. The next 64 rows
- * (`next`, contiguous) are prefetched 4 KB a step: all of them by the end. */
-#define DP_USE4(MT, q, j, c)                                                                           \
+/* MT rows of x (pairs of k, zero padded to 32 k) x one block of 16 weight rows (nn of them), K in
+ * blocks of kb, each summed from zero in one chain over its pairs of k, block sums added in order:
+ * totals in `tot`. The next block's rows (`next`, contiguous) are prefetched 1 KB a step, in address
+ * order: all of them by the end.
+ *
+ * One block of 16 rows at a time, not more: the rows are read 64 bytes each per step, and the memory
+ * system follows 16 such streams (with the prefetch of the next block) far better than 64; measured
+ * on a 2-core AVX512-BF16 EPYC with weights too large for the caches, 16 rows read at 29-33 GB/s on
+ * one thread where 64 (four chains) read at 15-21 and 32 at 23-27 (benchmarks in docs/speed.md). */
+#define DP_ROWS 16
+#define DP_USE4(MT, q, c)                                                                              \
   _Pragma("GCC unroll 4") for (int m = 0; m < MT; m++) {                                               \
     const uint32_t* xm = xk + (int64_t)m * ldp + 4 * (c);                                              \
     _Pragma("GCC unroll 4") for (int d = 0; d < 4; d++)                                                \
-      acc[m][j] = _mm512_dpbf16_ps(acc[m][j], (__m512bh)(q)[d], BCAST(xm, d));                         \
+      acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)(q)[d], BCAST(xm, d));                               \
   }
 #define DP_TILE(MT)                                                                                    \
   static void dp_tile_##MT(const uint32_t* xp, int ldp, const uint16_t* w, int K, int nn, int kb,      \
-                           __m512 tot[][4], const char* next) {                                        \
-    int nb = (nn + 15) / 16, full = nn / 16;                                                           \
+                           __m512 tot[], const char* next) {                                           \
     int64_t s1 = (int64_t)K * 2;                                                                       \
     for (int k0 = 0; k0 < K; k0 += kb) {                                                               \
       int k1 = k0 + kb < K ? k0 + kb : K;                                                              \
-      __m512 acc[MT][4];                                                                               \
-      for (int m = 0; m < MT; m++)                                                                     \
-        for (int j = 0; j < 4; j++) acc[m][j] = _mm512_setzero_ps();                                   \
+      __m512 acc[MT];                                                                                  \
+      for (int m = 0; m < MT; m++) acc[m] = _mm512_setzero_ps();                                       \
       for (int k = k0; k < k1; k += 32) {                                                              \
         const uint32_t* xk = xp + k / 2;                                                               \
         if (next)                                                                                      \
-          for (int l = 0; l < 4096; l += 64) _mm_prefetch(next + (int64_t)k * 128 + l, _MM_HINT_T1);   \
-        if (k1 - k >= 32) {                                                                            \
+          for (int l = 0; l < DP_ROWS * 64; l += 64)                                                   \
+            _mm_prefetch(next + (int64_t)k * 2 * DP_ROWS + l, _MM_HINT_T1);                            \
+        if (nn == DP_ROWS && k1 - k >= 32) {                                                           \
           const char* r0 = (const char*)(w + k);                                                       \
           _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) {                                        \
-            _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) {                                      \
-              if (j < full) {                                                                          \
-                __m512i q[4];                                                                          \
-                load4(q, r0 + 16 * s1 * j + 16 * c, s1);                                               \
-                DP_USE4(MT, q, j, c)                                                                   \
-              }                                                                                        \
-            }                                                                                          \
+            __m512i q[4];                                                                              \
+            load4(q, r0 + 16 * c, s1);                                                                 \
+            DP_USE4(MT, q, c)                                                                          \
           }                                                                                            \
-        }                                                                                              \
-        _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) {                                          \
-          if (j < nb && (j >= full || k1 - k < 32)) { /* an edge: part of the rows or of the k */      \
-            __m512i r[16];                                                                             \
-            int rows = nn - 16 * j < 16 ? nn - 16 * j : 16;                                            \
-            load16_edge(r, w + (int64_t)16 * j * K, K, k, rows, k1 - k);                               \
-            for (int c = 0; c < 4; c++) { DP_USE4(MT, r + 4 * c, j, c) }                               \
-          }                                                                                            \
+        } else { /* an edge: part of the rows or of the k */                                           \
+          __m512i r[16];                                                                               \
+          load16_edge(r, w, K, k, nn, k1 - k);                                                         \
+          for (int c = 0; c < 4; c++) { DP_USE4(MT, r + 4 * c, c) }                                    \
         }                                                                                              \
       }                                                                                                \
-      for (int m = 0; m < MT; m++)                                                                     \
-        for (int j = 0; j < 4; j++) tot[m][j] = k0 == 0 ? acc[m][j] : _mm512_add_ps(tot[m][j], acc[m][j]); \
+      for (int m = 0; m < MT; m++) tot[m] = k0 == 0 ? acc[m] : _mm512_add_ps(tot[m], acc[m]);          \
     }                                                                                                  \
   }
 DP_TILE(1)
 DP_TILE(2)
 DP_TILE(4)
 
-/* All M rows x up to 64 outputs (nn). `xp` holds x's rows as dwords of k, zero padded to a multiple of
- * 32 k (ldp dwords apart): a block's tail multiplies zeros, as oneDNN's padding does. */
+/* All M rows x one block of up to 16 outputs (nn). `xp` holds x's rows as dwords of k, zero padded to a
+ * multiple of 32 k (ldp dwords apart): a block's tail multiplies zeros, as oneDNN's padding does. */
 static void block_dpbf16(const uint32_t* xp, int ldp, int M, int K, const uint16_t* w, const uint16_t* b,
                          int nn, uint16_t* y, int ldy, int kb, const void* next) {
+  __mmask16 out = nn == 16 ? (__mmask16)0xffff : (__mmask16)((1u << nn) - 1u);
+  __m512 bias = _mm512_setzero_ps();
+  if (b) bias = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(out, b)), 16));
   for (int m0 = 0; m0 < M;) {
     int mt = M - m0 >= 4 ? 4 : M - m0 >= 2 ? 2 : 1;
     const uint32_t* xm = xp + (int64_t)m0 * ldp;
     /* prefetch the next block while the first rows pass over this one (later rows find it cached) */
     const char* pf = m0 == 0 ? (const char*)next : 0;
-    __m512 tot[4][4];
+    __m512 tot[4];
     if (mt == 4) dp_tile_4(xm, ldp, w, K, nn, kb, tot, pf);
     else if (mt == 2) dp_tile_2(xm, ldp, w, K, nn, kb, tot, pf);
     else dp_tile_1(xm, ldp, w, K, nn, kb, tot, pf);
-    for (int j = 0; 16 * j < nn; j++) {
-      int rows = nn - 16 * j < 16 ? nn - 16 * j : 16;
-      __mmask16 out = rows == 16 ? (__mmask16)0xffff : (__mmask16)((1u << rows) - 1u);
-      __m512 bias = _mm512_setzero_ps();
-      if (b) bias = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(out, b + 16 * j)), 16));
-      for (int m = 0; m < mt; m++) {
-        __m512 v = b ? _mm512_add_ps(tot[m][j], bias) : tot[m][j];
-        _mm256_mask_storeu_epi16(y + (int64_t)(m0 + m) * ldy + 16 * j, out, (__m256i)_mm512_cvtneps_pbh(v));
-      }
+    for (int m = 0; m < mt; m++) {
+      __m512 v = b ? _mm512_add_ps(tot[m], bias) : tot[m];
+      _mm256_mask_storeu_epi16(y + (int64_t)(m0 + m) * ldy, out, (__m256i)_mm512_cvtneps_pbh(v));
     }
     m0 += mt;
   }
@@ -579,12 +572,11 @@ static void pack_x(uint32_t* xp, int ldp, const uint16_t* x, int M, int K, int l
 }
 
 /* stablelm_linear_bf16_dpbf16: oneDNN's order on AVX512-BF16 CPUs without AMX. */
-#define DP_OUTPUTS 64
 int stablelm_linear_bf16_dpbf16(const uint16_t* x, int M, int K, int ldx, uint16_t* y, int ldy, int G,
                                 const void* w0, const void* b0, int n0, const void* w1, const void* b1,
                                 int n1, const void* w2, const void* b2, int n2, int kb, int threads) {
   groups_t g;
-  int N = make_groups(&g, DP_OUTPUTS, G, w0, b0, n0, w1, b1, n1, w2, b2, n2);
+  int N = make_groups(&g, DP_ROWS, G, w0, b0, n0, w1, b1, n1, w2, b2, n2);
   if (!N || M < 0 || K <= 0 || ldx < K || ldy < N || threads < 1 || kb < 32 || kb % 32) return 2;
   if (M == 0) return 0;
   int ldp = (K + 31) / 32 * 16;
