@@ -1,6 +1,6 @@
 """The native decode attention (`stablelm/kernels/attention.c`) gives torch's SDPA bits wherever it is
-planned, is planned on a CPU whose torch runs its AVX2 kernels, and steps aside on bad or non-finite
-input."""
+planned, is planned on a CPU whose torch runs its AVX2 or AVX-512 kernels, and steps aside on bad or
+non-finite input."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import pytest
 import torch
 from test_kernels import LEVELS, _run_isolated
 
-from stablelm import kernels
 from stablelm.kernels import attention
 
 needs_kernels = pytest.mark.skipif(
@@ -40,7 +39,7 @@ def test_where_planned_the_kernel_gives_sdpas_bits(H, Hkv, D):
     scale = D**-0.5
     fn = attention.plan(torch.bfloat16, H, Hkv, D, scale)
     if fn is None:
-        pytest.skip("torch's SDPA is not the AVX2 one here: the native attention is not used")
+        pytest.skip("torch's SDPA is neither ATen's AVX2 nor its AVX-512 code here: no native attention")
     gen = torch.Generator().manual_seed(H * D)
     lengths = [1, 2, 5, 7, 8, 15, 16, 17, 31, 47, 100, 176, 255, 511, 512, 513, 515, 777, 1024, 1025, 1600]
     for length in lengths:
@@ -65,7 +64,7 @@ def test_where_planned_the_kernel_gives_sdpas_bits(H, Hkv, D):
 def test_a_query_strided_as_the_decode_step_keeps_it_and_a_sliced_mask_read_right():
     fn = attention.plan(torch.bfloat16, 8, 8, 64, 0.125)
     if fn is None:
-        pytest.skip("torch's SDPA is not the AVX2 one here: the native attention is not used")
+        pytest.skip("torch's SDPA is neither ATen's AVX2 nor its AVX-512 code here: no native attention")
     gen = torch.Generator().manual_seed(1)
     q = torch.randn(3, 1, 8, 64, generator=gen).bfloat16().transpose(1, 2)  # (B, H, 1, D), heads D apart
     _, keys, values = _case(gen, 3, 8, 8, 64, 40, 2.0)
@@ -108,11 +107,13 @@ def test_a_score_that_is_not_finite_is_left_to_torch(bad):
         dict(length=0),
         dict(length=41),  # beyond the cache's 40 slots
         dict(Hkv=3),  # 8 heads do not share 3 kv heads evenly
+        dict(lanes=4),  # a softmax width that is neither AVX2's nor AVX-512's
     ],
 )
-def test_bad_arguments_are_refused_with_nothing_written(change):
+def test_bad_arguments_are_refused_with_nothing_written(change, monkeypatch):
     fn = attention.kernel()
-    p = {"B": 1, "H": 8, "Hkv": 8, "D": 64, "length": 10, **change}
+    p = {"B": 1, "H": 8, "Hkv": 8, "D": 64, "length": 10, "lanes": 8, **change}
+    monkeypatch.setattr(attention, "softmax_lanes", lambda: p["lanes"])
     D, Hkv = p["D"], p["Hkv"]
     q = torch.zeros(1, 8, 1, D, dtype=torch.bfloat16)
     keys = torch.zeros(1, Hkv, 40, D, dtype=torch.bfloat16)
@@ -127,21 +128,47 @@ def test_no_plan_for_other_dtypes_or_layouts():
     assert attention.plan(torch.bfloat16, 8, 8, 12, 12**-0.5) is None
 
 
-_AVX2_TORCH = """
+_PLANNED = """
 import torch
 from stablelm import kernels
 from stablelm.kernels import attention
 print("capability", torch.backends.cpu.get_cpu_capability(), "isa", kernels.selected_isa())
-print("planned", attention.plan(torch.bfloat16, 32, 32, 80, 80 ** -0.5) is not None)
+print("lanes", attention.softmax_lanes())
+print("planned", all(attention.plan(torch.bfloat16, *layout, layout[2] ** -0.5) is not None
+                     for layout in [(32, 32, 80), (12, 12, 64), (32, 8, 64)]))
 """
 
 
 @needs_kernels
 def test_a_cpu_whose_torch_runs_avx2_kernels_gets_the_native_attention():
-    if "avx512f" in kernels.cpu_flags():
-        pytest.skip("an AVX-512 CPU: torch's MKL computes SDPA's products with AVX-512 code here")
-    out = _run_isolated(_AVX2_TORCH, {"STABLELM_ISA": "avx2"})
-    assert "capability AVX2 isa avx2" in out and "planned True" in out, out
+    # torch as it runs on an AVX2-only CPU (8-lane softmax), with our AVX2 build
+    out = _run_isolated(_PLANNED, {"STABLELM_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2"})
+    assert "capability AVX2 isa avx2" in out and "lanes 8" in out and "planned True" in out, out
+
+
+@pytest.mark.skipif("avx512" not in LEVELS, reason="needs an x86-64 CPU with AVX-512 and a C compiler")
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_a_cpu_whose_torch_runs_avx512_kernels_gets_the_native_attention(isa):
+    # torch's own AVX-512 kernels (16-lane softmax; MKL's products as on AVX2 CPUs), with either build of
+    # ours: the best one for the machine and the forced lower one
+    out = _run_isolated(_PLANNED, {"STABLELM_ISA": isa})
+    assert f"capability AVX512 isa {isa}" in out and "lanes 16" in out and "planned True" in out, out
+
+
+def test_the_softmax_width_follows_torchs_capability(monkeypatch):
+    attention.softmax_lanes.cache_clear()
+    try:
+        for capability, lanes in (("AVX2", 8), ("AVX512", 16), ("DEFAULT", None), ("ZVECTOR", None)):
+            monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+            attention.softmax_lanes.cache_clear()
+            assert attention.softmax_lanes() == lanes
+            if lanes is None:  # no native attention where torch's vectors are of another width
+                attention._PLANS.clear()
+                assert attention.plan(torch.bfloat16, 8, 8, 64, 0.125) is None
+    finally:
+        monkeypatch.undo()
+        attention.softmax_lanes.cache_clear()
+        attention._PLANS.clear()
 
 
 def test_the_decode_step_falls_back_to_sdpa_on_a_score_that_is_not_finite(monkeypatch):
@@ -173,7 +200,7 @@ def test_the_modules_attention_takes_the_kernel_for_one_query_with_sdpas_bits(mo
     from stablelm.attention import attention as modules_attention
 
     if attention.plan(torch.bfloat16, 8, 2, 64, 0.125) is None:
-        pytest.skip("torch's SDPA is not the AVX2 one here: the native attention is not used")
+        pytest.skip("torch's SDPA is neither ATen's AVX2 nor its AVX-512 code here: no native attention")
     calls = []
     real = attention.run
     monkeypatch.setattr(attention, "run", lambda *a, **k: calls.append(1) or real(*a, **k))

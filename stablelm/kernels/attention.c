@@ -1,17 +1,19 @@
 /* Attention of one new query per row over a static KV cache (decoding), bfloat16, giving the bits of
- * torch's scaled_dot_product_attention on x86-64 CPUs where ATen runs its AVX2 kernels (no AVX-512:
- * most laptops and desktops, AMD EPYC before Zen 4). There torch's flash attention (cpu_flash_attention
- * in FlashAttentionKernel.cpp) spends nearly all its time in two small bfloat16 matrix products per head
- * that it hands to MKL (cblas_gemm_bf16bf16f32, ~14 us each on a 2-core EPYC); this file computes the
- * same numbers directly, in torch's blocks of 512 keys (kvSplitSize) with its online softmax:
+ * torch's scaled_dot_product_attention on x86-64 CPUs where ATen runs its AVX2 or AVX-512 kernels and
+ * MKL its AVX2 code (AMD's CPUs: EPYCs with AVX2 only and with AVX-512 were measured). There torch's
+ * flash attention (cpu_flash_attention in FlashAttentionKernel.cpp) spends nearly all its time in two
+ * small bfloat16 matrix products per head that it hands to MKL (cblas_gemm_bf16bf16f32, ~8-25 us each on
+ * a 2-core EPYC); this file computes the same numbers directly, in torch's blocks of 512 keys
+ * (kvSplitSize) with its online softmax:
  *
  * - scores, per key: q . k in MKL's order for (T, N, m = keys, n = 1, k = D): four partial sums over
  *   k = r, r + 4, r + 8, ... (a product of two bfloat16 numbers is exact in float32, so only the order
  *   of the additions matters), then (s0 + s2) + (s1 + s3);
- * - torch's softmax per block: scores times the scale (or -inf where the mask says no), the maximum,
- *   exp(score - max) by ATen's fexp_u20, sixteen at a time into two vector sums, then eight into the
- *   first, the two added and their lanes summed by halves ((l0 + l4) + (l2 + l6)) + ((l1 + l5) +
- *   (l3 + l7)), the last n % 8 by std::exp added one by one; the exponentials rounded to bfloat16; a later
+ * - torch's softmax per block, in ATen's vectors of `lanes` floats (8 with AVX2, 16 with AVX-512):
+ *   scores times the scale (or -inf where the mask says no), the maximum, exp(score - max) by ATen's
+ *   fexp_u20, two vectors at a time into two vector sums, then one into the first, the two added and
+ *   their lanes summed by halves (8 lanes: ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)); 16: l + l[+8]
+ *   first), the last n % lanes by std::exp added one by one; the exponentials rounded to bfloat16; a later
  *   block rescales the running sum (one FMA) and the running output by exp(old max - new max);
  * - values: p . v in MKL's order for (N, N, m = D, n = 1, k = keys): per group of four keys
  *   (t0 + t2) + (t1 + t3), added to the sum in order; the last n % 4 keys added last one first; a later
@@ -150,10 +152,19 @@ static void values(const uint16_t* p, const uint16_t* v, int n, int D, float* ac
   }
 }
 
+/* exp(qk[i..i+8) - max) by fexp_u20, into *acc, stored to pb in bfloat16 */
+static inline void exp8(const float* qk, __m256 vmax, __m256* acc, uint16_t* pb) {
+  __m256 e = fexp_u20(_mm256_sub_ps(_mm256_loadu_ps(qk), vmax));
+  *acc = _mm256_add_ps(*acc, e);
+  store8_bf16(pb, e);
+}
+
 /* torch's softmax of one block of n <= KV_SPLIT scaled scores qk (-inf where masked) against the running
  * maximum: the exponentials in bfloat16 into pb, their sum returned, *mx the block's maximum (or the running
- * one when larger); -inf: every score so far masked (pb zeros). */
-static float block_softmax(const float* qk, int n, float run_max, float* mx_out, uint16_t* pb) {
+ * one when larger); -inf: every score so far masked (pb zeros). `lanes` is the width of ATen's
+ * Vectorized<float> in torch's build for this CPU: 8 (AVX2) or 16 (AVX-512), here as one or two 8-lane
+ * registers per vector (the sums are lane by lane, so the width only changes which terms meet). */
+static float block_softmax(const float* qk, int n, float run_max, float* mx_out, uint16_t* pb, int lanes) {
   float mx = -INFINITY;
   for (int i = 0; i < n; i++) mx = qk[i] > mx ? qk[i] : mx;
   mx = run_max > mx ? run_max : mx;
@@ -162,22 +173,20 @@ static float block_softmax(const float* qk, int n, float run_max, float* mx_out,
     memset(pb, 0, sizeof(uint16_t) * (size_t)n);
     return 0.0f;
   }
-  /* sixteen at a time in two vector sums, then eight into the first, then the rest one by one */
-  __m256 vmax = _mm256_set1_ps(mx), a0 = _mm256_setzero_ps(), a1 = a0;
-  int i = 0;
-  for (; i + 16 <= n; i += 16) {
-    __m256 e0 = fexp_u20(_mm256_sub_ps(_mm256_loadu_ps(qk + i), vmax));
-    __m256 e1 = fexp_u20(_mm256_sub_ps(_mm256_loadu_ps(qk + i + 8), vmax));
-    a0 = _mm256_add_ps(a0, e0), a1 = _mm256_add_ps(a1, e1);
-    store8_bf16(pb + i, e0), store8_bf16(pb + i + 8, e1);
+  /* two vectors at a time in two vector sums, then one into the first, then the rest one by one;
+   * a[0] (and a[1] with 16 lanes) the first sum's 8-lane halves, a[2] (a[3]) the second's */
+  __m256 vmax = _mm256_set1_ps(mx), a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  int i = 0, halves = lanes / 8;
+  for (; i + 2 * lanes <= n; i += 2 * lanes)
+    for (int h = 0; h < 2 * halves; h++) exp8(qk + i + 8 * h, vmax, &a[h < halves ? h : 2 + h - halves], pb + i + 8 * h);
+  if (i + lanes <= n) {
+    for (int h = 0; h < halves; h++) exp8(qk + i + 8 * h, vmax, &a[h], pb + i + 8 * h);
+    i += lanes;
   }
-  if (i + 8 <= n) {
-    __m256 e0 = fexp_u20(_mm256_sub_ps(_mm256_loadu_ps(qk + i), vmax));
-    a0 = _mm256_add_ps(a0, e0);
-    store8_bf16(pb + i, e0);
-    i += 8;
-  }
-  float sum = hsum8(_mm256_add_ps(a0, a1));
+  /* the two sums added, their lanes summed by halves (16 lanes: l + l[+8] first) */
+  __m256 v = _mm256_add_ps(a[0], a[2]);
+  if (halves == 2) v = _mm256_add_ps(v, _mm256_add_ps(a[1], a[3]));
+  float sum = hsum8(v);
   for (; i < n; i++) { /* std::exp */
     float e = expf(qk[i] - mx);
     sum += e;
@@ -190,7 +199,7 @@ static float block_softmax(const float* qk, int n, float run_max, float* mx_out,
  * see) or NULL; out (D) bfloat16. Blocks of KV_SPLIT keys as torch's online softmax takes them. 0, or 4 on
  * a score that is not finite. */
 static int one_head(const uint16_t* q, const uint16_t* k, const uint16_t* v, int length, const uint8_t* mask,
-                    int D, float scale, uint16_t* out) {
+                    int D, float scale, int lanes, uint16_t* out) {
   float qk[KV_SPLIT], dst[MAX_D];
   uint16_t pb[KV_SPLIT];
   float run_max = -INFINITY, run_sum = 0.0f;
@@ -202,7 +211,7 @@ static int one_head(const uint16_t* q, const uint16_t* k, const uint16_t* v, int
       /* torch: qk * scale (+ the mask as 0 or -inf: the same value, or -inf) */
       qk[i] = (mask && !mask[n0 + i]) ? -INFINITY : qk[i] * scale;
     }
-    float mx, sum = block_softmax(qk, n, run_max, &mx, pb);
+    float mx, sum = block_softmax(qk, n, run_max, &mx, pb, lanes);
     if (mx != -INFINITY) {
       float rescale = expf(run_max - mx); /* 0 for the first block */
       run_sum = fmaf(rescale, run_sum, sum); /* torch's tmp_sum + exp_tmp * sum, contracted by its compiler */
@@ -224,9 +233,9 @@ static int one_head(const uint16_t* q, const uint16_t* k, const uint16_t* v, int
 int stablelm_decode_attention_bf16(const uint16_t* q, int64_t q_sb, int64_t q_sh, const uint16_t* kc,
                                    const uint16_t* vc, int64_t slots, int64_t length, const uint8_t* mask,
                                    int64_t mask_sb, uint16_t* out, int64_t out_sb, int B, int H, int Hkv, int D,
-                                   float scale, int threads) {
+                                   float scale, int lanes, int threads) {
   if (B < 1 || H < 1 || Hkv < 1 || H % Hkv || D < 8 || D % 8 || D > MAX_D || length < 1 || length > slots ||
-      threads < 1 || length > (int64_t)1 << 30)
+      threads < 1 || length > (int64_t)1 << 30 || (lanes != 8 && lanes != 16))
     return 2;
   int items = B * H, group = H / Hkv, status = 0;
   _Pragma("omp parallel for schedule(static) num_threads(items < threads ? items : threads)")
@@ -234,7 +243,7 @@ int stablelm_decode_attention_bf16(const uint16_t* q, int64_t q_sb, int64_t q_sh
     int b = item / H, h = item % H;
     int64_t kv = ((int64_t)b * Hkv + h / group) * slots * D;
     int st = one_head(q + b * q_sb + h * q_sh, kc + kv, vc + kv, (int)length, mask ? mask + b * mask_sb : 0, D,
-                      scale, out + b * out_sb + (int64_t)h * D);
+                      scale, lanes, out + b * out_sb + (int64_t)h * D);
     if (st) {
       _Pragma("omp atomic write") status = st;
     }

@@ -1,15 +1,17 @@
 """Decoding's attention (one new query per row over a static cache) in torch's bits, where the native
 kernel (`attention.c`) reproduces them on this machine.
 
-On CPUs where ATen runs its AVX2 kernels, torch's `scaled_dot_product_attention` for one bfloat16 query
-hands two tiny matrix products per head to MKL, ~14 us each: ~400 us a layer for a 176-key context on a
-12-head model, ~1.4 ms on a 32-head one, more than the rest of the layer's small operations together.
-`attention.c` computes the same numbers in MKL's and ATen's orders. Whether it does on this machine (its
-torch, MKL and CPU) is checked once per head layout, scale and thread count against
-`F.scaled_dot_product_attention` itself, on probes of several lengths (within and across torch's blocks of
-512 keys), with and without a mask, whose scores spread wide enough that any other order shows; a layout
-the kernel does not reproduce keeps torch's kernel. On AVX-512 CPUs torch computes otherwise (oneDNN's
-and MKL's AVX-512 code), so there the probes fail and nothing changes.
+torch's `scaled_dot_product_attention` for one bfloat16 query hands two tiny matrix products per head to
+MKL, ~8-25 us each however small: on a 2-core EPYC ~400 us a layer for a 176-key context on a 12-head
+model with AVX2, ~200 us with AVX-512, and ~1.4 ms on a 32-head one, more than the rest of the layer's
+small operations together. `attention.c` computes the same numbers in MKL's and ATen's orders: MKL's
+products are summed alike on the AVX2 and AVX-512 EPYCs measured (MKL runs its AVX2 code on AMD CPUs),
+and ATen's softmax sums its exponentials in vectors of 8 floats (AVX2) or 16 (AVX-512), which the kernel
+is told (`softmax_lanes`). Whether it gives torch's bits on this machine (its torch, MKL and CPU) is
+checked once per head layout, scale and thread count against `F.scaled_dot_product_attention` itself, on
+probes of several lengths (within and across torch's blocks of 512 keys), with and without a mask, whose
+scores spread wide enough that any other order shows; a layout the kernel does not reproduce keeps
+torch's kernel (on Intel CPUs, for one, MKL may run other code).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def _library(isa: str | None) -> ctypes.CDLL | None:
         return None
     p, i64, i = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     fn = lib.stablelm_decode_attention_bf16
-    fn.argtypes = [p, i64, i64, p, p, i64, i64, p, i64, p, i64, i, i, i, i, ctypes.c_float, i]
+    fn.argtypes = [p, i64, i64, p, p, i64, i64, p, i64, p, i64, i, i, i, i, ctypes.c_float, i, i]
     fn.restype = ctypes.c_int
     return lib
 
@@ -47,14 +49,19 @@ def kernel():  # noqa: ANN201 - a ctypes function, or None
     return None if lib is None else lib.stablelm_decode_attention_bf16
 
 
+@cache
+def softmax_lanes() -> int | None:
+    """The width of ATen's float vectors in torch's kernels on this CPU (its softmax sums that many lanes
+    apart): 8 where they are AVX2 code, 16 where AVX-512; None elsewhere (no native kernel then)."""
+    return {"AVX2": 8, "AVX512": 16}.get(torch.backends.cpu.get_cpu_capability())
+
+
 def plan(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, scale: float):  # noqa: ANN201
     """The native kernel where it gives torch's bits for this layout on this machine, else None (see the
     module docstring). Made once per dtype, layout, scale and thread count."""
     key = (dtype, heads, kv_heads, head_dim, float(scale), torch.get_num_threads())
     if key not in _PLANS:
-        # torch's softmax here is ATen's AVX2 code only where that is its capability (AVX-512: 16 lanes)
-        avx2_torch = torch.backends.cpu.get_cpu_capability() == "AVX2"
-        fn = kernel() if avx2_torch and dtype == torch.bfloat16 else None
+        fn = kernel() if softmax_lanes() is not None and dtype == torch.bfloat16 else None
         usable = (
             fn is not None
             and dtype == torch.bfloat16
@@ -79,7 +86,7 @@ def run(
     return fn(
         q.data_ptr(), q.stride(0), q.stride(1), keys.data_ptr(), values.data_ptr(), slots, length,
         None if mask is None else mask.data_ptr(), 0 if mask is None else mask.stride(0),
-        out.data_ptr(), out.stride(0), B, H, Hkv, D, scale, torch.get_num_threads(),
+        out.data_ptr(), out.stride(0), B, H, Hkv, D, scale, softmax_lanes() or 8, torch.get_num_threads(),
     )  # fmt: skip
 
 
