@@ -17,7 +17,8 @@ same kernels and torch operations in the same order, and drops everything else:
   dispatch, no identity dropout), the residual sums added in place into fresh kernel outputs.
 
 The plan is made only for models it reproduces exactly: exact stablelm module types without hooks, in
-eval mode, every linear layer on a native kernel for this row count (dense, or quantized for up to
+eval mode, every linear layer a plain one (on a native kernel for this row count where one serves, else
+torch's `F.linear` as the module would call it) or a quantized one on its kernels (up to
 `KERNEL_MAX_ROWS` rows), SDPA attention without q/k norms, and a static cache in the model's dtype on
 the CPU; anything else (or autograd on) runs the modules (`DecodeStep` falls back). Tests compare its logits with the modules' bit for bit.
 """
@@ -72,7 +73,7 @@ class _Kernel:
         return self.out
 
 
-def _kernel_for(linears: tuple[nn.Module, ...], rows: int, threads: int) -> _Kernel | None:
+def _kernel_for(linears: tuple[nn.Module, ...], rows: int, threads: int) -> _Kernel | _TorchLinear | None:
     """The planned call for these layers fused (as `stablelm.layers.fused_linear` would make it), or None."""
     if any(type(m) is not Linear for m in linears):  # quantized layers, peft's wrappers, ...: the modules run
         return None
@@ -86,14 +87,31 @@ def _kernel_for(linears: tuple[nn.Module, ...], rows: int, threads: int) -> _Ker
         if w.shape[1] != k or (b is None) == has_bias or (b is not None and b.dtype != dtype):
             return None
     found = kernel_plan(dtype, k, weights[0].shape[0], has_bias, rows)
-    if found is None or any(kernel_plan(dtype, k, w.shape[0], has_bias, rows) != found for w in weights[1:]):
-        return None
-    fn = kernel(found[0])
-    return (
-        None
-        if fn is None or planned_linear() is None
-        else _Kernel(fn, found[0], weights, biases, found[1], rows, threads)
-    )
+    fn = None if found is None else kernel(found[0])
+    if fn is None or planned_linear() is None:
+        return _TorchLinear(weights, biases, rows)
+    if any(kernel_plan(dtype, k, w.shape[0], has_bias, rows) != found for w in weights[1:]):
+        return _TorchLinear(weights, biases, rows)
+    return _Kernel(fn, found[0], weights, biases, found[1], rows, threads)
+
+
+class _TorchLinear:
+    """torch's `F.linear` for plain layers of one input that no native kernel serves here (none gives
+    torch's bits for the shape, or torch's kernel is as fast: `stablelm.kernels.linear.plan`): the call
+    each module makes then, so the same bits; the outputs copied side by side into `out` (B, sum N). The
+    rest of the step stays planned: the layers' module overhead is what it saves, not their arithmetic."""
+
+    __slots__ = ("layers", "out", "parts")
+
+    def __init__(self, weights: list, biases: list, rows: int) -> None:
+        self.layers = list(zip(weights, biases, strict=True))
+        self.out = torch.empty(rows, sum(w.shape[0] for w in weights), dtype=weights[0].dtype)
+        self.parts = self.out.split([w.shape[0] for w in weights], dim=1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        for (weight, bias), part in zip(self.layers, self.parts, strict=True):
+            part.copy_(F.linear(x, weight, bias))
+        return self.out
 
 
 class _Quantized:

@@ -295,6 +295,10 @@ def test_a_planned_linear_call_equals_the_kernels_own(rows):
             fn = kernels.kernel(kind)
             if fn is None or kernels._DTYPES[kind] != dtype:
                 continue
+            if (kind == "bf16_dpbf16" and not kernels.has_dpbf16()) or (
+                kind == "bf16_amx" and not {"amx_bf16", "amx_tile"} <= kernels.cpu_flags()
+            ):
+                continue  # compiled in, but not for this CPU (an AVX512-BF16 CPU without AMX, say)
             block = 32 if kind in ("bf16_amx", "bf16_dpbf16") else 0
             planned = lean_step._Kernel(fn, kind, weights, biases, block, rows, torch.get_num_threads())
             assert torch.equal(planned(x), kernels.run_linear(kind, x, weights, biases, block)), kind
@@ -311,3 +315,40 @@ def test_the_planned_step_follows_a_static_cache_that_grows(lean_calls):
     ran = len(lean_calls)
     assert torch.equal(logits, _generate(model, ids, lean=False, new=20)[1])
     assert ran == 19 or lean_step.LeanStep.build(model, _cache(model), 1) is None
+
+
+@pytest.mark.parametrize("variant", ["plain", "gqa-bias"])
+@pytest.mark.usefixtures("isa")
+def test_layers_no_kernel_serves_run_torchs_linear_inside_the_planned_step(variant, monkeypatch, lean_calls):
+    # On a CPU where torch's kernel is as fast as ours for a shape (or none of ours gives its bits), the
+    # plan keeps torch's F.linear for those layers and the rest of the step planned; it must not give up
+    # the whole step (that cost ~3 ms a token on the 160M shape, 2 threads, AVX2 torch).
+    model = _model(**VARIANTS[variant])
+    ids, mask = _prompts()
+    want = [
+        _generate(model, prompt, padding, lean=False) for prompt, padding in [(ids[:1], None), (ids, mask)]
+    ]
+    mlp_in = model.config.intermediate_size
+    real = lean_step.kernel_plan
+
+    def no_kernel_for_some(dtype, k, n, bias, rows):  # the MLP's down projection and the head: torch's
+        return None if k == mlp_in or n == model.config.vocab_size else real(dtype, k, n, bias, rows)
+
+    monkeypatch.setattr(lean_step, "kernel_plan", no_kernel_for_some)
+    if kernels.decode_qkv_kernel(torch.bfloat16) is None:
+        pytest.skip("no planned step on this machine (no native kernels)")
+    step = lean_step.LeanStep.build(model, _cache(model), 1)
+    assert type(step.layers[0].down) is lean_step._TorchLinear and type(step.head) is lean_step._TorchLinear
+    for (prompt, padding), (tokens, logits) in zip([(ids[:1], None), (ids, mask)], want, strict=True):
+        lean_calls.clear()
+        got_tokens, got_logits = _generate(model, prompt, padding, lean=True)
+        assert len(lean_calls) == 9
+        assert torch.equal(got_logits, logits) and torch.equal(got_tokens, tokens)
+    monkeypatch.setattr(lean_step, "kernel_plan", lambda *args: None)  # no layer on a kernel at all
+    step = lean_step.LeanStep.build(model, _cache(model), 1)
+    assert all(type(c) is lean_step._TorchLinear for layer in step.layers for c in (layer.qkv, layer.gate_up))
+    lean_calls.clear()
+    got_tokens, got_logits = _generate(model, ids, mask, lean=True)
+    assert (
+        len(lean_calls) == 9 and torch.equal(got_logits, want[1][1]) and torch.equal(got_tokens, want[1][0])
+    )
