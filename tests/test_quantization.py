@@ -112,9 +112,10 @@ def test_kernels_match_dequantized_reference(qtype, group, isa, float32_products
 @pytest.mark.parametrize("isa", ["auto", "avx2"])
 @pytest.mark.parametrize(("qtype", "group", "k"), [("int8", 128, 328), ("int4", 64, 320), ("int4", 128, 384)])
 def test_one_row_kernels_match_dequantized_reference(qtype, group, k, isa, monkeypatch):
-    """The decoding kernels (one row of x: rows of W streamed several at once, in chunks of 64 outputs,
-    split over threads) on shapes with leftovers: 133 outputs, inputs not a multiple of the vector,
-    groups of an odd number of 64-input runs; 1 and 2 threads."""
+    """The decoding kernels (one row of x: rows of W streamed several at once, in chunks of 1024 outputs,
+    split over threads) on shapes with leftovers: 2181 outputs (two whole chunks and part of one on one
+    thread; a chunk and part of one on each of two), inputs not a multiple of the vector, groups of an
+    odd number of 64-input runs; 1 and 2 threads."""
     from stablelm.kernels import best_isa, clear_caches
 
     if isa == "avx2" and best_isa() is None:
@@ -124,9 +125,9 @@ def test_one_row_kernels_match_dequantized_reference(qtype, group, k, isa, monke
     threads = torch.get_num_threads()
     try:
         gen = torch.Generator().manual_seed(3)
-        w = (torch.randn(133, k, generator=gen) * 0.05).bfloat16()
+        w = (torch.randn(2181, k, generator=gen) * 0.05).bfloat16()
         layer = QuantizedLinear.from_dense(
-            w, torch.randn(133, generator=gen).bfloat16(), quant_type=qtype, group_size=group
+            w, torch.randn(2181, generator=gen).bfloat16(), quant_type=qtype, group_size=group
         )
         for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 8e-3)):
             layer.bias.data = layer.bias.data.to(dtype)
