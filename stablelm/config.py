@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 from .config_checks import (
     SHOW,
@@ -93,6 +93,14 @@ class StableLmConfig(ConfigFilesMixin):
     attribute_map: dict[str, str] = {}
     sub_configs: dict[str, type] = {}
     is_encoder_decoder = False
+    # How FSDP2 shards the decoder (`stablelm.training.distributed.wrap`; the reference's entries): module
+    # pattern -> "free_full_weight" (gathered for its forward, freed after it) or "keep_full_weight" (kept
+    # gathered from its forward to its backward). A model's `fsdp_plan` prefixes it for the heads.
+    base_model_fsdp_plan: ClassVar[dict[str, str]] = {
+        "embed_tokens": "free_full_weight",
+        "layers.*": "free_full_weight",
+        "norm": "keep_full_weight",
+    }
 
     def __init__(
         self,

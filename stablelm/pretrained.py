@@ -161,6 +161,29 @@ class StableLmPreTrainedModel(ActivationCheckpointingMixin, nn.Module):
         return {}
 
     @property
+    def fsdp_plan(self) -> dict[str, str]:
+        """How FSDP2 shards this model (`stablelm.training.distributed.wrap`): module pattern, relative to
+        this model ("*" for a layer's number) -> "free_full_weight" (its own unit, gathered for its forward
+        and freed after) or "keep_full_weight" (its own unit, kept gathered until its backward). By default
+        the config's `base_model_fsdp_plan` under the decoder's name, as the reference's; modules the plan
+        does not name shard with the whole model."""
+        plan = self.__dict__.get("_fsdp_plan_set")
+        if plan is not None:
+            return dict(plan)
+        prefix = "" if self._base_model() is self else f"{self.base_model_prefix}."
+        return {f"{prefix}{name}": style for name, style in self.config.base_model_fsdp_plan.items()}
+
+    @fsdp_plan.setter
+    def fsdp_plan(self, plan: dict[str, str] | None) -> None:
+        from .training.fsdp_plan import check_plan
+
+        self.__dict__["_fsdp_plan_set"] = check_plan(self, plan)
+
+    @property
+    def _fsdp_plan(self) -> dict[str, str]:  # the reference's private name, which its tools read
+        return self.fsdp_plan
+
+    @property
     def base_model(self) -> nn.Module:
         """The decoder under the head (the model itself for `StableLmModel`)."""
         return self._base_model()

@@ -7,7 +7,8 @@ the local rank), gloo on the CPU.
 
 Two strategies:
 - "ddp": every rank holds the whole model and optimiser; DistributedDataParallel averages the gradients.
-- "fsdp": FSDP2 (`torch.distributed.fsdp.fully_shard`) shards each decoder layer, then the rest of the model,
+- "fsdp": FSDP2 (`torch.distributed.fsdp.fully_shard`) shards the units of the model's `fsdp_plan` (the
+  embedding, each decoder layer, the final norm; see `stablelm.training.fsdp_plan`), then the rest of the model,
   over the ranks, so parameters, gradients and AdamW's moments are split W ways; in bf16 the layers gather
   their parameters in bf16 and reduce gradients in float32 (`MixedPrecisionPolicy`).
 
@@ -32,6 +33,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .fsdp_plan import units as fsdp_units
 
 STRATEGIES = ("ddp", "fsdp")
 DEFAULT_TIMEOUT_S = 1800.0  # torch's own default for gloo and NCCL: long enough for a 12B checkpoint save
@@ -137,7 +140,7 @@ def destroy_process_group() -> None:
 
 def wrap(model: nn.Module, dist: Distributed, *, bf16: bool) -> nn.Module:
     """The module to run forward and backward through: `model` itself (one process), DDP around it, or
-    `model` sharded in place by FSDP2 (each decoder layer, then the root)."""
+    `model` sharded in place by FSDP2 (the units of its `fsdp_plan`, then the root)."""
     if not dist.active:
         return model
     if not torch.distributed.is_initialized():
@@ -159,8 +162,8 @@ def wrap(model: nn.Module, dist: Distributed, *, bf16: bool) -> nn.Module:
     # A peft model (LoRA) holds the causal LM inside; its decoder layers are sharded as they are, frozen base
     # weights and trained adapters together (FSDP2 shards each parameter on its own).
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for layer in base.model.layers:
-        fully_shard(layer, **options)
+    for _, module, reshard in fsdp_units(base):  # the model's fsdp_plan: embedding, layers, final norm
+        fully_shard(module, reshard_after_forward=reshard, **options)
     fully_shard(model, **options)
     # The causal LM returns its logits as a view; nothing changes them in place, which is what FSDP2 warns of.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
