@@ -74,7 +74,8 @@ class _Kernel:
 
 
 def _kernel_for(linears: tuple[nn.Module, ...], rows: int, threads: int) -> _Kernel | _TorchLinear | None:
-    """The planned call for these layers fused (as `stablelm.layers.fused_linear` would make it), or None."""
+    """The planned call for these layers fused (as `stablelm.layers.fused_linear` would make it), torch's
+    F.linear where no kernel serves them alike, or None (not plain layers: the modules run)."""
     if any(type(m) is not Linear for m in linears):  # quantized layers, peft's wrappers, ...: the modules run
         return None
     weights = [m._parameters["weight"] for m in linears]
@@ -88,9 +89,11 @@ def _kernel_for(linears: tuple[nn.Module, ...], rows: int, threads: int) -> _Ker
             return None
     found = kernel_plan(dtype, k, weights[0].shape[0], has_bias, rows)
     fn = None if found is None else kernel(found[0])
-    if fn is None or planned_linear() is None:
-        return _TorchLinear(weights, biases, rows)
-    if any(kernel_plan(dtype, k, w.shape[0], has_bias, rows) != found for w in weights[1:]):
+    if (
+        fn is None
+        or planned_linear() is None
+        or any(kernel_plan(dtype, k, w.shape[0], has_bias, rows) != found for w in weights[1:])
+    ):
         return _TorchLinear(weights, biases, rows)
     return _Kernel(fn, found[0], weights, biases, found[1], rows, threads)
 

@@ -78,10 +78,10 @@ def _pays(candidate: tuple[str, int], dtype: torch.dtype, k: int, n: int, rows: 
     such as MKL's float32 on Intel).
 
     For decoding's few rows each round reads copies of the weight worth `COLD_BYTES`, one after another,
-    as decoding reads a model's layers: a model's weights do not stay in the caches from one token to the next. Timing one
-    small weight over and over would time the caches instead, where the two kernels compare otherwise
-    (on a 2-core AVX512-BF16 EPYC, torch's oneDNN kernel was as fast as ours on a cached 768 x 8192
-    weight and half as fast on weights read from memory)."""
+    as decoding reads a model's layers: a model's weights do not stay in the caches from one token to the
+    next. Timing one small weight over and over would time the caches instead, where the two kernels
+    compare otherwise (on a 2-core AVX512-BF16 EPYC, torch's oneDNN kernel was as fast as ours on a cached
+    768 x 8192 weight and half as fast on weights read from memory)."""
     kind, block = candidate
     gen = torch.Generator().manual_seed(1)
     w = torch.randn(n, k, generator=gen).to(dtype)

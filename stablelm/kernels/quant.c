@@ -148,8 +148,8 @@ static inline __attribute__((always_inline)) void q8_block(const float* xf, int 
 
 /* One row of x (decoding). Reading W from memory at one thread is bound by how many cache lines are in
    flight, not by the arithmetic: the kernels read STREAMS (int4: Q4S) rows at once that lie far apart
-   (row t of each quarter of a chunk of ONE_ROW_CHUNK outputs), each with a software prefetch PFD bytes ahead of its
-   reads (AVX2's float32 int4 kernel: Q4F). Measured on the 3B shape with cold weights
+   (row t of each quarter of a span of ONE_ROW_CHUNK outputs), each with a software prefetch PFD bytes
+   ahead of its reads (AVX2's float32 int4 kernel: Q4F). Measured on the 3B shape with cold weights
    (benchmarks/quant_kernels.py, docs/quantization.md): int8 +8-30% over 4 adjacent rows with the next 4
    prefetched; one stream (one row after another) was slower than either, and prefetching 4-8 KB ahead
    or into L2 only was no better. The macros can be set with -D for such experiments. */
@@ -431,7 +431,6 @@ static inline __attribute__((always_inline)) void q4_block_bf16(const uint16_t* 
 #ifndef Q4S
 #define Q4S 4
 #endif
-
 #if defined(__AVX512BF16__)
 /* One row of bfloat16 x (decoding) on AVX512-BF16: as q4_block_bf16, but Q4S rows far apart streamed at
    once with a prefetch ahead of each (see q8_one), a group's four 32-input runs in four sums per row. */
