@@ -103,11 +103,18 @@ static inline float hsum4(__m128 s) {
   return _mm_cvtss_f32(s);
 }
 
-/* scores[i] = q . k[i] for n keys (rows D apart), four keys at a time in flight */
-static void scores(const uint16_t* q, const uint16_t* k, int n, int D, float* out) {
+/* `bytes` bytes from p on, a line at a time, into the caches (the next head's keys or values) */
+static inline void prefetch_span(const char* p, int64_t bytes) {
+  for (int64_t l = 0; l < bytes; l += 64) _mm_prefetch(p + l, _MM_HINT_T1);
+}
+
+/* scores[i] = q . k[i] for n keys (rows D apart), four keys at a time in flight; the same rows of
+ * `next` (the next head's keys, or NULL) prefetched as they go */
+static void scores(const uint16_t* q, const uint16_t* k, int n, int D, float* out, const uint16_t* next) {
   int i = 0;
   for (; i + 4 <= n; i += 4) {
     const uint16_t *k0 = k + (int64_t)i * D, *k1 = k0 + D, *k2 = k1 + D, *k3 = k2 + D;
+    if (next) prefetch_span((const char*)(next + (int64_t)i * D), 8 * D);
     __m128 a0 = _mm_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (int d = 0; d < D; d += 4) {
       __m128 qv = load4_bf16(q + d);
@@ -118,6 +125,7 @@ static void scores(const uint16_t* q, const uint16_t* k, int n, int D, float* ou
     }
     out[i] = hsum4(a0), out[i + 1] = hsum4(a1), out[i + 2] = hsum4(a2), out[i + 3] = hsum4(a3);
   }
+  if (next && i < n) prefetch_span((const char*)(next + (int64_t)i * D), 2 * (int64_t)(n - i) * D);
   for (; i < n; i++) {
     const uint16_t* ki = k + (int64_t)i * D;
     __m128 a = _mm_setzero_ps();
@@ -128,11 +136,14 @@ static void scores(const uint16_t* q, const uint16_t* k, int n, int D, float* ou
 
 /* acc[0..D) (+)= sum over n keys of p[l] * v[l] in MKL's order: from zero for the first block, else
  * continuing from acc (MKL with beta = 1 adds into C as it goes) */
-static void values(const uint16_t* p, const uint16_t* v, int n, int D, float* acc, int first) {
+static void values(const uint16_t* p, const uint16_t* v, int n, int D, float* acc, int first,
+                   const uint16_t* next) {
   if (first)
     for (int d = 0; d < D; d += 8) _mm256_storeu_ps(acc + d, _mm256_setzero_ps());
   int groups = n / 4 * 4;
+  if (next && groups < n) prefetch_span((const char*)(next + (int64_t)groups * D), 2 * (int64_t)(n - groups) * D);
   for (int l = 0; l < groups; l += 4) {
+    if (next) prefetch_span((const char*)(next + (int64_t)l * D), 8 * D);
     __m256 p0 = _mm256_set1_ps(from_bf16(p[l])), p1 = _mm256_set1_ps(from_bf16(p[l + 1]));
     __m256 p2 = _mm256_set1_ps(from_bf16(p[l + 2])), p3 = _mm256_set1_ps(from_bf16(p[l + 3]));
     const uint16_t* v0 = v + (int64_t)l * D;
@@ -199,13 +210,13 @@ static float block_softmax(const float* qk, int n, float run_max, float* mx_out,
  * see) or NULL; out (D) bfloat16. Blocks of KV_SPLIT keys as torch's online softmax takes them. 0, or 4 on
  * a score that is not finite. */
 static int one_head(const uint16_t* q, const uint16_t* k, const uint16_t* v, int length, const uint8_t* mask,
-                    int D, float scale, int lanes, uint16_t* out) {
+                    int D, float scale, int lanes, uint16_t* out, const uint16_t* next_k, const uint16_t* next_v) {
   float qk[KV_SPLIT], dst[MAX_D];
   uint16_t pb[KV_SPLIT];
   float run_max = -INFINITY, run_sum = 0.0f;
   for (int n0 = 0; n0 < length; n0 += KV_SPLIT) {
     int n = length - n0 < KV_SPLIT ? length - n0 : KV_SPLIT;
-    scores(q, k + (int64_t)n0 * D, n, D, qk);
+    scores(q, k + (int64_t)n0 * D, n, D, qk, next_k ? next_k + (int64_t)n0 * D : 0);
     for (int i = 0; i < n; i++) {
       if (!isfinite(qk[i])) return 4;
       /* torch: qk * scale (+ the mask as 0 or -inf: the same value, or -inf) */
@@ -220,7 +231,7 @@ static int one_head(const uint16_t* q, const uint16_t* k, const uint16_t* v, int
         for (int d = 0; d < D; d += 8)
           _mm256_storeu_ps(dst + d, _mm256_mul_ps(_mm256_loadu_ps(dst + d), _mm256_set1_ps(rescale)));
     }
-    values(pb, v + (int64_t)n0 * D, n, D, dst, n0 == 0);
+    values(pb, v + (int64_t)n0 * D, n, D, dst, n0 == 0, next_v ? next_v + (int64_t)n0 * D : 0);
   }
   float r = 1.0f / (run_sum == 0.0f ? 1.0f : run_sum);
   for (int d = 0; d < D; d += 8) store8_bf16(out + d, _mm256_mul_ps(_mm256_loadu_ps(dst + d), _mm256_set1_ps(r)));
@@ -229,7 +240,7 @@ static int one_head(const uint16_t* q, const uint16_t* k, const uint16_t* v, int
 
 /* out[b, h*D + d] = attention of q[b, h] (at q + b*q_sb + h*q_sh) over the first `length` slots of the
  * cache kc/vc [B, Hkv, slots, D] (head h reads kv head h / (H / Hkv)), mask [B, mask_sb] bytes or NULL;
- * out [B, out_sb]. OpenMP over the B*H (row, head) pairs. */
+ * out [B, out_sb]. OpenMP over the B*H (row, head) pairs, in runs of consecutive ones. */
 int stablelm_decode_attention_bf16(const uint16_t* q, int64_t q_sb, int64_t q_sh, const uint16_t* kc,
                                    const uint16_t* vc, int64_t slots, int64_t length, const uint8_t* mask,
                                    int64_t mask_sb, uint16_t* out, int64_t out_sb, int B, int H, int Hkv, int D,
@@ -237,15 +248,30 @@ int stablelm_decode_attention_bf16(const uint16_t* q, int64_t q_sb, int64_t q_sh
   if (B < 1 || H < 1 || Hkv < 1 || H % Hkv || D < 8 || D % 8 || D > MAX_D || length < 1 || length > slots ||
       threads < 1 || length > (int64_t)1 << 30 || (lanes != 8 && lanes != 16))
     return 2;
-  int items = B * H, group = H / Hkv, status = 0;
-  _Pragma("omp parallel for schedule(static) num_threads(items < threads ? items : threads)")
-  for (int item = 0; item < items; item++) {
-    int b = item / H, h = item % H;
-    int64_t kv = ((int64_t)b * Hkv + h / group) * slots * D;
-    int st = one_head(q + b * q_sb + h * q_sh, kc + kv, vc + kv, (int)length, mask ? mask + b * mask_sb : 0, D,
-                      scale, lanes, out + b * out_sb + (int64_t)h * D);
-    if (st) {
-      _Pragma("omp atomic write") status = st;
+  int items = B * H, group = H / Hkv, status = 0, teams = items < threads ? items : threads;
+  /* each thread takes a run of consecutive (row, head) items; the keys and values of its next item are
+   * fetched into the caches while it computes one (they come from memory after the layer's weights have
+   * streamed through), its first item's before it starts */
+  _Pragma("omp parallel num_threads(teams)") {
+    int team = omp_get_num_threads(), t = omp_get_thread_num();
+    int lo = (int)((int64_t)items * t / team), hi = (int)((int64_t)items * (t + 1) / team);
+    for (int item = lo; item < hi; item++) {
+      int b = item / H, h = item % H;
+      int64_t kv = ((int64_t)b * Hkv + h / group) * slots * D;
+      const uint16_t *nk = 0, *nv = 0;
+      if (item + 1 < hi) {
+        int64_t next = ((int64_t)((item + 1) / H) * Hkv + (item + 1) % H / group) * slots * D;
+        if (next != kv) nk = kc + next, nv = vc + next;
+      }
+      if (item == lo) {
+        prefetch_span((const char*)(kc + kv), 2 * length * D);
+        prefetch_span((const char*)(vc + kv), 2 * length * D);
+      }
+      int st = one_head(q + b * q_sb + h * q_sh, kc + kv, vc + kv, (int)length, mask ? mask + b * mask_sb : 0,
+                        D, scale, lanes, out + b * out_sb + (int64_t)h * D, nk, nv);
+      if (st) {
+        _Pragma("omp atomic write") status = st;
+      }
     }
   }
   return status;
