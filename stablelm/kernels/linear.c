@@ -498,9 +498,12 @@ static void load16_edge(__m512i r[16], const uint16_t* w, int K, int k, int nn, 
  * system follows 16 such streams (with the prefetch of the next block) far better than 64; measured
  * on a 2-core AVX512-BF16 EPYC with weights too large for the caches, 16 rows read at 29-33 GB/s on
  * one thread where 64 (four chains) read at 15-21 and 32 at 23-27 (benchmarks in docs/speed.md).
- * Each row's line DP_AHEAD steps on is also asked into L1 as the block goes (the next block's prefetch
- * brings it to L2 only): 3-11% faster there, one and two threads, 160M and 3B shapes (2 to 12 steps on
- * alike; none: the chain waits on L2). */
+ * Each row's line DP_AHEAD steps on is also asked for as the block goes: 3-11% faster there, one and
+ * two threads, 160M and 3B shapes (2 to 12 steps on alike; none: the chain waits on L2). Both
+ * prefetches are non-temporal (PREFETCHNTA): the weights are read once per token, and kept out of the
+ * caches they leave the rest of the step's data and code there; the 160M shape's whole decode step is
+ * 7-18% faster than with T1/T0 hints (one thread; 2-7% on two, 2% on the 3B shape), the kernel alone
+ * 1-6%. */
 #define DP_ROWS 16
 #define DP_AHEAD 8
 #define DP_USE4(MT, q, c)                                                                              \
@@ -521,11 +524,11 @@ static void load16_edge(__m512i r[16], const uint16_t* w, int K, int k, int nn, 
         const uint32_t* xk = xp + k / 2;                                                               \
         if (next)                                                                                      \
           for (int l = 0; l < DP_ROWS * 64; l += 64)                                                   \
-            _mm_prefetch(next + (int64_t)k * 2 * DP_ROWS + l, _MM_HINT_T1);                            \
+            _mm_prefetch(next + (int64_t)k * 2 * DP_ROWS + l, _MM_HINT_NTA);                            \
         if (nn == DP_ROWS && k1 - k >= 32) {                                                           \
           const char* r0 = (const char*)(w + k);                                                       \
           if (k + 32 * DP_AHEAD < K)                                                                   \
-            for (int r = 0; r < DP_ROWS; r++) _mm_prefetch(r0 + 64 * DP_AHEAD + r * s1, _MM_HINT_T0);   \
+            for (int r = 0; r < DP_ROWS; r++) _mm_prefetch(r0 + 64 * DP_AHEAD + r * s1, _MM_HINT_NTA);   \
           _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) {                                        \
             __m512i q[4];                                                                              \
             load4(q, r0 + 16 * c, s1);                                                                 \
