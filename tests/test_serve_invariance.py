@@ -14,6 +14,7 @@ from conftest import randomize_, rope_scaling_for, tiny_config
 import stablelm
 from stablelm.cache import DynamicCache
 from stablelm.fast import optimize_for_inference
+from stablelm.quantization.linear import QuantizedLinear
 from stablelm.serve import Engine, Event, Job, SamplingOptions
 from stablelm.serve.forward import RowForward, _RowLinear
 
@@ -169,6 +170,72 @@ def test_greedy_tokens_equal_generate_in_float32(variant):
             tokens.append(int(logits.argmax()))
             logits = forward.decode([cache], [tokens[-1]])[0]
     assert tokens == expected[0, len(prompt) :].tolist()
+
+
+QUANT_TYPES = ["int8", "int4"]
+
+
+def quantized_model(dtype: torch.dtype, quant_type: str) -> stablelm.StableLmForCausalLM:
+    """The tiny model with its own head (quantized too, as a 3B checkpoint's is), weight-only quantized."""
+    model = tiny_model(dtype, intermediate_size=128, tie_word_embeddings=False)
+    return stablelm.quantize(model, {"quant_type": quant_type, "group_size": 64})
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+def test_quantized_layers_give_each_row_the_same_bits_for_any_row_count(quant_type, dtype):
+    """Quantized layers are batched on their kernels of 2-8 rows (not a call per row), a lone row beside a
+    copy of itself, and every row comes out the same for any row count, within the format's rounding of
+    the dequantized weights' products."""
+    torch.manual_seed(0)
+    layers = tuple(
+        QuantizedLinear.from_dense(torch.randn(n, 128).to(dtype), None, quant_type=quant_type, group_size=64)
+        for n in (96, 64)
+    )
+    group = _RowLinear(layers)
+    assert group.quantized
+    x = torch.randn(20, 128).to(dtype)
+    with torch.inference_mode():
+        alone = torch.cat([group(x[r : r + 1]) for r in range(20)])
+        for rows in (2, 3, 5, 8, 9, 16, 17, 20):
+            assert torch.equal(group(x[:rows]), alone[:rows]), rows
+        reference = torch.cat([x.float() @ m.dequantized(torch.float32).T for m in layers], -1)
+    assert torch.allclose(alone.float(), reference, rtol=2e-2, atol=5e-2 if dtype == torch.bfloat16 else 1e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+def test_a_quantized_models_rows_are_bit_identical_alone_and_in_any_batch(quant_type, dtype):
+    """`serve --quantize`: every layer batched (a lone row too), the cache in the model's dtype (not the
+    quantized head's), a row's logits the same alone and in batches of 2-8, and the model's own forward's
+    within rounding (its one-row kernels sum in another order)."""
+    model = quantized_model(dtype, quant_type)
+    with torch.inference_mode():
+        forward = RowForward(model)
+        assert forward.invariant_kernels and forward.dtype == dtype
+        alone = []
+        for prompt in PROMPTS:
+            cache, _ = prefilled(forward, prompt)
+            assert cache.dtype == dtype
+            alone.append([forward.decode([cache], [t])[0] for t in (5, 6, 7)])
+        for size in (2, 3, 5, 8):
+            for first in range(0, len(PROMPTS), size):
+                group = list(range(first, min(first + size, len(PROMPTS))))
+                caches = [prefilled(forward, PROMPTS[i])[0] for i in group]
+                for step, token in enumerate((5, 6, 7)):
+                    logits = forward.decode(caches, [token] * len(group))
+                    for row, i in enumerate(group):
+                        assert torch.equal(logits[row], alone[i][step]), (size, i, step)
+        prompt = PROMPTS[0]
+        past = DynamicCache()
+        own = model(torch.tensor([prompt]), past_key_values=past, logits_to_keep=1).logits[0, -1].float()
+        own_next = model(torch.tensor([[5]]), past_key_values=past).logits[0, -1].float()
+    tolerance = 0.25 if dtype == torch.bfloat16 else 1e-3
+    cache_logits = alone[0][0]
+    assert torch.allclose(cache_logits, own_next, atol=tolerance, rtol=0), (
+        (cache_logits - own_next).abs().max()
+    )
+    assert own.isfinite().all()
 
 
 # --- the engine: scheduling does not change a request's tokens or logprobs --------------------------------

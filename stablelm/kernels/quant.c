@@ -85,6 +85,10 @@ static inline float vsum(vf v) {
 
 #define XF32 0
 #define XBF16 1
+/* or-ed into `type`: one row goes through the kernels of several rows (`q8_block`, `q4_block*`), which sum
+ * a row alike for any row count and at any place in the call; the decoding kernels of one row sum it in
+ * another order (a server that must give a row the same bits alone and in a batch asks for this) */
+#define XBATCH 4
 
 static inline float from_bf16(uint16_t h) {
   uint32_t u = (uint32_t)h << 16;
@@ -230,10 +234,12 @@ static void q8_one_i16(const float* xf, const int16_t* x16, const float* xinv, i
 
 int stablelm_q8_linear(const void* x, int type, int M, int K, int ldx, void* y, int N, const int8_t* w,
                        const float* s, const void* b, int threads) {
+  int batch = type & XBATCH;
+  type &= ~XBATCH;
   if (M <= 0 || K <= 0 || N <= 0 || (type != XF32 && type != XBF16) || ldx < K) return 2;
   float* xf = x_to_f32(x, type, M, K, ldx);
   if (!xf) return 1;
-  if (M == 1) {
+  if (M == 1 && !batch) {
     int16_t* x16 = NULL;
     float* xinv = NULL;
 #if !defined(__AVX512F__)
@@ -718,6 +724,8 @@ static void q4_one_i16(const int8_t* xh, const int8_t* xl, const float* xinv, co
 /* mode 0: float32 sums; mode 1: AVX512-BF16 (bfloat16 x only) */
 int stablelm_q4_linear(const void* x, int type, int M, int K, int ldx, void* y, int N, const uint8_t* w,
                        const uint16_t* sc, const uint16_t* mn, int group, const void* b, int mode, int threads) {
+  int batch = type & XBATCH;
+  type &= ~XBATCH;
   if (M <= 0 || K <= 0 || N <= 0 || (type != XF32 && type != XBF16) || ldx < K) return 2;
   if (group <= 0 || group % 64 || K % group) return 2;
 #if !defined(__AVX512BF16__)
@@ -737,7 +745,7 @@ int stablelm_q4_linear(const void* x, int type, int M, int K, int ldx, void* y, 
   if (xb)
     for (int m = 0; m < M; m++) memcpy(xb + (size_t)m * K, (const uint16_t*)x + (size_t)m * ldx, (size_t)K * 2);
   int blocks = (N + NB - 1) / NB, half = K / 2;
-  if (M == 1) {
+  if (M == 1 && !batch) {
     int16_t* x16 = NULL;
     float* xinv = NULL;
 #if !defined(__AVX512F__)

@@ -30,6 +30,7 @@ KERNEL_MAX_ROWS = 8  # beyond this, dequantized tiles and torch's matrix product
 SCRATCH_BYTES = 64 << 20
 _scratch = threading.local()
 _TYPES = {torch.float32: 0, torch.bfloat16: 1}
+BATCH_ROWS = 4  # or-ed into the kernel's type: XBATCH in quant.c
 # mode of the int4 kernel: 1 = AVX512-BF16 sums (bfloat16 activations), 0 = float32 sums. None: pick.
 FORCE_INT4_MODE: int | None = None
 # prefill's product of bfloat16 rows: True float32 (dequantized to float32), False bfloat16. None: pick.
@@ -160,13 +161,40 @@ class QuantizedLinear(nn.Module):
             check_status(fn(rows.data_ptr(), *args), self.quant_type, m, self.in_features)
         return y.view(*x.shape[:-1], self.out_features)
 
-    def kernel_call(self, m: int, ldx: int, y: int, dtype: torch.dtype, threads: int | None = None) -> tuple:
+    def batched(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x (B, K) with 1 <= B <= KERNEL_MAX_ROWS through the native kernels of several rows, which sum a
+        row alike for any such B and at any place among them (a lone row included: the decoding kernel of
+        one row, which `forward` runs, sums it in another order): what a server that gives a row the same
+        bits alone and in a batch needs. None where the kernels do not serve (then `forward` computes it)."""
+        kind = _TYPES.get(x.dtype)
+        if (
+            kind is None
+            or not self.use_kernels
+            or not (x.is_cpu and self.weight.is_cpu)
+            or x.dim() != 2
+            or not 1 <= x.shape[0] <= KERNEL_MAX_ROWS
+            or x.shape[1] != self.in_features
+            or (self.bias is not None and self.bias.dtype != x.dtype)
+            or quant_library() is None
+        ):
+            return None
+        x = x.contiguous()
+        m = x.shape[0]
+        y = torch.empty(m, self.out_features, dtype=x.dtype)
+        fn, args = self.kernel_call(m, self.in_features, y.data_ptr(), x.dtype, batch=True)
+        check_status(fn(x.data_ptr(), *args), self.quant_type, m, self.in_features)
+        return y
+
+    def kernel_call(
+        self, m: int, ldx: int, y: int, dtype: torch.dtype, threads: int | None = None, *, batch: bool = False
+    ) -> tuple:
         """(fn, args): `fn(x, *args)` runs this layer's native kernel on `m` (1..KERNEL_MAX_ROWS) rows of
         `dtype` (float32 or bfloat16, the bias's dtype) at address x, `ldx` elements apart, writing
         (m, out_features) contiguous at address `y`; returns the kernel's status (`check_status`). The caller
         holds the library (`quant_library()` not None) and keeps x and y alive; `stablelm.lean_step`
-        makes these once per generation."""
-        lib, kind = quant_library(), _TYPES[dtype]
+        makes these once per generation. `batch`: one row, too, through the kernels of several rows (see
+        `batched`)."""
+        lib, kind = quant_library(), _TYPES[dtype] | (BATCH_ROWS if batch else 0)
         b = None if self.bias is None else self.bias.data_ptr()
         threads = torch.get_num_threads() if threads is None else threads
         k, n = self.in_features, self.out_features

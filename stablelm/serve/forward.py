@@ -7,8 +7,10 @@ operation a row goes through computes that row the same way for any batch:
   fixed order per (row, output) (`row_plan`): stablelm's `f32` kernel in float32, and in half precision
   the kernel that reproduces torch's result for one row (else the `bf16_dot`/`f16_dot` one). torch's
   own kernels (and stablelm's `Linear`, which picks a kernel per class of row counts) may sum in
-  another order for another number of rows; where no such kernel serves (another device, dtype or a
-  wrapped layer), each row is its own call (`_RowLinear`);
+  another order for another number of rows; weight-only quantized layers (`--quantize`) on their
+  kernels of several rows, which sum each row alike for any count and position, a lone row included
+  (`QuantizedLinear.batched`); where no such kernel serves (another device, dtype or
+  a wrapped layer), each row is its own call (`_RowLinear`);
 - attention: per row, over that row's own cache (`RowCache`), of its own length;
 - activations: per row (elementwise kernels take vectorized or scalar paths by where an element lies
   in the whole tensor); norms and embeddings are per row already, rotary products are exact
@@ -25,9 +27,11 @@ import torch
 
 from ..attention import AttentionMask, attention, build_mask
 from ..cache import Cache
-from ..kernels import call, kernel
+from ..kernels import call, kernel, quant_library
 from ..kernels import linear as kernel_plans
 from ..layers import Linear
+from ..quantization.linear import _TYPES as _QUANTIZED_DTYPES
+from ..quantization.linear import KERNEL_MAX_ROWS, QuantizedLinear
 from ..rope import apply_rotary
 from ..rope_parameters import rope_original_length
 
@@ -70,7 +74,8 @@ class _RowLinear:
     def __init__(self, modules: tuple[torch.nn.Module, ...]) -> None:
         self.modules = modules
         self.calls: list[tuple[str, int, list[torch.Tensor], list[torch.Tensor | None]]] | None = []
-        for module in modules:
+        self.quantized = all(_quantized_on_kernels(m) for m in modules)
+        for module in modules if not self.quantized else ():
             plain = type(module) is Linear or type(module) is torch.nn.Linear
             hooked = bool(
                 getattr(module, "_forward_hooks", None) or getattr(module, "_forward_pre_hooks", None)
@@ -94,7 +99,9 @@ class _RowLinear:
                 self.calls.append((kind, block, [module.weight], [bias]))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.calls is None:
+        if self.quantized and _quantized_dtype_ok(self.modules, x.dtype):
+            return self._quantized(x.contiguous())
+        if self.calls is None or self.quantized:
             rows = [torch.cat([m(x[r : r + 1]) for m in self.modules], dim=-1) for r in range(x.shape[0])]
             return torch.cat(rows)
         x = x.contiguous()
@@ -107,6 +114,37 @@ class _RowLinear:
             ]
             outs.append(parts[0] if len(parts) == 1 else torch.cat(parts))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+    def _quantized(self, x: torch.Tensor) -> torch.Tensor:
+        """Quantized layers on their kernels of several rows, KERNEL_MAX_ROWS rows a call, a lone row too
+        (`QuantizedLinear.batched`): every row summed alike whatever the call holds."""
+        outs = []
+        for module in self.modules:
+            parts = []
+            for r in range(0, x.shape[0], KERNEL_MAX_ROWS):
+                y = module.batched(x[r : r + KERNEL_MAX_ROWS])
+                if y is None:
+                    raise RuntimeError("stablelm's quantized kernels refused rows they were planned for")
+                parts.append(y)
+            outs.append(parts[0] if len(parts) == 1 else torch.cat(parts))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+
+def _quantized_on_kernels(module: torch.nn.Module) -> bool:
+    """A weight-only quantized layer (no hooks) whose calls of several rows run its native kernels."""
+    return (
+        type(module) is QuantizedLinear
+        and module.use_kernels
+        and module.weight.is_cpu
+        and not (module._forward_hooks or module._forward_pre_hooks)
+        and quant_library() is not None
+    )
+
+
+def _quantized_dtype_ok(modules: tuple[torch.nn.Module, ...], dtype: torch.dtype) -> bool:
+    """Whether the quantized kernels take rows of `dtype` for these layers (else the layers dequantize,
+    and each row is its own call)."""
+    return dtype in _QUANTIZED_DTYPES and all(m.bias is None or m.bias.dtype == dtype for m in modules)
 
 
 class RowCache:
@@ -188,7 +226,8 @@ class RowForward:
         self.base = model.model
         config = model.config
         self.config = config
-        param = model.lm_head.weight
+        # the model's dtype: the embedding's (a quantized head's weight holds int8 or packed int4)
+        param = model.model.embed_tokens.weight
         self.device, self.dtype = param.device, param.dtype
         self.context = config.max_position_embeddings
         self.heads, self.kv_heads, self.head_dim = (
@@ -215,7 +254,9 @@ class RowForward:
     def invariant_kernels(self) -> bool:
         """Whether every linear layer runs on a batched kernel (else some run a call per row)."""
         groups = [g for layer in self.layers for g in layer] + [self.head]
-        return all(g.calls is not None for g in groups)
+        return all(
+            _quantized_dtype_ok(g.modules, self.dtype) if g.quantized else g.calls is not None for g in groups
+        )
 
     def _rope_tables(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """cos/sin (context, rotary_dim) in the model's dtype for every position, computed as the rotary
