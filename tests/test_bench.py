@@ -102,3 +102,29 @@ def test_the_quantized_side_by_side_benchmark_runs_and_refuses_bad_arguments(tmp
     ):
         refused = subprocess.run([*args, *bad], capture_output=True, text=True, timeout=600)
         assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+
+
+def test_the_step_variants_benchmark_runs_a_kernel_source_against_itself(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from stablelm import StableLmConfig, StableLmForCausalLM
+
+    config = StableLmConfig(
+        vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    StableLmForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "tiny")
+    root = Path(__file__).resolve().parent.parent
+    script = root / "benchmarks" / "step_variants.py"
+    args = [sys.executable, str(script), "--folder", str(tmp_path / "tiny"), "--prompt", "8", "--turns", "1"]
+    source = root / "stablelm" / "kernels" / "linear.c"
+    out = subprocess.run([*args, "--linear", str(source)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "B/A median" in out.stdout and out.stdout.count("median") == 3, out.stdout
+    refused = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "give --linear and/or --attention" in refused.stderr
