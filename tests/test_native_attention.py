@@ -61,6 +61,35 @@ def test_where_planned_the_kernel_gives_sdpas_bits(H, Hkv, D):
 
 
 @needs_kernels
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_any_thread_count_splits_the_heads_and_keeps_sdpas_bits(threads):
+    """Each thread takes a run of consecutive (row, head) items and fetches the next one's keys and values
+    while it computes one: runs of unequal lengths, rows and grouped heads crossing them."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for H, Hkv, D in ((8, 2, 64), (4, 1, 160), (12, 12, 64)):
+            scale = D**-0.5
+            fn = attention.plan(torch.bfloat16, H, Hkv, D, scale)
+            if fn is None:
+                pytest.skip(
+                    "torch's SDPA is neither ATen's AVX2 nor its AVX-512 code here: no native attention"
+                )
+            gen = torch.Generator().manual_seed(threads * H)
+            for length in (1, 9, 176, 600):
+                for B in (1, 2, 3):
+                    q, keys, values = _case(gen, B, H, Hkv, D, length + 3, 2.0)
+                    mask = torch.rand(B, length, generator=gen) > 0.4
+                    mask[:, -1] = True
+                    for m in (None, mask):
+                        status, got = _native(fn, q, keys, values, length, m, scale)
+                        assert status == 0
+                        assert torch.equal(got, _sdpa(q, keys, values, length, m, scale)), (H, length, B)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_kernels
 def test_a_query_strided_as_the_decode_step_keeps_it_and_a_sliced_mask_read_right():
     fn = attention.plan(torch.bfloat16, 8, 8, 64, 0.125)
     if fn is None:
