@@ -203,6 +203,17 @@ def test_quantized_layers_give_each_row_the_same_bits_for_any_row_count(quant_ty
     assert torch.allclose(alone.float(), reference, rtol=2e-2, atol=5e-2 if dtype == torch.bfloat16 else 1e-4)
 
 
+def test_quantized_layers_whose_kernels_were_switched_off_after_planning_are_refused_not_mixed():
+    """A row must not silently change kernels mid-server (its bits would change): a clear error instead."""
+    torch.manual_seed(0)
+    layer = QuantizedLinear.from_dense(torch.randn(64, 128), None, quant_type="int8")
+    group = _RowLinear((layer,))
+    assert group.quantized
+    layer.use_kernels = False
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="quantized kernels refused"):
+        group(torch.randn(3, 128))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
 def test_a_quantized_models_rows_are_bit_identical_alone_and_in_any_batch(quant_type, dtype):
