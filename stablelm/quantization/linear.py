@@ -134,16 +134,17 @@ class QuantizedLinear(nn.Module):
         return y
 
     # ---- native kernels ------------------------------------------------------------------------------
+    def kernels_take(self, dtype: torch.dtype) -> bool:
+        """Whether the native kernels take rows of `dtype` for this layer: float32 or bfloat16, the bias's
+        dtype, and the kernels built here."""
+        return (
+            dtype in _TYPES
+            and (self.bias is None or self.bias.dtype == dtype)
+            and quant_library() is not None
+        )
+
     def _native(self, x: torch.Tensor) -> torch.Tensor | None:
-        kind = _TYPES.get(x.dtype)
-        if (
-            kind is None
-            or x.shape[-1] != self.in_features
-            or (self.bias is not None and self.bias.dtype != x.dtype)
-        ):
-            return None
-        lib = quant_library()
-        if lib is None:
+        if x.shape[-1] != self.in_features or not self.kernels_take(x.dtype):
             return None
         rows = x.reshape(-1, self.in_features)
         if rows.stride(-1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < self.in_features):
@@ -166,16 +167,14 @@ class QuantizedLinear(nn.Module):
         row alike for any such B and at any place among them (a lone row included: the decoding kernel of
         one row, which `forward` runs, sums it in another order): what a server that gives a row the same
         bits alone and in a batch needs. None where the kernels do not serve (then `forward` computes it)."""
-        kind = _TYPES.get(x.dtype)
-        if (
-            kind is None
-            or not self.use_kernels
-            or not (x.is_cpu and self.weight.is_cpu)
-            or x.dim() != 2
-            or not 1 <= x.shape[0] <= KERNEL_MAX_ROWS
-            or x.shape[1] != self.in_features
-            or (self.bias is not None and self.bias.dtype != x.dtype)
-            or quant_library() is None
+        if not (
+            self.use_kernels
+            and x.is_cpu
+            and self.weight.is_cpu
+            and x.dim() == 2
+            and 1 <= x.shape[0] <= KERNEL_MAX_ROWS
+            and x.shape[1] == self.in_features
+            and self.kernels_take(x.dtype)
         ):
             return None
         x = x.contiguous()

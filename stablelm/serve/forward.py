@@ -27,10 +27,9 @@ import torch
 
 from ..attention import AttentionMask, attention, build_mask
 from ..cache import Cache
-from ..kernels import call, kernel, quant_library
+from ..kernels import call, kernel
 from ..kernels import linear as kernel_plans
 from ..layers import Linear
-from ..quantization.linear import _TYPES as _QUANTIZED_DTYPES
 from ..quantization.linear import KERNEL_MAX_ROWS, QuantizedLinear
 from ..rope import apply_rotary
 from ..rope_parameters import rope_original_length
@@ -137,14 +136,13 @@ def _quantized_on_kernels(module: torch.nn.Module) -> bool:
         and module.use_kernels
         and module.weight.is_cpu
         and not (module._forward_hooks or module._forward_pre_hooks)
-        and quant_library() is not None
     )
 
 
 def _quantized_dtype_ok(modules: tuple[torch.nn.Module, ...], dtype: torch.dtype) -> bool:
     """Whether the quantized kernels take rows of `dtype` for these layers (else the layers dequantize,
     and each row is its own call)."""
-    return dtype in _QUANTIZED_DTYPES and all(m.bias is None or m.bias.dtype == dtype for m in modules)
+    return all(m.kernels_take(dtype) for m in modules)
 
 
 class RowCache:
