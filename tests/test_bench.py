@@ -67,16 +67,7 @@ def test_the_quantized_side_by_side_benchmark_runs_and_refuses_bad_arguments(tmp
     import sys
     from pathlib import Path
 
-    import torch
-
-    from stablelm import StableLmConfig, StableLmForCausalLM
-
-    config = StableLmConfig(
-        vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=64,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    StableLmForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "tiny")
+    _tiny_checkpoint(tmp_path / "tiny")
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "quant_vs_llama.py"
     args = [
         sys.executable,
@@ -109,16 +100,7 @@ def test_the_step_variants_benchmark_runs_a_kernel_source_against_itself(tmp_pat
     import sys
     from pathlib import Path
 
-    import torch
-
-    from stablelm import StableLmConfig, StableLmForCausalLM
-
-    config = StableLmConfig(
-        vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=64,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    StableLmForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "tiny")
+    _tiny_checkpoint(tmp_path / "tiny")
     root = Path(__file__).resolve().parent.parent
     script = root / "benchmarks" / "step_variants.py"
     args = [sys.executable, str(script), "--folder", str(tmp_path / "tiny"), "--prompt", "8", "--turns", "1"]
@@ -128,3 +110,17 @@ def test_the_step_variants_benchmark_runs_a_kernel_source_against_itself(tmp_pat
     assert "B/A median" in out.stdout and out.stdout.count("median") == 3, out.stdout
     refused = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert refused.returncode == 2 and "give --linear and/or --attention" in refused.stderr
+
+
+def _tiny_checkpoint(folder) -> None:  # noqa: ANN001
+    """A tiny random bf16 checkpoint in `folder`, for the benchmark scripts' runs."""
+    import torch
+
+    from stablelm import StableLmConfig, StableLmForCausalLM
+
+    config = StableLmConfig(
+        vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    StableLmForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)

@@ -109,20 +109,26 @@ def test_decode_logits_are_bit_identical_alone_and_in_any_batch(variant, dtype):
     with torch.inference_mode():
         forward = RowForward(model)
         assert forward.invariant_kernels
-        # each row alone: its prompt, then three decode steps
-        alone = []
-        for prompt in PROMPTS:
-            cache, _ = prefilled(forward, prompt)
-            alone.append([forward.decode([cache], [t])[0] for t in (5, 6, 7)])
-        # the same rows in batches of 2..8 (rows of different lengths, so at different positions)
-        for size in (2, 3, 5, 8):
-            for first in range(0, len(PROMPTS), size):
-                group = list(range(first, min(first + size, len(PROMPTS))))
-                caches = [prefilled(forward, PROMPTS[i])[0] for i in group]
-                for step, token in enumerate((5, 6, 7)):
-                    logits = forward.decode(caches, [token] * len(group))
-                    for row, i in enumerate(group):
-                        assert torch.equal(logits[row], alone[i][step]), (size, i, step)
+        assert_rows_alone_equal_rows_in_batches(forward)
+
+
+def assert_rows_alone_equal_rows_in_batches(forward: RowForward) -> list[list[torch.Tensor]]:
+    """Each prompt alone, then three decode steps; the same rows in batches of 2..8 (rows of different
+    lengths, so at different positions) give the same logits bit for bit. Returns the lone rows' logits."""
+    alone = []
+    for prompt in PROMPTS:
+        cache, _ = prefilled(forward, prompt)
+        assert cache.dtype == forward.dtype
+        alone.append([forward.decode([cache], [t])[0] for t in (5, 6, 7)])
+    for size in (2, 3, 5, 8):
+        for first in range(0, len(PROMPTS), size):
+            group = list(range(first, min(first + size, len(PROMPTS))))
+            caches = [prefilled(forward, PROMPTS[i])[0] for i in group]
+            for step, token in enumerate((5, 6, 7)):
+                logits = forward.decode(caches, [token] * len(group))
+                for row, i in enumerate(group):
+                    assert torch.equal(logits[row], alone[i][step]), (size, i, step)
+    return alone
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -224,19 +230,7 @@ def test_a_quantized_models_rows_are_bit_identical_alone_and_in_any_batch(quant_
     with torch.inference_mode():
         forward = RowForward(model)
         assert forward.invariant_kernels and forward.dtype == dtype
-        alone = []
-        for prompt in PROMPTS:
-            cache, _ = prefilled(forward, prompt)
-            assert cache.dtype == dtype
-            alone.append([forward.decode([cache], [t])[0] for t in (5, 6, 7)])
-        for size in (2, 3, 5, 8):
-            for first in range(0, len(PROMPTS), size):
-                group = list(range(first, min(first + size, len(PROMPTS))))
-                caches = [prefilled(forward, PROMPTS[i])[0] for i in group]
-                for step, token in enumerate((5, 6, 7)):
-                    logits = forward.decode(caches, [token] * len(group))
-                    for row, i in enumerate(group):
-                        assert torch.equal(logits[row], alone[i][step]), (size, i, step)
+        alone = assert_rows_alone_equal_rows_in_batches(forward)
         prompt = PROMPTS[0]
         past = DynamicCache()
         own = model(torch.tensor([prompt]), past_key_values=past, logits_to_keep=1).logits[0, -1].float()
