@@ -42,7 +42,10 @@ def variant_library(source: Path, stem: str, folder: Path) -> ctypes.CDLL:
     isa = kernels.selected_isa()
     if isa is None:
         raise SystemExit("no native kernels here (STABLELM_ISA=none or no compiler)")
-    return ctypes.CDLL(str(kernels.build(copy, isa=isa)))
+    try:
+        return ctypes.CDLL(str(kernels.build(copy, isa=isa)))
+    except (RuntimeError, OSError) as err:
+        raise SystemExit(f"{source}: the variant does not build or load for {isa}: {err}") from None
 
 
 def main() -> None:

@@ -110,6 +110,11 @@ def test_the_step_variants_benchmark_runs_a_kernel_source_against_itself(tmp_pat
     assert "B/A median" in out.stdout and out.stdout.count("median") == 3, out.stdout
     refused = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert refused.returncode == 2 and "give --linear and/or --attention" in refused.stderr
+    broken = tmp_path / "broken.c"
+    broken.write_text("this is not C\n")
+    refused = subprocess.run([*args, "--linear", str(broken)], capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 1 and "the variant does not build or load" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr
 
 
 def _tiny_checkpoint(folder) -> None:  # noqa: ANN001
