@@ -502,7 +502,7 @@ static void load16_edge(__m512i r[16], const uint16_t* w, int K, int k, int nn, 
  * two threads, 160M and 3B shapes (2 to 12 steps on alike; none: the chain waits on L2). Both
  * prefetches are non-temporal (PREFETCHNTA): the weights are read once per token, and kept out of the
  * caches they leave the rest of the step's data and code there; the 160M shape's whole decode step is
- * 7-18% faster than with T1/T0 hints (one thread; 2-7% on two, 2% on the 3B shape), the kernel alone
+ * 9-18% faster than with T1/T0 hints (one thread; 5-7% on two, 2% on the 3B shape), the kernel alone
  * 1-6%. */
 #define DP_ROWS 16
 #define DP_AHEAD 8
