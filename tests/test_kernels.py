@@ -201,6 +201,35 @@ def test_on_an_avx512_bf16_cpu_without_amx_torch_is_reproduced_by_the_dpbf16_ker
         assert rows > 8 or all("bf16_dpbf16" in p or "bf16_amx" in p for p in found), (rows, found)
 
 
+def test_float16_keeps_torchs_kernel_where_torch_runs_onednns_avx512_fp16_code(monkeypatch):
+    # On an Intel Xeon with AVX512-FP16 the dot kernel passed the probes of a (3 x 128) @ (128 x 32)
+    # layer and still missed torch's bits on real activations: there float16 is torch's by rule.
+    monkeypatch.setattr(kernel_linear, "_PLANS", {})
+    monkeypatch.setattr(kernel_linear, "_reproduces_torch", lambda *args: True)
+    monkeypatch.setattr(kernel_linear, "SPEED_CHECK", False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+
+    def half_plan(dtype):
+        kernel_linear._PLANS.clear()
+        return kernel_linear.plan(dtype, 128, 32, True, 3)
+
+    flags = native.cpu_flags()
+    for extra in ({"avx512_fp16"}, {"amx_fp16"}):
+        monkeypatch.setattr(kernel_linear, "cpu_flags", lambda extra=extra: flags | extra)
+        assert kernel_linear.onednn_fp16()
+        assert half_plan(torch.float16) is None
+        assert (
+            half_plan(torch.bfloat16) is not None or not COMPILER or native.best_isa() is None
+        )  # bfloat16 unaffected
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")  # oneDNN capped below AVX512-FP16
+        assert not kernel_linear.onednn_fp16()
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setattr(kernel_linear, "cpu_flags", lambda: flags - {"avx512_fp16", "amx_fp16"})
+    assert not kernel_linear.onednn_fp16()
+    if COMPILER and native.kernel("f16_dot") is not None:
+        assert half_plan(torch.float16) == ("f16_dot", 0)
+
+
 def test_the_best_bf16_kernel_for_this_machine_is_chosen(monkeypatch):
     """What torch runs for bf16 on this CPU decides which kernel can reproduce it."""
     monkeypatch.delenv("STABLELM_ISA", raising=False)

@@ -4,8 +4,9 @@
 copied), in one source compiled for the best instruction set the CPU has (see `selected_isa`):
 - `avx512` (x86-64 with AVX-512 F/BW/VL/DQ and FMA): 16-float vectors; with AVX512-BF16 also the
   bfloat16 kernel in oneDNN's order on such CPUs, and with AMX the one in oneDNN's order there;
-- `avx2` (x86-64 with AVX2 and FMA: most laptops and desktops, AMD EPYC before Zen 4): 8-float vectors.
-Both have a float32 kernel and bfloat16/float16 kernels in ATen's order (torch's own kernel where
+- `avx2` (x86-64 with AVX2 and FMA: most laptops and desktops, AMD EPYC before Zen 4): 8-float vectors;
+- `neon` (ARM64 Linux: Graviton, Ampere, Raspberry Pi, Apple silicon under Linux): 4-float vectors.
+All have a float32 kernel and bfloat16/float16 kernels in ATen's order (torch's own kernel where
 oneDNN does not take the dtype), and the rotary embedding. Which kernel serves a weight, and whether its
 half-precision results equal torch's bit for bit on this machine, is decided in
 `stablelm.kernels.linear`.
@@ -14,6 +15,8 @@ The shared library is compiled once into `$STABLELM_CACHE/kernels` (default
 `~/.cache/stablelm/kernels`), named by a hash of the source and flags, written atomically. Where it
 cannot be had (another CPU or OS, no compiler, `STABLELM_ISA=none`), `library()` returns None and
 callers keep torch's kernels. `STABLELM_ISA=avx2` forces the lower level on an AVX-512 machine.
+`attention.c` and `quant.c` are x86-64 only (`X86_LEVELS`): on ARM64 torch's attention and no
+quantized kernels.
 """
 
 from __future__ import annotations
@@ -40,12 +43,15 @@ _AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf1
 ISA_FLAGS = {
     "avx512": [[*_AVX512, "-mavx512bf16", "-mamx-tile", "-mamx-bf16"], [*_AVX512, "-mavx512bf16"], _AVX512],
     "avx2": [["-mavx2", "-mfma", "-mf16c"]],
+    "neon": [[]],  # ARM64's baseline (armv8-a) has NEON and the fp16 conversions the kernels use
 }
 # The CPU flags (as /proc/cpuinfo names them) each level needs, best level first.
 ISA_NEEDS = {
     "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"},
     "avx2": {"avx2", "fma", "f16c"},
+    "neon": {"asimd"},  # as ARM64 Linux names NEON in /proc/cpuinfo's Features
 }
+X86_LEVELS = ("avx512", "avx2")  # the levels attention.c and quant.c are written for
 ISA_ENV = "STABLELM_ISA"
 KINDS = ("f32", "bf16_dot", "f16_dot", "bf16_dpbf16", "bf16_amx")
 
@@ -61,16 +67,25 @@ def cache_dir() -> Path:
 
 @cache
 def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags on x86-64 Linux (from /proc/cpuinfo); empty elsewhere."""
-    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+    """The CPU's feature flags on Linux (from /proc/cpuinfo: `flags` on x86-64, `Features` on ARM64);
+    empty elsewhere."""
+    if sys.platform != "linux":
         return frozenset()
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
+            return parse_cpu_flags(f.read(), platform.machine())
     except OSError:
-        pass
+        return frozenset()
+
+
+def parse_cpu_flags(cpuinfo: str, machine: str) -> frozenset[str]:
+    """The first processor's flags in the text of /proc/cpuinfo, on `machine` (`platform.machine()`):
+    its `flags` line on x86-64, its `Features` line on ARM64; empty for other machines."""
+    key = {"x86_64": "flags", "AMD64": "flags", "aarch64": "Features", "arm64": "Features"}.get(machine)
+    for line in cpuinfo.splitlines() if key else ():
+        name, _, value = line.partition(":")
+        if name.strip() == key:
+            return frozenset(value.split())
     return frozenset()
 
 
@@ -88,7 +103,7 @@ def cpu_vendor() -> str:
 
 
 def best_isa() -> str | None:
-    """The best instruction-set level the kernels have for this CPU, or None (not x86-64 Linux, or a
+    """The best instruction-set level the kernels have for this CPU, or None (not Linux, or an x86-64
     CPU without AVX2 and FMA)."""
     return next((isa for isa, needs in ISA_NEEDS.items() if needs <= cpu_flags()), None)
 
@@ -170,10 +185,11 @@ def build(source: Path, *, isa: str = "avx2", compiler: str | None = None) -> Pa
     raise RuntimeError(f"{compiler} failed: {error}")
 
 
-def load(source: Path, isa: str | None) -> ctypes.CDLL | None:
-    """`source` built for `isa` (see `build`) and loaded, or None where it cannot be had (no level, no
-    compiler, a failed build or load): then callers keep torch's kernels."""
-    if isa is None:
+def load(source: Path, isa: str | None, levels: tuple[str, ...] = tuple(ISA_NEEDS)) -> ctypes.CDLL | None:
+    """`source` built for `isa` (see `build`) and loaded, or None where it cannot be had (no level, a
+    level the source is not written for (not in `levels`), no compiler, a failed build or load): then
+    callers keep torch's kernels."""
+    if isa is None or isa not in levels:
         return None
     try:
         return ctypes.CDLL(str(build(source, isa=isa)))
@@ -409,7 +425,7 @@ QUANT_SOURCE = Path(__file__).with_name("quant.c")
 
 @cache
 def _quant_library(isa: str | None) -> ctypes.CDLL | None:
-    lib = load(QUANT_SOURCE, isa)
+    lib = load(QUANT_SOURCE, isa, X86_LEVELS)
     if lib is None:
         return None
     p, i = ctypes.c_void_p, ctypes.c_int

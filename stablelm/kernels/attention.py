@@ -11,7 +11,8 @@ is told (`softmax_lanes`). Whether it gives torch's bits on this machine (its to
 checked once per head layout, scale and thread count against `F.scaled_dot_product_attention` itself, on
 probes of several lengths (within and across torch's blocks of 512 keys), with and without a mask, whose
 scores spread wide enough that any other order shows; a layout the kernel does not reproduce keeps
-torch's kernel (on Intel CPUs, for one, MKL may run other code).
+torch's kernel. On Intel CPUs MKL runs other code, which the kernel does not reproduce: no native
+attention there (`mkl_order`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import load, selected_isa
+from . import X86_LEVELS, cpu_vendor, load, selected_isa
 
 SOURCE = Path(__file__).with_name("attention.c")
 # Key counts the probes cover: vector and leftover paths, groups of four, and torch's blocks of 512.
@@ -33,7 +34,7 @@ _PLANS: dict[tuple, object] = {}
 
 @cache
 def _library(isa: str | None) -> ctypes.CDLL | None:
-    lib = load(SOURCE, isa)
+    lib = load(SOURCE, isa, X86_LEVELS)
     if lib is None:
         return None
     p, i64, i = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -49,6 +50,15 @@ def kernel():  # noqa: ANN201 - a ctypes function, or None
     return None if lib is None else lib.stablelm_decode_attention_bf16
 
 
+def mkl_order() -> bool:
+    """Whether MKL sums the attention's products here in the order the kernel computes: its AVX2 code as
+    it runs on AMD's CPUs (measured on EPYCs with AVX2 only and with AVX-512). On Intel's it runs other
+    code: on a Xeon with AMX, 1-5% of random one-query cases (every head layout tried, with torch's
+    AVX-512 or AVX2 kernels, MKL capped at AVX2 or not) came out one ulp away, and a layout whose probes
+    all matched by chance was wrong at other lengths (measured 2026-12-05), so no native attention there."""
+    return cpu_vendor() == "AuthenticAMD"
+
+
 @cache
 def softmax_lanes() -> int | None:
     """The width of ATen's float vectors in torch's kernels on this CPU (its softmax sums that many lanes
@@ -61,7 +71,7 @@ def plan(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, scale: fl
     module docstring). Made once per dtype, layout, scale and thread count."""
     key = (dtype, heads, kv_heads, head_dim, float(scale), torch.get_num_threads())
     if key not in _PLANS:
-        fn = kernel() if softmax_lanes() is not None and dtype == torch.bfloat16 else None
+        fn = kernel() if softmax_lanes() is not None and dtype == torch.bfloat16 and mkl_order() else None
         usable = (
             fn is not None
             and dtype == torch.bfloat16

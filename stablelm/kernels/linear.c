@@ -4,8 +4,9 @@
  * copied. Up to three weights of the same K are computed in one call (q/k/v, gate/up: one parallel
  * region and one output), each written to its own columns of y.
  *
- * One source, compiled once per instruction set (`-mavx512f ...` or `-mavx2 -mfma`; see `__init__.py`):
- * the vector width VW is 16 floats with AVX-512 and 8 with AVX2. The kernels:
+ * One source, compiled once per instruction set (`-mavx512f ...` or `-mavx2 -mfma` on x86-64, NEON on
+ * ARM64; see `__init__.py`): the vector width VW is 16 floats with AVX-512, 8 with AVX2, 4 with NEON.
+ * The kernels:
  *
  * - f32: float32. Per output, VW partial sums over k (one FMA per k, in order), reduced by halves,
  *   then + bias. Not torch's order (MKL's is not reproducible); the same for any row count, batch and
@@ -20,10 +21,25 @@
  * Every kernel returns 0, or 2 on bad arguments (nothing written then). Work is split over blocks of
  * 16 outputs on `threads` OpenMP threads (torch's own pool: the same libgomp is loaded).
  */
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#define prefetch_t0(p) _mm_prefetch((const char*)(p), _MM_HINT_T0)
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+#define prefetch_t0(p) __builtin_prefetch((const void*)(p), 0, 3)
+#else
+#error "stablelm's kernels are written for x86-64 (AVX2, AVX-512) and ARM64 (NEON)"
+#endif
 #include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+
+/* 64-byte aligned buffers (NULL when they cannot be had); freed with free() */
+static inline void* alloc64(size_t bytes) {
+  void* p = 0;
+  return posix_memalign(&p, 64, bytes ? bytes : 64) ? 0 : p;
+}
 
 #if defined(__AVX512F__)
 #define VW 16
@@ -44,7 +60,7 @@ static inline vf vload_bf16_part(const uint16_t* p, int n) {
   __m256i h = _mm256_maskz_loadu_epi16((__mmask16)((1u << n) - 1u), p);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
-#else
+#elif defined(__AVX2__)
 #define VW 8
 typedef __m256 vf;
 #define vzero() _mm256_setzero_ps()
@@ -65,10 +81,34 @@ static inline vf vload_bf16_part(const uint16_t* p, int n) {
   memcpy(tmp, p, (size_t)n * 2);
   return vload_bf16(tmp);
 }
+#elif defined(__aarch64__)
+#define VW 4
+typedef float32x4_t vf;
+#define vzero() vdupq_n_f32(0.0f)
+#define vload(p) vld1q_f32(p)
+#define vfma(a, b, c) vfmaq_f32(c, a, b)
+#define vadd(a, b) vaddq_f32(a, b)
+#define vset1(v) vdupq_n_f32(v)
+#define vstore(p, v) vst1q_f32(p, v)
+static inline vf vload_part(const float* p, int n) {
+  float tmp[4] = {0};
+  memcpy(tmp, p, (size_t)n * 4);
+  return vload(tmp);
+}
+static inline vf vload_bf16(const uint16_t* p) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16)); }
+static inline vf vload_bf16_part(const uint16_t* p, int n) {
+  uint16_t tmp[4] = {0};
+  memcpy(tmp, p, (size_t)n * 2);
+  return vload_bf16(tmp);
+}
 #endif
 
-/* Sum of the lanes: halves added until one is left (lane i + lane i + VW/2, ...). */
+/* Sum of the lanes as ATen's `reduce` sums a Vectorized<float>: on x86-64 halves added until one is left
+ * (lane i + lane i + VW/2, ...); on ARM64 pairwise, (l0 + l1) + (l2 + l3) (vaddvq_f32, as ATen calls it). */
 static inline float vsum(vf v) {
+#if defined(__aarch64__)
+  return vaddvq_f32(v);
+#else
 #if VW == 16
   __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
 #else
@@ -78,6 +118,7 @@ static inline float vsum(vf v) {
   q = _mm_add_ps(q, _mm_movehl_ps(q, q));
   q = _mm_add_ss(q, _mm_movehdup_ps(q));
   return _mm_cvtss_f32(q);
+#endif
 }
 
 static inline float from_bf16(uint16_t h) {
@@ -139,7 +180,7 @@ static inline int block_of(const groups_t* g, int item, int* n0, int* nn) {
     int k = 0;                                                                                         \
     for (; k + VW <= K; k += VW) {                                                                     \
       if (MT == 1) /* decoding reads each row once: fetch ahead (past a row's end: the next rows) */   \
-        for (int n = 0; n < NT; n++) _mm_prefetch((const char*)(w + (int64_t)n * K + k + 512), _MM_HINT_T0); \
+        for (int n = 0; n < NT; n++) prefetch_t0(w + (int64_t)n * K + k + 512);       \
       vf wv[NT];                                                                                       \
       for (int n = 0; n < NT; n++) wv[n] = vload(w + (int64_t)n * K + k);                              \
       for (int m = 0; m < MT; m++) {                                                                   \
@@ -205,9 +246,10 @@ int stablelm_linear_f32(const float* x, int M, int K, int ldx, float* y, int ldy
  * without AVX512-FP16): every output is ATen's `dot_with_fp32_arith`, whose order with VW-lane vectors
  * (Vectorized<float>) is:
  *   - 8 registers of VW lanes over the blocks of 8*VW k: lane e of the block, a[e] = fma(x, w, a[e]);
- *   - registers summed r0+=r4, r1+=r5, r2+=r6, r3+=r7; r0+=r2, r1+=r3; r0+=r1; its lanes by halves;
+ *   - registers summed r0+=r4, r1+=r5, r2+=r6, r3+=r7; r0+=r2, r1+=r3; r0+=r1; its lanes summed
+ *     (`vsum`: by halves on x86-64, pairwise on ARM64);
  *   - one more register over the chunks of 2*VW k left (fma with the low VW, then the high VW), its
- *     lanes summed by halves and added;
+ *     lanes summed and added;
  *   - the last k one at a time, each product rounded and then added (not fused);
  *   - the bias added in fp32, and one rounding to the dtype (to nearest even).
  * Inputs are converted to fp32 exactly. The order depends on nothing else (rows, threads, N): the
@@ -216,13 +258,21 @@ typedef uint16_t elem_bf16;
 typedef uint16_t elem_f16;
 typedef float elem_f32;
 
+static inline vf wload_bf16(const uint16_t* p) { return vload_bf16(p); }
+#if defined(__aarch64__)
+static inline float from_f16(uint16_t h) {
+  __fp16 f;
+  memcpy(&f, &h, 2);
+  return (float)f;
+}
+static inline vf wload_f16(const uint16_t* p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
+#else
 static inline float from_f16(uint16_t h) { return _cvtsh_ss(h); }
 #if VW == 16
-static inline vf wload_bf16(const uint16_t* p) { return vload_bf16(p); }
 static inline vf wload_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
 #else
-static inline vf wload_bf16(const uint16_t* p) { return vload_bf16(p); }
 static inline vf wload_f16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+#endif
 #endif
 /* fp32 -> bf16 / fp16, to nearest even, NaN as torch makes it */
 static inline uint16_t round_bf16(float f) {
@@ -235,7 +285,14 @@ static inline uint16_t round_f16(float f) {
   uint32_t u;
   memcpy(&u, &f, 4);
   if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)(((u >> 16) & 0x8000u) | 0x7e00u);
+#if defined(__aarch64__)
+  __fp16 h = (__fp16)f; /* to nearest even (the default rounding mode) */
+  uint16_t r;
+  memcpy(&r, &h, 2);
+  return r;
+#else
   return (uint16_t)_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#endif
 }
 
 /* The register tree over the 8 block accumulators, then their lanes. */
@@ -272,8 +329,8 @@ static inline float tree8(vf r0, vf r1, vf r2, vf r3, vf r4, vf r5, vf r6, vf r7
     int k64 = K / (8 * VW) * (8 * VW), k16 = K / (2 * VW) * (2 * VW);                                  \
     for (int j = 0; j < k64; j += 8 * VW) {                                                            \
       /* the rows follow one another: fetch ahead across their ends */                                 \
-      _mm_prefetch((const char*)(w + j + DOT_AHEAD), _MM_HINT_T0);                                     \
-      _mm_prefetch((const char*)(w + j + DOT_AHEAD) + 64, _MM_HINT_T0);                                \
+      prefetch_t0(w + j + DOT_AHEAD);                                                                  \
+      prefetch_t0((const char*)(w + j + DOT_AHEAD) + 64);                                              \
       r0 = vfma(vload(x + j), wload_##E(w + j), r0);                                                   \
       r1 = vfma(vload(x + j + VW), wload_##E(w + j + VW), r1);                                         \
       r2 = vfma(vload(x + j + 2 * VW), wload_##E(w + j + 2 * VW), r2);                                 \
@@ -394,7 +451,7 @@ DOT_BLOCK(f16)
     if (!N || M < 0 || K <= 0 || ldx < K || ldy < N || threads < 1) return 2;                          \
     if (M == 0) return 0;                                                                              \
     int ldf = (K + VW - 1) / VW * VW;                                                                  \
-    float* xf = (float*)_mm_malloc(sizeof(float) * (size_t)M * ldf, 64);                               \
+    float* xf = (float*)alloc64(sizeof(float) * (size_t)M * ldf);                                       \
     if (!xf) return 1;                                                                                 \
     int k64 = K / (8 * VW) * (8 * VW), T = k64 / (8 * VW);                                             \
     for (int m = 0; m < M; m++) /* many rows: the blocks' part slot by slot (see block_dot) */         \
@@ -405,8 +462,8 @@ DOT_BLOCK(f16)
     int items = g.first[G], failed = 0;                                                                \
     _Pragma("omp parallel num_threads(items < threads ? items : threads)")                             \
     {                                                                                                  \
-      float* wf = M > 2 ? (float*)_mm_malloc(sizeof(float) * OUTS_T * CHUNK, 64) : 0;                 \
-      float* acc = M > 2 ? (float*)_mm_malloc(sizeof(float) * (size_t)M * OUTS_T * 8 * VW, 64) : 0;   \
+      float* wf = M > 2 ? (float*)alloc64(sizeof(float) * OUTS_T * CHUNK) : 0;                         \
+      float* acc = M > 2 ? (float*)alloc64(sizeof(float) * (size_t)M * OUTS_T * 8 * VW) : 0;           \
       int ok = M <= 2 || (wf && acc);                                                                  \
       if (!ok) {                                                                                       \
         _Pragma("omp atomic write") failed = 1;                                                        \
@@ -421,10 +478,10 @@ DOT_BLOCK(f16)
         block_dot_##E(xf, ldf, M, K, (const uint16_t*)g.w[i] + (int64_t)n0_ * K, b, nn,               \
                       y + g.col[i] + n0_, ldy, wf, acc);                                               \
       }                                                                                                \
-      if (wf) _mm_free(wf);                                                                            \
-      if (acc) _mm_free(acc);                                                                          \
+      free(wf);                                                                                       \
+      free(acc);                                                                                      \
     }                                                                                                  \
-    _mm_free(xf);                                                                                      \
+    free(xf);                                                                                          \
     return failed;                                                                                     \
   }
 DOT_ENTRY(bf16)
@@ -781,6 +838,17 @@ uint64_t stablelm_read(const uint8_t* p, int64_t bytes, int threads) {
   uint64_t result = 0;
 #pragma omp parallel num_threads(threads)
   {
+#if defined(__aarch64__)
+    uint64x2_t a0 = vdupq_n_u64(0), a1 = a0, a2 = a0, a3 = a0;
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < lines; i++) {
+      const uint64_t* q = (const uint64_t*)(p + i * 64);
+      a0 = veorq_u64(a0, vld1q_u64(q)), a1 = veorq_u64(a1, vld1q_u64(q + 2));
+      a2 = veorq_u64(a2, vld1q_u64(q + 4)), a3 = veorq_u64(a3, vld1q_u64(q + 6));
+    }
+    uint64x2_t a = veorq_u64(veorq_u64(a0, a1), veorq_u64(a2, a3));
+    uint64_t r = vgetq_lane_u64(a, 0) ^ vgetq_lane_u64(a, 1);
+#else
 #if defined(__AVX512F__)
     __m512i a0 = _mm512_setzero_si512(), a1 = a0;
 #pragma omp for schedule(static)
@@ -803,6 +871,7 @@ uint64_t stablelm_read(const uint8_t* p, int64_t bytes, int threads) {
 #endif
     uint64_t r = (uint64_t)_mm256_extract_epi64(h, 0) ^ (uint64_t)_mm256_extract_epi64(h, 1) ^
                  (uint64_t)_mm256_extract_epi64(h, 2) ^ (uint64_t)_mm256_extract_epi64(h, 3);
+#endif
 #pragma omp atomic
     result ^= r;
   }

@@ -8,18 +8,20 @@ AMX order) and ATen's dot products elsewhere (fp16: oneDNN's with AVX512-FP16, e
 order can depend on the CPU, the shape and the number of rows and threads (oneDNN sizes its blocks of
 K to the caches), so `plan` tries each candidate on probes built so that any other summation order
 shows (`_cancelling_weight`) and keeps the first that matches bit for bit; none matching, torch's
-F.linear serves. A half-precision kernel that reproduces torch is then timed against it on the layer's
+F.linear serves. On ARM64 torch's bf16/fp16 kernel is ATen's dot products where the CPU has no BF16
+instructions (else oneDNN's), and the NEON build of the dot-product kernels is tried the same way. A half-precision kernel that reproduces torch is then timed against it on the layer's
 shape, and used only where it is faster (on tiny layers, calling it costs more than it saves).
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
 from torch import nn
 
-from . import cpu_flags, cpu_vendor, has_dpbf16, kernel, run_linear
+from . import X86_LEVELS, cpu_flags, cpu_vendor, has_dpbf16, kernel, run_linear, selected_isa
 
 # Block sizes for the oneDNN-order kernel, most likely first: oneDNN (avx512_core_bf16) sums K in
 # blocks of 512 for one row and 1024 for several.
@@ -51,10 +53,12 @@ def plan(
     n = min(out_features, PROBE_MAX_OUTPUTS)
     if dtype == torch.float32:
         # Not where torch's MKL kernel reads at the memory's speed itself (Intel CPUs), nor for many
-        # rows (MKL's sgemm beats dot products): a fixed rule, so that float32 bits do not depend on
-        # a timing (the kernel is within rounding of MKL, not equal to it).
+        # rows (MKL's sgemm beats dot products), nor on ARM64 (torch's OpenBLAS/oneDNN there: not
+        # measured against ours): a fixed rule, so that float32 bits do not depend on a timing (the
+        # kernel is within rounding of torch's, not equal to it).
         fast_mkl = cpu_vendor() == "GenuineIntel"
-        found = ("f32", 0) if kernel("f32") is not None and key[4] and not fast_mkl else None
+        measured = selected_isa() in X86_LEVELS
+        found = ("f32", 0) if kernel("f32") is not None and key[4] and measured and not fast_mkl else None
     elif dtype in (torch.bfloat16, torch.float16):
         found = _half_plan(dtype, in_features, n, bias, key[4])
         if found is not None and SPEED_CHECK and not _pays(found, dtype, in_features, n, _TIMED_ROWS[key[4]]):
@@ -113,13 +117,29 @@ def _half_plan(dtype: torch.dtype, k: int, n: int, bias: bool, rows: int) -> tup
         # oneDNN on AVX512-BF16 alone: blocks of K (also AMX CPUs' oneDNN for K < 64)
         candidates += [("bf16_dpbf16", block) for block in _BLOCKS]
     dot = "bf16_dot" if dtype == torch.bfloat16 else "f16_dot"
-    if kernel(dot) is not None:
+    if kernel(dot) is not None and not (dtype == torch.float16 and onednn_fp16()):
         candidates.append((dot, 0))
     candidates = [c for c in candidates if kernel(c[0]) is not None]
     if not candidates:
         return None
     probes = _probes(dtype, k, n, bias, _PROBE_ROWS[rows])
     return next((c for c in candidates if _reproduces_torch(c, probes)), None)
+
+
+def onednn_fp16() -> bool:
+    """Whether torch's float16 products run oneDNN's AVX512-FP16 code on this CPU (as torch decides:
+    AVX512-FP16 or AMX-FP16 present). Its order is not ATen's, and no kernel here reproduces it: on an
+    Intel Xeon with AMX and AVX512-FP16 the dot kernel passed the probes of a (3 x 128) @ (128 x 32)
+    layer, yet 10 of 18 of a model's such products on real activations came out one ulp away (measured
+    2026-12-05), so float16 keeps torch's kernel there by rule, not by probes."""
+    capped = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _BELOW_FP16
+    return bool({"avx512_fp16", "amx_fp16"} & cpu_flags()) and not capped
+
+
+# oneDNN's levels below AVX512-FP16, as ONEDNN_MAX_CPU_ISA names them (a cap there, as the tests set to
+# emulate an AVX2 CPU, puts torch's float16 back on code the dot kernel reproduces, probes permitting)
+_BELOW_FP16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI",
+               "AVX512_CORE_BF16"}  # fmt: skip
 
 
 _CHUNK_ROWS = 256  # probe weights are drawn this many rows at a time: no large float32 temporaries
