@@ -23,6 +23,11 @@ Tasks (input-grounded: the output is meant to repeat text of the prompt):
 - repeated: the docstring twice, then its first words again.
 
 Run:  python benchmarks/speculative.py [--rounds 3] [--new-tokens 128] [--lookup 10] [--draft-layers 2]
+
+`--model DIR` runs another checkpoint (bfloat16; its tokenizer beside it) instead of the demo model, e.g.
+random weights of stablelm-3b-4e1t's shape written by `benchmarks/documented_path.py --shape 3b --folder
+DIR`, with `--methods plain oracle` to see what a check costs on a model whose steps are bound by reading
+its weights; `--threads N` sets torch's threads (default 1).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -61,6 +67,9 @@ TASKS = {
 }
 
 
+METHODS = ("plain", "lookup", "assistant", "oracle")
+
+
 class Oracle(Drafter):
     """Drafts `size` tokens of a known continuation (plain greedy's): every draft token is kept."""
 
@@ -84,13 +93,14 @@ def truncated(model: StableLmForCausalLM, layers: int) -> StableLmForCausalLM:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    torch.set_num_threads(1)
-    path = stablelm.demo_model_path()
+    torch.set_num_threads(args.threads)
+    path = args.model or stablelm.demo_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = optimize_for_inference(StableLmForCausalLM.from_pretrained(path))
-    assistant = truncated(model, args.draft_layers)
+    model = optimize_for_inference(StableLmForCausalLM.from_pretrained(path, dtype=torch.bfloat16))
+    assistant = truncated(model, args.draft_layers) if "assistant" in args.methods else None
     config = resolve_config(model, None, max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None)
-    results: dict[str, Any] = {"threads": 1, "dtype": str(model.dtype), "tasks": {}}
+    name = "demo model" if args.model is None else str(args.model)
+    results: dict[str, Any] = {"model": name, "threads": args.threads, "dtype": str(model.dtype), "tasks": {}}
     for task, prompt in TASKS.items():
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
         plain = generate(model, ids, config=config)  # warm-up, and the tokens every method must give
@@ -101,7 +111,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "assistant": lambda: AssistantDraft(assistant),
             "oracle": lambda truth=truth, length=ids.shape[1]: Oracle(truth, length, args.lookup),
         }
-        best: dict[str, float] = {}
+        drafters = {name: make for name, make in drafters.items() if name in args.methods}
+        best: dict[str, float] = {}  # plain first: the ratios are against it
         stats: dict[str, Any] = {}
         for _ in range(args.rounds):
             for name, make in drafters.items():
@@ -127,13 +138,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def report(results: dict[str, Any]) -> None:
-    print(f"demo model, {results['dtype']}, 1 thread, greedy; best of rounds; every text identical")
+    print(
+        f"{results['model']}, {results['dtype']}, {results['threads']} thread(s), greedy; best of rounds; "
+        "every text identical"
+    )
     print(f"{'task':<10} {'method':<10} {'tokens/s':>9} {'x plain':>8} {'kept':>6} {'tokens/pass':>12}")
     for task, data in results["tasks"].items():
         for name, row in data["methods"].items():
             kept = "-" if row["kept"] is None else f"{row['kept']:.0%}"
             print(
-                f"{task:<10} {name:<10} {row['tokens_per_s']:>9.0f} {row['x_plain']:>8.2f} {kept:>6} "
+                f"{task:<10} {name:<10} {row['tokens_per_s']:>9.1f} {row['x_plain']:>8.2f} {kept:>6} "
                 f"{row['tokens_per_pass']:>12.2f}"
             )
 
@@ -146,8 +160,22 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--lookup", type=int, default=10, help="prompt_lookup_num_tokens (and oracle drafts)")
     parser.add_argument("--draft-layers", type=int, default=2, help="decoder layers of the assistant")
+    parser.add_argument("--model", type=Path, help="a checkpoint folder (default: the demo model)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        default=list(METHODS),
+        help="plain always runs (the baseline)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.threads < 1:
+        parser.error(f"--threads must be at least 1, not {args.threads}")
+    if args.model is not None and not (args.model / "config.json").is_file():
+        parser.error(f"--model {args.model}: no config.json there (a checkpoint folder, tokenizer beside it)")
+    args.methods = ["plain", *(m for m in args.methods if m != "plain")]
     results = run(args)
     print(json.dumps(results, indent=2)) if args.json else report(results)
 

@@ -117,6 +117,31 @@ def test_the_step_variants_benchmark_runs_a_kernel_source_against_itself(tmp_pat
     assert "Traceback" not in refused.stderr
 
 
+def test_the_speculative_benchmark_runs_a_given_checkpoint_and_refuses_bad_arguments(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import stablelm
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "speculative.py"
+    args = [sys.executable, str(script), "--rounds", "1", "--new-tokens", "8"]
+    model = ["--model", str(stablelm.demo_model_path())]
+    out = subprocess.run([*args, *model, "--methods", "oracle"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "1 thread(s), greedy" in lines[0] and "every text identical" in lines[0], out.stdout
+    for task in ("docstring", "repeated"):  # plain always runs (the baseline), then the methods asked for
+        assert [line.split()[1] for line in lines if line.startswith(task)] == ["plain", "oracle"], out.stdout
+    for bad, message in (
+        (["--model", str(tmp_path)], f"--model {tmp_path}: no config.json there"),
+        ([*model, "--threads", "0"], "--threads must be at least 1, not 0"),
+        ([*model, "--methods", "beam"], "invalid choice: 'beam'"),
+    ):
+        refused = subprocess.run([*args, *bad], capture_output=True, text=True, timeout=600)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+
+
 def _tiny_checkpoint(folder) -> None:  # noqa: ANN001
     """A tiny random bf16 checkpoint in `folder`, for the benchmark scripts' runs."""
     import torch

@@ -216,16 +216,16 @@ def test_float16_keeps_torchs_kernel_where_torch_runs_onednns_avx512_fp16_code(m
     flags = native.cpu_flags()
     for extra in ({"avx512_fp16"}, {"amx_fp16"}):
         monkeypatch.setattr(kernel_linear, "cpu_flags", lambda extra=extra: flags | extra)
-        assert kernel_linear.onednn_fp16()
+        assert kernel_linear.onednn_half(torch.float16) and not kernel_linear.onednn_half(torch.bfloat16)
         assert half_plan(torch.float16) is None
         assert (
             half_plan(torch.bfloat16) is not None or not COMPILER or native.best_isa() is None
         )  # bfloat16 unaffected
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")  # oneDNN capped below AVX512-FP16
-        assert not kernel_linear.onednn_fp16()
+        assert not kernel_linear.onednn_half(torch.float16)
         monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
     monkeypatch.setattr(kernel_linear, "cpu_flags", lambda: flags - {"avx512_fp16", "amx_fp16"})
-    assert not kernel_linear.onednn_fp16()
+    assert not kernel_linear.onednn_half(torch.float16)
     if COMPILER and native.kernel("f16_dot") is not None:
         assert half_plan(torch.float16) == ("f16_dot", 0)
 

@@ -247,6 +247,38 @@ def test_arm64_linux_reads_its_features_and_chooses_neon(monkeypatch):
         kernels._selected.cache_clear()
 
 
+@pytest.mark.parametrize(
+    "features, bf16_dot, f16_dot",
+    [
+        ("fp asimd aes pmull sha1 sha2 crc32 cpuid", True, True),  # Cortex-A72 (Raspberry Pi 4, Graviton 1)
+        ("fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimddp", True, False),  # N1
+        ("fp asimd fphp asimdhp cpuid asimddp sve bf16 i8mm", False, False),  # Neoverse V1 (Graviton 3)
+    ],
+)
+def test_on_arm64_the_dot_kernels_are_tried_only_where_torch_runs_atens_dot_products(
+    monkeypatch, features, bf16_dot, f16_dot
+):
+    # torch 2.13 on aarch64 (under qemu-user, its aarch64 wheel): bf16 / fp16 F.linear is ATen's dot
+    # products on a Cortex-A72 (bit for bit the order of `aten_order(lanes=4, pairwise=True)`, bias added
+    # in float32), oneDNN's where the CPU has BF16 / FP16 arithmetic (`max`), whose order our bf16 kernel
+    # matched on the probes of a layer yet missed on 12 of 30,720 outputs
+    from stablelm.kernels import linear
+
+    flags = kernels.parse_cpu_flags(f"processor\t: 0\nFeatures\t: {features}\n", "aarch64")
+    monkeypatch.setattr(linear, "cpu_flags", lambda: flags)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert linear.onednn_half(torch.bfloat16) is not bf16_dot
+    assert linear.onednn_half(torch.float16) is not f16_dot
+    monkeypatch.setattr(linear, "_PLANS", {})
+    monkeypatch.setattr(linear, "SPEED_CHECK", False)
+    monkeypatch.setattr(linear, "has_dpbf16", lambda: False)  # ARM64 has no vdpbf16ps / AMX kernels
+    monkeypatch.setattr(linear, "kernel", lambda kind: object() if kind in ("bf16_dot", "f16_dot") else None)
+    monkeypatch.setattr(linear, "_reproduces_torch", lambda *args: True)
+    for dtype, expected in ((torch.bfloat16, bf16_dot), (torch.float16, f16_dot)):
+        dot = "bf16_dot" if dtype == torch.bfloat16 else "f16_dot"
+        assert linear.plan(dtype, 256, 64, False, 1) == ((dot, 0) if expected else None)
+
+
 def test_x86_only_sources_are_not_built_for_arm64(monkeypatch):
     def no_build(*args, **kwargs):
         raise AssertionError("attention.c and quant.c are not to be compiled for ARM64")

@@ -8,8 +8,9 @@ AMX order) and ATen's dot products elsewhere (fp16: oneDNN's with AVX512-FP16, e
 order can depend on the CPU, the shape and the number of rows and threads (oneDNN sizes its blocks of
 K to the caches), so `plan` tries each candidate on probes built so that any other summation order
 shows (`_cancelling_weight`) and keeps the first that matches bit for bit; none matching, torch's
-F.linear serves. On ARM64 torch's bf16/fp16 kernel is ATen's dot products where the CPU has no BF16
-instructions (else oneDNN's), and the NEON build of the dot-product kernels is tried the same way. A half-precision kernel that reproduces torch is then timed against it on the layer's
+F.linear serves. On ARM64 torch's bf16/fp16 kernel is ATen's dot products where the CPU has no BF16 (for
+bf16) or FP16 arithmetic (for fp16), else oneDNN's; the NEON build of the dot kernels is tried where it
+is ATen's (`onednn_half`). A half-precision kernel that reproduces torch is then timed against it on the layer's
 shape, and used only where it is faster (on tiny layers, calling it costs more than it saves).
 """
 
@@ -117,7 +118,7 @@ def _half_plan(dtype: torch.dtype, k: int, n: int, bias: bool, rows: int) -> tup
         # oneDNN on AVX512-BF16 alone: blocks of K (also AMX CPUs' oneDNN for K < 64)
         candidates += [("bf16_dpbf16", block) for block in _BLOCKS]
     dot = "bf16_dot" if dtype == torch.bfloat16 else "f16_dot"
-    if kernel(dot) is not None and not (dtype == torch.float16 and onednn_fp16()):
+    if kernel(dot) is not None and not onednn_half(dtype):
         candidates.append((dot, 0))
     candidates = [c for c in candidates if kernel(c[0]) is not None]
     if not candidates:
@@ -126,14 +127,24 @@ def _half_plan(dtype: torch.dtype, k: int, n: int, bias: bool, rows: int) -> tup
     return next((c for c in candidates if _reproduces_torch(c, probes)), None)
 
 
-def onednn_fp16() -> bool:
-    """Whether torch's float16 products run oneDNN's AVX512-FP16 code on this CPU (as torch decides:
-    AVX512-FP16 or AMX-FP16 present). Its order is not ATen's, and no kernel here reproduces it: on an
-    Intel Xeon with AMX and AVX512-FP16 the dot kernel passed the probes of a (3 x 128) @ (128 x 32)
-    layer, yet 10 of 18 of a model's such products on real activations came out one ulp away (measured
-    2026-12-05), so float16 keeps torch's kernel there by rule, not by probes."""
-    capped = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _BELOW_FP16
-    return bool({"avx512_fp16", "amx_fp16"} & cpu_flags()) and not capped
+def onednn_half(dtype: torch.dtype) -> bool:
+    """Whether torch's products of `dtype` (bfloat16 or float16) run oneDNN code on this CPU whose order
+    the dot kernels do not reproduce, as torch decides it from the CPU's flags:
+    - x86-64, float16: AVX512-FP16 or AMX-FP16 (unless `ONEDNN_MAX_CPU_ISA` caps oneDNN below them);
+    - ARM64: bfloat16 with the BF16 extension (`bf16` in /proc/cpuinfo's Features), float16 with FP16
+      arithmetic (`fphp` / `asimdhp`); without them torch runs ATen's dot products, which the NEON
+      kernels reproduce.
+    There the dot kernel is not tried, by rule rather than by probes: such an order can differ from ATen's
+    rarely enough to pass them. Measured: on an Intel Xeon with AMX and AVX512-FP16 the float16 kernel
+    passed the probes of a (3 x 128) @ (128 x 32) layer, yet 10 of 18 of a model's such products on real
+    activations came out one ulp away; under qemu's `max` ARM64 CPU (BF16) the bfloat16 kernel passed the
+    probes of a (768 -> 64) layer and differed in 12 of 30,720 outputs (2026-12-05)."""
+    flags = cpu_flags()
+    if dtype == torch.float16:
+        if {"avx512_fp16", "amx_fp16"} & flags:
+            return os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() not in _BELOW_FP16
+        return bool({"fphp", "asimdhp"} & flags)
+    return dtype == torch.bfloat16 and "bf16" in flags  # x86-64 names its own avx512_bf16 / amx_bf16
 
 
 # oneDNN's levels below AVX512-FP16, as ONEDNN_MAX_CPU_ISA names them (a cap there, as the tests set to
