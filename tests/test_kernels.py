@@ -379,3 +379,21 @@ def test_a_kernel_the_os_refuses_is_not_chosen(monkeypatch):
     monkeypatch.setattr(kernel_linear, "run_linear", refused)
     probes = kernel_linear._probes(torch.bfloat16, 64, 64, False, (1,))
     assert not kernel_linear._reproduces_torch(("bf16_amx", 64), probes)
+
+
+def test_the_speed_check_reads_weights_from_memory_but_bounds_its_calls(monkeypatch):
+    # a few KB layer: capped copies (was ~12,000: a tiny model's first generate took 20 s, minutes on a
+    # busy CPU); a large one: copies worth COLD_BYTES, so the timing reads them from memory
+    calls = []
+    monkeypatch.setattr(kernel_linear, "run_linear", lambda kind, x, ws, bs, block: calls.append(ws[0]))
+    for k, n, expected in (
+        (64, 64, kernel_linear.MAX_COPIES),
+        (1024, 2048, -(-kernel_linear.COLD_BYTES // (1024 * 2048 * 2))),
+    ):
+        calls.clear()
+        assert kernel_linear._pays(("bf16_dot", 0), torch.bfloat16, k, n, 1) in (True, False)
+        assert len(calls) == 6 * expected  # six rounds (the first warms up), each over every copy
+        assert len({w.data_ptr() for w in calls}) == expected  # distinct copies, not one weight again
+    calls.clear()
+    kernel_linear._pays(("bf16_dot", 0), torch.bfloat16, 64, 64, 64)  # prefill's rows: one copy
+    assert len(calls) == 6

@@ -75,6 +75,10 @@ PAYS = 0.95  # ... that is, where it takes at most this share of torch's time
 # Bytes of weights each timing round reads: copies of the probe weight up to this size, so that they come
 # from memory, not from the caches (more than the last-level cache of common CPUs).
 COLD_BYTES = 96 << 20
+# ... but at most this many copies: a layer of a few KB would otherwise take ~12,000 copies, and the plan
+# seconds of calls (a tiny model's first `generate` took 20 s, minutes on a busy CPU); a model of layers
+# that small lies in the caches anyway, as such a timing then does.
+MAX_COPIES = 256
 
 
 def _pays(candidate: tuple[str, int], dtype: torch.dtype, k: int, n: int, rows: int) -> bool:
@@ -92,7 +96,9 @@ def _pays(candidate: tuple[str, int], dtype: torch.dtype, k: int, n: int, rows: 
     w = torch.randn(n, k, generator=gen).to(dtype)
     x = torch.randn(rows, k, generator=gen).to(dtype)
     # many rows (prefill) are bound by the arithmetic, not by reading the weight: one copy is enough there
-    copies = -(-COLD_BYTES // (w.numel() * w.element_size())) if rows <= DPBF16_MAX_ROWS else 1
+    copies = (
+        min(-(-COLD_BYTES // (w.numel() * w.element_size())), MAX_COPIES) if rows <= DPBF16_MAX_ROWS else 1
+    )
     weights = [w] + [w.clone() for _ in range(copies - 1)]
     ours, theirs = float("inf"), float("inf")
     for _ in range(6):  # the first of each warms up
