@@ -397,3 +397,18 @@ def test_the_speed_check_reads_weights_from_memory_but_bounds_its_calls(monkeypa
     calls.clear()
     kernel_linear._pays(("bf16_dot", 0), torch.bfloat16, 64, 64, 64)  # prefill's rows: one copy
     assert len(calls) == 6
+
+
+@pytest.mark.skipif(not COMPILER, reason="needs a C compiler")
+def test_a_build_keeps_the_newest_builds_of_other_sources_and_removes_older_ones(monkeypatch, tmp_path):
+    # two checkouts (or compilers) sharing the cache must not delete each other's library at each build
+    monkeypatch.setenv("STABLELM_CACHE", str(tmp_path / "cache"))
+    built = []
+    for i in range(native.KEEP_BUILDS + 2):
+        source = tmp_path / "demo.c"
+        source.write_text(f"int demo_version(void) {{ return {i}; }}\n")
+        built.append(native.build(source, isa="avx2"))
+        os.utime(built[-1], (1_000_000 + i, 1_000_000 + i))  # build order, whatever the clock's resolution
+    left = sorted((tmp_path / "cache" / "kernels").glob("demo-avx2-*.so"))
+    assert set(left) == set(built[-native.KEEP_BUILDS :])  # the newest, the last one built among them
+    assert native.build(tmp_path / "demo.c", isa="avx2") == built[-1]  # cached: not built again

@@ -12,7 +12,8 @@ half-precision results equal torch's bit for bit on this machine, is decided in
 `stablelm.kernels.linear`.
 
 The shared library is compiled once into `$STABLELM_CACHE/kernels` (default
-`~/.cache/stablelm/kernels`), named by a hash of the source and flags, written atomically. Where it
+`~/.cache/stablelm/kernels`), named by a hash of the source and flags, written atomically (the newest `KEEP_BUILDS` per source and
+level kept). Where it
 cannot be had (another CPU or OS, no compiler, `STABLELM_ISA=none`), `library()` returns None and
 callers keep torch's kernels. `STABLELM_ISA=avx2` forces the lower level on an AVX-512 machine.
 `attention.c` and `quant.c` are x86-64 only (`X86_LEVELS`): on ARM64 torch's attention and no
@@ -178,11 +179,26 @@ def build(source: Path, *, isa: str = "avx2", compiler: str | None = None) -> Pa
                 error = error or result.stderr.strip()[-500:]
                 continue
             os.replace(built, target)  # atomic: a concurrent build or a reader never sees half a library
-        for stale in target.parent.glob(f"{stem}-*.so"):  # builds of older sources
-            if stale != target:
-                stale.unlink(missing_ok=True)
+        _prune(target, stem)
         return target
     raise RuntimeError(f"{compiler} failed: {error}")
+
+
+KEEP_BUILDS = 4  # builds kept per source and level: other versions of the package, other compilers
+
+
+def _prune(target: Path, stem: str) -> None:
+    """Remove all but the `KEEP_BUILDS` newest builds of `stem` (`target` always kept): builds of older
+    sources go, while two checkouts or compilers sharing the cache do not delete each other's each time."""
+    builds = []
+    for path in target.parent.glob(f"{stem}-*.so"):
+        try:
+            builds.append((path.stat().st_mtime, path))
+        except OSError:  # removed meanwhile by another process
+            continue
+    builds.sort(reverse=True)
+    for _, path in [b for b in builds if b[1] != target][KEEP_BUILDS - 1 :]:
+        path.unlink(missing_ok=True)
 
 
 def load(source: Path, isa: str | None, levels: tuple[str, ...] = tuple(ISA_NEEDS)) -> ctypes.CDLL | None:
