@@ -12,10 +12,9 @@ half-precision results equal torch's bit for bit on this machine, is decided in
 `stablelm.kernels.linear`.
 
 The shared library is compiled once into `$STABLELM_CACHE/kernels` (default
-`~/.cache/stablelm/kernels`), named by a hash of the source and flags, written atomically (the newest `KEEP_BUILDS` per source and
-level kept). Where it
-cannot be had (another CPU or OS, no compiler, `STABLELM_ISA=none`), `library()` returns None and
-callers keep torch's kernels. `STABLELM_ISA=avx2` forces the lower level on an AVX-512 machine.
+`~/.cache/stablelm/kernels`), named by a hash of the source and flags, written atomically (the newest
+`KEEP_BUILDS` per source and level kept). Where it cannot be had (another CPU or OS, no compiler,
+`STABLELM_ISA=none`), `library()` returns None and callers keep torch's kernels. `STABLELM_ISA=avx2` forces the lower level on an AVX-512 machine.
 `attention.c` and `quant.c` are x86-64 only (`X86_LEVELS`): on ARM64 torch's attention and no
 quantized kernels.
 """
