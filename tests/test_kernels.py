@@ -412,3 +412,21 @@ def test_a_build_keeps_the_newest_builds_of_other_sources_and_removes_older_ones
     left = sorted((tmp_path / "cache" / "kernels").glob("demo-avx2-*.so"))
     assert set(left) == set(built[-native.KEEP_BUILDS :])  # the newest, the last one built among them
     assert native.build(tmp_path / "demo.c", isa="avx2") == built[-1]  # cached: not built again
+
+
+def test_the_cpu_is_read_from_proc_cpuinfo(monkeypatch):
+    from stablelm.kernels import cpu
+
+    text = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu avx2 fma f16c\n\nprocessor\t: 1\n"
+    assert cpu._field(text, "vendor_id") == "AuthenticAMD" and cpu._field(text, "model name") is None
+    assert cpu.parse_cpu_flags(text, "x86_64") == {"fpu", "avx2", "fma", "f16c"}
+    monkeypatch.setattr(cpu, "_cpuinfo", lambda: text)
+    for fn in (cpu.cpu_vendor, cpu.cpu_flags):
+        fn.cache_clear()
+    try:
+        assert cpu.cpu_vendor() == "AuthenticAMD"
+        assert cpu.cpu_flags() == {"fpu", "avx2", "fma", "f16c"} or cpu.platform.machine() != "x86_64"
+    finally:
+        for fn in (cpu.cpu_vendor, cpu.cpu_flags):
+            fn.cache_clear()
+    assert native.cpu_flags is cpu.cpu_flags and native.cpu_vendor is cpu.cpu_vendor  # the package's names

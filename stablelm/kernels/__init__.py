@@ -14,7 +14,8 @@ half-precision results equal torch's bit for bit on this machine, is decided in
 The shared library is compiled once into `$STABLELM_CACHE/kernels` (default
 `~/.cache/stablelm/kernels`), named by a hash of the source and flags, written atomically (the newest
 `KEEP_BUILDS` per source and level kept). Where it cannot be had (another CPU or OS, no compiler,
-`STABLELM_ISA=none`), `library()` returns None and callers keep torch's kernels. `STABLELM_ISA=avx2` forces the lower level on an AVX-512 machine.
+`STABLELM_ISA=none`), `library()` returns None and callers keep torch's kernels. `STABLELM_ISA=avx2`
+forces the lower level on an AVX-512 machine. The CPU's flags and vendor come from `cpu`.
 `attention.c` and `quant.c` are x86-64 only (`X86_LEVELS`): on ARM64 torch's attention and no
 quantized kernels.
 """
@@ -24,15 +25,15 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
-import platform
 import shutil
 import subprocess
-import sys
 import tempfile
 from functools import cache
 from pathlib import Path
 
 import torch
+
+from .cpu import cpu_flags, cpu_vendor, parse_cpu_flags  # noqa: F401 - the package's names
 
 SOURCE = Path(__file__).with_name("linear.c")
 # -ffp-contract=off: a product and a sum written apart stay apart (FMAs are written out where wanted).
@@ -63,43 +64,6 @@ def cache_dir() -> Path:
         or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "stablelm"
     )
     return Path(root) / "kernels"
-
-
-@cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags on Linux (from /proc/cpuinfo: `flags` on x86-64, `Features` on ARM64);
-    empty elsewhere."""
-    if sys.platform != "linux":
-        return frozenset()
-    try:
-        with open("/proc/cpuinfo") as f:
-            return parse_cpu_flags(f.read(), platform.machine())
-    except OSError:
-        return frozenset()
-
-
-def parse_cpu_flags(cpuinfo: str, machine: str) -> frozenset[str]:
-    """The first processor's flags in the text of /proc/cpuinfo, on `machine` (`platform.machine()`):
-    its `flags` line on x86-64, its `Features` line on ARM64; empty for other machines."""
-    key = {"x86_64": "flags", "AMD64": "flags", "aarch64": "Features", "arm64": "Features"}.get(machine)
-    for line in cpuinfo.splitlines() if key else ():
-        name, _, value = line.partition(":")
-        if name.strip() == key:
-            return frozenset(value.split())
-    return frozenset()
-
-
-@cache
-def cpu_vendor() -> str:
-    """The CPU's vendor id on Linux ("GenuineIntel", "AuthenticAMD", ...); empty elsewhere."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 def best_isa() -> str | None:

@@ -10,8 +10,8 @@ K to the caches), so `plan` tries each candidate on probes built so that any oth
 shows (`_cancelling_weight`) and keeps the first that matches bit for bit; none matching, torch's
 F.linear serves. On ARM64 torch's bf16/fp16 kernel is ATen's dot products where the CPU has no BF16 (for
 bf16) or FP16 arithmetic (for fp16), else oneDNN's; the NEON build of the dot kernels is tried where it
-is ATen's (`onednn_half`). A half-precision kernel that reproduces torch is then timed against it on the layer's
-shape, and used only where it is faster (on tiny layers, calling it costs more than it saves).
+is ATen's (`onednn_half`). A half-precision kernel that reproduces torch is then timed against it on the
+layer's shape, and used only where it is faster (on tiny layers, calling it costs more than it saves).
 """
 
 from __future__ import annotations
