@@ -180,7 +180,7 @@ static inline int block_of(const groups_t* g, int item, int* n0, int* nn) {
     int k = 0;                                                                                         \
     for (; k + VW <= K; k += VW) {                                                                     \
       if (MT == 1) /* decoding reads each row once: fetch ahead (past a row's end: the next rows) */   \
-        for (int n = 0; n < NT; n++) prefetch_t0(w + (int64_t)n * K + k + 512);       \
+        for (int n = 0; n < NT; n++) prefetch_t0(w + (int64_t)n * K + k + 512);                        \
       vf wv[NT];                                                                                       \
       for (int n = 0; n < NT; n++) wv[n] = vload(w + (int64_t)n * K + k);                              \
       for (int m = 0; m < MT; m++) {                                                                   \
@@ -451,7 +451,7 @@ DOT_BLOCK(f16)
     if (!N || M < 0 || K <= 0 || ldx < K || ldy < N || threads < 1) return 2;                          \
     if (M == 0) return 0;                                                                              \
     int ldf = (K + VW - 1) / VW * VW;                                                                  \
-    float* xf = (float*)alloc64(sizeof(float) * (size_t)M * ldf);                                       \
+    float* xf = (float*)alloc64(sizeof(float) * (size_t)M * ldf);                                      \
     if (!xf) return 1;                                                                                 \
     int k64 = K / (8 * VW) * (8 * VW), T = k64 / (8 * VW);                                             \
     for (int m = 0; m < M; m++) /* many rows: the blocks' part slot by slot (see block_dot) */         \
@@ -478,8 +478,8 @@ DOT_BLOCK(f16)
         block_dot_##E(xf, ldf, M, K, (const uint16_t*)g.w[i] + (int64_t)n0_ * K, b, nn,               \
                       y + g.col[i] + n0_, ldy, wf, acc);                                               \
       }                                                                                                \
-      free(wf);                                                                                       \
-      free(acc);                                                                                      \
+      free(wf);                                                                                        \
+      free(acc);                                                                                       \
     }                                                                                                  \
     free(xf);                                                                                          \
     return failed;                                                                                     \
