@@ -65,6 +65,11 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1)
     parser.add_argument("--kinds", default="int8,int4", help="int8, int4 or both")
     parser.add_argument("--define", action="append", default=[], help="NAME=-DFLAG[,-DFLAG]: another build")
+    parser.add_argument(
+        "--modes",
+        help="int4 kernel modes to time, comma-separated (bits: 1 AVX512-BF16, 2 VNNI); default: the CPU's",
+    )
+    parser.add_argument("--group", type=int, default=128, help="int4 group size")
     parser.add_argument("--no-bf16", action="store_true")
     parser.add_argument("--read", action="store_true", help="also the plain read speed (GB/s)")
     parser.add_argument("--wall", action="store_true", help="wall time instead of the process's CPU time")
@@ -93,7 +98,7 @@ def main() -> None:
     torch.manual_seed(0)
     budget = args.set_mb << 20
     x = torch.randn(m, k).bfloat16()
-    mode = int4_mode(torch.bfloat16)
+    modes = [int(v) for v in args.modes.split(",")] if args.modes else [int4_mode(torch.bfloat16)]
     passes = {}  # name -> callable doing one pass
     if not args.no_bf16:
         dense = []
@@ -109,7 +114,8 @@ def main() -> None:
         passes["read GB/s"] = lambda: read_memory(buffer)
     one = torch.randn(n, k).bfloat16() * 0.02
     template = {
-        q: QuantizedLinear.from_dense(one, None, quant_type=q, group_size=128) for q in ("int8", "int4")
+        q: QuantizedLinear.from_dense(one, None, quant_type=q, group_size=args.group)
+        for q in ("int8", "int4")
     }
     y = torch.empty(m, n, dtype=torch.bfloat16)
     for q in args.kinds.split(","):
@@ -139,26 +145,29 @@ def main() -> None:
                         )
 
             else:
+                for mode in modes:
 
-                def run(lib=lib, layers=layers) -> None:
-                    for w, s, mn in layers:
-                        lib.stablelm_q4_linear(
-                            x.data_ptr(),
-                            1,
-                            m,
-                            k,
-                            k,
-                            y.data_ptr(),
-                            n,
-                            w.data_ptr(),
-                            s.data_ptr(),
-                            mn.data_ptr(),
-                            128,
-                            None,
-                            mode,
-                            args.threads,
-                        )
+                    def run(lib=lib, layers=layers, mode=mode) -> None:
+                        for w, s, mn in layers:
+                            lib.stablelm_q4_linear(
+                                x.data_ptr(),
+                                1,
+                                m,
+                                k,
+                                k,
+                                y.data_ptr(),
+                                n,
+                                w.data_ptr(),
+                                s.data_ptr(),
+                                mn.data_ptr(),
+                                args.group,
+                                None,
+                                mode,
+                                args.threads,
+                            )
 
+                    passes[f"{q} {name}" + (f" mode {mode}" if len(modes) > 1 else "")] = run
+                continue
             passes[f"{q} {name}"] = run
         # the builds agree with the layer's dequantized weights
         ref = x.float() @ t.dequantized().t()
@@ -179,22 +188,26 @@ def main() -> None:
                     args.threads,
                 )
             else:
-                lib.stablelm_q4_linear(
-                    x.data_ptr(),
-                    1,
-                    m,
-                    k,
-                    k,
-                    y.data_ptr(),
-                    n,
-                    w.weight.data_ptr(),
-                    w.weight_scale.data_ptr(),
-                    w.weight_min.data_ptr(),
-                    128,
-                    None,
-                    mode,
-                    args.threads,
-                )
+                for mode in modes:
+                    status = lib.stablelm_q4_linear(
+                        x.data_ptr(),
+                        1,
+                        m,
+                        k,
+                        k,
+                        y.data_ptr(),
+                        n,
+                        w.weight.data_ptr(),
+                        w.weight_scale.data_ptr(),
+                        w.weight_min.data_ptr(),
+                        args.group,
+                        None,
+                        mode,
+                        args.threads,
+                    )
+                    err = (y.float() - ref).abs().max().item() / ref.abs().max().item()
+                    assert status == 0 and err < 1e-2, (q, name, mode, status, err)
+                continue
             err = (y.float() - ref).abs().max().item() / ref.abs().max().item()
             assert err < 1e-2, (q, name, err)
     counts = {"bf16": len(dense) if not args.no_bf16 else 0, "read": budget / (n * k)}
@@ -218,7 +231,7 @@ def main() -> None:
     load = os.getloadavg()[0]
     print(
         f"{k}x{n} ({k} inputs, {n} outputs), {m} row(s), {args.threads} thread(s), load {load:.1f}, "
-        f"{args.rounds} rounds, int4 mode {mode}, {'wall' if args.wall else 'CPU'} time"
+        f"{args.rounds} rounds, int4 group {args.group} mode(s) {modes}, {'wall' if args.wall else 'CPU'} time"
     )
     base = statistics.median(rates["bf16"]) if "bf16" in rates else None
     for name, values in rates.items():

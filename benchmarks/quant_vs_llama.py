@@ -27,6 +27,7 @@ from documented_path import llama_bench, timed  # noqa: E402
 
 import stablelm  # noqa: E402
 from stablelm.decode import DecodeStep  # noqa: E402
+from stablelm.quantization import linear as qlinear  # noqa: E402
 
 
 def main() -> None:
@@ -37,6 +38,11 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--modules", action="store_true", help="also the quantized models without the plan")
+    parser.add_argument(
+        "--int4-modes",
+        help="also the int4 model with these kernel modes forced, comma-separated (bits of "
+        "stablelm.quantization.linear.int4_mode: 1 AVX512-BF16, 2 VNNI; 0 float32)",
+    )
     parser.add_argument("--llama-bench", help="llama.cpp's llama-bench binary")
     parser.add_argument("--gguf", nargs="*", default=[], help="NAME=FILE pairs, e.g. q8_0=model-q8_0.gguf")
     args = parser.parse_args()
@@ -57,12 +63,15 @@ def main() -> None:
         )
     vocab = models["bf16"].config.vocab_size
     ids = torch.randint(0, vocab, (1, args.prompt), generator=torch.Generator().manual_seed(1))
-    variants = [("bf16", "bf16", True), ("int8", "int8", True), ("int4", "int4", True)]
+    variants = [("bf16", "bf16", True, None), ("int8", "int8", True, None), ("int4", "int4", True, None)]
     if args.modules:
-        variants += [("int8 modules", "int8", False), ("int4 modules", "int4", False)]
+        variants += [("int8 modules", "int8", False, None), ("int4 modules", "int4", False, None)]
+    for mode in args.int4_modes.split(",") if args.int4_modes else []:
+        variants.append((f"int4 mode {int(mode)}", "int4", True, int(mode)))
 
-    def run(model: torch.nn.Module, lean: bool) -> tuple[float, float, torch.Tensor]:
+    def run(model: torch.nn.Module, lean: bool, mode: int | None) -> tuple[float, float, torch.Tensor]:
         DecodeStep.for_model(model, compile=False).lean = lean
+        qlinear.FORCE_INT4_MODE = mode
         try:
             return timed(
                 lambda input_ids, streamer: model.generate(
@@ -73,16 +82,17 @@ def main() -> None:
             )  # fmt: skip
         finally:
             DecodeStep.for_model(model, compile=False).lean = True
+            qlinear.FORCE_INT4_MODE = None
 
-    for _, model, lean in variants:  # warm-up: kernel builds, plans, page faults
-        run(models[model], lean)
+    for _, model, lean, mode in variants:  # warm-up: kernel builds, plans, page faults
+        run(models[model], lean, mode)
     ggufs = dict(pair.split("=", 1) for pair in args.gguf)
     best: dict[str, list[float]] = {}
     tokens: dict[str, torch.Tensor] = {}
     for turn in range(args.rounds):
         timings = []
-        for name, model, lean in variants:
-            prefill, decode, tokens[name] = run(models[model], lean)
+        for name, model, lean, mode in variants:
+            prefill, decode, tokens[name] = run(models[model], lean, mode)
             timings.append((name, prefill, decode))
         for name, path in ggufs.items():
             timings.append(

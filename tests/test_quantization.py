@@ -110,12 +110,16 @@ def test_kernels_match_dequantized_reference(qtype, group, isa, float32_products
 
 
 @pytest.mark.parametrize("isa", ["auto", "avx2"])
-@pytest.mark.parametrize(("qtype", "group", "k"), [("int8", 128, 328), ("int4", 64, 320), ("int4", 128, 384)])
+@pytest.mark.parametrize(
+    ("qtype", "group", "k"),
+    [("int8", 128, 328), ("int4", 64, 320), ("int4", 128, 384), ("int4", 64, 2240), ("int4", 192, 2112)],
+)
 def test_one_row_kernels_match_dequantized_reference(qtype, group, k, isa, monkeypatch):
     """The decoding kernels (one row of x: rows of W streamed several at once, in chunks of 1024 outputs,
     split over threads) on shapes with leftovers: 2181 outputs (two whole chunks and part of one on one
     thread; a chunk and part of one on each of two), inputs not a multiple of the vector, groups of an
-    odd number of 64-input runs; 1 and 2 threads."""
+    odd number of 64-input runs, inputs ending in half a 128-input block, more than 16 groups (35, 11 of
+    192: the VNNI kernel takes its scales 16 groups at a time); 1 and 2 threads."""
     from stablelm.kernels import best_isa, clear_caches
 
     if isa == "avx2" and best_isa() is None:
@@ -145,17 +149,32 @@ def test_one_row_kernels_match_dequantized_reference(qtype, group, k, isa, monke
         clear_caches()
 
 
+def _vnni_int4() -> bool:
+    """Whether one bfloat16 row of int4 runs the AVX512-VNNI kernel here (the CPU's own level)."""
+    from stablelm.kernels import clear_caches
+
+    clear_caches()
+    return bool(qlinear.int4_mode(torch.bfloat16) & 2)
+
+
+@pytest.mark.parametrize("path", ["avx2", "vnni"])
 @pytest.mark.parametrize(("qtype", "group"), [("int8", 128), ("int4", 64), ("int4", 128), ("int4", 256)])
-def test_avx2_integer_one_row_kernels_extreme_inputs(qtype, group, monkeypatch):
-    """AVX2's one-row kernels for bfloat16 x (x made int16 per block with a power-of-two scale, integer
-    sums): the largest sums the formats allow (every weight at its largest level, every x at the value
-    whose int8 digits are the largest), a block of tiny x beside a block of huge ones (each block its own
-    scale), and Inf / NaN in x (then the float32 kernels run: no finite output from a non-finite sum)."""
+def test_integer_one_row_kernels_extreme_inputs(qtype, group, path, monkeypatch):
+    """The one-row kernels for bfloat16 x that make x int16 per block with a power-of-two scale and sum
+    in integers (AVX2's, and int4's AVX512-VNNI one): the largest sums the formats allow (every weight at
+    its largest level, every x at the value whose int8 digits are the largest), a block of tiny x beside
+    a block of huge ones (each block its own scale), and Inf / NaN in x (then the float32 kernels run: no
+    finite output from a non-finite sum)."""
     from stablelm.kernels import best_isa, clear_caches
 
-    if best_isa() is None:
+    if path == "vnni":
+        if qtype == "int8":
+            pytest.skip("int8 has no VNNI kernel (AVX-512's float32 one reads at the memory's speed)")
+        if not _vnni_int4():
+            pytest.skip("no AVX512-VNNI on this CPU")
+    elif best_isa() is None:
         pytest.skip("no AVX2 on this CPU")
-    monkeypatch.setenv("STABLELM_ISA", "avx2")
+    monkeypatch.setenv("STABLELM_ISA", "avx2" if path == "avx2" else "auto")
     clear_caches()
     try:
         k = 512
@@ -205,23 +224,74 @@ def test_prefill_multiplies_in_float32_where_the_cpu_has_no_bfloat16_products(mo
     assert qlinear.float32_products()
 
 
-def test_int4_both_kernel_modes_agree():
-    if qlinear.int4_mode(torch.bfloat16) == 0:
-        pytest.skip("no AVX512-BF16 kernel on this CPU")
+def test_int4_kernel_modes_each_match_the_reference():
+    """Every int4 kernel mode this CPU can run (bits of `int4_mode`: AVX512-BF16 for 2-8 rows, VNNI for
+    one), forced one by one, against the dequantized reference: one row and three rows."""
+    full = qlinear.int4_mode(torch.bfloat16)
+    if full == 0:
+        pytest.skip("neither AVX512-BF16 nor AVX512-VNNI int4 kernels on this CPU")
     gen = torch.Generator().manual_seed(2)
     layer = QuantizedLinear.from_dense(
-        (torch.randn(64, 512, generator=gen) * 0.05).bfloat16(), None, quant_type="int4"
+        (torch.randn(70, 704, generator=gen) * 0.05).bfloat16(), None, quant_type="int4", group_size=64
     )
-    x = torch.randn(2, 512, generator=gen).bfloat16()
-    outs = []
-    for mode in (0, 1):
+    for mode in range(4):
+        if mode & ~full:
+            continue
         qlinear.FORCE_INT4_MODE = mode
         try:
-            with torch.no_grad():
-                outs.append(layer(x).float())
+            for rows in (1, 3):
+                x = torch.randn(rows, 704, generator=gen).bfloat16()
+                with torch.no_grad():
+                    y = layer(x).double()
+                ref = _reference(layer, x)
+                assert ((y - ref).abs().max() / ref.abs().max()).item() < 8e-3, (mode, rows)
         finally:
             qlinear.FORCE_INT4_MODE = None
-    assert (outs[0] - outs[1]).abs().max() <= 8e-3 * outs[0].abs().max()
+
+
+def test_int4_mode_follows_the_cpu_flags(monkeypatch):
+    """The int4 kernels chosen for bfloat16 activations are the best the CPU's flags allow: VNNI for one
+    row where the CPU has AVX512-VNNI, AVX512-BF16 sums for more rows where it has AVX512-BF16; neither
+    for float32 activations or below the avx512 level. Here and on whatever CPU runs the tests."""
+    from stablelm.kernels import cpu_flags, quant_library, selected_isa
+
+    lib = quant_library()
+    if lib is None or selected_isa() != "avx512":
+        pytest.skip("no AVX-512 quantized kernels on this CPU")
+    expected = int("avx512_bf16" in cpu_flags()) | 2 * int("avx512_vnni" in cpu_flags())
+    assert qlinear.int4_mode(torch.bfloat16) == expected
+    base = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"}
+    for flags, mode in (
+        (base, 0),
+        (base | {"avx512_vnni"}, 2),
+        (base | {"avx512_bf16"}, 1),
+        (base | {"avx512_bf16", "avx512_vnni"}, 3),
+    ):
+        monkeypatch.setattr(qlinear, "cpu_flags", lambda flags=flags: frozenset(flags))
+        assert qlinear.int4_mode(torch.bfloat16) == mode, flags
+        assert qlinear.int4_mode(torch.float32) == 0
+    monkeypatch.setattr(qlinear, "selected_isa", lambda: "avx2")
+    assert qlinear.int4_mode(torch.bfloat16) == 0
+
+
+def test_int4_kernel_refuses_modes_it_cannot_run():
+    """A mode outside 0-3, or one for float32 x: status 2 and nothing written."""
+    from stablelm.kernels import quant_library
+
+    lib = quant_library()
+    if lib is None:
+        pytest.skip("no quantized kernels on this CPU")
+    layer = QuantizedLinear.from_dense(
+        torch.randn(16, 128).bfloat16(), None, quant_type="int4", group_size=64
+    )
+    for dtype, mode in ((torch.bfloat16, 4), (torch.bfloat16, -1), (torch.float32, 2), (torch.float32, 1)):
+        x = torch.randn(1, 128).to(dtype)
+        y = torch.full((1, 16), 7.0, dtype=dtype)
+        status = lib.stablelm_q4_linear(
+            x.data_ptr(), qlinear._TYPES[dtype], 1, 128, 128, y.data_ptr(), 16, layer.weight.data_ptr(),
+            layer.weight_scale.data_ptr(), layer.weight_min.data_ptr(), 64, None, mode, 1,
+        )  # fmt: skip
+        assert status == 2 and (y == 7.0).all(), (dtype, mode)
 
 
 @pytest.mark.parametrize(("qtype", "group"), QTYPES)

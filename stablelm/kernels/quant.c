@@ -10,14 +10,15 @@
  *
  * Kernels (one source, compiled per instruction set like linear.c: VW = 16 floats with AVX-512, 8 with
  * AVX2):
- * - one row of x (decoding): q8_one, q4_one_bf16, q4_one_f32: several rows of W far apart streamed at
+ * - one row of x (decoding): q8_one, q4_one_vnni, q4_one_f32: several rows of W far apart streamed at
  *   once, each with a software prefetch (see q8_one); the others below serve 2 to 8 rows. On AVX2 with
- *   bfloat16 x: q8_one_i16, q4_one_i16, integer sums over x made int16 per block (see x_to_i16).
+ *   bfloat16 x: q8_one_i16, q4_one_i16, integer sums over x made int16 per block (see x_to_i16); with
+ *   AVX512-VNNI, q4_one_vnni the same way for int4.
  * - q8: per output, VW-wide float32 partial sums of q * x (int8 widened to int32, converted), times
  *   s[n] at the end. 4 outputs and up to MR rows at once, each weight vector converted once.
  * - q4 (float32): the same over nibbles; each group's partial sums are scaled as the group ends, the
  *   minimum's share (min_g * sum of the group's x) added per output at the end.
- * - q4 (AVX512-BF16, bfloat16 x): the nibbles become the bfloat16 numbers 128 + q by OR-ing in 0x4300
+ * - q4 (AVX512-BF16, bfloat16 x, 2 to 8 rows): the nibbles become the bfloat16 numbers 128 + q by OR-ing in 0x4300
  *   (bfloat16 represents every integer up to 256 exactly), and vdpbf16ps sums pairs of them against x;
  *   the group's sum minus 128 * (its x summed) is q . x. Two instructions per 64 nibbles to decode.
  * - dequant: rows [n0, n1) of W to bfloat16 or float32 (prefill: tiles of the weight dequantized into
@@ -151,8 +152,8 @@ static inline __attribute__((always_inline)) void q8_block(const float* xf, int 
 }
 
 /* One row of x (decoding). Reading W from memory at one thread is bound by how many cache lines are in
-   flight, not by the arithmetic: the kernels read STREAMS (int4: Q4S) rows at once that lie far apart
-   (row t of each quarter of a span of ONE_ROW_CHUNK outputs), each with a software prefetch PFD bytes
+   flight, not by the arithmetic: the kernels read STREAMS (int4: Q4V, Q4F, Q4I) rows at once that lie far
+   apart (row t of each quarter of a span of ONE_ROW_CHUNK outputs), each with a software prefetch PFD bytes
    ahead of its reads (AVX2's float32 int4 kernel: Q4F). Measured on the 3B shape with cold weights
    (benchmarks/quant_kernels.py, docs/quantization.md): int8 +8-30% over 4 adjacent rows with the next 4
    prefetched; one stream (one row after another) was slower than either, and prefetching 4-8 KB ahead
@@ -225,9 +226,9 @@ static inline int one_row_split(int N, int threads, int* per) {
   return (N + *per - 1) / *per;
 }
 
+static int x_to_i16(const float* xf, int K, int B, int bits, int16_t* x16, float* xinv);
 #if !defined(__AVX512F__)
 #define XB8 128
-static int x_to_i16(const float* xf, int K, int B, int bits, int16_t* x16, float* xinv);
 static void q8_one_i16(const float* xf, const int16_t* x16, const float* xinv, int K, const int8_t* w, const float* s,
                        int n0, int n1, float* out);
 #endif
@@ -359,12 +360,13 @@ static inline __attribute__((always_inline)) void q4_block(const float* xf, cons
     }
 }
 
-#if defined(__AVX512BF16__)
+#if defined(__AVX512F__)
 static inline __m512 bf16x16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+#endif
+#if defined(__AVX512BF16__)
 /* x as bfloat16 pairs; the group's sums of x are those of the bfloat16 values, so 128 * sum cancels
-   the offset exactly as the products were summed (up to float32 rounding). One row: the low and high
-   nibbles in separate chains (8 chains hide vdpbf16ps's latency); more rows: the scaled group sums
-   are added to accumulators in memory (registers hold the groups' sums). */
+   the offset exactly as the products were summed (up to float32 rounding). The scaled group sums are
+   added to accumulators in memory (registers hold the groups' sums). */
 static inline __attribute__((always_inline)) void q4_block_bf16(const uint16_t* xb, const float* xs, int K,
                                                                 int group, int mr, const uint8_t* w,
                                                                 const uint16_t* sc, const uint16_t* mn, int nn,
@@ -434,70 +436,6 @@ static inline __attribute__((always_inline)) void q4_block_bf16(const uint16_t* 
 }
 #endif
 
-#ifndef Q4S
-#define Q4S 4
-#endif
-#if defined(__AVX512BF16__)
-/* One row of bfloat16 x (decoding) on AVX512-BF16: as q4_block_bf16, but Q4S rows far apart streamed at
-   once with a prefetch ahead of each (see q8_one), a group's four 32-input runs in four sums per row. */
-/* S rows (streams) of W at once against one row of x */
-static inline __attribute__((always_inline)) void q4_rows_bf16(const uint16_t* xb, const float* xs, int K, int group,
-                                                               const uint8_t* w, const uint16_t* sc, const uint16_t* mn,
-                                                               const int S, const int* rows, float* out) {
-  int G = K / group, half = K / 2;
-  const __m512i low = _mm512_set1_epi16(15), bias = _mm512_set1_epi16(0x4300);
-  const uint8_t* r[Q4S];
-  __m512 acc[Q4S], sv[Q4S] = {_mm512_setzero_ps()};
-  for (int i = 0; i < S; i++) r[i] = w + (size_t)rows[i] * half, acc[i] = _mm512_setzero_ps();
-  for (int g = 0; g < G; g++) {
-    if ((g & 15) == 0) { /* the scales of 16 groups at once, each picked out with vpermps */
-      __mmask16 live = G - g >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (G - g)) - 1u);
-      for (int i = 0; i < S; i++) sv[i] = bf16x16(_mm256_maskz_loadu_epi16(live, sc + (size_t)rows[i] * G + g));
-    }
-    /* two sums per row and group (low and high nibbles): each vdpbf16ps chain is S rows long */
-    __m512 a[Q4S][2];
-    for (int i = 0; i < S; i++) a[i][0] = a[i][1] = _mm512_setzero_ps();
-    for (int k0 = g * group; k0 < (g + 1) * group; k0 += 64) {
-      __m512bh x0 = (__m512bh)_mm512_loadu_si512(xb + k0), x1 = (__m512bh)_mm512_loadu_si512(xb + k0 + 32);
-      for (int i = 0; i < S; i++) {
-        if ((k0 & 127) == 0) _mm_prefetch((const char*)(r[i] + k0 / 2 + PFD), PFH);
-        __m512i b0 = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(r[i] + k0 / 2)));
-        a[i][0] = _mm512_dpbf16_ps(a[i][0], (__m512bh)_mm512_ternarylogic_epi32(b0, low, bias, 0xEA), x0);
-        a[i][1] = _mm512_dpbf16_ps(a[i][1], (__m512bh)_mm512_or_si512(_mm512_srli_epi16(b0, 4), bias), x1);
-      }
-    }
-    __m512i pick = _mm512_set1_epi32(g & 15);
-    for (int i = 0; i < S; i++)
-      acc[i] = _mm512_fmadd_ps(_mm512_add_ps(a[i][0], a[i][1]), _mm512_permutexvar_ps(pick, sv[i]), acc[i]);
-  }
-  for (int i = 0; i < S; i++) {
-    const uint16_t *sr = sc + (size_t)rows[i] * G, *mr = mn + (size_t)rows[i] * G;
-    __m512 c = acc[i]; /* plus the sum over groups of (min - 128 s) * (x summed), 16 groups at a time */
-    for (int g = 0; g < G; g += 16) {
-      __mmask16 live = G - g >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (G - g)) - 1u);
-      __m512 sv = bf16x16(_mm256_maskz_loadu_epi16(live, sr + g));
-      __m512 mv = bf16x16(_mm256_maskz_loadu_epi16(live, mr + g));
-      __m512 xv = _mm512_maskz_loadu_ps(live, xs + g);
-      c = _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_set1_ps(128.0f), sv, mv), xv, c);
-    }
-    out[i] = _mm512_reduce_add_ps(c);
-  }
-}
-
-static void q4_one_bf16(const uint16_t* xb, const float* xs, int K, int group, const uint8_t* w, const uint16_t* sc,
-                        const uint16_t* mn, int n0, int n1, float* out) {
-  int len = (n1 - n0) / Q4S;
-  for (int t = 0; t < len; t++) { /* Q4S streams, len rows apart */
-    int rows[Q4S];
-    float o[Q4S];
-    for (int i = 0; i < Q4S; i++) rows[i] = n0 + i * len + t;
-    q4_rows_bf16(xb, xs, K, group, w, sc, mn, Q4S, rows, o);
-    for (int i = 0; i < Q4S; i++) out[i * len + t] = o[i];
-  }
-  for (int n = n0 + len * Q4S; n < n1; n++) q4_rows_bf16(xb, xs, K, group, w, sc, mn, 1, &n, out + (n - n0));
-}
-#endif
-
 /* One row of x, float32 sums (AVX2, or float32 activations): as q4_block, Q4F rows far apart at once
    (see q8_one). */
 #ifndef Q4F
@@ -546,17 +484,6 @@ static void q4_one_f32(const float* xf, const float* xs, int K, int group, const
   for (int n = n0 + len * Q4F; n < n1; n++) q4_rows_f32(xf, xs, K, group, w, sc, mn, 1, &n, out + (n - n0));
 }
 
-#if !defined(__AVX512F__)
-/* ---- AVX2, one row of bfloat16 x (decoding): integer sums over int16 x ------------------------------
-   On AVX2 CPUs, converting each weight to float32 (vcvtdq2ps, or the nibbles' and/shift) with an FMA per
-   8 weights kept the one-row kernels far below the memory's speed (AMD EPYC, Zen 1, one thread: int8 5.8,
-   int4 5.1 G weights/s, where the memory reads ~11 GB/s; docs/quantization.md). Here x is made int16 once
-   per call, in blocks (int4: a group; int8: XB8 inputs) with a power-of-two scale each, the weights are
-   multiplied as integers (int8: vpmaddwd on int16 x, 3 instructions per 16 weights; int4: vpmaddubsw on x's
-   two int8 digits, 11 per 64 weights) into int32 sums, and each block's sum is converted to float32 and
-   scaled once. A power-of-two scale keeps a bfloat16's 8 significant bits: every x within 2^7 (int4: 2^6)
-   of its block's largest is exact, smaller ones are rounded to 2^-16 (int4: 2^-15) of that largest, well
-   below the output's bfloat16 rounding. Float32 x keeps the float32 kernels. */
 /* x16[k] = x[k] * 2^(bits - e), e of each block of B: 2^(e - 1) <= max |x| < 2^e (clamped for tiny
    blocks), so |x16| < 2^bits; xinv[b] = 2^(e - bits). Returns 0 when x holds Inf or NaN (then the float32
    kernels run). */
@@ -601,6 +528,17 @@ static int x_to_i16(const float* xf, int K, int B, int bits, int16_t* x16, float
   return 1;
 }
 
+#if !defined(__AVX512F__)
+/* ---- AVX2, one row of bfloat16 x (decoding): integer sums over int16 x ------------------------------
+   On AVX2 CPUs, converting each weight to float32 (vcvtdq2ps, or the nibbles' and/shift) with an FMA per
+   8 weights kept the one-row kernels far below the memory's speed (AMD EPYC, Zen 1, one thread: int8 5.8,
+   int4 5.1 G weights/s, where the memory reads ~11 GB/s; docs/quantization.md). Here x is made int16 once
+   per call, in blocks (int4: a group; int8: XB8 inputs) with a power-of-two scale each, the weights are
+   multiplied as integers (int8: vpmaddwd on int16 x, 3 instructions per 16 weights; int4: vpmaddubsw on x's
+   two int8 digits, 11 per 64 weights) into int32 sums, and each block's sum is converted to float32 and
+   scaled once. A power-of-two scale keeps a bfloat16's 8 significant bits: every x within 2^7 (int4: 2^6)
+   of its block's largest is exact, smaller ones are rounded to 2^-16 (int4: 2^-15) of that largest, well
+   below the output's bfloat16 rounding. Float32 x keeps the float32 kernels. */
 /* int8, S rows (streams) of W at once, each block of XB8 inputs summed in int32 (at most
    XB8 * 127 * 32767 < 2^31), the tail of fewer than 16 inputs in float32 */
 #ifndef Q8I
@@ -721,23 +659,118 @@ static void q4_one_i16(const int8_t* xh, const int8_t* xl, const float* xinv, co
 }
 #endif
 
-/* mode 0: float32 sums; mode 1: AVX512-BF16 (bfloat16 x only) */
+#if defined(__AVX512F__)
+/* ---- AVX512-VNNI, one row of bfloat16 x (decoding): int4 by integer sums over x's two int8 digits -----
+   The same x16, digits and rounding as AVX2's q4_one_i16 (x made int16 below 2^14 per group with a
+   power-of-two scale, x = 256 h + l), but vpdpbusd multiplies the nibbles (unsigned bytes) by a digit
+   (signed bytes) and sums 4 products into each int32 lane: per 64-byte load of W (128 weights) an and, a
+   shift and an and, four vpdpbusd; the block's int32 sums (h's shifted by 8, plus l's) are converted and
+   scaled per lane (lanes 0-7 hold the first run of 64, 8-15 the second: each lane one group). It replaced
+   a one-row AVX512-BF16 kernel (as q4_block_bf16, with a vpmovzxbw per 64 nibbles; every CPU with
+   AVX512-BF16 has VNNI), 1.2-1.3x slower on a 2-core Xeon with AMX (docs/quantization.md). Compiled for
+   AVX512-VNNI by attribute: the library still loads on AVX-512 CPUs without it (the caller asks for this
+   kernel only where the CPU has the flag). */
+#define VNNI_FN __attribute__((target("avx512vnni")))
+/* per 128 inputs k0.., the digits in the order the nibbles of a 64-byte load of W take them: k0..k0+31 and
+   k0+64..k0+95 (the low nibbles), then k0+32..k0+63 and k0+96..k0+127 (the high ones); a last run of 64 is
+   padded with zero digits. xh, xl hold K rounded up to 128. */
+static void q4_digits_vnni(const int16_t* x16, int K, int8_t* xh, int8_t* xl) {
+  static const int from[4] = {0, 64, 32, 96};
+  for (int k0 = 0; k0 < K; k0 += 128)
+    for (int part = 0; part < 4; part++)
+      for (int j = 0; j < 32; j++) {
+        int k = k0 + from[part] + j, d = k0 + part * 32 + j;
+        int v = k < K ? x16[k] : 0, l = ((v + 128) & 255) - 128;
+        xl[d] = (int8_t)l, xh[d] = (int8_t)((v - l) / 256);
+      }
+}
+
+#ifndef Q4V
+#define Q4V 6
+#endif
+static inline __attribute__((always_inline)) VNNI_FN void q4_rows_vnni(const int8_t* xh, const int8_t* xl,
+                                                                       const float* xinv, const float* xs, int K,
+                                                                       int group, const uint8_t* w,
+                                                                       const uint16_t* sc, const uint16_t* mn,
+                                                                       const int S, const int* rows, float* out) {
+  int G = K / group, half = K / 2, chunk = -1;
+  const __m512i low = _mm512_set1_epi8(15), zero = _mm512_setzero_si512();
+  const uint8_t* r[Q4V];
+  __m512 acc[Q4V], sv[Q4V];
+  for (int i = 0; i < S; i++) r[i] = w + (size_t)rows[i] * half, acc[i] = _mm512_setzero_ps();
+  for (int k0 = 0; k0 < K; k0 += 128) {
+    int ga = k0 / group, gb = (k0 + 64) / group; /* the groups of the two runs (never 16 groups apart) */
+    if (gb >= G) gb = G - 1;                     /* a last run of 64: its lanes sum zeros */
+    if (ga >> 4 != chunk) { /* scale times x's scale, 16 groups at once, each lane picked with vpermps */
+      chunk = ga >> 4;
+      int g0 = chunk * 16;
+      __mmask16 live = G - g0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (G - g0)) - 1u);
+      __m512 xv = _mm512_maskz_loadu_ps(live, xinv + g0);
+      for (int i = 0; i < S; i++)
+        sv[i] = _mm512_mul_ps(bf16x16(_mm256_maskz_loadu_epi16(live, sc + (size_t)rows[i] * G + g0)), xv);
+    }
+    __m512i pick = _mm512_mask_set1_epi32(_mm512_set1_epi32(ga & 15), 0xff00, gb & 15);
+    __mmask64 live = k0 + 128 <= K ? ~(__mmask64)0 : (__mmask64)0xffffffffu;
+    __m512i h0 = _mm512_loadu_si512(xh + k0), h1 = _mm512_loadu_si512(xh + k0 + 64);
+    __m512i l0 = _mm512_loadu_si512(xl + k0), l1 = _mm512_loadu_si512(xl + k0 + 64);
+    for (int i = 0; i < S; i++) {
+      _mm_prefetch((const char*)(r[i] + k0 / 2 + PFD), PFH);
+      __m512i v = _mm512_maskz_loadu_epi8(live, r[i] + k0 / 2);
+      __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      __m512i th = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, h0), hi, h1);
+      __m512i tl = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, l0), hi, l1);
+      __m512i t = _mm512_add_epi32(_mm512_slli_epi32(th, 8), tl);
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_permutexvar_ps(pick, sv[i]), acc[i]);
+    }
+  }
+  for (int i = 0; i < S; i++) { /* plus the minimum's share: the sum over groups of min * (x summed) */
+    const uint16_t* mr = mn + (size_t)rows[i] * G;
+    __m512 c = acc[i];
+    for (int g = 0; g < G; g += 16) {
+      __mmask16 live = G - g >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (G - g)) - 1u);
+      c = _mm512_fmadd_ps(bf16x16(_mm256_maskz_loadu_epi16(live, mr + g)), _mm512_maskz_loadu_ps(live, xs + g), c);
+    }
+    out[i] = _mm512_reduce_add_ps(c);
+  }
+}
+
+static VNNI_FN void q4_one_vnni(const int8_t* xh, const int8_t* xl, const float* xinv, const float* xs, int K,
+                                int group, const uint8_t* w, const uint16_t* sc, const uint16_t* mn, int n0, int n1,
+                                float* out) {
+  int len = (n1 - n0) / Q4V;
+  for (int t = 0; t < len; t++) { /* Q4V streams, len rows apart */
+    int rows[Q4V];
+    float o[Q4V];
+    for (int i = 0; i < Q4V; i++) rows[i] = n0 + i * len + t;
+    q4_rows_vnni(xh, xl, xinv, xs, K, group, w, sc, mn, Q4V, rows, o);
+    for (int i = 0; i < Q4V; i++) out[i * len + t] = o[i];
+  }
+  for (int n = n0 + len * Q4V; n < n1; n++) q4_rows_vnni(xh, xl, xinv, xs, K, group, w, sc, mn, 1, &n, out + (n - n0));
+}
+#endif
+
+/* mode: bits of the kernels the CPU can run, bfloat16 x only; 0: float32 sums. 1: 2 to 8 rows by
+   AVX512-BF16 sums (q4_block_bf16). 2: one row by AVX512-VNNI integer sums (q4_one_vnni). Without the
+   bit (or, for one row, with Inf or NaN in x), the float32 kernels. */
 int stablelm_q4_linear(const void* x, int type, int M, int K, int ldx, void* y, int N, const uint8_t* w,
                        const uint16_t* sc, const uint16_t* mn, int group, const void* b, int mode, int threads) {
   int batch = type & XBATCH;
   type &= ~XBATCH;
   if (M <= 0 || K <= 0 || N <= 0 || (type != XF32 && type != XBF16) || ldx < K) return 2;
   if (group <= 0 || group % 64 || K % group) return 2;
+  if (mode < 0 || mode > 3 || (mode && type != XBF16)) return 2;
 #if !defined(__AVX512BF16__)
-  if (mode == 1) return 2;
+  if (mode & 1) return 2;
 #endif
-  if (mode == 1 && type != XBF16) return 2;
+#if !defined(__AVX512F__)
+  if (mode & 2) return 2;
+#endif
   int G = K / group;
   float* xf = x_to_f32(x, type, M, K, ldx);
   float* xs = (float*)malloc((size_t)M * G * sizeof(float));
   uint16_t* xb = NULL;
-  if (mode == 1) xb = (uint16_t*)malloc((size_t)M * K * 2);
-  if (!xf || !xs || (mode == 1 && !xb)) {
+  if (mode & 1) xb = (uint16_t*)malloc((size_t)M * K * 2);
+  if (!xf || !xs || ((mode & 1) && !xb)) {
     free(xf), free(xs), free(xb);
     return 1;
   }
@@ -766,6 +799,22 @@ int stablelm_q4_linear(const void* x, int type, int M, int K, int ldx, void* y, 
         free(x16), x16 = NULL;
     }
 #endif
+    int8_t *vh = NULL, *vl = NULL; /* AVX512-VNNI: x's digits (q4_digits_vnni) */
+#if defined(__AVX512F__)
+    if (mode & 2) {
+      int Kp = (K + 127) / 128 * 128;
+      x16 = (int16_t*)malloc((size_t)K * 2 + (size_t)Kp * 2);
+      xinv = (float*)malloc((size_t)G * sizeof(float));
+      if (!x16 || !xinv) {
+        free(xf), free(xs), free(xb), free(x16), free(xinv);
+        return 1;
+      }
+      if (x_to_i16(xf, K, group, 14, x16, xinv)) { /* else (Inf or NaN in x) the other kernels */
+        vh = (int8_t*)(x16 + K), vl = vh + Kp;
+        q4_digits_vnni(x16, K, vh, vl);
+      }
+    }
+#endif
     int per, parts = one_row_split(N, threads, &per);
 #pragma omp parallel for num_threads(parts) schedule(static)
     for (int p = 0; p < parts; p++) {
@@ -773,9 +822,9 @@ int stablelm_q4_linear(const void* x, int type, int M, int K, int ldx, void* y, 
       float out[ONE_ROW_CHUNK];
       for (int c = n0; c < n1; c += ONE_ROW_CHUNK) {
         int c1 = c + ONE_ROW_CHUNK < n1 ? c + ONE_ROW_CHUNK : n1;
-#if defined(__AVX512BF16__)
-        if (mode == 1)
-          q4_one_bf16(xb, xs, K, group, w, sc, mn, c, c1, out);
+#if defined(__AVX512F__)
+        if (vh)
+          q4_one_vnni(vh, vl, xinv, xs, K, group, w, sc, mn, c, c1, out);
         else
 #endif
 #if !defined(__AVX512F__)
@@ -801,7 +850,7 @@ int stablelm_q4_linear(const void* x, int type, int M, int K, int ldx, void* y, 
       const float* xm = xf + (size_t)m0 * K;
       const float* xsm = xs + (size_t)m0 * G;
 #if defined(__AVX512BF16__)
-      if (mode == 1) {
+      if (mode & 1) {
         const uint16_t* xbm = xb + (size_t)m0 * K;
         switch (mr) {
           case 1: q4_block_bf16(xbm, xsm, K, group, 1, wb, sb, mb, nn, out); break;
@@ -912,9 +961,18 @@ int stablelm_q4_dequant(const uint8_t* w, const uint16_t* sc, const uint16_t* mn
   return 0;
 }
 
-/* whether the AVX512-BF16 int4 kernel (mode 1) was compiled in */
+/* whether the AVX512-BF16 int4 kernels (mode 1) were compiled in */
 int stablelm_q4_has_bf16(void) {
 #if defined(__AVX512BF16__)
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+/* whether the AVX512-VNNI int4 kernel (mode 2) was compiled in */
+int stablelm_q4_has_vnni(void) {
+#if defined(__AVX512F__)
   return 1;
 #else
   return 0;

@@ -31,7 +31,8 @@ SCRATCH_BYTES = 64 << 20
 _scratch = threading.local()
 _TYPES = {torch.float32: 0, torch.bfloat16: 1}
 BATCH_ROWS = 4  # or-ed into the kernel's type: XBATCH in quant.c
-# mode of the int4 kernel: 1 = AVX512-BF16 sums (bfloat16 activations), 0 = float32 sums. None: pick.
+# mode of the int4 kernel (bits, see `int4_mode`): 1 = AVX512-BF16 sums, 2 = one row by AVX512-VNNI
+# integer sums (bfloat16 activations); 0 = float32 sums. None: pick.
 FORCE_INT4_MODE: int | None = None
 # prefill's product of bfloat16 rows: True float32 (dequantized to float32), False bfloat16. None: pick.
 FLOAT32_PRODUCTS: bool | None = None
@@ -276,14 +277,18 @@ def float32_products() -> bool:
 
 
 def int4_mode(dtype: torch.dtype) -> int:
-    """1 (AVX512-BF16 sums) for bfloat16 activations on CPUs with AVX512-BF16 at the avx512 level, else 0."""
+    """The int4 kernels the CPU runs for `dtype` activations, as bits (`stablelm_q4_linear`'s `mode`):
+    1 for AVX512-BF16 sums, 2 for one row by AVX512-VNNI integer sums; both for bfloat16 activations at the
+    avx512 level only, else 0 (float32 sums)."""
     if FORCE_INT4_MODE is not None:
         return FORCE_INT4_MODE
     lib = quant_library()
-    bf16 = lib is not None and lib.stablelm_q4_has_bf16()
-    return int(
-        bf16 and dtype == torch.bfloat16 and selected_isa() == "avx512" and "avx512_bf16" in cpu_flags()
-    )
+    if lib is None or dtype != torch.bfloat16 or selected_isa() != "avx512":
+        return 0
+    flags = cpu_flags()
+    bf16 = bool(lib.stablelm_q4_has_bf16()) and "avx512_bf16" in flags
+    vnni = bool(lib.stablelm_q4_has_vnni()) and "avx512_vnni" in flags
+    return int(bf16) | 2 * int(vnni)
 
 
 def check_status(status: int, quant_type: str, m: int, k: int) -> None:
