@@ -109,23 +109,47 @@ def test_kernels_match_dequantized_reference(qtype, group, isa, float32_products
         clear_caches()
 
 
-@pytest.mark.parametrize("isa", ["auto", "avx2"])
+# The one-row int4 kernels for bfloat16 x, each forced where this CPU can run it: AVX2's (vpmaddubsw),
+# AVX-VNNI's (256-bit vpdpbusd, at the avx2 level), AVX512-VNNI's; "auto" is whatever the CPU gets.
+PATHS = ["auto", "avx2", "avx-vnni", "avx512-vnni"]
+
+
+def _use_path(path: str, qtype: str, monkeypatch) -> None:
+    """Select `path` (STABLELM_ISA and the int4 mode), or skip where this CPU cannot run it."""
+    from stablelm.kernels import best_isa, clear_caches
+
+    if path == "auto":
+        monkeypatch.setenv("STABLELM_ISA", "auto")
+        clear_caches()
+        return
+    isa = "avx512" if path == "avx512-vnni" else "avx2"
+    if best_isa() not in ("avx512", "avx2") or (isa == "avx512" and best_isa() != "avx512"):
+        pytest.skip(f"no {isa} on this CPU")
+    monkeypatch.setenv("STABLELM_ISA", isa)
+    clear_caches()
+    if path == "avx2":
+        monkeypatch.setattr(qlinear, "FORCE_INT4_MODE", 0)
+        return
+    if qtype == "int8":
+        pytest.skip("int8 has no VNNI kernel")
+    if not qlinear.int4_mode(torch.bfloat16) & 2:
+        pytest.skip(f"no {path} on this CPU")
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize(
     ("qtype", "group", "k"),
     [("int8", 128, 328), ("int4", 64, 320), ("int4", 128, 384), ("int4", 64, 2240), ("int4", 192, 2112)],
 )
-def test_one_row_kernels_match_dequantized_reference(qtype, group, k, isa, monkeypatch):
+def test_one_row_kernels_match_dequantized_reference(qtype, group, k, path, monkeypatch):
     """The decoding kernels (one row of x: rows of W streamed several at once, in chunks of 1024 outputs,
     split over threads) on shapes with leftovers: 2181 outputs (two whole chunks and part of one on one
     thread; a chunk and part of one on each of two), inputs not a multiple of the vector, groups of an
     odd number of 64-input runs, inputs ending in half a 128-input block, more than 16 groups (35, 11 of
-    192: the VNNI kernel takes its scales 16 groups at a time); 1 and 2 threads."""
-    from stablelm.kernels import best_isa, clear_caches
+    192: the VNNI kernel takes its scales 16 groups at a time); 1 and 2 threads; on each one-row path."""
+    from stablelm.kernels import clear_caches
 
-    if isa == "avx2" and best_isa() is None:
-        pytest.skip("no AVX2 on this CPU")
-    monkeypatch.setenv("STABLELM_ISA", isa)
-    clear_caches()
+    _use_path(path, qtype, monkeypatch)
     threads = torch.get_num_threads()
     try:
         gen = torch.Generator().manual_seed(3)
@@ -149,33 +173,17 @@ def test_one_row_kernels_match_dequantized_reference(qtype, group, k, isa, monke
         clear_caches()
 
 
-def _vnni_int4() -> bool:
-    """Whether one bfloat16 row of int4 runs the AVX512-VNNI kernel here (the CPU's own level)."""
-    from stablelm.kernels import clear_caches
-
-    clear_caches()
-    return bool(qlinear.int4_mode(torch.bfloat16) & 2)
-
-
-@pytest.mark.parametrize("path", ["avx2", "vnni"])
+@pytest.mark.parametrize("path", PATHS[1:])
 @pytest.mark.parametrize(("qtype", "group"), [("int8", 128), ("int4", 64), ("int4", 128), ("int4", 256)])
 def test_integer_one_row_kernels_extreme_inputs(qtype, group, path, monkeypatch):
     """The one-row kernels for bfloat16 x that make x int16 per block with a power-of-two scale and sum
-    in integers (AVX2's, and int4's AVX512-VNNI one): the largest sums the formats allow (every weight at
-    its largest level, every x at the value whose int8 digits are the largest), a block of tiny x beside
-    a block of huge ones (each block its own scale), and Inf / NaN in x (then the float32 kernels run: no
-    finite output from a non-finite sum)."""
-    from stablelm.kernels import best_isa, clear_caches
+    in integers (AVX2's; int4's AVX-VNNI and AVX512-VNNI ones): the largest sums the formats allow (every
+    weight at its largest level, every x at the value whose int8 digits are the largest), a block of tiny
+    x beside a block of huge ones (each block its own scale), and Inf / NaN in x (then the float32
+    kernels run: no finite output from a non-finite sum)."""
+    from stablelm.kernels import clear_caches
 
-    if path == "vnni":
-        if qtype == "int8":
-            pytest.skip("int8 has no VNNI kernel (AVX-512's float32 one reads at the memory's speed)")
-        if not _vnni_int4():
-            pytest.skip("no AVX512-VNNI on this CPU")
-    elif best_isa() is None:
-        pytest.skip("no AVX2 on this CPU")
-    monkeypatch.setenv("STABLELM_ISA", "avx2" if path == "avx2" else "auto")
-    clear_caches()
+    _use_path(path, qtype, monkeypatch)
     try:
         k = 512
         w = torch.ones(70, k)
@@ -249,29 +257,39 @@ def test_int4_kernel_modes_each_match_the_reference():
             qlinear.FORCE_INT4_MODE = None
 
 
-def test_int4_mode_follows_the_cpu_flags(monkeypatch):
-    """The int4 kernels chosen for bfloat16 activations are the best the CPU's flags allow: VNNI for one
-    row where the CPU has AVX512-VNNI, AVX512-BF16 sums for more rows where it has AVX512-BF16; neither
-    for float32 activations or below the avx512 level. Here and on whatever CPU runs the tests."""
-    from stablelm.kernels import cpu_flags, quant_library, selected_isa
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_int4_mode_follows_the_cpu_flags(isa, monkeypatch):
+    """The int4 kernels chosen for bfloat16 activations are the best the CPU's flags allow at the level
+    the kernels run: one row by VNNI where the CPU has AVX512-VNNI (avx512) or AVX-VNNI (avx2), 2-8 rows
+    by AVX512-BF16 sums where it has AVX512-BF16 (avx512 only); neither for float32 activations. Here
+    and on whatever CPU runs the tests."""
+    from stablelm.kernels import best_isa, clear_caches, cpu_flags, quant_library
 
-    lib = quant_library()
-    if lib is None or selected_isa() != "avx512":
-        pytest.skip("no AVX-512 quantized kernels on this CPU")
-    expected = int("avx512_bf16" in cpu_flags()) | 2 * int("avx512_vnni" in cpu_flags())
-    assert qlinear.int4_mode(torch.bfloat16) == expected
-    base = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"}
-    for flags, mode in (
-        (base, 0),
-        (base | {"avx512_vnni"}, 2),
-        (base | {"avx512_bf16"}, 1),
-        (base | {"avx512_bf16", "avx512_vnni"}, 3),
-    ):
-        monkeypatch.setattr(qlinear, "cpu_flags", lambda flags=flags: frozenset(flags))
-        assert qlinear.int4_mode(torch.bfloat16) == mode, flags
-        assert qlinear.int4_mode(torch.float32) == 0
-    monkeypatch.setattr(qlinear, "selected_isa", lambda: "avx2")
-    assert qlinear.int4_mode(torch.bfloat16) == 0
+    if best_isa() not in ("avx512", "avx2") or (isa == "avx512" and best_isa() != "avx512"):
+        pytest.skip(f"no {isa} on this CPU")
+    monkeypatch.setenv("STABLELM_ISA", isa)
+    clear_caches()
+    try:
+        if quant_library() is None:
+            pytest.skip("no quantized kernels built here")
+        vnni = "avx512_vnni" if isa == "avx512" else "avx_vnni"
+        flags = cpu_flags()
+        expected = int(isa == "avx512" and "avx512_bf16" in flags) | 2 * int(vnni in flags)
+        assert qlinear.int4_mode(torch.bfloat16) == expected
+        base = {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq"}
+        for extra, mode in (
+            (set(), 0),
+            ({vnni}, 2),
+            ({"avx512_bf16"}, int(isa == "avx512")),
+            ({"avx512_bf16", vnni}, 2 | int(isa == "avx512")),
+            ({"avx512_vnni" if isa == "avx2" else "avx_vnni"}, 0),  # the other level's VNNI
+        ):
+            monkeypatch.setattr(qlinear, "cpu_flags", lambda extra=extra: frozenset(base | extra))
+            assert qlinear.int4_mode(torch.bfloat16) == mode, extra
+            assert qlinear.int4_mode(torch.float32) == 0
+    finally:
+        monkeypatch.delenv("STABLELM_ISA")
+        clear_caches()
 
 
 def test_int4_kernel_refuses_modes_it_cannot_run():

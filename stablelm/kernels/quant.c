@@ -657,6 +657,76 @@ static void q4_one_i16(const int8_t* xh, const int8_t* xl, const float* xinv, co
   }
   for (int n = n0 + len * Q4I; n < n1; n++) q4_rows_i16(xh, xl, xinv, xs, K, group, w, sc, mn, 1, &n, out + (n - n0));
 }
+
+/* AVX-VNNI (256-bit vpdpbusd; Intel's Core CPUs since Alder Lake, which have no AVX-512): int4 as
+   q4_rows_i16, the same digits, but each vpdpbusd multiplies 32 nibbles (unsigned) by a digit (signed) and
+   sums 4 products into each int32 lane: per 32 bytes (64 weights) an and, a shift and an and, four
+   vpdpbusd, where vpmaddubsw needs four int16 additions beside. The group's int32 sums (h's shifted by 8,
+   plus l's) are converted and scaled once per group. Compiled for AVX-VNNI by attribute (GCC 11, Clang 12
+   and later; older compilers build the library without it) and called only where the CPU has the flag. */
+#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11)
+#define HAVE_AVXVNNI 1
+#define AVXVNNI_FN __attribute__((target("avxvnni")))
+#ifndef Q4A
+#define Q4A 3
+#endif
+static inline __attribute__((always_inline)) AVXVNNI_FN void q4_rows_avxvnni(
+    const int8_t* xh, const int8_t* xl, const float* xinv, const float* xs, int K, int group, const uint8_t* w,
+    const uint16_t* sc, const uint16_t* mn, const int S, const int* rows, float* out) {
+  int G = K / group, half = K / 2;
+  const __m256i low = _mm256_set1_epi8(15);
+  const uint8_t* r[Q4A];
+  __m256 acc[Q4A];
+  for (int i = 0; i < S; i++) r[i] = w + (size_t)rows[i] * half, acc[i] = _mm256_setzero_ps();
+  for (int g = 0; g < G; g++) {
+    __m256i ah[Q4A], al[Q4A];
+    for (int i = 0; i < S; i++) ah[i] = al[i] = _mm256_setzero_si256();
+    const int8_t *hp = xh + (size_t)g * group, *lp = xl + (size_t)g * group;
+    for (int j = 0; j < group; j += 64, hp += 64, lp += 64) {
+      __m256i h0 = _mm256_loadu_si256((const __m256i*)hp), h1 = _mm256_loadu_si256((const __m256i*)(hp + 32));
+      __m256i l0 = _mm256_loadu_si256((const __m256i*)lp), l1 = _mm256_loadu_si256((const __m256i*)(lp + 32));
+      for (int i = 0; i < S; i++) {
+        const uint8_t* q = r[i] + ((size_t)g * group + j) / 2;
+        if ((j & 127) == 0) _mm_prefetch((const char*)(q + PFD), PFH);
+        __m256i v = _mm256_loadu_si256((const __m256i*)q);
+        __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+        ah[i] = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(ah[i], lo, h0), hi, h1);
+        al[i] = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(al[i], lo, l0), hi, l1);
+      }
+    }
+    for (int i = 0; i < S; i++) {
+      __m256i t = _mm256_add_epi32(_mm256_slli_epi32(ah[i], 8), al[i]);
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_set1_ps(from_bf16(sc[(size_t)rows[i] * G + g]) * xinv[g]), acc[i]);
+    }
+  }
+  for (int i = 0; i < S; i++) { /* plus the minimum's share, sum over groups of min_g * (x summed), 8 at once */
+    const uint16_t* mr = mn + (size_t)rows[i] * G;
+    int g = 0;
+    for (; g + 8 <= G; g += 8) {
+      __m256 mv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(mr + g))), 16));
+      acc[i] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(xs + g), acc[i]);
+    }
+    float t = vsum(acc[i]);
+    for (; g < G; g++) t += from_bf16(mr[g]) * xs[g];
+    out[i] = t;
+  }
+}
+
+static AVXVNNI_FN void q4_one_avxvnni(const int8_t* xh, const int8_t* xl, const float* xinv, const float* xs, int K,
+                                      int group, const uint8_t* w, const uint16_t* sc, const uint16_t* mn, int n0,
+                                      int n1, float* out) {
+  int len = (n1 - n0) / Q4A;
+  for (int t = 0; t < len; t++) {
+    int rows[Q4A];
+    float o[Q4A];
+    for (int i = 0; i < Q4A; i++) rows[i] = n0 + i * len + t;
+    q4_rows_avxvnni(xh, xl, xinv, xs, K, group, w, sc, mn, Q4A, rows, o);
+    for (int i = 0; i < Q4A; i++) out[i * len + t] = o[i];
+  }
+  for (int n = n0 + len * Q4A; n < n1; n++)
+    q4_rows_avxvnni(xh, xl, xinv, xs, K, group, w, sc, mn, 1, &n, out + (n - n0));
+}
+#endif
 #endif
 
 #if defined(__AVX512F__)
@@ -749,9 +819,10 @@ static VNNI_FN void q4_one_vnni(const int8_t* xh, const int8_t* xl, const float*
 }
 #endif
 
-/* mode: bits of the kernels the CPU can run, bfloat16 x only; 0: float32 sums. 1: 2 to 8 rows by
-   AVX512-BF16 sums (q4_block_bf16). 2: one row by AVX512-VNNI integer sums (q4_one_vnni). Without the
-   bit (or, for one row, with Inf or NaN in x), the float32 kernels. */
+/* mode: bits of the kernels the CPU can run, bfloat16 x only; 0: float32 sums (AVX2: q4_one_i16 for one
+   row). 1: 2 to 8 rows by AVX512-BF16 sums (q4_block_bf16). 2: one row by VNNI integer sums (q4_one_vnni
+   with AVX512-VNNI, q4_one_avxvnni with AVX-VNNI). Without the bit (or, for one row, with Inf or NaN in
+   x), the float32 kernels. */
 int stablelm_q4_linear(const void* x, int type, int M, int K, int ldx, void* y, int N, const uint8_t* w,
                        const uint16_t* sc, const uint16_t* mn, int group, const void* b, int mode, int threads) {
   int batch = type & XBATCH;
@@ -762,7 +833,7 @@ int stablelm_q4_linear(const void* x, int type, int M, int K, int ldx, void* y, 
 #if !defined(__AVX512BF16__)
   if (mode & 1) return 2;
 #endif
-#if !defined(__AVX512F__)
+#if !defined(__AVX512F__) && !defined(HAVE_AVXVNNI)
   if (mode & 2) return 2;
 #endif
   int G = K / group;
@@ -782,7 +853,7 @@ int stablelm_q4_linear(const void* x, int type, int M, int K, int ldx, void* y, 
     int16_t* x16 = NULL;
     float* xinv = NULL;
 #if !defined(__AVX512F__)
-    if (type == XBF16 && group <= 256) { /* AVX2: integer sums over x as two int8 digits (q4_one_i16) */
+    if (type == XBF16 && (group <= 256 || (mode & 2))) { /* AVX2: integer sums over x's two int8 digits */
       x16 = (int16_t*)malloc((size_t)K * 4);
       xinv = (float*)malloc((size_t)G * sizeof(float));
       if (!x16 || !xinv) {
@@ -825,6 +896,11 @@ int stablelm_q4_linear(const void* x, int type, int M, int K, int ldx, void* y, 
 #if defined(__AVX512F__)
         if (vh)
           q4_one_vnni(vh, vl, xinv, xs, K, group, w, sc, mn, c, c1, out);
+        else
+#endif
+#if defined(HAVE_AVXVNNI)
+        if (x16 && (mode & 2))
+          q4_one_avxvnni((const int8_t*)(x16 + K), (const int8_t*)(x16 + K) + K, xinv, xs, K, group, w, sc, mn, c, c1, out);
         else
 #endif
 #if !defined(__AVX512F__)
@@ -970,9 +1046,9 @@ int stablelm_q4_has_bf16(void) {
 #endif
 }
 
-/* whether the AVX512-VNNI int4 kernel (mode 2) was compiled in */
+/* whether the VNNI int4 kernel (mode 2: AVX512-VNNI at the avx512 level, AVX-VNNI at avx2) was compiled in */
 int stablelm_q4_has_vnni(void) {
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(HAVE_AVXVNNI)
   return 1;
 #else
   return 0;

@@ -31,8 +31,8 @@ SCRATCH_BYTES = 64 << 20
 _scratch = threading.local()
 _TYPES = {torch.float32: 0, torch.bfloat16: 1}
 BATCH_ROWS = 4  # or-ed into the kernel's type: XBATCH in quant.c
-# mode of the int4 kernel (bits, see `int4_mode`): 1 = AVX512-BF16 sums, 2 = one row by AVX512-VNNI
-# integer sums (bfloat16 activations); 0 = float32 sums. None: pick.
+# mode of the int4 kernel (bits, see `int4_mode`): 1 = AVX512-BF16 sums, 2 = one row by VNNI integer
+# sums (bfloat16 activations); 0 = float32 sums. None: pick.
 FORCE_INT4_MODE: int | None = None
 # prefill's product of bfloat16 rows: True float32 (dequantized to float32), False bfloat16. None: pick.
 FLOAT32_PRODUCTS: bool | None = None
@@ -278,16 +278,18 @@ def float32_products() -> bool:
 
 def int4_mode(dtype: torch.dtype) -> int:
     """The int4 kernels the CPU runs for `dtype` activations, as bits (`stablelm_q4_linear`'s `mode`):
-    1 for AVX512-BF16 sums, 2 for one row by AVX512-VNNI integer sums; both for bfloat16 activations at the
-    avx512 level only, else 0 (float32 sums)."""
+    1 for AVX512-BF16 sums of 2-8 rows (avx512 level), 2 for one row by VNNI integer sums (AVX512-VNNI at
+    the avx512 level, AVX-VNNI at avx2); bfloat16 activations only, else 0 (float32 sums)."""
     if FORCE_INT4_MODE is not None:
         return FORCE_INT4_MODE
     lib = quant_library()
-    if lib is None or dtype != torch.bfloat16 or selected_isa() != "avx512":
+    isa = selected_isa()
+    if lib is None or dtype != torch.bfloat16 or isa not in ("avx512", "avx2"):
         return 0
     flags = cpu_flags()
-    bf16 = bool(lib.stablelm_q4_has_bf16()) and "avx512_bf16" in flags
-    vnni = bool(lib.stablelm_q4_has_vnni()) and "avx512_vnni" in flags
+    bf16 = isa == "avx512" and bool(lib.stablelm_q4_has_bf16()) and "avx512_bf16" in flags
+    vnni_flag = "avx512_vnni" if isa == "avx512" else "avx_vnni"
+    vnni = bool(lib.stablelm_q4_has_vnni()) and vnni_flag in flags
     return int(bf16) | 2 * int(vnni)
 
 
