@@ -85,6 +85,8 @@ def main() -> None:
         for name, model, lib in variants:
             if lib:
                 qlinear.quant_library = lambda chosen=libs[lib]: chosen
+                # the old revision may predate the AMX kernels (type bit XAMX)
+                qlinear.FORCE_AMX = None if lib == "new" else False
             clock = Clock()
             with torch.no_grad():
                 models[model](ids, streamer=clock)

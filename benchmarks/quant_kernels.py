@@ -70,6 +70,12 @@ def main() -> None:
         help="int4 kernel modes to time, comma-separated (bits: 1 AVX512-BF16, 2 VNNI); default: the CPU's",
     )
     parser.add_argument("--group", type=int, default=128, help="int4 group size")
+    parser.add_argument(
+        "--amx",
+        choices=["off", "on", "both"],
+        default="off",
+        help="the worktree's builds with XAMX (AMX tiles for 2-16 rows), without, or both in turns",
+    )
     parser.add_argument("--no-bf16", action="store_true")
     parser.add_argument("--read", action="store_true", help="also the plain read speed (GB/s)")
     parser.add_argument("--wall", action="store_true", help="wall time instead of the process's CPU time")
@@ -126,32 +132,40 @@ def main() -> None:
         for _ in range(count):  # copies of one quantized layer: the same work, distinct memory
             layers.append(tuple(v.clone() for v in (t.weight, t.weight_scale, t.weight_min) if v is not None))
         for name, lib in builds.items():
+            amx = (
+                [False]
+                if name in (args.old or ["HEAD"])
+                else {"off": [False], "on": [True], "both": [False, True]}[args.amx]
+            )
             if q == "int8":
+                for tiles in amx:
 
-                def run(lib=lib, layers=layers) -> None:
-                    for w, s in layers:
-                        lib.stablelm_q8_linear(
-                            x.data_ptr(),
-                            1,
-                            m,
-                            k,
-                            k,
-                            y.data_ptr(),
-                            n,
-                            w.data_ptr(),
-                            s.data_ptr(),
-                            None,
-                            args.threads,
-                        )
+                    def run(lib=lib, layers=layers, xt=1 | (8 if tiles else 0)) -> None:
+                        for w, s in layers:
+                            lib.stablelm_q8_linear(
+                                x.data_ptr(),
+                                xt,
+                                m,
+                                k,
+                                k,
+                                y.data_ptr(),
+                                n,
+                                w.data_ptr(),
+                                s.data_ptr(),
+                                None,
+                                args.threads,
+                            )
 
+                    passes[f"{q} {name}" + (" amx" if tiles else "")] = run
+                continue
             else:
-                for mode in modes:
+                for mode, tiles in [(mo, t) for mo in modes for t in amx]:
 
-                    def run(lib=lib, layers=layers, mode=mode) -> None:
+                    def run(lib=lib, layers=layers, mode=mode, xt=1 | (8 if tiles else 0)) -> None:
                         for w, s, mn in layers:
                             lib.stablelm_q4_linear(
                                 x.data_ptr(),
-                                1,
+                                xt,
                                 m,
                                 k,
                                 k,
@@ -166,7 +180,11 @@ def main() -> None:
                                 args.threads,
                             )
 
-                    passes[f"{q} {name}" + (f" mode {mode}" if len(modes) > 1 else "")] = run
+                    passes[
+                        f"{q} {name}"
+                        + (f" mode {mode}" if len(modes) > 1 else "")
+                        + (" amx" if tiles else "")
+                    ] = run
                 continue
             passes[f"{q} {name}"] = run
         # the builds agree with the layer's dequantized weights

@@ -122,13 +122,17 @@ def _use_path(path: str, qtype: str, monkeypatch) -> None:
         monkeypatch.setenv("STABLELM_ISA", "auto")
         clear_caches()
         return
-    isa = "avx512" if path == "avx512-vnni" else "avx2"
+    isa = "avx512" if path in ("avx512-vnni", "amx") else "avx2"
     if best_isa() not in ("avx512", "avx2") or (isa == "avx512" and best_isa() != "avx512"):
         pytest.skip(f"no {isa} on this CPU")
     monkeypatch.setenv("STABLELM_ISA", isa)
     clear_caches()
     if path == "avx2":
         monkeypatch.setattr(qlinear, "FORCE_INT4_MODE", 0)
+        return
+    if path == "amx":
+        if not qlinear.amx_tiles(torch.bfloat16):
+            pytest.skip("no AMX-INT8 on this CPU")
         return
     if qtype == "int8":
         pytest.skip("int8 has no VNNI kernel")
@@ -173,17 +177,18 @@ def test_one_row_kernels_match_dequantized_reference(qtype, group, k, path, monk
         clear_caches()
 
 
-@pytest.mark.parametrize("path", PATHS[1:])
+@pytest.mark.parametrize("path", [*PATHS[1:], "amx"])
 @pytest.mark.parametrize(("qtype", "group"), [("int8", 128), ("int4", 64), ("int4", 128), ("int4", 256)])
-def test_integer_one_row_kernels_extreme_inputs(qtype, group, path, monkeypatch):
-    """The one-row kernels for bfloat16 x that make x int16 per block with a power-of-two scale and sum
-    in integers (AVX2's; int4's AVX-VNNI and AVX512-VNNI ones): the largest sums the formats allow (every
-    weight at its largest level, every x at the value whose int8 digits are the largest), a block of tiny
-    x beside a block of huge ones (each block its own scale), and Inf / NaN in x (then the float32
-    kernels run: no finite output from a non-finite sum)."""
+def test_integer_kernels_extreme_inputs(qtype, group, path, monkeypatch):
+    """The kernels for bfloat16 x that make x int16 per block with a power-of-two scale and sum in
+    integers (one row: AVX2's, int4's AVX-VNNI and AVX512-VNNI ones; 3 rows: AMX tiles): the largest sums
+    the formats allow (every weight at its largest level, every x at the value whose int8 digits are the
+    largest), a block of tiny x beside a block of huge ones (each block its own scale), and Inf / NaN in
+    x (then the float32 kernels run: no finite output from a non-finite sum)."""
     from stablelm.kernels import clear_caches
 
     _use_path(path, qtype, monkeypatch)
+    rows = 3 if path == "amx" else 1
     try:
         k = 512
         w = torch.ones(70, k)
@@ -199,7 +204,7 @@ def test_integer_one_row_kernels_extreme_inputs(qtype, group, path, monkeypatch)
         tiny[0, :256] = 1e4  # the first blocks huge, their weights zero below: the result is the tiny x's
         cases.append(tiny)
         for x in cases:
-            x = x.bfloat16()
+            x = x.bfloat16().expand(rows, k) * torch.tensor([1.0, -1.0, 1.0][:rows]).bfloat16()[:, None]
             lw = layer
             if x.abs().max() > 1e3:
                 dense = torch.randn(70, k, generator=torch.Generator().manual_seed(6)) * 0.05
@@ -210,8 +215,8 @@ def test_integer_one_row_kernels_extreme_inputs(qtype, group, path, monkeypatch)
             ref = _reference(lw, x)
             assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 8e-3, (x[0, -1].item(), qtype)
         for bad in (float("nan"), float("inf")):
-            x = torch.randn(1, k, generator=torch.Generator().manual_seed(7)).bfloat16()
-            x[0, 100] = bad
+            x = torch.randn(rows, k, generator=torch.Generator().manual_seed(7)).bfloat16()
+            x[-1, 100] = bad
             with torch.no_grad():
                 y = layer(x).double()
             ref = _reference(layer, x)
@@ -220,6 +225,57 @@ def test_integer_one_row_kernels_extreme_inputs(qtype, group, path, monkeypatch)
     finally:
         monkeypatch.delenv("STABLELM_ISA")
         clear_caches()
+
+
+@pytest.mark.parametrize(
+    ("qtype", "group", "k"), [("int8", 128, 328), ("int4", 64, 320), ("int4", 192, 2112)]
+)
+def test_amx_tiles_match_the_reference_and_sum_each_row_alone(qtype, group, k):
+    """2 to 8 rows on AMX tiles (where the CPU has AMX-INT8): within the output's rounding of the
+    dequantized reference, on 37 outputs (a block of 16 and a part of one), inputs ending in part of a
+    64-input tile (int8), groups of three tiles (int4 192); and each output computed alone: a row's bits
+    are the same in a call of any row count and at any place. Without AMX the kernels of several rows run
+    (the same checks hold for them)."""
+    gen = torch.Generator().manual_seed(11)
+    layer = QuantizedLinear.from_dense(
+        (torch.randn(37, k, generator=gen) * 0.05).bfloat16(),
+        torch.randn(37, generator=gen).bfloat16(),
+        quant_type=qtype,
+        group_size=group,
+    )
+    x = torch.randn(8, k, generator=gen).bfloat16()
+    with torch.no_grad():
+        whole = layer(x)
+        ref = _reference(layer, x)
+        assert ((whole.double() - ref).abs().max() / ref.abs().max()).item() < 8e-3
+        for m in range(2, 8):
+            assert torch.equal(layer(x[:m]), whole[:m]), m
+            assert torch.equal(layer(x[8 - m :]), whole[8 - m :]), m
+
+
+def test_amx_tiles_follow_the_cpu_flags_and_never_serve_batches(monkeypatch):
+    """AMX tiles for 2-8 bfloat16 rows only where the CPU has AMX-INT8 at the avx512 level and the kernels
+    have them; never for float32 rows, and `batched` (whose lone rows must sum as in any batch) never asks
+    for them."""
+    from stablelm.kernels import quant_library, selected_isa
+
+    lib = quant_library()
+    if lib is None or selected_isa() != "avx512":
+        pytest.skip("no AVX-512 quantized kernels on this CPU")
+    base = {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"}
+    has = bool(lib.stablelm_quant_has_amx())
+    for flags, expected in (
+        (base, False),
+        (base | {"amx_bf16", "amx_tile"}, False),
+        (base | {"amx_int8"}, has),
+    ):
+        monkeypatch.setattr(qlinear, "cpu_flags", lambda flags=flags: frozenset(flags))
+        assert qlinear.amx_tiles(torch.bfloat16) is expected, flags
+        assert not qlinear.amx_tiles(torch.float32)
+    layer = QuantizedLinear.from_dense(torch.randn(16, 128).bfloat16(), None, quant_type="int8")
+    monkeypatch.setattr(qlinear, "FORCE_AMX", True)
+    assert layer.kernel_call(3, 128, 0, torch.bfloat16)[1][0] & qlinear.AMX_ROWS
+    assert not layer.kernel_call(3, 128, 0, torch.bfloat16, batch=True)[1][0] & qlinear.AMX_ROWS
 
 
 def test_prefill_multiplies_in_float32_where_the_cpu_has_no_bfloat16_products(monkeypatch):

@@ -42,7 +42,11 @@ _AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf1
 # Flags per level, best first: a compiler too old for AMX (GCC < 11) or AVX512-BF16 (GCC < 10) builds the
 # level without those kernels. They are compiled in and run only on CPUs that report them.
 ISA_FLAGS = {
-    "avx512": [[*_AVX512, "-mavx512bf16", "-mamx-tile", "-mamx-bf16"], [*_AVX512, "-mavx512bf16"], _AVX512],
+    "avx512": [
+        [*_AVX512, "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-mamx-int8"],
+        [*_AVX512, "-mavx512bf16"],
+        _AVX512,
+    ],
     "avx2": [["-mavx2", "-mfma", "-mf16c"]],
     "neon": [[]],  # ARM64's baseline (armv8-a) has NEON and the fp16 conversions the kernels use
 }

@@ -31,9 +31,12 @@ SCRATCH_BYTES = 64 << 20
 _scratch = threading.local()
 _TYPES = {torch.float32: 0, torch.bfloat16: 1}
 BATCH_ROWS = 4  # or-ed into the kernel's type: XBATCH in quant.c
+AMX_ROWS = 8  # or-ed into the kernel's type: XAMX in quant.c (2-16 rows on AMX tiles; not for batches)
 # mode of the int4 kernel (bits, see `int4_mode`): 1 = AVX512-BF16 sums, 2 = one row by VNNI integer
 # sums (bfloat16 activations); 0 = float32 sums. None: pick.
 FORCE_INT4_MODE: int | None = None
+# whether 2-8 rows run on AMX tiles (`amx_tiles`). None: pick.
+FORCE_AMX: bool | None = None
 # prefill's product of bfloat16 rows: True float32 (dequantized to float32), False bfloat16. None: pick.
 FLOAT32_PRODUCTS: bool | None = None
 
@@ -195,6 +198,8 @@ class QuantizedLinear(nn.Module):
         makes these once per generation. `batch`: one row, too, through the kernels of several rows (see
         `batched`)."""
         lib, kind = quant_library(), _TYPES[dtype] | (BATCH_ROWS if batch else 0)
+        if not batch and amx_tiles(dtype):
+            kind |= AMX_ROWS
         b = None if self.bias is None else self.bias.data_ptr()
         threads = torch.get_num_threads() if threads is None else threads
         k, n = self.in_features, self.out_features
@@ -274,6 +279,23 @@ def float32_products() -> bool:
     if FLOAT32_PRODUCTS is not None:
         return FLOAT32_PRODUCTS
     return not ({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def amx_tiles(dtype: torch.dtype) -> bool:
+    """Whether 2-8 rows of `dtype` run on AMX tiles (quant.c's `quant_amx`, int8 and int4; not `batched`
+    rows, whose lone rows must sum alike): bfloat16 activations at the avx512 level, on a CPU with
+    AMX-INT8, the kernels built with it. (Where Linux refuses a process the tiles, the kernel runs its
+    others.)"""
+    if FORCE_AMX is not None:
+        return FORCE_AMX
+    lib = quant_library()
+    return (
+        lib is not None
+        and dtype == torch.bfloat16
+        and selected_isa() == "avx512"
+        and "amx_int8" in cpu_flags()
+        and bool(lib.stablelm_quant_has_amx())
+    )
 
 
 def int4_mode(dtype: torch.dtype) -> int:
