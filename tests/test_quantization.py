@@ -230,12 +230,12 @@ def test_integer_kernels_extreme_inputs(qtype, group, path, monkeypatch):
 @pytest.mark.parametrize(
     ("qtype", "group", "k"), [("int8", 128, 328), ("int4", 64, 320), ("int4", 192, 2112)]
 )
-def test_amx_tiles_match_the_reference_and_sum_each_row_alone(qtype, group, k):
-    """2 to 8 rows on AMX tiles (where the CPU has AMX-INT8): within the output's rounding of the
-    dequantized reference, on 37 outputs (a block of 16 and a part of one), inputs ending in part of a
-    64-input tile (int8), groups of three tiles (int4 192); and each output computed alone: a row's bits
-    are the same in a call of any row count and at any place. Without AMX the kernels of several rows run
-    (the same checks hold for them)."""
+def test_several_rows_match_the_reference_and_sum_each_row_alone(qtype, group, k):
+    """2 to 8 rows, on whatever kernels this CPU runs them (AMX tiles for int8, and for int4 beyond 3 rows
+    where the CPU has AMX-INT8; int4's VNNI kernel; the kernels of several rows): within the output's
+    rounding of the dequantized reference, on 37 outputs (a block of 16 and a part of one), inputs ending
+    in part of a 64-input tile (int8), groups of three tiles (int4 192); and each output computed alone: a
+    row's bits are the same in any call of 4-8 rows (one kernel) and at any place."""
     gen = torch.Generator().manual_seed(11)
     layer = QuantizedLinear.from_dense(
         (torch.randn(37, k, generator=gen) * 0.05).bfloat16(),
@@ -246,11 +246,41 @@ def test_amx_tiles_match_the_reference_and_sum_each_row_alone(qtype, group, k):
     x = torch.randn(8, k, generator=gen).bfloat16()
     with torch.no_grad():
         whole = layer(x)
-        ref = _reference(layer, x)
-        assert ((whole.double() - ref).abs().max() / ref.abs().max()).item() < 8e-3
-        for m in range(2, 8):
+        for m in range(2, 9):
+            ref = _reference(layer, x[:m])
+            assert ((layer(x[:m]).double() - ref).abs().max() / ref.abs().max()).item() < 8e-3, m
+        for m in range(4, 8):
             assert torch.equal(layer(x[:m]), whole[:m]), m
             assert torch.equal(layer(x[8 - m :]), whole[8 - m :]), m
+
+
+@pytest.mark.parametrize(("group", "k"), [(64, 320), (128, 2560), (192, 2112)])
+def test_int4_vnni_rows_equal_the_one_row_kernel(group, k):
+    """With AVX512-VNNI, int4's kernel of 2-8 rows computes each row as the one-row kernel does, bit for
+    bit: 2-3 rows (4-8 take AMX's tiles where the CPU has them), and every batch of the server's
+    (`batched`, any row count, a lone row included); a row holding NaN takes the float32 kernel as it
+    would alone, and the others keep their bits."""
+    from stablelm.kernels import selected_isa
+
+    if selected_isa() != "avx512" or not qlinear.int4_mode(torch.bfloat16) & 2:
+        pytest.skip("no AVX512-VNNI int4 kernels on this CPU")
+    gen = torch.Generator().manual_seed(12)
+    layer = QuantizedLinear.from_dense(
+        (torch.randn(301, k, generator=gen) * 0.05).bfloat16(),
+        torch.randn(301, generator=gen).bfloat16(),
+        quant_type="int4",
+        group_size=group,
+    )
+    x = torch.randn(8, k, generator=gen).bfloat16()
+    x[5, 7] = float("nan")
+    with torch.no_grad():
+        alone = torch.cat([layer(x[i : i + 1]) for i in range(8)])
+        assert alone[5].isnan().all() and alone[[0, 1, 2, 3, 4, 6, 7]].isfinite().all()
+        for m in (2, 3):
+            assert torch.equal(layer(x[:m]), alone[:m]), m
+            assert torch.equal(layer(x[8 - m :]).nan_to_num(), alone[8 - m :].nan_to_num()), m
+        for m in range(1, 9):
+            assert torch.equal(layer.batched(x[:m]).nan_to_num(), alone[:m].nan_to_num()), m
 
 
 def test_amx_tiles_follow_the_cpu_flags_and_never_serve_batches(monkeypatch):

@@ -1022,6 +1022,141 @@ static VNNI_FN void q4_one_vnni(const int8_t* xh, const int8_t* xl, const float*
   }
   for (int n = n0 + len * Q4V; n < n1; n++) q4_rows_vnni(xh, xl, xinv, xs, K, group, w, sc, mn, 1, &n, out + (n - n0));
 }
+
+/* 2 to 8 rows of x by the same sums, each output computed exactly as q4_rows_vnni computes it (the same
+   instructions on the same values in the same order: a group's scale times x's scale is picked per lane
+   from each, then multiplied, which is the product q4_rows_vnni picks), so a row's bits are those of the
+   one-row kernel whatever rows share its call: batches of the server take it and a lone row takes the
+   one-row kernel. Q4VM rows of W at once; x's digits per row read from memory (the cache). Per row and
+   128 weights eight instructions on one port (four vpdpbusd, the block's conversion and scaling), so
+   beyond 3 rows AMX's tiles are faster where the CPU has them (2-core Xeon, 1 thread, 2560 x 6912:
+   2 rows 11.1 against AMX's 8.0 G weights/s, 4 rows ~7 both, 8 rows 3.9 against 6.2; the kernels of
+   several rows before: 9.2 and 2.5). */
+#ifndef Q4VM
+#define Q4VM 2
+#endif
+static inline __attribute__((always_inline)) VNNI_FN void q4_rows_vnni_m(const int8_t* vh, const int8_t* vl, int Kp,
+                                                                         const float* xinv, const float* xs,
+                                                                         int K, int group, const uint8_t* w,
+                                                                         const uint16_t* sc, const uint16_t* mn,
+                                                                         const int S, int n, const int M,
+                                                                         float out[Q4VM][8]) {
+  int G = K / group, half = K / 2, chunk = -1;
+  const __m512i low = _mm512_set1_epi8(15), zero = _mm512_setzero_si512();
+  const uint8_t* r[Q4VM];
+  __m512 acc[Q4VM][8], sn[Q4VM];
+  __mmask16 live16 = 0;
+  int g0 = 0;
+  for (int i = 0; i < S; i++) {
+    r[i] = w + (size_t)(n + i) * half, sn[i] = _mm512_setzero_ps();
+    for (int m = 0; m < M; m++) acc[i][m] = _mm512_setzero_ps();
+  }
+  for (int k0 = 0; k0 < K; k0 += 128) {
+    int ga = k0 / group, gb = (k0 + 64) / group;
+    if (gb >= G) gb = G - 1;
+    if (ga >> 4 != chunk) {
+      chunk = ga >> 4, g0 = chunk * 16;
+      live16 = G - g0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (G - g0)) - 1u);
+      for (int i = 0; i < S; i++) sn[i] = bf16x16(_mm256_maskz_loadu_epi16(live16, sc + (size_t)(n + i) * G + g0));
+    }
+    __m512i pick = _mm512_mask_set1_epi32(_mm512_set1_epi32(ga & 15), 0xff00, gb & 15);
+    __mmask64 live = k0 + 128 <= K ? ~(__mmask64)0 : (__mmask64)0xffffffffu;
+    __m512i lo[Q4VM], hi[Q4VM];
+    __m512 pn[Q4VM];
+    for (int i = 0; i < S; i++) {
+      _mm_prefetch((const char*)(r[i] + k0 / 2 + PFD), PFH);
+      __m512i v = _mm512_maskz_loadu_epi8(live, r[i] + k0 / 2);
+      lo[i] = _mm512_and_si512(v, low), hi[i] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      pn[i] = _mm512_permutexvar_ps(pick, sn[i]);
+    }
+    for (int m = 0; m < M; m++) {
+      const int8_t *hm = vh + (size_t)m * Kp + k0, *lm = vl + (size_t)m * Kp + k0;
+      __m512i h0 = _mm512_loadu_si512(hm), h1 = _mm512_loadu_si512(hm + 64);
+      __m512i l0 = _mm512_loadu_si512(lm), l1 = _mm512_loadu_si512(lm + 64);
+      __m512 pm = _mm512_permutexvar_ps(pick, _mm512_maskz_loadu_ps(live16, xinv + (size_t)m * G + g0));
+      for (int i = 0; i < S; i++) {
+        __m512i th = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo[i], h0), hi[i], h1);
+        __m512i tl = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo[i], l0), hi[i], l1);
+        __m512i t = _mm512_add_epi32(_mm512_slli_epi32(th, 8), tl);
+        acc[i][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(pn[i], pm), acc[i][m]);
+      }
+    }
+  }
+  for (int i = 0; i < S; i++) {
+    const uint16_t* mr = mn + (size_t)(n + i) * G;
+    for (int m = 0; m < M; m++) {
+      __m512 c = acc[i][m];
+      for (int g = 0; g < G; g += 16) {
+        __mmask16 lv = G - g >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (G - g)) - 1u);
+        c = _mm512_fmadd_ps(bf16x16(_mm256_maskz_loadu_epi16(lv, mr + g)), _mm512_maskz_loadu_ps(lv, xs + (size_t)m * G + g), c);
+      }
+      out[i][m] = _mm512_reduce_add_ps(c);
+    }
+  }
+}
+
+/* outputs [n0, n1) of M rows (out[(n - n0) * 8 + m]) */
+static VNNI_FN void q4_multi_vnni(const int8_t* vh, const int8_t* vl, int Kp, const float* xinv, const float* xs, int K,
+                                  int group, const uint8_t* w, const uint16_t* sc, const uint16_t* mn, int n0, int n1,
+                                  int M, float* out) {
+  float o[Q4VM][8];
+  int n = n0;
+  for (; n + Q4VM <= n1; n += Q4VM) {
+    switch (M) { /* constant row counts: the sums stay in registers */
+#define Q4VM_CASE(MM) \
+  case MM: q4_rows_vnni_m(vh, vl, Kp, xinv, xs, K, group, w, sc, mn, Q4VM, n, MM, o); break;
+      Q4VM_CASE(1) Q4VM_CASE(2) Q4VM_CASE(3) Q4VM_CASE(4) Q4VM_CASE(5) Q4VM_CASE(6) Q4VM_CASE(7) Q4VM_CASE(8)
+#undef Q4VM_CASE
+    }
+    for (int i = 0; i < Q4VM; i++)
+      for (int m = 0; m < M; m++) out[(n + i - n0) * 8 + m] = o[i][m];
+  }
+  for (; n < n1; n++) {
+    q4_rows_vnni_m(vh, vl, Kp, xinv, xs, K, group, w, sc, mn, 1, n, M, o);
+    for (int m = 0; m < M; m++) out[(n - n0) * 8 + m] = o[0][m];
+  }
+}
+#endif
+
+#if defined(__AVX512F__)
+/* stablelm_q4_linear's 2 to 8 bfloat16 rows (xf, xs: as float32, and their group sums) by q4_multi_vnni;
+   a row holding Inf or NaN by q4_one_f32, as the one-row path computes it */
+static int q4_linear_vnni_rows(const float* xf, const float* xs, int M, int K, void* y, int N, const uint8_t* w,
+                               const uint16_t* sc, const uint16_t* mn, int group, const void* b, int threads) {
+  int G = K / group, Kp = (K + 127) / 128 * 128, ok[8], bad = 0;
+  int16_t* x16 = (int16_t*)malloc((size_t)K * 2);
+  int8_t* dig = (int8_t*)calloc((size_t)2 * M * Kp, 1);
+  float* xinv = (float*)calloc((size_t)M * G, sizeof(float));
+  if (!x16 || !dig || !xinv) {
+    free(x16), free(dig), free(xinv);
+    return 1;
+  }
+  for (int m = 0; m < M; m++) {
+    ok[m] = x_to_i16(xf + (size_t)m * K, K, group, 14, x16, xinv + (size_t)m * G);
+    if (ok[m]) q4_digits_vnni(x16, K, dig + (size_t)m * Kp, dig + (size_t)(M + m) * Kp);
+    bad |= !ok[m];
+  }
+  int per, parts = one_row_split(N, threads, &per);
+#pragma omp parallel for num_threads(parts) schedule(static)
+  for (int p = 0; p < parts; p++) {
+    int n0 = p * per, n1 = n0 + per < N ? n0 + per : N;
+    float out[256 * 8], one[256];
+    for (int c = n0; c < n1; c += 256) {
+      int c1 = c + 256 < n1 ? c + 256 : n1;
+      q4_multi_vnni(dig, dig + (size_t)M * Kp, Kp, xinv, xs, K, group, w, sc, mn, c, c1, M, out);
+      for (int m = 0; bad && m < M; m++)
+        if (!ok[m]) {
+          q4_one_f32(xf + (size_t)m * K, xs + (size_t)m * G, K, group, w, sc, mn, c, c1, one);
+          for (int j = c; j < c1; j++) out[(j - c) * 8 + m] = one[j - c];
+        }
+      for (int m = 0; m < M; m++)
+        for (int j = c; j < c1; j++)
+          store_one(y, XBF16, (int64_t)m * N + j, out[(j - c) * 8 + m] + (b ? load_one(b, XBF16, j) : 0.0f));
+    }
+  }
+  free(x16), free(dig), free(xinv);
+  return 0;
+}
 #endif
 
 /* mode: bits of the kernels the CPU can run, bfloat16 x only; 0: float32 sums (AVX2: q4_one_i16 for one
@@ -1041,7 +1176,7 @@ int stablelm_q4_linear(const void* x, int type, int M, int K, int ldx, void* y, 
 #if !defined(QUANT_AMX)
   if (amx) return 2;
 #else
-  if (amx && !batch && M > 1 && M <= 16) {
+  if (amx && !batch && M >= ((mode & 2) ? 4 : 2) && M <= 16) { /* 2-3 rows: q4_multi_vnni is faster */
     int status = quant_amx((const uint16_t*)x, M, K, ldx, y, N, w, NULL, sc, mn, group, (const uint16_t*)b, threads);
     if (status >= 0) return status;
   }
@@ -1062,7 +1197,17 @@ int stablelm_q4_linear(const void* x, int type, int M, int K, int ldx, void* y, 
   if (xb)
     for (int m = 0; m < M; m++) memcpy(xb + (size_t)m * K, (const uint16_t*)x + (size_t)m * ldx, (size_t)K * 2);
   int blocks = (N + NB - 1) / NB, half = K / 2;
+#if defined(__AVX512F__)
+  if ((mode & 2) && M > 1 && M <= 8) { /* the one-row VNNI kernel's sums for each row (q4_multi_vnni) */
+    int st = q4_linear_vnni_rows(xf, xs, M, K, y, N, w, sc, mn, group, b, threads);
+    free(xf), free(xs), free(xb);
+    return st;
+  }
+  /* a lone row of a batch takes the one-row kernel: the same sums as in any batch */
+  if (M == 1 && (!batch || (mode & 2))) {
+#else
   if (M == 1 && !batch) {
+#endif
     int16_t* x16 = NULL;
     float* xinv = NULL;
 #if !defined(__AVX512F__)
