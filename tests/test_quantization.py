@@ -254,33 +254,40 @@ def test_several_rows_match_the_reference_and_sum_each_row_alone(qtype, group, k
             assert torch.equal(layer(x[8 - m :]), whole[8 - m :]), m
 
 
+@pytest.mark.parametrize("path", ["avx512-vnni", "avx-vnni"])
 @pytest.mark.parametrize(("group", "k"), [(64, 320), (128, 2560), (192, 2112)])
-def test_int4_vnni_rows_equal_the_one_row_kernel(group, k):
-    """With AVX512-VNNI, int4's kernel of 2-8 rows computes each row as the one-row kernel does, bit for
-    bit: 2-3 rows (4-8 take AMX's tiles where the CPU has them), and every batch of the server's
-    (`batched`, any row count, a lone row included); a row holding NaN takes the float32 kernel as it
-    would alone, and the others keep their bits."""
-    from stablelm.kernels import selected_isa
+def test_int4_vnni_rows_equal_the_one_row_kernel(group, k, path, monkeypatch):
+    """With VNNI (AVX512-VNNI, or AVX-VNNI at the avx2 level), int4's kernel of 2-8 rows computes each row
+    as the one-row kernel does, bit for bit: 2-3 rows (4-8 take AMX's tiles where the CPU has them), and
+    every batch of the server's (`batched`, any row count, a lone row included); a row holding NaN takes
+    the float32 kernel as it would alone, and the others keep their bits."""
+    from stablelm.kernels import clear_caches
 
-    if selected_isa() != "avx512" or not qlinear.int4_mode(torch.bfloat16) & 2:
-        pytest.skip("no AVX512-VNNI int4 kernels on this CPU")
-    gen = torch.Generator().manual_seed(12)
-    layer = QuantizedLinear.from_dense(
-        (torch.randn(301, k, generator=gen) * 0.05).bfloat16(),
-        torch.randn(301, generator=gen).bfloat16(),
-        quant_type="int4",
-        group_size=group,
-    )
-    x = torch.randn(8, k, generator=gen).bfloat16()
-    x[5, 7] = float("nan")
-    with torch.no_grad():
-        alone = torch.cat([layer(x[i : i + 1]) for i in range(8)])
-        assert alone[5].isnan().all() and alone[[0, 1, 2, 3, 4, 6, 7]].isfinite().all()
-        for m in (2, 3):
-            assert torch.equal(layer(x[:m]), alone[:m]), m
-            assert torch.equal(layer(x[8 - m :]).nan_to_num(), alone[8 - m :].nan_to_num()), m
-        for m in range(1, 9):
-            assert torch.equal(layer.batched(x[:m]).nan_to_num(), alone[:m].nan_to_num()), m
+    _use_path(path, "int4", monkeypatch)
+    try:
+        gen = torch.Generator().manual_seed(12)
+        layer = QuantizedLinear.from_dense(
+            (torch.randn(301, k, generator=gen) * 0.05).bfloat16(),
+            torch.randn(301, generator=gen).bfloat16(),
+            quant_type="int4",
+            group_size=group,
+        )
+        x = torch.randn(8, k, generator=gen).bfloat16()
+        x[5, 7] = float("nan")
+        with torch.no_grad():
+            alone = torch.cat([layer(x[i : i + 1]) for i in range(8)])
+            assert alone[5].isnan().all() and alone[[0, 1, 2, 3, 4, 6, 7]].isfinite().all()
+            ref = _reference(layer, x[:5])
+            assert ((alone[:5].double() - ref).abs().max() / ref.abs().max()).item() < 8e-3
+            rows = (2, 3) if qlinear.amx_tiles(torch.bfloat16) else range(2, 9)
+            for m in rows:
+                assert torch.equal(layer(x[:m]).nan_to_num(), alone[:m].nan_to_num()), m
+                assert torch.equal(layer(x[8 - m :]).nan_to_num(), alone[8 - m :].nan_to_num()), m
+            for m in range(1, 9):
+                assert torch.equal(layer.batched(x[:m]).nan_to_num(), alone[:m].nan_to_num()), m
+    finally:
+        monkeypatch.delenv("STABLELM_ISA")
+        clear_caches()
 
 
 def test_amx_tiles_follow_the_cpu_flags_and_never_serve_batches(monkeypatch):

@@ -931,6 +931,29 @@ static AVXVNNI_FN void q4_one_avxvnni(const int8_t* xh, const int8_t* xl, const 
   for (int n = n0 + len * Q4A; n < n1; n++)
     q4_rows_avxvnni(xh, xl, xinv, xs, K, group, w, sc, mn, 1, &n, out + (n - n0));
 }
+
+/* 2 to 8 rows of x, each through q4_rows_avxvnni itself (Q4A rows of W at a time, read again from the
+   cache for each row of x): every row gets the one-row kernel's bits whatever rows share the call. */
+static AVXVNNI_FN void q4_multi_avxvnni(const int8_t* dig, int Kp, const float* xinv, const float* xs, int K, int group,
+                                       const uint8_t* w, const uint16_t* sc, const uint16_t* mn, int n0, int n1, int M,
+                                       float* out) {
+  int G = K / group, rows[Q4A];
+  float o[Q4A];
+  for (int n = n0; n < n1; n += Q4A) {
+    int S = n1 - n < Q4A ? n1 - n : Q4A;
+    for (int i = 0; i < S; i++) rows[i] = n + i;
+    for (int m = 0; m < M; m++) {
+      const int8_t* xh = dig + (size_t)m * Kp;
+      const int8_t* xl = dig + (size_t)(M + m) * Kp;
+      if (S == Q4A)
+        q4_rows_avxvnni(xh, xl, xinv + (size_t)m * G, xs + (size_t)m * G, K, group, w, sc, mn, Q4A, rows, o);
+      else
+        for (int i = 0; i < S; i++)
+          q4_rows_avxvnni(xh, xl, xinv + (size_t)m * G, xs + (size_t)m * G, K, group, w, sc, mn, 1, rows + i, o + i);
+      for (int i = 0; i < S; i++) out[(n + i - n0) * 8 + m] = o[i];
+    }
+  }
+}
 #endif
 #endif
 
@@ -1118,9 +1141,10 @@ static VNNI_FN void q4_multi_vnni(const int8_t* vh, const int8_t* vl, int Kp, co
 }
 #endif
 
-#if defined(__AVX512F__)
-/* stablelm_q4_linear's 2 to 8 bfloat16 rows (xf, xs: as float32, and their group sums) by q4_multi_vnni;
-   a row holding Inf or NaN by q4_one_f32, as the one-row path computes it */
+#if defined(__AVX512F__) || defined(HAVE_AVXVNNI)
+/* stablelm_q4_linear's 2 to 8 bfloat16 rows (xf, xs: as float32, and their group sums) by q4_multi_vnni
+   (AVX-512) or q4_multi_avxvnni (AVX2 with AVX-VNNI); a row holding Inf or NaN by q4_one_f32, as the
+   one-row path computes it */
 static int q4_linear_vnni_rows(const float* xf, const float* xs, int M, int K, void* y, int N, const uint8_t* w,
                                const uint16_t* sc, const uint16_t* mn, int group, const void* b, int threads) {
   int G = K / group, Kp = (K + 127) / 128 * 128, ok[8], bad = 0;
@@ -1133,7 +1157,14 @@ static int q4_linear_vnni_rows(const float* xf, const float* xs, int M, int K, v
   }
   for (int m = 0; m < M; m++) {
     ok[m] = x_to_i16(xf + (size_t)m * K, K, group, 14, x16, xinv + (size_t)m * G);
+#if defined(__AVX512F__)
     if (ok[m]) q4_digits_vnni(x16, K, dig + (size_t)m * Kp, dig + (size_t)(M + m) * Kp);
+#else
+    for (int k = 0; ok[m] && k < K; k++) { /* the digits in order, as the one-row path makes them */
+      int l = ((x16[k] + 128) & 255) - 128;
+      dig[(size_t)(M + m) * Kp + k] = (int8_t)l, dig[(size_t)m * Kp + k] = (int8_t)((x16[k] - l) / 256);
+    }
+#endif
     bad |= !ok[m];
   }
   int per, parts = one_row_split(N, threads, &per);
@@ -1143,7 +1174,11 @@ static int q4_linear_vnni_rows(const float* xf, const float* xs, int M, int K, v
     float out[256 * 8], one[256];
     for (int c = n0; c < n1; c += 256) {
       int c1 = c + 256 < n1 ? c + 256 : n1;
+#if defined(__AVX512F__)
       q4_multi_vnni(dig, dig + (size_t)M * Kp, Kp, xinv, xs, K, group, w, sc, mn, c, c1, M, out);
+#else
+      q4_multi_avxvnni(dig, Kp, xinv, xs, K, group, w, sc, mn, c, c1, M, out);
+#endif
       for (int m = 0; bad && m < M; m++)
         if (!ok[m]) {
           q4_one_f32(xf + (size_t)m * K, xs + (size_t)m * G, K, group, w, sc, mn, c, c1, one);
@@ -1197,8 +1232,8 @@ int stablelm_q4_linear(const void* x, int type, int M, int K, int ldx, void* y, 
   if (xb)
     for (int m = 0; m < M; m++) memcpy(xb + (size_t)m * K, (const uint16_t*)x + (size_t)m * ldx, (size_t)K * 2);
   int blocks = (N + NB - 1) / NB, half = K / 2;
-#if defined(__AVX512F__)
-  if ((mode & 2) && M > 1 && M <= 8) { /* the one-row VNNI kernel's sums for each row (q4_multi_vnni) */
+#if defined(__AVX512F__) || defined(HAVE_AVXVNNI)
+  if ((mode & 2) && M > 1 && M <= 8) { /* the one-row VNNI kernel's sums for each row */
     int st = q4_linear_vnni_rows(xf, xs, M, K, y, N, w, sc, mn, group, b, threads);
     free(xf), free(xs), free(xb);
     return st;
