@@ -798,6 +798,19 @@ static void q8_one_i16(const float* xf, const int16_t* x16, const float* xinv, i
   for (int n = n0 + len * Q8I; n < n1; n++) q8_rows_i16(xf, x16, xinv, K, w, s, 1, &n, out + (n - n0));
 }
 
+/* AVX2's int4 one-row kernels end: acc plus the minimum's share, the sum over groups of min_g * (x summed),
+   8 groups at once, then the lanes summed */
+static inline float q4_min_share8(__m256 acc, const uint16_t* mr, const float* xs, int G) {
+  int g = 0;
+  for (; g + 8 <= G; g += 8) {
+    __m256 mv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(mr + g))), 16));
+    acc = _mm256_fmadd_ps(mv, _mm256_loadu_ps(xs + g), acc);
+  }
+  float t = vsum(acc);
+  for (; g < G; g++) t += from_bf16(mr[g]) * xs[g];
+  return t;
+}
+
 /* int4, S rows at once. x (made int16 below 2^14 in magnitude by x_to_i16 with bits = 14) as two int8
    digits, x = 256 h + l (h in -64..64, l in -128..127), so that vpmaddubsw multiplies the nibbles as bytes
    (unsigned) by either digit, 32 at once, summing pairs into int16 (at most 2 * 15 * 128: no saturation):
@@ -837,17 +850,7 @@ static inline __attribute__((always_inline)) void q4_rows_i16(const int8_t* xh, 
       acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_set1_ps(from_bf16(sc[(size_t)rows[i] * G + g]) * xinv[g]), acc[i]);
     }
   }
-  for (int i = 0; i < S; i++) { /* plus the minimum's share, sum over groups of min_g * (x summed), 8 at once */
-    const uint16_t* mr = mn + (size_t)rows[i] * G;
-    int g = 0;
-    for (; g + 8 <= G; g += 8) {
-      __m256 mv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(mr + g))), 16));
-      acc[i] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(xs + g), acc[i]);
-    }
-    float t = vsum(acc[i]);
-    for (; g < G; g++) t += from_bf16(mr[g]) * xs[g];
-    out[i] = t;
-  }
+  for (int i = 0; i < S; i++) out[i] = q4_min_share8(acc[i], mn + (size_t)rows[i] * G, xs, G);
 }
 
 static void q4_one_i16(const int8_t* xh, const int8_t* xl, const float* xinv, const float* xs, int K, int group,
@@ -904,17 +907,7 @@ static inline __attribute__((always_inline)) AVXVNNI_FN void q4_rows_avxvnni(
       acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_set1_ps(from_bf16(sc[(size_t)rows[i] * G + g]) * xinv[g]), acc[i]);
     }
   }
-  for (int i = 0; i < S; i++) { /* plus the minimum's share, sum over groups of min_g * (x summed), 8 at once */
-    const uint16_t* mr = mn + (size_t)rows[i] * G;
-    int g = 0;
-    for (; g + 8 <= G; g += 8) {
-      __m256 mv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(mr + g))), 16));
-      acc[i] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(xs + g), acc[i]);
-    }
-    float t = vsum(acc[i]);
-    for (; g < G; g++) t += from_bf16(mr[g]) * xs[g];
-    out[i] = t;
-  }
+  for (int i = 0; i < S; i++) out[i] = q4_min_share8(acc[i], mn + (size_t)rows[i] * G, xs, G);
 }
 
 static AVXVNNI_FN void q4_one_avxvnni(const int8_t* xh, const int8_t* xl, const float* xinv, const float* xs, int K,
