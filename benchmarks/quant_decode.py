@@ -66,12 +66,9 @@ def main() -> None:
     from stablelm.bench import prepare
 
     tmp = Path(tempfile.mkdtemp(prefix="quantdecode-"))
-    old = tmp / "old.c"
-    old.write_text(
-        subprocess.check_output(
-            ["git", "-C", str(ROOT), "show", f"{args.old}:stablelm/kernels/quant.c"], text=True
-        )
-    )
+    from quant_kernels import revision_source
+
+    old = revision_source(args.old, tmp, "old.c")
     libs = {"old": build(old, tmp / "old.so"), "new": qlinear.quant_library()}
     models = {}
     for q in (None, "int8", "int4"):

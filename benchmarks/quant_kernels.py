@@ -32,6 +32,23 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+def revision_source(rev: str, folder: Path, name: str) -> Path:
+    """stablelm/kernels/quant.c as of git revision `rev`, with the local headers it includes, written into
+    `folder` under `name` (the headers beside it under their own names); its path."""
+    import re
+
+    def show(path: str) -> str:
+        return subprocess.check_output(
+            ["git", "-C", str(ROOT), "show", f"{rev}:stablelm/kernels/{path}"], text=True
+        )
+
+    text = show("quant.c")
+    for header in re.findall(r'^[ \t]*#[ \t]*include[ \t]+"([^"]+)"', text, re.MULTILINE):
+        (folder / header).write_text(show(header))
+    (folder / name).write_text(text)
+    return folder / name
+
+
 def compile_source(source: Path, out: Path, extra: list[str]) -> ctypes.CDLL:
     from stablelm.kernels import COMMON_FLAGS, ISA_FLAGS, selected_isa
 
@@ -91,11 +108,9 @@ def main() -> None:
     builds = {"new": compile_source(ROOT / "stablelm/kernels/quant.c", tmp / "new.so", [])}
     for rev in args.old or ["HEAD"]:
         if rev:
-            old = tmp / f"quant_{len(builds)}.c"
-            text = subprocess.check_output(
-                ["git", "-C", str(ROOT), "show", f"{rev}:stablelm/kernels/quant.c"], text=True
-            )
-            old.write_text(text)
+            folder = tmp / f"rev_{len(builds)}"  # a revision's headers must not meet another's
+            folder.mkdir()
+            old = revision_source(rev, folder, "quant.c")
             builds[rev] = compile_source(old, tmp / f"quant_{len(builds)}.so", [])
     for spec in args.define:
         name, flags = spec.split("=", 1)

@@ -414,6 +414,26 @@ def test_a_build_keeps_the_newest_builds_of_other_sources_and_removes_older_ones
     assert native.build(tmp_path / "demo.c", isa="avx2") == built[-1]  # cached: not built again
 
 
+@pytest.mark.skipif(not COMPILER, reason="needs a C compiler")
+def test_a_changed_local_header_is_a_new_build(monkeypatch, tmp_path):
+    """A source's local headers (`#include "part.h"`, as quant.c includes its parts) count in the build's
+    digest: a changed header builds again, with its new code; a missing one is the compiler's error."""
+    import ctypes
+
+    monkeypatch.setenv("STABLELM_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "demo.c"
+    source.write_text('#include <stdint.h>\n#include "part.h"\nint demo(void) { return PART; }\n')
+    (tmp_path / "part.h").write_text("#define PART 1\n")
+    first = native.build(source, isa="avx2")
+    assert native.build(source, isa="avx2") == first
+    (tmp_path / "part.h").write_text("#define PART 2\n")
+    second = native.build(source, isa="avx2")
+    assert second != first and ctypes.CDLL(str(second)).demo() == 2
+    (tmp_path / "part.h").unlink()
+    with pytest.raises(RuntimeError, match="part.h"):
+        native.build(source, isa="avx2")
+
+
 def test_the_cpu_is_read_from_proc_cpuinfo(monkeypatch):
     from stablelm.kernels import cpu
 

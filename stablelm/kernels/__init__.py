@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -112,6 +113,17 @@ def has_dpbf16() -> bool:
     return selected_isa() == "avx512" and "avx512_bf16" in cpu_flags() and library() is not None
 
 
+def source_text(source: Path) -> bytes:
+    """`source` and the local headers it includes (`#include "name.h"`, beside it: quant.c's parts), as a
+    build's digest reads them, so that a changed header is a new build."""
+    text = source.read_bytes()
+    for name in re.findall(rb'^[ \t]*#[ \t]*include[ \t]+"([^"]+)"', text, re.MULTILINE):
+        header = source.parent / name.decode()
+        if header.is_file():  # else the compiler says it is missing
+            text += b"\n" + header.read_bytes()
+    return text
+
+
 def build(source: Path, *, isa: str = "avx2", compiler: str | None = None) -> Path:
     """Compile `source` for `isa` into the cache (once per source, level and flags); the library's path.
     The level's flags are tried best first (see `ISA_FLAGS`).
@@ -121,7 +133,7 @@ def build(source: Path, *, isa: str = "avx2", compiler: str | None = None) -> Pa
     compiler = compiler or os.environ.get("CC") or "cc"
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C compiler found ({compiler!r}); set CC to one")
-    text = source.read_bytes()
+    text = source_text(source)
     stem = f"{source.stem}-{isa}"
     targets = []
     for variant in ISA_FLAGS[isa]:
