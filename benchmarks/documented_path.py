@@ -77,11 +77,14 @@ def timed(generate, ids: torch.Tensor) -> tuple[float, float, torch.Tensor]:  # 
     return batch * prompt / (first - start), batch * (new - 1) / (end - first), out
 
 
-def llama_bench(binary: str, gguf: Path, threads: int, prompt: int, new: int) -> tuple[float, float]:
+def llama_bench(
+    binary: str, gguf: Path, threads: int, prompt: int, new: int, extra: tuple[str, ...] = ()
+) -> tuple[float, float]:
     """llama-bench's prefill (pp, from an empty context) and decode (tg) tokens/s, one repetition. The
     decode is timed after a context of `prompt` tokens (`-d`, llama-bench's depth), as ours decodes after
-    the prompt: its default tg starts from an empty context, where attention reads no past keys."""
-    base = [binary, "-m", str(gguf), "-t", str(threads), "-r", "1", "-o", "json"]
+    the prompt: its default tg starts from an empty context, where attention reads no past keys. `extra`:
+    more llama-bench arguments (e.g. `--repack 0` where its AMX repacking dies on a VM)."""
+    base = [binary, "-m", str(gguf), "-t", str(threads), "-r", "1", "-o", "json", *extra]
     pp = _llama_rate(base + ["-p", str(prompt), "-n", "0"])
     tg = _llama_rate(base + ["-p", "0", "-n", str(new), "-d", str(prompt)])
     return pp, tg

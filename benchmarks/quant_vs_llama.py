@@ -16,6 +16,7 @@ llama.cpp's `convert_hf_to_gguf.py` and `llama-quantize`.)
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -44,6 +45,9 @@ def main() -> None:
         "stablelm.quantization.linear.int4_mode: 1 AVX512-BF16, 2 VNNI; 0 float32)",
     )
     parser.add_argument("--llama-bench", help="llama.cpp's llama-bench binary")
+    parser.add_argument(
+        "--llama-args", default="", help="more llama-bench arguments, one string (e.g. '--repack 0')"
+    )
     parser.add_argument("--gguf", nargs="*", default=[], help="NAME=FILE pairs, e.g. q8_0=model-q8_0.gguf")
     args = parser.parse_args()
     if args.rounds < 1 or args.threads < 1 or args.new_tokens < 2 or args.prompt < 1:
@@ -54,6 +58,17 @@ def main() -> None:
             parser.error(f"--gguf takes NAME=FILE pairs of existing files; got {pair!r}")
     if args.gguf and not args.llama_bench:
         parser.error("--gguf needs --llama-bench (the llama-bench binary that runs them)")
+    try:
+        modes = [int(v) for v in args.int4_modes.split(",")] if args.int4_modes else []
+        extra = tuple(shlex.split(args.llama_args))
+    except ValueError as error:
+        parser.error(
+            f"--int4-modes takes kernel modes 0-3, comma-separated; --llama-args one quoted string ({error})"
+        )
+    if any(not 0 <= mode <= 3 for mode in modes):
+        parser.error(
+            f"--int4-modes takes kernel modes 0-3 (bits: 1 AVX512-BF16, 2 VNNI); got {args.int4_modes!r}"
+        )
     torch.set_num_threads(args.threads)
     new = args.new_tokens
     models = {"bf16": stablelm.AutoModelForCausalLM.from_pretrained(args.folder, dtype=torch.bfloat16)}
@@ -66,8 +81,8 @@ def main() -> None:
     variants = [("bf16", "bf16", True, None), ("int8", "int8", True, None), ("int4", "int4", True, None)]
     if args.modules:
         variants += [("int8 modules", "int8", False, None), ("int4 modules", "int4", False, None)]
-    for mode in args.int4_modes.split(",") if args.int4_modes else []:
-        variants.append((f"int4 mode {int(mode)}", "int4", True, int(mode)))
+    for mode in modes:
+        variants.append((f"int4 mode {mode}", "int4", True, mode))
 
     def run(model: torch.nn.Module, lean: bool, mode: int | None) -> tuple[float, float, torch.Tensor]:
         DecodeStep.for_model(model, compile=False).lean = lean
@@ -96,7 +111,10 @@ def main() -> None:
             timings.append((name, prefill, decode))
         for name, path in ggufs.items():
             timings.append(
-                (f"llama.cpp {name}", *llama_bench(args.llama_bench, path, args.threads, args.prompt, new))
+                (
+                    f"llama.cpp {name}",
+                    *llama_bench(args.llama_bench, path, args.threads, args.prompt, new, extra),
+                )
             )
         for name, prefill, decode in timings:
             b = best.setdefault(name, [0.0, 0.0])

@@ -79,9 +79,14 @@ def test_the_quantized_side_by_side_benchmark_runs_and_refuses_bad_arguments(tmp
         "--new-tokens",
         "4",
     ]
-    out = subprocess.run([*args, "--rounds", "1", "--modules"], capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [*args, "--rounds", "1", "--modules", "--int4-modes", "0"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr
-    for row in ("bf16", "int8", "int4", "int8 modules", "int4 modules"):
+    for row in ("bf16", "int8", "int4", "int8 modules", "int4 modules", "int4 mode 0"):
         assert f"\n  {row} " in out.stdout, out.stdout
     for bad, message in (
         (["--rounds", "0"], "--rounds, --threads and --prompt must be at least 1"),
@@ -90,6 +95,9 @@ def test_the_quantized_side_by_side_benchmark_runs_and_refuses_bad_arguments(tmp
             "--gguf takes NAME=FILE pairs of existing files; got 'q8_0'",
         ),
         (["--gguf", f"q8_0={script}"], "--gguf needs --llama-bench"),
+        (["--int4-modes", "1,x"], "--int4-modes takes kernel modes 0-3"),
+        (["--int4-modes", "4"], "--int4-modes takes kernel modes 0-3"),
+        (["--llama-args", "--repack '0"], "--llama-args one quoted string"),
     ):
         refused = subprocess.run([*args, *bad], capture_output=True, text=True, timeout=600)
         assert refused.returncode == 2 and message in refused.stderr, refused.stderr
