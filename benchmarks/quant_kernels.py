@@ -97,6 +97,14 @@ def main() -> None:
     parser.add_argument("--read", action="store_true", help="also the plain read speed (GB/s)")
     parser.add_argument("--wall", action="store_true", help="wall time instead of the process's CPU time")
     args = parser.parse_args()
+    try:
+        modes_given = [int(v) for v in args.modes.split(",")] if args.modes else []
+    except ValueError:
+        modes_given = [-1]
+    if any(not 0 <= mode <= 3 for mode in modes_given):
+        parser.error(f"--modes takes int4 kernel modes 0-3, comma-separated; got {args.modes!r}")
+    if args.group not in (64, 128, 256) or int(args.shape.split("x")[0]) % args.group:
+        parser.error(f"--group must be 64, 128 or 256 and divide the layer's inputs; got {args.group}")
     torch.set_num_threads(args.threads)
     k, n = (int(v) for v in args.shape.split("x"))
     m = args.rows
@@ -119,7 +127,7 @@ def main() -> None:
     torch.manual_seed(0)
     budget = args.set_mb << 20
     x = torch.randn(m, k).bfloat16()
-    modes = [int(v) for v in args.modes.split(",")] if args.modes else [int4_mode(torch.bfloat16)]
+    modes = modes_given or [int4_mode(torch.bfloat16)]
     passes = {}  # name -> callable doing one pass
     if not args.no_bf16:
         dense = []

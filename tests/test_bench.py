@@ -162,3 +162,21 @@ def _tiny_checkpoint(folder) -> None:  # noqa: ANN001
     )  # fmt: skip
     torch.manual_seed(0)
     StableLmForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+
+
+def test_the_quantized_kernel_benchmark_refuses_bad_modes_and_groups():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "quant_kernels.py"
+    for bad, message in (
+        (["--modes", "1,x"], "--modes takes int4 kernel modes 0-3"),
+        (["--modes", "5"], "--modes takes int4 kernel modes 0-3"),
+        (["--group", "96"], "--group must be 64, 128 or 256"),
+        (["--shape", "320x64", "--group", "256"], "--group must be 64, 128 or 256 and divide"),
+    ):
+        refused = subprocess.run(
+            [sys.executable, str(script), *bad], capture_output=True, text=True, timeout=600
+        )
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
