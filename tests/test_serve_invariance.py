@@ -178,6 +178,76 @@ def test_greedy_tokens_equal_generate_in_float32(variant):
     assert tokens == expected[0, len(prompt) :].tolist()
 
 
+def assert_planned_step_gives_the_modules_bits(forward: RowForward) -> None:
+    """The planned decode step (`stablelm.serve.planned`) and the modules' step, from copies of the same
+    caches (prompts of different lengths), give the same logits and write the same keys and values, bit
+    for bit, for a row alone and in batches."""
+    planned = forward.planned
+    assert planned is not None
+    for group in ([0], [4, 1, 3], list(range(len(PROMPTS)))):
+        caches = [prefilled(forward, PROMPTS[i])[0] for i in group]
+        copies = [cache.copy() for cache in caches]
+        for token in (5, 6, 7):
+            forward.planned = planned
+            ours = forward.decode(caches, [token] * len(group))
+            forward.planned = None
+            theirs = forward.decode(copies, [token] * len(group))
+            assert torch.equal(ours, theirs), (group, token)
+        forward.planned = planned
+        for cache, copy in zip(caches, copies, strict=True):
+            assert cache.length == copy.length
+            for a, b in zip(cache.keys + cache.values, copy.keys + copy.values, strict=True):
+                assert torch.equal(a[:, :, : cache.length], b[:, :, : cache.length])
+
+
+PLANNED_VARIANTS = [v for v in VARIANTS if v != "qk_layernorm"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("variant", PLANNED_VARIANTS)
+def test_the_planned_decode_step_gives_the_modules_bits(variant, dtype):
+    model = tiny_model(dtype, **VARIANTS[variant])
+    with torch.inference_mode():
+        assert_planned_step_gives_the_modules_bits(RowForward(model))
+
+
+def test_the_planned_step_runs_the_native_attention_kernel_where_it_is_planned(monkeypatch):
+    """Where the native attention kernel reproduces SDPA (AVX2 and AMD CPUs) both steps run it; forced
+    here (on a CPU where it is not planned both run SDPA), the two still agree bit for bit."""
+    from stablelm.kernels import attention as native
+
+    if native.kernel() is None:
+        pytest.skip("no native attention kernel on this machine (no C compiler or no AVX2)")
+    calls = []
+
+    def plan(*args):
+        calls.append(args)
+        return native.kernel()
+
+    monkeypatch.setattr(native, "plan", plan)
+    model = tiny_model(torch.bfloat16, num_key_value_heads=2)
+    with torch.inference_mode():
+        assert_planned_step_gives_the_modules_bits(RowForward(model))
+    assert calls
+
+
+def test_the_planned_step_is_made_only_where_it_reproduces_the_modules():
+    with torch.inference_mode():
+        assert RowForward(tiny_model(torch.bfloat16)).planned is not None
+        assert RowForward(tiny_model(torch.bfloat16, qk_layernorm=True)).planned is None
+        eager = tiny_model(torch.bfloat16)
+        eager.config.attn_implementation = "eager"
+        assert RowForward(eager).planned is None
+        hooked = tiny_model(torch.bfloat16)
+        seen = []
+        hooked.model.layers[1].mlp.register_forward_hook(lambda *args: seen.append(1))
+        forward = RowForward(hooked)
+        assert forward.planned is None
+        cache, _ = prefilled(forward, PROMPTS[0])
+        forward.decode([cache], [5])
+        assert seen  # the hook ran: the modules' step
+
+
 QUANT_TYPES = ["int8", "int4"]
 
 
@@ -231,6 +301,7 @@ def test_a_quantized_models_rows_are_bit_identical_alone_and_in_any_batch(quant_
         forward = RowForward(model)
         assert forward.invariant_kernels and forward.dtype == dtype
         alone = assert_rows_alone_equal_rows_in_batches(forward)
+        assert_planned_step_gives_the_modules_bits(forward)
         prompt = PROMPTS[0]
         past = DynamicCache()
         own = model(torch.tensor([prompt]), past_key_values=past, logits_to_keep=1).logits[0, -1].float()

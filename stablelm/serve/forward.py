@@ -31,8 +31,10 @@ from ..kernels import call, kernel
 from ..kernels import linear as kernel_plans
 from ..layers import Linear
 from ..quantization.linear import KERNEL_MAX_ROWS, QuantizedLinear
+from ..quantization.linear import check_status as check_quantized
 from ..rope import apply_rotary
 from ..rope_parameters import rope_original_length
+from .planned import PlannedDecode
 
 # Kernels whose arithmetic for a row does not depend on the other rows of the call (nor on the thread
 # count), and the most rows one call of each takes.
@@ -96,27 +98,40 @@ class _RowLinear:
                 last[3].append(bias)
             else:
                 self.calls.append((kind, block, [module.weight], [bias]))
+        # the kernel functions, looked up once (each lookup reads the environment)
+        self.fns = None if self.calls is None else [kernel(kind) for kind, *_ in self.calls]
+        self.widths = [m.out_features for m in modules] if self.quantized else None
+        self._planned: dict[tuple, list[tuple]] = {}  # quantized: (rows, dtype, threads) -> the calls
+        self._dtype_ok: dict[torch.dtype, bool] = {}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.quantized and _quantized_dtype_ok(self.modules, x.dtype):
+        if self.quantized and self._takes(x.dtype):
             return self._quantized(x.contiguous())
         if self.calls is None or self.quantized:
             rows = [torch.cat([m(x[r : r + 1]) for m in self.modules], dim=-1) for r in range(x.shape[0])]
             return torch.cat(rows)
         x = x.contiguous()
         outs = []
-        for kind, block, weights, biases in self.calls:
+        for fn, (kind, block, weights, biases) in zip(self.fns, self.calls, strict=True):
             most = _ROW_INVARIANT[kind] or x.shape[0]
             parts = [
-                call(kernel(kind), kind, x[r : r + most], weights, biases, block)
-                for r in range(0, x.shape[0], most)
+                call(fn, kind, x[r : r + most], weights, biases, block) for r in range(0, x.shape[0], most)
             ]
             outs.append(parts[0] if len(parts) == 1 else torch.cat(parts))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
+    def _takes(self, dtype: torch.dtype) -> bool:
+        """`_quantized_dtype_ok` for these layers, found once per dtype (it reads the environment)."""
+        found = self._dtype_ok.get(dtype)
+        if found is None:
+            found = self._dtype_ok[dtype] = _quantized_dtype_ok(self.modules, dtype)
+        return found
+
     def _quantized(self, x: torch.Tensor) -> torch.Tensor:
         """Quantized layers on their kernels of several rows, KERNEL_MAX_ROWS rows a call, a lone row too
         (`QuantizedLinear.batched`): every row summed alike whatever the call holds."""
+        if x.shape[0] <= KERNEL_MAX_ROWS:
+            return self._quantized_planned(x)
         outs = []
         for module in self.modules:
             parts = []
@@ -127,6 +142,43 @@ class _RowLinear:
                 parts.append(y)
             outs.append(parts[0] if len(parts) == 1 else torch.cat(parts))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+    def _quantized_planned(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, K) contiguous, 1 <= B <= KERNEL_MAX_ROWS: each layer's `batched` kernel call (the same
+        call, so the same bits), its arguments made once per row count, dtype and thread count (each
+        `kernel_call` reads the environment and the CPU's flags), the output's address put in per call."""
+        B = x.shape[0]
+        key = (B, x.dtype, torch.get_num_threads())
+        calls = self._planned.get(key)
+        if calls is None:
+            calls = self._planned[key] = [_batched_call(m, B, x.dtype) for m in self.modules]
+        if not all(m.use_kernels for m in self.modules):
+            raise RuntimeError("stablelm's quantized kernels refused rows they were planned for")
+        out = torch.empty(B, sum(self.widths), dtype=x.dtype)
+        one = len(self.modules) == 1
+        targets = [out] if one else out.split(self.widths, dim=1) if B == 1 else None
+        if targets is None:
+            targets = [torch.empty(B, n, dtype=x.dtype) for n in self.widths]
+        xp = x.data_ptr()
+        for (fn, head, tail), target, m in zip(calls, targets, self.modules, strict=True):
+            status = fn(xp, *head, target.data_ptr(), *tail)
+            if status:
+                check_quantized(status, m.quant_type, B, m.in_features)
+        if B > 1 and not one:
+            torch.cat(targets, dim=1, out=out)
+        return out
+
+
+_Y_SENTINEL = 0x5EED_0F_0A7  # stands for the output's address in a planned call's arguments
+
+
+def _batched_call(module: QuantizedLinear, rows: int, dtype: torch.dtype) -> tuple:
+    """(fn, arguments before the output's address, arguments after it) of `module.batched`'s kernel call
+    for `rows` rows of `dtype` (the output is the call's fifth argument, `kernel_call`'s `y`)."""
+    fn, args = module.kernel_call(rows, module.in_features, _Y_SENTINEL, dtype, batch=True)
+    at = args.index(_Y_SENTINEL)
+    assert at == 4, "QuantizedLinear.kernel_call's arguments moved"
+    return fn, args[:at], args[at + 1 :]
 
 
 def _quantized_on_kernels(module: torch.nn.Module) -> bool:
@@ -247,6 +299,8 @@ class RowForward:
             )
         self.head = _RowLinear((model.lm_head,))
         self._tables = self._rope_tables()
+        # the decode step planned once (`stablelm.serve.planned`), or None: the modules run
+        self.planned = PlannedDecode.build(self)
 
     @property
     def invariant_kernels(self) -> bool:
@@ -307,6 +361,12 @@ class RowForward:
 
     def decode(self, caches: list[RowCache], tokens: list[int]) -> torch.Tensor:
         """One step for many rows: row r feeds `tokens[r]` after what `caches[r]` holds; fp32 logits (B, V)."""
+        if self.planned is not None and not torch.is_grad_enabled():
+            return self.planned(caches, tokens)
+        return self._decode_modules(caches, tokens)
+
+    def _decode_modules(self, caches: list[RowCache], tokens: list[int]) -> torch.Tensor:
+        """`decode` through the model's modules (what `planned` reproduces, and runs where it does not)."""
         B = len(caches)
         x = self.base.embed_tokens(torch.tensor(tokens, device=self.device)[:, None])  # (B, 1, C)
         cos, sin = [], []
