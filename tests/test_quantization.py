@@ -563,3 +563,65 @@ def test_cli_quantize(tmp_path):
         [*run, "info", "-m", str(dense), "--quantize", "int3"], capture_output=True, text=True, env=env
     )
     assert bad.returncode == 2 and "--quantize" in bad.stderr
+
+
+# Prefill's AMX-BF16 kernel (`stablelm_quant_prefill`): the weight made bfloat16 32 outputs at a time in
+# the cache (int4 dequantized as `dequantized` makes it, int8 as q itself, its scale applied to the sums),
+# every (output, row) summed in float32 and rounded once.
+AMX_SHAPES = [(9, 40, 256), (20, 33, 128), (37, 100, 256), (130, 48, 192), (256, 17, 64)]  # rows, N, K
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize(("qtype", "group"), [("int8", 128), ("int4", 64), ("int4", 128)])
+@pytest.mark.parametrize("shape", AMX_SHAPES, ids=str)
+def test_amx_prefill_sums_the_products_in_float32_and_rounds_once(shape, qtype, group, bias, monkeypatch):
+    if not qlinear.amx_prefill():
+        pytest.skip("no AMX-BF16 prefill kernel on this CPU (it needs AMX-BF16 at the avx512 level)")
+    rows, n, k = shape
+    if qtype == "int4" and k % group:
+        group = 64
+    gen = torch.Generator().manual_seed(rows * n + k)
+    w = torch.randn(n, k, generator=gen).bfloat16()
+    b = torch.randn(n, generator=gen).bfloat16() if bias else None
+    layer = QuantizedLinear.from_dense(w, b, quant_type=qtype, group_size=group)
+    x = torch.randn(rows, k, generator=gen).bfloat16()
+    ran = []
+    real = QuantizedLinear._amx_prefill
+
+    def spy(self, lib, r):  # noqa: ANN001, ANN202
+        ran.append(real(self, lib, r))
+        return ran[-1]
+
+    monkeypatch.setattr(QuantizedLinear, "_amx_prefill", spy)
+    with torch.no_grad():
+        y = layer(x)
+    assert len(ran) == 1 and ran[0] is not None and y.dtype == torch.bfloat16 and y.shape == (rows, n)
+    if qtype == "int8":  # q x summed exactly, times the scale
+        weight = layer.weight.double() * layer.weight_scale.double()[:, None]
+    else:
+        weight = layer.dequantized(torch.bfloat16).double()
+    ref = x.double() @ weight.T + (0 if b is None else b.double())
+    spread = x.double().abs() @ weight.abs().T  # bounds float32's summation error
+    assert ((y.double() - ref).abs() <= ref.abs() * 2**-8 + spread * 2**-20).all()
+
+
+def test_amx_prefill_leaves_other_shapes_to_the_dequantized_product(monkeypatch):
+    """K not a multiple of 64 (the kernel declines) and more than AMX_PREFILL_MAX_ROWS rows (torch's product
+    is faster) take the dequantized weight and torch's product; so do float32 rows."""
+    if not qlinear.amx_prefill():
+        pytest.skip("no AMX-BF16 prefill kernel on this CPU (it needs AMX-BF16 at the avx512 level)")
+    gen = torch.Generator().manual_seed(3)
+    ran = []
+    real = QuantizedLinear._amx_prefill
+    monkeypatch.setattr(QuantizedLinear, "_amx_prefill", lambda self, lib, r: ran.append(real(self, lib, r)))
+    for k, rows, dtype in ((96, 20, torch.bfloat16), (128, qlinear.AMX_PREFILL_MAX_ROWS + 1, torch.bfloat16)):
+        layer = QuantizedLinear.from_dense(
+            torch.randn(24, k, generator=gen).bfloat16(), None, quant_type="int8"
+        )
+        x = torch.randn(rows, k, generator=gen).to(dtype)
+        ran.clear()
+        with torch.no_grad():
+            y = layer(x)
+        assert ran == ([None] if k % 64 else [])
+        ref = _reference(layer, x)
+        assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 8e-3

@@ -428,11 +428,13 @@ def _quant_library(isa: str | None) -> ctypes.CDLL | None:
     lib.stablelm_q4_linear.argtypes = [p, i, i, i, i, p, i, p, p, p, i, p, i, i]
     lib.stablelm_q8_dequant.argtypes = [p, p, i, i, i, p, i, i]
     lib.stablelm_q4_dequant.argtypes = [p, p, p, i, i, i, i, p, i, i]
+    lib.stablelm_quant_prefill.argtypes = [p, i, i, i, p, i, p, p, p, p, i, p, i]
     for fn in (
         lib.stablelm_q8_linear,
         lib.stablelm_q4_linear,
         lib.stablelm_q8_dequant,
         lib.stablelm_q4_dequant,
+        lib.stablelm_quant_prefill,
     ):
         fn.restype = ctypes.c_int
     return lib

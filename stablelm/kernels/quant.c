@@ -744,6 +744,30 @@ int stablelm_q4_has_bf16(void) {
 #endif
 }
 
+/* y (M x N) = x (M rows of K, ldx apart) @ dequant(W)^T + b, x, y and b bfloat16, on AMX-BF16 tiles (prefill,
+   quant_prefill_amx): int8 with s (group 0), int4 with sc, mn, group. -1 where it cannot run here (not compiled
+   in, K not a multiple of 32, Linux refused the tiles): then dequantize and multiply. */
+int stablelm_quant_prefill(const void* x, int M, int K, int ldx, void* y, int N, const void* w, const float* s,
+                           const uint16_t* sc, const uint16_t* mn, int group, const void* b, int threads) {
+  if (M <= 0 || K <= 0 || N <= 0 || ldx < K || threads <= 0) return 2;
+  if (group && (group % 64 || K % group)) return 2;
+#if defined(QUANT_AMX_BF16)
+  return quant_prefill_amx((const uint16_t*)x, M, K, ldx, (uint16_t*)y, N, w, s, sc, mn, group, (const uint16_t*)b,
+                           threads);
+#else
+  return -1;
+#endif
+}
+
+/* whether the AMX-BF16 prefill kernel (stablelm_quant_prefill) was compiled in */
+int stablelm_quant_has_amx_bf16(void) {
+#if defined(QUANT_AMX_BF16)
+  return 1;
+#else
+  return 0;
+#endif
+}
+
 /* whether the AMX kernels (XAMX) were compiled in */
 int stablelm_quant_has_amx(void) {
 #if defined(QUANT_AMX)

@@ -1,5 +1,5 @@
 /* Part of quant.c, included there (not compiled alone: it uses quant.c's definitions above the include).
- * 2 to 16 rows of bfloat16 x on AMX tiles (CPUs with AMX-INT8). */
+ * 2 to 16 rows of bfloat16 x on AMX tiles (CPUs with AMX-INT8); many rows (prefill) on AMX-BF16 tiles. */
 
 /* ---- AMX, 2 to 16 rows of bfloat16 x (batches in decoding): integer tiles of the quantized weight -----
    The kernels of several rows above spend float32 FMAs (or vdpbf16ps) per weight and row, so 8 rows ran
@@ -191,6 +191,189 @@ static int quant_amx(const uint16_t* x, int M, int K, int ldx, void* y, int N, c
     _tile_release();
   }
   _mm_free(xq), free(xf), free(x16);
+  return 0;
+}
+#endif
+
+/* ---- AMX-BF16, many rows of bfloat16 x (prefill) -----------------------------------------------------
+   Dequantizing a whole layer into a buffer and multiplying with torch's kernel wrote and read the layer
+   in bfloat16 through memory: prefill ran at 0.67-0.8x of bf16's on a 2-core Xeon. Here each thread
+   takes 32 outputs at a time and, PKC inputs at a time, writes their weights as bfloat16 into 32 KB that
+   stay in its L1 cache, as AMX's A tiles (16 outputs x 32 k): int4 dequantized (the values
+   stablelm_q4_dequant makes, bit for bit), int8 as q itself (exact), its scale applied to the sums. x is
+   laid out once as B tiles (per 32 k, 16 k-pairs x 16 rows; rows past M zero, read from L2), and
+   TDPBF16PS sums each (16 outputs x 16 rows) float32 tile, 2 x 2 tiles at a time, every A tile used for
+   all rows, the tiles kept in a buffer between runs of inputs. So int4's product is the dequantized
+   weight's, as before, summed in float32 in another order; int8's sums q x exactly and then scales,
+   where the dequantized weight was rounded to bfloat16 first. */
+#if defined(QUANT_AMX) && defined(__AMX_BF16__)
+#define QUANT_AMX_BF16 1
+#ifndef PKC
+#define PKC 256 /* inputs dequantized at a time (a multiple of 64) */
+#endif
+#ifndef PMB
+#define PMB 128
+#endif
+
+static void p_tiles_config(void) {
+  qtilecfg_t cfg;
+  memset(&cfg, 0, sizeof(cfg));
+  cfg.palette = 1;
+  for (int t = 0; t < 8; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+  _tile_loadconfig(&cfg);
+}
+
+/* rows [n0, n0 + 32) of W, inputs [k0, k0 + kn), as bfloat16 into a (2 x 16 rows of PKC, rows past N zero): int4
+   dequantized (the values stablelm_q4_dequant makes, bit for bit), int8 q itself */
+static void p_dequant(const void* w, const float* s, const uint16_t* sc, const uint16_t* mn, int group, int K, int N,
+                      int n0, int k0, int kn, uint16_t* a) {
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i low = _mm512_set1_epi16(15);
+  for (int r = 0; r < 32; r++) {
+    uint16_t* o = a + (int64_t)r * PKC;
+    int n = n0 + r;
+    if (n >= N) {
+      memset(o, 0, (size_t)kn * 2);
+      continue;
+    }
+    if (!group) { /* int8: q itself (exact in bfloat16); s[n] multiplies the output (p_store) */
+      const int8_t* q = (const int8_t*)w + (int64_t)n * K + k0;
+      for (int k = 0; k < kn; k += 32)
+        _mm512_store_si512(o + k, (__m512i)_mm512_cvtne2ps_pbh(vload_i8(q + k + 16), vload_i8(q + k)));
+      continue;
+    }
+    int G = K / group; /* int4: the group's 16 values, rounded once, looked up; runs of 64 k */
+    const uint8_t* q = (const uint8_t*)w + (int64_t)n * (K / 2);
+    for (int k = k0; k < k0 + kn; k += 64) {
+      int g = k / group;
+      __m512 v = _mm512_add_ps(_mm512_mul_ps(iota, _mm512_set1_ps(from_bf16(sc[(int64_t)n * G + g]))),
+                               _mm512_set1_ps(from_bf16(mn[(int64_t)n * G + g])));
+      __m512i table = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(v));
+      __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(q + k / 2)));
+      _mm512_store_si512(o + (k - k0), _mm512_permutexvar_epi16(_mm512_and_si512(bytes, low), table));
+      _mm512_store_si512(o + (k - k0) + 32, _mm512_permutexvar_epi16(_mm512_srli_epi16(bytes, 4), table));
+    }
+  }
+}
+
+/* a float32 tile t (16 outputs x 16 rows, rows 64 bytes apart) into y's rows [m0, m0 + mm), outputs [n0, n0 + nn):
+   times s[n] (int8; NULL: 1) plus the bias, rounded to bfloat16 */
+static inline void p_store(const float* t, int m0, int mm, int n0, int nn, uint16_t* y, int N, const float* s,
+                           const uint16_t* b) {
+  const __m512i idx = _mm512_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 208, 224, 240);
+  __mmask16 cols = nn >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << nn) - 1u);
+  __m512 bias = _mm512_setzero_ps();
+  if (b) bias = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(cols, b + n0)), 16));
+  __m512 scale = s ? _mm512_maskz_loadu_ps(cols, s + n0) : _mm512_set1_ps(1.0f);
+  for (int m = 0; m < mm; m++) {
+    __m512 v = _mm512_fmadd_ps(_mm512_i32gather_ps(idx, t + m, 4), scale, bias);
+    _mm256_mask_storeu_epi16(y + (int64_t)(m0 + m) * N + n0, cols, (__m256i)_mm512_cvtneps_pbh(v));
+  }
+}
+
+/* y (M x N, bfloat16) = x (M rows of K, ldx apart, bfloat16) @ dequant(W)^T + b: q8 with s, q4 with sc, mn, group.
+   Each thread takes 32 outputs at a time; for each PKC inputs of them (dequantized into 32 KB, kept in L1),
+   every pair of 16-row chunks of x: its four float32 tiles loaded (or zeroed), summed over those inputs,
+   stored (or, after the last inputs, written out). x's B tiles (M x K bfloat16) are read from L2.
+   M rows of x at once (quant_prefill_amx cuts them into blocks). */
+static int p_rows(const uint16_t* x, int M, int K, int ldx, uint16_t* y, int N, const void* w, const float* s,
+                  const uint16_t* sc, const uint16_t* mn, int group, const uint16_t* b, int threads) {
+  int steps = K / 32, chunks = (M + 15) / 16, pairs = (chunks + 1) / 2;
+  size_t chunk = (size_t)steps * 512; /* bfloat16 elements of one chunk's B tiles */
+  uint16_t* xt = (uint16_t*)_mm_malloc((size_t)pairs * 2 * chunk * 2, 64);
+  if (!xt) return 1;
+  int blocks = (N + 31) / 32, status = 0, team = blocks < threads ? blocks : threads;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int c = 0; c < 2 * pairs; c++) { /* B tiles: chunk c, step k / 32, tile row (k % 32) / 2, column m % 16 */
+    uint32_t* out = (uint32_t*)(xt + (size_t)c * chunk);
+    for (int st = 0; st < steps; st++)
+      for (int r = 0; r < 16; r++)
+        for (int mm = 0; mm < 16; mm++) {
+          int m = c * 16 + mm;
+          uint32_t v = 0;
+          if (m < M) memcpy(&v, x + (int64_t)m * ldx + st * 32 + 2 * r, 4);
+          out[((size_t)st * 16 + r) * 16 + mm] = v;
+        }
+  }
+#pragma omp parallel num_threads(team)
+  {
+    uint16_t* a = (uint16_t*)_mm_malloc((size_t)32 * PKC * 2, 64);
+    float* acc = (float*)_mm_malloc((size_t)pairs * 4 * 256 * 4, 64);
+    float t[4][256] __attribute__((aligned(64)));
+    if (!a || !acc) {
+#pragma omp atomic write
+      status = 1;
+    } else {
+      p_tiles_config();
+#pragma omp for schedule(static)
+      for (int blk = 0; blk < blocks; blk++) {
+        int n0 = blk * 32;
+        for (int k0 = 0; k0 < K; k0 += PKC) {
+          int kn = K - k0 < PKC ? K - k0 : PKC, last = k0 + kn == K;
+          p_dequant(w, s, sc, mn, group, K, N, n0, k0, kn, a);
+          for (int p = 0; p < pairs; p++) {
+            float* cp = acc + (size_t)p * 1024;
+            const uint16_t* b0 = xt + (size_t)(2 * p) * chunk + (size_t)(k0 / 32) * 512;
+            const uint16_t* b1 = b0 + chunk;
+            if (k0 == 0) {
+              _tile_zero(0);
+              _tile_zero(1);
+              _tile_zero(2);
+              _tile_zero(3);
+            } else {
+              _tile_loadd(0, cp, 64);
+              _tile_loadd(1, cp + 256, 64);
+              _tile_loadd(2, cp + 512, 64);
+              _tile_loadd(3, cp + 768, 64);
+            }
+            for (int st = 0; st < kn / 32; st++) {
+              _tile_loadd(4, a + st * 32, PKC * 2);
+              _tile_loadd(5, a + 16 * PKC + st * 32, PKC * 2);
+              _tile_loadd(6, b0 + (size_t)st * 512, 64);
+              _tile_loadd(7, b1 + (size_t)st * 512, 64);
+              _tile_dpbf16ps(0, 4, 6);
+              _tile_dpbf16ps(1, 4, 7);
+              _tile_dpbf16ps(2, 5, 6);
+              _tile_dpbf16ps(3, 5, 7);
+            }
+            if (!last) {
+              _tile_stored(0, cp, 64);
+              _tile_stored(1, cp + 256, 64);
+              _tile_stored(2, cp + 512, 64);
+              _tile_stored(3, cp + 768, 64);
+              continue;
+            }
+            _tile_stored(0, t[0], 64);
+            _tile_stored(1, t[1], 64);
+            _tile_stored(2, t[2], 64);
+            _tile_stored(3, t[3], 64);
+            for (int i = 0; i < 4; i++) {
+              int m0 = (2 * p + (i & 1)) * 16, nb = n0 + (i >> 1) * 16;
+              int mm = M - m0 < 16 ? M - m0 : 16, nn = N - nb < 16 ? N - nb : 16;
+              if (mm > 0 && nn > 0) p_store(t[i], m0, mm, nb, nn, y, N, group ? NULL : s, b);
+            }
+          }
+        }
+      }
+      _tile_release();
+    }
+    _mm_free(a), _mm_free(acc);
+  }
+  _mm_free(xt);
+  return status;
+}
+
+/* Returns -1 where it cannot run (K not a multiple of 64, no tiles), else a status. */
+static int quant_prefill_amx(const uint16_t* x, int M, int K, int ldx, uint16_t* y, int N, const void* w, const float* s,
+                             const uint16_t* sc, const uint16_t* mn, int group, const uint16_t* b, int threads) {
+  if (M < 1 || K % 64 || !q_amx_permitted()) return -1;
+  /* PMB rows at a time (each block dequantizes W again) */
+  int rows = PMB;
+  for (int m0 = 0; m0 < M; m0 += rows) {
+    int mb = M - m0 < rows ? M - m0 : rows;
+    int status = p_rows(x + (int64_t)m0 * ldx, mb, K, ldx, y + (int64_t)m0 * N, N, w, s, sc, mn, group, b, threads);
+    if (status) return status;
+  }
   return 0;
 }
 #endif
