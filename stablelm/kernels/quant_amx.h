@@ -256,17 +256,43 @@ static void p_dequant(const void* w, const float* s, const uint16_t* sc, const u
   }
 }
 
+/* r[i][j] <- r[j][i], 16 x 16 elements of 32 bits */
+static inline void p_transpose(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; i++) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; i++) {
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int i = 0; i < 2; i++)
+    for (int q = 0; q < 4; q++) {
+      t[8 * i + q] = _mm512_shuffle_i32x4(r[8 * i + q], r[8 * i + 4 + q], 0x88);
+      t[8 * i + 4 + q] = _mm512_shuffle_i32x4(r[8 * i + q], r[8 * i + 4 + q], 0xdd);
+    }
+  for (int q = 0; q < 8; q++) {
+    r[q] = _mm512_shuffle_i32x4(t[q], t[8 + q], 0x88);
+    r[8 + q] = _mm512_shuffle_i32x4(t[q], t[8 + q], 0xdd);
+  }
+}
+
 /* a float32 tile t (16 outputs x 16 rows, rows 64 bytes apart) into y's rows [m0, m0 + mm), outputs [n0, n0 + nn):
    times s[n] (int8; NULL: 1) plus the bias, rounded to bfloat16 */
 static inline void p_store(const float* t, int m0, int mm, int n0, int nn, uint16_t* y, int N, const float* s,
                            const uint16_t* b) {
-  const __m512i idx = _mm512_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 208, 224, 240);
   __mmask16 cols = nn >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << nn) - 1u);
   __m512 bias = _mm512_setzero_ps();
   if (b) bias = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(cols, b + n0)), 16));
   __m512 scale = s ? _mm512_maskz_loadu_ps(cols, s + n0) : _mm512_set1_ps(1.0f);
+  __m512i r[16];
+  for (int n = 0; n < 16; n++) r[n] = _mm512_load_si512(t + 16 * n);
+  p_transpose(r); /* r[m]: row m's 16 outputs */
   for (int m = 0; m < mm; m++) {
-    __m512 v = _mm512_fmadd_ps(_mm512_i32gather_ps(idx, t + m, 4), scale, bias);
+    __m512 v = _mm512_fmadd_ps(_mm512_castsi512_ps(r[m]), scale, bias);
     _mm256_mask_storeu_epi16(y + (int64_t)(m0 + m) * N + n0, cols, (__m256i)_mm512_cvtneps_pbh(v));
   }
 }
@@ -285,15 +311,16 @@ static int p_rows(const uint16_t* x, int M, int K, int ldx, uint16_t* y, int N, 
   int blocks = (N + 31) / 32, status = 0, team = blocks < threads ? blocks : threads;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int c = 0; c < 2 * pairs; c++) { /* B tiles: chunk c, step k / 32, tile row (k % 32) / 2, column m % 16 */
-    uint32_t* out = (uint32_t*)(xt + (size_t)c * chunk);
-    for (int st = 0; st < steps; st++)
-      for (int r = 0; r < 16; r++)
-        for (int mm = 0; mm < 16; mm++) {
-          int m = c * 16 + mm;
-          uint32_t v = 0;
-          if (m < M) memcpy(&v, x + (int64_t)m * ldx + st * 32 + 2 * r, 4);
-          out[((size_t)st * 16 + r) * 16 + mm] = v;
-        }
+    uint16_t* out = xt + (size_t)c * chunk;
+    __m512i r[16];
+    for (int st = 0; st < steps; st++) {
+      for (int mm = 0; mm < 16; mm++) { /* row mm's 16 pairs of this step */
+        int m = c * 16 + mm;
+        r[mm] = m < M ? _mm512_loadu_si512(x + (int64_t)m * ldx + st * 32) : _mm512_setzero_si512();
+      }
+      p_transpose(r); /* r[i]: pair i of the 16 rows */
+      for (int i = 0; i < 16; i++) _mm512_store_si512(out + ((size_t)st * 16 + i) * 32, r[i]);
+    }
   }
 #pragma omp parallel num_threads(team)
   {
