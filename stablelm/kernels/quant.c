@@ -235,6 +235,22 @@ static void q8_one_i16(const float* xf, const int16_t* x16, const float* xinv, i
                        int n0, int n1, float* out);
 #endif
 
+#if defined(__AVX512BF16__)
+/* int4 to bfloat16: a group's 16 values (q * scale + minimum, rounded once) as a vpermw table */
+static inline __m512i q4_bf16_table(uint16_t scale, uint16_t minimum) {
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512 v = _mm512_add_ps(_mm512_mul_ps(iota, _mm512_set1_ps(from_bf16(scale))), _mm512_set1_ps(from_bf16(minimum)));
+  return _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(v));
+}
+/* one run of 64 inputs (32 bytes at q: low nibbles inputs 0-31, high 32-63) looked up in `table`, to o */
+static inline void q4_bf16_run(const uint8_t* q, __m512i table, uint16_t* o) {
+  const __m512i low = _mm512_set1_epi16(15);
+  __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)q));
+  _mm512_storeu_si512(o, _mm512_permutexvar_epi16(_mm512_and_si512(bytes, low), table));
+  _mm512_storeu_si512(o + 32, _mm512_permutexvar_epi16(_mm512_srli_epi16(bytes, 4), table));
+}
+#endif
+
 #include "quant_amx.h" /* 2 to 16 rows on AMX tiles (quant_amx) */
 
 int stablelm_q8_linear(const void* x, int type, int M, int K, int ldx, void* y, int N, const int8_t* w,
@@ -707,17 +723,10 @@ int stablelm_q4_dequant(const uint8_t* w, const uint16_t* sc, const uint16_t* mn
     const uint16_t *sr = sc + (size_t)(n0 + r) * G, *mr = mn + (size_t)(n0 + r) * G;
 #if defined(__AVX512BF16__)
     if (type == XBF16) { /* per group, the 16 values as bfloat16 (rounded once), looked up with vpermw */
-      const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-      const __m512i low = _mm512_set1_epi16(15);
       uint16_t* o = (uint16_t*)out + (int64_t)r * K;
       for (int g = 0; g < G; g++) {
-        __m512 v = _mm512_add_ps(_mm512_mul_ps(iota, _mm512_set1_ps(from_bf16(sr[g]))), _mm512_set1_ps(from_bf16(mr[g])));
-        __m512i table = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(v));
-        for (int k0 = g * group; k0 < (g + 1) * group; k0 += 64) {
-          __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(q + k0 / 2)));
-          _mm512_storeu_si512(o + k0, _mm512_permutexvar_epi16(_mm512_and_si512(bytes, low), table));
-          _mm512_storeu_si512(o + k0 + 32, _mm512_permutexvar_epi16(_mm512_srli_epi16(bytes, 4), table));
-        }
+        __m512i table = q4_bf16_table(sr[g], mr[g]);
+        for (int k0 = g * group; k0 < (g + 1) * group; k0 += 64) q4_bf16_run(q + k0 / 2, table, o + k0);
       }
       continue;
     }

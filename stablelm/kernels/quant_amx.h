@@ -227,8 +227,6 @@ static void p_tiles_config(void) {
    dequantized (the values stablelm_q4_dequant makes, bit for bit), int8 q itself */
 static void p_dequant(const void* w, const float* s, const uint16_t* sc, const uint16_t* mn, int group, int K, int N,
                       int n0, int k0, int kn, uint16_t* a) {
-  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i low = _mm512_set1_epi16(15);
   for (int r = 0; r < 32; r++) {
     uint16_t* o = a + (int64_t)r * PKC;
     int n = n0 + r;
@@ -246,12 +244,7 @@ static void p_dequant(const void* w, const float* s, const uint16_t* sc, const u
     const uint8_t* q = (const uint8_t*)w + (int64_t)n * (K / 2);
     for (int k = k0; k < k0 + kn; k += 64) {
       int g = k / group;
-      __m512 v = _mm512_add_ps(_mm512_mul_ps(iota, _mm512_set1_ps(from_bf16(sc[(int64_t)n * G + g]))),
-                               _mm512_set1_ps(from_bf16(mn[(int64_t)n * G + g])));
-      __m512i table = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(v));
-      __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(q + k / 2)));
-      _mm512_store_si512(o + (k - k0), _mm512_permutexvar_epi16(_mm512_and_si512(bytes, low), table));
-      _mm512_store_si512(o + (k - k0) + 32, _mm512_permutexvar_epi16(_mm512_srli_epi16(bytes, 4), table));
+      q4_bf16_run(q + k / 2, q4_bf16_table(sc[(int64_t)n * G + g], mn[(int64_t)n * G + g]), o + (k - k0));
     }
   }
 }
