@@ -7,6 +7,7 @@ Nothing here imports torch (the generation functions import it when called), so 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -155,6 +156,8 @@ def bounded(
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text}")
         too_low = low is not None and (value <= low if open_low else value < low)
         if too_low or (high is not None and value > high):
             raise argparse.ArgumentTypeError(f"expected {wanted}, got {text}")

@@ -83,6 +83,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="prompt tokens run in one step, between the decode steps of the others; a last piece of up to "
         "a quarter of that joins the chunk before it (default: 128)",
     )
+    parser.add_argument(
+        "--admit-wait",
+        type=bounded(float, low=0.0, high=1.0),
+        default=0.05,
+        metavar="F",
+        help="after a step that ended requests, wait up to F times that step's time (at most 0.1 s) for new "
+        "ones before the next step, so that a client's next request is read at once; 0 never waits "
+        "(default: 0.05)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -132,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         prefill_chunk=args.prefill_chunk,
+        admit_wait=args.admit_wait,
         on_failure=failed,
     )
     app = create_app(engine, model_id=model_id, api_key=api_key, chat_variables=chat_variables)

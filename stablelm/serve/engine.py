@@ -15,6 +15,13 @@ raises `QueueFull`). Each step of the engine's thread:
    (incomplete UTF-8 and text that may begin a stop string held back), and sends an `Event` to the
    job's sink; a finished row leaves, and its rows go to the next job waiting.
 
+After a step that ended requests, with rows free and no job waiting for them, the engine waits a moment
+(`admit_wait` of that step's time, at most `ADMIT_WAIT_MAX` seconds; it goes on as soon as a job
+comes) before the next step: a client that sends its next request as soon as it has an answer (a
+worker pool, an agent) is then read at once. Without the wait that request lands a few milliseconds
+into a step that began without it, and under load waits for another's prompt and a decode step first
+(docs/server.md, "Time to first token").
+
 Events reach the asyncio side through `Job.sink` (the app passes `loop.call_soon_threadsafe`). `stop()`
 aborts everything (finish_reason "abort") and ends the thread.
 """
@@ -26,6 +33,7 @@ import ctypes.util
 import secrets
 import sys
 import threading
+import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -69,6 +77,9 @@ class _Prefill:
     done: int = 0
 
 
+ADMIT_WAIT_MAX = 0.1  # seconds: the longest wait for new requests after a step that ended some
+
+
 class Engine:
     """Owns the model and runs the scheduler in a background thread (see the module docstring).
 
@@ -79,6 +90,8 @@ class Engine:
         max_queue: Most jobs waiting for rows.
         prefill_chunk: Prompt tokens run in one step; a last piece of at most a quarter of that goes with
             the chunk before it (a 129-token prompt is one chunk of 129 at the default 128).
+        admit_wait: After a step that ended requests, how long to wait for new ones before the next
+            step, as a fraction of that step's time (at most `ADMIT_WAIT_MAX` seconds); 0: never wait.
         on_failure: Called (from the engine's thread) if loading fails; the error is kept in `error`.
     """
 
@@ -89,6 +102,7 @@ class Engine:
         max_batch: int = 8,
         max_queue: int = 64,
         prefill_chunk: int = 128,
+        admit_wait: float = 0.05,
         on_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
         for name, value in (
@@ -98,6 +112,13 @@ class Engine:
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if (
+            isinstance(admit_wait, bool)
+            or not isinstance(admit_wait, (int, float))
+            or not 0 <= admit_wait <= 1
+        ):
+            raise ValueError(f"admit_wait must be a number from 0 to 1, got {admit_wait!r}.")
+        self.admit_wait = float(admit_wait)
         self._load = load
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self._on_failure = on_failure
@@ -237,8 +258,13 @@ class Engine:
 
     def _loop(self) -> None:
         trimmed = True
+        wait_for_new = 0.0  # seconds: after a step that ended requests, how long to wait for new ones
         while True:
             with self._cond:
+                if wait_for_new > 0 and self._free_rows > 0 and not self._waiting:
+                    self._cond.wait_for(
+                        lambda: self._admitted or self._stop_requested or self._wake, timeout=wait_for_new
+                    )
                 while not (
                     self._stop_requested or self._wake or self._admitted or self._prefilling or self._rows
                 ):
@@ -255,6 +281,7 @@ class Engine:
                 self._prefilling.extend(_Prefill(job, None) for job in self._admitted)
                 self._admitted.clear()
             self.counters["steps"] += 1
+            started = time.perf_counter()
             if self._prefilling:
                 self._guarded([self._prefilling[0].job], self._prefill_step)
             decoding = [row for row in self._rows if row.token is not None and row.finish is None]
@@ -266,6 +293,9 @@ class Engine:
                 self._rows = [row for row in self._rows if row.finish is None]
                 with self._cond:
                     self._recount()
+            wait_for_new = (
+                min(ADMIT_WAIT_MAX, self.admit_wait * (time.perf_counter() - started)) if finished else 0.0
+            )
 
     def _guarded(self, jobs: list[Job], work: Callable[[], None]) -> None:
         """Run `work`; if it raises, fail `jobs` (their rows go) and keep serving the others."""
