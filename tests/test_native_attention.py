@@ -145,12 +145,14 @@ def test_a_score_that_is_not_finite_is_left_to_torch(bad):
         dict(length=41),  # beyond the cache's 40 slots
         dict(Hkv=3),  # 8 heads do not share 3 kv heads evenly
         dict(lanes=4),  # a softmax width that is neither AVX2's nor AVX-512's
+        dict(order=2),  # an MKL order the kernel does not know
     ],
 )
 def test_bad_arguments_are_refused_with_nothing_written(change, monkeypatch):
     fn = attention.kernel()
     p = {"B": 1, "H": 8, "Hkv": 8, "D": 64, "length": 10, "lanes": 8, **change}
     monkeypatch.setattr(attention, "softmax_lanes", lambda: p["lanes"])
+    monkeypatch.setattr(attention, "mkl_order", lambda: p.get("order", 0))
     D, Hkv = p["D"], p["Hkv"]
     q = torch.zeros(1, 8, 1, D, dtype=torch.bfloat16)
     keys = torch.zeros(1, Hkv, 40, D, dtype=torch.bfloat16)
@@ -165,15 +167,17 @@ def test_no_plan_for_other_dtypes_or_layouts():
     assert attention.plan(torch.bfloat16, 8, 8, 12, 12**-0.5) is None
 
 
-# MKL's order as the kernel computes it: AMD's CPUs only (see `attention.mkl_order`)
+# MKL's order as the kernel computes it: its AVX2 code, on AMD's CPUs (order 0) or Intel's (order 1); see
+# `attention.mkl_order`
 _AMD = kernels.cpu_vendor() == "AuthenticAMD"
+_INTEL = kernels.cpu_vendor() == "GenuineIntel"
 
 _PLANNED = """
 import torch
 from stablelm import kernels
 from stablelm.kernels import attention
 print("capability", torch.backends.cpu.get_cpu_capability(), "isa", kernels.selected_isa())
-print("lanes", attention.softmax_lanes())
+print("lanes", attention.softmax_lanes(), "order", attention.mkl_order())
 print("planned", all(attention.plan(torch.bfloat16, *layout, layout[2] ** -0.5) is not None
                      for layout in [(32, 32, 80), (12, 12, 64), (32, 8, 64)]))
 """
@@ -181,9 +185,17 @@ print("planned", all(attention.plan(torch.bfloat16, *layout, layout[2] ** -0.5) 
 
 @needs_kernels
 def test_a_cpu_whose_torch_runs_avx2_kernels_gets_the_native_attention():
-    # torch as it runs on an AVX2-only CPU (8-lane softmax), with our AVX2 build
-    out = _run_isolated(_PLANNED, {"STABLELM_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2"})
-    assert "capability AVX2 isa avx2" in out and "lanes 8" in out and f"planned {_AMD}" in out, out
+    # torch as it runs on an AVX2-only CPU (8-lane softmax), with our AVX2 build; on an Intel CPU with
+    # AVX-512 MKL runs its AVX-512 code (no native attention) unless capped at AVX2, as on Intel's AVX2 CPUs
+    uncapped = {"MKL_ENABLE_INSTRUCTIONS": ""}  # MKL's best code for the CPU, whatever the caller's setting
+    out = _run_isolated(_PLANNED, {"STABLELM_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", **uncapped})
+    avx512 = "avx512f" in kernels.cpu_flags()
+    assert "capability AVX2 isa avx2" in out and "lanes 8" in out, out
+    assert f"planned {_AMD or (_INTEL and not avx512)}" in out, out
+    if _AMD or _INTEL:
+        env = {"STABLELM_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+        out = _run_isolated(_PLANNED, env)
+        assert f"order {0 if _AMD else 1}" in out and "planned True" in out, out
 
 
 @pytest.mark.skipif("avx512" not in LEVELS, reason="needs an x86-64 CPU with AVX-512 and a C compiler")
@@ -191,26 +203,83 @@ def test_a_cpu_whose_torch_runs_avx2_kernels_gets_the_native_attention():
 def test_a_cpu_whose_torch_runs_avx512_kernels_gets_the_native_attention(isa):
     # torch's own AVX-512 kernels (16-lane softmax; MKL's products as on AVX2 CPUs), with either build of
     # ours: the best one for the machine and the forced lower one
-    out = _run_isolated(_PLANNED, {"STABLELM_ISA": isa})
+    out = _run_isolated(_PLANNED, {"STABLELM_ISA": isa, "MKL_ENABLE_INSTRUCTIONS": ""})
     assert f"capability AVX512 isa {isa}" in out and "lanes 16" in out and f"planned {_AMD}" in out, out
 
 
-def test_no_native_attention_on_intel_cpus(monkeypatch):
-    # MKL's products are summed otherwise on Intel's CPUs (a Xeon with AMX: 1-5% of random cases one ulp
-    # away, some passing the probes): torch's SDPA there, whatever the probes say
-    attention._PLANS.clear()
-    monkeypatch.setattr(attention, "cpu_vendor", lambda: "GenuineIntel")
+_INTEL_AVX2_BITS = """
+import torch
+from stablelm.kernels import attention
+torch.set_num_threads(THREADS)
+assert attention.mkl_order() == 1, attention.mkl_order()
+fn = attention.kernel()
+gen = torch.Generator().manual_seed(THREADS)
+bad = total = 0
+for H, Hkv, D in [(12, 12, 64), (32, 32, 80), (8, 2, 64), (4, 1, 160)]:
+    for length in [1, 3, 5, 8, 13, 37, 176, 511, 512, 513, 515, 1025]:
+        for spread in (3.0, 1.0):
+            q = (torch.randn(2, H, 1, D, generator=gen) * spread).bfloat16()
+            keys = (torch.randn(2, Hkv, length, D, generator=gen) * spread).bfloat16()
+            values = torch.randn(2, Hkv, length, D, generator=gen).bfloat16()
+            mask = torch.rand(2, length, generator=gen) > 0.3
+            mask[:, -1] = True
+            for m in (None, mask):
+                want = attention._sdpa(q, keys, values, m, D**-0.5)
+                got = torch.empty(2, H * D, dtype=torch.bfloat16)
+                assert attention.run(fn, q, keys, values, length, m, got, D**-0.5) == 0
+                bad += int((got != want).view(2, H, D).any(-1).sum())
+                total += 2 * H
+print("differing", bad, "of", total)
+"""
+
+
+@needs_kernels
+@pytest.mark.skipif(not _INTEL, reason="MKL's AVX2 code as it runs on Intel's CPUs")
+@pytest.mark.parametrize("threads, capability", [(1, "avx2"), (2, "default")])
+def test_on_intel_cpus_with_mkls_avx2_code_the_kernel_gives_sdpas_bits(threads, capability):
+    # MKL capped at AVX2 runs the code it runs on Intel's AVX2 CPUs. The AMD order differs from it in
+    # ~0.3% of these heads (about 20 of the 5,000 here), so the count below tells the two apart.
+    env = {"STABLELM_ISA": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    if capability == "avx2":
+        env["ATEN_CPU_CAPABILITY"] = "avx2"
+    out = _run_isolated(_INTEL_AVX2_BITS.replace("THREADS", str(threads)), env)
+    assert "differing 0 of" in out, out
+
+
+def test_which_order_each_cpu_gets(monkeypatch):
+    # AMD: MKL's AVX2 code as on AMD (0). Intel: its AVX2 code as on Intel (1) where MKL runs that (no
+    # AVX-512, or MKL_ENABLE_INSTRUCTIONS=AVX2); with AVX-512 it runs other code: SDPA there, whatever
+    # the probes say (a Xeon with AMX: 1-5% of random cases one ulp away, some passing the probes)
+    cases = [
+        ("AuthenticAMD", {"avx2", "fma", "avx512f"}, None, 0),
+        ("AuthenticAMD", {"avx2", "fma"}, None, 0),
+        ("GenuineIntel", {"avx2", "fma"}, None, 1),
+        ("GenuineIntel", {"avx2", "fma", "avx512f"}, None, None),
+        ("GenuineIntel", {"avx2", "fma", "avx512f"}, "avx2", 1),
+        ("GenuineIntel", {"avx2", "fma", "avx512f"}, "AVX512", None),
+        ("GenuineIntel", {"avx"}, None, None),
+        ("", {"avx2", "fma"}, None, None),
+    ]
     monkeypatch.setattr(attention, "_reproduces_torch", lambda *args: True)
     try:
-        assert not attention.mkl_order()
-        for layout in [(32, 32, 80), (12, 12, 64), (32, 8, 64), (4, 4, 128)]:
-            assert attention.plan(torch.bfloat16, *layout, layout[2] ** -0.5) is None
-        monkeypatch.setattr(attention, "cpu_vendor", lambda: "AuthenticAMD")
-        attention._PLANS.clear()
-        assert attention.mkl_order()
-        if attention.kernel() is not None and attention.softmax_lanes() is not None:
-            assert attention.plan(torch.bfloat16, 12, 12, 64, 0.125) is not None
+        for vendor, flags, mkl, order in cases:
+            monkeypatch.setattr(attention, "cpu_vendor", lambda v=vendor: v)
+            monkeypatch.setattr(attention, "cpu_flags", lambda f=flags: frozenset(f))
+            if mkl is None:
+                monkeypatch.delenv("MKL_ENABLE_INSTRUCTIONS", raising=False)
+            else:
+                monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", mkl)
+            attention.mkl_order.cache_clear()
+            attention._PLANS.clear()
+            assert attention.mkl_order() == order, (vendor, flags, mkl)
+            planned = attention.plan(torch.bfloat16, 12, 12, 64, 0.125) is not None
+            if order is None:
+                assert not planned
+            elif attention.kernel() is not None and attention.softmax_lanes() is not None:
+                assert planned
     finally:
+        monkeypatch.undo()
+        attention.mkl_order.cache_clear()
         attention._PLANS.clear()
 
 

@@ -15,9 +15,10 @@
  *   their lanes summed by halves (8 lanes: ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)); 16: l + l[+8]
  *   first), the last n % lanes by std::exp added one by one; the exponentials rounded to bfloat16; a later
  *   block rescales the running sum (one FMA) and the running output by exp(old max - new max);
- * - values: p . v in MKL's order for (N, N, m = D, n = 1, k = keys): per group of four keys
- *   (t0 + t2) + (t1 + t3), added to the sum in order; the last n % 4 keys added last one first; a later
- *   block's added to the running output as they go (MKL with beta = 1);
+ * - values: p . v in MKL's order for (N, N, m = D, n = 1, k = keys), which `order` says: 0, MKL's AVX2
+ *   code on AMD's CPUs: per group of four keys (t0 + t2) + (t1 + t3), added to the sum in order; the last
+ *   n % 4 keys added last one first; a later block's added to the running output as they go (MKL with
+ *   beta = 1); 1, its AVX2 code on Intel's CPUs (`values_intel`): four running sums over the keys;
  * - the sum's reciprocal times that, rounded to bfloat16.
  *
  * These orders were found by probing MKL with cancelling inputs (see docs/speed.md); a caller uses this
@@ -163,6 +164,36 @@ static void values(const uint16_t* p, const uint16_t* v, int n, int D, float* ac
   }
 }
 
+/* the same sums in the order of MKL's AVX2 code on Intel's CPUs (found by calling its
+ * cblas_gemm_bf16bf16f32 with MKL_ENABLE_INSTRUCTIONS=AVX2 on a Xeon): four running sums over the keys
+ * l % 4 of the first n / 4 * 4 keys, added (s0 + s2) + (s1 + s3); a later block's (beta = 1) added to acc
+ * after that; the leftover keys then added in order */
+static void values_intel(const uint16_t* p, const uint16_t* v, int n, int D, float* acc, int first,
+                         const uint16_t* next) {
+  float s[4][MAX_D];
+  for (int j = 0; j < 4; j++)
+    for (int d = 0; d < D; d += 8) _mm256_storeu_ps(s[j] + d, _mm256_setzero_ps());
+  int groups = n / 4 * 4;
+  if (next && groups < n) prefetch_span((const char*)(next + (int64_t)groups * D), 2 * (int64_t)(n - groups) * D);
+  for (int l = 0; l < groups; l += 4) {
+    if (next) prefetch_span((const char*)(next + (int64_t)l * D), 8 * D);
+    for (int j = 0; j < 4; j++) {
+      __m256 pj = _mm256_set1_ps(from_bf16(p[l + j]));
+      const uint16_t* vj = v + (int64_t)(l + j) * D;
+      for (int d = 0; d < D; d += 8)
+        _mm256_storeu_ps(s[j] + d, _mm256_add_ps(_mm256_loadu_ps(s[j] + d), _mm256_mul_ps(load8_bf16(vj + d), pj)));
+    }
+  }
+  for (int d = 0; d < D; d += 8) {
+    __m256 r = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(s[0] + d), _mm256_loadu_ps(s[2] + d)),
+                             _mm256_add_ps(_mm256_loadu_ps(s[1] + d), _mm256_loadu_ps(s[3] + d)));
+    if (!first) r = _mm256_add_ps(_mm256_loadu_ps(acc + d), r);
+    for (int l = groups; l < n; l++)
+      r = _mm256_add_ps(r, _mm256_mul_ps(load8_bf16(v + (int64_t)l * D + d), _mm256_set1_ps(from_bf16(p[l]))));
+    _mm256_storeu_ps(acc + d, r);
+  }
+}
+
 /* exp(qk[i..i+8) - max) by fexp_u20, into *acc, stored to pb in bfloat16 */
 static inline void exp8(const float* qk, __m256 vmax, __m256* acc, uint16_t* pb) {
   __m256 e = fexp_u20(_mm256_sub_ps(_mm256_loadu_ps(qk), vmax));
@@ -210,7 +241,8 @@ static float block_softmax(const float* qk, int n, float run_max, float* mx_out,
  * see) or NULL; out (D) bfloat16. Blocks of KV_SPLIT keys as torch's online softmax takes them. 0, or 4 on
  * a score that is not finite. */
 static int one_head(const uint16_t* q, const uint16_t* k, const uint16_t* v, int length, const uint8_t* mask,
-                    int D, float scale, int lanes, uint16_t* out, const uint16_t* next_k, const uint16_t* next_v) {
+                    int D, float scale, int lanes, int order, uint16_t* out, const uint16_t* next_k,
+                    const uint16_t* next_v) {
   float qk[KV_SPLIT], dst[MAX_D];
   uint16_t pb[KV_SPLIT];
   float run_max = -INFINITY, run_sum = 0.0f;
@@ -231,22 +263,23 @@ static int one_head(const uint16_t* q, const uint16_t* k, const uint16_t* v, int
         for (int d = 0; d < D; d += 8)
           _mm256_storeu_ps(dst + d, _mm256_mul_ps(_mm256_loadu_ps(dst + d), _mm256_set1_ps(rescale)));
     }
-    values(pb, v + (int64_t)n0 * D, n, D, dst, n0 == 0, next_v ? next_v + (int64_t)n0 * D : 0);
+    (order ? values_intel : values)(pb, v + (int64_t)n0 * D, n, D, dst, n0 == 0, next_v ? next_v + (int64_t)n0 * D : 0);
   }
   float r = 1.0f / (run_sum == 0.0f ? 1.0f : run_sum);
   for (int d = 0; d < D; d += 8) store8_bf16(out + d, _mm256_mul_ps(_mm256_loadu_ps(dst + d), _mm256_set1_ps(r)));
   return 0;
 }
 
-/* out[b, h*D + d] = attention of q[b, h] (at q + b*q_sb + h*q_sh) over the first `length` slots of the
+/* `order`: MKL's order of the values' sums (0: its AVX2 code on AMD's CPUs, 1: on Intel's; see the top).
+ * out[b, h*D + d] = attention of q[b, h] (at q + b*q_sb + h*q_sh) over the first `length` slots of the
  * cache kc/vc [B, Hkv, slots, D] (head h reads kv head h / (H / Hkv)), mask [B, mask_sb] bytes or NULL;
  * out [B, out_sb]. OpenMP over the B*H (row, head) pairs, in runs of consecutive ones. */
 int stablelm_decode_attention_bf16(const uint16_t* q, int64_t q_sb, int64_t q_sh, const uint16_t* kc,
                                    const uint16_t* vc, int64_t slots, int64_t length, const uint8_t* mask,
                                    int64_t mask_sb, uint16_t* out, int64_t out_sb, int B, int H, int Hkv, int D,
-                                   float scale, int lanes, int threads) {
+                                   float scale, int lanes, int order, int threads) {
   if (B < 1 || H < 1 || Hkv < 1 || H % Hkv || D < 8 || D % 8 || D > MAX_D || length < 1 || length > slots ||
-      threads < 1 || length > (int64_t)1 << 30 || (lanes != 8 && lanes != 16))
+      threads < 1 || length > (int64_t)1 << 30 || (lanes != 8 && lanes != 16) || (order != 0 && order != 1))
     return 2;
   int items = B * H, group = H / Hkv, status = 0, teams = items < threads ? items : threads;
   /* each thread takes a run of consecutive (row, head) items; the keys and values of its next item are
@@ -268,7 +301,7 @@ int stablelm_decode_attention_bf16(const uint16_t* q, int64_t q_sb, int64_t q_sh
         prefetch_span((const char*)(vc + kv), 2 * length * D);
       }
       int st = one_head(q + b * q_sb + h * q_sh, kc + kv, vc + kv, (int)length, mask ? mask + b * mask_sb : 0,
-                        D, scale, lanes, out + b * out_sb + (int64_t)h * D, nk, nv);
+                        D, scale, lanes, order, out + b * out_sb + (int64_t)h * D, nk, nv);
       if (st) {
         _Pragma("omp atomic write") status = st;
       }

@@ -11,20 +11,22 @@ is told (`softmax_lanes`). Whether it gives torch's bits on this machine (its to
 checked once per head layout, scale and thread count against `F.scaled_dot_product_attention` itself, on
 probes of several lengths (within and across torch's blocks of 512 keys), with and without a mask, whose
 scores spread wide enough that any other order shows; a layout the kernel does not reproduce keeps
-torch's kernel. On Intel CPUs MKL runs other code, which the kernel does not reproduce: no native
-attention there (`mkl_order`).
+torch's kernel. MKL's AVX2 code sums the values otherwise on Intel's CPUs than on AMD's, and the kernel
+is told which (`mkl_order`); where MKL runs its AVX-512 code on Intel's CPUs, the kernel does not
+reproduce it: no native attention there.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 from functools import cache
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from . import X86_LEVELS, cpu_vendor, load, selected_isa
+from . import X86_LEVELS, cpu_flags, cpu_vendor, load, selected_isa
 
 SOURCE = Path(__file__).with_name("attention.c")
 # Key counts the probes cover: vector and leftover paths, groups of four, and torch's blocks of 512.
@@ -39,7 +41,7 @@ def _library(isa: str | None) -> ctypes.CDLL | None:
         return None
     p, i64, i = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     fn = lib.stablelm_decode_attention_bf16
-    fn.argtypes = [p, i64, i64, p, p, i64, i64, p, i64, p, i64, i, i, i, i, ctypes.c_float, i, i]
+    fn.argtypes = [p, i64, i64, p, p, i64, i64, p, i64, p, i64, i, i, i, i, ctypes.c_float, i, i, i]
     fn.restype = ctypes.c_int
     return lib
 
@@ -50,13 +52,23 @@ def kernel():  # noqa: ANN201 - a ctypes function, or None
     return None if lib is None else lib.stablelm_decode_attention_bf16
 
 
-def mkl_order() -> bool:
-    """Whether MKL sums the attention's products here in the order the kernel computes: its AVX2 code as
-    it runs on AMD's CPUs (measured on EPYCs with AVX2 only and with AVX-512). On Intel's it runs other
-    code: on a Xeon with AMX, 1-5% of random one-query cases (every head layout tried, with torch's
-    AVX-512 or AVX2 kernels, MKL capped at AVX2 or not) came out one ulp away, and a layout whose probes
-    all matched by chance was wrong at other lengths (measured 2026-12-05), so no native attention there."""
-    return cpu_vendor() == "AuthenticAMD"
+@cache
+def mkl_order() -> int | None:
+    """How MKL sums the attention's products here, as the kernel's `order`: 0 for its AVX2 code as it runs
+    on AMD's CPUs (measured on EPYCs with AVX2 only and with AVX-512), 1 for its AVX2 code as it runs on
+    Intel's (CPUs without AVX-512, or MKL_ENABLE_INSTRUCTIONS=AVX2; found by calling MKL's
+    cblas_gemm_bf16bf16f32 on a Xeon with its instructions capped at AVX2); None where it runs other code
+    (Intel's AVX-512 code: on a Xeon with AMX 1-5% of random one-query cases came out one ulp away from
+    the AVX2 orders, and a layout whose probes all matched by chance was wrong at other lengths), so no
+    native attention there."""
+    vendor = cpu_vendor()
+    if vendor == "AuthenticAMD":
+        return 0
+    if vendor == "GenuineIntel" and {"avx2", "fma"} <= cpu_flags():
+        capped = os.environ.get("MKL_ENABLE_INSTRUCTIONS", "").strip().upper() == "AVX2"
+        if capped or "avx512f" not in cpu_flags():
+            return 1
+    return None
 
 
 @cache
@@ -71,7 +83,11 @@ def plan(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, scale: fl
     module docstring). Made once per dtype, layout, scale and thread count."""
     key = (dtype, heads, kv_heads, head_dim, float(scale), torch.get_num_threads())
     if key not in _PLANS:
-        fn = kernel() if softmax_lanes() is not None and dtype == torch.bfloat16 and mkl_order() else None
+        fn = (
+            kernel()
+            if softmax_lanes() is not None and dtype == torch.bfloat16 and mkl_order() is not None
+            else None
+        )
         usable = (
             fn is not None
             and dtype == torch.bfloat16
@@ -96,7 +112,8 @@ def run(
     return fn(
         q.data_ptr(), q.stride(0), q.stride(1), keys.data_ptr(), values.data_ptr(), slots, length,
         None if mask is None else mask.data_ptr(), 0 if mask is None else mask.stride(0),
-        out.data_ptr(), out.stride(0), B, H, Hkv, D, scale, softmax_lanes() or 8, torch.get_num_threads(),
+        out.data_ptr(), out.stride(0), B, H, Hkv, D, scale, softmax_lanes() or 8, mkl_order() or 0,
+        torch.get_num_threads(),
     )  # fmt: skip
 
 
