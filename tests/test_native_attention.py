@@ -145,7 +145,7 @@ def test_a_score_that_is_not_finite_is_left_to_torch(bad):
         dict(length=41),  # beyond the cache's 40 slots
         dict(Hkv=3),  # 8 heads do not share 3 kv heads evenly
         dict(lanes=4),  # a softmax width that is neither AVX2's nor AVX-512's
-        dict(order=2),  # an MKL order the kernel does not know
+        dict(order=3),  # an MKL order the kernel does not know
     ],
 )
 def test_bad_arguments_are_refused_with_nothing_written(change, monkeypatch):
@@ -207,11 +207,11 @@ def test_a_cpu_whose_torch_runs_avx512_kernels_gets_the_native_attention(isa):
     assert f"capability AVX512 isa {isa}" in out and "lanes 16" in out and f"planned {_AMD}" in out, out
 
 
-_INTEL_AVX2_BITS = """
+_INTEL_BITS = """
 import torch
 from stablelm.kernels import attention
 torch.set_num_threads(THREADS)
-assert attention.mkl_order() == 1, attention.mkl_order()
+assert attention.mkl_order() == ORDER, attention.mkl_order()
 fn = attention.kernel()
 gen = torch.Generator().manual_seed(THREADS)
 bad = total = 0
@@ -234,29 +234,47 @@ print("differing", bad, "of", total)
 
 
 @needs_kernels
-@pytest.mark.skipif(not _INTEL, reason="MKL's AVX2 code as it runs on Intel's CPUs")
-@pytest.mark.parametrize("threads, capability", [(1, "avx2"), (2, "default")])
-def test_on_intel_cpus_with_mkls_avx2_code_the_kernel_gives_sdpas_bits(threads, capability):
-    # MKL capped at AVX2 runs the code it runs on Intel's AVX2 CPUs. The AMD order differs from it in
-    # ~0.3% of these heads (about 20 of the 5,000 here), so the count below tells the two apart.
-    env = {"STABLELM_ISA": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+@pytest.mark.skipif(not _INTEL, reason="MKL's code as it runs on Intel's CPUs")
+@pytest.mark.parametrize(
+    "mkl, order, threads, capability",
+    [
+        ("AVX2", 1, 1, "avx2"),
+        ("AVX2", 1, 2, "default"),
+        ("AVX512", 2, 1, "default"),
+        ("AVX512_E1", 2, 2, "default"),
+    ],
+)
+def test_on_intel_cpus_with_mkls_avx2_or_avx512_code_the_kernel_gives_sdpas_bits(
+    mkl, order, threads, capability
+):
+    # MKL capped at AVX2 (or AVX-512 without BF16) runs the code it runs on Intel's AVX2 CPUs (on Intel's
+    # AVX-512 CPUs before Cooper Lake). The other orders differ from it in ~0.3% of these heads (about 15
+    # of the 5,000 here), so the count below tells them apart.
+    if mkl.startswith("AVX512") and "avx512f" not in kernels.cpu_flags():
+        pytest.skip("MKL's AVX-512 code needs an AVX-512 CPU")
+    env = {"STABLELM_ISA": "avx2", "MKL_ENABLE_INSTRUCTIONS": mkl}
     if capability == "avx2":
         env["ATEN_CPU_CAPABILITY"] = "avx2"
-    out = _run_isolated(_INTEL_AVX2_BITS.replace("THREADS", str(threads)), env)
+    code = _INTEL_BITS.replace("THREADS", str(threads)).replace("ORDER", str(order))
+    out = _run_isolated(code, env)
     assert "differing 0 of" in out, out
 
 
 def test_which_order_each_cpu_gets(monkeypatch):
     # AMD: MKL's AVX2 code as on AMD (0). Intel: its AVX2 code as on Intel (1) where MKL runs that (no
-    # AVX-512, or MKL_ENABLE_INSTRUCTIONS=AVX2); with AVX-512 it runs other code: SDPA there, whatever
-    # the probes say (a Xeon with AMX: 1-5% of random cases one ulp away, some passing the probes)
+    # AVX-512, or MKL_ENABLE_INSTRUCTIONS=AVX2), its AVX-512 code (2) on AVX-512 CPUs without BF16 (or
+    # capped so); with AVX512-BF16 or AMX it runs other code: SDPA there, whatever the probes say (a Xeon
+    # with AMX: 1-5% of random cases one ulp away, some passing the probes)
     cases = [
         ("AuthenticAMD", {"avx2", "fma", "avx512f"}, None, 0),
         ("AuthenticAMD", {"avx2", "fma"}, None, 0),
         ("GenuineIntel", {"avx2", "fma"}, None, 1),
-        ("GenuineIntel", {"avx2", "fma", "avx512f"}, None, None),
-        ("GenuineIntel", {"avx2", "fma", "avx512f"}, "avx2", 1),
-        ("GenuineIntel", {"avx2", "fma", "avx512f"}, "AVX512", None),
+        ("GenuineIntel", {"avx2", "fma", "avx512f"}, None, 2),
+        ("GenuineIntel", {"avx2", "fma", "avx512f", "avx512_bf16"}, None, None),
+        ("GenuineIntel", {"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"}, None, None),
+        ("GenuineIntel", {"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"}, "avx2", 1),
+        ("GenuineIntel", {"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"}, "AVX512_E1", 2),
+        ("GenuineIntel", {"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"}, "AVX512_E3", None),
         ("GenuineIntel", {"avx"}, None, None),
         ("", {"avx2", "fma"}, None, None),
     ]

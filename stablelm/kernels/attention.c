@@ -18,7 +18,8 @@
  * - values: p . v in MKL's order for (N, N, m = D, n = 1, k = keys), which `order` says: 0, MKL's AVX2
  *   code on AMD's CPUs: per group of four keys (t0 + t2) + (t1 + t3), added to the sum in order; the last
  *   n % 4 keys added last one first; a later block's added to the running output as they go (MKL with
- *   beta = 1); 1, its AVX2 code on Intel's CPUs (`values_intel`): four running sums over the keys;
+ *   beta = 1); 1, its AVX2 code on Intel's CPUs (`values_intel`): four running sums over the keys; 2, its
+ *   AVX-512 code without AVX512-BF16 on Intel's CPUs: two running sums;
  * - the sum's reciprocal times that, rounded to bfloat16.
  *
  * These orders were found by probing MKL with cancelling inputs (see docs/speed.md); a caller uses this
@@ -164,20 +165,21 @@ static void values(const uint16_t* p, const uint16_t* v, int n, int D, float* ac
   }
 }
 
-/* the same sums in the order of MKL's AVX2 code on Intel's CPUs (found by calling its
- * cblas_gemm_bf16bf16f32 with MKL_ENABLE_INSTRUCTIONS=AVX2 on a Xeon): four running sums over the keys
- * l % 4 of the first n / 4 * 4 keys, added (s0 + s2) + (s1 + s3); a later block's (beta = 1) added to acc
- * after that; the leftover keys then added in order */
+/* the same sums in the order of MKL's code on Intel's CPUs (found by calling its cblas_gemm_bf16bf16f32 on
+ * a Xeon with MKL_ENABLE_INSTRUCTIONS=AVX2, and =AVX512 for its AVX-512 code without AVX512-BF16):
+ * `sums` running sums over the keys l % sums of the first n / sums * sums keys (4 for its AVX2 code, 2 for
+ * its AVX-512 code), added by halves ((s0 + s2) + (s1 + s3), or s0 + s1); a later block's (beta = 1) added
+ * to acc after that; the leftover keys then added in order */
 static void values_intel(const uint16_t* p, const uint16_t* v, int n, int D, float* acc, int first,
-                         const uint16_t* next) {
+                         const uint16_t* next, int sums) {
   float s[4][MAX_D];
-  for (int j = 0; j < 4; j++)
+  for (int j = 0; j < sums; j++)
     for (int d = 0; d < D; d += 8) _mm256_storeu_ps(s[j] + d, _mm256_setzero_ps());
-  int groups = n / 4 * 4;
+  int groups = n / sums * sums;
   if (next && groups < n) prefetch_span((const char*)(next + (int64_t)groups * D), 2 * (int64_t)(n - groups) * D);
-  for (int l = 0; l < groups; l += 4) {
-    if (next) prefetch_span((const char*)(next + (int64_t)l * D), 8 * D);
-    for (int j = 0; j < 4; j++) {
+  for (int l = 0; l < groups; l += sums) {
+    if (next) prefetch_span((const char*)(next + (int64_t)l * D), 2 * sums * D);
+    for (int j = 0; j < sums; j++) {
       __m256 pj = _mm256_set1_ps(from_bf16(p[l + j]));
       const uint16_t* vj = v + (int64_t)(l + j) * D;
       for (int d = 0; d < D; d += 8)
@@ -185,8 +187,9 @@ static void values_intel(const uint16_t* p, const uint16_t* v, int n, int D, flo
     }
   }
   for (int d = 0; d < D; d += 8) {
-    __m256 r = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(s[0] + d), _mm256_loadu_ps(s[2] + d)),
-                             _mm256_add_ps(_mm256_loadu_ps(s[1] + d), _mm256_loadu_ps(s[3] + d)));
+    __m256 r = sums == 4 ? _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(s[0] + d), _mm256_loadu_ps(s[2] + d)),
+                                         _mm256_add_ps(_mm256_loadu_ps(s[1] + d), _mm256_loadu_ps(s[3] + d)))
+                         : _mm256_add_ps(_mm256_loadu_ps(s[0] + d), _mm256_loadu_ps(s[1] + d));
     if (!first) r = _mm256_add_ps(_mm256_loadu_ps(acc + d), r);
     for (int l = groups; l < n; l++)
       r = _mm256_add_ps(r, _mm256_mul_ps(load8_bf16(v + (int64_t)l * D + d), _mm256_set1_ps(from_bf16(p[l]))));
@@ -263,14 +266,19 @@ static int one_head(const uint16_t* q, const uint16_t* k, const uint16_t* v, int
         for (int d = 0; d < D; d += 8)
           _mm256_storeu_ps(dst + d, _mm256_mul_ps(_mm256_loadu_ps(dst + d), _mm256_set1_ps(rescale)));
     }
-    (order ? values_intel : values)(pb, v + (int64_t)n0 * D, n, D, dst, n0 == 0, next_v ? next_v + (int64_t)n0 * D : 0);
+    const uint16_t *vb = v + (int64_t)n0 * D, *nv = next_v ? next_v + (int64_t)n0 * D : 0;
+    if (order == 0)
+      values(pb, vb, n, D, dst, n0 == 0, nv);
+    else
+      values_intel(pb, vb, n, D, dst, n0 == 0, nv, order == 1 ? 4 : 2);
   }
   float r = 1.0f / (run_sum == 0.0f ? 1.0f : run_sum);
   for (int d = 0; d < D; d += 8) store8_bf16(out + d, _mm256_mul_ps(_mm256_loadu_ps(dst + d), _mm256_set1_ps(r)));
   return 0;
 }
 
-/* `order`: MKL's order of the values' sums (0: its AVX2 code on AMD's CPUs, 1: on Intel's; see the top).
+/* `order`: MKL's order of the values' sums (0: its AVX2 code on AMD's CPUs, 1: on Intel's, 2: its AVX-512
+ * code on Intel's; see the top).
  * out[b, h*D + d] = attention of q[b, h] (at q + b*q_sb + h*q_sh) over the first `length` slots of the
  * cache kc/vc [B, Hkv, slots, D] (head h reads kv head h / (H / Hkv)), mask [B, mask_sb] bytes or NULL;
  * out [B, out_sb]. OpenMP over the B*H (row, head) pairs, in runs of consecutive ones. */
@@ -279,7 +287,7 @@ int stablelm_decode_attention_bf16(const uint16_t* q, int64_t q_sb, int64_t q_sh
                                    int64_t mask_sb, uint16_t* out, int64_t out_sb, int B, int H, int Hkv, int D,
                                    float scale, int lanes, int order, int threads) {
   if (B < 1 || H < 1 || Hkv < 1 || H % Hkv || D < 8 || D % 8 || D > MAX_D || length < 1 || length > slots ||
-      threads < 1 || length > (int64_t)1 << 30 || (lanes != 8 && lanes != 16) || (order != 0 && order != 1))
+      threads < 1 || length > (int64_t)1 << 30 || (lanes != 8 && lanes != 16) || order < 0 || order > 2)
     return 2;
   int items = B * H, group = H / Hkv, status = 0, teams = items < threads ? items : threads;
   /* each thread takes a run of consecutive (row, head) items; the keys and values of its next item are

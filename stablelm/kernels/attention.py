@@ -11,9 +11,9 @@ is told (`softmax_lanes`). Whether it gives torch's bits on this machine (its to
 checked once per head layout, scale and thread count against `F.scaled_dot_product_attention` itself, on
 probes of several lengths (within and across torch's blocks of 512 keys), with and without a mask, whose
 scores spread wide enough that any other order shows; a layout the kernel does not reproduce keeps
-torch's kernel. MKL's AVX2 code sums the values otherwise on Intel's CPUs than on AMD's, and the kernel
-is told which (`mkl_order`); where MKL runs its AVX-512 code on Intel's CPUs, the kernel does not
-reproduce it: no native attention there.
+torch's kernel. MKL sums the values otherwise on Intel's CPUs than on AMD's, and otherwise again in its
+AVX-512 code; the kernel is told which (`mkl_order`). Where MKL runs its AVX512-BF16 or AMX code on
+Intel's CPUs, the kernel does not reproduce it: no native attention there.
 """
 
 from __future__ import annotations
@@ -55,19 +55,23 @@ def kernel():  # noqa: ANN201 - a ctypes function, or None
 @cache
 def mkl_order() -> int | None:
     """How MKL sums the attention's products here, as the kernel's `order`: 0 for its AVX2 code as it runs
-    on AMD's CPUs (measured on EPYCs with AVX2 only and with AVX-512), 1 for its AVX2 code as it runs on
-    Intel's (CPUs without AVX-512, or MKL_ENABLE_INSTRUCTIONS=AVX2; found by calling MKL's
-    cblas_gemm_bf16bf16f32 on a Xeon with its instructions capped at AVX2); None where it runs other code
-    (Intel's AVX-512 code: on a Xeon with AMX 1-5% of random one-query cases came out one ulp away from
-    the AVX2 orders, and a layout whose probes all matched by chance was wrong at other lengths), so no
-    native attention there."""
-    vendor = cpu_vendor()
+    on AMD's CPUs (measured on EPYCs with AVX2 only and with AVX-512); on Intel's, 1 for its AVX2 code
+    (CPUs without AVX-512, or MKL_ENABLE_INSTRUCTIONS=AVX2) and 2 for its AVX-512 code without
+    AVX512-BF16 (Skylake to Tiger Lake and Ice Lake, or MKL_ENABLE_INSTRUCTIONS=AVX512, _E1 or _E2),
+    found by calling MKL's cblas_gemm_bf16bf16f32 on a Xeon with its instructions capped so; None where
+    it runs other code (Intel's AVX512-BF16 and AMX code: on a Xeon with AMX 1-5% of random one-query
+    cases came out one ulp away from these orders, and a layout whose probes all matched by chance was
+    wrong at other lengths), so no native attention there."""
+    vendor, flags = cpu_vendor(), cpu_flags()
     if vendor == "AuthenticAMD":
         return 0
-    if vendor == "GenuineIntel" and {"avx2", "fma"} <= cpu_flags():
-        capped = os.environ.get("MKL_ENABLE_INSTRUCTIONS", "").strip().upper() == "AVX2"
-        if capped or "avx512f" not in cpu_flags():
-            return 1
+    if vendor != "GenuineIntel" or not {"avx2", "fma"} <= flags:
+        return None
+    capped = os.environ.get("MKL_ENABLE_INSTRUCTIONS", "").strip().upper()
+    if capped == "AVX2" or "avx512f" not in flags:
+        return 1
+    if capped in ("AVX512", "AVX512_E1", "AVX512_E2") or not {"avx512_bf16", "amx_bf16"} & flags:
+        return 2
     return None
 
 
