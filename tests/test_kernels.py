@@ -201,6 +201,29 @@ def test_on_an_avx512_bf16_cpu_without_amx_torch_is_reproduced_by_the_dpbf16_ker
         assert rows > 8 or all("bf16_dpbf16" in p or "bf16_amx" in p for p in found), (rows, found)
 
 
+_WITHOUT_BF16 = """import torch
+from stablelm import kernels as _native
+from stablelm.kernels import linear as _linear
+_flags = _native.cpu_flags() - {"avx512_bf16", "amx_bf16", "amx_tile", "amx_int8"}
+_native.cpu_flags = _linear.cpu_flags = lambda: _flags
+DTYPES = [torch.bfloat16]
+"""
+
+
+@pytest.mark.skipif("avx512" not in LEVELS, reason="needs an x86-64 CPU with AVX-512 and a C compiler")
+def test_on_an_avx512_cpu_without_bf16_one_row_is_reproduced_by_the_avx512_kernel():
+    # oneDNN as it runs on Intel's AVX-512 CPUs without AVX512-BF16 (Skylake to Ice Lake and Tiger Lake:
+    # bf16 emulated), the CPU's bf16 and AMX flags hidden from the planner: one row on the kernel of
+    # oneDNN's emulated order for every shape (tails of K and N, bias or not, torch's bits asserted in the
+    # script); more rows are oneDNN's gemm, another order (torch's kernel, or ATen's where it runs)
+    env = {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "STABLELM_ISA": "avx512"}
+    out = _run_isolated(_WITHOUT_BF16 + _SAME_BITS_AS_TORCH, env)
+    plans = _plans(out)
+    assert plans[("bfloat16", 1)] == {"('bf16_avx512', 0)"}, plans
+    for (_, rows), found in plans.items():
+        assert rows == 1 or "('bf16_avx512', 0)" not in found, (rows, found)
+
+
 def test_float16_keeps_torchs_kernel_where_torch_runs_onednns_avx512_fp16_code(monkeypatch):
     # On an Intel Xeon with AVX512-FP16 the dot kernel passed the probes of a (3 x 128) @ (128 x 32)
     # layer and still missed torch's bits on real activations: there float16 is torch's by rule.
@@ -234,6 +257,7 @@ def test_the_best_bf16_kernel_for_this_machine_is_chosen(monkeypatch):
     """What torch runs for bf16 on this CPU decides which kernel can reproduce it."""
     monkeypatch.delenv("STABLELM_ISA", raising=False)
     monkeypatch.setattr(kernel_linear, "_PLANS", {})
+    monkeypatch.setattr(kernel_linear, "SPEED_CHECK", False)  # which kernel gives torch's bits
     flags = native.cpu_flags()
     one, few = (kernel_linear.plan(torch.bfloat16, 2560, 2560, False, rows) for rows in (1, 4))
     if not COMPILER or native.best_isa() is None:
@@ -244,8 +268,10 @@ def test_the_best_bf16_kernel_for_this_machine_is_chosen(monkeypatch):
         expected = "bf16_dpbf16"
     elif native.best_isa() == "avx2":
         expected = "bf16_dot"
-    else:  # AVX-512 without bf16: oneDNN emulates bf16 in its own order
+    else:  # AVX-512 without bf16: oneDNN emulates bf16 in its own order, reproduced for one row
         expected = None
+        assert one is not None and one[0] == "bf16_avx512"
+        one = None
     assert (one and one[0]) == expected and (few and few[0]) == expected
 
 
@@ -270,6 +296,27 @@ def test_the_kernels_refuse_what_does_not_fit_them(isa):
     args = [x.data_ptr(), 2, 0, 64, y.data_ptr(), 64, 1, w.data_ptr(), None, 64, None, None, 0, None, None, 0]
     status = native.kernel("f32")(*args, 0, 1)  # K = 0
     assert status == 2 and y.item() == 0
+    if native.kernel("bf16_avx512") is not None:
+        xb, wb, yb = x.bfloat16(), w.bfloat16(), torch.zeros(1, dtype=torch.bfloat16)
+        args = [
+            xb.data_ptr(),
+            2,
+            0,
+            64,
+            yb.data_ptr(),
+            64,
+            1,
+            wb.data_ptr(),
+            None,
+            64,
+            None,
+            None,
+            0,
+            None,
+            None,
+            0,
+        ]
+        assert native.kernel("bf16_avx512")(*args, 0, 1) == 2 and yb.item() == 0
 
 
 def test_without_a_compiler_the_kernels_are_off_and_say_why(monkeypatch, tmp_path):

@@ -59,7 +59,7 @@ ISA_NEEDS = {
 }
 X86_LEVELS = ("avx512", "avx2")  # the levels attention.c and quant.c are written for
 ISA_ENV = "STABLELM_ISA"
-KINDS = ("f32", "bf16_dot", "f16_dot", "bf16_dpbf16", "bf16_amx")
+KINDS = ("f32", "bf16_dot", "f16_dot", "bf16_dpbf16", "bf16_amx", "bf16_avx512")
 
 
 def cache_dir() -> Path:
@@ -334,6 +334,7 @@ _DTYPES = {
     "bf16_dot": torch.bfloat16,
     "f16_dot": torch.float16,
     "bf16_dpbf16": torch.bfloat16,
+    "bf16_avx512": torch.bfloat16,
     "bf16_amx": torch.bfloat16,
 }
 

@@ -18,6 +18,9 @@
  *   order, then the bias in fp32, then one rounding to bfloat16. The weights are read as they lie,
  *   16 rows at a time, and transposed in registers so that each lane holds one output.
  *
+ * - bf16_avx512 (AVX-512): bfloat16 in oneDNN's order for one row on AVX-512 CPUs without AVX512-BF16
+ *   (its emulated vdpbf16ps: per output 16 lanes over pairs of k, no blocking; see the kernel).
+ *
  * Every kernel returns 0, or 2 on bad arguments (nothing written then). Work is split over blocks of
  * 16 outputs on `threads` OpenMP threads (torch's own pool: the same libgomp is loaded).
  */
@@ -488,6 +491,105 @@ DOT_ENTRY(bf16)
 DOT_ENTRY(f16)
 
 /* ---- bfloat16 in oneDNN's orders (AVX512-BF16) ----------------------------------------------------- */
+#if defined(__AVX512F__)
+/* ---- bfloat16 in oneDNN's order on AVX-512 CPUs without AVX512-BF16, one row ------------------------ */
+/* oneDNN's gemv for one row of bfloat16 on avx512_core (Intel's Skylake to Ice Lake and Tiger Lake; found
+ * by probing torch's F.linear with ONEDNN_MAX_CPU_ISA=AVX512_CORE on a Xeon, K 768 to 6912 and tails):
+ * vdpbf16ps emulated, so per output 16 lanes over K in steps of 32, lane l adding the product of k =
+ * 32j + 2l + 1 and then that of 32j + 2l (K's tail as zeros), no blocking of K; the lanes summed l + l[+8],
+ * then in adjacent pairs; then the bias in fp32 and one rounding to bfloat16. Products of two bfloat16
+ * numbers are exact in fp32, so FMAs give the same sums. Any row count is computed row by row so, but
+ * only one row is torch's order (more rows run oneDNN's gemm): the planner probes it for one row. */
+#ifndef E5_ROWS
+#define E5_ROWS 4
+#endif
+#ifndef E5_AHEAD
+#define E5_AHEAD 1024 /* elements */
+#endif
+static inline float e5_reduce(__m512 acc) {
+  float h[8];
+  _mm256_storeu_ps(h, _mm256_add_ps(_mm512_castps512_ps256(acc), _mm512_extractf32x8_ps(acc, 1)));
+  float a0 = h[0] + h[1], a1 = h[2] + h[3], a2 = h[4] + h[5], a3 = h[6] + h[7];
+  return (a0 + a1) + (a2 + a3);
+}
+
+/* x's row as its even and odd k in fp32 (16 of each per 32 k), zero padded to a multiple of 32 k */
+static void e5_split_x(const uint16_t* x, int K, float* xe, float* xo) {
+  for (int k = 0; k < K + 31; k += 32) {
+    int kn = K - k < 32 ? K - k : 32;
+    if (kn <= 0) break;
+    __m512i v = _mm512_maskz_loadu_epi16(kn == 32 ? 0xffffffffu : (__mmask32)((1u << kn) - 1u), x + k);
+    _mm512_storeu_ps(xe + k / 2, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
+    _mm512_storeu_ps(xo + k / 2, _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xffff0000u))));
+  }
+}
+
+static void e5_block(const float* xe, const float* xo, int K, const uint16_t* w, const uint16_t* b, int nn,
+                     uint16_t* y) {
+  const __m512i hi = _mm512_set1_epi32((int)0xffff0000u);
+  int kfull = K / 32 * 32;
+  for (int r0 = 0; r0 < nn; r0 += E5_ROWS) {
+    int rt = nn - r0 < E5_ROWS ? nn - r0 : E5_ROWS;
+    __m512 acc[E5_ROWS];
+    for (int r = 0; r < E5_ROWS; r++) acc[r] = _mm512_setzero_ps();
+    const uint16_t* wr = w + (int64_t)r0 * K;
+    for (int k = 0; k < kfull; k += 32) {
+      __m512 e = _mm512_loadu_ps(xe + k / 2), o = _mm512_loadu_ps(xo + k / 2);
+      for (int r = 0; r < rt; r++) {
+        prefetch_t0(wr + (int64_t)r * K + k + E5_AHEAD); /* the rows follow one another: across their ends */
+        __m512i v = _mm512_loadu_si512((const void*)(wr + (int64_t)r * K + k));
+        acc[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(v, hi)), o, acc[r]);
+        acc[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), e, acc[r]);
+      }
+    }
+    if (kfull < K) {
+      __mmask32 m = (__mmask32)((1u << (K - kfull)) - 1u);
+      __m512 e = _mm512_loadu_ps(xe + kfull / 2), o = _mm512_loadu_ps(xo + kfull / 2);
+      for (int r = 0; r < rt; r++) {
+        __m512i v = _mm512_maskz_loadu_epi16(m, wr + (int64_t)r * K + kfull);
+        acc[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(v, hi)), o, acc[r]);
+        acc[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), e, acc[r]);
+      }
+    }
+    for (int r = 0; r < rt; r++) {
+      float t = e5_reduce(acc[r]);
+      if (b) t += from_bf16(b[r0 + r]);
+      y[r0 + r] = round_bf16(t);
+    }
+  }
+}
+
+/* stablelm_linear_bf16_avx512: oneDNN's one-row order on AVX-512 CPUs without AVX512-BF16 (above). */
+int stablelm_linear_bf16_avx512(const uint16_t* x, int M, int K, int ldx, uint16_t* y, int ldy, int G,
+                                const void* w0, const void* b0, int n0, const void* w1, const void* b1,
+                                int n1, const void* w2, const void* b2, int n2, int kb, int threads) {
+  groups_t g;
+  int N = make_groups(&g, BLOCK, G, w0, b0, n0, w1, b1, n1, w2, b2, n2);
+  (void)kb;
+  if (!N || M < 0 || K <= 0 || ldx < K || ldy < N || threads < 1) return 2;
+  if (M == 0) return 0;
+  int kp = (K + 31) / 32 * 32;
+  size_t bytes = (size_t)M * kp * 4;
+  float small[2 * 8 * 1024] __attribute__((aligned(64)));
+  float* xs = bytes <= sizeof(small) ? small : (float*)_mm_malloc(bytes, 64);
+  if (!xs) return 1;
+  for (int m = 0; m < M; m++)
+    e5_split_x(x + (int64_t)m * ldx, K, xs + (int64_t)m * kp, xs + (int64_t)m * kp + kp / 2);
+  int items = g.first[G];
+#pragma omp parallel for num_threads(items < threads ? items : threads) schedule(static)
+  for (int item = 0; item < items; item++) {
+    int n0_, nn;
+    int i = block_of(&g, item, &n0_, &nn);
+    const uint16_t* b = g.b[i] ? (const uint16_t*)g.b[i] + n0_ : 0;
+    for (int m = 0; m < M; m++)
+      e5_block(xs + (int64_t)m * kp, xs + (int64_t)m * kp + kp / 2, K, (const uint16_t*)g.w[i] + (int64_t)n0_ * K,
+               b, nn, y + (int64_t)m * ldy + g.col[i] + n0_);
+  }
+  if (xs != small) _mm_free(xs);
+  return 0;
+}
+#endif
+
 #if defined(__AVX512BF16__)
 /* Transposes 16 x 16 dwords in place: afterwards r[s] lane i = what r[i] lane s was. */
 static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {

@@ -123,6 +123,10 @@ def _half_plan(dtype: torch.dtype, k: int, n: int, bias: bool, rows: int) -> tup
             candidates += [("bf16_amx", block) for block in runs]
         # oneDNN on AVX512-BF16 alone: blocks of K (also AMX CPUs' oneDNN for K < 64)
         candidates += [("bf16_dpbf16", block) for block in _BLOCKS]
+    if dtype == torch.bfloat16 and rows == 1 and selected_isa() == "avx512":
+        # oneDNN's one-row order on AVX-512 CPUs without AVX512-BF16 (its vdpbf16ps emulated: Intel's
+        # Skylake to Ice Lake and Tiger Lake); elsewhere its probes fail
+        candidates.append(("bf16_avx512", 0))
     dot = "bf16_dot" if dtype == torch.bfloat16 else "f16_dot"
     if kernel(dot) is not None and not onednn_half(dtype):
         candidates.append((dot, 0))
