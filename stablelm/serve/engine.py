@@ -28,9 +28,6 @@ aborts everything (finish_reason "abort") and ends the thread.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import secrets
 import sys
 import threading
 import time
@@ -42,32 +39,8 @@ from functools import partial
 from typing import Any
 
 from .jobs import Event, Failure, Job, QueueFull, TokenLogprob, Unavailable
+from .rows import Row, trim_memory
 from .sampling import process_scores, sampling_defaults
-
-
-class _Row:
-    """One choice being decoded: its cache, generator, tokens so far and text state."""
-
-    def __init__(self, engine: Engine, job: Job, index: int, cache: Any) -> None:
-        import torch
-
-        from ..cli.stream import StopFilter
-        from ..tokenizer import StreamingDetokenizer
-
-        self.job, self.index, self.cache = job, index, cache
-        options = job.options
-        self.generator = None
-        if not options.greedy:
-            seed = secrets.randbits(63) if options.seed is None else (options.seed + index) % 2**64
-            self.generator = torch.Generator(device=engine.forward.device).manual_seed(seed)
-        self.generated: list[int] = []
-        self.counts = None  # per-token counts of the generated tokens, for presence/frequency penalties
-        if options.presence_penalty or options.frequency_penalty:
-            self.counts = torch.zeros(engine.vocab_size, dtype=torch.float32, device=engine.forward.device)
-        self.detokenizer = StreamingDetokenizer(engine.tokenizer, skip_special_tokens=True)
-        self.stops = StopFilter(options.stop)
-        self.token: int | None = None  # the last drawn token: the next step feeds it
-        self.finish: str | None = None
 
 
 @dataclass
@@ -139,7 +112,7 @@ class Engine:
         self._stop_requested = False
         self._wake = False  # a cancellation to act on
         self._prefilling: list[_Prefill] = []  # the thread's own from here on
-        self._rows: list[_Row] = []
+        self._rows: list[Row] = []
         self.counters = {"steps": 0, "finished": 0, "cancelled": 0, "aborted": 0, "failed": 0}
         self._thread = threading.Thread(target=self._main, name="stablelm-engine", daemon=True)
 
@@ -269,7 +242,7 @@ class Engine:
                     self._stop_requested or self._wake or self._admitted or self._prefilling or self._rows
                 ):
                     if not trimmed:
-                        _trim_memory()  # idle: give the freed caches back to the system
+                        trim_memory()  # idle: give the freed caches back to the system
                         trimmed = True
                     self._cond.wait()
                 trimmed = False
@@ -383,18 +356,18 @@ class Engine:
         logits = self.forward.logits(hidden)[0]
         for index in range(job.n):
             cache = prefill.cache if index == job.n - 1 else prefill.cache.copy()
-            row = _Row(self, job, index, cache)
+            row = Row(self, job, index, cache)
             self._rows.append(row)
             self._next(row, logits)
 
-    def _decode_step(self, rows: list[_Row]) -> None:
+    def _decode_step(self, rows: list[Row]) -> None:
         logits = self.forward.decode([row.cache for row in rows], [row.token for row in rows])
         for row, row_logits in zip(rows, logits, strict=True):
             self._next(row, row_logits)
 
     # --- one row's next token --------------------------------------------------------------------------
 
-    def _next(self, row: _Row, logits: Any) -> None:
+    def _next(self, row: Row, logits: Any) -> None:
         """Draw `row`'s next token from its fp32 logits (V,), and send what it makes."""
         import torch
 
@@ -443,7 +416,7 @@ class Engine:
             )
 
     def _finish(
-        self, row: _Row, reason: str, *, token: int | None, logprob: TokenLogprob | None, text: str = ""
+        self, row: Row, reason: str, *, token: int | None, logprob: TokenLogprob | None, text: str = ""
     ) -> None:
         """End `row`: the text still held back (unless a stop string ended it) goes with its last event."""
         if not row.stops.stopped:
@@ -459,20 +432,3 @@ class Engine:
         if job.options.logprobs is not None and logprobs is None:
             logprobs = []
         job.sink(Event(job.first_index + row.index, text, tokens, logprobs, reason))
-
-
-_LIBC: Any = None
-
-
-def _trim_memory() -> None:
-    """Return freed heap memory to the system (glibc keeps large freed blocks otherwise)."""
-    global _LIBC
-    if _LIBC is None:
-        name = ctypes.util.find_library("c")
-        try:
-            _LIBC = ctypes.CDLL(name) if name else False
-        except OSError:
-            _LIBC = False
-    trim = getattr(_LIBC, "malloc_trim", None) if _LIBC else None
-    if trim is not None:
-        trim(0)
