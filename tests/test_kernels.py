@@ -156,7 +156,7 @@ linear.SPEED_CHECK = False  # which kernels reproduce torch, whatever their spee
 print(native.selected_isa(), torch.backends.cpu.get_cpu_capability())
 torch.manual_seed(0)
 for dtype in DTYPES:
-    for n, k in [(64, 768), (2304, 768), (1000, 2560), (96, 4608), (7, 5), (130, 1025), (300, 6912)]:
+    for n, k in [(64, 768), (2304, 768), (1000, 2560), (96, 4608), (7, 5), (130, 1025), (300, 6912), (200, 2048)]:
         w = (torch.randn(n, k) * 4).to(dtype)
         for bias in (None, torch.randn(n).to(dtype)):
             for rows in (1, 2, 3, 5, 8, 9, 17, 64, 128):

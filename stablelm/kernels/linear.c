@@ -33,6 +33,12 @@
 #else
 #error "stablelm's kernels are written for x86-64 (AVX2, AVX-512) and ARM64 (NEON)"
 #endif
+
+/* How the bf16_dpbf16 kernel prefetches weights (see DP_TILE); on every build, so that callers need not
+ * know which has that kernel. */
+static int dp_prefetch = 0;
+void stablelm_set_dp_prefetch(int mode) { dp_prefetch = mode; }
+int stablelm_dp_prefetch(void) { return dp_prefetch; }
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -618,27 +624,8 @@ static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
   }
 }
 
-/* Each output is one lane: a block of 16 weight rows is read as it lies and transposed in registers.
- * q[d] lane i = row i's pair of k 4c+d of the 32 k at column k. Each register is assembled from 128-bit
- * pieces of four rows (a load and three inserts), leaving only a 4 x 4 transpose within each 128-bit
- * lane. */
-static inline __attribute__((always_inline)) void load4(__m512i q[4], const char* r0, int64_t s1) {
-  __m512i p[4];
-  _Pragma("GCC unroll 4") for (int b = 0; b < 4; b++) {
-    const char* r = r0 + b * s1;
-    __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i*)r));
-    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i*)(r + 4 * s1)), 1);
-    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i*)(r + 8 * s1)), 2);
-    p[b] = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i*)(r + 12 * s1)), 3);
-  }
-  __m512i t0 = _mm512_unpacklo_epi32(p[0], p[1]), t1 = _mm512_unpackhi_epi32(p[0], p[1]);
-  __m512i t2 = _mm512_unpacklo_epi32(p[2], p[3]), t3 = _mm512_unpackhi_epi32(p[2], p[3]);
-  q[0] = _mm512_unpacklo_epi64(t0, t2), q[1] = _mm512_unpackhi_epi64(t0, t2);
-  q[2] = _mm512_unpacklo_epi64(t1, t3), q[3] = _mm512_unpackhi_epi64(t1, t3);
-}
-
-/* The same for a block's edges (fewer than 16 rows: nn; fewer than 32 k: kn), zeros past them: all 16
- * dwords at once, in a full 16 x 16 transpose. Rare: kept simple. */
+/* A block's edges (fewer than 16 rows: nn; fewer than 32 k: kn), zeros past them, transposed as whole
+ * blocks are (see DP_TILE). */
 static void load16_edge(__m512i r[16], const uint16_t* w, int K, int k, int nn, int kn) {
   __mmask32 mask = kn >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << kn) - 1u);
   for (int i = 0; i < 16; i++)
@@ -650,7 +637,12 @@ static void load16_edge(__m512i r[16], const uint16_t* w, int K, int k, int nn, 
 
 /* MT rows of x (pairs of k, zero padded to 32 k) x one block of 16 weight rows (nn of them), K in
  * blocks of kb, each summed from zero in one chain over its pairs of k, block sums added in order:
- * totals in `tot`. The next block's rows (`next`, contiguous) are prefetched 1 KB a step, in address
+ * totals in `tot`. Each output is one lane: each step loads 64 bytes (32 k) of each of the 16 rows as
+ * they lie and transposes them in registers (16 x 16 dwords), so that each line is read once. (Built
+ * before from 128-bit pieces of four rows, each line read in four visits: where the rows lie 4 KB
+ * apart (K = 2048: stablelm-2-1.6b's hidden size) the 16 rows share one set of an 8-way L1, and the
+ * four visits missed it each time: 17 GB/s against 22.5 now on a Zen 4, one thread; the 160M step's
+ * layers 11% faster.) The next block's rows (`next`, contiguous) are prefetched 1 KB a step, in address
  * order: all of them by the end.
  *
  * One block of 16 rows at a time, not more: the rows are read 64 bytes each per step, and the memory
@@ -662,7 +654,11 @@ static void load16_edge(__m512i r[16], const uint16_t* w, int K, int k, int nn, 
  * prefetches are non-temporal (PREFETCHNTA): the weights are read once per token, and kept out of the
  * caches they leave the rest of the step's data and code there; the 160M shape's whole decode step is
  * 9-18% faster than with T1/T0 hints (one thread; 5-7% on two, 2% on the 3B shape), the kernel alone
- * 1-6%. */
+ * 1-6%. That was a Zen 5. On a Zen 4 EPYC the same non-temporal prefetches read at half the speed
+ * (10-11 GB/s on one thread of 32): there the next block goes to L2 (PREFETCHT1) and the rows' lines
+ * are not asked for (20-22 GB/s; the 160M step 0.48x the time, the 3B step 0.75x at two threads).
+ * `dp_prefetch` says which (0: non-temporal, 1: into L2); stablelm.kernels.linear times both once per
+ * process and sets it (the bits are the same either way). */
 #define DP_ROWS 16
 #define DP_AHEAD 8
 #define DP_USE4(MT, q, c)                                                                              \
@@ -675,24 +671,27 @@ static void load16_edge(__m512i r[16], const uint16_t* w, int K, int k, int nn, 
   static void dp_tile_##MT(const uint32_t* xp, int ldp, const uint16_t* w, int K, int nn, int kb,      \
                            __m512 tot[], const char* next) {                                           \
     int64_t s1 = (int64_t)K * 2;                                                                       \
+    const int l2 = dp_prefetch;                                                                        \
     for (int k0 = 0; k0 < K; k0 += kb) {                                                               \
       int k1 = k0 + kb < K ? k0 + kb : K;                                                              \
       __m512 acc[MT];                                                                                  \
       for (int m = 0; m < MT; m++) acc[m] = _mm512_setzero_ps();                                       \
       for (int k = k0; k < k1; k += 32) {                                                              \
         const uint32_t* xk = xp + k / 2;                                                               \
-        if (next)                                                                                      \
+        if (next && l2)                                                                                \
+          for (int l = 0; l < DP_ROWS * 64; l += 64)                                                   \
+            _mm_prefetch(next + (int64_t)k * 2 * DP_ROWS + l, _MM_HINT_T1);                             \
+        else if (next)                                                                                 \
           for (int l = 0; l < DP_ROWS * 64; l += 64)                                                   \
             _mm_prefetch(next + (int64_t)k * 2 * DP_ROWS + l, _MM_HINT_NTA);                            \
         if (nn == DP_ROWS && k1 - k >= 32) {                                                           \
           const char* r0 = (const char*)(w + k);                                                       \
-          if (k + 32 * DP_AHEAD < K)                                                                   \
+          if (!l2 && k + 32 * DP_AHEAD < K)                                                            \
             for (int r = 0; r < DP_ROWS; r++) _mm_prefetch(r0 + 64 * DP_AHEAD + r * s1, _MM_HINT_NTA);   \
-          _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) {                                        \
-            __m512i q[4];                                                                              \
-            load4(q, r0 + 16 * c, s1);                                                                 \
-            DP_USE4(MT, q, c)                                                                          \
-          }                                                                                            \
+          __m512i r[16];                                                                               \
+          _Pragma("GCC unroll 16") for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_si512(r0 + i * s1); \
+          transpose16(r);                                                                              \
+          _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) { DP_USE4(MT, r + 4 * c, c) }            \
         } else { /* an edge: part of the rows or of the k */                                           \
           __m512i r[16];                                                                               \
           load16_edge(r, w, K, k, nn, k1 - k);                                                         \

@@ -22,7 +22,7 @@ import time
 import torch
 from torch import nn
 
-from . import X86_LEVELS, cpu_flags, cpu_vendor, has_dpbf16, kernel, run_linear, selected_isa
+from . import X86_LEVELS, cpu_flags, cpu_vendor, has_dpbf16, kernel, library, run_linear, selected_isa
 
 # Block sizes for the oneDNN-order kernel, most likely first: oneDNN (avx512_core_bf16) sums K in
 # blocks of 512 for one row and 1024 for several.
@@ -62,6 +62,8 @@ def plan(
         found = ("f32", 0) if kernel("f32") is not None and key[4] and measured and not fast_mkl else None
     elif dtype in (torch.bfloat16, torch.float16):
         found = _half_plan(dtype, in_features, n, bias, key[4])
+        if found is not None and found[0] == "bf16_dpbf16" and SPEED_CHECK:
+            dp_prefetch()  # how it prefetches weights here: decided before it is timed against torch
         if found is not None and SPEED_CHECK and not _pays(found, dtype, in_features, n, _TIMED_ROWS[key[4]]):
             found = None  # torch's kernel is as fast here (bits are the same either way): keep it
     else:
@@ -111,6 +113,49 @@ def _pays(candidate: tuple[str, int], dtype: torch.dtype, k: int, n: int, rows: 
         end = time.perf_counter()
         ours, theirs = min(ours, middle - start), min(theirs, end - middle)
     return ours <= PAYS * theirs
+
+
+# The bf16_dpbf16 kernel's weight prefetches (`dp_prefetch` in linear.c): 0 non-temporal, the next block
+# and each row's lines ahead (best on a Zen 5 EPYC: the step's other data stays cached); 1 the next block
+# into L2 only (twice as fast on a Zen 4 EPYC, where the non-temporal ones read at a third of the memory's
+# speed). Mode 1 is used only where it takes at most this share of mode 0's time on weights read from
+# memory: mode 0's gain on the Zen 5 showed in whole steps, not in the kernel alone (1-6% there).
+L2_PAYS = 0.8
+_DP_PREFETCH: dict[str, int] = {}  # by level (cleared with the plans)
+
+
+def dp_prefetch() -> int:
+    """The bf16_dpbf16 kernel's prefetch mode here, timed once per process (and level) and set in the
+    library: both modes over the same `COLD_BYTES` of weights, in turns. The bits never depend on it."""
+    isa = selected_isa()
+    if isa in _DP_PREFETCH:
+        return _DP_PREFETCH[isa]
+    mode = 0
+    if kernel("bf16_dpbf16") is not None and has_dpbf16():
+        n, k = 1024, 2048
+        weights = [torch.full((n, k), 0.5, dtype=torch.bfloat16) for _ in range(COLD_BYTES // (n * k * 2))]
+        x = torch.ones(1, k, dtype=torch.bfloat16)
+        best = [float("inf"), float("inf")]
+        for _ in range(4):  # the first of each warms up
+            for trial in (0, 1):
+                set_dp_prefetch(trial)
+                start = time.perf_counter()
+                for w in weights:
+                    run_linear("bf16_dpbf16", x, [w], [None], 512)
+                best[trial] = min(best[trial], time.perf_counter() - start)
+        mode = 1 if best[1] <= L2_PAYS * best[0] else 0
+    set_dp_prefetch(mode)
+    _DP_PREFETCH[isa] = mode
+    return mode
+
+
+def set_dp_prefetch(mode: int) -> None:
+    """Set the bf16_dpbf16 kernel's prefetch mode (0 or 1, see `dp_prefetch`) in the loaded library."""
+    if mode not in (0, 1):
+        raise ValueError(f"the prefetch mode is 0 or 1, not {mode!r}")
+    lib = library()
+    if lib is not None:
+        lib.stablelm_set_dp_prefetch(mode)
 
 
 def _half_plan(dtype: torch.dtype, k: int, n: int, bias: bool, rows: int) -> tuple[str, int] | None:
