@@ -214,9 +214,10 @@ def _library(isa: str | None) -> ctypes.CDLL | None:
             ctypes.c_int64,
         ]
         fn.argtypes += [ctypes.c_int] * 5
-    lib.stablelm_set_dp_prefetch.restype = None
-    lib.stablelm_set_dp_prefetch.argtypes = [ctypes.c_int]
-    lib.stablelm_dp_prefetch.restype = ctypes.c_int
+    lib.stablelm_set_prefetch.restype = None
+    lib.stablelm_set_prefetch.argtypes = [ctypes.c_int, ctypes.c_int]
+    lib.stablelm_prefetch.restype = ctypes.c_int
+    lib.stablelm_prefetch.argtypes = [ctypes.c_int]
     lib.stablelm_linear_planned.restype = ctypes.c_int
     lib.stablelm_linear_planned.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     return lib
@@ -273,12 +274,12 @@ def clear_caches() -> None:
     """Forget the chosen level, the loaded libraries and the kernel plans (after changing
     `STABLELM_ISA`, `CC` or `STABLELM_CACHE` in a running process)."""
     from . import attention
-    from .linear import _DP_PREFETCH, _PLANS
+    from .linear import _PLANS, _PREFETCH
 
     for cached in (_selected, _library, _kernels, _quant_library, attention._library):
         cached.cache_clear()
     _PLANS.clear()
-    _DP_PREFETCH.clear()
+    _PREFETCH.clear()
     attention._PLANS.clear()
 
 

@@ -34,11 +34,25 @@
 #error "stablelm's kernels are written for x86-64 (AVX2, AVX-512) and ARM64 (NEON)"
 #endif
 
-/* How the bf16_dpbf16 kernel prefetches weights (see DP_TILE); on every build, so that callers need not
- * know which has that kernel. */
-static int dp_prefetch = 0;
-void stablelm_set_dp_prefetch(int mode) { dp_prefetch = mode; }
-int stablelm_dp_prefetch(void) { return dp_prefetch; }
+#if defined(__x86_64__) || defined(__i386__)
+#define prefetch_t1(p) _mm_prefetch((const char*)(p), _MM_HINT_T1)
+#else
+#define prefetch_t1(p) __builtin_prefetch((const void*)(p), 0, 2)
+#endif
+
+/* How kernels whose best prefetches differ between CPUs ask for weights ahead (stablelm.kernels.linear
+ * times the modes once per process and sets the fastest; the bits never depend on them):
+ * - PF_DPBF16 (bf16_dpbf16, see DP_TILE): 0 non-temporal, the next block and each row's lines ahead;
+ *   1 the next block into L2.
+ * - PF_DOT (bf16_dot and f16_dot for decoding's rows, see DOT_ONE): each row's lines DOT_AHEAD on, 0
+ *   into L1, 1 into L2. */
+#define PF_DPBF16 0
+#define PF_DOT 1
+static int prefetch_modes[2];
+void stablelm_set_prefetch(int which, int mode) {
+  if (which >= 0 && which < 2) prefetch_modes[which] = mode;
+}
+int stablelm_prefetch(int which) { return which >= 0 && which < 2 ? prefetch_modes[which] : -1; }
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -331,15 +345,24 @@ static inline float tree8(vf r0, vf r1, vf r2, vf r3, vf r4, vf r5, vf r6, vf r7
 #ifndef DOT_AHEAD
 #define DOT_AHEAD 2048 /* elements */
 #endif
-/* One row x one output, all of it: decoding's case. */
+/* One row x one output, all of it: decoding's case. Prefetches by PF_DOT's mode: on a Zen 4 EPYC with the
+ * AVX2 build, one thread, the 160M shape's layers read at 17.8 GB/s with mode 0 and 22.7 with mode 1
+ * (3B: 20.0 and 24.9; two threads 1.05x; none at all: as fast as mode 1 on rows of 768-2560, but 0.63x
+ * on rows of 6912); mode 0 was the rule before, from a Zen 1. */
 #define DOT_ONE(E)                                                                                     \
   static inline float dot_one_##E(const float* x, const uint16_t* w, int K) {                          \
     vf r0 = vzero(), r1 = r0, r2 = r0, r3 = r0, r4 = r0, r5 = r0, r6 = r0, r7 = r0;                    \
     int k64 = K / (8 * VW) * (8 * VW), k16 = K / (2 * VW) * (2 * VW);                                  \
+    const int pf = prefetch_modes[PF_DOT];                                                             \
     for (int j = 0; j < k64; j += 8 * VW) {                                                            \
       /* the rows follow one another: fetch ahead across their ends */                                 \
-      prefetch_t0(w + j + DOT_AHEAD);                                                                  \
-      prefetch_t0((const char*)(w + j + DOT_AHEAD) + 64);                                              \
+      if (pf == 0) {                                                                                   \
+        prefetch_t0(w + j + DOT_AHEAD);                                                                \
+        prefetch_t0((const char*)(w + j + DOT_AHEAD) + 64);                                            \
+      } else if (pf == 1) {                                                                            \
+        prefetch_t1(w + j + DOT_AHEAD);                                                                \
+        prefetch_t1((const char*)(w + j + DOT_AHEAD) + 64);                                            \
+      }                                                                                                \
       r0 = vfma(vload(x + j), wload_##E(w + j), r0);                                                   \
       r1 = vfma(vload(x + j + VW), wload_##E(w + j + VW), r1);                                         \
       r2 = vfma(vload(x + j + 2 * VW), wload_##E(w + j + 2 * VW), r2);                                 \
@@ -657,8 +680,7 @@ static void load16_edge(__m512i r[16], const uint16_t* w, int K, int k, int nn, 
  * 1-6%. That was a Zen 5. On a Zen 4 EPYC the same non-temporal prefetches read at half the speed
  * (10-11 GB/s on one thread of 32): there the next block goes to L2 (PREFETCHT1) and the rows' lines
  * are not asked for (20-22 GB/s; the 160M step 0.48x the time, the 3B step 0.75x at two threads).
- * `dp_prefetch` says which (0: non-temporal, 1: into L2); stablelm.kernels.linear times both once per
- * process and sets it (the bits are the same either way). */
+ * `prefetch_modes[PF_DPBF16]` says which (0: non-temporal, 1: into L2). */
 #define DP_ROWS 16
 #define DP_AHEAD 8
 #define DP_USE4(MT, q, c)                                                                              \
@@ -671,7 +693,7 @@ static void load16_edge(__m512i r[16], const uint16_t* w, int K, int k, int nn, 
   static void dp_tile_##MT(const uint32_t* xp, int ldp, const uint16_t* w, int K, int nn, int kb,      \
                            __m512 tot[], const char* next) {                                           \
     int64_t s1 = (int64_t)K * 2;                                                                       \
-    const int l2 = dp_prefetch;                                                                        \
+    const int l2 = prefetch_modes[PF_DPBF16];                                                          \
     for (int k0 = 0; k0 < K; k0 += kb) {                                                               \
       int k1 = k0 + kb < K ? k0 + kb : K;                                                              \
       __m512 acc[MT];                                                                                  \

@@ -62,8 +62,9 @@ def plan(
         found = ("f32", 0) if kernel("f32") is not None and key[4] and measured and not fast_mkl else None
     elif dtype in (torch.bfloat16, torch.float16):
         found = _half_plan(dtype, in_features, n, bias, key[4])
-        if found is not None and found[0] == "bf16_dpbf16" and SPEED_CHECK:
-            dp_prefetch()  # how it prefetches weights here: decided before it is timed against torch
+        timed = "bf16_dot" if found is not None and found[0] == "f16_dot" else found and found[0]
+        if timed in PREFETCH and SPEED_CHECK:
+            prefetch_mode(timed)  # how it prefetches weights here: decided before it is timed against torch
         if found is not None and SPEED_CHECK and not _pays(found, dtype, in_features, n, _TIMED_ROWS[key[4]]):
             found = None  # torch's kernel is as fast here (bits are the same either way): keep it
     else:
@@ -115,47 +116,62 @@ def _pays(candidate: tuple[str, int], dtype: torch.dtype, k: int, n: int, rows: 
     return ours <= PAYS * theirs
 
 
-# The bf16_dpbf16 kernel's weight prefetches (`dp_prefetch` in linear.c): 0 non-temporal, the next block
-# and each row's lines ahead (best on a Zen 5 EPYC: the step's other data stays cached); 1 the next block
-# into L2 only (twice as fast on a Zen 4 EPYC, where the non-temporal ones read at a third of the memory's
-# speed). Mode 1 is used only where it takes at most this share of mode 0's time on weights read from
-# memory: mode 0's gain on the Zen 5 showed in whole steps, not in the kernel alone (1-6% there).
-L2_PAYS = 0.8
-_DP_PREFETCH: dict[str, int] = {}  # by level (cleared with the plans)
+# Kernels whose best weight prefetches differ between CPUs (`prefetch_modes` in linear.c), by the kind
+# timed: (which of the library's modes, the modes, best known first; the share of the first mode's time
+# another must take at most to replace it). bf16_dpbf16: 0 non-temporal, the next block and each row's
+# lines ahead (best on a Zen 5 EPYC, in whole steps: the step's other data stays cached, a gain the
+# kernel alone does not show, 1-6% there: hence a clear margin), 1 the next block into L2 (twice as fast
+# on a Zen 4 EPYC, where the non-temporal ones read at a third of the memory's speed). bf16_dot (and
+# f16_dot, the same loop): rows' lines ahead into L1 (0, from a Zen 1) or into L2 (1: 1.13-1.36x on a
+# Zen 4 with the AVX2 build, one thread), which keep the same data cached: the faster one.
+PREFETCH = {"bf16_dpbf16": (0, (0, 1), 0.8), "bf16_dot": (1, (0, 1), 0.97)}
+PREFETCH_SHAPE = (1024, 2560)  # the weights timed: rows 5 KB apart (not 4 KB: one L1 set for all)
+_PREFETCH: dict[tuple[str | None, str], int] = {}  # by level and kind (cleared with the plans)
 
 
-def dp_prefetch() -> int:
-    """The bf16_dpbf16 kernel's prefetch mode here, timed once per process (and level) and set in the
-    library: both modes over the same `COLD_BYTES` of weights, in turns. The bits never depend on it."""
-    isa = selected_isa()
-    if isa in _DP_PREFETCH:
-        return _DP_PREFETCH[isa]
-    mode = 0
-    if kernel("bf16_dpbf16") is not None and has_dpbf16():
-        n, k = 1024, 2048
+def prefetch_mode(kind: str) -> int:
+    """The prefetch mode of `kind` (a key of `PREFETCH`) here, timed once per process and level and set
+    in the library: each mode over the same `COLD_BYTES` of weights, in turns, on one thread (where the
+    modes differ most: one core's misses in flight). The bits never depend on it."""
+    key = (selected_isa(), kind)
+    if key in _PREFETCH:
+        return _PREFETCH[key]
+    _, modes, pays = PREFETCH[kind]
+    mode = modes[0]
+    if kernel(kind) is not None:
+        n, k = PREFETCH_SHAPE
         weights = [torch.full((n, k), 0.5, dtype=torch.bfloat16) for _ in range(COLD_BYTES // (n * k * 2))]
         x = torch.ones(1, k, dtype=torch.bfloat16)
-        best = [float("inf"), float("inf")]
-        for _ in range(4):  # the first of each warms up
-            for trial in (0, 1):
-                set_dp_prefetch(trial)
-                start = time.perf_counter()
-                for w in weights:
-                    run_linear("bf16_dpbf16", x, [w], [None], 512)
-                best[trial] = min(best[trial], time.perf_counter() - start)
-        mode = 1 if best[1] <= L2_PAYS * best[0] else 0
-    set_dp_prefetch(mode)
-    _DP_PREFETCH[isa] = mode
+        best = dict.fromkeys(modes, float("inf"))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for _ in range(4):  # the first of each warms up
+                for trial in modes:
+                    set_prefetch(kind, trial)
+                    start = time.perf_counter()
+                    for w in weights:
+                        run_linear(kind, x, [w], [None], 512)
+                    best[trial] = min(best[trial], time.perf_counter() - start)
+        finally:
+            torch.set_num_threads(threads)
+        fastest = min(modes, key=best.__getitem__)
+        mode = fastest if best[fastest] <= pays * best[modes[0]] else modes[0]
+    set_prefetch(kind, mode)
+    _PREFETCH[key] = mode
     return mode
 
 
-def set_dp_prefetch(mode: int) -> None:
-    """Set the bf16_dpbf16 kernel's prefetch mode (0 or 1, see `dp_prefetch`) in the loaded library."""
-    if mode not in (0, 1):
-        raise ValueError(f"the prefetch mode is 0 or 1, not {mode!r}")
+def set_prefetch(kind: str, mode: int) -> None:
+    """Set the prefetch mode of `kind` (a key of `PREFETCH`; see `prefetch_mode`) in the loaded library."""
+    if kind not in PREFETCH:
+        raise ValueError(f"no prefetch modes for {kind!r}; kinds with modes: {sorted(PREFETCH)}")
+    which, modes, _ = PREFETCH[kind]
+    if mode not in modes:
+        raise ValueError(f"the prefetch mode of {kind} is one of {modes}, not {mode!r}")
     lib = library()
     if lib is not None:
-        lib.stablelm_set_dp_prefetch(mode)
+        lib.stablelm_set_prefetch(which, mode)
 
 
 def _half_plan(dtype: torch.dtype, k: int, n: int, bias: bool, rows: int) -> tuple[str, int] | None:
