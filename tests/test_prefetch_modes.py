@@ -80,10 +80,10 @@ def test_the_dot_kernels_give_the_same_bits_in_every_mode(kind, dtype, n, k, res
     "kind,times,expected",
     [
         ("bf16_dpbf16", {0: 1.0, 1: 0.5}, 1),
-        ("bf16_dpbf16", {0: 1.0, 1: 0.79}, 1),
+        ("bf16_dpbf16", {0: 1.0, 1: 0.7}, 1),
         ("bf16_dpbf16", {0: 1.0, 1: 0.9}, 0),  # faster, but not by a clear margin: the first mode stays
         ("bf16_dpbf16", {0: 1.0, 1: 1.05}, 0),
-        ("bf16_dot", {0: 1.0, 1: 0.9}, 1),  # the same data cached either way: the faster one
+        ("bf16_dot", {0: 1.0, 1: 0.88}, 1),  # the same data cached either way: the faster one
         ("bf16_dot", {0: 1.0, 1: 1.1}, 0),
     ],
 )
@@ -92,7 +92,7 @@ def test_the_mode_is_the_one_timed_fastest(monkeypatch, kind, times, expected, r
         pytest.skip(f"no {kind} kernel here")
 
     def fake(kind_, x, weights, biases, block):
-        time.sleep(0.002 * times[_mode(kind)])
+        time.sleep(0.01 * times[_mode(kind)])  # sleeps: a few % off at most
 
     monkeypatch.setattr(kernel_linear, "run_linear", fake)
     monkeypatch.setattr(kernel_linear, "COLD_BYTES", 2 * 1024 * 2048 * 2)  # two weights a round
