@@ -17,6 +17,7 @@ from torch import nn
 
 from stablelm import kernels as native
 from stablelm.kernels import linear as kernel_linear
+from stablelm.kernels import prefetch
 
 COMPILER = shutil.which(os.environ.get("CC") or "cc") is not None
 LEVELS = [isa for isa, needs in native.ISA_NEEDS.items() if needs <= native.cpu_flags()] if COMPILER else []
@@ -387,7 +388,7 @@ def test_a_half_precision_kernel_is_used_only_where_it_beats_torchs(monkeypatch)
     monkeypatch.setattr(kernel_linear, "SPEED_CHECK", True)
     monkeypatch.setattr(kernel_linear, "_half_plan", lambda *args: ("bf16_dot", 0))
     # its prefetch mode already timed (that timing would read this clock too)
-    monkeypatch.setattr(kernel_linear, "_PREFETCH", {(native.selected_isa(), "bf16_dot"): 0})
+    monkeypatch.setattr(prefetch, "_PREFETCH", {(native.selected_isa(), "bf16_dot"): 0})
     for ours, torchs, used in [(0.5, 1.0, True), (0.97, 1.0, False), (2.0, 1.0, False)]:
         clock = iter([0.0, ours, ours + torchs] * 6)  # per run: start, after ours, after torch's
         monkeypatch.setattr(kernel_linear.time, "perf_counter", lambda clock=clock: next(clock))

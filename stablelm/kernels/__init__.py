@@ -274,12 +274,14 @@ def clear_caches() -> None:
     """Forget the chosen level, the loaded libraries and the kernel plans (after changing
     `STABLELM_ISA`, `CC` or `STABLELM_CACHE` in a running process)."""
     from . import attention
-    from .linear import _PLANS, _PREFETCH
+    from .linear import _PLANS
+    from .prefetch import _PREFETCH, _QUANT_PREFETCH
 
     for cached in (_selected, _library, _kernels, _quant_library, attention._library):
         cached.cache_clear()
     _PLANS.clear()
     _PREFETCH.clear()
+    _QUANT_PREFETCH.clear()
     attention._PLANS.clear()
 
 
@@ -441,8 +443,11 @@ def _quant_library(isa: str | None) -> ctypes.CDLL | None:
         lib.stablelm_q8_dequant,
         lib.stablelm_q4_dequant,
         lib.stablelm_quant_prefill,
+        lib.stablelm_quant_prefetch,
     ):
         fn.restype = ctypes.c_int
+    lib.stablelm_quant_set_prefetch.restype = None
+    lib.stablelm_quant_set_prefetch.argtypes = [i]
     return lib
 
 

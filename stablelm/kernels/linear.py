@@ -22,7 +22,8 @@ import time
 import torch
 from torch import nn
 
-from . import X86_LEVELS, cpu_flags, cpu_vendor, has_dpbf16, kernel, library, run_linear, selected_isa
+from . import X86_LEVELS, cpu_flags, cpu_vendor, has_dpbf16, kernel, run_linear, selected_isa
+from .prefetch import PREFETCH, prefetch_mode
 
 # Block sizes for the oneDNN-order kernel, most likely first: oneDNN (avx512_core_bf16) sums K in
 # blocks of 512 for one row and 1024 for several.
@@ -114,64 +115,6 @@ def _pays(candidate: tuple[str, int], dtype: torch.dtype, k: int, n: int, rows: 
         end = time.perf_counter()
         ours, theirs = min(ours, middle - start), min(theirs, end - middle)
     return ours <= PAYS * theirs
-
-
-# Kernels whose best weight prefetches differ between CPUs (`prefetch_modes` in linear.c), by the kind
-# timed: (which of the library's modes, the modes, best known first; the share of the first mode's time
-# another must take at most to replace it). bf16_dpbf16: 0 non-temporal, the next block and each row's
-# lines ahead (best on a Zen 5 EPYC, in whole steps: the step's other data stays cached, a gain the
-# kernel alone does not show, 1-6% there: hence a clear margin), 1 the next block into L2 (twice as fast
-# on a Zen 4 EPYC, where the non-temporal ones read at a third of the memory's speed). bf16_dot (and
-# f16_dot, the same loop): rows' lines ahead into L1 (0, from a Zen 1) or into L2 (1: 1.13-1.36x on a
-# Zen 4 with the AVX2 build, one thread), which keep the same data cached: the faster one.
-PREFETCH = {"bf16_dpbf16": (0, (0, 1), 0.8), "bf16_dot": (1, (0, 1), 0.97)}
-PREFETCH_SHAPE = (1024, 2560)  # the weights timed: rows 5 KB apart (not 4 KB: one L1 set for all)
-_PREFETCH: dict[tuple[str | None, str], int] = {}  # by level and kind (cleared with the plans)
-
-
-def prefetch_mode(kind: str) -> int:
-    """The prefetch mode of `kind` (a key of `PREFETCH`) here, timed once per process and level and set
-    in the library: each mode over the same `COLD_BYTES` of weights, in turns, on one thread (where the
-    modes differ most: one core's misses in flight). The bits never depend on it."""
-    key = (selected_isa(), kind)
-    if key in _PREFETCH:
-        return _PREFETCH[key]
-    _, modes, pays = PREFETCH[kind]
-    mode = modes[0]
-    if kernel(kind) is not None:
-        n, k = PREFETCH_SHAPE
-        weights = [torch.full((n, k), 0.5, dtype=torch.bfloat16) for _ in range(COLD_BYTES // (n * k * 2))]
-        x = torch.ones(1, k, dtype=torch.bfloat16)
-        best = dict.fromkeys(modes, float("inf"))
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            for _ in range(4):  # the first of each warms up
-                for trial in modes:
-                    set_prefetch(kind, trial)
-                    start = time.perf_counter()
-                    for w in weights:
-                        run_linear(kind, x, [w], [None], 512)
-                    best[trial] = min(best[trial], time.perf_counter() - start)
-        finally:
-            torch.set_num_threads(threads)
-        fastest = min(modes, key=best.__getitem__)
-        mode = fastest if best[fastest] <= pays * best[modes[0]] else modes[0]
-    set_prefetch(kind, mode)
-    _PREFETCH[key] = mode
-    return mode
-
-
-def set_prefetch(kind: str, mode: int) -> None:
-    """Set the prefetch mode of `kind` (a key of `PREFETCH`; see `prefetch_mode`) in the loaded library."""
-    if kind not in PREFETCH:
-        raise ValueError(f"no prefetch modes for {kind!r}; kinds with modes: {sorted(PREFETCH)}")
-    which, modes, _ = PREFETCH[kind]
-    if mode not in modes:
-        raise ValueError(f"the prefetch mode of {kind} is one of {modes}, not {mode!r}")
-    lib = library()
-    if lib is not None:
-        lib.stablelm_set_prefetch(which, mode)
 
 
 def _half_plan(dtype: torch.dtype, k: int, n: int, bias: bool, rows: int) -> tuple[str, int] | None:

@@ -163,8 +163,21 @@ static inline __attribute__((always_inline)) void q8_block(const float* xf, int 
 #ifndef PFD
 #define PFD 2048
 #endif
-#ifndef PFH
-#define PFH _MM_HINT_T0
+/* How the kernels ask for weights PFD bytes on: into L1 (T0) or into L2 (T1) by `quant_prefetch`, which
+ * stablelm.kernels.prefetch times once per process (on a Zen 4 EPYC, one row of 2560 x 6912 at one
+ * thread: int8 1.26x and int4 1.37x with T1; T0 was the rule before, from an AMX Xeon). A build with
+ * -DPFH=... fixes the hint (benchmarks/quant_kernels.py --define). The bits never depend on it. */
+static int quant_prefetch = 0;
+void stablelm_quant_set_prefetch(int mode) { quant_prefetch = mode; }
+int stablelm_quant_prefetch(void) { return quant_prefetch; }
+#ifdef PFH
+#define QPF(p) _mm_prefetch((const char*)(p), PFH)
+#else
+#define QPF(p)                                                                                         \
+  do {                                                                                                 \
+    if (quant_prefetch) _mm_prefetch((const char*)(p), _MM_HINT_T1);                                   \
+    else _mm_prefetch((const char*)(p), _MM_HINT_T0);                                                  \
+  } while (0)
 #endif
 #ifndef STREAMS
 #define STREAMS 4
@@ -190,7 +203,7 @@ static void q8_one(const float* xf, int K, const int8_t* w, const float* s, int 
     int k = 0;
     for (; k + U * VW <= K; k += U * VW) {
       for (int i = 0; i < STREAMS; i++)
-        for (int l = 0; l < U * VW; l += 64) _mm_prefetch((const char*)(r[i] + k + l + PFD), PFH);
+        for (int l = 0; l < U * VW; l += 64) QPF(r[i] + k + l + PFD);
       for (int u = 0; u < U; u++) {
         vf xv = vload(xf + k + u * VW);
         for (int i = 0; i < STREAMS; i++) acc[i][u][0] = vfma(vload_i8(r[i] + k + u * VW), xv, acc[i][u][0]);
@@ -484,7 +497,7 @@ static inline __attribute__((always_inline)) void q4_rows_f32(const float* xf, c
       for (int c = 0; c < 32; c += VW) {
         vf xlo = vload(xf + k0 + c), xhi = vload(xf + k0 + 32 + c);
         for (int i = 0; i < S; i++) {
-          if (c == 0 && (k0 & 127) == 0) _mm_prefetch((const char*)(r[i] + k0 / 2 + PFD), PFH);
+          if (c == 0 && (k0 & 127) == 0) QPF(r[i] + k0 / 2 + PFD);
           vf lo, hi;
           vload_u4(r[i] + k0 / 2 + c, &lo, &hi);
           ga[i][0] = vfma(lo, xlo, ga[i][0]);

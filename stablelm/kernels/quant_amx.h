@@ -71,7 +71,7 @@ static void q8_block_amx(const int8_t* xh, const int8_t* xl, const float* xf, in
     for (int t = b0; t < b0 + per && t < steps; t++) {
       int k = t * 64;
       if (nn == 16 && k + 64 <= K) {
-        for (int r = 16; r < 32; r++) _mm_prefetch((const char*)(w + (int64_t)r * K + k), PFH); /* next block */
+        for (int r = 16; r < 32; r++) QPF(w + (int64_t)r * K + k); /* next block */
         _tile_loadd(1, w + k, K);
       } else { /* the block's edge: rows past nn and k past K read as zeros */
         memset(edge, 0, sizeof(edge));
@@ -108,7 +108,7 @@ static void q4_block_amx(const int8_t* xh, const int8_t* xl, const float* xf, co
       uint8_t* at = a[t & 1];
       for (int r = 0; r < nn; r++) {
         const uint8_t* q = w + (int64_t)r * half + t * 32;
-        if ((t & 1) == 0) _mm_prefetch((const char*)(q + 16 * half), PFH); /* the next block's row */
+        if ((t & 1) == 0) QPF(q + 16 * half); /* the next block's row */
         __m256i v = _mm256_loadu_si256((const __m256i*)q);
         _mm256_store_si256((__m256i*)(at + 64 * r), _mm256_and_si256(v, low));
         _mm256_store_si256((__m256i*)(at + 64 * r + 32), _mm256_and_si256(_mm256_srli_epi16(v, 4), low));

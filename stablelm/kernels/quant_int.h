@@ -77,7 +77,7 @@ static inline __attribute__((always_inline)) void q8_rows_i16(const float* xf, c
     for (; k + 32 <= b1; k += 32) {
       __m256i x0 = _mm256_loadu_si256((const __m256i*)(x16 + k)), x1 = _mm256_loadu_si256((const __m256i*)(x16 + k + 16));
       for (int i = 0; i < S; i++) {
-        if ((k & 63) == 0) _mm_prefetch((const char*)(r[i] + k + PFD), PFH);
+        if ((k & 63) == 0) QPF(r[i] + k + PFD);
         __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(r[i] + k)));
         __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(r[i] + k + 16)));
         ia[i] = _mm256_add_epi32(ia[i], _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1)));
@@ -151,7 +151,7 @@ static inline __attribute__((always_inline)) void q4_rows_i16(const int8_t* xh, 
       __m256i l0 = _mm256_loadu_si256((const __m256i*)lp), l1 = _mm256_loadu_si256((const __m256i*)(lp + 32));
       for (int i = 0; i < S; i++) {
         const uint8_t* p = r[i] + ((size_t)g * group + j) / 2;
-        if ((j & 127) == 0) _mm_prefetch((const char*)(p + PFD), PFH);
+        if ((j & 127) == 0) QPF(p + PFD);
         __m256i v = _mm256_loadu_si256((const __m256i*)p);
         __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
         ah[i] = _mm256_add_epi16(_mm256_add_epi16(ah[i], _mm256_maddubs_epi16(lo, h0)), _mm256_maddubs_epi16(hi, h1));
@@ -208,7 +208,7 @@ static inline __attribute__((always_inline)) AVXVNNI_FN void q4_rows_avxvnni(
       __m256i l0 = _mm256_loadu_si256((const __m256i*)lp), l1 = _mm256_loadu_si256((const __m256i*)(lp + 32));
       for (int i = 0; i < S; i++) {
         const uint8_t* q = r[i] + ((size_t)g * group + j) / 2;
-        if ((j & 127) == 0) _mm_prefetch((const char*)(q + PFD), PFH);
+        if ((j & 127) == 0) QPF(q + PFD);
         __m256i v = _mm256_loadu_si256((const __m256i*)q);
         __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
         ah[i] = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(ah[i], lo, h0), hi, h1);
@@ -318,7 +318,7 @@ static inline __attribute__((always_inline)) VNNI_FN void q4_rows_vnni(const int
     __m512i h0 = _mm512_loadu_si512(xh + k0), h1 = _mm512_loadu_si512(xh + k0 + 64);
     __m512i l0 = _mm512_loadu_si512(xl + k0), l1 = _mm512_loadu_si512(xl + k0 + 64);
     for (int i = 0; i < S; i++) {
-      _mm_prefetch((const char*)(r[i] + k0 / 2 + PFD), PFH);
+      QPF(r[i] + k0 / 2 + PFD);
       __m512i v = _mm512_maskz_loadu_epi8(live, r[i] + k0 / 2);
       __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
       __m512i th = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, h0), hi, h1);
@@ -393,7 +393,7 @@ static inline __attribute__((always_inline)) VNNI_FN void q4_rows_vnni_m(const i
     __m512i lo[Q4VM], hi[Q4VM];
     __m512 pn[Q4VM];
     for (int i = 0; i < S; i++) {
-      _mm_prefetch((const char*)(r[i] + k0 / 2 + PFD), PFH);
+      QPF(r[i] + k0 / 2 + PFD);
       __m512i v = _mm512_maskz_loadu_epi8(live, r[i] + k0 / 2);
       lo[i] = _mm512_and_si512(v, low), hi[i] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
       pn[i] = _mm512_permutexvar_ps(pick, sn[i]);

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..kernels import call, cpu_flags, kernel, quant_library, selected_isa
 from ..kernels.linear import plan
+from ..kernels.prefetch import quant_prefetch_mode
 from . import formats
 
 KERNEL_MAX_ROWS = 8  # beyond this, dequantized tiles and torch's matrix product are faster
@@ -203,6 +204,7 @@ class QuantizedLinear(nn.Module):
         holds the library (`quant_library()` not None) and keeps x and y alive; `stablelm.lean_step`
         makes these once per generation. `batch`: one row, too, through the kernels of several rows (see
         `batched`)."""
+        quant_prefetch_mode()  # how the kernels prefetch here: timed once per process
         lib, kind = quant_library(), _TYPES[dtype] | (BATCH_ROWS if batch else 0)
         if not batch and amx_tiles(dtype):
             kind |= AMX_ROWS
