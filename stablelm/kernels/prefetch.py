@@ -16,9 +16,12 @@ COLD_BYTES = 96 << 20  # weights timed: more than the last-level cache of common
 SHAPE = (1024, 2560)  # ... as layers of this shape: rows 5 KB apart (not 4 KB: one L1 set for all)
 
 
-def _timed(modes, set_mode: Callable[[int], None], run: Callable, weights: list) -> dict[int, float]:
-    """Best seconds of each mode over `weights`, the modes taking turns, on one thread (where the modes
-    differ most: one core's misses in flight)."""
+def _fastest(
+    modes: tuple[int, ...], pays: float, set_mode: Callable[[int], None], run: Callable, weights: list
+) -> int:
+    """The mode to use: each of `modes` times `run` over `weights`, the modes taking turns, on one thread
+    (where the modes differ most: one core's misses in flight); the fastest, where it takes at most
+    `pays` of the first mode's time, else the first."""
     best = dict.fromkeys(modes, float("inf"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -32,7 +35,8 @@ def _timed(modes, set_mode: Callable[[int], None], run: Callable, weights: list)
                 best[trial] = min(best[trial], time.perf_counter() - start)
     finally:
         torch.set_num_threads(threads)
-    return best
+    fastest = min(modes, key=best.__getitem__)
+    return fastest if best[fastest] <= pays * best[modes[0]] else modes[0]
 
 
 # Kernels whose best weight prefetches differ between CPUs (`prefetch_modes` in linear.c), by the kind
@@ -50,8 +54,8 @@ _PREFETCH: dict[tuple[str | None, str], int] = {}  # by level and kind (cleared 
 
 def prefetch_mode(kind: str) -> int:
     """The prefetch mode of `kind` (a key of `PREFETCH`) here, timed once per process and level and set
-    in the library: each mode over the same `COLD_BYTES` of weights, in turns, on one thread (where the
-    modes differ most: one core's misses in flight). The bits never depend on it."""
+    in the library: each mode over the same `COLD_BYTES` of weights, in turns (`_fastest`). The bits never
+    depend on it."""
     key = (selected_isa(), kind)
     if key in _PREFETCH:
         return _PREFETCH[key]
@@ -61,14 +65,13 @@ def prefetch_mode(kind: str) -> int:
         n, k = SHAPE
         weights = [torch.full((n, k), 0.5, dtype=torch.bfloat16) for _ in range(COLD_BYTES // (n * k * 2))]
         x = torch.ones(1, k, dtype=torch.bfloat16)
-        best = _timed(
+        mode = _fastest(
             modes,
+            pays,
             lambda trial: set_prefetch(kind, trial),
             lambda w: run_linear(kind, x, [w], [None], 512),
             weights,
         )
-        fastest = min(modes, key=best.__getitem__)
-        mode = fastest if best[fastest] <= pays * best[modes[0]] else modes[0]
     set_prefetch(kind, mode)
     _PREFETCH[key] = mode
     return mode
@@ -124,9 +127,7 @@ def quant_prefetch_mode() -> int:
             if lib.stablelm_q8_linear(x.data_ptr(), *args):
                 raise RuntimeError("the int8 kernel failed while timing its prefetches")
 
-        best = _timed(QUANT_MODES, lib.stablelm_quant_set_prefetch, run, weights)
-        fastest = min(QUANT_MODES, key=best.__getitem__)
-        mode = fastest if best[fastest] <= QUANT_PAYS * best[QUANT_MODES[0]] else QUANT_MODES[0]
+        mode = _fastest(QUANT_MODES, QUANT_PAYS, lib.stablelm_quant_set_prefetch, run, weights)
         lib.stablelm_quant_set_prefetch(mode)
     _QUANT_PREFETCH[isa] = mode
     return mode
