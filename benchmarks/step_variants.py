@@ -78,6 +78,11 @@ def main() -> None:
         kernel, planned = lean_step.kernel, lean_step.planned_linear
         if args.linear is not None:
             lib = variant_library(args.linear, "linear_variant", Path(tmp))
+            # the prefetch modes this process timed for the checkout's library (stablelm.kernels.prefetch),
+            # set in the variant too where it has them: else it would run the first modes
+            if hasattr(lib, "stablelm_set_prefetch") and kernels.library() is not None:
+                for which in range(2):
+                    lib.stablelm_set_prefetch(which, kernels.library().stablelm_prefetch(which))
             lib.stablelm_linear_planned.restype = ctypes.c_int
             lib.stablelm_linear_planned.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
             lean_step.kernel = lambda kind: getattr(lib, f"stablelm_linear_{kind}", None)
