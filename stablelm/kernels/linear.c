@@ -40,7 +40,7 @@
 #define prefetch_t1(p) __builtin_prefetch((const void*)(p), 0, 2)
 #endif
 
-/* How kernels whose best prefetches differ between CPUs ask for weights ahead (stablelm.kernels.linear
+/* How kernels whose best prefetches differ between CPUs ask for weights ahead (stablelm.kernels.prefetch
  * times the modes once per process and sets the fastest; the bits never depend on them):
  * - PF_DPBF16 (bf16_dpbf16, see DP_TILE): 0 non-temporal, the next block and each row's lines ahead;
  *   1 the next block into L2.
@@ -706,19 +706,17 @@ static void load16_edge(__m512i r[16], const uint16_t* w, int K, int k, int nn, 
         else if (next)                                                                                 \
           for (int l = 0; l < DP_ROWS * 64; l += 64)                                                   \
             _mm_prefetch(next + (int64_t)k * 2 * DP_ROWS + l, _MM_HINT_NTA);                            \
+        __m512i r[16];                                                                                 \
         if (nn == DP_ROWS && k1 - k >= 32) {                                                           \
           const char* r0 = (const char*)(w + k);                                                       \
           if (!l2 && k + 32 * DP_AHEAD < K)                                                            \
-            for (int r = 0; r < DP_ROWS; r++) _mm_prefetch(r0 + 64 * DP_AHEAD + r * s1, _MM_HINT_NTA);   \
-          __m512i r[16];                                                                               \
+            for (int i = 0; i < DP_ROWS; i++) _mm_prefetch(r0 + 64 * DP_AHEAD + i * s1, _MM_HINT_NTA);   \
           _Pragma("GCC unroll 16") for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_si512(r0 + i * s1); \
           transpose16(r);                                                                              \
-          _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) { DP_USE4(MT, r + 4 * c, c) }            \
         } else { /* an edge: part of the rows or of the k */                                           \
-          __m512i r[16];                                                                               \
           load16_edge(r, w, K, k, nn, k1 - k);                                                         \
-          for (int c = 0; c < 4; c++) { DP_USE4(MT, r + 4 * c, c) }                                    \
         }                                                                                              \
+        _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) { DP_USE4(MT, r + 4 * c, c) }              \
       }                                                                                                \
       for (int m = 0; m < MT; m++) tot[m] = k0 == 0 ? acc[m] : _mm512_add_ps(tot[m], acc[m]);          \
     }                                                                                                  \

@@ -63,9 +63,10 @@ def plan(
         found = ("f32", 0) if kernel("f32") is not None and key[4] and measured and not fast_mkl else None
     elif dtype in (torch.bfloat16, torch.float16):
         found = _half_plan(dtype, in_features, n, bias, key[4])
-        timed = "bf16_dot" if found is not None and found[0] == "f16_dot" else found and found[0]
-        if timed in PREFETCH and SPEED_CHECK:
-            prefetch_mode(timed)  # how it prefetches weights here: decided before it is timed against torch
+        if found is not None and SPEED_CHECK:
+            timed = "bf16_dot" if found[0] == "f16_dot" else found[0]  # one loop, one mode for both
+            if timed in PREFETCH:
+                prefetch_mode(timed)  # how it prefetches weights here: decided before it is timed vs torch
         if found is not None and SPEED_CHECK and not _pays(found, dtype, in_features, n, _TIMED_ROWS[key[4]]):
             found = None  # torch's kernel is as fast here (bits are the same either way): keep it
     else:
