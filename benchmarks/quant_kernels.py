@@ -12,6 +12,8 @@ it), so use one thread (at two, CPU time counts OpenMP's spinning). `--read` add
 
 Run:  python benchmarks/quant_kernels.py [--old REV] [--shape 2560x6912] [--threads 1] [--rounds 9]
       [--define NAME=-DFLAG ...]   (extra builds of the worktree's quant.c with compiler flags)
+Builds whose prefetch hint is chosen at run time get the one stablelm times for this CPU
+(`stablelm.kernels.prefetch.quant_prefetch_mode`); `--define x=-DPFH=_MM_HINT_T0` fixes it.
 """
 
 from __future__ import annotations
@@ -65,6 +67,10 @@ def compile_source(source: Path, out: Path, extra: list[str]) -> ctypes.CDLL:
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.stablelm_q8_linear.argtypes = [p, i, i, i, i, p, i, p, p, p, i]
     lib.stablelm_q4_linear.argtypes = [p, i, i, i, i, p, i, p, p, p, i, p, i, i]
+    if hasattr(lib, "stablelm_quant_set_prefetch"):  # the hint the package times for this CPU, as it runs
+        from stablelm.kernels.prefetch import quant_prefetch_mode
+
+        lib.stablelm_quant_set_prefetch(quant_prefetch_mode())
     return lib
 
 
