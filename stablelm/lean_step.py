@@ -34,9 +34,10 @@ from torch.nn.modules import module as _module
 
 from .attention import _SDPA_HAS_GQA
 from .cache import StaticCache
-from .kernels import PlannedLinear, check_status, decode_qkv_kernel, kernel, planned_linear, quant_library
+from .kernels import PlannedLinear, check_status, kernel, planned_linear, quant_library
 from .kernels import attention as native_attention
 from .kernels.linear import plan as kernel_plan
+from .kernels.rotation import decode_qkv_kernel
 from .layers import Linear
 from .quantization.linear import KERNEL_MAX_ROWS, QuantizedLinear
 from .quantization.linear import check_status as check_quantized

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .config import StableLmConfig
-from .kernels import rotary
+from .kernels.rotation import rotary
 from .rope_parameters import rope_original_length
 
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from stablelm import kernels as native
 from stablelm.kernels import linear as kernel_linear
-from stablelm.kernels import prefetch
+from stablelm.kernels import prefetch, rotation
 
 COMPILER = shutil.which(os.environ.get("CC") or "cc") is not None
 LEVELS = [isa for isa, needs in native.ISA_NEEDS.items() if needs <= native.cpu_flags()] if COMPILER else []
@@ -359,11 +359,11 @@ def test_the_rotary_kernel_gives_torchs_bits(isa, dtype):
             x = base[:, :, :h] if heads_dim == 2 else base[:, :, :h].transpose(1, 2)
             cos, sin = (torch.randn(b, t, rot, generator=gen).to(dtype) for _ in range(2))
             with torch.no_grad():
-                ours = native.rotary(x, cos, sin, heads_dim)
+                ours = rotation.rotary(x, cos, sin, heads_dim)
                 torchs = apply_rotary(x, cos, sin, heads_dim=heads_dim)
             assert ours is not None  # it ran
             assert torch.equal(ours, torchs) and ours.stride() == torchs.stride(), (b, t, h, d, rot)
-    assert native.rotary(x, cos, sin, 2) is None  # autograd on: torch's computes it
+    assert rotation.rotary(x, cos, sin, 2) is None  # autograd on: torch's computes it
 
 
 @pytest.mark.skipif(not COMPILER, reason="needs a C compiler")

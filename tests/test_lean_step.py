@@ -17,6 +17,7 @@ import stablelm
 from stablelm import StableLmForCausalLM, kernels, lean_step
 from stablelm.cache import StaticCache
 from stablelm.decode import DecodeStep
+from stablelm.kernels import rotation
 from stablelm.quantization import QuantizationConfig, QuantizedLinear
 from stablelm.rope import apply_rotary
 
@@ -200,7 +201,7 @@ def test_the_decode_qkv_kernel_rotates_and_writes_the_cache_as_torch(dtype):
         position = torch.tensor([slot])
         want_k.index_copy_(2, position, k.transpose(1, 2))
         want_v.index_copy_(2, position, heads[:, :, H + Hkv :].transpose(1, 2))
-        fn = kernels.decode_qkv_kernel(dtype)
+        fn = rotation.decode_qkv_kernel(dtype)
         args = (cos.data_ptr(), sin.data_ptr(), q_out.data_ptr(), kc.data_ptr(), vc.data_ptr(), slots)
         assert fn(qkv.data_ptr(), qkv.shape[1], *args, slot, B, H, Hkv, D, rot) == 0
         assert torch.equal(q_out, q) and torch.equal(kc, want_k) and torch.equal(vc, want_v)
@@ -335,7 +336,7 @@ def test_layers_no_kernel_serves_run_torchs_linear_inside_the_planned_step(varia
         return None if k == mlp_in or n == model.config.vocab_size else real(dtype, k, n, bias, rows)
 
     monkeypatch.setattr(lean_step, "kernel_plan", no_kernel_for_some)
-    if kernels.decode_qkv_kernel(torch.bfloat16) is None:
+    if rotation.decode_qkv_kernel(torch.bfloat16) is None:
         pytest.skip("no planned step on this machine (no native kernels)")
     step = lean_step.LeanStep.build(model, _cache(model), 1)
     assert type(step.layers[0].down) is lean_step._TorchLinear and type(step.head) is lean_step._TorchLinear

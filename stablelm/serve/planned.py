@@ -31,7 +31,7 @@ from torch import nn
 
 from ..attention import _SDPA_HAS_GQA
 from ..kernels import attention as native_attention
-from ..kernels import decode_qkv_kernel
+from ..kernels.rotation import decode_qkv_kernel
 from ..lean_step import _norm, _plain_modules
 
 
