@@ -26,6 +26,7 @@ from .errors import (
     ArgumentParser,
     CliError,
     UsageError,
+    forget_interrupts,
     import_start_up,
     report,
     silence_broken_pipe,
@@ -145,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         return silence_broken_pipe()
     except KeyboardInterrupt as err:
         return report(err, debug=debug)
+    finally:
+        forget_interrupts()  # the status returned is the one the process exits with
 
 
 def _main(argv: list[str]) -> int:

@@ -66,6 +66,17 @@ def import_start_up(modules: tuple[str, ...] = START_UP_MODULES) -> None:
         signal.signal(signal.SIGINT, previous)
 
 
+def forget_interrupts() -> None:
+    """Let the process end with the status the command returns, after a Ctrl-C it has handled.
+
+    CPython (3.8 and later) remembers a KeyboardInterrupt that left code run by `exec` of a string
+    (dataclasses, namedtuples and other libraries build functions that way), even once it is caught; a
+    process started as `python -m stablelm` (or `-c`) then kills itself by SIGINT on its way out instead
+    of exiting with the status returned (130, or 0 after a chat that went on). Evaluating a string resets
+    that memory: nothing else does."""
+    exec("")  # noqa: S102 - resets CPython's record of an unhandled KeyboardInterrupt
+
+
 class CliError(Exception):
     """A failure to report as one line; `status` is the exit status."""
 
