@@ -394,6 +394,30 @@ def test_settable_special_tokens(padded_pair):
 # --- decoding ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("ids", "error", "says"),
+    [
+        ([5, -2], ValueError, "got -2 at position 1"),
+        (torch.tensor([3, -1]), ValueError, "got -1 at position 1"),
+        (-3, ValueError, "got -3 at position 0"),
+        ([2**64], ValueError, "from 0 to 2**32 - 1; got 18446744073709551616"),
+        ([1.5], TypeError, "got 1.5 (float) at position 0"),
+        (["a"], TypeError, "got 'a' (str)"),
+        ([[1, 2], [3, None]], TypeError, "got None (NoneType) at position 1 of sequence 1"),
+    ],
+)
+def test_decode_refuses_bad_ids_naming_them(pair, ids, error, says):
+    # The backend's own errors ("number too small to fit in target type") name no argument.
+    ours, _ = pair
+    for decode in (ours.decode, ours.batch_decode):
+        with pytest.raises(error, match="^token_ids must hold") as caught:
+            decode(ids if decode is ours.decode or not isinstance(ids, int) else [ids])
+        assert says in str(caught.value)
+    assert ours.decode([5, 10**9]) == ours.decode(
+        [5]
+    )  # an id past the vocabulary decodes to nothing, as the reference
+
+
 @pytest.mark.parametrize("skip", [False, True])
 def test_decode_matches_reference(padded_pair, skip):
     ours, ref = padded_pair

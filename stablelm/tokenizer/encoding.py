@@ -154,3 +154,21 @@ def _as_python(ids: Any) -> Any:
     if isinstance(ids, (list, tuple)) and ids and not isinstance(ids[0], int):
         return [_as_python(row) for row in ids]
     return list(ids) if isinstance(ids, tuple) else ids
+
+
+def decode_error(ids: Any, err: Exception) -> Exception:
+    """The error for token ids the tokenizer's backend refused with `err` (a TypeError or OverflowError
+    that names no argument): which id, where, and what ids must be. `ids` as `_as_python` gives them."""
+    rows = ids if ids and isinstance(ids[0], list) else [ids]
+    for r, row in enumerate(rows):
+        for i, value in enumerate(row if isinstance(row, list) else [row]):
+            where = f"position {i}" + (f" of sequence {r}" if len(rows) > 1 else "")
+            if not isinstance(value, int):
+                return TypeError(
+                    f"token_ids must hold integer token ids; got {value!r} ({type(value).__name__}) at {where}"
+                )
+            if not 0 <= value < 2**32:
+                return ValueError(
+                    f"token_ids must hold token ids from 0 to 2**32 - 1; got {value} at {where}"
+                )
+    return err

@@ -16,6 +16,7 @@ from .encoding import (
     BatchEncoding,
     _as_python,
     batch_encoding,
+    decode_error,
     encode_rows,
     pad,
     pad_offsets,
@@ -353,7 +354,10 @@ class Tokenizer(ChatMixin, AddedTokensMixin, TokensMixin):
                 skip_special_tokens=skip_special_tokens,
                 clean_up_tokenization_spaces=clean_up_tokenization_spaces,
             )
-        text = self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        try:
+            text = self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        except (TypeError, OverflowError) as err:
+            raise decode_error(ids, err) from None
         return clean_up_tokenization(text) if self._cleans_up(clean_up_tokenization_spaces) else text
 
     def batch_decode(
@@ -367,7 +371,10 @@ class Tokenizer(ChatMixin, AddedTokensMixin, TokensMixin):
         rows = _as_python(sequences)
         if rows and not isinstance(rows[0], list):
             rows = [rows]  # one sequence, which the reference also accepts
-        texts = self._backend.decode_batch(rows, skip_special_tokens=skip_special_tokens)
+        try:
+            texts = self._backend.decode_batch(rows, skip_special_tokens=skip_special_tokens)
+        except (TypeError, OverflowError) as err:
+            raise decode_error(rows, err) from None
         if self._cleans_up(clean_up_tokenization_spaces):
             return [clean_up_tokenization(text) for text in texts]
         return texts
