@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -12,6 +13,10 @@ from stablelm import StableLmConfig
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 warnings.filterwarnings("ignore", category=FutureWarning)
+
+# Plans are made afresh in every test and its subprocesses, as tests patch what they depend on; the disk
+# cache of plans (stablelm.kernels.plan_cache) is tested on its own, in a folder of its test.
+os.environ["STABLELM_PLAN_CACHE"] = "0"
 
 TINY = dict(
     vocab_size=128,

@@ -273,7 +273,7 @@ def kernel(kind: str):  # noqa: ANN201 - a ctypes function, or None
 def clear_caches() -> None:
     """Forget the chosen level, the loaded libraries and the kernel plans (after changing
     `STABLELM_ISA`, `CC` or `STABLELM_CACHE` in a running process)."""
-    from . import attention
+    from . import attention, plan_cache
     from .linear import _PLANS
     from .prefetch import _PREFETCH, _QUANT_PREFETCH
 
@@ -283,6 +283,7 @@ def clear_caches() -> None:
     _PREFETCH.clear()
     _QUANT_PREFETCH.clear()
     attention._PLANS.clear()
+    plan_cache.forget()
 
 
 def read_memory(buffer: torch.Tensor) -> int:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import X86_LEVELS, cpu_flags, cpu_vendor, load, selected_isa
+from . import X86_LEVELS, cpu_flags, cpu_vendor, load, plan_cache, selected_isa
 
 SOURCE = Path(__file__).with_name("attention.c")
 # Key counts the probes cover: vector and leftover paths, groups of four, and torch's blocks of 512.
@@ -99,7 +99,7 @@ def plan(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, scale: fl
             and 8 <= head_dim <= 512
             and heads % kv_heads == 0
         )
-        _PLANS[key] = fn if usable and _reproduces_torch(fn, heads, kv_heads, head_dim, scale) else None
+        _PLANS[key] = fn if usable and _reproduces(fn, key) else None
     return _PLANS[key]
 
 
@@ -119,6 +119,18 @@ def run(
         out.data_ptr(), out.stride(0), B, H, Hkv, D, scale, softmax_lanes() or 8, mkl_order() or 0,
         torch.get_num_threads(),
     )  # fmt: skip
+
+
+def _reproduces(fn, key: tuple) -> bool:  # noqa: ANN001
+    """`_reproduces_torch` for the plan's `key`, as an earlier process found it on this machine where one
+    did (`plan_cache`), else found and kept."""
+    where = ((_library(selected_isa())._name,), "attention " + " ".join(map(str, key)))
+    kept = plan_cache.get(*where)
+    if type(kept) is bool:
+        return kept
+    found = _reproduces_torch(fn, *key[1:5])
+    plan_cache.put(*where, found)
+    return found
 
 
 def _reproduces_torch(fn, heads: int, kv_heads: int, head_dim: int, scale: float) -> bool:  # noqa: ANN001

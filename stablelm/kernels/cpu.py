@@ -50,3 +50,10 @@ def parse_cpu_flags(cpuinfo: str, machine: str) -> frozenset[str]:
 def cpu_vendor() -> str:
     """The CPU's vendor id on Linux ("GenuineIntel", "AuthenticAMD", ...); empty elsewhere."""
     return _field(_cpuinfo(), "vendor_id") or ""
+
+
+def cpu_identity() -> str:
+    """The CPU's vendor, model name, family, model and stepping on Linux, as one line; empty elsewhere."""
+    info = _cpuinfo()
+    keys = ("vendor_id", "model name", "cpu family", "model", "stepping", "CPU implementer", "CPU part")
+    return "; ".join(f"{key}={value}" for key in keys if (value := _field(info, key)) is not None)

@@ -22,7 +22,18 @@ import time
 import torch
 from torch import nn
 
-from . import X86_LEVELS, cpu_flags, cpu_vendor, has_dpbf16, kernel, run_linear, selected_isa
+from . import (
+    _DTYPES,
+    X86_LEVELS,
+    cpu_flags,
+    cpu_vendor,
+    has_dpbf16,
+    kernel,
+    library,
+    plan_cache,
+    run_linear,
+    selected_isa,
+)
 from .prefetch import PREFETCH, prefetch_mode
 
 # Block sizes for the oneDNN-order kernel, most likely first: oneDNN (avx512_core_bf16) sums K in
@@ -62,17 +73,60 @@ def plan(
         measured = selected_isa() in X86_LEVELS
         found = ("f32", 0) if kernel("f32") is not None and key[4] and measured and not fast_mkl else None
     elif dtype in (torch.bfloat16, torch.float16):
-        found = _half_plan(dtype, in_features, n, bias, key[4])
+        kept = _kept(key)  # what an earlier process decided on this machine (`plan_cache`)
+        found = _half_plan(dtype, in_features, n, bias, key[4]) if kept is plan_cache.MISSING else kept
         if found is not None and SPEED_CHECK:
             timed = "bf16_dot" if found[0] == "f16_dot" else found[0]  # one loop, one mode for both
             if timed in PREFETCH:
                 prefetch_mode(timed)  # how it prefetches weights here: decided before it is timed vs torch
-        if found is not None and SPEED_CHECK and not _pays(found, dtype, in_features, n, _TIMED_ROWS[key[4]]):
-            found = None  # torch's kernel is as fast here (bits are the same either way): keep it
+        if kept is plan_cache.MISSING:
+            if (
+                found is not None
+                and SPEED_CHECK
+                and not _pays(found, dtype, in_features, n, _TIMED_ROWS[key[4]])
+            ):
+                found = None  # torch's kernel is as fast here (bits are the same either way): keep it
+            _keep(key, found)
     else:
         found = None
     _PLANS[key] = found
     return found
+
+
+def _kept_key(key: tuple) -> tuple[tuple[str, ...], str] | None:
+    """(the library's file, the text key) under which `plan_cache` keeps the plan for `key`; None
+    without a library. The settings a plan depends on are part of the key."""
+    lib = library()
+    if lib is None:
+        return None
+    settings = (SPEED_CHECK, PAYS, COLD_BYTES, MAX_COPIES, PROBE_MAX_OUTPUTS, DPBF16_MAX_ROWS)
+    return (lib._name,), "linear " + " ".join(map(str, (*key, *settings)))
+
+
+def _kept(key: tuple) -> tuple[str, int] | None | object:
+    """The plan an earlier process kept for `key` on this machine, or `plan_cache.MISSING` (none kept,
+    or not a plan this library can run for the dtype: then it is made again)."""
+    where = _kept_key(key)
+    value = plan_cache.MISSING if where is None else plan_cache.get(*where)
+    if value is None or value is plan_cache.MISSING:
+        return value
+    if (
+        isinstance(value, list)
+        and len(value) == 2
+        and value[0] in _DTYPES
+        and _DTYPES[value[0]] == key[0]
+        and kernel(value[0]) is not None
+        and type(value[1]) is int
+        and value[1] in (0, *_BLOCKS) + (() if value[0] != "bf16_amx" else tuple(range(32, key[1] + 32, 32)))
+    ):
+        return value[0], value[1]
+    return plan_cache.MISSING
+
+
+def _keep(key: tuple, found: tuple[str, int] | None) -> None:
+    where = _kept_key(key)
+    if where is not None:
+        plan_cache.put(*where, None if found is None else list(found))
 
 
 SPEED_CHECK = True  # half precision: use a kernel only where it beats torch's (see `_pays`)

@@ -1,0 +1,122 @@
+"""What the kernels decided on this machine, kept on disk so that the next process does not decide again.
+
+Which kernel serves a layer (`stablelm.kernels.linear.plan`: probes that the kernel gives torch's bits,
+then a timing against torch's kernel) and how the kernels prefetch (`stablelm.kernels.prefetch`) cost a
+process seconds before its first token on a 3B model (2.8 s on a 2-core Zen 4, of a 9 s `stablelm
+generate`); each answer depends only on the machine and the software. So each is written to
+`plans-<context>.json` beside the built kernels (`cache_dir()`), where `<context>` is a digest of all
+it depends on: the kernels' library (its source and compiler flags), this package's planning code,
+torch's version, the CPU's identity and flags, and the environment variables that change torch's or
+oneDNN's code paths. Another machine, torch or kernel source reads another file; nothing is ever
+reused across them. A damaged or unreadable file is ignored (and replaced); a value that is not a
+possible answer is ignored.
+
+`STABLELM_PLAN_CACHE=0` turns it off (every process decides afresh, as before); deleting the files
+forgets the answers. The timings' answers change speed only: a kernel is used only where its probes
+gave torch's bits, and prefetch modes never change results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..atomic import write_text_atomic
+from .cpu import cpu_flags, cpu_identity
+
+ENV = "STABLELM_PLAN_CACHE"
+# Variables that change which code torch, oneDNN or MKL run (and so the bits or the speed a plan saw).
+_TORCH_ENV = (
+    "ATEN_CPU_CAPABILITY",
+    "ONEDNN_MAX_CPU_ISA",
+    "DNNL_MAX_CPU_ISA",
+    "ONEDNN_DEFAULT_FPMATH_MODE",
+    "MKL_ENABLE_INSTRUCTIONS",
+    "MKL_CBWR",
+    "MKL_DEBUG_CPU_TYPE",
+)
+_PLANNERS = ("linear.py", "attention.py", "prefetch.py", "plan_cache.py", "__init__.py")  # what decides
+MISSING = object()
+_entries: dict[str, dict[str, Any]] = {}  # by file path: what was read from it, and since put
+
+
+def enabled() -> bool:
+    """Whether answers are kept on disk: unless `STABLELM_PLAN_CACHE` is 0 (or off, false, no)."""
+    return os.environ.get(ENV, "").strip().lower() not in ("0", "off", "false", "no")
+
+
+def context(libraries: tuple[str, ...]) -> str:
+    """A digest of everything the answers depend on, for kernels from the library files `libraries`."""
+    return _context(libraries, tuple(os.environ.get(name, "") for name in _TORCH_ENV))
+
+
+@cache
+def _context(libraries: tuple[str, ...], env: tuple[str, ...]) -> str:
+    here = Path(__file__).parent
+    parts = {
+        "libraries": [Path(path).name for path in libraries],  # names hold the source's and flags' digest
+        "planners": [hashlib.sha256((here / name).read_bytes()).hexdigest() for name in _PLANNERS],
+        "torch": torch.__version__,
+        "cpu": cpu_identity(),
+        "flags": sorted(cpu_flags()),
+        "env": env,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _folder() -> Path:
+    from . import cache_dir  # (the package imports this module's users)
+
+    return cache_dir()
+
+
+def _path(libraries: tuple[str, ...]) -> Path:
+    return _folder() / f"plans-{context(libraries)}.json"
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def get(libraries: tuple[str, ...], key: str) -> Any:
+    """The answer kept for `key` by a process whose kernels came from the library files `libraries`, or
+    MISSING (none kept, or turned off)."""
+    if not enabled():
+        return MISSING
+    path = _path(libraries)
+    entries = _entries.get(str(path))
+    if entries is None:
+        entries = _entries[str(path)] = _read(path)
+    return entries.get(key, MISSING)
+
+
+def put(libraries: tuple[str, ...], key: str, value: Any) -> None:
+    """Keep `value` (JSON) for `key`; merged with what other processes wrote meanwhile. Where the folder
+    cannot be written the answer is kept for this process only."""
+    if not enabled():
+        return
+    path = _path(libraries)
+    entries = _entries.setdefault(str(path), {})
+    entries[key] = value
+    try:
+        merged = {**_read(path), **entries}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps(merged, sort_keys=True, indent=0))
+    except OSError:
+        pass
+
+
+def forget() -> None:
+    """Drop what this process read (the files stay): the next `get` reads them again."""
+    _entries.clear()
+    _context.cache_clear()
