@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ _TORCH_ENV = (
 _PLANNERS = ("linear.py", "attention.py", "prefetch.py", "plan_cache.py", "__init__.py")  # what decides
 MISSING = object()
 _entries: dict[str, dict[str, Any]] = {}  # by file path: what was read from it, and since put
+_writing = threading.Lock()  # one writer per process (the temporary file's name is the process's)
 
 
 def enabled() -> bool:
@@ -106,14 +108,15 @@ def put(libraries: tuple[str, ...], key: str, value: Any) -> None:
     if not enabled():
         return
     path = _path(libraries)
-    entries = _entries.setdefault(str(path), {})
-    entries[key] = value
-    try:
-        merged = {**_read(path), **entries}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path, json.dumps(merged, sort_keys=True, indent=0))
-    except OSError:
-        pass
+    with _writing:
+        entries = _entries.setdefault(str(path), {})
+        entries[key] = value
+        try:
+            merged = {**_read(path), **entries}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(path, json.dumps(merged, sort_keys=True, indent=0))
+        except OSError:
+            pass
 
 
 def forget() -> None:
