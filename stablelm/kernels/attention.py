@@ -124,13 +124,12 @@ def run(
 def _reproduces(fn, key: tuple) -> bool:  # noqa: ANN001
     """`_reproduces_torch` for the plan's `key`, as an earlier process found it on this machine where one
     did (`plan_cache`), else found and kept."""
-    where = ((_library(selected_isa())._name,), "attention " + " ".join(map(str, key)))
-    kept = plan_cache.get(*where)
-    if type(kept) is bool:
-        return kept
-    found = _reproduces_torch(fn, *key[1:5])
-    plan_cache.put(*where, found)
-    return found
+    return plan_cache.remembered(
+        (_library(selected_isa())._name,),
+        "attention " + " ".join(map(str, key)),
+        lambda value: type(value) is bool,
+        lambda: _reproduces_torch(fn, *key[1:5]),
+    )
 
 
 def _reproduces_torch(fn, heads: int, kv_heads: int, head_dim: int, scale: float) -> bool:  # noqa: ANN001

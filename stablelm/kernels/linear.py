@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -73,60 +74,59 @@ def plan(
         measured = selected_isa() in X86_LEVELS
         found = ("f32", 0) if kernel("f32") is not None and key[4] and measured and not fast_mkl else None
     elif dtype in (torch.bfloat16, torch.float16):
-        kept = _kept(key)  # what an earlier process decided on this machine (`plan_cache`)
-        found = _half_plan(dtype, in_features, n, bias, key[4]) if kept is plan_cache.MISSING else kept
+        # what an earlier process decided on this machine (`plan_cache`), else decided here
+        found = _remembered(key, lambda: _timed_plan(dtype, in_features, n, bias, key[4]))
         if found is not None and SPEED_CHECK:
-            timed = "bf16_dot" if found[0] == "f16_dot" else found[0]  # one loop, one mode for both
-            if timed in PREFETCH:
-                prefetch_mode(timed)  # how it prefetches weights here: decided before it is timed vs torch
-        if kept is plan_cache.MISSING:
-            if (
-                found is not None
-                and SPEED_CHECK
-                and not _pays(found, dtype, in_features, n, _TIMED_ROWS[key[4]])
-            ):
-                found = None  # torch's kernel is as fast here (bits are the same either way): keep it
-            _keep(key, found)
+            _prefetch_for(found)  # a kept plan's kernel prefetches as this machine's timing says
     else:
         found = None
     _PLANS[key] = found
     return found
 
 
-def _kept_key(key: tuple) -> tuple[tuple[str, ...], str] | None:
-    """(the library's file, the text key) under which `plan_cache` keeps the plan for `key`; None
-    without a library. The settings a plan depends on are part of the key."""
+def _timed_plan(dtype: torch.dtype, k: int, n: int, bias: bool, rows: int) -> tuple[str, int] | None:
+    """The kernel that gives torch's bits (`_half_plan`), where it is also faster than torch's (`_pays`)."""
+    found = _half_plan(dtype, k, n, bias, rows)
+    if found is not None and SPEED_CHECK:
+        _prefetch_for(found)  # how it prefetches weights here: decided before it is timed vs torch
+        if not _pays(found, dtype, k, n, _TIMED_ROWS[rows]):
+            found = None  # torch's kernel is as fast here (bits are the same either way): keep it
+    return found
+
+
+def _prefetch_for(found: tuple[str, int]) -> None:
+    timed = "bf16_dot" if found[0] == "f16_dot" else found[0]  # one loop, one mode for both
+    if timed in PREFETCH:
+        prefetch_mode(timed)
+
+
+def _remembered(key: tuple, make: Callable[[], tuple[str, int] | None]) -> tuple[str, int] | None:
+    """`make()`'s plan for `key`, or the one an earlier process kept (`plan_cache`) where it is one this
+    library can run for the dtype. The settings a plan depends on are part of the kept key."""
     lib = library()
     if lib is None:
-        return None
+        return make()
     settings = (SPEED_CHECK, PAYS, COLD_BYTES, MAX_COPIES, PROBE_MAX_OUTPUTS, DPBF16_MAX_ROWS)
-    return (lib._name,), "linear " + " ".join(map(str, (*key, *settings)))
 
+    def possible(value: object) -> bool:
+        amx = (
+            tuple(range(32, key[1] + 32, 32)) if isinstance(value, list) and value[:1] == ["bf16_amx"] else ()
+        )
+        return value is None or (
+            isinstance(value, list)
+            and len(value) == 2
+            and value[0] in _DTYPES
+            and _DTYPES[value[0]] == key[0]
+            and kernel(value[0]) is not None
+            and type(value[1]) is int
+            and value[1] in (0, *_BLOCKS, *amx)
+        )
 
-def _kept(key: tuple) -> tuple[str, int] | None | object:
-    """The plan an earlier process kept for `key` on this machine, or `plan_cache.MISSING` (none kept,
-    or not a plan this library can run for the dtype: then it is made again)."""
-    where = _kept_key(key)
-    value = plan_cache.MISSING if where is None else plan_cache.get(*where)
-    if value is None or value is plan_cache.MISSING:
-        return value
-    if (
-        isinstance(value, list)
-        and len(value) == 2
-        and value[0] in _DTYPES
-        and _DTYPES[value[0]] == key[0]
-        and kernel(value[0]) is not None
-        and type(value[1]) is int
-        and value[1] in (0, *_BLOCKS) + (() if value[0] != "bf16_amx" else tuple(range(32, key[1] + 32, 32)))
-    ):
-        return value[0], value[1]
-    return plan_cache.MISSING
-
-
-def _keep(key: tuple, found: tuple[str, int] | None) -> None:
-    where = _kept_key(key)
-    if where is not None:
-        plan_cache.put(*where, None if found is None else list(found))
+    text = "linear " + " ".join(map(str, (*key, *settings)))
+    value = plan_cache.remembered(
+        (lib._name,), text, possible, lambda: None if (f := make()) is None else list(f)
+    )
+    return None if value is None else (value[0], value[1])
 
 
 SPEED_CHECK = True  # half precision: use a kernel only where it beats torch's (see `_pays`)

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import threading
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,19 @@ def put(libraries: tuple[str, ...], key: str, value: Any) -> None:
             write_text_atomic(path, json.dumps(merged, sort_keys=True, indent=0))
         except OSError:
             pass
+
+
+def remembered(
+    libraries: tuple[str, ...], key: str, valid: Callable[[Any], bool], make: Callable[[], Any]
+) -> Any:
+    """The answer for `key`: the one kept by an earlier process where `valid` accepts it (a value no
+    answer can be is made again), else `make()`'s (JSON), which is then kept."""
+    kept = get(libraries, key)
+    if kept is not MISSING and valid(kept):
+        return kept
+    value = make()
+    put(libraries, key, value)
+    return value
 
 
 def forget() -> None:

@@ -61,26 +61,24 @@ def prefetch_mode(kind: str) -> int:
         return _PREFETCH[key]
     _, modes, pays = PREFETCH[kind]
     mode = modes[0]
-    where = (
-        None
-        if library() is None
-        else ((library()._name,), f"prefetch {kind} {modes} {pays} {SHAPE} {COLD_BYTES}")
-    )
-    kept = plan_cache.MISSING if where is None else plan_cache.get(*where)
-    if kept in modes and type(kept) is int:  # timed by an earlier process on this machine
-        mode = kept
-    elif kernel(kind) is not None:
-        n, k = SHAPE
-        weights = [torch.full((n, k), 0.5, dtype=torch.bfloat16) for _ in range(COLD_BYTES // (n * k * 2))]
-        x = torch.ones(1, k, dtype=torch.bfloat16)
-        mode = _fastest(
-            modes,
-            pays,
-            lambda trial: set_prefetch(kind, trial),
-            lambda w: run_linear(kind, x, [w], [None], 512),
-            weights,
-        )
-        plan_cache.put(*where, mode)
+    if kernel(kind) is not None:
+
+        def timed() -> int:
+            n, k = SHAPE
+            weights = [
+                torch.full((n, k), 0.5, dtype=torch.bfloat16) for _ in range(COLD_BYTES // (n * k * 2))
+            ]
+            x = torch.ones(1, k, dtype=torch.bfloat16)
+            return _fastest(
+                modes,
+                pays,
+                lambda trial: set_prefetch(kind, trial),
+                lambda w: run_linear(kind, x, [w], [None], 512),
+                weights,
+            )
+
+        text = f"prefetch {kind} {modes} {pays} {SHAPE} {COLD_BYTES}"
+        mode = plan_cache.remembered((library()._name,), text, _one_of(modes), timed)
     set_prefetch(kind, mode)
     _PREFETCH[key] = mode
     return mode
@@ -111,42 +109,32 @@ def quant_prefetch_mode() -> int:
     if isa in _QUANT_PREFETCH:
         return _QUANT_PREFETCH[isa]
     lib, mode = quant_library(), QUANT_MODES[0]
-    where = (
-        None
-        if lib is None
-        else ((lib._name,), f"quant prefetch {QUANT_MODES} {QUANT_PAYS} {SHAPE} {COLD_BYTES}")
-    )
-    kept = plan_cache.MISSING if where is None else plan_cache.get(*where)
-    if lib is not None and kept in QUANT_MODES and type(kept) is int:  # timed by an earlier process here
-        mode = kept
+    if lib is not None:
+        text = f"quant prefetch {QUANT_MODES} {QUANT_PAYS} {SHAPE} {COLD_BYTES}"
+        mode = plan_cache.remembered((lib._name,), text, _one_of(QUANT_MODES), lambda: _time_quant(lib))
         lib.stablelm_quant_set_prefetch(mode)
-    elif lib is not None:
-        n, k = SHAPE
-        weights = [torch.ones(n, k, dtype=torch.int8) for _ in range(COLD_BYTES // (n * k))]
-        scales, x, y = (
-            torch.ones(n),
-            torch.ones(1, k, dtype=torch.bfloat16),
-            torch.empty(1, n, dtype=torch.bfloat16),
-        )
-
-        def run(w: torch.Tensor) -> None:  # XBF16 (1): one bf16 row, on torch's thread count (one here)
-            args = (
-                1,
-                1,
-                k,
-                k,
-                y.data_ptr(),
-                n,
-                w.data_ptr(),
-                scales.data_ptr(),
-                None,
-                torch.get_num_threads(),
-            )
-            if lib.stablelm_q8_linear(x.data_ptr(), *args):
-                raise RuntimeError("the int8 kernel failed while timing its prefetches")
-
-        mode = _fastest(QUANT_MODES, QUANT_PAYS, lib.stablelm_quant_set_prefetch, run, weights)
-        lib.stablelm_quant_set_prefetch(mode)
-        plan_cache.put(*where, mode)
     _QUANT_PREFETCH[isa] = mode
     return mode
+
+
+def _one_of(modes: tuple[int, ...]) -> Callable[[object], bool]:
+    """Whether a kept value is one of `modes` (for `plan_cache.remembered`)."""
+    return lambda value: type(value) is int and value in modes
+
+
+def _time_quant(lib) -> int:  # noqa: ANN001 - the quantized kernels' ctypes library
+    """The quantized kernels' fastest prefetch mode (`_fastest`) on one row of int8 weights of `SHAPE`."""
+    n, k = SHAPE
+    weights = [torch.ones(n, k, dtype=torch.int8) for _ in range(COLD_BYTES // (n * k))]
+    scales, x, y = (
+        torch.ones(n),
+        torch.ones(1, k, dtype=torch.bfloat16),
+        torch.empty(1, n, dtype=torch.bfloat16),
+    )
+
+    def run(w: torch.Tensor) -> None:  # XBF16 (1): one bf16 row, on torch's thread count (one here)
+        args = (1, 1, k, k, y.data_ptr(), n, w.data_ptr(), scales.data_ptr(), None, torch.get_num_threads())
+        if lib.stablelm_q8_linear(x.data_ptr(), *args):
+            raise RuntimeError("the int8 kernel failed while timing its prefetches")
+
+    return _fastest(QUANT_MODES, QUANT_PAYS, lib.stablelm_quant_set_prefetch, run, weights)
