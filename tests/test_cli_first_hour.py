@@ -307,6 +307,30 @@ def test_a_prompt_longer_than_the_context_says_what_to_do_at_the_shell(capsys, s
     assert "shorten it" in err and "longer context" in err and "truncation" not in err
 
 
+def test_an_end_token_first_gets_a_note_not_a_silent_empty_line(capsys, tmp_path):
+    """A model whose end-of-text token comes first prints an empty line; the command says why on stderr
+    (and how to get another sample), so an empty answer is never a mystery. --json carries it as
+    finish_reason instead."""
+    folder = save_tiny(tmp_path / "eos", context=256)
+    model = StableLmForCausalLM.from_pretrained(folder)
+    with torch.no_grad():  # the last hidden state is the final norm's bias, whose best row is EOS (id 0)
+        model.model.norm.weight.zero_()
+        model.model.norm.bias.copy_(torch.linspace(-1, 1, 64))
+        model.lm_head.weight[0] = 50 * model.model.norm.bias
+    model.save_pretrained(folder)
+    for extra in ([], ["--temperature", "0"]):
+        status, out, err = run_cli(["generate", "-m", str(folder), "-n", "8", *extra, PROMPT], capsys)
+        assert status == 0 and out == "\n"
+        assert "end-of-text token came first" in err and "--temperature 0" in err
+    status, out, err = run_cli(["generate", "-m", str(folder), "-n", "8", "--json", PROMPT], capsys)
+    assert status == 0 and err == "" and json.loads(out)["finish_reason"] == "stop"
+
+
+def test_no_note_when_the_model_writes_text(capsys, long_model):
+    status, out, err = run_cli(["generate", "-m", str(long_model), "-n", "4", PROMPT], capsys)
+    assert status == 0 and out.strip() and err == ""
+
+
 # ---- 4. one line per piped reply, --json ----------------------------------------------------------------
 def test_generate_json_is_one_object_with_the_plain_text(capsys, long_model):
     args = ["generate", "-m", str(long_model), "-n", "12", "--temperature", "0", PROMPT]

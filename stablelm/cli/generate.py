@@ -133,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.flush()
         sys.stdout.write("\n")
     sys.stdout.flush()
+    if stream.stats.new_tokens <= 1 and stream.stats.finish == "eos" and not args.json:
+        print(EMPTY_NOTE, file=sys.stderr)
     if args.verbose:
         print(*stream.stats.describe(), sep="\n", file=sys.stderr)
         if draft is not None:
@@ -174,6 +176,12 @@ def load_draft(args: argparse.Namespace, loaded: Any) -> Any:
         return make_draft(loaded.model, GenerationConfig(), optimize_for_inference(draft_model))
     except (OSError, ValueError) as err:
         raise UsageError(f"--draft-model {args.draft_model}: {err}") from None
+
+
+EMPTY_NOTE = (
+    "(the model ended the text at once: its end-of-text token came first; run again for another sample, "
+    "or pass --temperature 0 for the most likely continuation)"
+)
 
 
 def finish_reason(finish: str | None) -> str:
