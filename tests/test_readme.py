@@ -25,6 +25,8 @@ import pytest
 import torch
 from conftest import tiny_config, transformers
 
+from stablelm.cli.generate import EMPTY_NOTE
+
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -163,6 +165,9 @@ def _run_console_block(code: str, line: int, hub_cache: Path, tmp_path: Path) ->
         )
         assert result.returncode == 0, f"README.md:{line}: {command!r} failed:\n{result.stderr[-3000:]}"
         if re.search(r"(^|\| )(stablelm (generate|chat|info|bench)|curl)\b", command):
-            assert result.stdout.strip(), f"README.md:{line}: {command!r} printed nothing"
+            # A sampled run may draw the model's end token first (the demo model's first README prompt: ~0.5%);
+            # then the command says so on stderr, and that is the command working, not a silent failure.
+            explained = command.startswith("stablelm generate") and EMPTY_NOTE in result.stderr
+            assert result.stdout.strip() or explained, f"README.md:{line}: {command!r} printed nothing"
         if command.startswith("curl "):
             assert '"choices"' in result.stdout, f"README.md:{line}: {command!r} got {result.stdout[:500]}"
