@@ -282,3 +282,21 @@ def test_the_suppress_tokens_mask_made_once_follows_the_scores_vocabulary():
         want = scores.clone()
         want[:, [i for i in (0, 3, 6) if i < vocab]] = -float("inf")
         assert torch.equal(processor(ids, scores), want)
+
+
+def test_the_masks_leave_the_scores_they_are_given_alone():
+    """The processors return new scores: the logits they were given may be recorded (output_logits)."""
+    from stablelm.generation.processors import (
+        MinNewTokensLengthLogitsProcessor,
+        SuppressTokensLogitsProcessor,
+    )
+
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    for processor in (
+        MinNewTokensLengthLogitsProcessor(2, 3, [1, 4], torch.device("cpu")),
+        SuppressTokensLogitsProcessor([0, 3], torch.device("cpu")),
+    ):
+        scores = torch.randn(2, 5)
+        before = scores.clone()
+        assert not torch.equal(processor(ids, scores), before)
+        assert torch.equal(scores, before)

