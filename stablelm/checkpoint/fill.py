@@ -38,12 +38,13 @@ def materialise(
     quant: Any = None,
     quantize_keys: set[str] | frozenset[str] = frozenset(),
     stored_quantized: bool = False,
+    huge_pages: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Read every planned tensor once, shard by shard in file order, into `dtype` on `device`.
 
     `quantize_keys` (model keys of dense weights): each is copied out of the file (its pages given
     back), quantized and dropped before the next is read. A stored quantized checkpoint's scales keep
-    their stored dtype."""
+    their stored dtype. `huge_pages`: CPU tensors used as stored go into huge pages (see `huge_pages`)."""
     model_key = {ckpt: key for key, ckpt in {**plan.sources, **plan.stored_aliases}.items()}
     total = sum(found[ckpt][1].nbytes for ckpt in model_key)
     state: dict[str, torch.Tensor] = {}
@@ -56,7 +57,7 @@ def materialise(
                 if model_key[n] not in quantize_keys and not (stored_quantized and n.endswith(QUANT_SUFFIXES))
             ]
             kept = [n for n in names if stored_quantized and n.endswith(QUANT_SUFFIXES)]
-            for ckpt, tensor in reader.materialise(plain, dtype=dtype, device=device):
+            for ckpt, tensor in reader.materialise(plain, dtype=dtype, device=device, huge_pages=huge_pages):
                 state[model_key[ckpt]] = tensor
                 bar.update(found[ckpt][1].nbytes)
             for ckpt in kept:  # scales as stored (float32 / bfloat16), whatever the model's dtype

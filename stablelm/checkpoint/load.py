@@ -21,6 +21,8 @@ from torch import nn
 from ..config import StableLmConfig
 from ..fast import set_kernels
 from ..kernels import selected_isa
+from ..layers import optimize_by_default
+from . import huge_pages
 from .fill import EmptyParameters, Reader, install, keep_stored_heads, materialise
 from .layout import (
     CONFIG_NAME,
@@ -72,6 +74,7 @@ def load_pretrained(
     if optimize is not None and not isinstance(optimize, bool):
         raise TypeError(f"optimize must be True, False or None, got {optimize!r}.")
     selected_isa()  # a bad STABLELM_ISA is an error here, before anything is read
+    huge_pages.requested()  # ... and a bad STABLELM_HUGE_PAGES
     dtype = one_of("dtype", dtype, "torch_dtype", torch_dtype)
     target_device = resolve_device(one_of("device", device, "device_map", device_map))
     # As the reference (transformers 5): no dtype means "auto", the checkpoint's own.
@@ -121,9 +124,11 @@ def load_pretrained(
                 quant.modules_to_not_convert = list(dict.fromkeys([*quant.modules_to_not_convert, *fresh]))
                 prepare(model)
                 quantized_on_load = {key for key in expected if key.endswith(".weight")}
+        kernels = optimize if optimize is not None else optimize_by_default()
         state = materialise(
             plan, found, readers, dtype=target_dtype, device=target_device, quant=quant,
             quantize_keys=quantized_on_load, stored_quantized=stored_quantized,
+            huge_pages=target_device.type == "cpu" and huge_pages.wanted(kernels),
         )  # fmt: skip
     finally:
         for reader in readers:

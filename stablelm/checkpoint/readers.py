@@ -4,7 +4,8 @@ Safetensors files are parsed here (an 8-byte header length, a JSON header, then 
 so that every header is checked against the file before any data is read, at least as strictly as the
 `safetensors` library does: no duplicate names, whole numbers only, and tensors that tile the data
 exactly (no overlap, no hole, nothing after the last one). Data comes from a memory map: a CPU tensor
-already in its target dtype is used in place, and any other is copied once into its dtype and device,
+already in its target dtype is used in place (or, asked for, copied into huge pages: `huge_pages`), and
+any other is copied once into its dtype and device,
 its mapped pages given back right after, so peak memory stays near the size of the loaded weights.
 Every floating-point tensor is checked for NaN and infinities as it is read.
 
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from .huge_pages import Arena, arena_bytes
 from .layout import CheckpointError, WeightFormat, check_not_lfs_pointer
 
 _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -74,33 +76,54 @@ class SafetensorsReader:
         self.tensors = _read_safetensors_header(path)
 
     def materialise(
-        self, names: Iterable[str], *, dtype: torch.dtype, device: torch.device, copy: bool = False
+        self,
+        names: Iterable[str],
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        copy: bool = False,
+        huge_pages: bool = False,
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield each named tensor on `device`, floating-point ones cast to `dtype`, in file order
         (`copy`: always a copy, the mapped pages given back: quantizing while loading).
 
         On the CPU, a tensor already in its target dtype is the memory-mapped file itself (a private,
         copy-on-write mapping, which the tensors keep alive): no copy, and its pages are the page
-        cache's, shared with every process that maps the same file. Any other tensor is copied once.
+        cache's, shared with every process that maps the same file; with `huge_pages`, such tensors are
+        copied instead into one mapping in transparent huge pages (`huge_pages.Arena`), each one's mapped
+        pages given back right after. Any other tensor is copied once.
         """
         ordered = sorted(names, key=lambda name: self.tensors[name].offset)
         with open(self.path, "rb") as f:
             # Private: writable for torch.frombuffer and for in-place updates, which never reach the file.
             mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        for name in ordered:
-            stored = self.tensors[name]
+
+        def in_place(stored: StoredTensor) -> bool:
             target = dtype if stored.dtype.is_floating_point else stored.dtype
-            if (
+            return (
                 not copy
                 and device.type == "cpu"
                 and target == stored.dtype
                 and stored.offset % stored.dtype.itemsize == 0
-            ):
-                tensor = _view(mapped, stored)
-                check_finite(tensor, name, self.path)
-                yield name, tensor
-            else:
+            )
+
+        arena = None
+        if huge_pages:
+            sizes = [self.tensors[n].nbytes for n in ordered if in_place(self.tensors[n])]
+            arena = Arena(arena_bytes(sizes)) if any(sizes) else None
+        for name in ordered:
+            stored = self.tensors[name]
+            if not in_place(stored):
+                target = dtype if stored.dtype.is_floating_point else stored.dtype
                 yield name, _copy_out(mapped, stored, target, device, name=name, path=self.path)
+                continue
+            tensor = _view(mapped, stored)
+            check_finite(tensor, name, self.path)
+            if arena is not None and stored.nbytes:
+                tensor = arena.take(stored.dtype, stored.shape, stored.nbytes).copy_(tensor)
+                first = stored.offset // mmap.PAGESIZE * mmap.PAGESIZE
+                _advise(mapped, "MADV_DONTNEED", first, stored.offset + stored.nbytes - first)
+            yield name, tensor
 
     def close(self) -> None:
         pass
@@ -330,10 +353,16 @@ class TorchBinReader:
         self.tensors = {name: StoredTensor(t.dtype, tuple(t.shape)) for name, t in state.items()}
 
     def materialise(
-        self, names: Iterable[str], *, dtype: torch.dtype, device: torch.device, copy: bool = False
+        self,
+        names: Iterable[str],
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        copy: bool = False,
+        huge_pages: bool = False,
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield each named tensor on `device`, floating-point ones cast to `dtype` (mapped, as above)."""
-        del copy  # legacy .bin: torch.load's tensors as they are
+        del copy, huge_pages  # legacy .bin: torch.load's tensors as they are
         assert self._state is not None, "reader used after close()"
         for name in names:
             src = self._state[name]
