@@ -4,7 +4,9 @@ A decoded token reads every weight once. Read from the memory-mapped checkpoint,
 pages; copied into an anonymous mapping the kernel backs with 2 MB pages (`madvise(MADV_HUGEPAGE)`), the
 same reads take fewer TLB misses and the hardware prefetchers run on across what were page bounds: on a
 2-core Zen 4 EPYC, decoding 1.10-1.12x as fast on the 160M shape at one thread, 1.06x at two and on the
-3B shape (docs/speed.md, "Weights in huge pages"). The price is at load: every page of the copy is new
+3B shape, where the file's pages were cached in small folios (as after writing or downloading it);
+1.03-1.05x where the page cache held them in 2 MB folios, which the mapping then maps as huge pages too
+(docs/speed.md, "Weights in huge pages"). The price is at load: every page of the copy is new
 memory the OS must clear (there, ~1 s per GB: the 3B shape's warm load 0.5 s -> 8 s), and copies are not
 shared between processes as the page cache's pages are. Hence opt-in, for long-running processes (a
 server, a long chat). The copy is made while loading, one tensor at a time, each tensor's mapped pages
