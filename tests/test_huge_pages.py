@@ -134,3 +134,25 @@ def test_an_arena_hands_out_aligned_slots_and_refuses_overflow():
     assert torch.all(b == 2.5) and torch.all(a == 7)
     with pytest.raises(ValueError, match="bytes left"):
         arena.take(torch.uint8, (huge_pages.HUGE_PAGE * 2,), huge_pages.HUGE_PAGE * 2)
+
+
+def test_unset_means_off_except_where_a_command_prefers_it(monkeypatch):
+    import threading
+
+    monkeypatch.delenv("STABLELM_HUGE_PAGES", raising=False)
+    assert huge_pages.requested() is False
+    seen = []
+    with huge_pages.preferred():
+        assert huge_pages.requested() is True
+        thread = threading.Thread(
+            target=lambda: seen.append(huge_pages.requested())
+        )  # another thread: its own
+        thread.start()
+        thread.join()
+        monkeypatch.setenv("STABLELM_HUGE_PAGES", "0")  # the user's word wins
+        assert huge_pages.requested() is False
+        monkeypatch.setenv("STABLELM_HUGE_PAGES", "1")
+        assert huge_pages.requested() is True
+        monkeypatch.setenv("STABLELM_HUGE_PAGES", "")
+        assert huge_pages.requested() is True
+    assert seen == [False] and huge_pages.requested() is False

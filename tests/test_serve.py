@@ -846,3 +846,20 @@ def test_load_200_requests_16_clients_a_quarter_disconnecting(checkpoint):
         status = running.stop()
     assert status == 0
     assert "Traceback" not in running.stderr and "error" not in running.stderr.lower(), running.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="huge pages and /proc/PID/maps are Linux's")
+def test_the_server_loads_its_weights_into_huge_pages_unless_told_not_to(server, checkpoint, monkeypatch):
+    """A server loads once and runs for long: its weights are copied out of the checkpoint's memory map
+    into huge pages where Linux offers them (the file then no longer mapped); STABLELM_HUGE_PAGES=0 keeps
+    the file's mapping."""
+    setting = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    offered = setting.is_file() and re.search(r"\[(always|madvise)\]", setting.read_text()) is not None
+    maps = Path(f"/proc/{server.process.pid}/maps").read_text()
+    assert ("model.safetensors" in maps) is not offered, maps
+    monkeypatch.setenv("STABLELM_HUGE_PAGES", "0")
+    plain = Server(checkpoint)
+    try:
+        assert "model.safetensors" in Path(f"/proc/{plain.process.pid}/maps").read_text()
+    finally:
+        assert plain.stop() == 0, plain.stderr

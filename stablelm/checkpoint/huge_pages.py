@@ -1,4 +1,5 @@
-"""Weights in transparent huge pages, for the CPU's decoding kernels (opt-in: `STABLELM_HUGE_PAGES=1`).
+"""Weights in transparent huge pages, for the CPU's decoding kernels (`STABLELM_HUGE_PAGES=1`; by default
+only in `stablelm serve`).
 
 A decoded token reads every weight once. Read from the memory-mapped checkpoint, the weights lie in 4 KB
 pages; copied into an anonymous mapping the kernel backs with 2 MB pages (`madvise(MADV_HUGEPAGE)`), the
@@ -8,11 +9,12 @@ same reads take fewer TLB misses and the hardware prefetchers run on across what
 1.03-1.05x where the page cache held them in 2 MB folios, which the mapping then maps as huge pages too
 (docs/speed.md, "Weights in huge pages"). The price is at load: every page of the copy is new
 memory the OS must clear (there, ~1 s per GB: the 3B shape's warm load 0.5 s -> 8 s), and copies are not
-shared between processes as the page cache's pages are. Hence opt-in, for long-running processes (a
-server, a long chat). The copy is made while loading, one tensor at a time, each tensor's mapped pages
+shared between processes as the page cache's pages are. Hence only for long-running processes (a
+server, a long chat), not by default. The copy is made while loading, one tensor at a time, each tensor's mapped pages
 given back right after, so peak memory stays near the weights' size (1.06x on the 3B shape).
 
-With `STABLELM_HUGE_PAGES=1`: bf16/float CPU weights loaded as stored, with stablelm's kernels on (not
+`stablelm serve` turns it on unless `STABLELM_HUGE_PAGES=0` (a server loads once and runs for long).
+With it on: bf16/float CPU weights loaded as stored, with stablelm's kernels on (not
 with `optimize=False` or `STABLELM_OPTIMIZE=0`), where Linux offers transparent huge pages ("always" or
 "madvise" in /sys/kernel/mm/transparent_hugepage/enabled); elsewhere the weights stay in the file's
 mapping, as without it.
@@ -20,8 +22,11 @@ mapping, as without it.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import mmap
 import os
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 
@@ -47,16 +52,33 @@ def _thp_available(setting: Path = THP_SETTING) -> bool:
 _ON, _OFF = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 
 
+# What an unset STABLELM_HUGE_PAGES means in this thread: off, except where a long-running command loads
+# its model (`stablelm serve`: `preferred()`).
+_PREFERRED: contextvars.ContextVar[bool] = contextvars.ContextVar("stablelm_huge_pages", default=False)
+
+
 def requested() -> bool:
-    """`STABLELM_HUGE_PAGES` read: on (1, true, yes, on) or off (unset, 0, false, no, off); anything else
-    is a ValueError naming the variable."""
+    """`STABLELM_HUGE_PAGES` read: on (1, true, yes, on) or off (0, false, no, off); unset or empty, the
+    caller's preference (off, but on within `preferred()`); anything else is a ValueError naming the
+    variable."""
     value = os.environ.get(HUGE_PAGES_ENV, "").strip().lower()
     if value not in _ON + _OFF:
         raise ValueError(
             f"{HUGE_PAGES_ENV}={os.environ[HUGE_PAGES_ENV]!r} is not understood: set it to 1 to load CPU "
-            "weights into huge pages, or to 0 (or unset it) to keep them in the checkpoint's memory map."
+            "weights into huge pages, or to 0 to keep them in the checkpoint's memory map."
         )
-    return value in _ON
+    return _PREFERRED.get() if value == "" else value in _ON
+
+
+@contextlib.contextmanager
+def preferred() -> Iterator[None]:
+    """Within this block (in this thread), an unset STABLELM_HUGE_PAGES means on: for a process that loads
+    once and then serves for long, where the load's extra seconds pay back."""
+    token = _PREFERRED.set(True)
+    try:
+        yield
+    finally:
+        _PREFERRED.reset(token)
 
 
 def wanted(kernels: bool) -> bool:

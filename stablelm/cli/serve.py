@@ -124,7 +124,10 @@ def run(args: argparse.Namespace) -> int:
             server.should_exit = True
 
     def loader() -> Any:
-        loaded = load(args)
+        from ..checkpoint import huge_pages
+
+        with huge_pages.preferred():  # loaded once, served for long: the weights in huge pages
+            loaded = load(args)
         if args.chat_template:
             chat_variables.update(use_chat_template(loaded.tokenizer, args.chat_template, chat_format))
         dtype = str(loaded.model.dtype).removeprefix("torch.")
