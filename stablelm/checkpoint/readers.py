@@ -98,12 +98,14 @@ class SafetensorsReader:
             # Private: writable for torch.frombuffer and for in-place updates, which never reach the file.
             mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
 
+        def target(stored: StoredTensor) -> torch.dtype:
+            return dtype if stored.dtype.is_floating_point else stored.dtype
+
         def in_place(stored: StoredTensor) -> bool:
-            target = dtype if stored.dtype.is_floating_point else stored.dtype
             return (
                 not copy
                 and device.type == "cpu"
-                and target == stored.dtype
+                and target(stored) == stored.dtype
                 and stored.offset % stored.dtype.itemsize == 0
             )
 
@@ -114,15 +116,13 @@ class SafetensorsReader:
         for name in ordered:
             stored = self.tensors[name]
             if not in_place(stored):
-                target = dtype if stored.dtype.is_floating_point else stored.dtype
-                yield name, _copy_out(mapped, stored, target, device, name=name, path=self.path)
+                yield name, _copy_out(mapped, stored, target(stored), device, name=name, path=self.path)
                 continue
             tensor = _view(mapped, stored)
             check_finite(tensor, name, self.path)
             if arena is not None and stored.nbytes:
                 tensor = arena.take(stored.dtype, stored.shape, stored.nbytes).copy_(tensor)
-                first = stored.offset // mmap.PAGESIZE * mmap.PAGESIZE
-                _advise(mapped, "MADV_DONTNEED", first, stored.offset + stored.nbytes - first)
+                _give_back(mapped, stored)
             yield name, tensor
 
     def close(self) -> None:
@@ -267,8 +267,7 @@ def _copy_out(
     out = torch.empty(stored.shape, dtype=target, device=device)
     if out.numel() == 0:
         return out
-    first = stored.offset // mmap.PAGESIZE * mmap.PAGESIZE
-    _advise(mapped, "MADV_WILLNEED", first, stored.offset + stored.nbytes - first)
+    _advise(mapped, "MADV_WILLNEED", *_pages(stored))
     if stored.offset % stored.dtype.itemsize:  # misaligned: read the bytes, then reinterpret them
         raw = torch.frombuffer(mapped, dtype=torch.uint8, count=stored.nbytes, offset=stored.offset)
         source = raw.clone().view(stored.dtype).view(stored.shape)
@@ -276,10 +275,21 @@ def _copy_out(
         source = _view(mapped, stored)
     check_finite(source, name, path)  # the stored values: a cast to a narrower dtype is not the file's fault
     out.copy_(source)
-    # Read pages count as this process's memory while mapped; drop them (the page cache keeps them) so
-    # that converting a checkpoint never holds the source and the result at once.
-    _advise(mapped, "MADV_DONTNEED", first, stored.offset + stored.nbytes - first)
+    _give_back(mapped, stored)
     return out
+
+
+def _pages(stored: StoredTensor) -> tuple[int, int]:
+    """(start, length) of the whole pages of the mapped file that hold the stored tensor."""
+    first = stored.offset // mmap.PAGESIZE * mmap.PAGESIZE
+    return first, stored.offset + stored.nbytes - first
+
+
+def _give_back(mapped: mmap.mmap, stored: StoredTensor) -> None:
+    """Drop the stored tensor's mapped pages once it has been copied out. Read pages count as this
+    process's memory while mapped; the page cache keeps them, so that a load never holds the source and
+    the result at once."""
+    _advise(mapped, "MADV_DONTNEED", *_pages(stored))
 
 
 def _advise(mapped: mmap.mmap, advice: str, start: int, length: int) -> None:
