@@ -23,6 +23,7 @@ import torch
 
 from .attention import AttentionMask
 from .cache import StaticCache
+from .greedy_head import screen_for
 from .lean_step import LeanStep
 
 _NOTICE_SHOWN: set[str] = set()
@@ -73,6 +74,7 @@ class DecodeStep:
         self.lean = True  # False: the eager step always runs the modules (tests compare the two)
         # per Python thread (the plan's buffers are reused every step): (rows, threads) and the plan
         self._plans = threading.local()
+        self._screen: dict = {}  # the head's int8 screen for greedy steps (`stablelm.greedy_head`), once made
         if compile:
             self._fn = _new_compiled_step()
 
@@ -118,13 +120,39 @@ class DecodeStep:
         cache.advance(tokens.shape[1])
         return logits
 
+    def greedy(
+        self,
+        cache: StaticCache,
+        tokens: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache_position: torch.Tensor,
+        key_mask: torch.Tensor,
+        *,
+        padded: bool = True,
+        banned: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Run one step of a greedy generation of one row: (the next token (1,), None) where the head's
+        int8 screen decides it (`stablelm.greedy_head`: the argmax of the logits, `banned` ids excluded),
+        else (None, the logits) as `__call__` returns them."""
+        lean = None if self._compiled else self._lean_step(cache, tokens)
+        found = None if lean is None or tokens.shape[0] != 1 else lean.head_kernel()
+        screen = None if found is None else screen_for(self._screen, *found)
+        if screen is None:
+            return None, self(cache, tokens, position_ids, cache_position, key_mask, padded=padded)
+        length = cache.get_seq_length() + tokens.shape[1]
+        x = lean.hidden(cache, tokens, position_ids, key_mask[:, :length] if padded else None)
+        cache.advance(tokens.shape[1])
+        token = screen.choose(x, banned)
+        return (token, None) if token is not None else (None, lean.logits(x))
+
     def __getstate__(self) -> dict:
         # copies and pickles of the model carry no plan (it holds ctypes functions and this model's
-        # tensors): the copy plans its own at its first step
-        return {**self.__dict__, "_plans": None}
+        # tensors) and no screen (a copy of the head): the copy makes its own at its first step
+        return {**self.__dict__, "_plans": None, "_screen": {}}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state, _plans=threading.local())
+        self.__dict__.setdefault("_screen", {})
 
     def _lean_step(self, cache: StaticCache, tokens: torch.Tensor) -> LeanStep | None:
         """The planned eager step (`stablelm.lean_step`) for this generation, or None: the modules run.

@@ -299,6 +299,27 @@ class LeanStep:
     ) -> torch.Tensor:
         """fp32 logits (B, V) after `tokens` (B, 1) at rotary positions (B, 1), written at the cache's next
         slot; `key_mask` (B, slots so far + 1) marks the keys each row may see, or is None for all."""
+        return self.logits(self.hidden(cache, tokens, position_ids, key_mask))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 logits (B, V) of the final layer norm's output x (B, C)."""
+        logits = self.model.lm_head(x) if self.head is None else self.head(x)
+        return logits.to(torch.float32, copy=True)  # a copy: the head's buffer is reused next step
+
+    def head_kernel(self) -> tuple[torch.Tensor, str, int] | None:
+        """(weight, kernel kind, K block) where one native kernel computes the head, else None."""
+        if type(self.head) is not _Kernel or len(self.head.tensors) != 2 or self.head.tensors[1] is not None:
+            return None
+        return self.head.tensors[0], self.head.kind, self.head.args.kb
+
+    def hidden(
+        self,
+        cache: StaticCache,
+        tokens: torch.Tensor,
+        position_ids: torch.Tensor,
+        key_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The final layer norm's output (B, C) after `tokens`, the cache written (see `__call__`)."""
         B, H, Hkv, D = self.rows, self.H, self.Hkv, self.D
         slot = cache.get_seq_length()
         length, slots = slot + 1, cache.max_cache_len
@@ -340,6 +361,4 @@ class LeanStep:
                 y = y.transpose(1, 2).reshape(B, H * D)
             x = layer.o(y if B == 1 else y.contiguous()).add_(x)  # x + attn(ln(x)) (a sum commutes)
             x = layer.mlp(h if layer.parallel else torch.layer_norm(x, *layer.ln2)).add_(x)
-        x = torch.layer_norm(x, *self.norm)
-        logits = self.model.lm_head(x) if self.head is None else self.head(x)
-        return logits.to(torch.float32, copy=True)  # a copy: the head's buffer is reused next step
+        return torch.layer_norm(x, *self.norm)

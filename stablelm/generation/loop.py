@@ -19,6 +19,7 @@ from ..sampling import select_tokens
 from .config import GenerationConfig, check_integer
 from .outputs import GenerateDecoderOnlyOutput
 from .plan import Criterion, Plan, apply_processors, start_plan, vocab_size
+from .processors import banned_ids, only_bans
 from .prompt import check_prompt, prepare_inputs
 from .stepper import Stepper
 
@@ -244,9 +245,16 @@ def _steps(
     reasons: list[str | None] = [None] * B
     pending: list[tuple[Step, torch.Tensor]] = []  # (step, rows stopped) not yet read back
     history: tuple | None = () if plan.config.return_dict_in_generate and plan.config.output_scores else None
+    # Greedy over one row, keeping no scores: each step may pick its token from the head's int8 screen
+    # (`stablelm.greedy_head`: torch.argmax's token over the processed scores, without every logit).
+    screened = B == 1 and plan.params.greedy and not plan.record and only_bans(plan.processors)
+    chosen: torch.Tensor | None = None
     for step in range(plan.max_new_tokens):
-        scores = apply_processors(plan.processors, seq, logits) if plan.processors else logits
-        tokens = select_tokens(scores, plan.params, generator=generator)
+        if chosen is not None:
+            scores, tokens = None, chosen
+        else:
+            scores = apply_processors(plan.processors, seq, logits) if plan.processors else logits
+            tokens = select_tokens(scores, plan.params, generator=generator)
         if plan.pad_finished:
             tokens = torch.where(running, tokens, plan.pad_token_id)
         seq = torch.cat([seq, tokens[:, None]], dim=-1)
@@ -283,7 +291,10 @@ def _steps(
                 if all(r is not None for r in reasons):  # every row is done
                     return
             pending.clear()
-        logits = stepper.step(tokens)
+        if screened:
+            chosen, logits = stepper.greedy_step(tokens, banned_ids(plan.processors, seq))
+        else:
+            logits = stepper.step(tokens)
 
 
 def generate(

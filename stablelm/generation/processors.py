@@ -188,6 +188,9 @@ class MinLengthLogitsProcessor(_SuppressEos):
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         return self.suppress(scores) if input_ids.shape[-1] < self.min_length else scores
 
+    def bans(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        return self.eos if input_ids.shape[-1] < self.min_length else None
+
 
 class MinNewTokensLengthLogitsProcessor(_SuppressEos):
     def __init__(self, prompt_length: int, min_new_tokens: int, eos: list[int], device: torch.device) -> None:
@@ -196,6 +199,9 @@ class MinNewTokensLengthLogitsProcessor(_SuppressEos):
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         return self.suppress(scores) if input_ids.shape[-1] < self.until else scores
+
+    def bans(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        return self.eos if input_ids.shape[-1] < self.until else None
 
 
 class PrefixConstrainedLogitsProcessor:
@@ -290,6 +296,9 @@ class SuppressTokensLogitsProcessor:
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         return self._banned.banned(scores)
 
+    def bans(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        return self.ids
+
 
 class SuppressTokensAtBeginLogitsProcessor:
     def __init__(self, token_ids: Sequence[int], begin_index: int, device: torch.device) -> None:
@@ -300,6 +309,9 @@ class SuppressTokensAtBeginLogitsProcessor:
         if input_ids.shape[-1] != self.begin_index:
             return scores
         return torch.where(_isin_vocab(scores, self.ids), -math.inf, scores)
+
+    def bans(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        return self.ids if input_ids.shape[-1] == self.begin_index else None
 
 
 class LogitNormalization:
@@ -345,3 +357,25 @@ class EpsilonLogitsWarper(_Warper):
 
 class EtaLogitsWarper(_Warper):
     fn = staticmethod(sampling.eta_cutoff)
+
+
+# Processors that only set some ids to -inf: each says which ids at a step (`bans(input_ids)`, None for
+# none), so that a greedy step can pick its token without the whole scores (`stablelm.greedy_head`).
+# Exact types only: a subclass (the caller's) may do more than its `bans` says.
+BANNING = (
+    MinLengthLogitsProcessor,
+    MinNewTokensLengthLogitsProcessor,
+    SuppressTokensLogitsProcessor,
+    SuppressTokensAtBeginLogitsProcessor,
+)
+
+
+def only_bans(processors: Sequence[Any]) -> bool:
+    """Whether every processor only sets ids to -inf (see `BANNING`)."""
+    return all(type(p) in BANNING for p in processors)
+
+
+def banned_ids(processors: Sequence[Any], input_ids: torch.Tensor) -> torch.Tensor | None:
+    """The ids the processors (all of `BANNING`) set to -inf after `input_ids`, or None."""
+    found = [ids for p in processors if (ids := p.bans(input_ids)) is not None]
+    return None if not found else found[0] if len(found) == 1 else torch.cat(found)

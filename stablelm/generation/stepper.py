@@ -162,28 +162,44 @@ class Stepper:
         if isinstance(self.cache, StaticCache) and self.cache.get_seq_length() >= self.cache.max_cache_len:
             self._grow()
         if self.step_fn is not None:
-            self.key_mask.index_fill_(1, self.cache_position, True)
-            logits = self.step_fn(
-                self.cache,
-                tokens[:, None],
-                self.position_ids,
-                self.cache_position,
-                self.key_mask,
-                padded=self.padded,
-            )
-            self.cache_position += 1
-        else:
-            self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=-1)
-            out = self.model(
-                input_ids=tokens[:, None],
-                attention_mask=self.mask if self.padded else None,
-                position_ids=self.position_ids,
-                past_key_values=self.cache,
-                logits_to_keep=1,
-                output_hidden_states=self.plan.hidden_states,
-                output_attentions=self.plan.attentions,
-            )
-            self.hidden, self.attentions = out.hidden_states, out.attentions
-            logits = out.logits[:, -1].to(dtype=torch.float32, copy=True)
+            return self._planned(tokens)[1]
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=-1)
+        out = self.model(
+            input_ids=tokens[:, None],
+            attention_mask=self.mask if self.padded else None,
+            position_ids=self.position_ids,
+            past_key_values=self.cache,
+            logits_to_keep=1,
+            output_hidden_states=self.plan.hidden_states,
+            output_attentions=self.plan.attentions,
+        )
+        self.hidden, self.attentions = out.hidden_states, out.attentions
+        logits = out.logits[:, -1].to(dtype=torch.float32, copy=True)
         self.position_ids += 1
         return logits
+
+    def greedy_step(
+        self, tokens: torch.Tensor, banned: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """`step` for a greedy generation of one row that keeps no scores: (the next token (1,), None)
+        where the decode step's head screen picks it (the argmax of the logits, the `banned` ids
+        excluded), else (None, the logits)."""
+        if self.step_fn is None or self.cache is None:
+            return None, self.step(tokens)
+        if self.cache.get_seq_length() >= self.cache.max_cache_len:
+            self._grow()
+        return self._planned(tokens, banned=banned, greedy=True)
+
+    def _planned(
+        self, tokens: torch.Tensor, *, banned: torch.Tensor | None = None, greedy: bool = False
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """One step through `DecodeStep` (a static cache with room for it): (token, None) or (None, logits)."""
+        self.key_mask.index_fill_(1, self.cache_position, True)
+        args = (self.cache, tokens[:, None], self.position_ids, self.cache_position, self.key_mask)
+        if greedy:
+            chosen, logits = self.step_fn.greedy(*args, padded=self.padded, banned=banned)
+        else:
+            chosen, logits = None, self.step_fn(*args, padded=self.padded)
+        self.cache_position += 1
+        self.position_ids += 1
+        return chosen, logits

@@ -397,6 +397,10 @@ def _quant_library(isa: str | None) -> ctypes.CDLL | None:
     lib.stablelm_q8_dequant.argtypes = [p, p, i, i, i, p, i, i]
     lib.stablelm_q4_dequant.argtypes = [p, p, p, i, i, i, i, p, i, i]
     lib.stablelm_quant_prefill.argtypes = [p, i, i, i, p, i, p, p, p, p, i, p, i]
+    lib.stablelm_q8_screen_prepare.argtypes = [p, i, i, p, p, p, p, i]
+    f = ctypes.c_float
+    lib.stablelm_q8_screen.argtypes = [p, i, p, p, p, i, f, f, f, p, i, p, p, p, i, p, i]
+    lib.stablelm_q8_screen_best.argtypes = [p, i, p, p]
     for fn in (
         lib.stablelm_q8_linear,
         lib.stablelm_q4_linear,
@@ -404,6 +408,9 @@ def _quant_library(isa: str | None) -> ctypes.CDLL | None:
         lib.stablelm_q4_dequant,
         lib.stablelm_quant_prefill,
         lib.stablelm_quant_prefetch,
+        lib.stablelm_q8_screen_prepare,
+        lib.stablelm_q8_screen,
+        lib.stablelm_q8_screen_best,
     ):
         fn.restype = ctypes.c_int
     lib.stablelm_quant_set_prefetch.restype = None

@@ -8,8 +8,8 @@
  *   q[k0 + j] in its low nibble and q[k0 + 32 + j] in its high nibble, so that the low nibbles of 32
  *   bytes are 32 consecutive k (one vector of x, no shuffling of x or of the nibbles).
  *
- * Kernels (one source with its two parts quant_int.h and quant_amx.h, compiled per instruction set like
- * linear.c: VW = 16 floats with AVX-512, 8 with AVX2):
+ * Kernels (one source with its parts quant_int.h, quant_amx.h and quant_screen.h, compiled per
+ * instruction set like linear.c: VW = 16 floats with AVX-512, 8 with AVX2):
  * - one row of x (decoding): q8_one, q4_one_vnni, q4_one_f32: several rows of W far apart streamed at
  *   once, each with a software prefetch (see q8_one); the others below serve 2 to 8 rows. On AVX2 with
  *   bfloat16 x: q8_one_i16, q4_one_i16, integer sums over x made int16 per block (see x_to_i16); with
@@ -807,3 +807,5 @@ int stablelm_q4_has_vnni(void) {
   return 0;
 #endif
 }
+
+#include "quant_screen.h" /* the int8 screen of a bfloat16 LM head (greedy decoding) */
