@@ -68,9 +68,7 @@ class GreedyHead:
         # products with a denormal factor and sums flushed to zero, each at most 2^-126 (|x| + |w| + 1)
         self.tiny, self.tiny_per_x = 2.0 * (k + 1) * 2.0**-126 * (wmax + 1.0), 2.0 * (k + 1) * 2.0**-126
         self.nx_max = 1e36 / (wmax + 1.0)  # |x|_2 beyond this: a logit might overflow; not screened
-        self.scores = torch.empty(n, dtype=torch.float32)  # the screen's logits, reused each step
-        self.blocks = torch.empty(MAX_BLOCKS, dtype=torch.int32)
-        self.gathered = torch.empty(MAX_BLOCKS * BLOCK, k, dtype=torch.bfloat16)
+        self._work = threading.local()  # each thread's buffers (`_buffers`): generations may run side by side
         self.pays: dict[int, bool] = {}  # per thread count
         self.fn, self.lib = kernel(kind), lib
 
@@ -101,15 +99,26 @@ class GreedyHead:
         full, screen = sorted(full[1:]), sorted(screen[1:])  # the first of each warms up
         return screen[1] / full[1]
 
+    def _buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This thread's (scores (N,) float32, candidate blocks (MAX_BLOCKS,) int32, their rows gathered)."""
+        work = self._work
+        if not hasattr(work, "scores"):
+            n, k = self.q.shape
+            work.scores = torch.empty(n, dtype=torch.float32)
+            work.blocks = torch.empty(MAX_BLOCKS, dtype=torch.int32)
+            work.gathered = torch.empty(MAX_BLOCKS * BLOCK, k, dtype=torch.bfloat16)
+        return work.scores, work.blocks, work.gathered
+
     def _screen(self, x: torch.Tensor, banned: torch.Tensor | None = None) -> int:
-        """The screen for x (1, K), `banned` ids (int64) excluded: the candidates' blocks of rows gathered,
-        their count of rows returned (< 0: undecided; see `stablelm_q8_screen`)."""
+        """The screen for x (1, K), `banned` ids (int64) excluded: the candidates' blocks of rows gathered
+        (`_buffers`), their count of rows returned (< 0: undecided; see `stablelm_q8_screen`)."""
         n, k = self.q.shape
+        scores, blocks, gathered = self._buffers()
         return self.lib.stablelm_q8_screen(
             x.data_ptr(), k, self.q.data_ptr(), self.scale.data_ptr(), self.bound.data_ptr(), n, self.tiny,
             self.tiny_per_x, self.nx_max, None if banned is None else banned.data_ptr(),
-            0 if banned is None else len(banned), self.weight.data_ptr(), self.scores.data_ptr(),
-            self.blocks.data_ptr(), MAX_BLOCKS, self.gathered.data_ptr(), torch.get_num_threads(),
+            0 if banned is None else len(banned), self.weight.data_ptr(), scores.data_ptr(), blocks.data_ptr(),
+            MAX_BLOCKS, gathered.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
 
     def choose(self, x: torch.Tensor, banned: torch.Tensor | None) -> torch.Tensor | None:
@@ -123,10 +132,9 @@ class GreedyHead:
         if rows <= 0:
             return None
         # the candidates' logits: the head's kernel over their blocks, as it computes them in the whole head
-        exact = call(self.fn, self.kind, x, [self.gathered[:rows]], [None], self.block)
-        token = self.lib.stablelm_q8_screen_best(
-            exact.data_ptr(), rows, self.blocks.data_ptr(), self.scores.data_ptr()
-        )
+        scores, blocks, gathered = self._buffers()
+        exact = call(self.fn, self.kind, x, [gathered[:rows]], [None], self.block)
+        token = self.lib.stablelm_q8_screen_best(exact.data_ptr(), rows, blocks.data_ptr(), scores.data_ptr())
         return None if token < 0 else torch.tensor([token])
 
 

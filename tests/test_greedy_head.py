@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import math
 import pickle
+import threading
 
 import pytest
 import torch
@@ -99,7 +100,7 @@ def test_the_choice_is_torchs_argmax_and_the_bound_holds_for_every_row(n, k):
                 assert int(token) == _torch_choice(x, weight, ids), (i, ids)
             # the bound itself: every logit torch computes lies within e of the screen's score
             nx = float(x.double().norm()) * (1 + 1e-6)
-            a = head.scores.double()
+            a = head._buffers()[0].double()
             e = 1.01 * (head.bound.double() * nx + head.tiny + head.tiny_per_x * nx) + a.abs() / 128
             finite = a != -math.inf
             assert bool(((logits - a).abs() <= e)[finite].all()), float(
@@ -274,6 +275,30 @@ def test_copies_of_a_model_carry_no_screen_and_decode_alike(choices):
         steps = other.__dict__["_stablelm_decode_steps"]
         assert all(step._screen == {} for step in steps.values())
         assert torch.equal(_greedy(other, ids, screen=True), expected)
+
+
+@pytest.mark.usefixtures("isa")
+def test_generations_in_two_threads_on_one_model_keep_apart(choices):
+    model = _model()
+    prompts = [_prompt(seed=s) for s in (5, 6)]
+    expected = [_greedy(model, p, screen=False) for p in prompts]
+    greedy_head.FORCE = True
+    try:
+        results: dict = {}
+
+        def run(i):
+            results[i] = [model.generate(prompts[i], max_new_tokens=12, do_sample=False) for _ in range(4)]
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        greedy_head.FORCE = None
+    for i in (0, 1):
+        assert all(torch.equal(out, expected[i]) for out in results[i])
+    assert len(choices) == 2 * 4 * 11
 
 
 @pytest.mark.usefixtures("isa")
