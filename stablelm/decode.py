@@ -86,6 +86,7 @@ class DecodeStep:
             steps[compile] = cls(model, compile=compile)
         step = steps[compile]
         step._plans.key = None  # planned anew per generation: the modules may have changed
+        step._screen["checked"] = False  # the head's screen is checked against the weight's values again
         # Once per generation (weights do not change within one): the compiled graph holds them as frozen
         # constants, so when they have changed (in place, loaded, replaced) it is compiled anew rather
         # than run on stale weights.

@@ -52,7 +52,8 @@ class GreedyHead:
         if lib is None:
             raise ValueError("the quantized kernels are not built here")
         n, k = weight.shape
-        self.weight, self.kind, self.block = weight, kind, block
+        self.weight, self.kind, self.block = weight, kind, block  # the weight kept: see `serves`
+        self.fn, self.lib = kernel(kind), lib
         self.key = _key(weight, kind, block)
         self.q = torch.empty(n, k, dtype=torch.int8)
         self.scale = torch.empty(n, dtype=torch.float32)
@@ -65,16 +66,25 @@ class GreedyHead:
         if status:
             raise ValueError("the head's weight is not finite" if status == 4 else "bad screen arguments")
         wmax = most.value
+        self.digest = self.weight_digest(weight)
         # products with a denormal factor and sums flushed to zero, each at most 2^-126 (|x| + |w| + 1)
         self.tiny, self.tiny_per_x = 2.0 * (k + 1) * 2.0**-126 * (wmax + 1.0), 2.0 * (k + 1) * 2.0**-126
         self.nx_max = 1e36 / (wmax + 1.0)  # |x|_2 beyond this: a logit might overflow; not screened
         self._work = threading.local()  # each thread's buffers (`_buffers`): generations may run side by side
         self.pays: dict[int, bool] = {}  # per thread count
-        self.fn, self.lib = kernel(kind), lib
 
-    def serves(self, weight: torch.Tensor, kind: str, block: int) -> bool:
-        """Whether this screen was made from `weight` as it is now (same storage, not changed in place)."""
-        return self.key == _key(weight, kind, block)
+    def weight_digest(self, weight: torch.Tensor) -> int:
+        """A digest of the weight's values (see `stablelm_q8_screen_digest`)."""
+        return self.lib.stablelm_q8_screen_digest(weight.data_ptr(), weight.numel(), torch.get_num_threads())
+
+    def serves(self, weight: torch.Tensor, kind: str, block: int, *, check: bool = False) -> bool:
+        """Whether this screen was made from `weight` as it is now: the same storage (the screen keeps
+        it, so no other tensor takes its place), not changed in place by torch's count of its in-place
+        changes, and with `check`, not by its values' digest either (changes through `.data`, which the
+        count does not see: checked once per generation)."""
+        if self.key != _key(weight, kind, block):
+            return False
+        return not check or self.weight_digest(weight) == self.digest
 
     def worth_it(self) -> bool:
         """Whether the screen is faster than the full head here, at this thread count (timed once)."""
@@ -143,16 +153,19 @@ def _key(weight: torch.Tensor, kind: str, block: int) -> tuple:
 
 
 def screen_for(holder: dict, weight: torch.Tensor, kind: str, block: int) -> GreedyHead | None:
-    """The screen of `weight` kept in `holder["screen"]` (made when missing or when the weight changed),
-    or None where it does not serve: not bfloat16 on the CPU, too small to gain, no quantized kernels, a
-    weight not finite, or slower than the full head here."""
+    """The screen of `weight` kept in `holder["screen"]` (made when missing or when the weight changed;
+    its values checked against the screen's digest at the first step after `holder["checked"]` is
+    cleared, once per generation), or None where it does not serve: not bfloat16 on the CPU, too small to
+    gain, no quantized kernels, a weight not finite, or slower than the full head here."""
     if FORCE is False or weight.dtype != torch.bfloat16 or not weight.is_cpu or weight.dim() != 2:
         return None
     if FORCE is None and weight.numel() * weight.element_size() < MIN_HEAD_BYTES:
         return None
     with _BUILD:
         screen = holder.get("screen")
-        if screen is None or not screen.serves(weight, kind, block):
+        check = not holder.get("checked")
+        holder["checked"] = True
+        if screen is None or not screen.serves(weight, kind, block, check=check):
             holder["screen"] = screen = None  # the old copy goes first: never two at once
             if holder.get("refused") == _key(weight, kind, block):
                 return None

@@ -266,6 +266,24 @@ def test_a_head_changed_in_place_is_screened_afresh(choices):
 
 
 @pytest.mark.usefixtures("isa")
+def test_a_head_changed_through_data_is_screened_afresh(choices):
+    # `.data` writes in place without counting a version: the screen's digest of the values sees them
+    model = _model()
+    ids = _prompt()
+    first = _greedy(model, ids, screen=True)
+    holder = DecodeStep.for_model(model, compile=False)._screen
+    before = holder["screen"]
+    model.lm_head.weight.data[:, :8].mul_(-3)
+    expected = _greedy(model, ids, screen=False)
+    assert not torch.equal(first, expected)
+    assert torch.equal(_greedy(model, ids, screen=True), expected)
+    assert holder["screen"] is not before
+    again = holder["screen"]
+    assert torch.equal(_greedy(model, ids, screen=True), expected)
+    assert holder["screen"] is again  # unchanged values: the same screen
+
+
+@pytest.mark.usefixtures("isa")
 def test_copies_of_a_model_carry_no_screen_and_decode_alike(choices):
     model = _model()
     ids = _prompt()

@@ -401,6 +401,8 @@ def _quant_library(isa: str | None) -> ctypes.CDLL | None:
     f = ctypes.c_float
     lib.stablelm_q8_screen.argtypes = [p, i, p, p, p, i, f, f, f, p, i, p, p, p, i, p, i]
     lib.stablelm_q8_screen_best.argtypes = [p, i, p, p]
+    lib.stablelm_q8_screen_digest.argtypes = [p, ctypes.c_int64, i]
+    lib.stablelm_q8_screen_digest.restype = ctypes.c_uint64
     for fn in (
         lib.stablelm_q8_linear,
         lib.stablelm_q4_linear,

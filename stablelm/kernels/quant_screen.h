@@ -215,3 +215,22 @@ int stablelm_q8_screen_best(const uint16_t* y, int rows, const int32_t* blocks, 
   }
   return best;
 }
+
+/* A digest of the n bfloat16 values at w (any change to them, moved values included, changes it but for
+ * a chance of about 2^-64): two sums of mixed 32-bit words, each word mixed with its position. The
+ * screen's int8 copy is checked against its weight with it once per generation, which catches in-place
+ * changes that torch's version counter does not see (`weight.data.copy_(...)`). */
+uint64_t stablelm_q8_screen_digest(const uint16_t* w, int64_t n, int threads) {
+  const uint32_t* words = (const uint32_t*)w;
+  int64_t count = n / 2;
+  uint32_t a = 0, b = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(+ : a, b)
+  for (int64_t j = 0; j < count; j++) {
+    uint32_t x = words[j] ^ ((uint32_t)j * 0x9E3779B9u), y = words[j] + ((uint32_t)(j >> 32) * 0x7FEB352Du);
+    x *= 0x85EBCA6Bu, x ^= x >> 13, x *= 0xC2B2AE35u, x ^= x >> 16;
+    y ^= (uint32_t)j * 0x846CA68Bu, y *= 0x27D4EB2Fu, y ^= y >> 15, y *= 0x165667B1u, y ^= y >> 13;
+    a += x, b += y;
+  }
+  if (n % 2) a += (uint32_t)w[n - 1] * 0x9E3779B1u + 1u;
+  return ((uint64_t)a << 32) | b;
+}
