@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from documented_path import llama_bench, timed  # noqa: E402
+from documented_path import llama_bench, reread, timed  # noqa: E402
 
 import stablelm  # noqa: E402
 from stablelm.decode import DecodeStep  # noqa: E402
@@ -49,6 +49,13 @@ def main() -> None:
         "--llama-args", default="", help="more llama-bench arguments, one string (e.g. '--repack 0')"
     )
     parser.add_argument("--gguf", nargs="*", default=[], help="NAME=FILE pairs, e.g. q8_0=model-q8_0.gguf")
+    parser.add_argument(
+        "--page-cache",
+        choices=["reread", "as-is"],
+        default="reread",
+        help="drop the weight files from the page cache and read them back first (default; see "
+        "documented_path.py), or not",
+    )
     args = parser.parse_args()
     if args.rounds < 1 or args.threads < 1 or args.new_tokens < 2 or args.prompt < 1:
         parser.error("--rounds, --threads and --prompt must be at least 1, --new-tokens at least 2")
@@ -71,6 +78,8 @@ def main() -> None:
         )
     torch.set_num_threads(args.threads)
     new = args.new_tokens
+    if args.page_cache == "reread":
+        reread([*sorted(args.folder.glob("*.safetensors")), *(Path(p.partition("=")[2]) for p in args.gguf)])
     models = {"bf16": stablelm.AutoModelForCausalLM.from_pretrained(args.folder, dtype=torch.bfloat16)}
     for q in ("int8", "int4"):
         models[q] = stablelm.AutoModelForCausalLM.from_pretrained(
