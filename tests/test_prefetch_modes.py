@@ -1,5 +1,6 @@
 """Kernels whose weight prefetches suit some CPUs and not others (bf16_dpbf16: non-temporal or into L2;
-bf16_dot / f16_dot and the int8 / int4 kernels: into L1 or into L2): the same bits in every mode, and the mode used is the one
+bf16_dot / f16_dot: into L1, into L2, or twice as far into L2; the int8 / int4 kernels: into L1 or into
+L2): the same bits in every mode, and the mode used is the one
 timed fastest here (by a clear margin where the first has gains a kernel's timing does not show), else
 the first."""
 
@@ -88,8 +89,9 @@ def test_the_dot_kernels_give_the_same_bits_in_every_mode(kind, dtype, n, k, res
         ("bf16_dpbf16", {0: 1.0, 1: 0.7}, 1),
         ("bf16_dpbf16", {0: 1.0, 1: 0.9}, 0),  # faster, but not by a clear margin: the first mode stays
         ("bf16_dpbf16", {0: 1.0, 1: 1.05}, 0),
-        ("bf16_dot", {0: 1.0, 1: 0.88}, 1),  # the same data cached either way: the faster one
-        ("bf16_dot", {0: 1.0, 1: 1.1}, 0),
+        ("bf16_dot", {0: 1.0, 1: 0.88, 2: 0.95}, 1),  # the same data cached either way: the fastest
+        ("bf16_dot", {0: 1.0, 1: 0.88, 2: 0.8}, 2),
+        ("bf16_dot", {0: 1.0, 1: 1.1, 2: 0.99}, 0),
     ],
 )
 def test_the_mode_is_the_one_timed_fastest(monkeypatch, kind, times, expected, restore_modes):
@@ -110,7 +112,7 @@ def test_the_mode_is_the_one_timed_fastest(monkeypatch, kind, times, expected, r
 
 def test_a_bad_mode_or_kind_is_refused():
     with pytest.raises(ValueError, match="prefetch mode of bf16_dot is one of"):
-        prefetch.set_prefetch("bf16_dot", 2)
+        prefetch.set_prefetch("bf16_dot", 3)
     with pytest.raises(ValueError, match="no prefetch modes for 'f32'"):
         prefetch.set_prefetch("f32", 0)
 

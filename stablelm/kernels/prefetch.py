@@ -46,9 +46,10 @@ def _fastest(
 # kernel alone does not show, 1-6% there: hence a clear margin), 1 the next block into L2 (twice as fast
 # on a Zen 4 EPYC, where the non-temporal ones read at a third of the memory's speed). bf16_dot (and
 # f16_dot, the same loop): rows' lines ahead into L1 (0, from a Zen 1) or into L2 (1: 1.25-1.28x on the
-# 160M and 3B layer sets, 1.02-1.44x by single shape, on a Zen 4 with the AVX2 build, one thread), which
-# keep the same data cached: the faster one.
-PREFETCH = {"bf16_dpbf16": (0, (0, 1), 0.8), "bf16_dot": (1, (0, 1), 0.97)}
+# 160M and 3B layer sets, 1.02-1.44x by single shape, on a Zen 4 with the AVX2 build, one thread), or
+# twice as far ahead into L2 (2: 1.13-1.24x mode 1's speed on those layer sets, another Zen 4 session),
+# which keep the same data cached: the fastest.
+PREFETCH = {"bf16_dpbf16": (0, (0, 1), 0.8), "bf16_dot": (1, (0, 1, 2), 0.97)}
 _PREFETCH: dict[tuple[str | None, str], int] = {}  # by level and kind (cleared with the plans)
 
 
