@@ -10,7 +10,8 @@ from minute to minute; taking turns exposes all of them to the same drift), and 
 reference's best. Prefill is the time to the first new token (tokens/s of prompt), decode the rest.
 Greedy tokens must equal the reference's: the script fails otherwise.
 
-The page cache's state changes decoding speed by up to 1.6x (3B shape, a 2-core Zen 4): a file just
+The page cache's state changes decoding speed (1.13x on the 160M shape, 1.04-1.07x on the 3B one, a
+2-core Zen 4, in turns in one process): a file just
 written (by `save_pretrained`, a download, a converter) is cached in 4 KB pages and mapped so, a file read
 back from disk in 2 MB ones (docs/speed.md, "Weights in huge pages"). By default (`--page-cache reread`)
 the checkpoint and the GGUF are both dropped from the cache and read back first, so that both
