@@ -296,6 +296,17 @@ def test_copies_of_a_model_carry_no_screen_and_decode_alike(choices):
 
 
 @pytest.mark.usefixtures("isa")
+def test_a_screen_made_under_inference_mode_serves_outside_it(choices):
+    model = _model()
+    ids = _prompt()
+    expected = _greedy(model, ids, screen=False)
+    with torch.inference_mode():
+        assert torch.equal(_greedy(model, ids, screen=True), expected)
+    assert torch.equal(_greedy(model, ids, screen=True), expected)
+    assert len(choices) == 22 and all(c is not None for c in choices)
+
+
+@pytest.mark.usefixtures("isa")
 def test_generations_in_two_threads_on_one_model_keep_apart(choices):
     model = _model()
     prompts = [_prompt(seed=s) for s in (5, 6)]
