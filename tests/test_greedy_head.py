@@ -250,30 +250,24 @@ def test_the_screen_steps_aside_where_it_does_not_pay(monkeypatch, choices):
     assert choices == []
 
 
-@pytest.mark.usefixtures("isa")
-def test_a_head_changed_in_place_is_screened_afresh(choices):
-    model = _model()
-    ids = _prompt()
-    first = _greedy(model, ids, screen=True)
-    holder = DecodeStep.for_model(model, compile=False)._screen
-    before = holder["screen"]
+def _negate_in_place(weight):
     with torch.no_grad():
-        model.lm_head.weight.mul_(-1)  # in place: same storage, new version
-    expected = _greedy(model, ids, screen=False)
-    assert not torch.equal(first, expected)
-    assert torch.equal(_greedy(model, ids, screen=True), expected)
-    assert holder["screen"] is not before
+        weight.mul_(-1)  # same storage, a new version
+
+
+def _scale_through_data(weight):
+    weight.data[:, :8].mul_(-3)  # `.data` writes without counting a version: the digest sees them
 
 
 @pytest.mark.usefixtures("isa")
-def test_a_head_changed_through_data_is_screened_afresh(choices):
-    # `.data` writes in place without counting a version: the screen's digest of the values sees them
+@pytest.mark.parametrize("edit", [_negate_in_place, _scale_through_data], ids=["in-place", "through-data"])
+def test_a_changed_head_is_screened_afresh(edit, choices):
     model = _model()
     ids = _prompt()
     first = _greedy(model, ids, screen=True)
     holder = DecodeStep.for_model(model, compile=False)._screen
     before = holder["screen"]
-    model.lm_head.weight.data[:, :8].mul_(-3)
+    edit(model.lm_head.weight)
     expected = _greedy(model, ids, screen=False)
     assert not torch.equal(first, expected)
     assert torch.equal(_greedy(model, ids, screen=True), expected)
