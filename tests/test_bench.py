@@ -201,3 +201,26 @@ def test_the_quantized_kernel_benchmark_refuses_bad_modes_and_groups():
             [sys.executable, str(script), *bad], capture_output=True, text=True, timeout=600
         )
         assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+
+
+def test_the_greedy_screen_benchmark_takes_turns_and_refuses_bad_arguments(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "greedy_screen.py"
+    args = [sys.executable, str(script), "--shape", "tiny", "--prompt", "8"]
+    out = subprocess.run(
+        [*args, "--rounds", "2", "--new-tokens", "4"], capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("\n0 ") == 1 and "\n1 " in out.stdout and "median ratio" in out.stdout, out.stdout
+    assert "tokens identical: True" in out.stdout and "steps the screen decided:" in out.stdout, out.stdout
+    for bad, message in (
+        (["--rounds", "0"], "--rounds, --threads and --prompt must be at least 1"),
+        (["--new-tokens", "1"], "--new-tokens at least 2"),
+        (["--folder", str(tmp_path)], "holds no config.json"),
+    ):
+        refused = subprocess.run([*args, *bad], capture_output=True, text=True, timeout=600)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr
