@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -75,8 +76,6 @@ def write_checkpoint(folder: Path, shape: str) -> None:
 def reread(paths: list[Path]) -> None:
     """Drop each file's cached pages (those no process maps) and read it back in order, as after a cold
     start: the kernel's readahead then caches it in large folios, which mappings map in 2 MB pages."""
-    import os
-
     for path in paths:
         fd = os.open(path, os.O_RDONLY)
         try:

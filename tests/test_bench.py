@@ -98,6 +98,7 @@ def test_the_quantized_side_by_side_benchmark_runs_and_refuses_bad_arguments(tmp
         (["--int4-modes", "1,x"], "--int4-modes takes kernel modes 0-3"),
         (["--int4-modes", "4"], "--int4-modes takes kernel modes 0-3"),
         (["--llama-args", "--repack '0"], "--llama-args one quoted string"),
+        (["--page-cache", "cold"], "--page-cache: invalid choice: 'cold'"),
     ):
         refused = subprocess.run([*args, *bad], capture_output=True, text=True, timeout=600)
         assert refused.returncode == 2 and message in refused.stderr, refused.stderr
