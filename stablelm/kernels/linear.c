@@ -417,6 +417,7 @@ SLOT_TILE(1, 4)
 SLOT_TILE(1, 1)
 #define OUTS_T 4
 #define CHUNK 1024 /* k per chunk of W converted to fp32 (a multiple of 8 * VW): OUTS_T x CHUNK floats */
+#define ROW_BLOCK 48 /* rows of x whose chunk is kept in L2 (a multiple of ROWS_T) */
 
 /* Every row x up to 16 outputs (nn): y[m, n] for a block of outputs. `x` is fp32 (ldx floats apart);
  * `wf` (OUTS_T x CHUNK floats) and `acc` (M x OUTS_T x 8 x VW floats) are this thread's buffers. */
@@ -437,39 +438,45 @@ SLOT_TILE(1, 1)
       return;                                                                                          \
     }                                                                                                  \
     /* x (fp32) is laid out slot by slot up to k64 (T blocks: slot r at r * T * VW), then in order */  \
-    int ldacc = OUTS_T * 8 * VW, T = k64 / (8 * VW);                                                   \
-    for (int n0 = 0; n0 < nn; n0 += OUTS_T) {                                                          \
-      int nt = nn - n0 < OUTS_T ? nn - n0 : OUTS_T;                                                    \
-      const uint16_t* wn = w + (int64_t)n0 * K;                                                        \
+    /* Rows in blocks of ROW_BLOCK; in each, k in chunks and, within a chunk, the outputs in fours: the  \
+     * chunk's columns of the block's rows of x stay in L2 while every four outputs use them (the 3B   \
+     * shape's x, 128 rows of 6912 floats, is 3.5 MB). acc holds the block's rows x all nn outputs. */ \
+    int ldacc = BLOCK * 8 * VW, T = k64 / (8 * VW);                                                    \
+    for (int m0 = 0; m0 < M; m0 += ROW_BLOCK) {                                                        \
+      int m1 = M - m0 < ROW_BLOCK ? M : m0 + ROW_BLOCK;                                                \
       for (int kc = 0; kc < k64; kc += CHUNK) {                                                        \
         int cnt = (k64 - kc < CHUNK ? k64 - kc : CHUNK) / (8 * VW), c0 = kc / (8 * VW);                \
-        for (int n = 0; n < nt; n++) /* this chunk of W in fp32, slot by slot */                       \
-          for (int t = 0; t < cnt; t++)                                                                \
-            for (int r = 0; r < 8; r++)                                                                \
-              vstore(wf + n * CHUNK + (r * cnt + t) * VW, wload_##E(wn + (int64_t)n * K + kc + (t * 8 + r) * VW)); \
-        for (int m = 0; m < M;) {                                                                      \
-          int mt = nt == OUTS_T && M - m >= ROWS_T ? ROWS_T : 1;                                       \
-          float* am = acc + (int64_t)m * ldacc;                                                        \
-          for (int r = 0; r < 8; r++) {                                                                \
-            const float* xm = x + (int64_t)m * ldx + ((int64_t)r * T + c0) * VW;                       \
-            const float* wr = wf + r * cnt * VW;                                                       \
-            if (mt == ROWS_T) SLOT_CALL_T(xm, ldx, wr, CHUNK, cnt, r, am, ldacc, kc == 0);             \
-            else if (nt == OUTS_T) slot_tile_1x4(xm, ldx, wr, CHUNK, cnt, r, am, ldacc, kc == 0);      \
-            else for (int n = 0; n < nt; n++)                                                          \
-              slot_tile_1x1(xm, ldx, wr + n * CHUNK, CHUNK, cnt, r, am + n * 8 * VW, ldacc, kc == 0);  \
+        for (int n0 = 0; n0 < nn; n0 += OUTS_T) {                                                      \
+          int nt = nn - n0 < OUTS_T ? nn - n0 : OUTS_T;                                                \
+          const uint16_t* wn = w + (int64_t)n0 * K;                                                    \
+          for (int n = 0; n < nt; n++) /* this chunk of W in fp32, slot by slot */                     \
+            for (int t = 0; t < cnt; t++)                                                              \
+              for (int r = 0; r < 8; r++)                                                              \
+                vstore(wf + n * CHUNK + (r * cnt + t) * VW, wload_##E(wn + (int64_t)n * K + kc + (t * 8 + r) * VW)); \
+          for (int m = m0; m < m1;) {                                                                  \
+            int mt = nt == OUTS_T && m1 - m >= ROWS_T ? ROWS_T : 1;                                    \
+            float* am = acc + (int64_t)(m - m0) * ldacc + n0 * 8 * VW;                                 \
+            for (int r = 0; r < 8; r++) {                                                              \
+              const float* xm = x + (int64_t)m * ldx + ((int64_t)r * T + c0) * VW;                     \
+              const float* wr = wf + r * cnt * VW;                                                     \
+              if (mt == ROWS_T) SLOT_CALL_T(xm, ldx, wr, CHUNK, cnt, r, am, ldacc, kc == 0);           \
+              else if (nt == OUTS_T) slot_tile_1x4(xm, ldx, wr, CHUNK, cnt, r, am, ldacc, kc == 0);    \
+              else for (int n = 0; n < nt; n++)                                                        \
+                slot_tile_1x1(xm, ldx, wr + n * CHUNK, CHUNK, cnt, r, am + n * 8 * VW, ldacc, kc == 0); \
+            }                                                                                          \
+            m += mt;                                                                                   \
           }                                                                                            \
-          m += mt;                                                                                     \
         }                                                                                              \
       }                                                                                                \
-      for (int m = 0; m < M; m++)                                                                      \
-        for (int n = 0; n < nt; n++) {                                                                 \
-          const float* a = acc + (int64_t)m * ldacc + n * 8 * VW;                                      \
+      for (int m = m0; m < m1; m++)                                                                    \
+        for (int n = 0; n < nn; n++) {                                                                 \
+          const float* a = acc + (int64_t)(m - m0) * ldacc + n * 8 * VW;                               \
           float sum = 0.0f;                                                                            \
           if (k64) sum = tree8(vload(a), vload(a + VW), vload(a + 2 * VW), vload(a + 3 * VW),           \
                                vload(a + 4 * VW), vload(a + 5 * VW), vload(a + 6 * VW), vload(a + 7 * VW)); \
           else sum = vsum(vzero());                                                                    \
-          sum = dot_tail_##E(x + (int64_t)m * ldx, wn + (int64_t)n * K, k64, k16, K, sum);             \
-          y[(int64_t)m * ldy + n0 + n] = round_##E(b ? from_##E(b[n0 + n]) + sum : sum);               \
+          sum = dot_tail_##E(x + (int64_t)m * ldx, w + (int64_t)n * K, k64, k16, K, sum);              \
+          y[(int64_t)m * ldy + n] = round_##E(b ? from_##E(b[n]) + sum : sum);                         \
         }                                                                                              \
     }                                                                                                  \
   }
@@ -519,7 +526,7 @@ DOT_BLOCK(f16)
         }                                                                                              \
       }                                                                                                \
       float* wf = M > 2 ? (float*)alloc64(sizeof(float) * OUTS_T * CHUNK) : 0;                         \
-      float* acc = M > 2 ? (float*)alloc64(sizeof(float) * (size_t)M * OUTS_T * 8 * VW) : 0;           \
+      float* acc = M > 2 ? (float*)alloc64(sizeof(float) * (size_t)(M < ROW_BLOCK ? M : ROW_BLOCK) * BLOCK * 8 * VW) : 0;           \
       int ok = M <= 2 || (wf && acc);                                                                  \
       if (!ok) {                                                                                       \
         _Pragma("omp atomic write") failed = 1;                                                        \
