@@ -389,12 +389,15 @@ def test_a_half_precision_kernel_is_used_only_where_it_beats_torchs(monkeypatch)
     monkeypatch.setattr(kernel_linear, "_half_plan", lambda *args: ("bf16_dot", 0))
     # its prefetch mode already timed (that timing would read this clock too)
     monkeypatch.setattr(prefetch, "_PREFETCH", {(native.selected_isa(), "bf16_dot"): 0})
-    for ours, torchs, used in [(0.5, 1.0, True), (0.97, 1.0, False), (2.0, 1.0, False)]:
+    # one row (decoding): kept unless clearly slower (PAYS_ONE_ROW, 1.10); more rows: faster (PAYS, 0.95)
+    for rows, ours, torchs, used in [(1, 0.5, 1.0, True), (1, 1.05, 1.0, True), (1, 1.2, 1.0, False),
+                                     (1, 2.0, 1.0, False), (4, 0.5, 1.0, True), (4, 0.97, 1.0, False),
+                                     (64, 0.97, 1.0, False), (64, 0.9, 1.0, True)]:  # fmt: skip
         clock = iter([0.0, ours, ours + torchs] * 6)  # per run: start, after ours, after torch's
         monkeypatch.setattr(kernel_linear.time, "perf_counter", lambda clock=clock: next(clock))
         monkeypatch.setattr(kernel_linear, "_PLANS", {})
-        found = kernel_linear.plan(torch.bfloat16, 64, 64, False, 1)
-        assert (found is not None) == used, (ours, torchs)
+        found = kernel_linear.plan(torch.bfloat16, 64, 64, False, rows)
+        assert (found is not None) == used, (rows, ours, torchs)
 
 
 def test_float32_kernels_are_a_fixed_choice(monkeypatch):
@@ -435,7 +438,11 @@ def test_the_speed_check_reads_weights_from_memory_but_bounds_its_calls(monkeypa
     # a few KB layer: capped copies (was ~12,000: a tiny model's first generate took 20 s, minutes on a
     # busy CPU); a large one: copies worth COLD_BYTES, so the timing reads them from memory
     calls = []
-    monkeypatch.setattr(kernel_linear, "run_linear", lambda kind, x, ws, bs, block: calls.append(ws[0]))
+
+    def planned(kind, block, x, weights):  # noqa: ANN001, ANN202 - the planned calls, each recording its weight
+        return (lambda weight, ptr: calls.append(weight) and 0), weights, x.data_ptr(), None
+
+    monkeypatch.setattr(kernel_linear, "_planned_calls", planned)
     for k, n, expected in (
         (64, 64, kernel_linear.MAX_COPIES),
         (1024, 2048, -(-kernel_linear.COLD_BYTES // (1024 * 2048 * 2))),
@@ -447,6 +454,51 @@ def test_the_speed_check_reads_weights_from_memory_but_bounds_its_calls(monkeypa
     calls.clear()
     kernel_linear._pays(("bf16_dot", 0), torch.bfloat16, 64, 64, 64)  # prefill's rows: one copy
     assert len(calls) == 6
+
+
+@needs_a_level
+def test_the_speed_check_times_the_kernel_as_the_planned_step_calls_it(isa, monkeypatch):
+    # not through run_linear (its checks and 18 ctypes arguments cost what the step does not pay)
+    def refuse(*args: object) -> None:
+        raise AssertionError("run_linear timed")
+
+    found = kernel_linear.plan(torch.bfloat16, 256, 512, False, 1)  # its probes run run_linear
+    if found is None:
+        pytest.skip("no kernel gives torch's bits for this shape here")
+    monkeypatch.setattr(kernel_linear, "run_linear", refuse)
+    calls = kernel_linear._planned_calls(found[0], found[1], _bf16(1, 256, seed=3), [_bf16(512, 256, seed=4)])
+    fn, refs, ptr, (structs, out) = calls
+    assert fn(refs[0], ptr) == 0 and torch.equal(
+        out, nn.functional.linear(_bf16(1, 256, seed=3), _bf16(512, 256, seed=4))
+    )  # the timed call computes the layer
+    assert kernel_linear._pays(found, torch.bfloat16, 256, 512, 1) in (True, False)
+
+
+def test_one_row_and_many_rows_are_held_to_their_own_share_of_torchs_time(monkeypatch):
+    monkeypatch.setattr(
+        kernel_linear,
+        "_planned_calls",
+        lambda kind, block, x, weights: (lambda ref, ptr: 0, weights, 0, None),
+    )
+    monkeypatch.setattr(kernel_linear, "COLD_BYTES", 1)  # one copy: a quick timing
+    monkeypatch.setattr(kernel_linear, "PAYS_ONE_ROW", 1e9)
+    monkeypatch.setattr(kernel_linear, "PAYS", 0.0)
+    assert kernel_linear._pays(("bf16_dot", 0), torch.bfloat16, 64, 64, 1)
+    assert not kernel_linear._pays(("bf16_dot", 0), torch.bfloat16, 64, 64, 64)
+    monkeypatch.setattr(kernel_linear, "PAYS_ONE_ROW", 0.0)
+    monkeypatch.setattr(kernel_linear, "PAYS", 1e9)
+    assert not kernel_linear._pays(("bf16_dot", 0), torch.bfloat16, 64, 64, 1)
+    assert kernel_linear._pays(("bf16_dot", 0), torch.bfloat16, 64, 64, 64)
+
+
+def test_a_timed_kernel_that_cannot_run_does_not_pay(monkeypatch):
+    monkeypatch.setattr(
+        kernel_linear,
+        "_planned_calls",
+        lambda kind, block, x, weights: (lambda ref, ptr: 1, weights, 0, None),
+    )
+    monkeypatch.setattr(kernel_linear, "PAYS_ONE_ROW", 1e9)
+    assert not kernel_linear._pays(("bf16_dot", 0), torch.bfloat16, 64, 64, 1)
 
 
 @pytest.mark.skipif(not COMPILER, reason="needs a C compiler")

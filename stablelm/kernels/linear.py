@@ -16,6 +16,7 @@ layer's shape, and used only where it is faster (on tiny layers, calling it cost
 
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 from collections.abc import Callable
@@ -26,12 +27,14 @@ from torch import nn
 from . import (
     _DTYPES,
     X86_LEVELS,
+    PlannedLinear,
     cpu_flags,
     cpu_vendor,
     has_dpbf16,
     kernel,
     library,
     plan_cache,
+    planned_linear,
     run_linear,
     selected_isa,
 )
@@ -106,7 +109,7 @@ def _remembered(key: tuple, make: Callable[[], tuple[str, int] | None]) -> tuple
     lib = library()
     if lib is None:
         return make()
-    settings = (SPEED_CHECK, PAYS, COLD_BYTES, MAX_COPIES, PROBE_MAX_OUTPUTS, DPBF16_MAX_ROWS)
+    settings = (SPEED_CHECK, PAYS, PAYS_ONE_ROW, COLD_BYTES, MAX_COPIES, PROBE_MAX_OUTPUTS, DPBF16_MAX_ROWS)
 
     def possible(value: object) -> bool:
         amx = (
@@ -131,6 +134,14 @@ def _remembered(key: tuple, make: Callable[[], tuple[str, int] | None]) -> tuple
 
 SPEED_CHECK = True  # half precision: use a kernel only where it beats torch's (see `_pays`)
 PAYS = 0.95  # ... that is, where it takes at most this share of torch's time
+# ... for one row (decoding), at most this share: the planned step also calls one kernel for q/k/v and one
+# for gate/up (torch: a call and a copy each) and screens the LM head for greedy steps on it
+# (`stablelm.greedy_head`), none of which a layer timed alone shows. On a 2-core Zen 4 with the AVX2
+# build forced (two threads, 160M shape), the layers timed alone came out 0.81-0.94x torch's time
+# (ATen's AVX2 kernel is fast there), so 0.95 kept torch's for one layer shape or another in each
+# process by chance; whole greedy decodes ran at 110-168 tokens/s so (113 when the head was torch's)
+# against 146-152 with the kernel for every layer. Where torch's kernel is clearly faster, it serves.
+PAYS_ONE_ROW = 1.10
 # Bytes of weights each timing round reads: copies of the probe weight up to this size, so that they come
 # from memory, not from the caches (more than the last-level cache of common CPUs).
 COLD_BYTES = 96 << 20
@@ -159,17 +170,45 @@ def _pays(candidate: tuple[str, int], dtype: torch.dtype, k: int, n: int, rows: 
         min(-(-COLD_BYTES // (w.numel() * w.element_size())), MAX_COPIES) if rows <= DPBF16_MAX_ROWS else 1
     )
     weights = [w] + [w.clone() for _ in range(copies - 1)]
+    calls = _planned_calls(kind, block, x, weights)
     ours, theirs = float("inf"), float("inf")
     for _ in range(6):  # the first of each warms up
         start = time.perf_counter()
-        for weight in weights:
-            run_linear(kind, x, [weight], [None], block)
+        if calls is None:
+            for weight in weights:
+                run_linear(kind, x, [weight], [None], block)
+        else:
+            fn, refs, ptr, _ = calls
+            if any([fn(ref, ptr) for ref in refs]):
+                return False  # the kernel could not run (no buffers): torch's serves
         middle = time.perf_counter()
         for weight in weights:
             nn.functional.linear(x, weight)
         end = time.perf_counter()
         ours, theirs = min(ours, middle - start), min(theirs, end - middle)
-    return ours <= PAYS * theirs
+    return ours <= (PAYS_ONE_ROW if rows == 1 else PAYS) * theirs
+
+
+def _planned_calls(kind: str, block: int, x: torch.Tensor, weights: list[torch.Tensor]) -> tuple | None:
+    """The kernel's calls over `weights` as the planned decode step makes them (`stablelm.lean_step`: the
+    arguments in a struct made once, two pointers per call), or None without `stablelm_linear_planned`.
+    Timed so, not through `run_linear`'s checks and 18 ctypes arguments: those cost 5-10 us a call, a
+    quarter of a 768 x 768 layer's time, which the step does not pay (forced AVX2 build on a 2-core Zen 4,
+    two threads: the kernel took 1.03-1.15x torch's time through `run_linear` and 0.81-0.94x through the
+    planned call, so the timing kept torch's kernel for most layers, and whole greedy decodes of the 160M
+    shape ran at 98-122 tokens/s against 136-187 with the kernels)."""
+    fn = planned_linear()
+    if fn is None:
+        return None
+    out = torch.empty(x.shape[0], weights[0].shape[0], dtype=x.dtype)
+    m, k, n = x.shape[0], x.shape[1], weights[0].shape[0]
+    address = ctypes.cast(kernel(kind), ctypes.c_void_p).value
+    structs = [
+        PlannedLinear(address, out.data_ptr(), w.data_ptr(), None, None, None, None, None, m, k, k, n, 1, n, 0, 0,
+                      block, torch.get_num_threads())
+        for w in weights
+    ]  # fmt: skip
+    return fn, [ctypes.addressof(a) for a in structs], x.data_ptr(), (structs, out)  # the last: kept alive
 
 
 def _half_plan(dtype: torch.dtype, k: int, n: int, bias: bool, rows: int) -> tuple[str, int] | None:
