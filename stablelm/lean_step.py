@@ -74,9 +74,15 @@ class _Kernel:
         return self.out
 
 
-def _kernel_for(linears: tuple[nn.Module, ...], rows: int, threads: int) -> _Kernel | _TorchLinear | None:
+def _kernel_for(
+    linears: tuple[nn.Module, ...], rows: int, threads: int, one_row: bool = False
+) -> _Kernel | _TorchLinear | None:
     """The planned call for these layers fused (as `stablelm.layers.fused_linear` would make it), torch's
-    F.linear where no kernel serves them alike, or None (not plain layers: the modules run)."""
+    F.linear where no kernel serves them alike, or None (not plain layers: the modules run). With
+    `one_row`, every row gets one row's bits: the kernel planned for one row, called on all `rows` (each
+    row's sums are the same whatever the row count: see linear.c), else torch's F.linear row by row
+    (torch's own product over several rows can round otherwise: oneDNN on an AVX512-BF16 Zen 4 did for
+    K = 2560 from 4 rows on)."""
     if any(type(m) is not Linear for m in linears):  # quantized layers, peft's wrappers, ...: the modules run
         return None
     weights = [m._parameters["weight"] for m in linears]
@@ -88,14 +94,15 @@ def _kernel_for(linears: tuple[nn.Module, ...], rows: int, threads: int) -> _Ker
             return None
         if w.shape[1] != k or (b is None) == has_bias or (b is not None and b.dtype != dtype):
             return None
-    found = kernel_plan(dtype, k, weights[0].shape[0], has_bias, rows)
+    planned_rows = 1 if one_row else rows
+    found = kernel_plan(dtype, k, weights[0].shape[0], has_bias, planned_rows)
     fn = None if found is None else kernel(found[0])
     if (
         fn is None
         or planned_linear() is None
-        or any(kernel_plan(dtype, k, w.shape[0], has_bias, rows) != found for w in weights[1:])
+        or any(kernel_plan(dtype, k, w.shape[0], has_bias, planned_rows) != found for w in weights[1:])
     ):
-        return _TorchLinear(weights, biases, rows)
+        return _TorchLinear(weights, biases, rows, by_row=one_row and rows > 1)
     return _Kernel(fn, found[0], weights, biases, found[1], rows, threads)
 
 
@@ -105,16 +112,21 @@ class _TorchLinear:
     each module makes then, so the same bits; the outputs copied side by side into `out` (B, sum N). The
     rest of the step stays planned: the layers' module overhead is what it saves, not their arithmetic."""
 
-    __slots__ = ("layers", "out", "parts")
+    __slots__ = ("layers", "out", "parts", "by_row")
 
-    def __init__(self, weights: list, biases: list, rows: int) -> None:
+    def __init__(self, weights: list, biases: list, rows: int, *, by_row: bool = False) -> None:
         self.layers = list(zip(weights, biases, strict=True))
         self.out = torch.empty(rows, sum(w.shape[0] for w in weights), dtype=weights[0].dtype)
         self.parts = self.out.split([w.shape[0] for w in weights], dim=1)
+        self.by_row = by_row  # one F.linear call per row (one row's bits for each)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         for (weight, bias), part in zip(self.layers, self.parts, strict=True):
-            part.copy_(F.linear(x, weight, bias))
+            if self.by_row:
+                for r in range(x.shape[0]):
+                    part[r : r + 1].copy_(F.linear(x[r : r + 1], weight, bias))
+            else:
+                part.copy_(F.linear(x, weight, bias))
         return self.out
 
 
@@ -151,11 +163,14 @@ class _Quantized:
         return self.out
 
 
-def _calls_for(linears: tuple[nn.Module, ...], rows: int, threads: int, dtype: torch.dtype):  # noqa: ANN202
+def _calls_for(  # noqa: ANN202
+    linears: tuple[nn.Module, ...], rows: int, threads: int, dtype: torch.dtype, one_row: bool = False
+):
     """The planned call for these layers of one input: fused native kernel (plain layers), the quantized
-    kernels (quantized layers), or None (anything else: the modules run)."""
+    kernels (quantized layers; a row's sums do not depend on the batch there), or None (anything else:
+    the modules run). `one_row`: see `_kernel_for`."""
     if all(type(m) is Linear for m in linears):
-        return _kernel_for(linears, rows, threads)
+        return _kernel_for(linears, rows, threads, one_row)
     if not all(type(m) is QuantizedLinear for m in linears) or dtype not in (torch.bfloat16, torch.float32):
         return None
     if rows > KERNEL_MAX_ROWS or quant_library() is None:
@@ -173,15 +188,15 @@ class _Layer:
 
     __slots__ = ("ln1", "ln2", "qkv", "o", "gate_up", "down", "act", "parallel", "gate", "up", "mlp_in")
 
-    def __init__(self, layer: nn.Module, rows: int, threads: int, dtype: torch.dtype) -> None:
+    def __init__(self, layer: nn.Module, rows: int, threads: int, dtype: torch.dtype, one_row: bool) -> None:
         attn, mlp = layer.self_attn, layer.mlp
         self.ln1 = _norm(layer.input_layernorm)
         self.parallel = layer.use_parallel_residual
         self.ln2 = None if self.parallel else _norm(layer.post_attention_layernorm)
-        self.qkv = _calls_for((attn.q_proj, attn.k_proj, attn.v_proj), rows, threads, dtype)
-        self.o = _calls_for((attn.o_proj,), rows, threads, dtype)
-        self.gate_up = _calls_for((mlp.gate_proj, mlp.up_proj), rows, threads, dtype)
-        self.down = _calls_for((mlp.down_proj,), rows, threads, dtype)
+        self.qkv = _calls_for((attn.q_proj, attn.k_proj, attn.v_proj), rows, threads, dtype, one_row)
+        self.o = _calls_for((attn.o_proj,), rows, threads, dtype, one_row)
+        self.gate_up = _calls_for((mlp.gate_proj, mlp.up_proj), rows, threads, dtype, one_row)
+        self.down = _calls_for((mlp.down_proj,), rows, threads, dtype, one_row)
         self.act = mlp.act_fn
         if self.complete():
             # Each call writes its own buffer, kept for the generation: no allocation per call, and no
@@ -221,7 +236,9 @@ def _plain_modules(model: nn.Module) -> bool:
 class LeanStep:
     """The planned step for a model, a row count and a thread count; see `LeanStep.build`."""
 
-    def __init__(self, model: nn.Module, layers: list[_Layer], rows: int, threads: int) -> None:
+    def __init__(
+        self, model: nn.Module, layers: list[_Layer], rows: int, threads: int, one_row: bool
+    ) -> None:
         base = model.model
         config = model.config
         self.model, self.layers, self.rows, self.threads = model, layers, rows, threads
@@ -234,7 +251,7 @@ class LeanStep:
         self.dtype = base.embed_tokens.weight.dtype
         self.qkv_fn = decode_qkv_kernel(self.dtype)
         head = model.lm_head  # its own kernel call where one serves, else the module (torch's F.linear)
-        self.head = _calls_for((head,), rows, threads, self.dtype)
+        self.head = _calls_for((head,), rows, threads, self.dtype, one_row)
         self.q = torch.empty(rows, 1, self.H, self.D, dtype=self.dtype)  # (B, 1, H, D), reused every layer
         self.q_heads = self.q.transpose(1, 2)  # (B, H, 1, D), as attention takes it
         # attention in torch's bits by the native kernel where it reproduces SDPA here (AVX2 CPUs), else SDPA
@@ -244,9 +261,10 @@ class LeanStep:
         )
 
     @classmethod
-    def build(cls, model: nn.Module, cache: object, rows: int) -> LeanStep | None:
+    def build(cls, model: nn.Module, cache: object, rows: int, *, check: bool = False) -> LeanStep | None:
         """The plan for `model` decoding `rows` rows over `cache`, or None where it does not apply (see the
-        module docstring): then the modules run."""
+        module docstring): then the modules run. With `check`, the plan is for `rows` consecutive tokens
+        of the one sequence in `cache` instead (speculative decoding's check: `check_hidden`)."""
         from .model import Attention, DecoderLayer, StableLmModel
 
         config, base = model.config, getattr(model, "model", None)
@@ -263,7 +281,7 @@ class LeanStep:
             return None
         if _norm(base.norm) is None or base.embed_tokens.max_norm is not None:
             return None
-        shape = (rows, config.num_key_value_heads, cache.max_cache_len, config.head_dim)
+        shape = (1 if check else rows, config.num_key_value_heads, cache.max_cache_len, config.head_dim)
         if any(t.shape != shape or not t.is_contiguous() for t in (*cache.keys, *cache.values)):
             return None
         threads = torch.get_num_threads()
@@ -273,11 +291,11 @@ class LeanStep:
                 return None
             if _norm(layer.input_layernorm) is None:
                 return None
-            planned = _Layer(layer, rows, threads, dtype)
+            planned = _Layer(layer, rows, threads, dtype, check)
             if not planned.complete():
                 return None
             layers.append(planned)
-        return cls(model, layers, rows, threads)
+        return cls(model, layers, rows, threads, check)
 
     def fits(self, cache: object, tokens: torch.Tensor) -> bool:
         """Whether this plan serves this step (checked every step: cheap)."""
@@ -300,6 +318,59 @@ class LeanStep:
         """fp32 logits (B, V) after `tokens` (B, 1) at rotary positions (B, 1), written at the cache's next
         slot; `key_mask` (B, slots so far + 1) marks the keys each row may see, or is None for all."""
         return self.logits(self.hidden(cache, tokens, position_ids, key_mask))
+
+    def check_hidden(self, cache: StaticCache, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        """The final layer norm's output (T, C) after the T = `rows` tokens (T,) of the cache's one sequence
+        at positions start.., their keys and values written at slots start.. (the caller advances the
+        cache): each row what the one-token step computes for its token. The linear layers run one row's
+        plan over all T rows (a kernel's sums per row do not depend on the row count; torch's product, where
+        no kernel serves, row by row), the norms over all rows (row by row in torch's kernel), rotary, the
+        cache writes and attention row by row, each query over the keys up to its own position."""
+        T, H, Hkv, D = self.rows, self.H, self.Hkv, self.D
+        if tokens.shape != (T,) or cache.keys[0].shape[0] != 1:
+            raise ValueError(f"a check of {T} tokens of one sequence; got tokens {tuple(tokens.shape)}")
+        slots = cache.max_cache_len
+        if start + T > slots:
+            raise ValueError(f"a check of {T} tokens from slot {start} needs {start + T} slots, not {slots}")
+        x = F.embedding(tokens, self.embed.weight, self.embed.padding_idx)  # (T, C)
+        cos, sin = self.rotary_emb(x[None], torch.arange(start, start + T)[None])  # (1, T, rot)
+        rot = cos.shape[-1]
+        cos, sin = cos.contiguous(), sin.contiguous()
+        q, q_heads, fn = self.q, self.q_heads, self.qkv_fn
+        es, cs = q.element_size(), cos.element_size()
+        out = self.attn_out if self.attn_out is not None else torch.empty(T, H * D, dtype=self.dtype)
+        for i, layer in enumerate(self.layers):
+            kc, vc = cache.keys[i], cache.values[i]
+            h = torch.layer_norm(x, *layer.ln1)
+            qkv = layer.qkv(h)  # (T, (H + 2 Hkv) D)
+            sq = qkv.shape[1]
+            for t in range(T):
+                status = fn(
+                    qkv.data_ptr() + t * sq * es, sq, cos.data_ptr() + t * rot * cs, sin.data_ptr() + t * rot * cs,
+                    q.data_ptr() + t * H * D * es, kc.data_ptr(), vc.data_ptr(), slots, start + t, 1, H, Hkv, D,
+                    rot,
+                )  # fmt: skip
+                if status:
+                    raise ValueError(
+                        f"bad arguments to stablelm's decode_qkv kernel (slot {start + t} of {slots})"
+                    )
+            for t in range(T):
+                length, qt, ot = start + t + 1, q_heads[t : t + 1], out[t : t + 1]
+                status = 4
+                if self.attn is not None:
+                    status = native_attention.run(self.attn, qt, kc, vc, length, None, ot, self.scale)
+                    if status == 2:
+                        raise ValueError(
+                            f"bad arguments to stablelm's attention kernel ({length} of {slots} slots)"
+                        )
+                if status:  # no native kernel here, or a score not finite: torch's kernel decides
+                    y = F.scaled_dot_product_attention(
+                        qt, kc[:, :, :length], vc[:, :, :length], scale=self.scale, enable_gqa=self.gqa
+                    )
+                    ot.copy_(y.transpose(1, 2).reshape(1, H * D))
+            x = layer.o(out).add_(x)  # x + attn(ln(x)) (a sum commutes)
+            x = layer.mlp(h if layer.parallel else torch.layer_norm(x, *layer.ln2)).add_(x)
+        return torch.layer_norm(x, *self.norm)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """fp32 logits (B, V) of the final layer norm's output x (B, C)."""

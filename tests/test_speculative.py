@@ -355,6 +355,93 @@ def test_checking_a_draft_gives_the_decode_steps_logits(dtype):
         torch.testing.assert_close(checked, one_by_one, rtol=0, atol=1e-5)
 
 
+CHECKED = {
+    **CONFIGS,
+    "parallel": dict(use_parallel_residual=True),
+    # K = 2560 (stablelm-3b-4e1t's width): torch's bf16 product over 4+ rows rounds otherwise than over one
+    # on an AVX512-BF16 Zen 4 (oneDNN), which the planned check does not follow
+    "wide": dict(hidden_size=2560, intermediate_size=256, num_attention_heads=20, num_key_value_heads=4,
+                 num_hidden_layers=1),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", CHECKED)
+def test_the_planned_check_gives_the_decode_steps_logits(name):
+    """Speculative decoding's check on the planned step (`LeanStep.check_hidden`) where it serves the
+    model: each row bit for bit what decoding the tokens one at a time gives (one row's kernels over all
+    the rows, torch's product row by row where no kernel serves); q/k layer norms have no planned step
+    (the modules' check runs)."""
+    from conftest import randomize_
+
+    from stablelm.cache import StaticCache
+    from stablelm.generation.speculative import Tokens, verify_logits
+
+    config = tiny_config(max_position_embeddings=128, **CHECKED[name])
+    model = StableLmForCausalLM(config).eval()
+    randomize_(model)
+    model = model.to(torch.bfloat16)
+    ids = _prompt(length=100)
+
+    def cache():
+        c = StaticCache.for_model(
+            model.config, batch_size=1, max_cache_len=128, dtype=torch.bfloat16, device="cpu"
+        )
+        model(ids[:, :90], past_key_values=c)
+        return c
+
+    with torch.no_grad():
+        steps = cache()
+        one_by_one = torch.cat(
+            [model(ids[:, i : i + 1], past_key_values=steps).logits[0] for i in range(90, 100)]
+        )
+        seq = Tokens(ids[0], 100, 0, None)
+        plans: dict = {}
+        checked = cache()
+        planned = verify_logits(model, checked, seq, 90, 100, plan=None, lean=plans)
+        with torch.enable_grad():  # autograd on: the modules run (torch's kernels, a graph)
+            assert verify_logits(model, cache(), seq, 90, 100, plan=None, lean=plans).requires_grad
+    assert (plans[10] is None) == ("qkln" in name)
+    assert torch.equal(planned, one_by_one.float())
+    assert checked.get_seq_length() == 100
+    if plans[10] is not None:
+        with pytest.raises(ValueError, match="a check of 10 tokens of one sequence"):
+            plans[10].check_hidden(checked, ids[0, :9], 90)
+
+
+def test_the_planned_check_runs_torchs_product_row_by_row_where_no_kernel_serves(monkeypatch):
+    """Without a native kernel for a layer, the check calls torch's F.linear one row at a time (its
+    product over several rows may round otherwise), and still gives the decode step's logits."""
+    from conftest import randomize_
+
+    from stablelm import lean_step
+    from stablelm.cache import StaticCache
+    from stablelm.generation.speculative import Tokens, verify_logits
+
+    monkeypatch.setattr(lean_step, "kernel_plan", lambda *args: None)  # torch's product for every layer
+    calls = []
+    real = lean_step.F.linear
+    monkeypatch.setattr(lean_step.F, "linear", lambda x, *a: calls.append(x.shape[0]) or real(x, *a))
+    model = StableLmForCausalLM(tiny_config(max_position_embeddings=128)).eval()
+    randomize_(model)
+    model = model.to(torch.bfloat16)
+    ids = _prompt(length=40)
+    c = StaticCache.for_model(
+        model.config, batch_size=1, max_cache_len=64, dtype=torch.bfloat16, device="cpu"
+    )
+    with torch.no_grad():
+        model(ids[:, :35], past_key_values=c)
+        calls.clear()
+        planned = verify_logits(model, c, Tokens(ids[0], 40, 0, None), 35, 40, plan=None, lean={})
+        assert calls and set(calls) == {1}
+        monkeypatch.setattr(lean_step.F, "linear", real)
+        d = StaticCache.for_model(
+            model.config, batch_size=1, max_cache_len=64, dtype=torch.bfloat16, device="cpu"
+        )
+        model(ids[:, :35], past_key_values=d)
+        one_by_one = torch.cat([model(ids[:, i : i + 1], past_key_values=d).logits[0] for i in range(35, 40)])
+    assert torch.equal(planned, one_by_one.float())
+
+
 # ---- the rest of generate's interface ---------------------------------------------------------------------
 
 

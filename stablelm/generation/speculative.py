@@ -28,6 +28,7 @@ import torch
 
 from ..attention import AttentionMask
 from ..cache import Cache, StaticCache
+from ..lean_step import LeanStep
 from .config import GenerationConfig
 from .loop import Step, criteria_hit
 from .plan import Plan, apply_processors
@@ -180,6 +181,7 @@ def _run(
     eos = set() if plan.eos is None else set(plan.eos.tolist())
     first_row = torch.zeros(1, dtype=torch.long)
     first = None  # the first draft is proposed before the prompt runs, as in the reference
+    lean: dict[int, LeanStep | None] = {}  # the checks' plans by row count (see verify_logits)
     while True:
         # Room for the draft and the model's own token after it, within max_new_tokens.
         draft = drafter.propose(seq, plan.max_new_tokens - seq.produced - 1, plan, generator)
@@ -191,12 +193,16 @@ def _run(
             prompt = (stepper.hidden, stepper.attentions)
             shift = 1  # the check's row i - 1 is the round's token i (token 0's: the prompt's forward)
             if k:
-                logits = torch.cat([first, verify_logits(model, cache, seq, T, T + k, plan, kept=checked)])
+                logits = torch.cat(
+                    [first, verify_logits(model, cache, seq, T, T + k, plan, kept=checked, lean=lean)]
+                )
             else:
                 logits = first
         else:  # the last token (not yet in the cache) and the draft
             prompt, shift = None, 0  # the check's row i is the round's token i
-            logits = verify_logits(model, cache, seq, seq.length - 1, seq.length + k, plan, kept=checked)
+            logits = verify_logits(
+                model, cache, seq, seq.length - 1, seq.length + k, plan, kept=checked, lean=lean
+            )
         keys = seq.length  # the round's token i attends to keys + i positions
         scores = processed_scores(plan, logits, seq, rows=k + 1)
         new = _accept(scores, draft, plan, generator)
@@ -260,6 +266,7 @@ def verify_logits(
     plan: Plan,
     *,
     kept: dict[str, Any] | None = None,
+    lean: dict[int, LeanStep | None] | None = None,
 ) -> torch.Tensor:
     """fp32 logits (end - start, V) after each of positions [start, end), over a cache holding [0, start).
 
@@ -269,8 +276,23 @@ def verify_logits(
     `hidden_states` (embeddings, each layer's output; (1, end - start, C) each) and the
     `attentions` (per layer (1, H, end - start, end), zero past each query's own position), computed on
     eager attention, as plain decoding computes them when they are asked for.
+
+    With `lean` (a generation's plans by row count, filled here), a check without `kept` and without
+    padding runs `LeanStep.check_hidden` where the planned step serves the model: one row's kernels over
+    all the rows, so each row has the one-token step's bits even where torch's product over several rows
+    rounds otherwise (oneDNN on an AVX512-BF16 Zen 4 for K = 2560, the 3B shape's width, from 4 rows on),
+    and without the modules' overhead. Elsewhere the modules run over all the rows at once.
     """
     make_room(model, cache, end, plan, seq)
+    T = end - start
+    if lean is not None and T > 0 and kept is None and seq.mask is None and not torch.is_grad_enabled():
+        if T not in lean:
+            lean[T] = LeanStep.build(model, cache, T, check=True)
+        step = lean[T]
+        if step is not None and step.threads == torch.get_num_threads() and cache.get_seq_length() == start:
+            x = step.check_hidden(cache, seq.ids[start:end], start)
+            cache.advance(T)
+            return step.logits(x)
     base = model.model
     x = base.embed_tokens(seq.ids[None, start:end])  # (1, T, C)
     device = x.device
