@@ -466,10 +466,10 @@ def test_the_speed_check_times_the_kernel_as_the_planned_step_calls_it(isa, monk
     if found is None:
         pytest.skip("no kernel gives torch's bits for this shape here")
     monkeypatch.setattr(kernel_linear, "run_linear", refuse)
-    calls = kernel_linear._planned_calls(found[0], found[1], _bf16(1, 256, seed=3), [_bf16(512, 256, seed=4)])
-    fn, refs, ptr, (structs, out) = calls
+    x, w = _bf16(1, 256, seed=3), _bf16(512, 256, seed=4)  # alive while the calls run (they hold pointers)
+    fn, refs, ptr, (structs, out) = kernel_linear._planned_calls(found[0], found[1], x, [w])
     assert fn(refs[0], ptr) == 0 and torch.equal(
-        out, nn.functional.linear(_bf16(1, 256, seed=3), _bf16(512, 256, seed=4))
+        out, nn.functional.linear(x, w)
     )  # the timed call computes the layer
     assert kernel_linear._pays(found, torch.bfloat16, 256, 512, 1) in (True, False)
 
