@@ -15,7 +15,10 @@ outputs side by side, without a concatenated copy of their weights.
 
 from __future__ import annotations
 
+import contextvars
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +30,21 @@ from .kernels import op as _op  # noqa: F401 - registers torch.ops.stablelm.line
 from .kernels.linear import plan
 
 OPTIMIZE_ENV = "STABLELM_OPTIMIZE"
+_ONE_ROW = contextvars.ContextVar("stablelm_one_row_bits", default=False)
+
+
+@contextmanager
+def one_row_bits() -> Iterator[None]:
+    """Within it, each row of a `Linear`'s input (autograd off) gets the bits a call on that row alone
+    gets: the kernel planned for one row over all the rows (its sums per row do not depend on the row
+    count), else torch's `F.linear` row by row. torch's own half-precision product over several rows can
+    round otherwise (oneDNN on an AVX512-BF16 Zen 4, K = 2560, from 4 rows on). Speculative decoding's
+    check runs the modules so, to give each draft position the one-token step's logits."""
+    token = _ONE_ROW.set(True)
+    try:
+        yield
+    finally:
+        _ONE_ROW.reset(token)
 
 
 def optimize_by_default() -> bool:
@@ -48,7 +66,13 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = fused_linear(x, (self,))
-        return F.linear(x, self.weight, self.bias) if y is None else y
+        if y is not None:
+            return y
+        if _ONE_ROW.get() and not torch.is_grad_enabled() and x.dim() > 1 and x.numel() > x.shape[-1]:
+            rows = x.reshape(-1, x.shape[-1])  # one row's bits for each (see `one_row_bits`)
+            y = torch.cat([F.linear(rows[r : r + 1], self.weight, self.bias) for r in range(rows.shape[0])])
+            return y.view(*x.shape[:-1], y.shape[-1])
+        return F.linear(x, self.weight, self.bias)
 
 
 def _plain(module: nn.Module) -> bool:
@@ -98,13 +122,14 @@ def fused_linear(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> torch.Tenso
     if torch.compiler.is_compiling():  # an operator the graph can call; it picks the kernel itself
         y = torch.ops.stablelm.linear(rows, weights, biases)
     else:
-        found = plan(weight.dtype, k, weight.shape[0], bias is not None, rows.shape[0])
+        planned = 1 if _ONE_ROW.get() else rows.shape[0]  # the plan for one row over all of them
+        found = plan(weight.dtype, k, weight.shape[0], bias is not None, planned)
         if found is None:
             return None
         for w in weights[1:]:  # fused: only where every member sums alike (oneDNN's order can depend on N)
             if (
                 w.shape[0] != weight.shape[0]
-                and plan(weight.dtype, k, w.shape[0], bias is not None, rows.shape[0]) != found
+                and plan(weight.dtype, k, w.shape[0], bias is not None, planned) != found
             ):
                 return None
         for w in weights:

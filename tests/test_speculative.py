@@ -362,6 +362,9 @@ CHECKED = {
     # on an AVX512-BF16 Zen 4 (oneDNN), which the planned check does not follow
     "wide": dict(hidden_size=2560, intermediate_size=256, num_attention_heads=20, num_key_value_heads=4,
                  num_hidden_layers=1),
+    # ... and the modules' check (q/k layer norms: no planned step) at that width
+    "wide-qkln": dict(hidden_size=2560, intermediate_size=256, num_attention_heads=20, num_key_value_heads=4,
+                      num_hidden_layers=1, qk_layernorm=True),
 }  # fmt: skip
 
 
@@ -370,7 +373,7 @@ def test_the_planned_check_gives_the_decode_steps_logits(name):
     """Speculative decoding's check on the planned step (`LeanStep.check_hidden`) where it serves the
     model: each row bit for bit what decoding the tokens one at a time gives (one row's kernels over all
     the rows, torch's product row by row where no kernel serves); q/k layer norms have no planned step
-    (the modules' check runs)."""
+    (the modules' check runs, its linear layers on one row's plans too: `layers.one_row_bits`)."""
     from conftest import randomize_
 
     from stablelm.cache import StaticCache
@@ -406,6 +409,29 @@ def test_the_planned_check_gives_the_decode_steps_logits(name):
     if plans[10] is not None:
         with pytest.raises(ValueError, match="a check of 10 tokens of one sequence"):
             plans[10].check_hidden(checked, ids[0, :9], 90)
+
+
+def test_one_row_bits_gives_each_row_a_lone_rows_product():
+    """`layers.one_row_bits`: a Linear's rows each get what a call on that row alone gives, also where no
+    kernel serves (torch's product row by row); outside it (and with autograd on) the call is unchanged."""
+    from stablelm.layers import _ONE_ROW, Linear, one_row_bits
+
+    torch.manual_seed(0)
+    layer = Linear(2560, 64, bias=True).to(torch.bfloat16)
+    layer.use_kernels = False  # torch's product: the row-by-row path
+    x = torch.randn(2, 6, 2560).to(torch.bfloat16)
+    alone = torch.stack([torch.cat([layer(x[b, r : r + 1]) for r in range(6)]) for b in range(2)])
+    with torch.no_grad(), one_row_bits():
+        inside = layer(x)
+        kernels = Linear(2560, 64, bias=False).to(torch.bfloat16)
+        kernels.weight.copy_(layer.weight)
+        by_kernel = kernels(x)  # the plan for one row (a kernel where one serves), over all 12 rows
+        one = torch.stack([torch.cat([kernels(x[b, r : r + 1]) for r in range(6)]) for b in range(2)])
+    assert torch.equal(inside, alone.detach()) and inside.shape == (2, 6, 64)
+    assert torch.equal(by_kernel, one)
+    assert _ONE_ROW.get() is False  # reset on leaving
+    with one_row_bits():
+        assert layer(x).requires_grad  # autograd on: torch's product over all rows, as always
 
 
 def test_the_planned_check_runs_torchs_product_row_by_row_where_no_kernel_serves(monkeypatch):

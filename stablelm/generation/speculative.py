@@ -28,6 +28,7 @@ import torch
 
 from ..attention import AttentionMask
 from ..cache import Cache, StaticCache
+from ..layers import one_row_bits
 from ..lean_step import LeanStep
 from .config import GenerationConfig
 from .loop import Step, criteria_hit
@@ -281,7 +282,8 @@ def verify_logits(
     padding runs `LeanStep.check_hidden` where the planned step serves the model: one row's kernels over
     all the rows, so each row has the one-token step's bits even where torch's product over several rows
     rounds otherwise (oneDNN on an AVX512-BF16 Zen 4 for K = 2560, the 3B shape's width, from 4 rows on),
-    and without the modules' overhead. Elsewhere the modules run over all the rows at once.
+    and without the modules' overhead. Elsewhere the modules run over all the rows at once, their linear
+    layers on one row's plans too (`layers.one_row_bits`).
     """
     make_room(model, cache, end, plan, seq)
     T = end - start
@@ -309,16 +311,17 @@ def verify_logits(
     rope = base.rotary_emb(x, positions)
     hidden: list[torch.Tensor] | None = [] if kept is not None and plan.hidden_states else None
     weights: list[torch.Tensor] | None = [] if kept is not None and plan.attentions else None
-    for layer in base.layers:
-        if hidden is not None:
-            hidden.append(x)
-        x = layer(x, rope, mask, cache, cache_position, weights)
-    cache.advance(end - start)
-    x = base.norm(x)
-    if kept is not None:
-        kept["hidden_states"] = None if hidden is None else (*hidden, x)
-        kept["attentions"] = None if weights is None else tuple(weights)
-    return model.lm_head(x[0]).float()
+    with one_row_bits():  # each row's linear products as one row alone gets them
+        for layer in base.layers:
+            if hidden is not None:
+                hidden.append(x)
+            x = layer(x, rope, mask, cache, cache_position, weights)
+        cache.advance(end - start)
+        x = base.norm(x)
+        if kept is not None:
+            kept["hidden_states"] = None if hidden is None else (*hidden, x)
+            kept["attentions"] = None if weights is None else tuple(weights)
+        return model.lm_head(x[0]).float()
 
 
 def make_room(model: Any, cache: Cache, end: int, plan: Plan, seq: Tokens) -> None:
