@@ -68,7 +68,13 @@ class Linear(nn.Linear):
         y = fused_linear(x, (self,))
         if y is not None:
             return y
-        if _ONE_ROW.get() and not torch.is_grad_enabled() and x.dim() > 1 and x.numel() > x.shape[-1]:
+        if (
+            not torch.compiler.is_compiling()  # (a ContextVar is not traced: and checked first)
+            and _ONE_ROW.get()
+            and not torch.is_grad_enabled()
+            and x.dim() > 1
+            and x.numel() > x.shape[-1]
+        ):
             rows = x.reshape(-1, x.shape[-1])  # one row's bits for each (see `one_row_bits`)
             y = torch.cat([F.linear(rows[r : r + 1], self.weight, self.bias) for r in range(rows.shape[0])])
             return y.view(*x.shape[:-1], y.shape[-1])
