@@ -34,8 +34,8 @@ from torch.nn.modules import module as _module
 
 from .attention import _SDPA_HAS_GQA
 from .cache import StaticCache
-from .kernels import PlannedLinear, check_status, kernel, planned_linear, quant_library
 from .kernels import attention as native_attention
+from .kernels import check_status, kernel, planned_args, planned_linear, quant_library
 from .kernels.linear import plan as kernel_plan
 from .kernels.rotation import decode_qkv_kernel
 from .layers import Linear
@@ -55,16 +55,9 @@ class _Kernel:
         self, fn, kind: str, weights: list, biases: list, block: int, rows: int, threads: int
     ) -> None:  # noqa: ANN001
         self.fn, self.kind, self.tensors = planned_linear(), kind, (*weights, *biases)  # kept alive
-        ns = [w.shape[0] for w in weights]
-        self.k, self.n = weights[0].shape[1], sum(ns)
+        self.k, self.n = weights[0].shape[1], sum(w.shape[0] for w in weights)
         self.out = torch.empty(rows, self.n, dtype=weights[0].dtype)
-        ptrs = [t.data_ptr() if t is not None else None for t in (*weights, *biases)]
-        ws, bs = ptrs[: len(weights)] + [None] * 3, ptrs[len(weights) :] + [None] * 3
-        ns += [0, 0]
-        self.args = PlannedLinear(
-            ctypes.cast(fn, ctypes.c_void_p).value, self.out.data_ptr(), ws[0], bs[0], ws[1], bs[1], ws[2],
-            bs[2], rows, self.k, self.k, self.n, len(weights), ns[0], ns[1], ns[2], block, threads,
-        )  # fmt: skip
+        self.args = planned_args(fn, self.out, weights, biases, block, threads)
         self.ref = ctypes.addressof(self.args)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

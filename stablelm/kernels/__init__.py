@@ -237,6 +237,23 @@ class PlannedLinear(ctypes.Structure):
     ]
 
 
+def planned_args(
+    fn, out: torch.Tensor, weights: list, biases: list, block: int, threads: int
+) -> PlannedLinear:  # noqa: ANN001
+    """The struct for `stablelm_linear_planned`: kernel `fn` over one to three (N_i, K) `weights` (with
+    `biases` or None each) into `out` (M, sum N_i), K block `block`, `threads` threads. It holds raw
+    pointers: the caller keeps the tensors alive while it is used."""
+    ns = [w.shape[0] for w in weights]
+    k = weights[0].shape[1]
+    ptrs = [t.data_ptr() if t is not None else None for t in (*weights, *biases)]
+    ws, bs = ptrs[: len(weights)] + [None] * 3, ptrs[len(weights) :] + [None] * 3
+    ns += [0, 0]
+    return PlannedLinear(
+        ctypes.cast(fn, ctypes.c_void_p).value, out.data_ptr(), ws[0], bs[0], ws[1], bs[1], ws[2], bs[2],
+        out.shape[0], k, k, out.shape[1], len(weights), ns[0], ns[1], ns[2], block, threads,
+    )  # fmt: skip
+
+
 def planned_linear():  # noqa: ANN201 - a ctypes function, or None
     """`stablelm_linear_planned(PlannedLinear*, x)` of the library for `selected_isa()`, or None."""
     lib = library()

@@ -27,13 +27,13 @@ from torch import nn
 from . import (
     _DTYPES,
     X86_LEVELS,
-    PlannedLinear,
     cpu_flags,
     cpu_vendor,
     has_dpbf16,
     kernel,
     library,
     plan_cache,
+    planned_args,
     planned_linear,
     run_linear,
     selected_isa,
@@ -201,13 +201,7 @@ def _planned_calls(kind: str, block: int, x: torch.Tensor, weights: list[torch.T
     if fn is None:
         return None
     out = torch.empty(x.shape[0], weights[0].shape[0], dtype=x.dtype)
-    m, k, n = x.shape[0], x.shape[1], weights[0].shape[0]
-    address = ctypes.cast(kernel(kind), ctypes.c_void_p).value
-    structs = [
-        PlannedLinear(address, out.data_ptr(), w.data_ptr(), None, None, None, None, None, m, k, k, n, 1, n, 0, 0,
-                      block, torch.get_num_threads())
-        for w in weights
-    ]  # fmt: skip
+    structs = [planned_args(kernel(kind), out, [w], [None], block, torch.get_num_threads()) for w in weights]
     return fn, [ctypes.addressof(a) for a in structs], x.data_ptr(), (structs, out)  # the last: kept alive
 
 
