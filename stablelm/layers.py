@@ -47,6 +47,12 @@ def one_row_bits() -> Iterator[None]:
         _ONE_ROW.reset(token)
 
 
+def linear_by_row(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """torch's `F.linear` over `rows` (M, K) one row at a time: each row's product as a call on that row
+    alone gives it (see `one_row_bits`)."""
+    return torch.cat([F.linear(rows[r : r + 1], weight, bias) for r in range(rows.shape[0])])
+
+
 def optimize_by_default() -> bool:
     """Whether new layers use the kernels: yes, unless `STABLELM_OPTIMIZE=0`."""
     return os.environ.get(OPTIMIZE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
@@ -75,8 +81,7 @@ class Linear(nn.Linear):
             and x.dim() > 1
             and x.numel() > x.shape[-1]
         ):
-            rows = x.reshape(-1, x.shape[-1])  # one row's bits for each (see `one_row_bits`)
-            y = torch.cat([F.linear(rows[r : r + 1], self.weight, self.bias) for r in range(rows.shape[0])])
+            y = linear_by_row(x.reshape(-1, x.shape[-1]), self.weight, self.bias)  # see `one_row_bits`
             return y.view(*x.shape[:-1], y.shape[-1])
         return F.linear(x, self.weight, self.bias)
 

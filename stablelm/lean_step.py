@@ -38,7 +38,7 @@ from .kernels import attention as native_attention
 from .kernels import check_status, kernel, planned_args, planned_linear, quant_library
 from .kernels.linear import plan as kernel_plan
 from .kernels.rotation import decode_qkv_kernel
-from .layers import Linear
+from .layers import Linear, linear_by_row
 from .quantization.linear import KERNEL_MAX_ROWS, QuantizedLinear
 from .quantization.linear import check_status as check_quantized
 from .rope import RotaryEmbedding
@@ -115,11 +115,7 @@ class _TorchLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         for (weight, bias), part in zip(self.layers, self.parts, strict=True):
-            if self.by_row:
-                for r in range(x.shape[0]):
-                    part[r : r + 1].copy_(F.linear(x[r : r + 1], weight, bias))
-            else:
-                part.copy_(F.linear(x, weight, bias))
+            part.copy_(linear_by_row(x, weight, bias) if self.by_row else F.linear(x, weight, bias))
         return self.out
 
 
