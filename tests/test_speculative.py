@@ -43,6 +43,31 @@ def _prompt(length=12, seed=0, vocab=VOCAB):
     return torch.randint(1, vocab, (1, length), generator=torch.Generator().manual_seed(seed))
 
 
+def _random_model(dtype=torch.bfloat16, **kw):
+    """A tiny model of random weights (128 positions) in `dtype`, in eval mode."""
+    from conftest import randomize_
+
+    model = StableLmForCausalLM(tiny_config(max_position_embeddings=128, **kw)).eval()
+    randomize_(model)
+    return model.to(dtype)
+
+
+def _prefilled(model, ids, length, slots=128):
+    """A static cache of `slots` holding the model's keys and values of ids[:, :length]."""
+    from stablelm.cache import StaticCache
+
+    dtype = model.lm_head.weight.dtype
+    cache = StaticCache.for_model(model.config, batch_size=1, max_cache_len=slots, dtype=dtype, device="cpu")
+    model(ids[:, :length], past_key_values=cache)
+    return cache
+
+
+def _decoded_one_by_one(model, ids, start, end, slots=128):
+    """The logits (end - start, V) of decoding ids[:, start:end] one token at a time after the rest."""
+    steps = _prefilled(model, ids, start, slots)
+    return torch.cat([model(ids[:, i : i + 1], past_key_values=steps).logits[0] for i in range(start, end)])
+
+
 class Oracle(Drafter):
     """Drafts plain decoding's own continuation (of `truth`, given the sequence so far), with one wrong
     token at a position that moves each round (also past the draft: all kept) unless not `corrupt`, so
@@ -325,28 +350,15 @@ def test_checking_a_draft_gives_the_decode_steps_logits(dtype):
     precision, so that greedy speculative decoding makes plain decoding's tokens there too (one many-query
     attention call rounds differently, which parted the demo model's text from plain greedy's); within
     float32 rounding in float32, where a matrix product over several rows rounds differently from one row."""
-    from conftest import randomize_
-
-    from stablelm.cache import StaticCache
     from stablelm.generation.speculative import Tokens, verify_logits
 
-    config = tiny_config(num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128)
-    model = StableLmForCausalLM(config).eval()
-    randomize_(model)
-    model = model.to(dtype)
+    model = _random_model(dtype, num_attention_heads=2, num_key_value_heads=2)
     ids = _prompt(length=100)
-
-    def cache():
-        c = StaticCache.for_model(model.config, batch_size=1, max_cache_len=128, dtype=dtype, device="cpu")
-        model(ids[:, :90], past_key_values=c)
-        return c
-
     with torch.no_grad():
-        steps = cache()
-        one_by_one = torch.cat(
-            [model(ids[:, i : i + 1], past_key_values=steps).logits[0] for i in range(90, 100)]
+        one_by_one = _decoded_one_by_one(model, ids, 90, 100)
+        checked = verify_logits(
+            model, _prefilled(model, ids, 90), Tokens(ids[0], 100, 0, None), 90, 100, plan=None
         )
-        checked = verify_logits(model, cache(), Tokens(ids[0], 100, 0, None), 90, 100, plan=None)
     if dtype == torch.bfloat16:
         assert torch.equal(checked, one_by_one.float())
         # (whether one many-query pass would round otherwise depends on the CPU's kernels: it did on an AMX
@@ -374,35 +386,20 @@ def test_the_planned_check_gives_the_decode_steps_logits(name):
     model: each row bit for bit what decoding the tokens one at a time gives (one row's kernels over all
     the rows, torch's product row by row where no kernel serves); q/k layer norms have no planned step
     (the modules' check runs, its linear layers on one row's plans too: `layers.one_row_bits`)."""
-    from conftest import randomize_
-
-    from stablelm.cache import StaticCache
     from stablelm.generation.speculative import Tokens, verify_logits
 
-    config = tiny_config(max_position_embeddings=128, **CHECKED[name])
-    model = StableLmForCausalLM(config).eval()
-    randomize_(model)
-    model = model.to(torch.bfloat16)
+    model = _random_model(**CHECKED[name])
     ids = _prompt(length=100)
-
-    def cache():
-        c = StaticCache.for_model(
-            model.config, batch_size=1, max_cache_len=128, dtype=torch.bfloat16, device="cpu"
-        )
-        model(ids[:, :90], past_key_values=c)
-        return c
-
     with torch.no_grad():
-        steps = cache()
-        one_by_one = torch.cat(
-            [model(ids[:, i : i + 1], past_key_values=steps).logits[0] for i in range(90, 100)]
-        )
+        one_by_one = _decoded_one_by_one(model, ids, 90, 100)
         seq = Tokens(ids[0], 100, 0, None)
         plans: dict = {}
-        checked = cache()
+        checked = _prefilled(model, ids, 90)
         planned = verify_logits(model, checked, seq, 90, 100, plan=None, lean=plans)
         with torch.enable_grad():  # autograd on: the modules run (torch's kernels, a graph)
-            assert verify_logits(model, cache(), seq, 90, 100, plan=None, lean=plans).requires_grad
+            assert verify_logits(
+                model, _prefilled(model, ids, 90), seq, 90, 100, plan=None, lean=plans
+            ).requires_grad
     assert (plans[10] is None) == ("qkln" in name)
     assert torch.equal(planned, one_by_one.float())
     assert checked.get_seq_length() == 100
@@ -437,34 +434,22 @@ def test_one_row_bits_gives_each_row_a_lone_rows_product():
 def test_the_planned_check_runs_torchs_product_row_by_row_where_no_kernel_serves(monkeypatch):
     """Without a native kernel for a layer, the check calls torch's F.linear one row at a time (its
     product over several rows may round otherwise), and still gives the decode step's logits."""
-    from conftest import randomize_
-
     from stablelm import lean_step
-    from stablelm.cache import StaticCache
     from stablelm.generation.speculative import Tokens, verify_logits
 
     monkeypatch.setattr(lean_step, "kernel_plan", lambda *args: None)  # torch's product for every layer
     calls = []
     real = lean_step.F.linear
     monkeypatch.setattr(lean_step.F, "linear", lambda x, *a: calls.append(x.shape[0]) or real(x, *a))
-    model = StableLmForCausalLM(tiny_config(max_position_embeddings=128)).eval()
-    randomize_(model)
-    model = model.to(torch.bfloat16)
+    model = _random_model()
     ids = _prompt(length=40)
-    c = StaticCache.for_model(
-        model.config, batch_size=1, max_cache_len=64, dtype=torch.bfloat16, device="cpu"
-    )
     with torch.no_grad():
-        model(ids[:, :35], past_key_values=c)
+        c = _prefilled(model, ids, 35, slots=64)
         calls.clear()
         planned = verify_logits(model, c, Tokens(ids[0], 40, 0, None), 35, 40, plan=None, lean={})
         assert calls and set(calls) == {1}
         monkeypatch.setattr(lean_step.F, "linear", real)
-        d = StaticCache.for_model(
-            model.config, batch_size=1, max_cache_len=64, dtype=torch.bfloat16, device="cpu"
-        )
-        model(ids[:, :35], past_key_values=d)
-        one_by_one = torch.cat([model(ids[:, i : i + 1], past_key_values=d).logits[0] for i in range(35, 40)])
+        one_by_one = _decoded_one_by_one(model, ids, 35, 40, slots=64)
     assert torch.equal(planned, one_by_one.float())
 
 
