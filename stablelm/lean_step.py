@@ -245,8 +245,8 @@ class LeanStep:
         self.q_heads = self.q.transpose(1, 2)  # (B, H, 1, D), as attention takes it
         # attention in torch's bits by the native kernel where it reproduces SDPA here (AVX2 CPUs), else SDPA
         self.attn = native_attention.plan(self.dtype, self.H, self.Hkv, self.D, self.scale)
-        self.attn_out = (
-            torch.empty(rows, self.H * self.D, dtype=self.dtype) if self.attn is not None else None
+        self.attn_out = (  # the native kernel's output; a check's rows gather torch's there too
+            torch.empty(rows, self.H * self.D, dtype=self.dtype) if self.attn is not None or one_row else None
         )
 
     @classmethod
@@ -327,7 +327,7 @@ class LeanStep:
         cos, sin = cos.contiguous(), sin.contiguous()
         q, q_heads, fn = self.q, self.q_heads, self.qkv_fn
         es, cs = q.element_size(), cos.element_size()
-        out = self.attn_out if self.attn_out is not None else torch.empty(T, H * D, dtype=self.dtype)
+        out = self.attn_out
         for i, layer in enumerate(self.layers):
             kc, vc = cache.keys[i], cache.values[i]
             h = torch.layer_norm(x, *layer.ln1)

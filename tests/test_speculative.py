@@ -408,6 +408,25 @@ def test_the_planned_check_gives_the_decode_steps_logits(name):
             plans[10].check_hidden(checked, ids[0, :9], 90)
 
 
+def test_the_planned_check_runs_torchs_attention_where_no_native_kernel_serves(monkeypatch):
+    """Without the native attention kernel (no plan on this CPU), each of the check's queries runs torch's
+    SDPA over the keys up to its own position, as the one-token step then does."""
+    from stablelm.generation.speculative import Tokens, verify_logits
+    from stablelm.kernels import attention as native_attention
+
+    monkeypatch.setattr(native_attention, "plan", lambda *args: None)  # the step's and the modules' SDPA
+    model = _random_model(num_key_value_heads=2)
+    ids = _prompt(length=60)
+    plans: dict = {}
+    with torch.no_grad():
+        one_by_one = _decoded_one_by_one(model, ids, 50, 60)
+        planned = verify_logits(
+            model, _prefilled(model, ids, 50), Tokens(ids[0], 60, 0, None), 50, 60, plan=None, lean=plans
+        )
+    assert plans[10] is not None and plans[10].attn is None
+    assert torch.equal(planned, one_by_one.float())
+
+
 def test_one_row_bits_gives_each_row_a_lone_rows_product():
     """`layers.one_row_bits`: a Linear's rows each get what a call on that row alone gives, also where no
     kernel serves (torch's product row by row); outside it (and with autograd on) the call is unchanged."""
