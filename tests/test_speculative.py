@@ -406,6 +406,8 @@ def test_the_planned_check_gives_the_decode_steps_logits(name):
     if plans[10] is not None:
         with pytest.raises(ValueError, match="a check of 10 tokens of one sequence"):
             plans[10].check_hidden(checked, ids[0, :9], 90)
+        with pytest.raises(ValueError, match="a check of 10 tokens from slot 120 needs 130 slots, not 128"):
+            plans[10].check_hidden(checked, ids[0, 90:100], 120)
 
 
 def test_the_planned_check_runs_torchs_attention_where_no_native_kernel_serves(monkeypatch):
