@@ -119,8 +119,19 @@ static inline void store_one(void* p, int type, int64_t i, float v) {
 static float* x_to_f32(const void* x, int type, int M, int K, int ldx) {
   float* xf = (float*)aligned_alloc(64, ((size_t)M * K * 4 + 63) / 64 * 64);
   if (!xf) return NULL;
-  for (int m = 0; m < M; m++)
-    for (int k = 0; k < K; k++) xf[(size_t)m * K + k] = load_one(x, type, (int64_t)m * ldx + k);
+  for (int m = 0; m < M; m++) {
+    float* row = xf + (size_t)m * K;
+    if (type == XBF16) { /* bfloat16 to float32 is a shift: in vectors (decoding calls this per layer) */
+      const uint16_t* src = (const uint16_t*)x + (int64_t)m * ldx;
+      int k = 0;
+      for (; k + 8 <= K; k += 8)
+        _mm256_storeu_si256((__m256i*)(row + k),
+                            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(src + k))), 16));
+      for (; k < K; k++) row[k] = from_bf16(src[k]);
+    } else {
+      memcpy(row, (const float*)x + (int64_t)m * ldx, (size_t)K * 4);
+    }
+  }
   return xf;
 }
 
@@ -347,13 +358,25 @@ int stablelm_q8_linear(const void* x, int type, int M, int K, int ldx, void* y, 
 /* ---- int4 ------------------------------------------------------------------------------------------ */
 /* sums of x over each group: xs[m * G + g] */
 static void group_sums(const float* xf, int M, int K, int group, float* xs) {
+  /* each group's sum in order from zero; eight groups' chains side by side (one chain waits on the
+     adder's latency: ~3 us a call for K = 2560, paid once per layer per token while the other threads wait) */
   int G = K / group;
-  for (int m = 0; m < M; m++)
-    for (int g = 0; g < G; g++) {
-      float t = 0.0f;
-      for (int k = g * group; k < (g + 1) * group; k++) t += xf[(size_t)m * K + k];
-      xs[m * G + g] = t;
+  for (int m = 0; m < M; m++) {
+    const float* row = xf + (size_t)m * K;
+    float* out = xs + (size_t)m * G;
+    int g0 = 0;
+    for (; g0 + 8 <= G; g0 += 8) {
+      float t[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+      for (int k = 0; k < group; k++)
+        for (int j = 0; j < 8; j++) t[j] += row[(size_t)(g0 + j) * group + k];
+      for (int j = 0; j < 8; j++) out[g0 + j] = t[j];
     }
+    for (int g = g0; g < G; g++) {
+      float t = 0.0f;
+      for (int k = g * group; k < (g + 1) * group; k++) t += row[k];
+      out[g] = t;
+    }
+  }
 }
 
 static inline __attribute__((always_inline)) void q4_block(const float* xf, const float* xs, int K, int group,

@@ -278,15 +278,18 @@ static AVXVNNI_FN void q4_multi_avxvnni(const int8_t* dig, int Kp, const float* 
 /* per 128 inputs k0.., the digits in the order the nibbles of a 64-byte load of W take them: k0..k0+31 and
    k0+64..k0+95 (the low nibbles), then k0+32..k0+63 and k0+96..k0+127 (the high ones); a last run of 64 is
    padded with zero digits. xh, xl hold K rounded up to 128. */
-static void q4_digits_vnni(const int16_t* x16, int K, int8_t* xh, int8_t* xl) {
+static VNNI_FN void q4_digits_vnni(const int16_t* x16, int K, int8_t* xh, int8_t* xl) {
   static const int from[4] = {0, 64, 32, 96};
+  const __m512i bias = _mm512_set1_epi16(128), byte = _mm512_set1_epi16(255);
   for (int k0 = 0; k0 < K; k0 += 128)
-    for (int part = 0; part < 4; part++)
-      for (int j = 0; j < 32; j++) {
-        int k = k0 + from[part] + j, d = k0 + part * 32 + j;
-        int v = k < K ? x16[k] : 0, l = ((v + 128) & 255) - 128;
-        xl[d] = (int8_t)l, xh[d] = (int8_t)((v - l) / 256);
-      }
+    for (int part = 0; part < 4; part++) { /* 32 inputs: l = ((v + 128) & 255) - 128, h = (v - l) / 256 */
+      int k = k0 + from[part], d = k0 + part * 32, n = K - k < 0 ? 0 : K - k < 32 ? K - k : 32;
+      __m512i v = _mm512_maskz_loadu_epi16(n == 32 ? (__mmask32)~0u : (__mmask32)((1u << n) - 1u), x16 + k);
+      __m512i l = _mm512_sub_epi16(_mm512_and_si512(_mm512_add_epi16(v, bias), byte), bias);
+      __m512i h = _mm512_srai_epi16(_mm512_sub_epi16(v, l), 8); /* v - l is a multiple of 256: exact */
+      _mm256_storeu_si256((__m256i*)(xl + d), _mm512_cvtepi16_epi8(l));
+      _mm256_storeu_si256((__m256i*)(xh + d), _mm512_cvtepi16_epi8(h));
+    }
 }
 
 #ifndef Q4V
