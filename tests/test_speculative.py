@@ -9,8 +9,8 @@ from conftest import make_pair, reference_config, tiny_config
 
 from stablelm import StableLmForCausalLM, set_seed
 from stablelm.generation import StopStringChecker, generate, resolve_config
-from stablelm.generation.drafts import AssistantDraft, PromptLookup
-from stablelm.generation.speculative import Draft, Drafter
+from stablelm.generation.drafts import MAX_SKIP, AssistantDraft, PromptLookup
+from stablelm.generation.speculative import Draft, Drafter, Tokens
 
 VOCAB = 128
 CONFIGS = {
@@ -107,6 +107,58 @@ def test_prompt_lookup_greedy_gives_plain_greedy_and_the_references_tokens(name,
     draft = PromptLookup(num_tokens=5)
     generate(ours, ids, config=resolve_config(ours, None, **kw), draft=draft)
     assert draft.stats.accepted > 5 and draft.stats.passes < 40  # the drafts were used, not only checked
+
+
+def _lookup_rounds(greedy: bool, kept: list[int]) -> list[int]:
+    """Draft lengths of a PromptLookup(num_tokens=6) over a sequence whose every 2-gram recurs, the model
+    keeping kept[i] tokens of round i's draft (capped at its length)."""
+    from types import SimpleNamespace
+
+    plan = SimpleNamespace(params=SimpleNamespace(greedy=greedy), eos=None)
+    ids = torch.tensor(list(range(1, 9)) * 8)
+    seq = Tokens(ids, 18, 0, None)
+    draft = PromptLookup(num_tokens=6)
+    draft.start(plan, seq)
+    lengths = []
+    for keep in kept:
+        k = len(draft.propose(seq, 100, plan, None).tokens)
+        lengths.append(k)
+        draft.observe(k, min(k, keep))
+    return lengths
+
+
+def test_greedy_prompt_lookup_shortens_and_skips_drafts_that_fail():
+    # a draft kept whole grows the next by 2 (to num_tokens); one kept in part caps the next at twice
+    # its kept part plus one; drafts that keep nothing also skip 1, 2, ... (at most MAX_SKIP) rounds
+    assert _lookup_rounds(True, [9, 9, 2, 9, 0, 9, 0, 9, 9, 0, 9, 9, 9, 9, 9, 9]) == [
+        6, 6, 6, 5, 6, 0, 1, 0, 0, 1, 0, 0, 0, 1, 3, 5,
+    ]  # fmt: skip
+    many = _lookup_rounds(True, [0] * 200)
+    assert max(len(run) for run in "".join(map(str, many)).split("1")) == MAX_SKIP
+    # sampling drafts as the reference does (its random draws follow the drafts' lengths)
+    assert _lookup_rounds(False, [0, 0, 2, 6, 0]) == [6] * 5
+
+
+def test_greedy_prompt_lookup_on_a_model_that_does_not_copy_drafts_little():
+    ours, _ = peaked_pair(**CONFIGS["gqa"])
+    ids = torch.tensor([[5, 6, 7, 8] * 6])  # every 2-gram recurs: a draft every round unless skipped
+    config = resolve_config(ours, None, max_new_tokens=60, eos_token_id=None)
+    plain = generate(ours, ids, config=config)
+    adaptive, fixed = PromptLookup(num_tokens=8), _FixedLookup(num_tokens=8)
+    for draft in (adaptive, fixed):
+        assert generate(ours, ids, config=config, draft=draft).tolist() == plain.tolist()
+    # the reference's schedule drafts up to 8 tokens a round, the model keeping few of them
+    assert fixed.stats.drafted > 3 * fixed.stats.passes and fixed.stats.acceptance < 0.2
+    assert adaptive.stats.drafted * 3 < fixed.stats.drafted
+    assert adaptive.stats.acceptance > fixed.stats.acceptance
+
+
+class _FixedLookup(PromptLookup):
+    """Prompt lookup on the reference's schedule: every draft num_tokens long, none skipped."""
+
+    def start(self, plan, seq):
+        super().start(plan, seq)
+        self.adaptive = False
 
 
 @pytest.mark.parametrize("cache", ["static", "dynamic"])

@@ -17,6 +17,7 @@ from .stepper import make_cache
 DEFAULT_NGRAM = 2  # the reference's max_matching_ngram_size default
 DEFAULT_ASSISTANT_TOKENS = 20  # the reference's num_assistant_tokens default
 DEFAULT_CONFIDENCE = 0.4  # the reference's assistant_confidence_threshold default
+MAX_SKIP = 8  # greedy prompt lookup: most rounds drafted nothing after drafts that kept nothing
 
 
 class PromptLookup(Drafter):
@@ -25,6 +26,13 @@ class PromptLookup(Drafter):
     propose the up to `num_tokens` tokens that followed it, cut before the first EOS. As there, a draft
     is not shortened near `max_new_tokens` (the tokens past it are checked and dropped): the random draws
     of sampling then follow the reference's, and a seeded run gives its tokens.
+
+    Greedy decoding adapts the drafts to how they fare (the text is plain greedy's whatever is drafted;
+    only the check's cost changes): after a draft the model did not keep whole, the next drafts are at
+    most twice its kept part plus one token long, growing by two tokens after each draft kept whole, up
+    to `num_tokens`; after drafts that kept nothing, that many rounds (at most `MAX_SKIP`) draft nothing,
+    so a model that does not copy its input decodes at close to plain greedy's speed. Sampling drafts as
+    the reference does, every round `num_tokens` (its random draws depend on the drafts' lengths).
 
     Args:
         num_tokens: Most tokens per draft (`prompt_lookup_num_tokens`).
@@ -39,10 +47,27 @@ class PromptLookup(Drafter):
         check_integer("max_matching_ngram_size", max_ngram, 1)
         self.num_tokens, self.max_ngram = int(num_tokens), int(max_ngram)
         self.overshoot = self.num_tokens
+        self.adaptive, self.cap, self.misses, self.skip = False, self.num_tokens, 0, 0
+
+    def start(self, plan: Plan, seq: Tokens) -> None:
+        self.adaptive, self.cap, self.misses, self.skip = plan.params.greedy, self.num_tokens, 0, 0
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        if not self.adaptive or not drafted:
+            return
+        if accepted == drafted:
+            self.cap, self.misses = min(self.num_tokens, self.cap + 2), 0
+            return
+        self.cap = max(1, min(self.cap, 2 * accepted + 1))
+        self.misses = 0 if accepted else self.misses + 1
+        self.skip = min(MAX_SKIP, self.misses)
 
     def propose(self, seq: Tokens, limit: int, plan: Plan, generator: torch.Generator | None) -> Draft:
         ids, length = seq.ids[: seq.length], seq.length
         if limit <= 0:
+            return Draft(ids[:0], None)
+        if self.skip:
+            self.skip -= 1
             return Draft(ids[:0], None)
         for n in range(min(self.max_ngram, length - 1), 0, -1):
             starts = (ids.unfold(0, n, 1) == ids[-n:]).all(dim=1).nonzero().flatten()[:2].tolist()
@@ -50,7 +75,7 @@ class PromptLookup(Drafter):
             start = next((s + n for s in starts if s + n < length), None)
             if start is None:
                 continue
-            tokens = ids[start : start + self.num_tokens]
+            tokens = ids[start : start + (self.cap if self.adaptive else self.num_tokens)]
             if plan.eos is not None:
                 hits = torch.isin(tokens, plan.eos).nonzero()
                 if hits.numel():  # the reference drafts nothing past (or at) an EOS

@@ -87,6 +87,9 @@ class Drafter:
     def start(self, plan: Plan, seq: Tokens) -> None:
         """Set up for a new generation."""
 
+    def observe(self, drafted: int, accepted: int) -> None:
+        """How the last round's draft fared: `accepted` of its `drafted` tokens kept."""
+
     def propose(self, seq: Tokens, limit: int, plan: Plan, generator: torch.Generator | None) -> Draft:
         """Tokens to follow `seq.ids[:seq.length]`: at most `limit` (the room left before the last new
         token) plus `overshoot`, none when `limit` is 0."""
@@ -216,6 +219,7 @@ def _run(
             stats.accepted + accepted,
             stats.passes + 1,
         )
+        drafter.observe(k, accepted)
         for i, token in enumerate(new):
             seq.ids[seq.length] = token
             seq.length += 1
