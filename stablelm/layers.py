@@ -47,6 +47,11 @@ def one_row_bits() -> Iterator[None]:
         _ONE_ROW.reset(token)
 
 
+def one_row_active() -> bool:
+    """Whether the caller is inside `one_row_bits` (other layer types follow it too: quantized ones)."""
+    return _ONE_ROW.get()
+
+
 def linear_by_row(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """torch's `F.linear` over `rows` (M, K) one row at a time: each row's product as a call on that row
     alone gives it (see `one_row_bits`)."""

@@ -123,11 +123,19 @@ class _Quantized:
     """The planned calls of quantized layers of one input (`stablelm.quantization.QuantizedLinear`: q/k/v,
     gate/up, or one layer), each its own kernel call (the call `QuantizedLinear.forward` makes for these
     rows, so the same bits), their outputs side by side in `out` (B, sum N): written in place for one row,
-    joined after the calls for more."""
+    joined after the calls for more. With `one_row` (a check's rows, any number), each row gets the
+    one-row kernel's bits: calls of as many rows as give them (`QuantizedLinear.as_lone_rows`)."""
 
     __slots__ = ("calls", "out", "parts", "kind", "k", "tensors")
 
-    def __init__(self, layers: tuple[nn.Module, ...], rows: int, threads: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        layers: tuple[nn.Module, ...],
+        rows: int,
+        threads: int,
+        dtype: torch.dtype,
+        one_row: bool = False,
+    ) -> None:
         self.kind, self.k = layers[0].quant_type, layers[0].in_features
         self.out = torch.empty(rows, sum(m.out_features for m in layers), dtype=dtype)
         if rows == 1:  # each layer's columns of the one row: contiguous within `out`
@@ -135,16 +143,20 @@ class _Quantized:
             targets = self.out.split([m.out_features for m in layers], dim=1)
         else:
             self.parts = targets = [torch.empty(rows, m.out_features, dtype=dtype) for m in layers]
-        self.calls = [
-            m.kernel_call(rows, self.k, t.data_ptr(), dtype, threads)
-            for m, t in zip(layers, targets, strict=True)
-        ]
+        row_bytes = self.k * self.out.element_size()  # x's rows are contiguous
+        self.calls = []  # (fn, x's byte offset, args)
+        for m, t in zip(layers, targets, strict=True):
+            step = m.lone_row_chunk(dtype) if one_row else rows
+            for r0 in range(0, rows, step):
+                n = min(step, rows - r0)
+                fn, args = m.kernel_call(n, self.k, t[r0].data_ptr(), dtype, threads)
+                self.calls.append((fn, r0 * row_bytes, args))
         self.tensors = layers  # their buffers stay alive as long as the plan
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         p = x.data_ptr()
-        for fn, args in self.calls:
-            status = fn(p, *args)
+        for fn, offset, args in self.calls:
+            status = fn(p + offset, *args)
             if status:
                 check_quantized(status, self.kind, x.shape[0], self.k)
         if self.parts is not None:
@@ -162,14 +174,14 @@ def _calls_for(  # noqa: ANN202
         return _kernel_for(linears, rows, threads, one_row)
     if not all(type(m) is QuantizedLinear for m in linears) or dtype not in (torch.bfloat16, torch.float32):
         return None
-    if rows > KERNEL_MAX_ROWS or quant_library() is None:
+    if (rows > KERNEL_MAX_ROWS and not one_row) or quant_library() is None:
         return None  # many rows: the module dequantizes tiles (see QuantizedLinear._tiled)
     for m in linears:
         if not (m.use_kernels and m.weight.is_cpu and m.in_features == linears[0].in_features):
             return None
         if (m.bias is not None and m.bias.dtype != dtype) or m.quant_type != linears[0].quant_type:
             return None
-    return _Quantized(linears, rows, threads, dtype)
+    return _Quantized(linears, rows, threads, dtype, one_row)
 
 
 class _Layer:

@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import make_pair, reference_config, tiny_config
 
+import stablelm
 from stablelm import StableLmForCausalLM, set_seed
 from stablelm.generation import StopStringChecker, generate, resolve_config
 from stablelm.generation.drafts import MAX_SKIP, AssistantDraft, PromptLookup
@@ -56,7 +57,7 @@ def _prefilled(model, ids, length, slots=128):
     """A static cache of `slots` holding the model's keys and values of ids[:, :length]."""
     from stablelm.cache import StaticCache
 
-    dtype = model.lm_head.weight.dtype
+    dtype = model.model.embed_tokens.weight.dtype  # (the head's may be quantized)
     cache = StaticCache.for_model(model.config, batch_size=1, max_cache_len=slots, dtype=dtype, device="cpu")
     model(ids[:, :length], past_key_values=cache)
     return cache
@@ -460,6 +461,47 @@ def test_the_planned_check_gives_the_decode_steps_logits(name):
             plans[10].check_hidden(checked, ids[0, :9], 90)
         with pytest.raises(ValueError, match="a check of 10 tokens from slot 120 needs 130 slots, not 128"):
             plans[10].check_hidden(checked, ids[0, 90:100], 120)
+
+
+def _int4_modes() -> list[int]:
+    """The int4 kernel modes this CPU runs (bits of `int4_mode`), each alone and together."""
+    from stablelm.quantization import linear as qlinear
+
+    full = qlinear.int4_mode(torch.bfloat16)
+    return [mode for mode in range(4) if not mode & ~full]
+
+
+@pytest.mark.parametrize("shape", ["tiny", "wide"])
+@pytest.mark.parametrize("qtype", ["int8", "int4"])
+def test_the_check_of_a_quantized_model_gives_the_decode_steps_logits(qtype, shape):
+    """Quantized layers in the check: each row bit for bit what the one-token step's kernel of one row
+    gives it (the kernels of 2-8 rows sum otherwise, but for int4's VNNI ones; beyond 8 rows the layer
+    would dequantize its weight for torch's product): on the planned step and on the modules, 3 rows
+    and 11, every int4 kernel mode this CPU runs."""
+    from stablelm.generation.speculative import Tokens, verify_logits
+    from stablelm.quantization import QuantizationConfig
+    from stablelm.quantization import linear as qlinear
+
+    kw = CHECKED["wide"] if shape == "wide" else dict(intermediate_size=128)  # K = 2560: the 3B shape's
+    model = stablelm.quantize(_random_model(**kw), QuantizationConfig(qtype, group_size=64))
+    layers = model.config.num_hidden_layers
+    assert sum(type(m) is qlinear.QuantizedLinear for m in model.modules()) == 7 * layers + 1  # the head too
+    ids = _prompt(length=100)
+    for mode in _int4_modes() if qtype == "int4" else [None]:
+        qlinear.FORCE_INT4_MODE = mode
+        try:
+            with torch.no_grad():
+                for rows in (3, 11):
+                    start, seq = 100 - rows, Tokens(ids[0], 100, 0, None)
+                    one_by_one = _decoded_one_by_one(model, ids, start, 100).float()
+                    for lean in ({}, None):  # the planned check, the modules' check
+                        cache = _prefilled(model, ids, start)
+                        checked = verify_logits(model, cache, seq, start, 100, plan=None, lean=lean)
+                        assert torch.equal(checked, one_by_one), (mode, rows, lean)
+                        if lean is not None:
+                            assert lean[rows] is not None  # the planned step served the check
+        finally:
+            qlinear.FORCE_INT4_MODE = None
 
 
 def test_the_planned_check_runs_torchs_attention_where_no_native_kernel_serves(monkeypatch):

@@ -21,6 +21,7 @@ from torch import nn
 from ..kernels import call, cpu_flags, kernel, quant_library, selected_isa
 from ..kernels.linear import plan
 from ..kernels.prefetch import quant_prefetch_mode
+from ..layers import one_row_active
 from . import formats
 
 KERNEL_MAX_ROWS = 8  # beyond this, dequantized tiles and torch's matrix product are faster
@@ -163,7 +164,9 @@ class QuantizedLinear(nn.Module):
         m = rows.shape[0]
         if m == 0:
             return x.new_empty(*x.shape[:-1], self.out_features)
-        if m > KERNEL_MAX_ROWS:
+        if m > 1 and one_row_active():  # speculative decoding's check: each row as the one-row kernel sums it
+            y = self.as_lone_rows(rows)
+        elif m > KERNEL_MAX_ROWS:
             y = self._tiled(rows)
         else:
             y = torch.empty(m, self.out_features, dtype=x.dtype)
@@ -172,6 +175,29 @@ class QuantizedLinear(nn.Module):
             )
             check_status(fn(rows.data_ptr(), *args), self.quant_type, m, self.in_features)
         return y.view(*x.shape[:-1], self.out_features)
+
+    def sums_rows_alone(self, dtype: torch.dtype) -> bool:
+        """Whether this layer's kernel of 2-`KERNEL_MAX_ROWS` rows of `dtype` gives each row the bits of the
+        kernel of one row (the decoding step's): int4 on its VNNI kernels, whose forms for several rows
+        compute each output as the one-row form does (not on AMX tiles). The others sum in another order
+        (int8's one-row kernel interleaves several sums per row, its tiles of rows one)."""
+        return self.quant_type == "int4" and bool(int4_mode(dtype) & 2) and not amx_tiles(dtype)
+
+    def lone_row_chunk(self, dtype: torch.dtype) -> int:
+        """How many rows one kernel call may take and still give each the one-row kernel's bits."""
+        return KERNEL_MAX_ROWS if self.sums_rows_alone(dtype) else 1
+
+    def as_lone_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows (M, K) through the native kernels, each row with the bits a call on that row alone gives
+        it (see `layers.one_row_bits`): calls of `lone_row_chunk` rows. The kernels must serve (`_native`)."""
+        m, k = rows.shape
+        y = torch.empty(m, self.out_features, dtype=rows.dtype)
+        step = self.lone_row_chunk(rows.dtype)
+        for r0 in range(0, m, step):
+            n = min(step, m - r0)
+            fn, args = self.kernel_call(n, rows.stride(0) if n > 1 else k, y[r0].data_ptr(), rows.dtype)
+            check_status(fn(rows[r0].data_ptr(), *args), self.quant_type, n, k)
+        return y
 
     def batched(self, x: torch.Tensor) -> torch.Tensor | None:
         """x (B, K) with 1 <= B <= KERNEL_MAX_ROWS through the native kernels of several rows, which sum a
