@@ -27,7 +27,8 @@ Run:  python benchmarks/speculative.py [--rounds 3] [--new-tokens 128] [--lookup
 `--model DIR` runs another checkpoint (bfloat16; its tokenizer beside it) instead of the demo model, e.g.
 random weights of stablelm-3b-4e1t's shape written by `benchmarks/documented_path.py --shape 3b --folder
 DIR`, with `--methods plain oracle` to see what a check costs on a model whose steps are bound by reading
-its weights; `--threads N` sets torch's threads (default 1).
+its weights; `--threads N` sets torch's threads (default 1); `--quantize int8|int4` quantizes the model's weights (the check
+then runs the quantized kernels, each row with the one-row kernel's bits).
 """
 
 from __future__ import annotations
@@ -98,8 +99,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = optimize_for_inference(StableLmForCausalLM.from_pretrained(path, dtype=torch.bfloat16))
     assistant = truncated(model, args.draft_layers) if "assistant" in args.methods else None
+    if args.quantize:  # the model's weights int8 / int4 (the assistant keeps bfloat16 ones)
+        model = stablelm.quantize(model, args.quantize)
     config = resolve_config(model, None, max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None)
     name = "demo model" if args.model is None else str(args.model)
+    name += f" ({args.quantize})" if args.quantize else ""
     results: dict[str, Any] = {"model": name, "threads": args.threads, "dtype": str(model.dtype), "tasks": {}}
     for task, prompt in TASKS.items():
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
@@ -162,6 +166,7 @@ def main() -> None:
     parser.add_argument("--draft-layers", type=int, default=2, help="decoder layers of the assistant")
     parser.add_argument("--model", type=Path, help="a checkpoint folder (default: the demo model)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quantize", choices=["int8", "int4"], help="the model's weights quantized so")
     parser.add_argument(
         "--methods",
         nargs="+",

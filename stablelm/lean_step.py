@@ -149,7 +149,7 @@ class _Quantized:
             step = m.lone_row_chunk(dtype) if one_row else rows
             for r0 in range(0, rows, step):
                 n = min(step, rows - r0)
-                fn, args = m.kernel_call(n, self.k, t[r0].data_ptr(), dtype, threads)
+                fn, args = m.kernel_call(n, self.k, t[r0].data_ptr(), dtype, threads, lone=one_row)
                 self.calls.append((fn, r0 * row_bytes, args))
         self.tensors = layers  # their buffers stay alive as long as the plan
 

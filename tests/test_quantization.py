@@ -625,3 +625,41 @@ def test_amx_prefill_leaves_other_shapes_to_the_dequantized_product(monkeypatch)
         assert ran == ([None] if k % 64 else [])
         ref = _reference(layer, x)
         assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 8e-3
+
+
+def _lone_calls(layer: QuantizedLinear, x: torch.Tensor, *, lone: bool) -> torch.Tensor:
+    """x (M, K) through one kernel call (`lone`: each row summed as a lone row) and row by row."""
+    m, k = x.shape
+    together = torch.empty(m, layer.out_features, dtype=x.dtype)
+    fn, args = layer.kernel_call(m, k, together.data_ptr(), x.dtype, lone=lone)
+    qlinear.check_status(fn(x.data_ptr(), *args), layer.quant_type, m, k)
+    return together
+
+
+@pytest.mark.parametrize("qtype", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lone_rows_get_the_one_row_kernels_bits(qtype, dtype):
+    """Speculative decoding's check: a call of up to `lone_row_chunk` rows with `lone` gives each row what
+    the one-row kernel gives it alone, bit for bit (float32 outputs show any other order of the sums:
+    inputs spread over 2^-12..2^12, K = 2560 and odd sizes, a bias). Where the chunk is 1 such calls of
+    several rows are refused."""
+    gen = torch.Generator().manual_seed(5)
+    for k, n in [(2560, 200), (832, 67)]:
+        weight = (torch.randn(n, k, generator=gen) * 0.05).bfloat16()
+        bias = torch.randn(n, generator=gen).to(dtype)
+        layer = QuantizedLinear.from_dense(weight, bias, quant_type=qtype, group_size=64)
+        chunk = layer.lone_row_chunk(dtype)
+        x = torch.randn(8, k, generator=gen) * torch.pow(2.0, torch.randint(-12, 13, (8, k), generator=gen))
+        x = x.to(dtype)
+        with torch.no_grad():
+            alone = torch.cat([layer(x[i : i + 1]) for i in range(8)])
+        if chunk == 1:
+            with pytest.raises(ValueError, match="cannot each be summed as a lone row"):
+                _lone_calls(layer, x[:2], lone=True)
+            continue
+        for m in (2, 3, 8):
+            assert torch.equal(_lone_calls(layer, x[:m], lone=True), alone[:m]), (k, m)
+        with torch.no_grad(), stablelm.layers.one_row_bits():  # the module under the check's context
+            assert torch.equal(layer(x), alone)
+        if qtype == "int8" and dtype == torch.float32:  # the kernel of several rows sums otherwise
+            assert not torch.equal(_lone_calls(layer, x, lone=False), alone)

@@ -92,6 +92,11 @@ static inline float vsum(vf v) {
 #define XBATCH 4
 /* or-ed into `type` (bfloat16 x): 2 to 16 rows on AMX tiles (quant_amx; ignored with XBATCH) */
 #define XAMX 8
+/* or-ed into `type` (int8, 2 to 8 rows): each row summed as the one-row kernel sums a lone row
+ * (`q8_lone_rows`), the weights read once for all rows: speculative decoding's check gives each draft
+ * position the decoding step's bits. Refused (2) where the one-row kernel sums otherwise (bfloat16 x on
+ * AVX2: integer sums, q8_one_i16) */
+#define XLONE 16
 
 static inline float from_bf16(uint16_t h) {
   uint32_t u = (uint32_t)h << 16;
@@ -277,11 +282,65 @@ static inline void q4_bf16_run(const uint8_t* q, __m512i table, uint16_t* o) {
 
 #include "quant_amx.h" /* 2 to 16 rows on AMX tiles (quant_amx) */
 
+/* rows n0..n1 of W for M (<= 8) rows of x (float32, rows K apart), each row's sums as q8_one sums a lone
+ * row (streams and leftover rows alike): two chains over alternate runs of VW inputs, a last run into the
+ * first, the two added and their lanes summed, the last K % VW one by one, times the row's scale; out
+ * [M][N] (float32, the caller's rows N apart) */
+static void q8_lone_rows(const float* xf, int M, int K, const int8_t* w, const float* s, int n0, int n1, float* out,
+                         int N) {
+  for (int n = n0; n < n1; n++) {
+    const int8_t* r = w + (size_t)n * K;
+    vf a0[8], a1[8];
+    for (int m = 0; m < M; m++) a0[m] = a1[m] = vzero();
+    int k = 0;
+    for (; k + 2 * VW <= K; k += 2 * VW) {
+      if ((k & 63) == 0) QPF(r + k + PFD);
+      vf w0 = vload_i8(r + k), w1 = vload_i8(r + k + VW);
+      for (int m = 0; m < M; m++) {
+        a0[m] = vfma(w0, vload(xf + (size_t)m * K + k), a0[m]);
+        a1[m] = vfma(w1, vload(xf + (size_t)m * K + k + VW), a1[m]);
+      }
+    }
+    for (; k + VW <= K; k += VW) {
+      vf w0 = vload_i8(r + k);
+      for (int m = 0; m < M; m++) a0[m] = vfma(w0, vload(xf + (size_t)m * K + k), a0[m]);
+    }
+    for (int m = 0; m < M; m++) {
+      float v = vsum(vadd(a0[m], a1[m]));
+      for (int kk = k; kk < K; kk++) v += (float)r[kk] * xf[(size_t)m * K + kk];
+      out[(size_t)m * N + n] = v * s[n];
+    }
+  }
+}
+
 int stablelm_q8_linear(const void* x, int type, int M, int K, int ldx, void* y, int N, const int8_t* w,
                        const float* s, const void* b, int threads) {
-  int batch = type & XBATCH, amx = type & XAMX;
-  type &= ~(XBATCH | XAMX);
+  int batch = type & XBATCH, amx = type & XAMX, lone = type & XLONE;
+  type &= ~(XBATCH | XAMX | XLONE);
   if (M <= 0 || K <= 0 || N <= 0 || (type != XF32 && type != XBF16) || ldx < K) return 2;
+  if (lone && (M < 2 || M > 8 || batch || amx)) return 2;
+#if !defined(__AVX512F__)
+  if (lone && type == XBF16) return 2;
+#endif
+  if (lone) {
+    float* xf = x_to_f32(x, type, M, K, ldx);
+    float* o = (float*)malloc((size_t)M * N * sizeof(float));
+    if (!xf || !o) {
+      free(xf), free(o);
+      return 1;
+    }
+    int per, parts = one_row_split(N, threads, &per);
+#pragma omp parallel for num_threads(parts) schedule(static)
+    for (int p = 0; p < parts; p++) {
+      int n0 = p * per, n1 = n0 + per < N ? n0 + per : N;
+      q8_lone_rows(xf, M, K, w, s, n0, n1, o, N);
+      for (int m = 0; m < M; m++)
+        for (int j = n0; j < n1; j++)
+          store_one(y, type, (int64_t)m * N + j, o[(size_t)m * N + j] + (b ? load_one(b, type, j) : 0.0f));
+    }
+    free(xf), free(o);
+    return 0;
+  }
   if (amx && type != XBF16) return 2;
 #if !defined(QUANT_AMX)
   if (amx) return 2;

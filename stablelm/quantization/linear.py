@@ -34,6 +34,7 @@ _scratch = threading.local()
 _TYPES = {torch.float32: 0, torch.bfloat16: 1}
 BATCH_ROWS = 4  # or-ed into the kernel's type: XBATCH in quant.c
 AMX_ROWS = 8  # or-ed into the kernel's type: XAMX in quant.c (2-16 rows on AMX tiles; not for batches)
+LONE_ROWS = 16  # or-ed into the kernel's type: XLONE in quant.c (int8, 2-8 rows each summed as a lone row)
 # mode of the int4 kernel (bits, see `int4_mode`): 1 = AVX512-BF16 sums, 2 = one row by VNNI integer
 # sums (bfloat16 activations); 0 = float32 sums. None: pick.
 FORCE_INT4_MODE: int | None = None
@@ -176,16 +177,18 @@ class QuantizedLinear(nn.Module):
             check_status(fn(rows.data_ptr(), *args), self.quant_type, m, self.in_features)
         return y.view(*x.shape[:-1], self.out_features)
 
-    def sums_rows_alone(self, dtype: torch.dtype) -> bool:
-        """Whether this layer's kernel of 2-`KERNEL_MAX_ROWS` rows of `dtype` gives each row the bits of the
-        kernel of one row (the decoding step's): int4 on its VNNI kernels, whose forms for several rows
-        compute each output as the one-row form does (not on AMX tiles). The others sum in another order
-        (int8's one-row kernel interleaves several sums per row, its tiles of rows one)."""
-        return self.quant_type == "int4" and bool(int4_mode(dtype) & 2) and not amx_tiles(dtype)
-
     def lone_row_chunk(self, dtype: torch.dtype) -> int:
-        """How many rows one kernel call may take and still give each the one-row kernel's bits."""
-        return KERNEL_MAX_ROWS if self.sums_rows_alone(dtype) else 1
+        """How many rows of `dtype` one kernel call may take and still give each the bits of the kernel of
+        one row (the decoding step's), with `kernel_call(..., lone=True)`: `KERNEL_MAX_ROWS` for int4 on its
+        VNNI kernels, whose forms for several rows compute each output as the one-row form does (not on
+        AMX tiles), and for int8 where its one-row kernel sums in float32 (the avx512 level; float32 rows
+        on avx2), through a kernel of several rows in that order (XLONE); else 1 (the kernels of several
+        rows sum in another order)."""
+        if self.quant_type == "int4":
+            lone = bool(int4_mode(dtype) & 2) and not amx_tiles(dtype)
+        else:
+            lone = selected_isa() == "avx512" or dtype == torch.float32
+        return KERNEL_MAX_ROWS if lone else 1
 
     def as_lone_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """rows (M, K) through the native kernels, each row with the bits a call on that row alone gives
@@ -195,7 +198,9 @@ class QuantizedLinear(nn.Module):
         step = self.lone_row_chunk(rows.dtype)
         for r0 in range(0, m, step):
             n = min(step, m - r0)
-            fn, args = self.kernel_call(n, rows.stride(0) if n > 1 else k, y[r0].data_ptr(), rows.dtype)
+            fn, args = self.kernel_call(
+                n, rows.stride(0) if n > 1 else k, y[r0].data_ptr(), rows.dtype, lone=True
+            )
             check_status(fn(rows[r0].data_ptr(), *args), self.quant_type, n, k)
         return y
 
@@ -222,17 +227,31 @@ class QuantizedLinear(nn.Module):
         return y
 
     def kernel_call(
-        self, m: int, ldx: int, y: int, dtype: torch.dtype, threads: int | None = None, *, batch: bool = False
+        self,
+        m: int,
+        ldx: int,
+        y: int,
+        dtype: torch.dtype,
+        threads: int | None = None,
+        *,
+        batch: bool = False,
+        lone: bool = False,
     ) -> tuple:
         """(fn, args): `fn(x, *args)` runs this layer's native kernel on `m` (1..KERNEL_MAX_ROWS) rows of
         `dtype` (float32 or bfloat16, the bias's dtype) at address x, `ldx` elements apart, writing
         (m, out_features) contiguous at address `y`; returns the kernel's status (`check_status`). The caller
         holds the library (`quant_library()` not None) and keeps x and y alive; `stablelm.lean_step`
         makes these once per generation. `batch`: one row, too, through the kernels of several rows (see
-        `batched`)."""
+        `batched`). `lone`: each of up to `lone_row_chunk(dtype)` rows summed as a lone row (see there)."""
         quant_prefetch_mode()  # how the kernels prefetch here: timed once per process
         lib, kind = quant_library(), _TYPES[dtype] | (BATCH_ROWS if batch else 0)
-        if not batch and amx_tiles(dtype):
+        if lone and m > 1:
+            if m > self.lone_row_chunk(dtype) or batch:
+                raise ValueError(
+                    f"{m} rows cannot each be summed as a lone row in one {self.quant_type} call"
+                )
+            kind |= LONE_ROWS if self.quant_type == "int8" else 0
+        elif not batch and amx_tiles(dtype):
             kind |= AMX_ROWS
         b = None if self.bias is None else self.bias.data_ptr()
         threads = torch.get_num_threads() if threads is None else threads
