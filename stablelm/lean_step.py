@@ -146,11 +146,11 @@ class _Quantized:
         row_bytes = self.k * self.out.element_size()  # x's rows are contiguous
         self.calls = []  # (fn, x's byte offset, args)
         for m, t in zip(layers, targets, strict=True):
-            step = m.lone_row_chunk(dtype) if one_row else rows
-            for r0 in range(0, rows, step):
-                n = min(step, rows - r0)
-                fn, args = m.kernel_call(n, self.k, t[r0].data_ptr(), dtype, threads, lone=one_row)
-                self.calls.append((fn, r0 * row_bytes, args))
+            if one_row:
+                calls = m.lone_row_calls(rows, self.k, t.data_ptr(), dtype, threads)
+            else:
+                calls = [(0, *m.kernel_call(rows, self.k, t.data_ptr(), dtype, threads))]
+            self.calls += [(fn, r0 * row_bytes, args) for r0, fn, args in calls]
         self.tensors = layers  # their buffers stay alive as long as the plan
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

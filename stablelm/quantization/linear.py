@@ -190,18 +190,32 @@ class QuantizedLinear(nn.Module):
             lone = selected_isa() == "avx512" or dtype == torch.float32
         return KERNEL_MAX_ROWS if lone else 1
 
+    def lone_row_calls(
+        self, m: int, ldx: int, y: int, dtype: torch.dtype, threads: int | None = None
+    ) -> list[tuple[int, object, tuple]]:
+        """(first row, fn, args) of the kernel calls that give each of `m` rows (`ldx` elements apart) the
+        bits a call on that row alone gives it (see `layers.one_row_bits`): `lone_row_chunk` rows a call,
+        their outputs at address `y` (m rows of out_features, contiguous). `fn(x + first row's offset,
+        *args)` runs one."""
+        step, size = self.lone_row_chunk(dtype), torch.empty(0, dtype=dtype).element_size()
+        return [
+            (
+                r0,
+                *self.kernel_call(
+                    min(step, m - r0), ldx, y + r0 * self.out_features * size, dtype, threads, lone=True
+                ),
+            )
+            for r0 in range(0, m, step)
+        ]
+
     def as_lone_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """rows (M, K) through the native kernels, each row with the bits a call on that row alone gives
-        it (see `layers.one_row_bits`): calls of `lone_row_chunk` rows. The kernels must serve (`_native`)."""
+        """rows (M, K) through the native kernels, each row as a call on it alone sums it (see
+        `lone_row_calls`). The kernels must serve (`_native`)."""
         m, k = rows.shape
         y = torch.empty(m, self.out_features, dtype=rows.dtype)
         step = self.lone_row_chunk(rows.dtype)
-        for r0 in range(0, m, step):
-            n = min(step, m - r0)
-            fn, args = self.kernel_call(
-                n, rows.stride(0) if n > 1 else k, y[r0].data_ptr(), rows.dtype, lone=True
-            )
-            check_status(fn(rows[r0].data_ptr(), *args), self.quant_type, n, k)
+        for r0, fn, args in self.lone_row_calls(m, max(rows.stride(0), k), y.data_ptr(), rows.dtype):
+            check_status(fn(rows[r0].data_ptr(), *args), self.quant_type, min(step, m - r0), k)
         return y
 
     def batched(self, x: torch.Tensor) -> torch.Tensor | None:
