@@ -132,6 +132,9 @@ def test_threads_reach_torch_and_verbose_reports_them(monkeypatch, capsys, short
 
 def fake_proc_stat(monkeypatch, snapshots: list[dict[int, tuple[int, int]]]) -> None:
     monkeypatch.setattr(threads, "_read_proc_stat", lambda: snapshots.pop(0))
+    # this process's own CPU time between the samples is subtracted: none here (the real one, taken while
+    # the test waits, made the figures off by ~0.1 on a loaded machine)
+    monkeypatch.setattr(threads.time, "process_time", lambda: 0.0)
     monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     monkeypatch.setattr(threads, "_cgroup_quota", lambda: None)
     monkeypatch.setattr(threads, "_torch_default", lambda: 4)
