@@ -471,19 +471,24 @@ def _int4_modes() -> list[int]:
     return [mode for mode in range(4) if not mode & ~full]
 
 
-@pytest.mark.parametrize("shape", ["tiny", "wide"])
+@pytest.mark.parametrize("shape", ["tiny", "wide", "wide-no-kernels"])
 @pytest.mark.parametrize("qtype", ["int8", "int4"])
 def test_the_check_of_a_quantized_model_gives_the_decode_steps_logits(qtype, shape):
     """Quantized layers in the check: each row bit for bit what the one-token step's kernel of one row
     gives it (the kernels of 2-8 rows sum otherwise, but for int4's VNNI ones; beyond 8 rows the layer
     would dequantize its weight for torch's product): on the planned step and on the modules, 3 rows
-    and 11, every int4 kernel mode this CPU runs."""
+    and 11, every int4 kernel mode this CPU runs; without the kernels (ARM64, `use_kernels` off) the
+    dequantized weight's product row by row."""
     from stablelm.generation.speculative import Tokens, verify_logits
     from stablelm.quantization import QuantizationConfig
     from stablelm.quantization import linear as qlinear
 
-    kw = CHECKED["wide"] if shape == "wide" else dict(intermediate_size=128)  # K = 2560: the 3B shape's
+    kw = CHECKED["wide"] if shape.startswith("wide") else dict(intermediate_size=128)  # K = 2560: the 3B's
     model = stablelm.quantize(_random_model(**kw), QuantizationConfig(qtype, group_size=64))
+    kernels = shape != "wide-no-kernels"
+    for module in model.modules():
+        if type(module) is qlinear.QuantizedLinear:
+            module.use_kernels = kernels
     layers = model.config.num_hidden_layers
     assert sum(type(m) is qlinear.QuantizedLinear for m in model.modules()) == 7 * layers + 1  # the head too
     ids = _prompt(length=100)
@@ -498,8 +503,8 @@ def test_the_check_of_a_quantized_model_gives_the_decode_steps_logits(qtype, sha
                         cache = _prefilled(model, ids, start)
                         checked = verify_logits(model, cache, seq, start, 100, plan=None, lean=lean)
                         assert torch.equal(checked, one_by_one), (mode, rows, lean)
-                        if lean is not None:
-                            assert lean[rows] is not None  # the planned step served the check
+                        if lean is not None:  # the planned step served the check where the kernels do
+                            assert (lean[rows] is not None) == kernels
         finally:
             qlinear.FORCE_INT4_MODE = None
 
