@@ -154,6 +154,41 @@ def test_greedy_prompt_lookup_on_a_model_that_does_not_copy_drafts_little():
     assert adaptive.stats.acceptance > fixed.stats.acceptance
 
 
+def test_rounds_without_a_draft_pick_their_token_from_the_heads_screen(monkeypatch):
+    """Greedy prompt lookup's rounds that draft nothing run the one-token step with the head's int8 screen
+    (`stablelm.greedy_head`), as plain greedy decoding does: the same tokens, with a banning processor
+    (min_new_tokens) too; rounds with a draft, and generations that keep scores, compute every logit."""
+    from stablelm import greedy_head
+
+    monkeypatch.setattr(greedy_head, "FORCE", True)  # screen this small head (no timing)
+    picks = []
+    choose = greedy_head.GreedyHead.choose
+
+    def counted(self, x, banned):
+        token = choose(self, x, banned)
+        picks.append((token, None if banned is None else banned.tolist()))
+        return token
+
+    monkeypatch.setattr(greedy_head.GreedyHead, "choose", counted)
+    ours = _random_model(num_key_value_heads=2)  # bfloat16: the screen serves bfloat16 heads
+    ids = torch.tensor([[5, 6, 7, 8] * 6])
+    kw = dict(max_new_tokens=40, min_new_tokens=30, eos_token_id=3, pad_token_id=0)
+    plain = ours.generate(ids, **kw)
+    picks.clear()
+    draft = PromptLookup(num_tokens=8)
+    out = generate(ours, ids, config=resolve_config(ours, None, **kw), draft=draft)
+    assert out.tolist() == plain.tolist()
+    assert picks and all(token is not None for token, _ in picks)  # the screen decided those rounds
+    assert any(banned == [3] for _, banned in picks)  # EOS banned before min_new_tokens
+    assert len(picks) < draft.stats.passes - 1  # rounds with a draft (and the prompt's) did not use it
+    picks.clear()
+    kept = generate(
+        ours, ids, config=resolve_config(ours, None, return_dict_in_generate=True, output_scores=True, **kw),
+        draft=PromptLookup(num_tokens=8),
+    )  # fmt: skip
+    assert kept.sequences.tolist() == plain.tolist() and not picks  # scores kept: every logit computed
+
+
 class _FixedLookup(PromptLookup):
     """Prompt lookup on the reference's schedule: every draft num_tokens long, none skipped."""
 

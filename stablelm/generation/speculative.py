@@ -28,11 +28,13 @@ import torch
 
 from ..attention import AttentionMask
 from ..cache import Cache, StaticCache
+from ..greedy_head import screen_for
 from ..layers import one_row_bits
 from ..lean_step import LeanStep
 from .config import GenerationConfig
 from .loop import Step, criteria_hit
 from .plan import Plan, apply_processors
+from .processors import banned_ids, only_bans
 from .stepper import Stepper, cache_length
 
 
@@ -186,6 +188,9 @@ def _run(
     first_row = torch.zeros(1, dtype=torch.long)
     first = None  # the first draft is proposed before the prompt runs, as in the reference
     lean: dict[int, LeanStep | None] = {}  # the checks' plans by row count (see verify_logits)
+    # a round without a draft may pick its token from the head's int8 screen, as plain greedy steps do
+    screened = plan.params.greedy and not plan.record and only_bans(plan.processors)
+    token: int | None = None
     while True:
         # Room for the draft and the model's own token after it, within max_new_tokens.
         draft = drafter.propose(seq, plan.max_new_tokens - seq.produced - 1, plan, generator)
@@ -204,12 +209,19 @@ def _run(
                 logits = first
         else:  # the last token (not yet in the cache) and the draft
             prompt, shift = None, 0  # the check's row i is the round's token i
-            logits = verify_logits(
-                model, cache, seq, seq.length - 1, seq.length + k, plan, kept=checked, lean=lean
+            token, logits = (
+                (None, None) if k or not screened else _screened_round(model, stepper, cache, seq, plan, lean)
             )
+            if token is None and logits is None:
+                logits = verify_logits(
+                    model, cache, seq, seq.length - 1, seq.length + k, plan, kept=checked, lean=lean
+                )
         keys = seq.length  # the round's token i attends to keys + i positions
-        scores = processed_scores(plan, logits, seq, rows=k + 1)
-        new = _accept(scores, draft, plan, generator)
+        if token is not None:  # picked by the head's screen: no scores (none are kept)
+            scores, new = None, [token]
+        else:
+            scores = processed_scores(plan, logits, seq, rows=k + 1)
+            new = _accept(scores, draft, plan, generator)
         new = new[: plan.max_new_tokens - seq.produced]
         accepted = len(new) - 1
         cache.crop(seq.length + accepted)  # keep the sequence and the kept draft, roll the rest back
@@ -290,14 +302,10 @@ def verify_logits(
     layers on one row's plans too (`layers.one_row_bits`).
     """
     make_room(model, cache, end, plan, seq)
-    T = end - start
-    if lean is not None and T > 0 and kept is None and seq.mask is None and not torch.is_grad_enabled():
-        if T not in lean:
-            lean[T] = LeanStep.build(model, cache, T, check=True)
-        step = lean[T]
-        if step is not None and step.threads == torch.get_num_threads() and cache.get_seq_length() == start:
-            x = step.check_hidden(cache, seq.ids[start:end], start)
-            cache.advance(T)
+    if kept is None:
+        planned = _planned_check(model, cache, seq, start, end, lean)
+        if planned is not None:
+            step, x = planned
             return step.logits(x)
     base = model.model
     x = base.embed_tokens(seq.ids[None, start:end])  # (1, T, C)
@@ -326,6 +334,47 @@ def verify_logits(
             kept["hidden_states"] = None if hidden is None else (*hidden, x)
             kept["attentions"] = None if weights is None else tuple(weights)
         return model.lm_head(x[0]).float()
+
+
+def _planned_check(
+    model: Any, cache: Cache, seq: Tokens, start: int, end: int, lean: dict[int, LeanStep | None] | None
+) -> tuple[LeanStep, torch.Tensor] | None:
+    """The check of positions [start, end) on the planned step (`LeanStep.check_hidden`, see
+    `verify_logits`), the cache written and advanced: (the plan, the final norm's output (T, C)), or None
+    where it does not serve (then the modules run). `lean` holds the generation's plans by row count."""
+    T = end - start
+    if lean is None or T <= 0 or seq.mask is not None or torch.is_grad_enabled():
+        return None
+    if T not in lean:
+        lean[T] = LeanStep.build(model, cache, T, check=True)
+    step = lean[T]
+    if step is None or step.threads != torch.get_num_threads() or cache.get_seq_length() != start:
+        return None
+    x = step.check_hidden(cache, seq.ids[start:end], start)
+    cache.advance(T)
+    return step, x
+
+
+def _screened_round(
+    model: Any, stepper: Stepper, cache: Cache, seq: Tokens, plan: Plan, lean: dict[int, LeanStep | None]
+) -> tuple[int | None, torch.Tensor | None]:
+    """A round without a draft in a greedy generation that keeps no scores: the last token through the
+    planned step and its successor picked by the head's int8 screen, as plain greedy decoding's steps pick
+    it (`stablelm.greedy_head`: the argmax of the processed scores, the processors only banning ids).
+    (token, None); (None, the row's fp32 logits (1, V)) where the screen does not serve or decide;
+    (None, None) where the planned step does not serve (nothing done: `verify_logits` then)."""
+    make_room(model, cache, seq.length, plan, seq)
+    planned = _planned_check(model, cache, seq, seq.length - 1, seq.length, lean)
+    if planned is None:
+        return None, None
+    step, x = planned
+    found = step.head_kernel()
+    screen = None if found is None or stepper.step_fn is None else screen_for(stepper.step_fn._screen, *found)
+    if screen is not None:
+        token = screen.choose(x, banned_ids(plan.processors, seq.ids[None, : seq.length]))
+        if token is not None:
+            return int(token), None
+    return None, step.logits(x)
 
 
 def make_room(model: Any, cache: Cache, end: int, plan: Plan, seq: Tokens) -> None:
