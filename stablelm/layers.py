@@ -58,6 +58,21 @@ def linear_by_row(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return torch.cat([F.linear(rows[r : r + 1], weight, bias) for r in range(rows.shape[0])])
 
 
+def linear_in_check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """Inside `one_row_bits` (autograd off, not compiling) with several rows in x (..., K): torch's
+    `F.linear` row by row, shaped as x (..., N); else None (the caller's own product)."""
+    if (
+        torch.compiler.is_compiling()  # (a ContextVar is not traced: and checked first)
+        or not _ONE_ROW.get()
+        or torch.is_grad_enabled()
+        or x.dim() < 2
+        or x.numel() <= x.shape[-1]
+    ):
+        return None
+    y = linear_by_row(x.reshape(-1, x.shape[-1]), weight, bias)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
 def optimize_by_default() -> bool:
     """Whether new layers use the kernels: yes, unless `STABLELM_OPTIMIZE=0`."""
     return os.environ.get(OPTIMIZE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
@@ -79,16 +94,8 @@ class Linear(nn.Linear):
         y = fused_linear(x, (self,))
         if y is not None:
             return y
-        if (
-            not torch.compiler.is_compiling()  # (a ContextVar is not traced: and checked first)
-            and _ONE_ROW.get()
-            and not torch.is_grad_enabled()
-            and x.dim() > 1
-            and x.numel() > x.shape[-1]
-        ):
-            y = linear_by_row(x.reshape(-1, x.shape[-1]), self.weight, self.bias)  # see `one_row_bits`
-            return y.view(*x.shape[:-1], y.shape[-1])
-        return F.linear(x, self.weight, self.bias)
+        y = linear_in_check(x, self.weight, self.bias)  # see `one_row_bits`
+        return F.linear(x, self.weight, self.bias) if y is None else y
 
 
 def _plain(module: nn.Module) -> bool:

@@ -21,7 +21,7 @@ from torch import nn
 from ..kernels import call, cpu_flags, kernel, quant_library, selected_isa
 from ..kernels.linear import plan
 from ..kernels.prefetch import quant_prefetch_mode
-from ..layers import linear_by_row, one_row_active
+from ..layers import linear_in_check, one_row_active
 from . import formats
 
 KERNEL_MAX_ROWS = 8  # beyond this, dequantized tiles and torch's matrix product are faster
@@ -144,10 +144,9 @@ class QuantizedLinear(nn.Module):
             y = self._native(x)
         if y is None:
             w, b = self.dequantized(x.dtype), None if self.bias is None else self.bias.to(x.dtype)
-            if one_row_active() and not torch.is_grad_enabled() and x.dim() > 1 and x.numel() > x.shape[-1]:
-                rows = linear_by_row(x.reshape(-1, self.in_features), w, b)  # see `layers.one_row_bits`
-                return rows.view(*x.shape[:-1], self.out_features)
-            y = F.linear(x, w, b)
+            y = linear_in_check(x, w, b)  # see `layers.one_row_bits`
+            if y is None:
+                y = F.linear(x, w, b)
         return y
 
     # ---- native kernels ------------------------------------------------------------------------------
