@@ -206,6 +206,37 @@ int stablelm_quant_prefetch(void) { return quant_prefetch; }
 #define ONE_ROW_CHUNK 1024
 #endif
 #define Q8U (STREAMS >= 4 ? 2 : 8 / STREAMS) /* sums per stream: 8 in all */
+/* rows n0..n1 of W for M (<= 8) rows of x (float32, rows K apart), each row's sums as q8_one sums a lone
+ * row (streams and leftover rows alike): two chains over alternate runs of VW inputs, a last run into the
+ * first, the two added and their lanes summed, the last K % VW one by one, times the row's scale; row n
+ * of x's row m to out[m * N + n - n0] (float32) */
+static void q8_lone_rows(const float* xf, int M, int K, const int8_t* w, const float* s, int n0, int n1, float* out,
+                         int N) {
+  for (int n = n0; n < n1; n++) {
+    const int8_t* r = w + (size_t)n * K;
+    vf a0[8], a1[8];
+    for (int m = 0; m < M; m++) a0[m] = a1[m] = vzero();
+    int k = 0;
+    for (; k + 2 * VW <= K; k += 2 * VW) {
+      if ((k & 63) == 0) QPF(r + k + PFD);
+      vf w0 = vload_i8(r + k), w1 = vload_i8(r + k + VW);
+      for (int m = 0; m < M; m++) {
+        a0[m] = vfma(w0, vload(xf + (size_t)m * K + k), a0[m]);
+        a1[m] = vfma(w1, vload(xf + (size_t)m * K + k + VW), a1[m]);
+      }
+    }
+    for (; k + VW <= K; k += VW) {
+      vf w0 = vload_i8(r + k);
+      for (int m = 0; m < M; m++) a0[m] = vfma(w0, vload(xf + (size_t)m * K + k), a0[m]);
+    }
+    for (int m = 0; m < M; m++) {
+      float v = vsum(vadd(a0[m], a1[m]));
+      for (int kk = k; kk < K; kk++) v += (float)r[kk] * xf[(size_t)m * K + kk];
+      out[(size_t)m * N + (n - n0)] = v * s[n];
+    }
+  }
+}
+
 static void q8_one(const float* xf, int K, const int8_t* w, const float* s, int n0, int n1, float* out) {
   int len = (n1 - n0) / STREAMS, nr = n1 - n0 - len * STREAMS;
   for (int t = 0; t < len; t++) {
@@ -235,19 +266,7 @@ static void q8_one(const float* xf, int K, const int8_t* w, const float* s, int 
       out[i * len + t] = v * s[n0 + i * len + t];
     }
   }
-  for (int n = n1 - nr; n < n1; n++) { /* the rows left over */
-    const int8_t* r = w + (size_t)n * K;
-    vf a0 = vzero(), a1 = vzero();
-    int k = 0;
-    for (; k + 2 * VW <= K; k += 2 * VW) {
-      a0 = vfma(vload_i8(r + k), vload(xf + k), a0);
-      a1 = vfma(vload_i8(r + k + VW), vload(xf + k + VW), a1);
-    }
-    for (; k + VW <= K; k += VW) a0 = vfma(vload_i8(r + k), vload(xf + k), a0);
-    float v = vsum(vadd(a0, a1));
-    for (; k < K; k++) v += (float)r[k] * xf[k];
-    out[n - n0] = v * s[n];
-  }
+  q8_lone_rows(xf, 1, K, w, s, n1 - nr, n1, out + (n1 - nr - n0), 0); /* the rows left over: the same sums */
 }
 
 /* One row's N outputs split into `parts` contiguous ranges of `per` (a multiple of 16), one per thread. */
@@ -282,37 +301,6 @@ static inline void q4_bf16_run(const uint8_t* q, __m512i table, uint16_t* o) {
 
 #include "quant_amx.h" /* 2 to 16 rows on AMX tiles (quant_amx) */
 
-/* rows n0..n1 of W for M (<= 8) rows of x (float32, rows K apart), each row's sums as q8_one sums a lone
- * row (streams and leftover rows alike): two chains over alternate runs of VW inputs, a last run into the
- * first, the two added and their lanes summed, the last K % VW one by one, times the row's scale; out
- * [M][N] (float32, the caller's rows N apart) */
-static void q8_lone_rows(const float* xf, int M, int K, const int8_t* w, const float* s, int n0, int n1, float* out,
-                         int N) {
-  for (int n = n0; n < n1; n++) {
-    const int8_t* r = w + (size_t)n * K;
-    vf a0[8], a1[8];
-    for (int m = 0; m < M; m++) a0[m] = a1[m] = vzero();
-    int k = 0;
-    for (; k + 2 * VW <= K; k += 2 * VW) {
-      if ((k & 63) == 0) QPF(r + k + PFD);
-      vf w0 = vload_i8(r + k), w1 = vload_i8(r + k + VW);
-      for (int m = 0; m < M; m++) {
-        a0[m] = vfma(w0, vload(xf + (size_t)m * K + k), a0[m]);
-        a1[m] = vfma(w1, vload(xf + (size_t)m * K + k + VW), a1[m]);
-      }
-    }
-    for (; k + VW <= K; k += VW) {
-      vf w0 = vload_i8(r + k);
-      for (int m = 0; m < M; m++) a0[m] = vfma(w0, vload(xf + (size_t)m * K + k), a0[m]);
-    }
-    for (int m = 0; m < M; m++) {
-      float v = vsum(vadd(a0[m], a1[m]));
-      for (int kk = k; kk < K; kk++) v += (float)r[kk] * xf[(size_t)m * K + kk];
-      out[(size_t)m * N + n] = v * s[n];
-    }
-  }
-}
-
 int stablelm_q8_linear(const void* x, int type, int M, int K, int ldx, void* y, int N, const int8_t* w,
                        const float* s, const void* b, int threads) {
   int batch = type & XBATCH, amx = type & XAMX, lone = type & XLONE;
@@ -333,7 +321,7 @@ int stablelm_q8_linear(const void* x, int type, int M, int K, int ldx, void* y, 
 #pragma omp parallel for num_threads(parts) schedule(static)
     for (int p = 0; p < parts; p++) {
       int n0 = p * per, n1 = n0 + per < N ? n0 + per : N;
-      q8_lone_rows(xf, M, K, w, s, n0, n1, o, N);
+      q8_lone_rows(xf, M, K, w, s, n0, n1, o + n0, N);
       for (int m = 0; m < M; m++)
         for (int j = n0; j < n1; j++)
           store_one(y, type, (int64_t)m * N + j, o[(size_t)m * N + j] + (b ? load_one(b, type, j) : 0.0f));
