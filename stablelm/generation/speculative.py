@@ -190,7 +190,7 @@ def _run(
     lean: dict[int, LeanStep | None] = {}  # the checks' plans by row count (see verify_logits)
     # a round without a draft may pick its token from the head's int8 screen, as plain greedy steps do
     screened = plan.params.greedy and not plan.record and only_bans(plan.processors)
-    token: int | None = None
+    picked: int | None = None  # a round's token from the screen
     while True:
         # Room for the draft and the model's own token after it, within max_new_tokens.
         draft = drafter.propose(seq, plan.max_new_tokens - seq.produced - 1, plan, generator)
@@ -209,16 +209,16 @@ def _run(
                 logits = first
         else:  # the last token (not yet in the cache) and the draft
             prompt, shift = None, 0  # the check's row i is the round's token i
-            token, logits = (
+            picked, logits = (
                 (None, None) if k or not screened else _screened_round(model, stepper, cache, seq, plan, lean)
             )
-            if token is None and logits is None:
+            if picked is None and logits is None:
                 logits = verify_logits(
                     model, cache, seq, seq.length - 1, seq.length + k, plan, kept=checked, lean=lean
                 )
         keys = seq.length  # the round's token i attends to keys + i positions
-        if token is not None:  # picked by the head's screen: no scores (none are kept)
-            scores, new = None, [token]
+        if picked is not None:  # by the head's screen: no scores (none are kept)
+            scores, new = None, [picked]
         else:
             scores = processed_scores(plan, logits, seq, rows=k + 1)
             new = _accept(scores, draft, plan, generator)
