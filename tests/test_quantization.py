@@ -659,6 +659,12 @@ def test_lone_rows_get_the_one_row_kernels_bits(qtype, dtype):
             continue
         for m in (2, 3, 8):
             assert torch.equal(_lone_calls(layer, x[:m], lone=True), alone[:m]), (k, m)
+        with pytest.raises(ValueError, match="9 rows cannot each be summed as a lone row"):
+            _lone_calls(layer, torch.cat([x, x[:1]]), lone=True)  # past a call's chunk
+        if qtype == "int8":  # the kernel itself refuses a lone-row call of one row or of more than 8
+            fn, args = layer.kernel_call(2, k, alone.data_ptr(), dtype, lone=True)
+            for rows in (1, 9):
+                assert fn(x.data_ptr(), args[0], rows, *args[2:]) == 2, rows
         with torch.no_grad(), stablelm.layers.one_row_bits():  # the module under the check's context
             assert torch.equal(layer(x), alone)
         if qtype == "int8" and dtype == torch.float32:  # the kernel of several rows sums otherwise
