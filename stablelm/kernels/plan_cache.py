@@ -46,6 +46,7 @@ _TORCH_ENV = (
 _PLANNERS = ("linear.py", "attention.py", "prefetch.py", "plan_cache.py", "__init__.py")  # what decides
 MISSING = object()
 _entries: dict[str, dict[str, Any]] = {}  # by file path: what was read from it, and since put
+_process_only: dict[str, dict[str, Any]] = {}  # by file path: answers made on a busy CPU, never written
 _writing = threading.Lock()  # one writer per process (the temporary file's name is the process's)
 
 
@@ -97,6 +98,9 @@ def get(libraries: tuple[str, ...], key: str) -> Any:
     if not enabled():
         return MISSING
     path = _path(libraries)
+    own = _process_only.get(str(path), {})
+    if key in own:
+        return own[key]
     entries = _entries.get(str(path))
     if entries is None:
         entries = _entries[str(path)] = _read(path)
@@ -120,20 +124,39 @@ def put(libraries: tuple[str, ...], key: str, value: Any) -> None:
             pass
 
 
+# Cores' worth of CPU other processes may keep busy while an answer is made for it still to be kept: the
+# timings compare two kernels in turns, but a descheduled OpenMP thread stalls one kernel's whole call. A
+# 2-core Zen 3 EPYC made its first plans while a compiler kept both cores busy and kept torch's kernel for
+# 128-row 768 x 768 layers, which ours runs 3-5x faster on a quiet machine; every later process read that.
+BUSY_ELSEWHERE = 0.25
+
+
 def remembered(
     libraries: tuple[str, ...], key: str, valid: Callable[[Any], bool], make: Callable[[], Any]
 ) -> Any:
     """The answer for `key`: the one kept by an earlier process where `valid` accepts it (a value no
-    answer can be is made again), else `make()`'s (JSON), which is then kept."""
+    answer can be is made again), else `make()`'s (JSON), which is then kept, unless other processes kept
+    more than `BUSY_ELSEWHERE` cores busy while it was made (`stablelm.threads.CpuSample`): such an answer
+    serves this process only, and the next one decides again."""
     kept = get(libraries, key)
     if kept is not MISSING and valid(kept):
         return kept
+    if not enabled():
+        return make()
+    from ..threads import CpuSample
+
+    sample = CpuSample.now()
     value = make()
-    put(libraries, key, value)
+    busy = sample.busy_elsewhere()
+    if busy is None or busy <= BUSY_ELSEWHERE:
+        put(libraries, key, value)
+    else:
+        _process_only.setdefault(str(_path(libraries)), {})[key] = value
     return value
 
 
 def forget() -> None:
-    """Drop what this process read (the files stay): the next `get` reads them again."""
+    """Drop what this process read or made (the files stay): the next `get` reads them again."""
     _entries.clear()
+    _process_only.clear()
     _context.cache_clear()
