@@ -214,7 +214,9 @@ def test_a_kept_attention_answer_is_read_back(kept, monkeypatch):
     assert attention.plan(torch.bfloat16, 4, 2, 32, 32**-0.5) is None
 
 
-@pytest.mark.parametrize(("busy", "written"), [(1.6, False), (0.3, False), (0.2, True), (0.0, True), (None, True)])
+@pytest.mark.parametrize(
+    ("busy", "written"), [(1.6, False), (0.3, False), (0.2, True), (0.0, True), (None, True)]
+)
 def test_an_answer_made_while_other_processes_keep_the_cpu_busy_serves_this_process_only(
     monkeypatch, tmp_path, busy, written
 ):
