@@ -400,6 +400,32 @@ def test_a_half_precision_kernel_is_used_only_where_it_beats_torchs(monkeypatch)
         assert (found is not None) == used, (rows, ours, torchs)
 
 
+def test_the_speed_check_stops_early_only_where_the_answer_is_clear(monkeypatch):
+    """Up to ROUNDS turns; after CLEAR_AFTER, stopped where the best times are further than CLEAR from the
+    limit either way (the timings were most of a first `generate`'s time on a small model)."""
+    if native.kernel("bf16_dot") is None:
+        pytest.skip("needs a level of the kernels")
+    monkeypatch.setattr(kernel_linear, "SPEED_CHECK", True)
+    monkeypatch.setattr(kernel_linear, "_half_plan", lambda *args: ("bf16_dot", 0))
+    monkeypatch.setattr(prefetch, "_PREFETCH", {(native.selected_isa(), "bf16_dot"): 0})
+    rounds, after = kernel_linear.ROUNDS, kernel_linear.CLEAR_AFTER
+    # (rows, ours, torch's, used, rounds timed): 0.95 * 0.7 = 0.665 and 0.95 / 0.7 = 1.357 bound "clear"
+    for rows, ours, torchs, used, timed in [(64, 0.3, 1.0, True, after), (64, 2.0, 1.0, False, after),
+                                            (64, 0.9, 1.0, True, rounds), (64, 1.2, 1.0, False, rounds),
+                                            (1, 0.5, 1.0, True, after), (1, 1.0, 1.0, True, rounds)]:  # fmt: skip
+        ticks = []
+
+        def clock(values=iter([0.0, ours, ours + torchs] * rounds), ticks=ticks):
+            ticks.append(1)
+            return next(values)
+
+        monkeypatch.setattr(kernel_linear.time, "perf_counter", clock)
+        monkeypatch.setattr(kernel_linear, "_PLANS", {})
+        found = kernel_linear.plan(torch.bfloat16, 64, 64, False, rows)
+        assert (found is not None) == used, (rows, ours, torchs)
+        assert len(ticks) == 3 * timed, (rows, ours, torchs, len(ticks))
+
+
 def test_float32_kernels_are_a_fixed_choice(monkeypatch):
     """float32's kernel is within rounding of MKL's, not equal: chosen by rule (never on Intel CPUs,
     whose MKL reads at the memory's speed, nor for prefill's many rows), never by a timing."""
@@ -443,6 +469,7 @@ def test_the_speed_check_reads_weights_from_memory_but_bounds_its_calls(monkeypa
         return (lambda weight, ptr: calls.append(weight) and 0), weights, x.data_ptr(), None
 
     monkeypatch.setattr(kernel_linear, "_planned_calls", planned)
+    monkeypatch.setattr(kernel_linear, "CLEAR", 1e-9)  # every round (an instant kernel is a clear answer)
     for k, n, expected in (
         (64, 64, kernel_linear.MAX_COPIES),
         (1024, 2048, -(-kernel_linear.COLD_BYTES // (1024 * 2048 * 2))),

@@ -142,6 +142,13 @@ PAYS = 0.95  # ... that is, where it takes at most this share of torch's time
 # process by chance; whole greedy decodes ran at 110-168 tokens/s so (113 when the head was torch's)
 # against 146-152 with the kernel for every layer. Where torch's kernel is clearly faster, it serves.
 PAYS_ONE_ROW = 1.10
+# Rounds of the timing (each kernel once per round, in turns; the first warms up), and how soon it may
+# stop: after CLEAR_AFTER rounds, where the best times so far are further than a factor CLEAR from the
+# limit either way. The timings were most of a first `generate`'s 2 s on the demo model (a 2-core Zen 3
+# EPYC; the 7 plans' timings 1.5 s), and most layers' answers are clear after the first timed rounds.
+ROUNDS = 6
+CLEAR_AFTER = 3
+CLEAR = 0.7
 # Bytes of weights each timing round reads: copies of the probe weight up to this size, so that they come
 # from memory, not from the caches (more than the last-level cache of common CPUs).
 COLD_BYTES = 96 << 20
@@ -152,9 +159,9 @@ MAX_COPIES = 256
 
 
 def _pays(candidate: tuple[str, int], dtype: torch.dtype, k: int, n: int, rows: int) -> bool:
-    """Whether the kernel is faster than torch's F.linear on weights of this shape here (best of five
-    alternating rounds each): where it is not, it is not used (CPUs whose torch kernel is already fast,
-    such as MKL's float32 on Intel).
+    """Whether the kernel is faster than torch's F.linear on weights of this shape here (the best of up
+    to `ROUNDS` alternating rounds each, fewer where the answer is clear): where it is not, it is not
+    used (CPUs whose torch kernel is already fast, such as MKL's float32 on Intel).
 
     For decoding's few rows each round reads copies of the weight worth `COLD_BYTES`, one after another,
     as decoding reads a model's layers: a model's weights do not stay in the caches from one token to the
@@ -172,7 +179,8 @@ def _pays(candidate: tuple[str, int], dtype: torch.dtype, k: int, n: int, rows: 
     weights = [w] + [w.clone() for _ in range(copies - 1)]
     calls = _planned_calls(kind, block, x, weights)
     ours, theirs = float("inf"), float("inf")
-    for _ in range(6):  # the first of each warms up
+    limit = PAYS_ONE_ROW if rows == 1 else PAYS
+    for round_ in range(ROUNDS):  # the first of each warms up
         start = time.perf_counter()
         if calls is None:
             for weight in weights:
@@ -186,7 +194,9 @@ def _pays(candidate: tuple[str, int], dtype: torch.dtype, k: int, n: int, rows: 
             nn.functional.linear(x, weight)
         end = time.perf_counter()
         ours, theirs = min(ours, middle - start), min(theirs, end - middle)
-    return ours <= (PAYS_ONE_ROW if rows == 1 else PAYS) * theirs
+        if round_ + 1 >= CLEAR_AFTER and not CLEAR * limit * theirs < ours < limit * theirs / CLEAR:
+            break  # the answer is clear already
+    return ours <= limit * theirs
 
 
 def _planned_calls(kind: str, block: int, x: torch.Tensor, weights: list[torch.Tensor]) -> tuple | None:
