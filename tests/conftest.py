@@ -29,6 +29,19 @@ TINY = dict(
 )
 
 
+@pytest.fixture(scope="session")
+def _plans_folder(tmp_path_factory):
+    return tmp_path_factory.mktemp("plans")
+
+
+@pytest.fixture
+def plans_of_the_session(_plans_folder, monkeypatch):
+    """For tests of user-level commands (the CLI, the README's and docs' commands, servers, benchmarks):
+    their processes keep the kernels' plans in a folder of the session, as a user's later runs keep them
+    in their cache, instead of timing every layer again in each (~1 s a process on a 2-core Zen 3)."""
+    monkeypatch.setenv("STABLELM_PLAN_CACHE", str(_plans_folder))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _token_cache_of_the_session(tmp_path_factory):
     """Training data tokenized by tests goes to a folder of the session, not the user's cache (torchrun's ranks

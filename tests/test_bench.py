@@ -9,6 +9,8 @@ import pytest
 
 from stablelm import bench
 
+pytestmark = pytest.mark.usefixtures("plans_of_the_session")  # see conftest
+
 
 def test_bench_runs_and_reports_every_figure(capsys):
     bench.main(["--shape", "tiny", "--dtype", "float32", "--prompt", "8", "--new-tokens", "4", "--json"])

@@ -21,6 +21,8 @@ from stablelm.cli import loading
 from stablelm.cli.generate import unescape
 from stablelm.cli.stream import StopFilter
 
+pytestmark = pytest.mark.usefixtures("plans_of_the_session")  # see conftest
+
 FIXTURES = Path(__file__).parent / "fixtures"
 SCRIPT = Path(sys.executable).with_name("stablelm")
 PROMPT = "The for statement"

@@ -405,6 +405,8 @@ import contextlib, io, sys
 import stablelm
 assert "torch" not in sys.modules, "import stablelm"
 from stablelm.cli import main
+
+pytestmark = pytest.mark.usefixtures("plans_of_the_session")  # see conftest
 for argv in (["--help"], ["--version"], ["generate", "--help"], ["chat", "--help"], ["info", "--help"],
              ["bench", "--help"], ["train", "--help"], ["train-tokenizer", "--help"], []):
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):

@@ -10,6 +10,8 @@ import pytest
 import torch
 from conftest import tiny_config, transformers
 
+pytestmark = pytest.mark.usefixtures("plans_of_the_session")  # see conftest
+
 FIXTURES = Path(__file__).parent / "fixtures"
 
 

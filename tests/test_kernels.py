@@ -413,9 +413,10 @@ def test_the_speed_check_stops_early_only_where_the_answer_is_clear(monkeypatch)
     for rows, ours, torchs, used, timed in [(64, 0.3, 1.0, True, after), (64, 2.0, 1.0, False, after),
                                             (64, 0.9, 1.0, True, rounds), (64, 1.2, 1.0, False, rounds),
                                             (1, 0.5, 1.0, True, after), (1, 1.0, 1.0, True, rounds)]:  # fmt: skip
-        ticks = []
+        ticks: list[int] = []
+        values = iter([0.0, ours, ours + torchs] * rounds)  # per run: start, after ours, after torch's
 
-        def clock(values=iter([0.0, ours, ours + torchs] * rounds), ticks=ticks):
+        def clock(values=values, ticks=ticks):  # noqa: ANN001, ANN202
             ticks.append(1)
             return next(values)
 

@@ -248,3 +248,24 @@ def test_an_answer_made_while_other_processes_keep_the_cpu_busy_serves_this_proc
         assert len(made) == (1 if written else 2)
     finally:
         plan_cache.forget()
+
+
+def test_a_folder_in_the_variable_keeps_the_files_there(monkeypatch, tmp_path):
+    """`STABLELM_PLAN_CACHE=<folder>`: the answers go there (the kernels stay beside the cache); on/off
+    words keep their meaning."""
+    from stablelm import threads
+
+    monkeypatch.setattr(threads.CpuSample, "busy_elsewhere", lambda self, **kw: 0.0)
+    folder = tmp_path / "my plans"
+    monkeypatch.setenv(plan_cache.ENV, str(folder))
+    plan_cache.forget()
+    try:
+        assert plan_cache.enabled()
+        assert plan_cache.remembered(("library.so",), "a layer", lambda v: True, lambda: ["bf16_dot", 0])
+        (path,) = _files(folder)
+        assert json.loads(path.read_text()) == {"a layer": ["bf16_dot", 0]}
+        for word in ("1", "on", "", "0", "off"):
+            monkeypatch.setenv(plan_cache.ENV, word)
+            assert plan_cache._folder() == native.cache_dir()
+    finally:
+        plan_cache.forget()

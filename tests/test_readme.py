@@ -27,6 +27,8 @@ from conftest import tiny_config, transformers
 
 from stablelm.cli.generate import EMPTY_NOTE
 
+pytestmark = pytest.mark.usefixtures("plans_of_the_session")  # see conftest
+
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -25,6 +25,8 @@ from conftest import randomize_, tiny_config
 import stablelm
 from stablelm import AutoTokenizer
 
+pytestmark = pytest.mark.usefixtures("plans_of_the_session")  # see conftest
+
 FIXTURES = Path(__file__).parent / "fixtures"
 LAUNCHER = (
     "import sys, stablelm.cli as c\n"

@@ -16,6 +16,8 @@ from stablelm.cli.options import bounded
 from stablelm.serve import Engine, Event, Job, SamplingOptions
 from stablelm.serve.forward import RowForward
 
+pytestmark = pytest.mark.usefixtures("plans_of_the_session")  # see conftest
+
 STEP = 0.3  # seconds each decode step is made to take: the others' step a late request would wait for
 CLIENT = 0.03  # seconds between a request's end and its client's next one (an HTTP round trip)
 

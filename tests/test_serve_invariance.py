@@ -18,6 +18,8 @@ from stablelm.quantization.linear import QuantizedLinear
 from stablelm.serve import Engine, Event, Job, SamplingOptions
 from stablelm.serve.forward import RowForward, _RowLinear
 
+pytestmark = pytest.mark.usefixtures("plans_of_the_session")  # see conftest
+
 DTYPES = [torch.float32, torch.bfloat16]
 VARIANTS = {
     "default": {},

@@ -11,8 +11,9 @@ oneDNN's code paths. Another machine, torch or kernel source reads another file;
 reused across them. A damaged or unreadable file is ignored (and replaced); a value that is not a
 possible answer is ignored.
 
-`STABLELM_PLAN_CACHE=0` turns it off (every process decides afresh, as before); deleting the files
-forgets the answers. The timings' answers change speed only: a kernel is used only where its probes
+`STABLELM_PLAN_CACHE=0` turns it off (every process decides afresh, as before);
+`STABLELM_PLAN_CACHE=<folder>` keeps the files in that folder instead; deleting the files forgets the
+answers. The timings' answers change speed only: a kernel is used only where its probes
 gave torch's bits, and prefetch modes never change results.
 """
 
@@ -50,9 +51,13 @@ _process_only: dict[str, dict[str, Any]] = {}  # by file path: answers made on a
 _writing = threading.Lock()  # one writer per process (the temporary file's name is the process's)
 
 
+_OFF = ("0", "off", "false", "no")
+_ON = ("", "1", "on", "true", "yes")
+
+
 def enabled() -> bool:
     """Whether answers are kept on disk: unless `STABLELM_PLAN_CACHE` is 0 (or off, false, no)."""
-    return os.environ.get(ENV, "").strip().lower() not in ("0", "off", "false", "no")
+    return os.environ.get(ENV, "").strip().lower() not in _OFF
 
 
 def context(libraries: tuple[str, ...]) -> str:
@@ -75,6 +80,11 @@ def _context(libraries: tuple[str, ...], env: tuple[str, ...]) -> str:
 
 
 def _folder() -> Path:
+    """Beside the built kernels (`cache_dir()`), or the folder `STABLELM_PLAN_CACHE` names (anything but
+    an on/off word: the kernels stay where they are, the answers go there)."""
+    value = os.environ.get(ENV, "").strip()
+    if value.lower() not in _ON + _OFF:
+        return Path(value).expanduser()
     from . import cache_dir  # (the package imports this module's users)
 
     return cache_dir()
