@@ -28,6 +28,8 @@ from stablelm.cli import chat as chat_command
 from stablelm.cli.templates import CHATML, ZEPHYR
 from stablelm.tokenizer import AutoTokenizer
 
+pytestmark = pytest.mark.usefixtures("plans_of_the_session")  # see conftest
+
 FIXTURES = Path(__file__).parent / "fixtures"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 PROMPT = "The for statement"
@@ -405,8 +407,6 @@ import contextlib, io, sys
 import stablelm
 assert "torch" not in sys.modules, "import stablelm"
 from stablelm.cli import main
-
-pytestmark = pytest.mark.usefixtures("plans_of_the_session")  # see conftest
 for argv in (["--help"], ["--version"], ["generate", "--help"], ["chat", "--help"], ["info", "--help"],
              ["bench", "--help"], ["train", "--help"], ["train-tokenizer", "--help"], []):
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
