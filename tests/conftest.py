@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import os
-import warnings
 
-import pytest
-import torch
+# Before torch is imported (its OpenMP library reads it when loaded), and inherited by the subprocesses
+# tests start: idle OpenMP threads sleep instead of spinning. `make test` runs two test processes side by
+# side; on a 2-core machine their spinning threads starved each other (a test of many tiny generations took
+# 235 s instead of 36).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import warnings  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from stablelm import StableLmConfig
 
