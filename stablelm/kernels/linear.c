@@ -488,6 +488,152 @@ SLOT_TILE(1, 1)
 DOT_BLOCK(bf16)
 DOT_BLOCK(f16)
 
+/* Many rows on AVX2, K a multiple of 8 * VW up to BC_MAX_K: the same sums as block_dot, in another layout.
+ * Each (row, output) sum of block_dot is 64 chains, chain c = 8 r + l (slot r, lane l) adding x[k] w[k] for
+ * k = 64 t + c, t = 0, 1, ... in order, from zero, one FMA each; then tree8 over r and vsum over l. Here a
+ * register holds one chain of 8 outputs (x[k] broadcast, W packed so that 16 outputs of one k lie side by
+ * side), so a tile of BC_ROWS rows x 16 outputs makes 12 FMAs per 6 broadcasts and 2 loads of W, where
+ * block_dot's 3 x 4 tile makes them per 15 loads (AVX2 has no broadcast memory operand for the lane-wise
+ * form). The reductions are the same additions in the same order, done 8 outputs at a time. */
+#if VW == 8 && !defined(__aarch64__)
+#define BC_ROWS 6
+#define BC_MAX_K 16384 /* W's panel: 16 x K floats per thread (448 KB at the 3B shape's 6912: 1.5x block_dot on a Zen 3) */
+#define BC_CHAINS(MR)                                                                                  \
+  static inline __attribute__((always_inline)) void bc_chains_##MR(const float* xp, const float* wp, int T, \
+                                                                   float* acc) {                      \
+    for (int c = 0; c < 8 * VW; c++) {                                                                 \
+      const float* xc = xp + (int64_t)c * T * MR;                                                      \
+      const float* wc = wp + (int64_t)c * T * 16;                                                      \
+      vf a[MR][2];                                                                                     \
+      for (int m = 0; m < MR; m++) a[m][0] = vzero(), a[m][1] = vzero();                               \
+      for (int t = 0; t < T; t++) {                                                                    \
+        vf w0 = vload(wc + t * 16), w1 = vload(wc + t * 16 + 8);                                       \
+        for (int m = 0; m < MR; m++) {                                                                 \
+          vf xb = _mm256_broadcast_ss(xc + t * MR + m);                                                \
+          a[m][0] = vfma(xb, w0, a[m][0]);                                                             \
+          a[m][1] = vfma(xb, w1, a[m][1]);                                                             \
+        }                                                                                              \
+      }                                                                                                \
+      for (int m = 0; m < MR; m++) {                                                                   \
+        vstore(acc + ((int64_t)c * BC_ROWS + m) * 16, a[m][0]);                                        \
+        vstore(acc + ((int64_t)c * BC_ROWS + m) * 16 + 8, a[m][1]);                                    \
+      }                                                                                                \
+    }                                                                                                  \
+  }
+BC_CHAINS(1)
+BC_CHAINS(2)
+BC_CHAINS(3)
+BC_CHAINS(4)
+BC_CHAINS(5)
+BC_CHAINS(6)
+
+/* Row m's 16 sums from its 64 chains (acc[c][m][16]): tree8 over the slots r, then vsum over the lanes l,
+ * as the vertical additions they are, 8 outputs at a time; then dot_tail's `sum + 0` (K has no tail). */
+static inline void bc_reduce(const float* acc, int m, float* out) {
+  for (int h = 0; h < 16; h += 8) {
+    vf v[8];
+    for (int l = 0; l < 8; l++) {
+#define BC_AT(r) vload(acc + ((int64_t)(8 * (r) + l) * BC_ROWS + m) * 16 + h)
+      vf r0 = vadd(BC_AT(0), BC_AT(4)), r1 = vadd(BC_AT(1), BC_AT(5));
+      vf r2 = vadd(BC_AT(2), BC_AT(6)), r3 = vadd(BC_AT(3), BC_AT(7));
+#undef BC_AT
+      r0 = vadd(r0, r2), r1 = vadd(r1, r3);
+      v[l] = vadd(r0, r1);
+    }
+    vf t0 = vadd(v[0], v[4]), t1 = vadd(v[1], v[5]), t2 = vadd(v[2], v[6]), t3 = vadd(v[3], v[7]);
+    vf s = vadd(vadd(t0, t2), vadd(t1, t3));
+    vstore(out + h, vadd(s, vzero()));
+  }
+}
+
+/* x (M rows of K, bf16 or f16) into fp32 tiles of BC_ROWS rows: tile i's chain c, step t, row m at
+ * xp[i * BC_ROWS * K + (c * T + t) * mr + m], mr the tile's rows. */
+#define BC_PACK_X(E)                                                                                   \
+  static void bc_pack_x_##E(const uint16_t* x, int M, int K, int ldx, float* xp, int m) {             \
+    int i = m / BC_ROWS, m0 = i * BC_ROWS, mr = M - m0 < BC_ROWS ? M - m0 : BC_ROWS, T = K / (8 * VW); \
+    float* tile = xp + (int64_t)m0 * K;                                                                \
+    const uint16_t* xm = x + (int64_t)m * ldx;                                                         \
+    for (int t = 0; t < T; t++)                                                                        \
+      for (int c = 0; c < 8 * VW; c++) tile[((int64_t)c * T + t) * mr + (m - m0)] = from_##E(xm[t * 8 * VW + c]); \
+  }
+BC_PACK_X(bf16)
+BC_PACK_X(f16)
+
+/* r[j] <- column j of the 8 x 8 floats in r (rows i). */
+static inline void bc_transpose8(vf r[8]) {
+  __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  __m256 s0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0)), s1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+  __m256 s2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0)), s3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+  __m256 s4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0)), s5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+  __m256 s6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0)), s7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20), r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20), r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31), r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31), r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+/* W's nn <= 16 outputs (rows of K) in fp32, k by k: wp[(c * T + t) * 16 + n] = w[n][64 t + c], zeros past
+ * nn; eight outputs x eight k at a time through a transpose. */
+#define BC_PACK_W(E)                                                                                   \
+  static void bc_pack_w_##E(const uint16_t* w, int K, int nn, float* wp) {                            \
+    int T = K / (8 * VW);                                                                              \
+    for (int n0 = 0; n0 < 16; n0 += 8)                                                                 \
+      for (int t = 0; t < T; t++)                                                                      \
+        for (int c0 = 0; c0 < 8 * VW; c0 += 8) {                                                       \
+          vf r[8];                                                                                     \
+          for (int i = 0; i < 8; i++)                                                                  \
+            r[i] = n0 + i < nn ? wload_##E(w + (int64_t)(n0 + i) * K + t * 8 * VW + c0) : vzero();     \
+          bc_transpose8(r);                                                                            \
+          for (int j = 0; j < 8; j++) vstore(wp + ((int64_t)(c0 + j) * T + t) * 16 + n0, r[j]);        \
+        }                                                                                              \
+  }
+BC_PACK_W(bf16)
+BC_PACK_W(f16)
+#define BC_PACK_W_CALL(E, ...) bc_pack_w_##E(__VA_ARGS__)
+
+/* Every row x up to 16 outputs: W's outputs packed k by k (wp[(c * T + t) * 16 + n], zeros past nn), then
+ * each tile of rows through its 64 chains and the reductions. */
+#define BC_BLOCK(E)                                                                                    \
+  static void block_bc_##E(const float* xp, int M, int K, const uint16_t* w, const uint16_t* b, int nn, \
+                           uint16_t* y, int ldy, float* wp, float* acc) {                              \
+    int T = K / (8 * VW);                                                                              \
+    BC_PACK_W_CALL(E, w, K, nn, wp);                                                                    \
+    for (int m0 = 0; m0 < M; m0 += BC_ROWS) {                                                          \
+      int mr = M - m0 < BC_ROWS ? M - m0 : BC_ROWS;                                                    \
+      const float* tile = xp + (int64_t)m0 * K;                                                        \
+      switch (mr) {                                                                                    \
+        case 6: bc_chains_6(tile, wp, T, acc); break;                                                  \
+        case 5: bc_chains_5(tile, wp, T, acc); break;                                                  \
+        case 4: bc_chains_4(tile, wp, T, acc); break;                                                  \
+        case 3: bc_chains_3(tile, wp, T, acc); break;                                                  \
+        case 2: bc_chains_2(tile, wp, T, acc); break;                                                  \
+        default: bc_chains_1(tile, wp, T, acc); break;                                                 \
+      }                                                                                                \
+      for (int m = 0; m < mr; m++) {                                                                   \
+        float s[16];                                                                                   \
+        bc_reduce(acc, m, s);                                                                          \
+        for (int n = 0; n < nn; n++)                                                                   \
+          y[(int64_t)(m0 + m) * ldy + n] = round_##E(b ? from_##E(b[n]) + s[n] : s[n]);               \
+      }                                                                                                \
+    }                                                                                                  \
+  }
+BC_BLOCK(bf16)
+BC_BLOCK(f16)
+#define BC_FITS(M, K) ((M) > 2 && (K) % (8 * VW) == 0 && (K) <= BC_MAX_K)
+#else
+#define BC_FITS(M, K) 0
+#endif
+
+#if VW == 8 && !defined(__aarch64__)
+#define BC_PACK_X_CALL(E, ...) bc_pack_x_##E(__VA_ARGS__)
+#define BC_BLOCK_CALL(E, ...) block_bc_##E(__VA_ARGS__)
+#else
+#define BC_PACK_X_CALL(E, ...) (void)0
+#define BC_BLOCK_CALL(E, ...) (void)0
+#endif
 /* stablelm_linear_<bf16|f16>_dot: x converted to fp32 once (rows padded to a multiple of VW floats),
  * then blocks of 16 outputs on the threads, each with its own buffers. 1 when a buffer cannot be had. */
 #define DOT_ENTRY(E)                                                                                   \
@@ -499,7 +645,7 @@ DOT_BLOCK(f16)
     int N = make_groups(&g, BLOCK, G, w0, b0, n0, w1, b1, n1, w2, b2, n2);                                    \
     if (!N || M < 0 || K <= 0 || ldx < K || ldy < N || threads < 1) return 2;                          \
     if (M == 0) return 0;                                                                              \
-    int ldf = (K + VW - 1) / VW * VW;                                                                  \
+    int ldf = (K + VW - 1) / VW * VW, bc = BC_FITS(M, K);                                               \
     float* xf = (float*)alloc64(sizeof(float) * (size_t)M * ldf);                                      \
     if (!xf) return 1;                                                                                 \
     int k64 = K / (8 * VW) * (8 * VW), T = k64 / (8 * VW);                                             \
@@ -515,9 +661,12 @@ DOT_BLOCK(f16)
     int chunk = M > 2 ? 1 : (items + threads - 1) / threads;                                           \
     _Pragma("omp parallel num_threads(items < threads ? items : threads)")                             \
     {                                                                                                  \
-      if (M > 2) { /* x in fp32, the blocks' part slot by slot (see block_dot), then the rest */       \
-        _Pragma("omp for schedule(static)")                                                            \
-        for (int m = 0; m < M; m++) {                                                                  \
+      if (bc) {                                                                                         \
+        _Pragma("omp for schedule(static)")                                                             \
+        for (int m = 0; m < M; m++) BC_PACK_X_CALL(E, x, M, K, ldx, xf, m);                             \
+      } else if (M > 2) { /* x in fp32, the blocks' part slot by slot (see block_dot), then the rest */ \
+        _Pragma("omp for schedule(static)")                                                             \
+        for (int m = 0; m < M; m++) {                                                                   \
           const uint16_t* xm = x + (int64_t)m * ldx;                                                   \
           float* fm = xf + (int64_t)m * ldf;                                                           \
           for (int t = 0; t < T; t++)                                                                  \
@@ -525,8 +674,10 @@ DOT_BLOCK(f16)
           for (int k = k64; k < K; k++) fm[k] = from_##E(xm[k]);                                       \
         }                                                                                              \
       }                                                                                                \
-      float* wf = M > 2 ? (float*)alloc64(sizeof(float) * OUTS_T * CHUNK) : 0;                         \
-      float* acc = M > 2 ? (float*)alloc64(sizeof(float) * (size_t)(M < ROW_BLOCK ? M : ROW_BLOCK) * BLOCK * 8 * VW) : 0;           \
+      float* wf = bc ? (float*)alloc64(sizeof(float) * 16 * (size_t)K)                                  \
+                  : M > 2 ? (float*)alloc64(sizeof(float) * OUTS_T * CHUNK) : 0;                        \
+      float* acc = bc ? (float*)alloc64(sizeof(float) * 8 * VW * 6 * 16)                                \
+                   : M > 2 ? (float*)alloc64(sizeof(float) * (size_t)(M < ROW_BLOCK ? M : ROW_BLOCK) * BLOCK * 8 * VW) : 0; \
       int ok = M <= 2 || (wf && acc);                                                                  \
       if (!ok) {                                                                                       \
         _Pragma("omp atomic write") failed = 1;                                                        \
@@ -538,8 +689,11 @@ DOT_BLOCK(f16)
         int n0_, nn;                                                                                   \
         int i = block_of(&g, item, &n0_, &nn);                                                         \
         const uint16_t* b = g.b[i] ? (const uint16_t*)g.b[i] + n0_ : 0;                                \
-        block_dot_##E(xf, ldf, M, K, (const uint16_t*)g.w[i] + (int64_t)n0_ * K, b, nn,               \
-                      y + g.col[i] + n0_, ldy, wf, acc);                                               \
+        if (bc)                                                                                         \
+          BC_BLOCK_CALL(E, xf, M, K, (const uint16_t*)g.w[i] + (int64_t)n0_ * K, b, nn, y + g.col[i] + n0_, ldy, wf, acc); \
+        else                                                                                            \
+          block_dot_##E(xf, ldf, M, K, (const uint16_t*)g.w[i] + (int64_t)n0_ * K, b, nn,               \
+                        y + g.col[i] + n0_, ldy, wf, acc);                                              \
       }                                                                                                \
       free(wf);                                                                                        \
       free(acc);                                                                                       \
