@@ -128,6 +128,39 @@ def test_the_step_variants_benchmark_runs_a_kernel_source_against_itself(tmp_pat
     assert "Traceback" not in refused.stderr
 
 
+def test_the_prefill_kernel_benchmark_times_sources_in_turns_and_refuses_other_bits(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from stablelm import kernels
+
+    if kernels.best_isa() is None:
+        pytest.skip("stablelm's kernels have no instruction-set level for this CPU")
+    root = Path(__file__).resolve().parent.parent
+    script = root / "benchmarks" / "prefill_kernel.py"
+    source = root / "stablelm" / "kernels" / "linear.c"
+    args = [sys.executable, str(script), "--shape", "tiny", "--rows", "13", "--turns", "1"]
+    out = subprocess.run([*args, str(source), str(source)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("GFLOP/s") == 2 and "1.00x the first" in out.stdout, out.stdout
+    # a source whose rounding differs: refused, naming it, before any timing
+    other = tmp_path / "other.c"
+    rounding = "return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);"
+    assert rounding in source.read_text()
+    other.write_text(source.read_text().replace(rounding, "return (uint16_t)((u >> 16) ^ 1u);"))
+    refused = subprocess.run([*args, str(source), str(other)], capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 1 and f"{other} gives other bits" in refused.stderr, refused.stderr
+    broken = tmp_path / "broken.c"
+    broken.write_text("this is not C\n")
+    refused = subprocess.run([*args, str(broken)], capture_output=True, text=True, timeout=600)
+    assert (
+        refused.returncode == 1 and "does not build" in refused.stderr and "Traceback" not in refused.stderr
+    )
+    refused = subprocess.run([*args, "--threads", "0"], capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "--threads" in refused.stderr
+
+
 def test_the_step_parts_benchmark_times_each_part_and_refuses_bad_arguments():
     import subprocess
     import sys

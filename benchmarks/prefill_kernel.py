@@ -1,0 +1,129 @@
+"""Prefill's many-row bf16 product (`stablelm_linear_bf16_dot`) of one or more `linear.c` sources, taking
+turns in one process: the layers of a shape at --rows rows, GFLOP/s of the whole set per turn (median and
+best). Every source must give the first source's bits (checked first), so a variant is a faster or slower
+way to the same sums, never a different result.
+
+Run:  python benchmarks/prefill_kernel.py [--shape 160m|3b] [--threads 1] [--rows 128] [--turns 15]
+          [--isa avx2] [SOURCE.c ...]
+(no source: the checkout's `stablelm/kernels/linear.c` alone; `git show REV:stablelm/kernels/linear.c >
+old.c` then `old.c stablelm/kernels/linear.c` compares a revision with the checkout. Sources are built
+with the flags of the package's --isa level; the level must run on this CPU.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import hashlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from stablelm import kernels  # noqa: E402
+from stablelm.bench import SHAPES  # noqa: E402
+
+
+def layer_shapes(shape: str) -> list[tuple[int, int]]:
+    """(K, N) of one decoder layer's products as the model calls them (q/k/v and gate/up fused)."""
+    c = SHAPES[shape]
+    h, i = c["hidden_size"], c["intermediate_size"]
+    heads, kv = c["num_attention_heads"], c.get("num_key_value_heads", c["num_attention_heads"])
+    qkv = h + 2 * kv * (h // heads)
+    return [(h, qkv), (h, h), (h, 2 * i), (i, h)]
+
+
+def build(source: Path, isa: str, folder: Path) -> ctypes.CDLL:
+    flags = [*kernels.COMMON_FLAGS, *kernels.ISA_FLAGS[isa][0]]
+    digest = hashlib.sha256(source.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
+    out = folder / f"{source.stem}-{digest}.so"
+    if not out.exists():
+        built = subprocess.run(
+            ["cc", *flags, str(source), "-o", str(out), "-lm"], capture_output=True, text=True
+        )
+        if built.returncode:
+            raise SystemExit(f"{source} does not build for {isa}:\n{built.stderr[-2000:]}")
+    try:
+        return ctypes.CDLL(str(out))
+    except OSError as error:
+        raise SystemExit(f"{source} built but does not load: {error}") from None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sources", nargs="*", type=Path)
+    parser.add_argument("--shape", default="160m", choices=sorted(SHAPES))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rows", type=int, default=128)
+    parser.add_argument("--turns", type=int, default=15)
+    parser.add_argument("--isa", default=kernels.best_isa(), choices=sorted(kernels.ISA_FLAGS))
+    args = parser.parse_args()
+    if args.threads < 1 or args.rows < 1 or args.turns < 1:
+        parser.error("--threads, --rows and --turns must be at least 1")
+    if kernels.best_isa() is None:
+        raise SystemExit("stablelm's kernels have no instruction-set level for this CPU")
+    runnable = {kernels.best_isa()} | ({"avx2"} if kernels.best_isa() == "avx512" else set())
+    if args.isa not in runnable:
+        parser.error(f"--isa {args.isa} does not run on this CPU (its best level: {kernels.best_isa()})")
+    sources = args.sources or [ROOT / "stablelm" / "kernels" / "linear.c"]
+    for source in sources:
+        if not source.is_file():
+            parser.error(f"no such source: {source}")
+    torch.manual_seed(0)
+    layers = []
+    for k, n in layer_shapes(args.shape):
+        layers.append((torch.randn(args.rows, k).bfloat16(), (torch.randn(n, k) / k**0.5).bfloat16(), k, n))
+
+    with tempfile.TemporaryDirectory() as folder:
+        fns = []
+        for source in sources:
+            fn = getattr(build(source, args.isa, Path(folder)), "stablelm_linear_bf16_dot", None)
+            if fn is None:
+                raise SystemExit(f"{source} has no stablelm_linear_bf16_dot")
+            fn.restype = ctypes.c_int
+            fns.append(fn)
+
+        def run(fn, x, w, k, n):  # noqa: ANN001, ANN202
+            y = torch.empty(args.rows, n, dtype=torch.bfloat16)
+            status = fn(
+                ctypes.c_void_p(x.data_ptr()), args.rows, k, k, ctypes.c_void_p(y.data_ptr()), n, 1,
+                ctypes.c_void_p(w.data_ptr()), None, n, None, None, 0, None, None, 0, 0, args.threads,
+            )  # fmt: skip
+            if status:
+                raise SystemExit(f"the kernel returned {status}")
+            return y
+
+        first = [run(fns[0], *layer) for layer in layers]
+        for source, fn in zip(sources[1:], fns[1:], strict=True):
+            for layer, expected in zip(layers, first, strict=True):
+                if not torch.equal(run(fn, *layer), expected):
+                    raise SystemExit(f"{source} gives other bits than {sources[0]} at (K, N) {layer[2:]}")
+        flops = sum(2 * args.rows * k * n for _, _, k, n in layers)
+        times: list[list[float]] = [[] for _ in fns]
+        for _ in range(args.turns):
+            for i, fn in enumerate(fns):
+                start = time.perf_counter()
+                for layer in layers:
+                    run(fn, *layer)
+                times[i].append(time.perf_counter() - start)
+    print(
+        f"{args.shape} layers at {args.rows} rows, {args.threads} thread(s), {args.isa} build, {args.turns} turns"
+    )
+    base = statistics.median(times[0])
+    for source, ts in zip(sources, times, strict=True):
+        med = statistics.median(ts)
+        print(
+            f"{source}: median {flops / med / 1e9:.1f} GFLOP/s, best {flops / min(ts) / 1e9:.1f}"
+            f" ({base / med:.2f}x the first)"
+        )
+
+
+if __name__ == "__main__":
+    main()
