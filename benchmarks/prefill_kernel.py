@@ -27,16 +27,15 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from stablelm import kernels  # noqa: E402
+from stablelm import StableLmConfig, kernels  # noqa: E402
 from stablelm.bench import SHAPES  # noqa: E402
 
 
 def layer_shapes(shape: str) -> list[tuple[int, int]]:
     """(K, N) of one decoder layer's products as the model calls them (q/k/v and gate/up fused)."""
-    c = SHAPES[shape]
-    h, i = c["hidden_size"], c["intermediate_size"]
-    heads, kv = c["num_attention_heads"], c.get("num_key_value_heads", c["num_attention_heads"])
-    qkv = h + 2 * kv * (h // heads)
+    c = StableLmConfig(**SHAPES[shape])
+    h, i = c.hidden_size, c.intermediate_size
+    qkv = h + 2 * c.num_key_value_heads * (h // c.num_attention_heads)
     return [(h, qkv), (h, h), (h, 2 * i), (i, h)]
 
 
