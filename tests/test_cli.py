@@ -277,6 +277,29 @@ def test_ctrl_c_stops_a_reply_and_keeps_the_chat(checkpoint):
     assert prompts[1] > 2 * prompts[0]
 
 
+def test_a_ctrl_c_landing_right_after_a_chunk_is_shown_keeps_it(monkeypatch, capsys):
+    """Python raises KeyboardInterrupt where the signal lands: on a busy machine, right after a chunk's
+    write (the test above once saw the shown chunk forgotten, and the turn with it, under CI's load)."""
+    import argparse
+
+    from stablelm.cli.chat import Chat
+
+    chat = object.__new__(Chat)  # no model: the reply's handling alone
+    chat.messages, chat.json, chat.interactive = [], False, False
+    chat.args = argparse.Namespace(verbose=False)
+    monkeypatch.setattr(chat, "_stream", lambda: iter(["Hel", "lo"]), raising=False)
+
+    def write_then_interrupted(text):
+        sys.stdout.write(text)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(chat, "_write", write_then_interrupted, raising=False)
+    chat._reply({"role": "user", "content": "hi"})
+    assert chat.messages == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hel"}]
+    captured = capsys.readouterr()
+    assert captured.out.startswith("Hel") and "[reply stopped]" in captured.err
+
+
 # ---- the default model and errors -----------------------------------------------------------------------
 def test_default_model_is_the_bundled_demo(checkpoint, monkeypatch, capsys):
     monkeypatch.setattr(loading, "DEMO_DIR", checkpoint)

@@ -303,9 +303,11 @@ class Chat:
         interrupted = False
         try:
             for chunk in stream:
+                # kept before it is shown: a Ctrl-C that lands between the two (a busy machine can hold the
+                # process right after its write) must not drop text the user already saw
+                shown.append(chunk)
                 if not self.json:
                     self._write(chunk)
-                shown.append(chunk)
         except KeyboardInterrupt:
             interrupted = True
         text = "".join(shown)
