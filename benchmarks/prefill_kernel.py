@@ -3,20 +3,20 @@ turns in one process: the layers of a shape at --rows rows, GFLOP/s of the whole
 best). Every source must give the first source's bits (checked first), so a variant is a faster or slower
 way to the same sums, never a different result.
 
-Run:  python benchmarks/prefill_kernel.py [--shape 160m|3b] [--threads 1] [--rows 128] [--turns 15]
-          [--isa avx2] [SOURCE.c ...]
+Run:  [STABLELM_ISA=avx2] python benchmarks/prefill_kernel.py [--shape 160m|3b] [--threads 1] [--rows 128]
+          [--turns 15] [SOURCE.c ...]
 (no source: the checkout's `stablelm/kernels/linear.c` alone; `git show REV:stablelm/kernels/linear.c >
-old.c` then `old.c stablelm/kernels/linear.c` compares a revision with the checkout. Sources are built
-with the flags of the package's --isa level; the level must run on this CPU.)
+old.c` then `old.c stablelm/kernels/linear.c` compares a revision with the checkout. Sources are built as
+the package builds its own, for the level it selects: `STABLELM_ISA=avx2` forces the AVX2 build on an
+AVX-512 CPU.)
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
-import hashlib
+import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,18 +39,15 @@ def layer_shapes(shape: str) -> list[tuple[int, int]]:
     return [(h, qkv), (h, h), (h, 2 * i), (i, h)]
 
 
-def build(source: Path, isa: str, folder: Path) -> ctypes.CDLL:
-    flags = [*kernels.COMMON_FLAGS, *kernels.ISA_FLAGS[isa][0]]
-    digest = hashlib.sha256(source.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
-    out = folder / f"{source.stem}-{digest}.so"
-    if not out.exists():
-        built = subprocess.run(
-            ["cc", *flags, str(source), "-o", str(out), "-lm"], capture_output=True, text=True
-        )
-        if built.returncode:
-            raise SystemExit(f"{source} does not build for {isa}:\n{built.stderr[-2000:]}")
+def build(source: Path, index: int, isa: str, folder: Path) -> ctypes.CDLL:
+    """`source` built by `kernels.build` for `isa`, under a name of its own (a build never replaces
+    another's)."""
+    copy = folder / f"prefill_variant{index}.c"
+    shutil.copy(source, copy)
     try:
-        return ctypes.CDLL(str(out))
+        return ctypes.CDLL(str(kernels.build(copy, isa=isa)))
+    except RuntimeError as error:
+        raise SystemExit(f"{source} does not build for {isa}: {error}") from None
     except OSError as error:
         raise SystemExit(f"{source} built but does not load: {error}") from None
 
@@ -62,15 +59,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rows", type=int, default=128)
     parser.add_argument("--turns", type=int, default=15)
-    parser.add_argument("--isa", default=kernels.best_isa(), choices=sorted(kernels.ISA_FLAGS))
     args = parser.parse_args()
     if args.threads < 1 or args.rows < 1 or args.turns < 1:
         parser.error("--threads, --rows and --turns must be at least 1")
-    if kernels.best_isa() is None:
-        raise SystemExit("stablelm's kernels have no instruction-set level for this CPU")
-    runnable = {kernels.best_isa()} | ({"avx2"} if kernels.best_isa() == "avx512" else set())
-    if args.isa not in runnable:
-        parser.error(f"--isa {args.isa} does not run on this CPU (its best level: {kernels.best_isa()})")
+    try:
+        isa = kernels.selected_isa()
+    except ValueError as error:  # STABLELM_ISA names an unknown level, or one this CPU lacks
+        raise SystemExit(str(error)) from None
+    if isa is None:
+        raise SystemExit("no native kernels here (STABLELM_ISA=none, or no level for this CPU)")
     sources = args.sources or [ROOT / "stablelm" / "kernels" / "linear.c"]
     for source in sources:
         if not source.is_file():
@@ -82,8 +79,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as folder:
         fns = []
-        for source in sources:
-            fn = getattr(build(source, args.isa, Path(folder)), "stablelm_linear_bf16_dot", None)
+        for index, source in enumerate(sources):
+            fn = getattr(build(source, index, isa, Path(folder)), "stablelm_linear_bf16_dot", None)
             if fn is None:
                 raise SystemExit(f"{source} has no stablelm_linear_bf16_dot")
             fn.restype = ctypes.c_int
@@ -113,7 +110,7 @@ def main() -> None:
                     run(fn, *layer)
                 times[i].append(time.perf_counter() - start)
     print(
-        f"{args.shape} layers at {args.rows} rows, {args.threads} thread(s), {args.isa} build, {args.turns} turns"
+        f"{args.shape} layers at {args.rows} rows, {args.threads} thread(s), {isa} build, {args.turns} turns"
     )
     base = statistics.median(times[0])
     for source, ts in zip(sources, times, strict=True):

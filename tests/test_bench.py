@@ -129,6 +129,7 @@ def test_the_step_variants_benchmark_runs_a_kernel_source_against_itself(tmp_pat
 
 
 def test_the_prefill_kernel_benchmark_times_sources_in_turns_and_refuses_other_bits(tmp_path):
+    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -159,6 +160,10 @@ def test_the_prefill_kernel_benchmark_times_sources_in_turns_and_refuses_other_b
     )
     refused = subprocess.run([*args, "--threads", "0"], capture_output=True, text=True, timeout=600)
     assert refused.returncode == 2 and "--threads" in refused.stderr
+    env = {**os.environ, "STABLELM_ISA": "avx9"}
+    refused = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+    assert refused.returncode == 1 and "STABLELM_ISA='avx9'" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr
 
 
 def test_the_step_parts_benchmark_times_each_part_and_refuses_bad_arguments():
