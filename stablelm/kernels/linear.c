@@ -496,7 +496,11 @@ DOT_BLOCK(f16)
  * block_dot's 3 x 4 tile makes them per 15 loads (AVX2 has no broadcast memory operand for the lane-wise
  * form). The reductions are the same additions in the same order, done 8 outputs at a time. */
 #if VW == 8 && !defined(__aarch64__)
+#if BLOCK != 16
+#error "the broadcast chains take blocks of 16 outputs (two registers)"
+#endif
 #define BC_ROWS 6
+#define BC_ACC_FLOATS (8 * VW * BC_ROWS * 16) /* one tile's chains: acc[c][m][16] */
 #define BC_MAX_K 16384 /* W's panel: 16 x K floats per thread (448 KB at the 3B shape's 6912: 1.5x block_dot on a Zen 3) */
 #define BC_CHAINS(MR)                                                                                  \
   static inline __attribute__((always_inline)) void bc_chains_##MR(const float* xp, const float* wp, int T, \
@@ -592,7 +596,6 @@ static inline void bc_transpose8(vf r[8]) {
   }
 BC_PACK_W(bf16)
 BC_PACK_W(f16)
-#define BC_PACK_W_CALL(E, ...) bc_pack_w_##E(__VA_ARGS__)
 
 /* Every row x up to 16 outputs: W's outputs packed k by k (wp[(c * T + t) * 16 + n], zeros past nn), then
  * each tile of rows through its 64 chains and the reductions. */
@@ -600,7 +603,7 @@ BC_PACK_W(f16)
   static void block_bc_##E(const float* xp, int M, int K, const uint16_t* w, const uint16_t* b, int nn, \
                            uint16_t* y, int ldy, float* wp, float* acc) {                              \
     int T = K / (8 * VW);                                                                              \
-    BC_PACK_W_CALL(E, w, K, nn, wp);                                                                    \
+    bc_pack_w_##E(w, K, nn, wp);                                                                       \
     for (int m0 = 0; m0 < M; m0 += BC_ROWS) {                                                          \
       int mr = M - m0 < BC_ROWS ? M - m0 : BC_ROWS;                                                    \
       const float* tile = xp + (int64_t)m0 * K;                                                        \
@@ -623,14 +626,11 @@ BC_PACK_W(f16)
 BC_BLOCK(bf16)
 BC_BLOCK(f16)
 #define BC_FITS(M, K) ((M) > 2 && (K) % (8 * VW) == 0 && (K) <= BC_MAX_K)
-#else
-#define BC_FITS(M, K) 0
-#endif
-
-#if VW == 8 && !defined(__aarch64__)
 #define BC_PACK_X_CALL(E, ...) bc_pack_x_##E(__VA_ARGS__)
 #define BC_BLOCK_CALL(E, ...) block_bc_##E(__VA_ARGS__)
-#else
+#else /* other builds: never taken (BC_FITS is 0) */
+#define BC_FITS(M, K) 0
+#define BC_ACC_FLOATS 0
 #define BC_PACK_X_CALL(E, ...) (void)0
 #define BC_BLOCK_CALL(E, ...) (void)0
 #endif
@@ -674,9 +674,9 @@ BC_BLOCK(f16)
           for (int k = k64; k < K; k++) fm[k] = from_##E(xm[k]);                                       \
         }                                                                                              \
       }                                                                                                \
-      float* wf = bc ? (float*)alloc64(sizeof(float) * 16 * (size_t)K)                                  \
+      float* wf = bc ? (float*)alloc64(sizeof(float) * BLOCK * (size_t)K)                               \
                   : M > 2 ? (float*)alloc64(sizeof(float) * OUTS_T * CHUNK) : 0;                        \
-      float* acc = bc ? (float*)alloc64(sizeof(float) * 8 * VW * 6 * 16)                                \
+      float* acc = bc ? (float*)alloc64(sizeof(float) * BC_ACC_FLOATS)                                  \
                    : M > 2 ? (float*)alloc64(sizeof(float) * (size_t)(M < ROW_BLOCK ? M : ROW_BLOCK) * BLOCK * 8 * VW) : 0; \
       int ok = M <= 2 || (wf && acc);                                                                  \
       if (!ok) {                                                                                       \
