@@ -172,6 +172,16 @@ for dtype in DTYPES:
                         parts = [None if bias is None else bias[c] for c in cut]
                         fused = native.run_linear(found[0], x, [w[c] for c in cut], parts, found[1])
                         assert torch.equal(fused, got), (n, k, rows, found, "fused")
+                    if rows <= 2:  # decoding's shares of the outputs, split by thread and read side by side
+                        threads = torch.get_num_threads()
+                        for t in (1, 3, 5):
+                            torch.set_num_threads(t)
+                            alone = native.run_linear(found[0], x, [w], [bias], found[1])
+                            assert torch.equal(alone, got), (n, k, rows, found, t)
+                            if n >= 3:
+                                fused = native.run_linear(found[0], x, [w[c] for c in cut], parts, found[1])
+                                assert torch.equal(fused, got), (n, k, rows, found, t, "fused")
+                        torch.set_num_threads(threads)
 """
 
 

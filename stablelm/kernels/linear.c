@@ -351,23 +351,26 @@ static inline float tree8(vf r0, vf r1, vf r2, vf r3, vf r4, vf r5, vf r6, vf r7
  * on rows of 6912); mode 0 was the rule before, from a Zen 1. Mode 2 asks for the lines twice as far
  * ahead, into L2: on another Zen 4 session, weights mapped from a file, the 160M layers read at 26.4-28.4
  * GB/s against mode 1's 21.9-22.9, the 3B ones at 25.1 against 22.2. */
+#define DOT_PREFETCH(pf, p)                                                                            \
+  do {                                                                                                 \
+    if (pf == 0) {                                                                                     \
+      prefetch_t0((p) + DOT_AHEAD);                                                                    \
+      prefetch_t0((const char*)((p) + DOT_AHEAD) + 64);                                                \
+    } else if (pf == 1) {                                                                              \
+      prefetch_t1((p) + DOT_AHEAD);                                                                    \
+      prefetch_t1((const char*)((p) + DOT_AHEAD) + 64);                                                \
+    } else if (pf == 2) {                                                                              \
+      prefetch_t1((p) + 2 * DOT_AHEAD);                                                                \
+      prefetch_t1((const char*)((p) + 2 * DOT_AHEAD) + 64);                                            \
+    }                                                                                                  \
+  } while (0)
 #define DOT_ONE(E)                                                                                     \
   static inline float dot_one_##E(const float* x, const uint16_t* w, int K) {                          \
     vf r0 = vzero(), r1 = r0, r2 = r0, r3 = r0, r4 = r0, r5 = r0, r6 = r0, r7 = r0;                    \
     int k64 = K / (8 * VW) * (8 * VW), k16 = K / (2 * VW) * (2 * VW);                                  \
     const int pf = prefetch_modes[PF_DOT];                                                             \
     for (int j = 0; j < k64; j += 8 * VW) {                                                            \
-      /* the rows follow one another: fetch ahead across their ends */                                 \
-      if (pf == 0) {                                                                                   \
-        prefetch_t0(w + j + DOT_AHEAD);                                                                \
-        prefetch_t0((const char*)(w + j + DOT_AHEAD) + 64);                                            \
-      } else if (pf == 1) {                                                                            \
-        prefetch_t1(w + j + DOT_AHEAD);                                                                \
-        prefetch_t1((const char*)(w + j + DOT_AHEAD) + 64);                                            \
-      } else if (pf == 2) {                                                                            \
-        prefetch_t1(w + j + 2 * DOT_AHEAD);                                                            \
-        prefetch_t1((const char*)(w + j + 2 * DOT_AHEAD) + 64);                                        \
-      }                                                                                                \
+      DOT_PREFETCH(pf, w + j); /* the rows follow one another: fetch ahead across their ends */        \
       r0 = vfma(vload(x + j), wload_##E(w + j), r0);                                                   \
       r1 = vfma(vload(x + j + VW), wload_##E(w + j + VW), r1);                                         \
       r2 = vfma(vload(x + j + 2 * VW), wload_##E(w + j + 2 * VW), r2);                                 \
@@ -487,6 +490,69 @@ SLOT_TILE(1, 1)
 #endif
 DOT_BLOCK(bf16)
 DOT_BLOCK(f16)
+
+/* Decoding's rows (M <= 2), a thread's share of the blocks of outputs: the share cut in DOT_STREAMS parts
+ * read side by side, output n of a block of each part at once, each sum with dot_one's chains in its
+ * order (the same bits). One core's reads of one row after another are bound by the lines in flight, not
+ * by the arithmetic; two streams far apart keep more of them in flight (AVX2 build on a Zen 3 EPYC, the
+ * 3B shape's layers at one row, cold: 1.12-1.24x at one thread, 1.17-1.42x at two; the same layers in the
+ * caches 1.08x; 3 or 4 streams no better cold and 0.87x cached, their accumulators spilled). */
+#ifndef DOT_STREAMS
+#define DOT_STREAMS 2
+#endif
+#define DOT_MANY(E, S)                                                                                 \
+  static inline void dot_many_##E(const float* x, const uint16_t* const* w, int K, float* out) {       \
+    vf a[S][8];                                                                                        \
+    for (int s = 0; s < S; s++)                                                                        \
+      for (int r = 0; r < 8; r++) a[s][r] = vzero();                                                   \
+    int k64 = K / (8 * VW) * (8 * VW), k16 = K / (2 * VW) * (2 * VW);                                  \
+    const int pf = prefetch_modes[PF_DOT];                                                             \
+    for (int j = 0; j < k64; j += 8 * VW) {                                                            \
+      for (int s = 0; s < S; s++) DOT_PREFETCH(pf, w[s] + j);                                          \
+      for (int r = 0; r < 8; r++)                                                                      \
+        for (int s = 0; s < S; s++) a[s][r] = vfma(vload(x + j + r * VW), wload_##E(w[s] + j + r * VW), a[s][r]); \
+    }                                                                                                  \
+    for (int s = 0; s < S; s++)                                                                        \
+      out[s] = dot_tail_##E(x, w[s], k64, k16, K,                                                      \
+                            tree8(a[s][0], a[s][1], a[s][2], a[s][3], a[s][4], a[s][5], a[s][6], a[s][7])); \
+  }                                                                                                    \
+  /* blocks [lo, hi) of g for M <= 2 rows of x (fp32, ldx floats apart) */                             \
+  static void decode_share_##E(const groups_t* g, const float* x, int ldx, int M, int K, int lo, int hi, \
+                               uint16_t* y, int ldy) {                                                 \
+    int part = (hi - lo + S - 1) / S;                                                                  \
+    for (int i = 0; i < part; i++) {                                                                   \
+      const uint16_t *ws[S], *bs[S];                                                                   \
+      uint16_t* ys[S];                                                                                 \
+      int nns[S], both = BLOCK;                                                                        \
+      for (int s = 0; s < S; s++) {                                                                    \
+        int item = lo + s * part + i, n0 = 0, nn = 0;                                                  \
+        if (item < hi) {                                                                               \
+          int gi = block_of(g, item, &n0, &nn);                                                        \
+          ws[s] = (const uint16_t*)g->w[gi] + (int64_t)n0 * K;                                         \
+          bs[s] = g->b[gi] ? (const uint16_t*)g->b[gi] + n0 : 0;                                       \
+          ys[s] = y + g->col[gi] + n0;                                                                 \
+        }                                                                                              \
+        nns[s] = nn;                                                                                   \
+        both = nn < both ? nn : both;                                                                  \
+      }                                                                                                \
+      for (int n = 0; n < both; n++)                                                                   \
+        for (int m = 0; m < M; m++) {                                                                  \
+          const uint16_t* wn[S];                                                                       \
+          float sums[S];                                                                               \
+          for (int s = 0; s < S; s++) wn[s] = ws[s] + (int64_t)n * K;                                  \
+          dot_many_##E(x + (int64_t)m * ldx, wn, K, sums);                                             \
+          for (int s = 0; s < S; s++)                                                                  \
+            ys[s][(int64_t)m * ldy + n] = round_##E(bs[s] ? from_##E(bs[s][n]) + sums[s] : sums[s]);   \
+        }                                                                                              \
+      for (int s = 0; s < S; s++) /* the parts' blocks cut short (a group's last), and a missing last */ \
+        if (nns[s] > both)                                                                             \
+          block_dot_##E(x, ldx, M, K, ws[s] + (int64_t)both * K, bs[s] ? bs[s] + both : 0, nns[s] - both, \
+                        ys[s] + both, ldy, 0, 0);                                                      \
+    }                                                                                                  \
+  }
+#define DOT_MANY_(E, S) DOT_MANY(E, S)
+DOT_MANY_(bf16, DOT_STREAMS)
+DOT_MANY_(f16, DOT_STREAMS)
 
 /* Many rows on AVX2, K a multiple of 8 * VW up to BC_MAX_K: the same sums as block_dot, in another layout.
  * Each (row, output) sum of block_dot is 64 chains, chain c = 8 r + l (slot r, lane l) adding x[k] w[k] for
@@ -657,8 +723,7 @@ BC_BLOCK(f16)
      * deschedules (a shared CPU) leaves its share to the others (AVX2 build, 160M layers at 128 rows, \
      * two threads: 1.36-1.41x GFLOPS on this shared host, 1.3-1.4x beside a busy process); decoding's \
      * one row keeps contiguous shares (no difference measured, and each thread's prefetches run on    \
-     * into its own next rows). */                                                                     \
-    int chunk = M > 2 ? 1 : (items + threads - 1) / threads;                                           \
+     * into its own next rows), read DOT_STREAMS at a time (decode_share). */                          \
     _Pragma("omp parallel num_threads(items < threads ? items : threads)")                             \
     {                                                                                                  \
       if (bc) {                                                                                         \
@@ -682,18 +747,23 @@ BC_BLOCK(f16)
       if (!ok) {                                                                                       \
         _Pragma("omp atomic write") failed = 1;                                                        \
       }                                                                                                \
-      /* every thread reaches the loop (a worksharing construct), doing nothing without buffers */     \
-      _Pragma("omp for schedule(dynamic, chunk)")                                                      \
-      for (int item = 0; item < items; item++) {                                                       \
-        if (!ok) continue;                                                                             \
-        int n0_, nn;                                                                                   \
-        int i = block_of(&g, item, &n0_, &nn);                                                         \
-        const uint16_t* b = g.b[i] ? (const uint16_t*)g.b[i] + n0_ : 0;                                \
-        if (bc)                                                                                         \
-          BC_BLOCK_CALL(E, xf, M, K, (const uint16_t*)g.w[i] + (int64_t)n0_ * K, b, nn, y + g.col[i] + n0_, ldy, wf, acc); \
-        else                                                                                            \
-          block_dot_##E(xf, ldf, M, K, (const uint16_t*)g.w[i] + (int64_t)n0_ * K, b, nn,               \
-                        y + g.col[i] + n0_, ldy, wf, acc);                                              \
+      if (M <= 2) { /* the same branch in every thread: none reaches the worksharing loop below */      \
+        int t = omp_get_thread_num(), nt = omp_get_num_threads();                                      \
+        decode_share_##E(&g, xf, ldf, M, K, (int)((int64_t)items * t / nt),                            \
+                         (int)((int64_t)items * (t + 1) / nt), y, ldy);                                \
+      } else { /* every thread reaches the loop (a worksharing construct), doing nothing without buffers */ \
+        _Pragma("omp for schedule(dynamic, 1)")                                                        \
+        for (int item = 0; item < items; item++) {                                                     \
+          if (!ok) continue;                                                                           \
+          int n0_, nn;                                                                                 \
+          int i = block_of(&g, item, &n0_, &nn);                                                       \
+          const uint16_t* b = g.b[i] ? (const uint16_t*)g.b[i] + n0_ : 0;                              \
+          if (bc)                                                                                      \
+            BC_BLOCK_CALL(E, xf, M, K, (const uint16_t*)g.w[i] + (int64_t)n0_ * K, b, nn, y + g.col[i] + n0_, ldy, wf, acc); \
+          else                                                                                         \
+            block_dot_##E(xf, ldf, M, K, (const uint16_t*)g.w[i] + (int64_t)n0_ * K, b, nn,             \
+                          y + g.col[i] + n0_, ldy, wf, acc);                                           \
+        }                                                                                              \
       }                                                                                                \
       free(wf);                                                                                        \
       free(acc);                                                                                       \
