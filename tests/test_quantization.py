@@ -317,7 +317,12 @@ def test_amx_tiles_follow_the_cpu_flags_and_never_serve_batches(monkeypatch):
 
 def test_prefill_multiplies_in_float32_where_the_cpu_has_no_bfloat16_products(monkeypatch):
     monkeypatch.setattr(qlinear, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c"}))
-    assert qlinear.float32_products()
+    for level in (None, "avx512"):  # no kernels (torch's bfloat16 product), or AVX-512 without BF16
+        monkeypatch.setattr(qlinear, "selected_isa", lambda level=level: level)
+        assert qlinear.float32_products(), level
+    # the AVX2 build's many-row bf16_dot kernel outruns torch's float32 product
+    monkeypatch.setattr(qlinear, "selected_isa", lambda: "avx2")
+    assert not qlinear.float32_products()
     for flags in ({"avx512f", "avx512_bf16"}, {"avx512f", "amx_bf16"}):
         monkeypatch.setattr(qlinear, "cpu_flags", lambda flags=flags: frozenset(flags))
         assert not qlinear.float32_products()

@@ -375,10 +375,12 @@ def float32_products() -> bool:
     """Whether prefill multiplies bfloat16 rows by float32 dequantized weights (torch's float32 product),
     not bfloat16 ones: on CPUs without AVX512-BF16 or AMX, where a bfloat16 product is float32
     arithmetic plus conversions (on a 2-core AMD EPYC, Zen 1: 1.1-1.3x faster, measured in
-    docs/quantization.md). `FLOAT32_PRODUCTS` overrides (tests)."""
+    docs/quantization.md), except at the avx2 level, whose many-row `bf16_dot` kernel (broadcast chains)
+    outruns torch's float32 product (Zen 3, the 3B layers at 128 rows, 2 threads, dequantizing included:
+    86-94 GFLOP/s against 62). `FLOAT32_PRODUCTS` overrides (tests)."""
     if FLOAT32_PRODUCTS is not None:
         return FLOAT32_PRODUCTS
-    return not ({"avx512_bf16", "amx_bf16"} & cpu_flags())
+    return not ({"avx512_bf16", "amx_bf16"} & cpu_flags()) and selected_isa() != "avx2"
 
 
 def amx_tiles(dtype: torch.dtype) -> bool:
