@@ -145,6 +145,16 @@ def test_the_prefill_kernel_benchmark_times_sources_in_turns_and_refuses_other_b
     out = subprocess.run([*args, str(source), str(source)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("GFLOP/s") == 2 and "1.00x the first" in out.stdout, out.stdout
+    # decoding's one row over two sets of the layers
+    one = subprocess.run(
+        [*args[:5], "1", "--turns", "1", "--copies", "2", str(source)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert one.returncode == 0 and "(2 set(s)" in one.stdout and "at 1 rows" in one.stdout, (
+        one.stdout + one.stderr
+    )
     # a source whose rounding differs: refused, naming it, before any timing
     other = tmp_path / "other.c"
     rounding = "return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);"
@@ -158,8 +168,9 @@ def test_the_prefill_kernel_benchmark_times_sources_in_turns_and_refuses_other_b
     assert (
         refused.returncode == 1 and "does not build" in refused.stderr and "Traceback" not in refused.stderr
     )
-    refused = subprocess.run([*args, "--threads", "0"], capture_output=True, text=True, timeout=600)
-    assert refused.returncode == 2 and "--threads" in refused.stderr
+    for bad in ("--threads", "--copies"):
+        refused = subprocess.run([*args, bad, "0"], capture_output=True, text=True, timeout=600)
+        assert refused.returncode == 2 and bad in refused.stderr, refused.stderr
     env = {**os.environ, "STABLELM_ISA": "avx9"}
     refused = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
     assert refused.returncode == 1 and "STABLELM_ISA='avx9'" in refused.stderr, refused.stderr
