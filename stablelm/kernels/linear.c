@@ -44,7 +44,7 @@
  * times the modes once per process and sets the fastest; the bits never depend on them):
  * - PF_DPBF16 (bf16_dpbf16, see DP_TILE): 0 non-temporal, the next block and each row's lines ahead;
  *   1 the next block into L2.
- * - PF_DOT (bf16_dot and f16_dot for decoding's rows, see DOT_ONE): each row's lines DOT_AHEAD on, 0
+ * - PF_DOT (bf16_dot and f16_dot for decoding's rows, see DOT_PREFETCH): each row's lines DOT_AHEAD on, 0
  *   into L1, 1 into L2; 2: 2 * DOT_AHEAD on, into L2. */
 #define PF_DPBF16 0
 #define PF_DOT 1
@@ -345,7 +345,7 @@ static inline float tree8(vf r0, vf r1, vf r2, vf r3, vf r4, vf r5, vf r6, vf r7
 #ifndef DOT_AHEAD
 #define DOT_AHEAD 2048 /* elements */
 #endif
-/* One row x one output, all of it: decoding's case. Prefetches by PF_DOT's mode: on a Zen 4 EPYC with the
+/* Decoding's rows of W asked for ahead (dot_many), by PF_DOT's mode: on a Zen 4 EPYC with the
  * AVX2 build, one thread, the 160M shape's layers read at 17.8 GB/s with mode 0 and 22.7 with mode 1
  * (3B: 20.0 and 24.9; two threads 1.05x; none at all: as fast as mode 1 on rows of 768-2560, but 0.63x
  * on rows of 6912); mode 0 was the rule before, from a Zen 1. Mode 2 asks for the lines twice as far
@@ -364,23 +364,25 @@ static inline float tree8(vf r0, vf r1, vf r2, vf r3, vf r4, vf r5, vf r6, vf r7
       prefetch_t1((const char*)((p) + 2 * DOT_AHEAD) + 64);                                            \
     }                                                                                                  \
   } while (0)
-#define DOT_ONE(E)                                                                                     \
-  static inline float dot_one_##E(const float* x, const uint16_t* w, int K) {                          \
-    vf r0 = vzero(), r1 = r0, r2 = r0, r3 = r0, r4 = r0, r5 = r0, r6 = r0, r7 = r0;                    \
+/* S outputs at once (decoding's rows, `decode_share`), each from start to end in registers: 8 chains of
+ * FMAs over its row of W in ATen's order, the same bits for any S. S rows far apart are S streams of
+ * reads in flight. */
+#define DOT_MANY(E, S)                                                                                 \
+  static inline void dot_many_##E##_##S(const float* x, const uint16_t* const* w, int K, float* out) {  \
+    vf a[S][8];                                                                                        \
+    for (int s = 0; s < S; s++)                                                                        \
+      for (int r = 0; r < 8; r++) a[s][r] = vzero();                                                   \
     int k64 = K / (8 * VW) * (8 * VW), k16 = K / (2 * VW) * (2 * VW);                                  \
     const int pf = prefetch_modes[PF_DOT];                                                             \
     for (int j = 0; j < k64; j += 8 * VW) {                                                            \
-      DOT_PREFETCH(pf, w + j); /* the rows follow one another: fetch ahead across their ends */        \
-      r0 = vfma(vload(x + j), wload_##E(w + j), r0);                                                   \
-      r1 = vfma(vload(x + j + VW), wload_##E(w + j + VW), r1);                                         \
-      r2 = vfma(vload(x + j + 2 * VW), wload_##E(w + j + 2 * VW), r2);                                 \
-      r3 = vfma(vload(x + j + 3 * VW), wload_##E(w + j + 3 * VW), r3);                                 \
-      r4 = vfma(vload(x + j + 4 * VW), wload_##E(w + j + 4 * VW), r4);                                 \
-      r5 = vfma(vload(x + j + 5 * VW), wload_##E(w + j + 5 * VW), r5);                                 \
-      r6 = vfma(vload(x + j + 6 * VW), wload_##E(w + j + 6 * VW), r6);                                 \
-      r7 = vfma(vload(x + j + 7 * VW), wload_##E(w + j + 7 * VW), r7);                                 \
+      /* the rows follow one another: fetch ahead across their ends */                                 \
+      for (int s = 0; s < S; s++) DOT_PREFETCH(pf, w[s] + j);                                          \
+      for (int r = 0; r < 8; r++)                                                                      \
+        for (int s = 0; s < S; s++) a[s][r] = vfma(vload(x + j + r * VW), wload_##E(w[s] + j + r * VW), a[s][r]); \
     }                                                                                                  \
-    return dot_tail_##E(x, w, k64, k16, K, tree8(r0, r1, r2, r3, r4, r5, r6, r7));                     \
+    for (int s = 0; s < S; s++)                                                                        \
+      out[s] = dot_tail_##E(x, w[s], k64, k16, K,                                                      \
+                            tree8(a[s][0], a[s][1], a[s][2], a[s][3], a[s][4], a[s][5], a[s][6], a[s][7])); \
   }
 
 /* Many rows: the block accumulators of MT rows x NT outputs for one register slot r (lanes r*VW ..
@@ -426,20 +428,9 @@ SLOT_TILE(1, 1)
  * `wf` (OUTS_T x CHUNK floats) and `acc` (M x OUTS_T x 8 x VW floats) are this thread's buffers. */
 #define DOT_BLOCK(E)                                                                                   \
   DOT_TAIL(E)                                                                                          \
-  DOT_ONE(E)                                                                                           \
   static void block_dot_##E(const float* x, int ldx, int M, int K, const uint16_t* w, const uint16_t* b, \
                             int nn, uint16_t* y, int ldy, float* wf, float* acc) {                     \
     int k64 = K / (8 * VW) * (8 * VW), k16 = K / (2 * VW) * (2 * VW);                                  \
-    if (M <= 2) { /* decoding: each (row, output) in registers from start to end */                    \
-      for (int n = 0; n < nn; n++) {                                                                   \
-        float bias = b ? from_##E(b[n]) : 0.0f;                                                        \
-        for (int m = 0; m < M; m++) {                                                                  \
-          float sum = dot_one_##E(x + (int64_t)m * ldx, w + (int64_t)n * K, K);                        \
-          y[(int64_t)m * ldy + n] = round_##E(b ? bias + sum : sum);                                   \
-        }                                                                                              \
-      }                                                                                                \
-      return;                                                                                          \
-    }                                                                                                  \
     /* x (fp32) is laid out slot by slot up to k64 (T blocks: slot r at r * T * VW), then in order */  \
     /* Rows in blocks of ROW_BLOCK; in each, k in chunks and, within a chunk, the outputs in fours: the  \
      * chunk's columns of the block's rows of x stay in L2 while every four outputs use them (the 3B   \
@@ -492,30 +483,18 @@ DOT_BLOCK(bf16)
 DOT_BLOCK(f16)
 
 /* Decoding's rows (M <= 2), a thread's share of the blocks of outputs: the share cut in DOT_STREAMS parts
- * read side by side, output n of a block of each part at once, each sum with dot_one's chains in its
- * order (the same bits). One core's reads of one row after another are bound by the lines in flight, not
- * by the arithmetic; two streams far apart keep more of them in flight (AVX2 build on a Zen 3 EPYC, the
- * 3B shape's layers at one row, cold: 1.12-1.24x at one thread, 1.17-1.42x at two; the same layers in the
+ * read side by side, output n of a block of each part at once (`dot_many`, the same bits as one at a
+ * time). One core's reads of one row after another are bound by the lines in flight, not by the
+ * arithmetic; two streams far apart keep more of them in flight (AVX2 build on a Zen 3 EPYC, the 3B
+ * shape's layers at one row, cold: 1.12-1.24x at one thread, 1.17-1.42x at two; the same layers in the
  * caches 1.08x; 3 or 4 streams no better cold and 0.87x cached, their accumulators spilled). */
 #ifndef DOT_STREAMS
 #define DOT_STREAMS 2
 #endif
-#define DOT_MANY(E, S)                                                                                 \
-  static inline void dot_many_##E(const float* x, const uint16_t* const* w, int K, float* out) {       \
-    vf a[S][8];                                                                                        \
-    for (int s = 0; s < S; s++)                                                                        \
-      for (int r = 0; r < 8; r++) a[s][r] = vzero();                                                   \
-    int k64 = K / (8 * VW) * (8 * VW), k16 = K / (2 * VW) * (2 * VW);                                  \
-    const int pf = prefetch_modes[PF_DOT];                                                             \
-    for (int j = 0; j < k64; j += 8 * VW) {                                                            \
-      for (int s = 0; s < S; s++) DOT_PREFETCH(pf, w[s] + j);                                          \
-      for (int r = 0; r < 8; r++)                                                                      \
-        for (int s = 0; s < S; s++) a[s][r] = vfma(vload(x + j + r * VW), wload_##E(w[s] + j + r * VW), a[s][r]); \
-    }                                                                                                  \
-    for (int s = 0; s < S; s++)                                                                        \
-      out[s] = dot_tail_##E(x, w[s], k64, k16, K,                                                      \
-                            tree8(a[s][0], a[s][1], a[s][2], a[s][3], a[s][4], a[s][5], a[s][6], a[s][7])); \
-  }                                                                                                    \
+#define DOT_MANY_(E, S) DOT_MANY(E, S)
+#define DOT_MANY_CALL_(E, S, ...) dot_many_##E##_##S(__VA_ARGS__)
+#define DOT_MANY_CALL(E, S, ...) DOT_MANY_CALL_(E, S, __VA_ARGS__)
+#define DECODE_SHARE(E, S)                                                                             \
   /* blocks [lo, hi) of g for M <= 2 rows of x (fp32, ldx floats apart) */                             \
   static void decode_share_##E(const groups_t* g, const float* x, int ldx, int M, int K, int lo, int hi, \
                                uint16_t* y, int ldy) {                                                 \
@@ -523,7 +502,7 @@ DOT_BLOCK(f16)
     for (int i = 0; i < part; i++) {                                                                   \
       const uint16_t *ws[S], *bs[S];                                                                   \
       uint16_t* ys[S];                                                                                 \
-      int nns[S], both = BLOCK;                                                                        \
+      int nns[S];                                                                                      \
       for (int s = 0; s < S; s++) {                                                                    \
         int item = lo + s * part + i, n0 = 0, nn = 0;                                                  \
         if (item < hi) {                                                                               \
@@ -533,26 +512,34 @@ DOT_BLOCK(f16)
           ys[s] = y + g->col[gi] + n0;                                                                 \
         }                                                                                              \
         nns[s] = nn;                                                                                   \
-        both = nn < both ? nn : both;                                                                  \
       }                                                                                                \
-      for (int n = 0; n < both; n++)                                                                   \
+      for (int n = 0; n < BLOCK; n++) { /* the parts that still have an output n: all S, or fewer */   \
+        const uint16_t* wn[S];                                                                         \
+        int of[S], cnt = 0;                                                                            \
+        for (int s = 0; s < S; s++)                                                                    \
+          if (n < nns[s]) wn[cnt] = ws[s] + (int64_t)n * K, of[cnt++] = s;                             \
+        if (!cnt) break;                                                                               \
         for (int m = 0; m < M; m++) {                                                                  \
-          const uint16_t* wn[S];                                                                       \
           float sums[S];                                                                               \
-          for (int s = 0; s < S; s++) wn[s] = ws[s] + (int64_t)n * K;                                  \
-          dot_many_##E(x + (int64_t)m * ldx, wn, K, sums);                                             \
-          for (int s = 0; s < S; s++)                                                                  \
-            ys[s][(int64_t)m * ldy + n] = round_##E(bs[s] ? from_##E(bs[s][n]) + sums[s] : sums[s]);   \
+          const float* xm = x + (int64_t)m * ldx;                                                      \
+          if (cnt == S) DOT_MANY_CALL(E, S, xm, wn, K, sums);                                          \
+          else for (int c = 0; c < cnt; c++) dot_many_##E##_1(xm, wn + c, K, sums + c);                \
+          for (int c = 0; c < cnt; c++) {                                                              \
+            int t = of[c];                                                                             \
+            ys[t][(int64_t)m * ldy + n] = round_##E(bs[t] ? from_##E(bs[t][n]) + sums[c] : sums[c]);   \
+          }                                                                                            \
         }                                                                                              \
-      for (int s = 0; s < S; s++) /* the parts' blocks cut short (a group's last), and a missing last */ \
-        if (nns[s] > both)                                                                             \
-          block_dot_##E(x, ldx, M, K, ws[s] + (int64_t)both * K, bs[s] ? bs[s] + both : 0, nns[s] - both, \
-                        ys[s] + both, ldy, 0, 0);                                                      \
+      }                                                                                                \
     }                                                                                                  \
   }
-#define DOT_MANY_(E, S) DOT_MANY(E, S)
+DOT_MANY(bf16, 1)
+DOT_MANY(f16, 1)
+#if DOT_STREAMS > 1
 DOT_MANY_(bf16, DOT_STREAMS)
 DOT_MANY_(f16, DOT_STREAMS)
+#endif
+DECODE_SHARE(bf16, DOT_STREAMS)
+DECODE_SHARE(f16, DOT_STREAMS)
 
 /* Many rows on AVX2, K a multiple of 8 * VW up to BC_MAX_K: the same sums as block_dot, in another layout.
  * Each (row, output) sum of block_dot is 64 chains, chain c = 8 r + l (slot r, lane l) adding x[k] w[k] for
