@@ -177,6 +177,31 @@ def test_one_row_kernels_match_dequantized_reference(qtype, group, k, path, monk
         clear_caches()
 
 
+@pytest.mark.parametrize(("qtype", "group"), [("int8", 128), ("int4", 64)])
+def test_one_row_bits_do_not_depend_on_the_threads(qtype, group):
+    """Decoding's outputs are dealt to the threads in spans as each comes free (kernels/spans.h), so which
+    thread and span computes an output changes from call to call: its bits must not. 2181 outputs at 1
+    to 5 threads (spans of every size down to the smallest and the last partial one) give the same bits
+    as at one thread, and cover every output (against the float64 reference)."""
+    threads = torch.get_num_threads()
+    try:
+        gen = torch.Generator().manual_seed(11)
+        w = (torch.randn(2181, 2240, generator=gen) * 0.05).bfloat16()
+        layer = QuantizedLinear.from_dense(w, None, quant_type=qtype, group_size=group)
+        x = torch.randn(1, 2240, generator=gen).bfloat16()
+        outs = []
+        for n_threads in (1, 2, 3, 5):
+            torch.set_num_threads(n_threads)
+            with torch.no_grad():
+                outs.append(layer(x))
+        ref = _reference(layer, x)
+        assert ((outs[0].double() - ref).abs().max() / ref.abs().max()).item() < 8e-3
+        for n_threads, y in zip((2, 3, 5), outs[1:]):
+            assert torch.equal(y, outs[0]), n_threads
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("path", [*PATHS[1:], "amx"])
 @pytest.mark.parametrize(("qtype", "group"), [("int8", 128), ("int4", 64), ("int4", 128), ("int4", 256)])
 def test_integer_kernels_extreme_inputs(qtype, group, path, monkeypatch):

@@ -33,6 +33,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "spans.h" /* decoding's outputs dealt in spans as threads come free */
+
 #if defined(__AVX512F__)
 #define VW 16
 #define MRMAX 4
@@ -354,13 +356,12 @@ int stablelm_q8_linear(const void* x, int type, int M, int K, int ldx, void* y, 
       if (!x_to_i16(xf, K, XB8, 15, x16, xinv)) free(x16), x16 = NULL;
     }
 #endif
-    int per, parts = one_row_split(N, threads, &per);
-#pragma omp parallel for num_threads(parts) schedule(static)
-    for (int p = 0; p < parts; p++) {
-      int n0 = p * per, n1 = n0 + per < N ? n0 + per : N;
+    spans_t sp = {0, N};
+#pragma omp parallel num_threads(threads)
+    {
       float out[ONE_ROW_CHUNK];
-      for (int c = n0; c < n1; c += ONE_ROW_CHUNK) {
-        int c1 = c + ONE_ROW_CHUNK < n1 ? c + ONE_ROW_CHUNK : n1;
+      int c, c1;
+      while (take_span(&sp, threads, 16, ONE_ROW_CHUNK, &c, &c1)) {
 #if !defined(__AVX512F__)
         if (x16)
           q8_one_i16(xf, x16, xinv, K, w, s, c, c1, out);
@@ -683,13 +684,12 @@ int stablelm_q4_linear(const void* x, int type, int M, int K, int ldx, void* y, 
       }
     }
 #endif
-    int per, parts = one_row_split(N, threads, &per);
-#pragma omp parallel for num_threads(parts) schedule(static)
-    for (int p = 0; p < parts; p++) {
-      int n0 = p * per, n1 = n0 + per < N ? n0 + per : N;
+    spans_t sp = {0, N};
+#pragma omp parallel num_threads(threads)
+    {
       float out[ONE_ROW_CHUNK];
-      for (int c = n0; c < n1; c += ONE_ROW_CHUNK) {
-        int c1 = c + ONE_ROW_CHUNK < n1 ? c + ONE_ROW_CHUNK : n1;
+      int c, c1;
+      while (take_span(&sp, threads, 16, ONE_ROW_CHUNK, &c, &c1)) {
 #if defined(__AVX512F__)
         if (vh)
           q4_one_vnni(vh, vl, xinv, xs, K, group, w, sc, mn, c, c1, out);
