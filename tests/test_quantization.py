@@ -196,7 +196,7 @@ def test_one_row_bits_do_not_depend_on_the_threads(qtype, group):
                 outs.append(layer(x))
         ref = _reference(layer, x)
         assert ((outs[0].double() - ref).abs().max() / ref.abs().max()).item() < 8e-3
-        for n_threads, y in zip((2, 3, 5), outs[1:]):
+        for n_threads, y in zip((2, 3, 5), outs[1:], strict=True):
             assert torch.equal(y, outs[0]), n_threads
     finally:
         torch.set_num_threads(threads)
