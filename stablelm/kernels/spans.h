@@ -1,4 +1,4 @@
-/* Included by linear.c and quant.c (not compiled alone). Decoding's one row: the outputs dealt to the
+/* Included by quant.c (not compiled alone); linear.c's bf16 decoding still splits in halves. Decoding's one row: the outputs dealt to the
  * threads in spans as each comes free, large first and smaller towards the end (OpenMP's "guided"
  * order, written out so that a span is a range the kernels stream through): each span is what is left
  * divided by twice the threads, a multiple of `unit` outputs, at least SPAN_MIN and at most `most`.
