@@ -160,7 +160,7 @@ for dtype in DTYPES:
     for n, k in [(64, 768), (2304, 768), (1000, 2560), (96, 4608), (7, 5), (130, 1025), (300, 6912), (200, 2048)]:
         w = (torch.randn(n, k) * 4).to(dtype)
         for bias in (None, torch.randn(n).to(dtype)):
-            for rows in (1, 2, 3, 5, 8, 9, 17, 64, 128):
+            for rows in (1, 2, 3, 4, 5, 8, 9, 12, 13, 17, 64, 128):
                 x = torch.randn(rows, k).to(dtype)
                 found = plan(dtype, k, n, bias is not None, rows)
                 print("plan", str(dtype)[6:], n, k, bias is not None, rows, found)
