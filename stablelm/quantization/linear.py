@@ -3,8 +3,8 @@
 Its state dict holds the quantized tensors (`weight`, `weight_scale`, `weight_min` for int4, `bias` in
 the model's dtype): what `save_pretrained` writes and a quantized checkpoint loads back. A call on the
 CPU with float32 or bfloat16 activations runs on stablelm's native kernels (`stablelm/kernels/quant.c`):
-up to `KERNEL_MAX_ROWS` rows (decoding) on the quantized weight itself, more rows (prefill) by
-dequantizing the weight (whole, or in tiles of `SCRATCH_BYTES`) into a scratch buffer the thread keeps
+up to `KERNEL_MAX_ROWS` rows (decoding) on the quantized weight itself (on the avx2 level up to
+`CHUNKED_MAX_ROWS` rows, in calls of `KERNEL_MAX_ROWS`), more rows (prefill) by dequantizing the weight (whole, or in tiles of `SCRATCH_BYTES`) into a scratch buffer the thread keeps
 and multiplying with torch's kernel. Elsewhere
 (other devices or dtypes, no kernels: `STABLELM_ISA=none`, autograd on) the weight is dequantized with
 torch and `F.linear` runs; gradients flow to the input, never to the frozen quantized weight.
@@ -24,7 +24,14 @@ from ..kernels.prefetch import quant_prefetch_mode
 from ..layers import linear_in_check, one_row_active
 from . import formats
 
-KERNEL_MAX_ROWS = 8  # beyond this, dequantized tiles and torch's matrix product are faster
+KERNEL_MAX_ROWS = 8  # the most rows one call of the kernels takes
+# On the avx2 level, up to this many rows run as calls of KERNEL_MAX_ROWS rows (and the rest) on the
+# quantized weight; beyond it the dequantized weight and a matrix product are faster. 3B shape's 2560 x
+# 6912 layer, cold, 2 threads, a Zen 3: int8 at 9 / 12 / 16 rows 4.2 / 4.8 / 6.0 ms in calls of 8 rows
+# against 8.2 / 10.4 / 11.8 dequantized (and 5.1 / 7.3 / 8.1 for the bf16 layer); int4 6.5 / 6.7 / 9.5
+# against 9.5 / 9.3 / 11.9; at 20 rows int4's calls were slower (14.7 against 12.8). Not measured on the
+# AVX-512 levels, which keep the dequantized product past KERNEL_MAX_ROWS.
+CHUNKED_MAX_ROWS = 16
 # Prefill: the weight is dequantized into a scratch buffer of at most this many bytes (the whole layer for
 # every layer of the 3B shape; tiles of this size for larger ones), kept and reused by every layer and call
 # of the thread, and multiplied in one call of torch's kernel per tile. Small tiles kept the buffer in the cache, but each matrix product of a
@@ -170,8 +177,15 @@ class QuantizedLinear(nn.Module):
             return x.new_empty(*x.shape[:-1], self.out_features)
         if m > 1 and one_row_active():  # speculative decoding's check: each row as the one-row kernel sums it
             y = self.as_lone_rows(rows)
-        elif m > KERNEL_MAX_ROWS:
+        elif m > KERNEL_MAX_ROWS and (m > CHUNKED_MAX_ROWS or selected_isa() != "avx2"):
             y = self._tiled(rows)
+        elif m > KERNEL_MAX_ROWS:  # a few more rows: calls of KERNEL_MAX_ROWS rows
+            y = torch.empty(m, self.out_features, dtype=x.dtype)
+            size, ldx = y.element_size(), rows.stride(0)
+            for r0 in range(0, m, KERNEL_MAX_ROWS):
+                c = min(KERNEL_MAX_ROWS, m - r0)
+                fn, args = self.kernel_call(c, ldx, y.data_ptr() + r0 * self.out_features * size, x.dtype)
+                check_status(fn(rows[r0].data_ptr(), *args), self.quant_type, c, self.in_features)
         else:
             y = torch.empty(m, self.out_features, dtype=x.dtype)
             fn, args = self.kernel_call(
