@@ -637,17 +637,21 @@ int stablelm_q4_linear(const void* x, int type, int M, int K, int ldx, void* y, 
   if (xb)
     for (int m = 0; m < M; m++) memcpy(xb + (size_t)m * K, (const uint16_t*)x + (size_t)m * ldx, (size_t)K * 2);
   int blocks = (N + NB - 1) / NB, half = K / 2;
-#if defined(__AVX512F__) || defined(HAVE_AVXVNNI)
-  if ((mode & 2) && M > 1 && M <= 8) { /* the one-row VNNI kernel's sums for each row */
-    int st = q4_linear_vnni_rows(xf, xs, M, K, y, N, w, sc, mn, group, b, threads);
+  /* 2 to 8 rows by the one-row kernel's integer sums, each row as it alone gets them: VNNI (mode 2), and
+     on AVX2 bfloat16 rows in groups of up to 256 (q4_one_i16's condition; before 2026-12-07 these took the
+     float32 sums below, 1.5-1.7x slower at 2-4 rows of the 3B shape's layers on a Zen 3) */
+#if defined(__AVX512F__)
+  int int_rows = (mode & 2) != 0;
+#else
+  int int_rows = (mode & 2) || (type == XBF16 && group <= 256);
+#endif
+  if (int_rows && M > 1 && M <= 8) {
+    int st = q4_linear_int_rows(xf, xs, M, K, y, N, w, sc, mn, group, b, mode, threads);
     free(xf), free(xs), free(xb);
     return st;
   }
   /* a lone row of a batch takes the one-row kernel: the same sums as in any batch */
-  if (M == 1 && (!batch || (mode & 2))) {
-#else
-  if (M == 1 && !batch) {
-#endif
+  if (M == 1 && (!batch || int_rows)) {
     int16_t* x16 = NULL;
     float* xinv = NULL;
 #if !defined(__AVX512F__)

@@ -252,6 +252,40 @@ static void q4_one_i16(const int8_t* xh, const int8_t* xl, const float* xinv, co
   }
 }
 
+/* 2 to 8 rows of x, each through q4_rows_i16 itself (Q4I rows of W at a time, read again from the cache
+   for each row of x): every row gets the one-row kernel's bits whatever rows share the call. dig: the rows'
+   high digits (Kp apart), then their low ones. */
+static inline __attribute__((always_inline)) void q4_multi_i16_g(const int8_t* dig, int Kp, const float* xinv,
+                                                                 const float* xs, int K, int group, const int GS,
+                                                                 const uint8_t* w, const uint16_t* sc,
+                                                                 const uint16_t* mn, int n0, int n1, int M,
+                                                                 float* out) {
+  int G = K / group, rows[Q4I];
+  float o[Q4I];
+  for (int n = n0; n < n1; n += Q4I) {
+    int S = n1 - n < Q4I ? n1 - n : Q4I;
+    for (int i = 0; i < S; i++) rows[i] = n + i;
+    for (int m = 0; m < M; m++) {
+      const int8_t *xh = dig + (size_t)m * Kp, *xl = dig + (size_t)(M + m) * Kp;
+      const float *xi = xinv + (size_t)m * G, *xsm = xs + (size_t)m * G;
+      if (S == Q4I)
+        q4_rows_i16(xh, xl, xi, xsm, K, group, GS, w, sc, mn, Q4I, rows, o);
+      else
+        for (int i = 0; i < S; i++) q4_rows_i16(xh, xl, xi, xsm, K, group, GS, w, sc, mn, 1, rows + i, o + i);
+      for (int i = 0; i < S; i++) out[(n + i - n0) * 8 + m] = o[i];
+    }
+  }
+}
+
+static void q4_multi_i16(const int8_t* dig, int Kp, const float* xinv, const float* xs, int K, int group,
+                         const uint8_t* w, const uint16_t* sc, const uint16_t* mn, int n0, int n1, int M, float* out) {
+  switch (group) {
+    case 64: q4_multi_i16_g(dig, Kp, xinv, xs, K, group, 64, w, sc, mn, n0, n1, M, out); break;
+    case 128: q4_multi_i16_g(dig, Kp, xinv, xs, K, group, 128, w, sc, mn, n0, n1, M, out); break;
+    default: q4_multi_i16_g(dig, Kp, xinv, xs, K, group, 0, w, sc, mn, n0, n1, M, out); break;
+  }
+}
+
 /* AVX-VNNI (256-bit vpdpbusd; Intel's Core CPUs since Alder Lake, which have no AVX-512): int4 as
    q4_rows_i16, the same digits, but each vpdpbusd multiplies 32 nibbles (unsigned) by a digit (signed) and
    sums 4 products into each int32 lane: per 32 bytes (64 weights) an and, a shift and an and, four
@@ -523,12 +557,13 @@ static VNNI_FN void q4_multi_vnni(const int8_t* vh, const int8_t* vl, int Kp, co
 }
 #endif
 
-#if defined(__AVX512F__) || defined(HAVE_AVXVNNI)
 /* stablelm_q4_linear's 2 to 8 bfloat16 rows (xf, xs: as float32, and their group sums) by q4_multi_vnni
-   (AVX-512) or q4_multi_avxvnni (AVX2 with AVX-VNNI); a row holding Inf or NaN by q4_one_f32, as the
-   one-row path computes it */
-static int q4_linear_vnni_rows(const float* xf, const float* xs, int M, int K, void* y, int N, const uint8_t* w,
-                               const uint16_t* sc, const uint16_t* mn, int group, const void* b, int threads) {
+   (AVX-512), q4_multi_avxvnni (AVX2 with AVX-VNNI: mode 2) or q4_multi_i16 (AVX2); a row holding Inf or
+   NaN by q4_one_f32, as the one-row path computes it */
+static int q4_linear_int_rows(const float* xf, const float* xs, int M, int K, void* y, int N, const uint8_t* w,
+                              const uint16_t* sc, const uint16_t* mn, int group, const void* b, int mode,
+                              int threads) {
+  (void)mode;
   int G = K / group, Kp = (K + 127) / 128 * 128, ok[8], bad = 0;
   int16_t* x16 = (int16_t*)malloc((size_t)K * 2);
   int8_t* dig = (int8_t*)calloc((size_t)2 * M * Kp, 1);
@@ -559,7 +594,12 @@ static int q4_linear_vnni_rows(const float* xf, const float* xs, int M, int K, v
 #if defined(__AVX512F__)
       q4_multi_vnni(dig, dig + (size_t)M * Kp, Kp, xinv, xs, K, group, w, sc, mn, c, c1, M, out);
 #else
-      q4_multi_avxvnni(dig, Kp, xinv, xs, K, group, w, sc, mn, c, c1, M, out);
+#if defined(HAVE_AVXVNNI)
+      if (mode & 2)
+        q4_multi_avxvnni(dig, Kp, xinv, xs, K, group, w, sc, mn, c, c1, M, out);
+      else
+#endif
+        q4_multi_i16(dig, Kp, xinv, xs, K, group, w, sc, mn, c, c1, M, out);
 #endif
       for (int m = 0; bad && m < M; m++)
         if (!ok[m]) {
@@ -574,4 +614,3 @@ static int q4_linear_vnni_rows(const float* xf, const float* xs, int M, int K, v
   free(x16), free(dig), free(xinv);
   return 0;
 }
-#endif

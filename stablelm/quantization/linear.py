@@ -197,12 +197,14 @@ class QuantizedLinear(nn.Module):
     def lone_row_chunk(self, dtype: torch.dtype) -> int:
         """How many rows of `dtype` one kernel call may take and still give each the bits of the kernel of
         one row (the decoding step's), with `kernel_call(..., lone=True)`: `KERNEL_MAX_ROWS` for int4 on its
-        VNNI kernels, whose forms for several rows compute each output as the one-row form does (not on
-        AMX tiles), and for int8 where its one-row kernel sums in float32 (the avx512 level; float32 rows
+        VNNI kernels and, for bfloat16 rows in groups of up to 256, on the avx2 level's integer kernel, whose
+        forms for several rows compute each output as the one-row form does (not on AMX tiles), and for int8 where its one-row kernel sums in float32 (the avx512 level; float32 rows
         on avx2), through a kernel of several rows in that order (XLONE); else 1 (the kernels of several
         rows sum in another order)."""
         if self.quant_type == "int4":
             lone = bool(int4_mode(dtype) & 2) and not amx_tiles(dtype)
+            # AVX2: 2-8 bfloat16 rows by the one-row kernel's integer sums (groups of up to 256)
+            lone = lone or (selected_isa() == "avx2" and dtype == torch.bfloat16 and self.group_size <= 256)
         else:
             lone = selected_isa() == "avx512" or dtype == torch.float32
         return KERNEL_MAX_ROWS if lone else 1
