@@ -428,9 +428,26 @@ SLOT_TILE(1, 1)
  * `wf` (OUTS_T x CHUNK floats) and `acc` (M x OUTS_T x 8 x VW floats) are this thread's buffers. */
 #define DOT_BLOCK(E)                                                                                   \
   DOT_TAIL(E)                                                                                          \
+  /* rows [m0, m1) x nn outputs from their slots' sums (row m's output n at acc + (m - m0) ldacc +     \
+   * n 8 VW): tree8 over the slots, the tail past k64, the bias, rounded into y */                   \
+  static void block_finish_##E(const float* x, int ldx, int m0, int m1, int K, const uint16_t* w,      \
+                               const uint16_t* b, int nn, uint16_t* y, int ldy, const float* acc,      \
+                               int ldacc) {                                                            \
+    int k64 = K / (8 * VW) * (8 * VW), k16 = K / (2 * VW) * (2 * VW);                                  \
+    for (int m = m0; m < m1; m++)                                                                      \
+      for (int n = 0; n < nn; n++) {                                                                   \
+        const float* a = acc + (int64_t)(m - m0) * ldacc + n * 8 * VW;                                 \
+        float sum = 0.0f;                                                                              \
+        if (k64) sum = tree8(vload(a), vload(a + VW), vload(a + 2 * VW), vload(a + 3 * VW),             \
+                             vload(a + 4 * VW), vload(a + 5 * VW), vload(a + 6 * VW), vload(a + 7 * VW)); \
+        else sum = vsum(vzero());                                                                      \
+        sum = dot_tail_##E(x + (int64_t)m * ldx, w + (int64_t)n * K, k64, k16, K, sum);                \
+        y[(int64_t)m * ldy + n] = round_##E(b ? from_##E(b[n]) + sum : sum);                           \
+      }                                                                                                \
+  }                                                                                                    \
   static void block_dot_##E(const float* x, int ldx, int M, int K, const uint16_t* w, const uint16_t* b, \
                             int nn, uint16_t* y, int ldy, float* wf, float* acc) {                     \
-    int k64 = K / (8 * VW) * (8 * VW), k16 = K / (2 * VW) * (2 * VW);                                  \
+    int k64 = K / (8 * VW) * (8 * VW);                                                                 \
     /* x (fp32) is laid out slot by slot up to k64 (T blocks: slot r at r * T * VW), then in order */  \
     /* Rows in blocks of ROW_BLOCK; in each, k in chunks and, within a chunk, the outputs in fours: the  \
      * chunk's columns of the block's rows of x stay in L2 while every four outputs use them (the 3B   \
@@ -462,16 +479,7 @@ SLOT_TILE(1, 1)
           }                                                                                            \
         }                                                                                              \
       }                                                                                                \
-      for (int m = m0; m < m1; m++)                                                                    \
-        for (int n = 0; n < nn; n++) {                                                                 \
-          const float* a = acc + (int64_t)(m - m0) * ldacc + n * 8 * VW;                               \
-          float sum = 0.0f;                                                                            \
-          if (k64) sum = tree8(vload(a), vload(a + VW), vload(a + 2 * VW), vload(a + 3 * VW),           \
-                               vload(a + 4 * VW), vload(a + 5 * VW), vload(a + 6 * VW), vload(a + 7 * VW)); \
-          else sum = vsum(vzero());                                                                    \
-          sum = dot_tail_##E(x + (int64_t)m * ldx, w + (int64_t)n * K, k64, k16, K, sum);              \
-          y[(int64_t)m * ldy + n] = round_##E(b ? from_##E(b[n]) + sum : sum);                         \
-        }                                                                                              \
+      block_finish_##E(x, ldx, m0, m1, K, w, b, nn, y, ldy, acc, ldacc);                               \
     }                                                                                                  \
   }
 #if VW == 16
@@ -525,8 +533,7 @@ DOT_BLOCK(f16)
   FEW_TILE(E, 1, 1) FEW_TILE(E, 2, 1) FEW_TILE(E, 3, 1) FEW_TILE(E, 1, 2) FEW_TILE(E, 2, 2) FEW_TILE(E, 3, 2) \
   static void block_few_##E(const float* x, int ldx, int M, int K, const uint16_t* w, const uint16_t* b, \
                             int nn, uint16_t* y, int ldy, float* acc) {                                \
-    int k64 = K / (8 * VW) * (8 * VW), k16 = K / (2 * VW) * (2 * VW), T = k64 / (8 * VW);             \
-    int ldacc = BLOCK * 8 * VW;                                                                        \
+    int T = K / (8 * VW), ldacc = BLOCK * 8 * VW;                                                      \
     for (int n0 = 0; n0 < nn; n0 += 2) {                                                               \
       const uint16_t* wn = w + (int64_t)n0 * K;                                                        \
       int two = nn - n0 >= 2;                                                                          \
@@ -546,16 +553,7 @@ DOT_BLOCK(f16)
           }                                                                                            \
         }                                                                                              \
     }                                                                                                  \
-    for (int m = 0; m < M; m++)                                                                        \
-      for (int n = 0; n < nn; n++) {                                                                   \
-        const float* a = acc + (int64_t)m * ldacc + n * 8 * VW;                                        \
-        float sum = 0.0f;                                                                              \
-        if (k64) sum = tree8(vload(a), vload(a + VW), vload(a + 2 * VW), vload(a + 3 * VW),             \
-                             vload(a + 4 * VW), vload(a + 5 * VW), vload(a + 6 * VW), vload(a + 7 * VW)); \
-        else sum = vsum(vzero());                                                                      \
-        sum = dot_tail_##E(x + (int64_t)m * ldx, w + (int64_t)n * K, k64, k16, K, sum);                \
-        y[(int64_t)m * ldy + n] = round_##E(b ? from_##E(b[n]) + sum : sum);                           \
-      }                                                                                                \
+    block_finish_##E(x, ldx, 0, M, K, w, b, nn, y, ldy, acc, ldacc);                                   \
   }
 FEW_BLOCK(bf16)
 FEW_BLOCK(f16)
