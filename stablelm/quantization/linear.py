@@ -180,12 +180,7 @@ class QuantizedLinear(nn.Module):
         elif m > KERNEL_MAX_ROWS and (m > CHUNKED_MAX_ROWS or selected_isa() != "avx2"):
             y = self._tiled(rows)
         elif m > KERNEL_MAX_ROWS:  # a few more rows: calls of KERNEL_MAX_ROWS rows
-            y = torch.empty(m, self.out_features, dtype=x.dtype)
-            size, ldx = y.element_size(), rows.stride(0)
-            for r0 in range(0, m, KERNEL_MAX_ROWS):
-                c = min(KERNEL_MAX_ROWS, m - r0)
-                fn, args = self.kernel_call(c, ldx, y.data_ptr() + r0 * self.out_features * size, x.dtype)
-                check_status(fn(rows[r0].data_ptr(), *args), self.quant_type, c, self.in_features)
+            y = self._in_calls(rows, KERNEL_MAX_ROWS, lone=False)
         else:
             y = torch.empty(m, self.out_features, dtype=x.dtype)
             fn, args = self.kernel_call(
@@ -198,9 +193,10 @@ class QuantizedLinear(nn.Module):
         """How many rows of `dtype` one kernel call may take and still give each the bits of the kernel of
         one row (the decoding step's), with `kernel_call(..., lone=True)`: `KERNEL_MAX_ROWS` for int4 on its
         VNNI kernels and, for bfloat16 rows in groups of up to 256, on the avx2 level's integer kernel, whose
-        forms for several rows compute each output as the one-row form does (not on AMX tiles), and for int8 where its one-row kernel sums in float32 (the avx512 level; float32 rows
-        on avx2), through a kernel of several rows in that order (XLONE); else 1 (the kernels of several
-        rows sum in another order)."""
+        forms for several rows compute each output as the one-row form does (not on AMX tiles), and for
+        int8 where its one-row kernel sums in float32 (the avx512 level; float32 rows on avx2), through a
+        kernel of several rows in that order (XLONE); else 1 (the kernels of several rows sum in another
+        order)."""
         if self.quant_type == "int4":
             lone = bool(int4_mode(dtype) & 2) and not amx_tiles(dtype)
             # AVX2: 2-8 bfloat16 rows by the one-row kernel's integer sums (groups of up to 256)
@@ -216,26 +212,38 @@ class QuantizedLinear(nn.Module):
         bits a call on that row alone gives it (see `layers.one_row_bits`): `lone_row_chunk` rows a call,
         their outputs at address `y` (m rows of out_features, contiguous). `fn(x + first row's offset,
         *args)` runs one."""
-        step, size = self.lone_row_chunk(dtype), torch.empty(0, dtype=dtype).element_size()
+        return self._row_calls(m, ldx, y, dtype, self.lone_row_chunk(dtype), threads, lone=True)
+
+    def _row_calls(
+        self, m: int, ldx: int, y: int, dtype: torch.dtype, step: int, threads: int | None, *, lone: bool
+    ) -> list[tuple[int, object, tuple]]:
+        """(first row, fn, args) of the kernel calls of `step` rows (the last fewer) over `m` rows, their
+        outputs at address `y` (m rows of out_features, contiguous); `lone` as in `kernel_call`."""
+        size = torch.empty(0, dtype=dtype).element_size()
         return [
             (
                 r0,
                 *self.kernel_call(
-                    min(step, m - r0), ldx, y + r0 * self.out_features * size, dtype, threads, lone=True
+                    min(step, m - r0), ldx, y + r0 * self.out_features * size, dtype, threads, lone=lone
                 ),
             )
             for r0 in range(0, m, step)
         ]
 
+    def _in_calls(self, rows: torch.Tensor, step: int, *, lone: bool) -> torch.Tensor:
+        """rows (M, K) through the native kernels in calls of `step` rows (see `_row_calls`)."""
+        m, k = rows.shape
+        y = torch.empty(m, self.out_features, dtype=rows.dtype)
+        for r0, fn, args in self._row_calls(
+            m, max(rows.stride(0), k), y.data_ptr(), rows.dtype, step, None, lone=lone
+        ):
+            check_status(fn(rows[r0].data_ptr(), *args), self.quant_type, min(step, m - r0), k)
+        return y
+
     def as_lone_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """rows (M, K) through the native kernels, each row as a call on it alone sums it (see
         `lone_row_calls`). The kernels must serve (`_native`)."""
-        m, k = rows.shape
-        y = torch.empty(m, self.out_features, dtype=rows.dtype)
-        step = self.lone_row_chunk(rows.dtype)
-        for r0, fn, args in self.lone_row_calls(m, max(rows.stride(0), k), y.data_ptr(), rows.dtype):
-            check_status(fn(rows[r0].data_ptr(), *args), self.quant_type, min(step, m - r0), k)
-        return y
+        return self._in_calls(rows, self.lone_row_chunk(rows.dtype), lone=True)
 
     def batched(self, x: torch.Tensor) -> torch.Tensor | None:
         """x (B, K) with 1 <= B <= KERNEL_MAX_ROWS through the native kernels of several rows, which sum a
