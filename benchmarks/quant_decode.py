@@ -63,6 +63,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     import stablelm.quantization.linear as qlinear
+    import stablelm.quantization.modes as qmodes
     from stablelm.bench import prepare
 
     tmp = Path(tempfile.mkdtemp(prefix="quantdecode-"))
@@ -81,9 +82,9 @@ def main() -> None:
     for rnd in range(args.rounds):
         for name, model, lib in variants:
             if lib:
-                qlinear.quant_library = lambda chosen=libs[lib]: chosen
+                qlinear.quant_library = qmodes.quant_library = lambda chosen=libs[lib]: chosen
                 # the old revision may predate the AMX kernels (type bit XAMX)
-                qlinear.FORCE_AMX = None if lib == "new" else False
+                qmodes.FORCE_AMX = None if lib == "new" else False
             clock = Clock()
             with torch.no_grad():
                 models[model](ids, streamer=clock)

@@ -28,7 +28,7 @@ from documented_path import llama_bench, reread, timed  # noqa: E402
 
 import stablelm  # noqa: E402
 from stablelm.decode import DecodeStep  # noqa: E402
-from stablelm.quantization import linear as qlinear  # noqa: E402
+from stablelm.quantization import modes as qmodes  # noqa: E402
 
 
 def main() -> None:
@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument(
         "--int4-modes",
         help="also the int4 model with these kernel modes forced, comma-separated (bits of "
-        "stablelm.quantization.linear.int4_mode: 1 AVX512-BF16, 2 VNNI; 0 float32)",
+        "stablelm.quantization.modes.int4_mode: 1 AVX512-BF16, 2 VNNI; 0 float32)",
     )
     parser.add_argument("--llama-bench", help="llama.cpp's llama-bench binary")
     parser.add_argument(
@@ -95,7 +95,7 @@ def main() -> None:
 
     def run(model: torch.nn.Module, lean: bool, mode: int | None) -> tuple[float, float, torch.Tensor]:
         DecodeStep.for_model(model, compile=False).lean = lean
-        qlinear.FORCE_INT4_MODE = mode
+        qmodes.FORCE_INT4_MODE = mode
         try:
             return timed(
                 lambda input_ids, streamer: model.generate(
@@ -106,7 +106,7 @@ def main() -> None:
             )  # fmt: skip
         finally:
             DecodeStep.for_model(model, compile=False).lean = True
-            qlinear.FORCE_INT4_MODE = None
+            qmodes.FORCE_INT4_MODE = None
 
     for _, model, lean, mode in variants:  # warm-up: kernel builds, plans, page faults
         run(models[model], lean, mode)

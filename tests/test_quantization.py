@@ -19,6 +19,7 @@ from stablelm.checkpoint import CheckpointError
 from stablelm.heads import StableLmForCausalLM
 from stablelm.quantization import QuantizationConfig, QuantizedLinear, formats
 from stablelm.quantization import linear as qlinear
+from stablelm.quantization import modes as qmodes
 
 ROOT = Path(__file__).resolve().parents[1]
 # in_features multiples of 64 so int4 (group 64) quantizes every linear layer
@@ -78,7 +79,7 @@ def test_kernels_match_dequantized_reference(qtype, group, isa, float32_products
 
     if isa == "avx2" and best_isa() is None:
         pytest.skip("no AVX2 on this CPU")
-    monkeypatch.setattr(qlinear, "FLOAT32_PRODUCTS", float32_products)
+    monkeypatch.setattr(qmodes, "FLOAT32_PRODUCTS", float32_products)
     monkeypatch.setenv("STABLELM_ISA", isa)
     clear_caches()
     try:
@@ -132,15 +133,15 @@ def _use_path(path: str, qtype: str, monkeypatch) -> None:
     monkeypatch.setenv("STABLELM_ISA", isa)
     clear_caches()
     if path == "avx2":
-        monkeypatch.setattr(qlinear, "FORCE_INT4_MODE", 0)
+        monkeypatch.setattr(qmodes, "FORCE_INT4_MODE", 0)
         return
     if path == "amx":
-        if not qlinear.amx_tiles(torch.bfloat16):
+        if not qmodes.amx_tiles(torch.bfloat16):
             pytest.skip("no AMX-INT8 on this CPU")
         return
     if qtype == "int8":
         pytest.skip("int8 has no VNNI kernel")
-    if not qlinear.int4_mode(torch.bfloat16) & 2:
+    if not qmodes.int4_mode(torch.bfloat16) & 2:
         pytest.skip(f"no {path} on this CPU")
 
 
@@ -308,7 +309,7 @@ def test_int4_vnni_rows_equal_the_one_row_kernel(group, k, path, monkeypatch):
             assert alone[5].isnan().all() and alone[[0, 1, 2, 3, 4, 6, 7]].isfinite().all()
             ref = _reference(layer, x[:5])
             assert ((alone[:5].double() - ref).abs().max() / ref.abs().max()).item() < 8e-3
-            rows = (2, 3) if qlinear.amx_tiles(torch.bfloat16) else range(2, 9)
+            rows = (2, 3) if qmodes.amx_tiles(torch.bfloat16) else range(2, 9)
             for m in rows:
                 assert torch.equal(layer(x[:m]).nan_to_num(), alone[:m].nan_to_num()), m
                 assert torch.equal(layer(x[8 - m :]).nan_to_num(), alone[8 - m :].nan_to_num()), m
@@ -335,34 +336,34 @@ def test_amx_tiles_follow_the_cpu_flags_and_never_serve_batches(monkeypatch):
         (base | {"amx_bf16", "amx_tile"}, False),
         (base | {"amx_int8"}, has),
     ):
-        monkeypatch.setattr(qlinear, "cpu_flags", lambda flags=flags: frozenset(flags))
-        assert qlinear.amx_tiles(torch.bfloat16) is expected, flags
-        assert not qlinear.amx_tiles(torch.float32)
+        monkeypatch.setattr(qmodes, "cpu_flags", lambda flags=flags: frozenset(flags))
+        assert qmodes.amx_tiles(torch.bfloat16) is expected, flags
+        assert not qmodes.amx_tiles(torch.float32)
     layer = QuantizedLinear.from_dense(torch.randn(16, 128).bfloat16(), None, quant_type="int8")
-    monkeypatch.setattr(qlinear, "FORCE_AMX", True)
+    monkeypatch.setattr(qmodes, "FORCE_AMX", True)
     assert layer.kernel_call(3, 128, 0, torch.bfloat16)[1][0] & qlinear.AMX_ROWS
     assert not layer.kernel_call(3, 128, 0, torch.bfloat16, batch=True)[1][0] & qlinear.AMX_ROWS
 
 
 def test_prefill_multiplies_in_float32_where_the_cpu_has_no_bfloat16_products(monkeypatch):
-    monkeypatch.setattr(qlinear, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c"}))
+    monkeypatch.setattr(qmodes, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c"}))
     for level in (None, "avx512"):  # no kernels (torch's bfloat16 product), or AVX-512 without BF16
-        monkeypatch.setattr(qlinear, "selected_isa", lambda level=level: level)
-        assert qlinear.float32_products(), level
+        monkeypatch.setattr(qmodes, "selected_isa", lambda level=level: level)
+        assert qmodes.float32_products(), level
     # the AVX2 build's many-row bf16_dot kernel outruns torch's float32 product
-    monkeypatch.setattr(qlinear, "selected_isa", lambda: "avx2")
-    assert not qlinear.float32_products()
+    monkeypatch.setattr(qmodes, "selected_isa", lambda: "avx2")
+    assert not qmodes.float32_products()
     for flags in ({"avx512f", "avx512_bf16"}, {"avx512f", "amx_bf16"}):
-        monkeypatch.setattr(qlinear, "cpu_flags", lambda flags=flags: frozenset(flags))
-        assert not qlinear.float32_products()
-    monkeypatch.setattr(qlinear, "FLOAT32_PRODUCTS", True)
-    assert qlinear.float32_products()
+        monkeypatch.setattr(qmodes, "cpu_flags", lambda flags=flags: frozenset(flags))
+        assert not qmodes.float32_products()
+    monkeypatch.setattr(qmodes, "FLOAT32_PRODUCTS", True)
+    assert qmodes.float32_products()
 
 
 def test_int4_kernel_modes_each_match_the_reference():
     """Every int4 kernel mode this CPU can run (bits of `int4_mode`: AVX512-BF16 for 2-8 rows, VNNI for
     one), forced one by one, against the dequantized reference: one row and three rows."""
-    full = qlinear.int4_mode(torch.bfloat16)
+    full = qmodes.int4_mode(torch.bfloat16)
     if full == 0:
         pytest.skip("neither AVX512-BF16 nor AVX512-VNNI int4 kernels on this CPU")
     gen = torch.Generator().manual_seed(2)
@@ -372,7 +373,7 @@ def test_int4_kernel_modes_each_match_the_reference():
     for mode in range(4):
         if mode & ~full:
             continue
-        qlinear.FORCE_INT4_MODE = mode
+        qmodes.FORCE_INT4_MODE = mode
         try:
             for rows in (1, 3):
                 x = torch.randn(rows, 704, generator=gen).bfloat16()
@@ -381,7 +382,7 @@ def test_int4_kernel_modes_each_match_the_reference():
                 ref = _reference(layer, x)
                 assert ((y - ref).abs().max() / ref.abs().max()).item() < 8e-3, (mode, rows)
         finally:
-            qlinear.FORCE_INT4_MODE = None
+            qmodes.FORCE_INT4_MODE = None
 
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2"])
@@ -402,7 +403,7 @@ def test_int4_mode_follows_the_cpu_flags(isa, monkeypatch):
         vnni = "avx512_vnni" if isa == "avx512" else "avx_vnni"
         flags = cpu_flags()
         expected = int(isa == "avx512" and "avx512_bf16" in flags) | 2 * int(vnni in flags)
-        assert qlinear.int4_mode(torch.bfloat16) == expected
+        assert qmodes.int4_mode(torch.bfloat16) == expected
         base = {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq"}
         for extra, mode in (
             (set(), 0),
@@ -411,9 +412,9 @@ def test_int4_mode_follows_the_cpu_flags(isa, monkeypatch):
             ({"avx512_bf16", vnni}, 2 | int(isa == "avx512")),
             ({"avx512_vnni" if isa == "avx2" else "avx_vnni"}, 0),  # the other level's VNNI
         ):
-            monkeypatch.setattr(qlinear, "cpu_flags", lambda extra=extra: frozenset(base | extra))
-            assert qlinear.int4_mode(torch.bfloat16) == mode, extra
-            assert qlinear.int4_mode(torch.float32) == 0
+            monkeypatch.setattr(qmodes, "cpu_flags", lambda extra=extra: frozenset(base | extra))
+            assert qmodes.int4_mode(torch.bfloat16) == mode, extra
+            assert qmodes.int4_mode(torch.float32) == 0
     finally:
         monkeypatch.delenv("STABLELM_ISA")
         clear_caches()
@@ -609,7 +610,7 @@ AMX_SHAPES = [(9, 40, 256), (20, 33, 128), (37, 100, 256), (130, 48, 192), (256,
 @pytest.mark.parametrize(("qtype", "group"), [("int8", 128), ("int4", 64), ("int4", 128)])
 @pytest.mark.parametrize("shape", AMX_SHAPES, ids=str)
 def test_amx_prefill_sums_the_products_in_float32_and_rounds_once(shape, qtype, group, bias, monkeypatch):
-    if not qlinear.amx_prefill():
+    if not qmodes.amx_prefill():
         pytest.skip("no AMX-BF16 prefill kernel on this CPU (it needs AMX-BF16 at the avx512 level)")
     rows, n, k = shape
     if qtype == "int4" and k % group:
@@ -642,7 +643,7 @@ def test_amx_prefill_sums_the_products_in_float32_and_rounds_once(shape, qtype, 
 def test_amx_prefill_leaves_other_shapes_to_the_dequantized_product(monkeypatch):
     """K not a multiple of 64 (the kernel declines) and more than AMX_PREFILL_MAX_ROWS rows (torch's product
     is faster) take the dequantized weight and torch's product; so do float32 rows."""
-    if not qlinear.amx_prefill():
+    if not qmodes.amx_prefill():
         pytest.skip("no AMX-BF16 prefill kernel on this CPU (it needs AMX-BF16 at the avx512 level)")
     gen = torch.Generator().manual_seed(3)
     ran = []

@@ -500,9 +500,9 @@ def test_the_planned_check_gives_the_decode_steps_logits(name):
 
 def _int4_modes() -> list[int]:
     """The int4 kernel modes this CPU runs (bits of `int4_mode`), each alone and together."""
-    from stablelm.quantization import linear as qlinear
+    from stablelm.quantization import modes
 
-    full = qlinear.int4_mode(torch.bfloat16)
+    full = modes.int4_mode(torch.bfloat16)
     return [mode for mode in range(4) if not mode & ~full]
 
 
@@ -517,6 +517,7 @@ def test_the_check_of_a_quantized_model_gives_the_decode_steps_logits(qtype, sha
     from stablelm.generation.speculative import Tokens, verify_logits
     from stablelm.quantization import QuantizationConfig
     from stablelm.quantization import linear as qlinear
+    from stablelm.quantization import modes as qmodes
 
     kw = CHECKED["wide"] if shape.startswith("wide") else dict(intermediate_size=128)  # K = 2560: the 3B's
     model = stablelm.quantize(_random_model(**kw), QuantizationConfig(qtype, group_size=64))
@@ -528,7 +529,7 @@ def test_the_check_of_a_quantized_model_gives_the_decode_steps_logits(qtype, sha
     assert sum(type(m) is qlinear.QuantizedLinear for m in model.modules()) == 7 * layers + 1  # the head too
     ids = _prompt(length=100)
     for mode in _int4_modes() if qtype == "int4" else [None]:
-        qlinear.FORCE_INT4_MODE = mode
+        qmodes.FORCE_INT4_MODE = mode
         try:
             with torch.no_grad():
                 for rows in (3, 11):
@@ -541,7 +542,7 @@ def test_the_check_of_a_quantized_model_gives_the_decode_steps_logits(qtype, sha
                         if lean is not None:  # the planned step served the check where the kernels do
                             assert (lean[rows] is not None) == kernels
         finally:
-            qlinear.FORCE_INT4_MODE = None
+            qmodes.FORCE_INT4_MODE = None
 
 
 def test_the_planned_check_runs_torchs_attention_where_no_native_kernel_serves(monkeypatch):

@@ -1072,7 +1072,7 @@ static void block_dpbf16(const uint32_t* xp, int ldp, int M, int K, const uint16
     const uint32_t* xm = xp + (int64_t)m0 * ldp;
     /* prefetch the next block while the first rows pass over this one (later rows find it cached) */
     const char* pf = m0 == 0 ? (const char*)next : 0;
-    __m512 tot[12];
+    __m512 tot[12] = {0}; /* the tile sets its mt rows (zeroed only so that GCC sees them set) */
     if (mt == 12) dp_tile_12(xm, ldp, w, K, nn, kb, tot, pf);
     else if (mt == 8) dp_tile_8(xm, ldp, w, K, nn, kb, tot, pf);
     else if (mt == 4) dp_tile_4(xm, ldp, w, K, nn, kb, tot, pf);

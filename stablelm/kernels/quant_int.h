@@ -260,7 +260,7 @@ static inline __attribute__((always_inline)) void q4_multi_i16_g(const int8_t* d
                                                                  const uint8_t* w, const uint16_t* sc,
                                                                  const uint16_t* mn, int n0, int n1, int M,
                                                                  float* out) {
-  int G = K / group, rows[Q4I];
+  int G = K / group, rows[Q4I] = {0}; /* S of them set per pass (zeroed so that GCC sees them set) */
   float o[Q4I];
   for (int n = n0; n < n1; n += Q4I) {
     int S = n1 - n < Q4I ? n1 - n : Q4I;
