@@ -24,6 +24,7 @@ from conftest import randomize_, tiny_config
 
 import stablelm
 from stablelm import AutoTokenizer
+from stablelm.serve import unsupported
 
 pytestmark = pytest.mark.usefixtures("plans_of_the_session")  # see conftest
 
@@ -324,7 +325,16 @@ def test_logprobs(server):
     )
     lp = done.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
-    assert all(v <= 0 for v in lp.token_logprobs) and all(1 <= len(t) <= 2 for t in lp.top_logprobs)
+    assert all(v <= 0 for v in lp.token_logprobs) and all(1 <= len(t) <= 3 for t in lp.top_logprobs)
+    # OpenAI's legacy field holds the chosen token too ("up to logprobs+1 elements"), also at logprobs 0
+    assert all(tok in top for tok, top in zip(lp.tokens, lp.top_logprobs, strict=True))
+    forced = client.completions.create(
+        model=MODEL_ID, prompt=PROMPT, max_tokens=3, temperature=0, logprobs=0, logit_bias={"1000": 100}
+    ).choices[0]
+    assert all(
+        len(top) == 1 and tok in top
+        for tok, top in zip(forced.logprobs.tokens, forced.logprobs.top_logprobs, strict=True)
+    )
     assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
 
 
@@ -365,6 +375,7 @@ def test_penalties_bias_and_extras(server, tokenizer):
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 HELLO = [{"role": "user", "content": "hello"}]
+REFUSED = {*unsupported.REFUSED, "best_of"}
 ERRORS = [
     (CHAT, b"{not json", 400, None),
     (CHAT, b"[1, 2]", 400, None),
@@ -425,6 +436,30 @@ ERRORS = [
     (COMPLETIONS, {"prompt": ""}, 400, "prompt"),
     (COMPLETIONS, {"prompt": "x", "logprobs": 21}, 400, "logprobs"),
     (COMPLETIONS, {"prompt": "x", "echo": True}, 400, "echo"),
+    (COMPLETIONS, {"prompt": "x", "response_format": {"type": "json_object"}}, 400, "response_format"),
+    (COMPLETIONS, {"prompt": "x", "response_format": "text"}, 400, "response_format"),
+    (COMPLETIONS, {"prompt": "x", "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    (COMPLETIONS, {"prompt": "x", "best_of": 2}, 400, "best_of"),
+    (COMPLETIONS, {"prompt": "x", "stop_token_ids": "1"}, 400, "stop_token_ids"),
+    (COMPLETIONS, {"prompt": "x", "stop_token_ids": [50304]}, 400, "stop_token_ids"),
+    (COMPLETIONS, {"prompt": "x", "stop_token_ids": [True]}, 400, "stop_token_ids"),
+    (COMPLETIONS, {"prompt": "x", "include_stop_str_in_output": True}, 400, "include_stop_str_in_output"),
+    (COMPLETIONS, {"prompt": "x", "guided_json": {"type": "object"}}, 400, "guided_json"),
+    (COMPLETIONS, {"prompt": "x", "use_beam_search": True}, 400, "use_beam_search"),
+    (CHAT, {"messages": HELLO, "echo": True}, 400, "echo"),
+    (CHAT, {"messages": HELLO, "suffix": "x"}, 400, "suffix"),
+    (CHAT, {"messages": HELLO, "best_of": 2}, 400, "best_of"),
+    (CHAT, {"messages": HELLO, "function_call": "auto"}, 400, "function_call"),
+    (CHAT, {"messages": HELLO, "skip_special_tokens": False}, 400, "skip_special_tokens"),
+    (CHAT, {"messages": HELLO, "add_generation_prompt": False}, 400, "add_generation_prompt"),
+    (CHAT, {"messages": HELLO, "continue_final_message": True}, 400, "continue_final_message"),
+    (
+        CHAT,
+        {"messages": HELLO, "chat_template_kwargs": {"enable_thinking": True}},
+        400,
+        "chat_template_kwargs",
+    ),
+    (CHAT, {"messages": [{"role": "user", "content": [{"type": "text"}]}]}, 400, "messages[0].content[0]"),
     (COMPLETIONS, {"prompt": "x", "max_tokens": CONTEXT, "stream": True}, 400, "prompt"),
     (COMPLETIONS, {"prompt": "x", "model": "nope"}, 404, "model"),
 ]
@@ -449,6 +484,64 @@ def test_bad_requests_get_openai_errors(server, path, body, status, param):
         assert error["code"] == "context_length_exceeded" and "maximum context length" in error["message"]
     if status == 404:
         assert error["code"] == "model_not_found"
+    if param in REFUSED or param == "response_format" and status == 400 and "type" in json.dumps(body):
+        assert error["code"] == "unsupported_parameter" and f"'{param}'" in error["message"]
+
+
+def test_refused_fields_at_values_that_ask_for_nothing_are_accepted(server):
+    """The fields refused above, sent at their defaults (as some clients send every field), are served."""
+    for path, body in (
+        (
+            CHAT,
+            {"messages": HELLO, "echo": False, "tool_choice": "none", "tools": [], "function_call": "none"},
+        ),
+        (CHAT, {"messages": HELLO, "skip_special_tokens": True, "add_generation_prompt": True, "best_of": 1}),
+        (CHAT, {"messages": HELLO, "response_format": {"type": "text"}, "continue_final_message": False}),
+        (COMPLETIONS, {"prompt": "x", "echo": False, "suffix": None, "best_of": 2, "n": 2}),
+        (COMPLETIONS, {"prompt": "x", "include_stop_str_in_output": False, "stop_token_ids": []}),
+    ):
+        response = httpx.post(server.url + path, json={**body, "max_tokens": 2})
+        assert response.status_code == 200, (body, response.text)
+
+
+def test_stop_token_ids_end_a_choice_with_the_tokens_text(server, tokenizer):
+    """vLLM's stop_token_ids: the choice ends at the token (finish_reason "stop", its text kept, as vLLM
+    keeps a stop token that is not special), also with ignore_eos; min_tokens holds it back."""
+    client = server.client()
+    base = dict(model=MODEL_ID, prompt=PROMPT, max_tokens=6, temperature=0, logit_bias={"1000": 100})
+    out = client.completions.create(**base, extra_body={"stop_token_ids": [1000], "ignore_eos": True})
+    choice = out.choices[0]
+    assert choice.finish_reason == "stop" and out.usage.completion_tokens == 1
+    assert choice.text == tokenizer.decode([1000])
+    held = client.completions.create(**base, extra_body={"stop_token_ids": [1000], "min_tokens": 3})
+    assert held.usage.completion_tokens == 4 and held.choices[0].finish_reason == "stop"
+    assert held.choices[0].text.endswith(tokenizer.decode([1000]))
+    assert client.completions.create(**base).usage.completion_tokens == 6  # without: to max_tokens
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_a_body_not_sent_as_json_is_415(server, content_type):
+    """As vLLM: only 'application/json' (a browser's form or text/plain post, which needs no CORS
+    preflight, is refused before anything runs)."""
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    body = json.dumps({"prompt": "x", "max_tokens": 2}).encode()
+    response = httpx.post(server.url + COMPLETIONS, content=body, headers=headers)
+    assert response.status_code == 415, response.text
+    error = response.json()["error"]
+    assert "application/json" in error["message"] and set(error) == {"message", "type", "param", "code"}
+    with_charset = {"Content-Type": "application/json; charset=utf-8"}
+    assert httpx.post(server.url + COMPLETIONS, content=body, headers=with_charset).status_code == 200
+
+
+def test_sampling_settings_that_overflow_are_a_400(server):
+    """A repetition penalty that float32 holds as 0 turns the scores of the prompt's tokens to inf, and
+    the probabilities to NaN: the request gets a 400 naming the settings, not a 500."""
+    body = {"prompt": PROMPT, "max_tokens": 4, "temperature": 1.0, "seed": 1, "repetition_penalty": 1e-300}
+    response = httpx.post(server.url + COMPLETIONS, json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and "repetition_penalty" in error["message"]
+    assert httpx.post(server.url + COMPLETIONS, json={**body, "repetition_penalty": 1.1}).status_code == 200
 
 
 def test_unknown_routes_and_the_server_still_works(server):
@@ -617,7 +710,7 @@ def test_queue_full_is_429(small):
 
             wait_for(queued, "the second request did not queue")
             response = httpx.post(small.url + COMPLETIONS, json={"prompt": "x"}, headers=auth)
-            assert response.status_code == 429
+            assert response.status_code == 429 and response.headers["retry-after"] == "1"
             error = response.json()["error"]
             assert error["code"] == "queue_full" and set(error) == {"message", "type", "param", "code"}
             with pytest.raises(openai.RateLimitError):
@@ -687,6 +780,54 @@ def test_health_is_503_while_loading_and_a_failed_step_is_a_500(checkpoint, toke
     engine.stop()
     engine.join(10)
     assert engine.state == "stopped"
+
+
+def test_a_rows_unusable_scores_fail_its_request_alone(checkpoint, tokenizer, monkeypatch):
+    """A row whose scores turn NaN in a decoding step it shares with another request's row (its own
+    settings' doing) fails its request with a 400; the other request, in the same steps, runs to its end."""
+    from types import SimpleNamespace
+
+    from stablelm.serve import engine as engine_module
+    from stablelm.serve.engine import Engine, Failure, Job
+    from stablelm.serve.sampling import SamplingOptions
+
+    model = stablelm.StableLmForCausalLM.from_pretrained(checkpoint).eval()
+    real = engine_module.process_scores
+
+    def faulty(options, scores, *, generated, **kw):  # the marked request's scores: NaN from its 2nd token
+        scores = real(options, scores, generated=generated, **kw)
+        return scores * float("nan") if options.seed == 666 and generated else scores
+
+    monkeypatch.setattr(engine_module, "process_scores", faulty)
+    engine = Engine(lambda: SimpleNamespace(model=model, tokenizer=tokenizer), max_batch=4, max_queue=4)
+    engine.start()
+    wait_for(lambda: engine.state == "ready", "never ready")
+    got: dict[str, list] = {"good": [], "bad": []}
+    done = {name: threading.Event() for name in got}
+
+    def sink(name):
+        def put(event):
+            got[name].append(event)
+            if isinstance(event, Failure) or event.finish_reason:
+                done[name].set()
+
+        return put
+
+    prompt = tokenizer(PROMPT)["input_ids"]
+    good = SamplingOptions(max_tokens=12, temperature=0.0, ignore_eos=True)
+    bad = SamplingOptions(max_tokens=12, temperature=1.0, seed=666)
+    engine.submit(
+        [Job(prompt, 1, good, frozenset(), sink("good")), Job(prompt, 1, bad, frozenset(), sink("bad"))]
+    )
+    assert done["good"].wait(60) and done["bad"].wait(60)
+    engine.stop()
+    engine.join(10)
+    failure = got["bad"][-1]
+    assert isinstance(failure, Failure) and failure.status == 400 and "sampling settings" in failure.message
+    assert len(got["bad"]) == 2  # its first token (from the prompt's step), then the failure
+    assert not any(isinstance(e, Failure) for e in got["good"])
+    assert sum(len(e.tokens) for e in got["good"]) == 12 and got["good"][-1].finish_reason == "length"
+    assert engine.counters["failed"] == 1
 
 
 def test_streams_never_send_part_of_a_character(checkpoint, tokenizer):

@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
             chat_variables.update(use_chat_template(loaded.tokenizer, args.chat_template, chat_format))
         dtype = str(loaded.model.dtype).removeprefix("torch.")
         print(
-            f"stablelm: ready: {model_id} ({dtype} on {loaded.model.device}, {args.threads_used} threads, "
+            f"stablelm: ready: {model_id} ({dtype} on {loaded.model.device}, {args.threads_used} thread{'' if args.threads_used == 1 else 's'}, "
             f"max batch {args.max_batch}) in {loaded.seconds:.1f} s",
             file=sys.stderr,
             flush=True,

@@ -37,9 +37,24 @@ from .responses import Tokens
 MAX_BODY_BYTES = 8 * 2**20
 
 
+RETRY_AFTER_SECONDS = 1  # what a 429 (queue full) asks clients to wait: a step frees rows within it
+
+
 def error_response(err: ApiError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    headers = (
+        {"WWW-Authenticate": "Bearer"}
+        if err.status == 401
+        else {"Retry-After": str(RETRY_AFTER_SECONDS)}
+        if err.status == 429
+        else None
+    )
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
+def failure_error(failure: Failure) -> ApiError:
+    """The error a job's `Failure` answers: a 400 for the request's own settings, else a 500."""
+    kind = "invalid_request_error" if failure.status == 400 else "server_error"
+    return ApiError(failure.status, failure.message, type=kind)
 
 
 class EventStream(StreamingResponse):
@@ -191,6 +206,13 @@ def create_app(
         return JSONResponse({"state": engine.state, **engine.load()})
 
     async def read_body(request: Request) -> dict[str, Any]:
+        media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if media_type != "application/json":  # as vLLM; and a browser's form or text/plain post is refused
+            raise ApiError(
+                415,
+                "Unsupported Media Type: Only 'application/json' is allowed (send the body with the header "
+                f"'Content-Type: application/json'; got {media_type or 'none'}).",
+            )
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
             raise ApiError(413, f"The request body is larger than {MAX_BODY_BYTES} bytes.")
@@ -259,7 +281,7 @@ def create_app(
             while not answer.done:
                 event = await queue.get()
                 if isinstance(event, Failure):
-                    raise ApiError(500, event.message, type="server_error")
+                    raise failure_error(event)
                 answer.add(event)
             return JSONResponse(answer.body())
 
@@ -287,7 +309,7 @@ def create_app(
             while not answer.done:
                 event = await queue.get()
                 if isinstance(event, Failure):
-                    yield sse(ApiError(500, event.message, type="server_error").body())
+                    yield sse(failure_error(event).body())
                     break
                 chunk = answer.add(event)
                 if chunk is not None:

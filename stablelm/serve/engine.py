@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from .jobs import Event, Failure, Job, QueueFull, TokenLogprob, Unavailable
+from .jobs import Event, Failure, Job, QueueFull, SamplingError, TokenLogprob, Unavailable
 from .rows import Row, trim_memory
 from .sampling import process_scores, sampling_defaults
 
@@ -147,7 +147,9 @@ class Engine:
                 else:
                     waiting += 1
             if waiting > self.max_queue:
-                raise QueueFull(f"the queue holds {self.max_queue} requests waiting for rows already")
+                raise QueueFull(
+                    f"the queue holds {_count(self.max_queue, 'request')} waiting for rows already"
+                )
             self._free_rows = free
             self._admitted.extend(admit)
             self._waiting.extend(job for job in jobs if job not in admit)
@@ -274,19 +276,23 @@ class Engine:
         """Run `work`; if it raises, fail `jobs` (their rows go) and keep serving the others."""
         try:
             work()
+        except SamplingError as err:  # the request's own settings: a 400 for it alone
+            failure = Failure(str(err), status=400)
         except Exception as err:  # noqa: BLE001 - a bug or out of memory: the server keeps running
             print(f"stablelm: error in the engine's step: {type(err).__name__}: {err}", file=sys.stderr)
             traceback.print_exc(file=sys.stderr)
-            message = f"the server failed to generate: {type(err).__name__}: {err}"
-            failed = {id(job) for job in jobs}
-            for job in {id(job): job for job in jobs}.values():
-                job.cancelled = True
-                job.sink(Failure(message))
-            self.counters["failed"] += len(failed)
-            self._prefilling = [p for p in self._prefilling if id(p.job) not in failed]
-            self._rows = [row for row in self._rows if id(row.job) not in failed]
-            with self._cond:
-                self._recount()
+            failure = Failure(f"the server failed to generate: {type(err).__name__}: {err}")
+        else:
+            return
+        failed = {id(job) for job in jobs}
+        for job in {id(job): job for job in jobs}.values():
+            job.cancelled = True
+            job.sink(failure)
+        self.counters["failed"] += len(failed)
+        self._prefilling = [p for p in self._prefilling if id(p.job) not in failed]
+        self._rows = [row for row in self._rows if id(row.job) not in failed]
+        with self._cond:
+            self._recount()
 
     def _drop_cancelled(self) -> None:
         """(Under the lock.) Forget cancelled jobs: waiting, admitted, prefilling, and their rows."""
@@ -363,7 +369,10 @@ class Engine:
     def _decode_step(self, rows: list[Row]) -> None:
         logits = self.forward.decode([row.cache for row in rows], [row.token for row in rows])
         for row, row_logits in zip(rows, logits, strict=True):
-            self._next(row, row_logits)
+            if (
+                not row.job.cancelled
+            ):  # a row's failure (its own settings) fails its job, not the step's others
+                self._guarded([row.job], partial(self._next, row, row_logits))
 
     # --- one row's next token --------------------------------------------------------------------------
 
@@ -385,9 +394,13 @@ class Engine:
             stop_ids=row.job.stop_ids,
         )
         if options.greedy:
+            if bool(torch.isnan(scores).any()):
+                raise SamplingError(_unusable(options, "NaN"))
             token = int(torch.argmax(scores, dim=-1)[0])
         else:
             probs = torch.softmax(scores, dim=-1)
+            if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:
+                raise SamplingError(_unusable(options, "no probabilities to draw from"))
             token = int(torch.multinomial(probs, 1, generator=row.generator)[0, 0])
         if options.logprobs is not None:
             top = []
@@ -406,7 +419,7 @@ class Engine:
         piece = row.detokenizer.push(token)
         # stop strings count from min_tokens on (as in vLLM)
         text = row.stops.push(piece) if len(row.generated) >= options.min_tokens else piece
-        if row.stops.stopped:
+        if row.stops.stopped or token in options.stop_token_ids:  # vLLM: the token's text is kept
             self._finish(row, "stop", token=token, logprob=logprob, text=text)
         elif len(row.generated) >= options.max_tokens:
             self._finish(row, "length", token=token, logprob=logprob, text=text)
@@ -432,3 +445,17 @@ class Engine:
         if job.options.logprobs is not None and logprobs is None:
             logprobs = []
         job.sink(Event(job.first_index + row.index, text, tokens, logprobs, reason))
+
+
+def _unusable(options: Any, what: str) -> str:
+    """The 400's message for a row whose processed scores are `what`."""
+    return (
+        f"The request's sampling settings leave {what} in the token scores (repetition_penalty="
+        f"{options.repetition_penalty:g}, temperature={options.temperature:g}, logit_bias of "
+        f"{len(options.logit_bias)} tokens): float32 overflows. Use values in a usual range (repetition_penalty "
+        "around 1, e.g. 0.5 to 2)."
+    )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")

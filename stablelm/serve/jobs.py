@@ -41,9 +41,16 @@ class Event:
 
 @dataclass
 class Failure:
-    """The engine failed on this job (an error inside the model's step); the job's rows are gone."""
+    """The engine failed on this job; the job's rows are gone. `status` 500: an error inside the model's
+    step; 400: the request's own settings made its token scores unusable (`SamplingError`)."""
 
     message: str
+    status: int = 500
+
+
+class SamplingError(ValueError):
+    """A row's scores after its logits processors are NaN, or give no probabilities to draw from (a
+    `repetition_penalty` or `logit_bias` that overflows float32): the request's fault, not the server's."""
 
 
 @dataclass(eq=False)

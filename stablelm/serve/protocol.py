@@ -5,7 +5,7 @@ Every problem with a request is an `ApiError` with OpenAI's error shape
 `{"error": {"message", "type", "param", "code"}}` and the HTTP status carrying the number: 400 for a
 body that is not JSON, a field of the wrong type or out of range, an empty or malformed conversation, a
 prompt that does not fit the context; 404 for an unknown model. Messages name the field and what to send
-instead. Fields this server does not implement (tools, JSON output, echo, suffix) are refused by name
+instead. Fields this server does not implement (tools, JSON output, echo, suffix: `unsupported`) are refused by name
 rather than silently ignored; unknown fields are ignored, as OpenAI's clients send extras.
 """
 
@@ -27,6 +27,7 @@ from .fields import (
     show,
 )
 from .sampling import SamplingOptions
+from .unsupported import refuse_unsupported
 
 MAX_LOGPROBS = 20  # top_logprobs / logprobs at most (OpenAI: 20 for chat; vLLM's default max)
 MAX_STOPS = 16  # stop strings per request (OpenAI allows 4; vLLM, llama.cpp any number)
@@ -123,6 +124,26 @@ def _logit_bias(body: dict, info: ServerInfo) -> tuple[tuple[int, float], ...]:
     return tuple(sorted(dict(biases).items()))
 
 
+def _stop_token_ids(body: dict, info: ServerInfo) -> frozenset[int]:
+    """vLLM's `stop_token_ids`: more tokens that end a choice (even with ignore_eos)."""
+    value = body.get("stop_token_ids")
+    if value is None:
+        return frozenset()
+    if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+        raise bad(f"'stop_token_ids' must be an array of token ids, got {show(value)}.", "stop_token_ids")
+    if len(value) > MAX_LOGIT_BIAS:
+        raise bad(
+            f"'stop_token_ids' may hold at most {MAX_LOGIT_BIAS} ids, got {len(value)}.", "stop_token_ids"
+        )
+    outside = [v for v in value if not 0 <= v < info.vocab_size]
+    if outside:
+        raise bad(
+            f"'stop_token_ids' names token id {outside[0]}, outside the vocabulary (0 to {info.vocab_size - 1}).",
+            "stop_token_ids",
+        )
+    return frozenset(value)
+
+
 def _stream(body: dict) -> tuple[bool, bool]:
     stream = read_bool(body, "stream", False)
     options = body.get("stream_options")
@@ -139,13 +160,6 @@ def _stream(body: dict) -> tuple[bool, bool]:
             "stream_options.include_usage",
         )
     return stream, bool(include)
-
-
-def _refuse(body: dict, names: tuple[str, ...], why: str) -> None:
-    for name in names:
-        value = body.get(name)
-        if value not in (None, False, [], {}, ""):
-            raise bad(f"'{name}' is not supported by this server ({why}).", name, "unsupported_parameter")
 
 
 def _options(body: dict, info: ServerInfo, *, max_tokens: int | None, logprobs: int | None) -> dict[str, Any]:
@@ -168,6 +182,7 @@ def _options(body: dict, info: ServerInfo, *, max_tokens: int | None, logprobs: 
         min_tokens=read_int(body, "min_tokens", 0, low=0),
         ignore_eos=read_bool(body, "ignore_eos", False),
         stop=_stop(body),
+        stop_token_ids=_stop_token_ids(body, info),
         logprobs=logprobs,
         max_tokens=max_tokens,
     )
@@ -217,15 +232,8 @@ def _finish_options(parsed: dict[str, Any], max_tokens: int) -> SamplingOptions:
 def parse_completion(body: dict, info: ServerInfo, *, max_prompts: int) -> Parsed:
     """A /v1/completions body: prompt as a string, strings, token ids or lists of token ids."""
     check_model(body, info)
-    _refuse(body, ("echo", "suffix", "prompt_logprobs"), "it returns the new text only")
     n = _n(body, info)
-    best_of = read_int(body, "best_of", None, low=1)
-    if best_of is not None and best_of != n:
-        raise bad(
-            f"'best_of' is not supported (it must equal n, {n}, if given).",
-            "best_of",
-            "unsupported_parameter",
-        )
+    refuse_unsupported(body, "completion", n=n)
     prompts = _prompts(body.get("prompt"), info)
     if len(prompts) > max_prompts:
         raise bad(f"'prompt' may hold at most {max_prompts} prompts here, got {len(prompts)}.", "prompt")
@@ -233,7 +241,7 @@ def parse_completion(body: dict, info: ServerInfo, *, max_prompts: int) -> Parse
     logprobs = read_int(body, "logprobs", None, low=0, high=MAX_LOGPROBS)
     options = _options(body, info, max_tokens=None, logprobs=logprobs)
     stream, include_usage = _stream(body)
-    fitted = _fit(prompts, max_tokens, info, "prompt", "prompt")
+    fitted = _fit(prompts, max_tokens, info, "messages", "prompt")  # vLLM says "messages" for both
     return Parsed(
         "completion",
         prompts,
@@ -318,23 +326,9 @@ def parse_chat(body: dict, info: ServerInfo, *, chat_template: Any) -> Parsed:
             "chat_template",
             "unsupported_parameter",
         )
-    _refuse(body, ("tools", "functions", "prompt_logprobs"), "no tool calls or prompt logprobs")
-    if body.get("tool_choice") not in (None, "none"):
-        raise bad(
-            "'tool_choice' is not supported by this server (no tool calls).",
-            "tool_choice",
-            "unsupported_parameter",
-        )
-    response_format = body.get("response_format")
-    if response_format is not None:
-        if not isinstance(response_format, dict) or response_format.get("type") != "text":
-            raise bad(
-                '\'response_format\' other than {"type": "text"} is not supported by this server.',
-                "response_format",
-                "unsupported_parameter",
-            )
-    messages = _messages(body.get("messages"))
     n = _n(body, info)
+    refuse_unsupported(body, "chat", n=n)
+    messages = _messages(body.get("messages"))
     max_tokens = read_int(body, "max_completion_tokens", None, low=1)
     if max_tokens is None:
         max_tokens = read_int(body, "max_tokens", None, low=1)
@@ -401,10 +395,15 @@ def _content(value: Any, where: str, role: str) -> str:
                 or part.get("type") != "text"
                 or not isinstance(part.get("text"), str)
             ):
-                kind = part.get("type") if isinstance(part, dict) else kind_of(part)
+                if isinstance(part, dict) and part.get("type") == "text":
+                    got = f"its 'text' is {kind_of(part.get('text'))}, not a string"
+                elif isinstance(part, dict):
+                    got = f"type {show(part.get('type'))}"
+                else:
+                    got = kind_of(part)
                 raise bad(
                     f'\'{where}[{j}]\' must be a text part {{"type": "text", "text": ...}} (only text is '
-                    f"supported), got {show(kind)}.",
+                    f"supported), got {got}.",
                     f"{where}[{j}]",
                 )
             texts.append(part["text"])

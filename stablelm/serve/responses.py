@@ -79,7 +79,10 @@ def completion_logprobs(tokens: Tokens, entries: list[TokenLogprob], offset: int
     return {
         "tokens": texts,
         "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [{tokens.text(t): lp for t, lp in e.top} for e in entries],
+        # the k most likely and the chosen token (OpenAI's legacy field: "up to logprobs+1 elements")
+        "top_logprobs": [
+            {tokens.text(t): lp for t, lp in e.top} | {tokens.text(e.token): e.logprob} for e in entries
+        ],
         "text_offset": offsets,
     }
 

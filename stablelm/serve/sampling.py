@@ -26,6 +26,7 @@ class SamplingOptions:
     min_tokens: int = 0
     ignore_eos: bool = False
     stop: tuple[str, ...] = ()
+    stop_token_ids: frozenset[int] = frozenset()  # vLLM's: end a row, also with ignore_eos
     logprobs: int | None = None  # None: no logprobs; k: the chosen token's and the k most likely
 
     @property
@@ -57,8 +58,8 @@ def process_scores(
         ids = torch.tensor([i for i, _ in options.logit_bias], device=scores.device)
         bias = torch.tensor([b for _, b in options.logit_bias], dtype=scores.dtype, device=scores.device)
         scores = scores.index_add(1, ids, bias[None])
-    if len(generated) < options.min_tokens and stop_ids:
-        banned = torch.tensor(sorted(stop_ids), device=scores.device)
+    if len(generated) < options.min_tokens and (stop_ids or options.stop_token_ids):
+        banned = torch.tensor(sorted(stop_ids | options.stop_token_ids), device=scores.device)
         scores = sampling.suppress_tokens(scores, banned)
     if options.greedy:
         return scores
