@@ -452,20 +452,49 @@ def test_greedy_generation_equals_dequantized_reference(qtype, group):
             ref.get_submodule(name).weight.data = module.dequantized()
     ids = torch.tensor([[3, 17, 5, 99, 42]])
     out = model.generate(ids, max_new_tokens=12, do_sample=False)
-    # float32 activations: the kernels' sums are within float32 rounding of the reference's
+    # float32 activations (the cast leaves the quantized tensors as they are): the kernels' sums are
+    # within float32 rounding of the reference's
     model.float()
-    for module in model.modules():
-        if isinstance(module, QuantizedLinear) and module.weight_min is not None:
-            module.weight_scale.data, module.weight_min.data = (
-                module.weight_scale.bfloat16(),
-                module.weight_min.bfloat16(),
-            )
     with torch.no_grad():
         assert torch.allclose(model(out).logits, ref(out).logits, atol=1e-4, rtol=1e-4)
     assert torch.equal(
         model.generate(ids, max_new_tokens=12, do_sample=False),
         ref.generate(ids, max_new_tokens=12, do_sample=False),
     )
+
+
+@pytest.mark.parametrize("qtype", ["int8", "int4"])
+def test_casts_keep_the_quantized_tensors_as_they_are(qtype):
+    """`.to(dtype)`, `.half()`, `.bfloat16()`, `.float()` on a quantized model cast its other tensors (and
+    biases) only: the levels and scales keep their format's dtypes and values (cast, a bfloat16 scale
+    buffer read as float32 by the kernels gave NaN logits), and greedy decoding after a round of casts
+    gives the tokens it gave before."""
+    model = _model().float()
+    stablelm.quantize(model, QuantizationConfig(qtype, group_size=64))
+    quantized = {
+        k: v.clone() for k, v in model.state_dict().items() if k.endswith(("weight_scale", "weight_min"))
+    }
+    quantized |= {k: v.clone() for k, v in model.state_dict().items() if v.dtype in (torch.int8, torch.uint8)}
+    assert len(quantized) >= 2 * 7 * model.config.num_hidden_layers
+    ids = torch.tensor([[3, 17, 5, 99, 42]])
+    before = model.generate(ids, max_new_tokens=8, do_sample=False)
+    for cast, dtype in (
+        (lambda m: m.to(torch.bfloat16), torch.bfloat16),
+        (lambda m: m.half(), torch.float16),
+        (lambda m: m.to("cpu", torch.bfloat16), torch.bfloat16),
+        (lambda m: m.float(), torch.float32),
+    ):
+        cast(model)
+        state = model.state_dict()
+        for name, value in quantized.items():
+            assert state[name].dtype == value.dtype and torch.equal(state[name], value), (name, dtype)
+        assert model.lm_head.bias is None or model.lm_head.bias.dtype == dtype
+        assert model.model.embed_tokens.weight.dtype == dtype
+        out = model.generate(
+            ids, max_new_tokens=8, do_sample=False, return_dict_in_generate=True, output_logits=True
+        )
+        assert all(bool(step.isfinite().all()) for step in out.logits), dtype
+    assert torch.equal(out.sequences, before)  # back in float32: the same tokens
 
 
 @pytest.mark.parametrize("qtype", ["int8", "int4"])

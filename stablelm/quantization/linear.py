@@ -49,6 +49,9 @@ LONE_ROWS = 16  # or-ed into the kernel's type: XLONE in quant.c (int8, 2-8 rows
 AMX_PREFILL_MAX_ROWS = 256
 
 
+QUANTIZED = ("weight", "weight_scale", "weight_min")  # the buffers in the format's own dtypes
+
+
 class QuantizedLinear(nn.Module):
     """y = x @ dequant(weight)^T + bias, with the weight stored in `quant_type` ("int8" or "int4")."""
 
@@ -124,6 +127,18 @@ class QuantizedLinear(nn.Module):
         self.weight, self.weight_scale = q, scale
         if minimum is not None:
             self.weight_min = minimum
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - torch's signature
+        """`model.to(dtype)`, `.half()`, `.bfloat16()` cast the bias only: the quantized tensors keep their
+        format's dtypes (int8 / uint8 levels, float32 or bfloat16 scales, as the kernels read them), moved
+        to the new device if there is one. (Cast too, the kernels read a bfloat16 scale buffer as float32.)"""
+        kept = {name: self._buffers[name] for name in QUANTIZED if self._buffers.get(name) is not None}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = self._buffers[name]
+            if after.dtype != before.dtype:
+                self._buffers[name] = before.to(device=after.device)
+        return self
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.quant_type == "int4" else ""
