@@ -138,9 +138,13 @@ def compute_inv_freq(config: StableLmConfig) -> tuple[torch.Tensor, float]:
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for the rotated part of each head, from position ids.
 
-    The frequencies are non-persistent buffers kept in fp32 whatever dtype the model is cast to (casting
-    them to bf16 would shift every angle). `dynamic` and `longrope` pick their frequencies from the largest
-    position in each call, as the reference does, but without state carried between calls.
+    The frequencies are non-persistent buffers computed in fp32, which casts of the module reach as they
+    reach the reference's: `model.to(torch.bfloat16)` or `.half()` rounds them to that dtype (the angles
+    are then computed from the rounded frequencies, in fp32), while `from_pretrained(..., dtype=...)`
+    leaves them in fp32, as the reference's loading does. `dynamic` and `longrope` pick their frequencies
+    from the largest position in each call, as the reference does, but without state carried between
+    calls (after a cast, the reference's `dynamic` returns to fp32 frequencies once a long sequence has
+    grown them; these stay as cast).
     """
 
     def __init__(self, config: StableLmConfig) -> None:
@@ -162,9 +166,12 @@ class RotaryEmbedding(nn.Module):
             )
 
     def _apply(self, fn, recurse=True):
-        # .to(dtype) / .half() / .to_empty() reach the buffers through here: recompute them in fp32.
+        # Casts and moves apply to the buffers as torch applies them (the reference's are plain buffers);
+        # buffers without values (meta, before loading) are computed on their new device (`to_empty`).
+        unset = self.inv_freq.is_meta
         super()._apply(fn, recurse)
-        self.reset_buffers(self.inv_freq.device)
+        if unset and not self.inv_freq.is_meta:
+            self.reset_buffers(self.inv_freq.device)
         return self
 
     def _frequencies(self, position_ids: torch.Tensor) -> torch.Tensor:

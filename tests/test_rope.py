@@ -39,13 +39,29 @@ def test_cos_sin_equal_reference_within_and_past_the_trained_length(rope, length
     assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin)
 
 
-def test_frequencies_stay_fp32_when_the_model_is_cast():
-    ours, _ = _pair("yarn", 0.25)
-    expected = ours.inv_freq.clone()
-    ours.to(torch.bfloat16)
-    assert ours.inv_freq.dtype == torch.float32 and torch.equal(ours.inv_freq, expected)
-    cos, _ = ours(torch.empty(0, dtype=torch.bfloat16), torch.arange(4)[None])
-    assert cos.dtype == torch.bfloat16
+@pytest.mark.parametrize("rope", ROPE_TYPES)
+def test_frequencies_follow_casts_as_the_references_do(rope):
+    """`.to(torch.bfloat16)` / `.half()` round the frequencies as they round the reference's buffers, and
+    `.float()` afterwards keeps the rounded values: the same cos/sin as the reference after the same casts
+    (within the trained length: past it the reference's dynamic and longrope frequencies change state)."""
+    ours, ref = _pair(rope, 0.5)
+    positions = torch.arange(8)[None]
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        ours.to(dtype), ref.to(dtype)
+        assert ours.inv_freq.dtype == ref.inv_freq.dtype == dtype and torch.equal(ours.inv_freq, ref.inv_freq)
+        x = torch.zeros(1, dtype=dtype)
+        for a, b in zip(ours(x, positions), ref(x, positions), strict=True):
+            assert a.dtype == dtype and torch.equal(a, b), (rope, dtype)
+
+
+def test_frequencies_are_computed_when_a_meta_module_gets_storage():
+    config = tiny_config()
+    with torch.device("meta"):
+        ours = RotaryEmbedding(config)
+    ours.to_empty(device="cpu")
+    assert ours.inv_freq.dtype == torch.float32 and torch.equal(
+        ours.inv_freq, RotaryEmbedding(config).inv_freq
+    )
 
 
 def test_frequencies_are_rebuilt_after_materialising_from_meta():
