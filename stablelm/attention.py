@@ -14,6 +14,9 @@ import torch.nn.functional as F
 
 # `enable_gqa` reached scaled_dot_product_attention in torch 2.5; older releases repeat K/V instead.
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+# From torch 2.5 on, SDPA gives a query whose every key is masked zeros (and zero gradients), eager and
+# compiled: the reference's SDPA output at left-padded positions. Before, NaN: those rows are opened up.
+_SDPA_EMPTY_ROWS_ZERO = _SDPA_HAS_GQA
 
 
 @dataclass
@@ -31,10 +34,10 @@ class AttentionMask:
             drafts this way.
         packed: `allowed` keeps packed documents apart (see `packed_mask`).
         custom: `allowed` is the caller's own 4-D mask (which flash attention cannot take).
-        empty_rows: (B, 1, T, 1) bool, the queries that had no key to attend to (on left padding), which
-            `allowed` opens up to every key so that no kernel produces NaN; eager attention weighs every key
-            alike for them instead, as the reference's eager attention does (its probabilities and the
-            hidden states at padded positions are then the reference's).
+        empty_rows: (B, 1, T, 1) bool, the queries that had no key to attend to (on left padding). As the
+            reference: SDPA gives them zeros (torch >= 2.5; before, `allowed` opens them up to every key so
+            that no kernel produces NaN), eager attention weighs every key alike. The hidden states at
+            padded positions, and a loss that reads them, are then the reference's under either.
     """
 
     allowed: torch.Tensor | None
@@ -53,8 +56,8 @@ def build_mask(
     """Combine causal order with a 2-D padding mask (B, past + new).
 
     `slots` is the key length attention will see (past + new, or a static cache's size). Rows whose
-    every key is masked (queries on left padding) are opened up so that no backend produces NaN; their
-    outputs are never read.
+    every key is masked (queries on left padding) stay so where SDPA gives them zeros, as the reference's
+    SDPA does (see `AttentionMask.empty_rows`).
     """
     key_length = past + new
     if padding is not None and padding.dim() == 4:
@@ -79,7 +82,8 @@ def build_mask(
             keys = F.pad(keys, (0, slots - key_length), value=False)
         allowed = allowed & keys[:, None, None, :]
         empty = ~allowed.any(dim=-1, keepdim=True)
-        allowed = allowed | empty
+        if not _SDPA_EMPTY_ROWS_ZERO:
+            allowed = allowed | empty
         return AttentionMask(
             allowed=allowed, is_causal=False, key_length=key_length, padding=padding, empty_rows=empty
         )
@@ -192,9 +196,14 @@ def attention(
     if implementation == "eager":
         scores = torch.matmul(q, k.transpose(2, 3)) * scale  # (B, H, T, S)
         if mask.allowed is not None:
-            scores = scores.masked_fill(~mask.allowed, torch.finfo(scores.dtype).min)
-            if mask.empty_rows is not None:  # every key alike (see AttentionMask.empty_rows)
-                scores = scores.masked_fill(mask.empty_rows, 0.0)
+            # the reference adds a mask of 0 / the dtype's min: masked scores become the min, and a row whose
+            # every key is masked weighs them alike, its gradients still reaching q and k as the reference's
+            # do (see AttentionMask.empty_rows)
+            bias = torch.zeros(mask.allowed.shape, dtype=scores.dtype, device=scores.device)
+            bias = bias.masked_fill(~mask.allowed, torch.finfo(scores.dtype).min)
+            if mask.empty_rows is not None:
+                bias = bias.masked_fill(mask.empty_rows, torch.finfo(scores.dtype).min)
+            scores = scores + bias
         elif mask.is_causal:
             causal = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
             scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)

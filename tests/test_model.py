@@ -189,6 +189,26 @@ def test_padded_batch_matches_reference_on_real_tokens(side, attn):
     assert _max_diff(a[real], b[real]) <= FP32_TOL
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_left_padded_positions_loss_and_gradients_match_reference(attn):
+    """Also at the padded positions, where a query has no key to attend to: the reference's SDPA gives
+    them zeros, its eager attention weighs every key alike; the logits there, a loss whose labels do not
+    mask them (the last pad predicts the first real token), and the gradients follow."""
+    ours, ref = make_pair(_config("gqa", qk_ln=True), attn=attn)
+    ours.train(), ref.train()
+    ids = _ids(batch=3, length=10)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    mask[2, :7] = 0
+    a, b = ours(ids, attention_mask=mask, labels=ids), ref(ids, attention_mask=mask, labels=ids)
+    assert _max_diff(a.logits, b.logits) <= FP32_TOL
+    assert abs(a.loss.item() - b.loss.item()) <= 1e-5
+    a.loss.backward(), b.loss.backward()
+    grads = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        assert _max_diff(p.grad, grads[name].grad) <= 1e-5, name
+
+
 def test_left_padded_row_equals_the_unpadded_row():
     """Padding is invisible: with position ids from the mask, a padded row gives the row's own logits."""
     ours, _ = make_pair(_config("gqa"))
