@@ -160,6 +160,7 @@ def sse_events(response: httpx.Response):
 
 def test_health_models_and_startup_line(server):
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    assert httpx.head(server.url + "/health").status_code == 200
     models = server.client().models.list()
     assert [m.id for m in models.data] == [MODEL_ID]
     assert models.data[0].object == "model"

@@ -154,7 +154,7 @@ def create_app(
         message = f"{request.method} {request.url.path}: {exc.detail}"
         return error_response(ApiError(exc.status_code, message, type=kind))
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: uptime checkers
     async def health() -> Response:
         if engine.state == "loading":
             return error_response(
