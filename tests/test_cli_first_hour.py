@@ -103,6 +103,24 @@ def test_bad_threads_are_usage_errors(value, capsys):
     )
 
 
+def test_threads_far_past_the_cores_are_refused_and_past_them_noted(monkeypatch, capsys, short_model):
+    """1000 threads on 2 cores ran for minutes unexplained: past 4x the usable cores a usage error naming the
+    flag (before any loading), past them a note."""
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    status, out, err = run_cli(["generate", "-m", str(short_model), "--threads", "1000", PROMPT], capsys)
+    assert status == 2 and out == ""
+    assert (
+        err.startswith("stablelm: error: --threads 1000 is far more than the 2 cores") and "at most 2" in err
+    )
+    monkeypatch.setenv("STABLELM_THREADS", "9")
+    status, _, err = run_cli(["generate", "-m", str(short_model), "-n", "2", PROMPT], capsys)
+    assert status == 2 and "STABLELM_THREADS 9 is far more" in err
+    monkeypatch.delenv("STABLELM_THREADS")
+    args = ["generate", "-m", str(short_model), "-n", "2", "--temperature", "0", "--threads", "3", PROMPT]
+    status, _, err = run_cli(args, capsys)
+    assert status == 0 and "note: --threads 3 is more than the 2 cores" in err
+
+
 def test_bad_threads_environment_is_a_usage_error(monkeypatch, capsys):
     monkeypatch.setenv("STABLELM_THREADS", "none")
     status, _, err = run_cli(["generate", PROMPT], capsys)
@@ -285,13 +303,22 @@ def test_forgetting_keeps_the_system_message_and_the_message_being_answered():
     assert chat._forget_oldest_turn() == 0 and chat.messages == [system, turns[4]]
 
 
+def test_a_system_prompt_that_fills_the_context_is_a_usage_error(monkeypatch, capsys, short_model):
+    """Every message would be refused for it: said once, at start-up, naming --system."""
+    stdin_of(monkeypatch, b"hi\n")
+    args = ["chat", "-m", str(short_model), "-n", "4", "--system", "word " * 80]
+    status, out, err = run_cli(args, capsys)
+    assert status == 2 and out == ""
+    assert err.startswith("stablelm: error: --system takes ") and "shorten it" in err
+
+
 def test_a_message_too_long_for_the_context_gets_an_error_and_chat_goes_on(monkeypatch, capsys, short_model):
     stdin_of(monkeypatch, ("word " * 80 + "\nShort one\n").encode())
     status, out, err = run_cli(["chat", "-m", str(short_model), "-n", "4", "--temperature", "0"], capsys)
     assert status == 0, err
     first, second = out.split("\n")[:2]
     assert first == "" and second  # the long message's line stays empty; the next is answered
-    assert "stablelm: error: this message take" in err and "send a shorter message" in err
+    assert "stablelm: error: this message takes" in err and "send a shorter message" in err
 
 
 def test_n_past_the_context_is_clamped_quietly(capsys, short_model):
@@ -622,3 +649,24 @@ def test_a_machine_without_numpy_gets_no_numpy_warning():
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip()
     assert "NumPy" not in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--seed", "99999999999999999999999"], "argument --seed: expected an integer from 0 to 2**64-1"),
+        (["--seed", "-1"], "argument --seed: expected an integer from 0 to 2**64-1"),
+        (["-m", ""], "argument -m/--model: empty"),
+        (["-m", "  "], "argument -m/--model: empty"),
+    ],
+)
+def test_seed_out_of_range_and_an_empty_model_are_usage_errors(args, message, capsys):
+    status, out, err = run_cli(["generate", *args, PROMPT], capsys)
+    assert status == 2 and out == "" and message in err, err
+
+
+def test_a_prompt_argument_that_is_not_utf8_is_a_usage_error(capsys, short_model):
+    prompt = os.fsdecode(b"\xff\xfe bad")  # as Python decodes such bytes in argv
+    status, out, err = run_cli(["generate", "-m", str(short_model), prompt], capsys)
+    assert status == 2 and out == ""
+    assert "the prompt argument is not UTF-8 text (byte 0xff at offset 0)" in err

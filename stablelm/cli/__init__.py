@@ -186,6 +186,9 @@ def _main(argv: list[str]) -> int:
                 threads.set_threads(restore)
 
 
+OVERSUBSCRIBED = 4  # a thread count past this many times the usable cores is refused (past 1x: a note)
+
+
 def _apply_threads(flag: int | None, sample: Any) -> tuple[int, str]:
     """Set torch's thread count from --threads, else $STABLELM_THREADS, else auto; return the count and
     a line for --verbose saying where it came from."""
@@ -203,6 +206,18 @@ def _apply_threads(flag: int | None, sample: Any) -> tuple[int, str]:
         note = f"threads: {count} (auto: {why})"
     else:
         note = f"threads: {setting} ({origin})"
+        cores = threads.usable_cores()
+        if setting > OVERSUBSCRIBED * cores:  # 1000 threads on 2 cores ran for minutes, unexplained
+            raise UsageError(
+                f"{origin} {setting} is far more than the {cores} cores this process may use: threads beyond "
+                f"the cores only wait for each other; pass at most {cores} (or 'auto')"
+            )
+        if setting > cores:
+            print(
+                f"stablelm: note: {origin} {setting} is more than the {cores} cores this process may use; "
+                "the extra threads only wait for each other",
+                file=sys.stderr,
+            )
     count = threads.set_threads(setting if setting is not None else count)
     os.environ.setdefault("RAYON_NUM_THREADS", str(count))  # the tokenizers library's pool, made later
     return count, note

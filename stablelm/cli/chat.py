@@ -106,6 +106,7 @@ class Chat:
         self.template_variables: dict[str, str] = {}
         self.template, self.stops = self._choose_template(chat_format)
         self._check_template()
+        self._check_system()
 
     def loop(self) -> int:
         """Read and answer messages until /exit or the end of input."""
@@ -139,6 +140,27 @@ class Chat:
         return 0
 
     # --- the template ---------------------------------------------------------------------------------
+
+    def _check_system(self) -> None:
+        """A --system prompt that leaves no room in the context for any message fails at start-up (else
+        every message would be refused for it).
+
+        Raises:
+            UsageError: The system prompt with an empty message fills the context.
+        """
+        if not self.args.system:
+            return
+        try:
+            tokens = self._render([*self._opening(), {"role": "user", "content": ""}]).shape[1]
+        except Exception:  # noqa: BLE001 - a template that refuses an empty message: checked per message
+            return
+        room = context_room(self.loaded.model.config, tokens)
+        if room is not None and room < 1:
+            context = self.loaded.model.config.max_position_embeddings
+            raise UsageError(
+                f"--system takes {tokens} tokens with the chat template, and the model's context holds "
+                f"{context}: shorten it, leaving room for messages and replies"
+            )
 
     def _opening(self) -> list[dict[str, Any]]:
         return [{"role": "system", "content": self.args.system}] if self.args.system else []
@@ -352,9 +374,9 @@ class Chat:
         smallest = self._render(alone).shape[1]
         room = context_room(model.config, smallest)
         if room is not None and room < 1:
-            what = "this message and the --system prompt" if self.args.system else "this message"
+            what = "this message and the --system prompt take" if self.args.system else "this message takes"
             raise CliError(
-                f"{what} take {smallest} tokens, and the model's context holds {context}: "
+                f"{what} {smallest} tokens, and the model's context holds {context}: "
                 "send a shorter message (it was not answered; the chat goes on)"
             )
         ids = self._render(self.messages)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -199,6 +200,8 @@ def read_prompt(argument: str | None) -> str:
     if argument is None or argument == "-":
         argument = read_stdin_text("the prompt")
         argument = argument.removesuffix("\n").removesuffix("\r")
+    elif any("\udc80" <= c <= "\udcff" for c in argument):  # bytes Python could not decode from argv
+        decode_utf8(os.fsencode(argument), "the prompt argument")
     if not argument.strip():
         raise UsageError("the prompt is empty: pass it as an argument or on stdin")
     return argument

@@ -29,10 +29,35 @@ _SAMPLING_KEYS = tuple(CLI_SAMPLING)
 EXTENDING_ROPE_TYPES = ("dynamic", "yarn", "longrope", "llama3")
 
 
+def _model_name(text: str) -> str:
+    """argparse `type` of -m/--model: anything but an empty or blank name (an unset shell variable, which
+    would otherwise run the demo model unannounced)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            "empty: pass a checkpoint folder or a hub id (leave -m out for the bundled demo model)"
+        )
+    return text
+
+
+SEED_RANGE = (0, 2**64 - 1)  # what torch.Generator.manual_seed takes without wrapping
+
+
+def seed_type(text: str) -> int:
+    """argparse `type` of --seed: an integer torch's generators take as it is."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2**64-1, got {text!r}")
+    return value
+
+
 def add_model_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-m",
         "--model",
+        type=_model_name,
         metavar="NAME_OR_PATH",
         help="a checkpoint folder or a Hugging Face hub id (default: the bundled demo model)",
     )
@@ -100,7 +125,7 @@ def add_sampling_options(parser: argparse.ArgumentParser, *, default_new_tokens:
         metavar="R",
         help="above 1 discourages repeats; 1 turns it off",
     )
-    group.add_argument("--seed", type=int, help="seed the sampler, so a run can be repeated")
+    group.add_argument("--seed", type=seed_type, help="seed the sampler, so a run can be repeated")
 
 
 def add_output_options(parser: argparse.ArgumentParser, *, json_help: str | None = None) -> None:

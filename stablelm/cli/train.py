@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 
 from . import train_lora
-from .options import DEVICES, bounded
+from .options import DEVICES, bounded, seed_type
 
 DEFAULT_BLOCK_SIZE_CAP = 1024
 
@@ -138,7 +138,9 @@ def _add_optimiser_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
         "--gradient-checkpointing", action="store_true", help="recompute activations to save memory"
     )
-    group.add_argument("--seed", type=int, default=0, help="seed of the initial weights and data order (0)")
+    group.add_argument(
+        "--seed", type=seed_type, default=0, help="seed of the initial weights and data order (0)"
+    )
 
 
 def _add_output_arguments(group: argparse._ArgumentGroup) -> None:
