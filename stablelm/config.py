@@ -335,6 +335,36 @@ class StableLmConfig(ConfigFilesMixin):
                 data = {k: v for k, v in data.items() if k not in ("id2label", "label2id")}
         return cls(**{**data, **overrides})
 
+    @classmethod
+    def coerce(cls, config: Any, *, what: str = "config") -> StableLmConfig:
+        """`config` itself, or transformers' `StableLmConfig` converted through its `to_dict()` (code written for
+        the reference passes one, as `AutoConfig.from_pretrained(path)`); its `attn_implementation` is kept.
+
+        Raises:
+            TypeError: `config` is neither.
+            ValueError: The reference's config is of another model type, or holds a value this one refuses.
+        """
+        if isinstance(config, cls):
+            return config
+        if not _is_reference_config(config):
+            kind = type(config)
+            raise TypeError(
+                f"{what} must be a stablelm.StableLmConfig, got {kind.__module__}.{kind.__qualname__}; build "
+                "one with stablelm.StableLmConfig(...) or StableLmConfig.from_pretrained(folder)."
+            )
+        data = config.to_dict()
+        # Keys of the reference's base class at their defaults (chunk_size_feed_forward, ...) are left out, as
+        # its config.json leaves them out; the fields this config knows are all taken.
+        changed = config.to_diff_dict() if callable(getattr(config, "to_diff_dict", None)) else data
+        known = {*cls().to_dict(), "dtype", "id2label", "label2id"}
+        name_or_path = data.pop("_name_or_path", "")
+        converted = cls.from_dict({k: v for k, v in data.items() if k in known or k in changed})
+        converted.name_or_path = name_or_path if isinstance(name_or_path, str) else ""
+        attn = getattr(config, "_attn_implementation", None)
+        if attn in ("eager", "sdpa", "flash_attention_2"):
+            converted.attn_implementation = attn
+        return converted
+
     def to_diff_dict(self) -> dict[str, Any]:
         """`to_dict()` without the values that equal the defaults (`model_type` always kept), as the
         reference's (which writes this into config.json; this package writes every field)."""
@@ -348,3 +378,9 @@ class StableLmConfig(ConfigFilesMixin):
 
     def __repr__(self) -> str:
         return f"StableLmConfig {self.to_json_string()}"
+
+
+def _is_reference_config(config: Any) -> bool:
+    """Whether `config` is one of transformers' config objects (never imported here: only recognised)."""
+    package = type(config).__module__.split(".")[0]
+    return package == "transformers" and callable(getattr(config, "to_dict", None))

@@ -15,13 +15,14 @@ def resolve_model_dir(
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
     token: str | bool | None = None,
+    force_download: bool = False,
 ) -> Path:
     """Return a local folder holding the model's files.
 
     A path that exists on disk is used as it is (after finishing a `save_pretrained` into it that was
     killed between switching the weights and the config files: see `save_journal`). Anything else is taken as a hub repo id and fetched
     through `huggingface_hub` (only the files matching `allow_patterns`, reusing its cache, honouring
-    `HF_HUB_OFFLINE` and `local_files_only`).
+    `HF_HUB_OFFLINE` and `local_files_only`; `force_download` fetches them again even when cached).
 
     Raises:
         FileNotFoundError: the name is neither a local folder nor reachable on the hub.
@@ -49,6 +50,7 @@ def resolve_model_dir(
             cache_dir=cache_dir,
             local_files_only=local_files_only,
             token=token,
+            force_download=force_download,
             allow_patterns=list(allow_patterns),
         )
     except Exception as err:  # the hub's errors vary by cause: offline, unknown repo, no access

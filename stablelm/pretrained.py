@@ -43,8 +43,12 @@ class StableLmPreTrainedModel(ActivationCheckpointingMixin, nn.Module):
     def __init__(self, config: StableLmConfig) -> None:
         super().__init__()
         if not isinstance(config, StableLmConfig):
+            kind = type(config)
             raise TypeError(
-                f"Expected a StableLmConfig, got {type(config).__name__}; build one with StableLmConfig(...)."
+                f"Expected a stablelm.StableLmConfig, got {kind.__module__}.{kind.__qualname__}; build one with "
+                "StableLmConfig(...), or convert transformers' with "
+                "stablelm.StableLmConfig.from_dict(config.to_dict()) (from_pretrained(config=...) and "
+                "from_config take transformers' as it is)."
             )
         if config.attn_implementation == "flash_attention_2":
             check_flash_attention_available()
@@ -120,7 +124,9 @@ class StableLmPreTrainedModel(ActivationCheckpointingMixin, nn.Module):
         torch_dtype: torch.dtype | None = None,
         attn_implementation: str | None = None,
     ) -> StableLmPreTrainedModel:
-        """A new model with random weights (the reference's `from_config`, also `AutoModel*.from_config`)."""
+        """A new model with random weights (the reference's `from_config`, also `AutoModel*.from_config`);
+        `config` may be transformers' StableLmConfig, converted."""
+        config = StableLmConfig.coerce(config)
         if attn_implementation is not None:
             config = copy.deepcopy(config)
             config.attn_implementation = attn_implementation
@@ -228,7 +234,15 @@ class StableLmPreTrainedModel(ActivationCheckpointingMixin, nn.Module):
         cache_dir: str | os.PathLike | None = None,
         local_files_only: bool = False,
         token: str | bool | None = None,
+        force_download: bool = False,
+        subfolder: str = "",
+        variant: str | None = None,
+        use_safetensors: bool | None = None,
         trust_remote_code: bool | None = None,
+        low_cpu_mem_usage: bool | None = None,
+        offload_folder: str | os.PathLike | None = None,
+        offload_state_dict: bool | None = None,
+        offload_buffers: bool = False,
         optimize: bool | None = None,
         quantization_config: object = None,
         output_loading_info: bool = False,
@@ -249,14 +263,25 @@ class StableLmPreTrainedModel(ActivationCheckpointingMixin, nn.Module):
 
         Args:
             name_or_path: A local folder, or a hub repo id (only the needed files are fetched, into the hub cache).
-            config: Use this config instead of the checkpoint's `config.json`.
+            config: Use this config instead of the checkpoint's `config.json` (transformers' StableLmConfig is
+                converted).
             dtype: "auto" or None (the checkpoint's `torch_dtype`, as the reference), a torch dtype or its name.
             torch_dtype: The reference's older spelling of `dtype`.
             device: Where the weights go: None (CPU), "auto" (CUDA when available), "cuda:0", ...
             device_map: The reference's spelling of `device`; only a single device is supported.
             attn_implementation: "sdpa" (default), "eager" or "flash_attention_2".
-            revision, cache_dir, local_files_only, token: For the hub (`HF_HUB_OFFLINE=1` is honoured).
+            revision, cache_dir, local_files_only, token, force_download: For the hub (`HF_HUB_OFFLINE=1` is
+                honoured; `force_download` fetches the files again even when they are cached).
+            subfolder: The folder, inside the local folder or the hub repo, that holds the files.
+            variant: Read the weights saved under this variant's names, as the reference names them
+                (`model.fp16.safetensors`, `model.safetensors.index.fp16.json`, `pytorch_model.fp16.bin`).
+            use_safetensors: True reads only safetensors (an error if the checkpoint has only `.bin` files),
+                False only the legacy `.bin` files, None (default) safetensors where present, else `.bin`.
             trust_remote_code: Accepted for the reference's snippets and ignored: no file's code ever runs.
+            low_cpu_mem_usage, offload_state_dict: Accepted and ignored, as the reference ignores them: every
+                load reads one tensor at a time into the model built without memory.
+            offload_folder, offload_buffers: Accepted and ignored: the model goes whole on one device, never
+                partly to disk (a `device_map` asking for "disk" is refused).
             optimize: Run inference on stablelm's kernels where they serve (the default; bfloat16
                 bit-identical to torch, float32 within rounding; see `stablelm.fast`). False keeps
                 torch's kernels; None follows `STABLELM_OPTIMIZE` (0 turns them off).
@@ -292,6 +317,8 @@ class StableLmPreTrainedModel(ActivationCheckpointingMixin, nn.Module):
                 "), where no weights can be read: call it outside the context manager (which suits building an "
                 "empty model with the class itself)."
             )
+        # Accepted for the reference's snippets: loads always go tensor by tensor onto one whole device.
+        del low_cpu_mem_usage, offload_folder, offload_state_dict, offload_buffers
         if state_dict is not None:
             return cls._from_state_dict(name_or_path, config, state_dict, config_overrides)
         if name_or_path is None:
@@ -310,6 +337,10 @@ class StableLmPreTrainedModel(ActivationCheckpointingMixin, nn.Module):
             cache_dir=cache_dir,
             local_files_only=local_files_only,
             token=token,
+            force_download=force_download,
+            subfolder=subfolder,
+            variant=variant,
+            use_safetensors=use_safetensors,
             trust_remote_code=trust_remote_code,
             optimize=optimize,
             quantization_config=quantization_config,
@@ -329,7 +360,7 @@ class StableLmPreTrainedModel(ActivationCheckpointingMixin, nn.Module):
                 "from_pretrained(state_dict=...) loads these weights into a model built from config=...: pass "
                 "no model folder and no other config fields."
             )
-        model = cls(config)
+        model = cls(StableLmConfig.coerce(config))
         model.load_state_dict(state_dict, strict=True)
         return model.eval()
 
@@ -339,6 +370,7 @@ class StableLmPreTrainedModel(ActivationCheckpointingMixin, nn.Module):
         *,
         max_shard_size: int | str = "5GB",
         safe_serialization: bool = True,
+        state_dict: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """Write `config.json`, `generation_config.json` (for a model that generates) and the weights.
 
@@ -347,12 +379,15 @@ class StableLmPreTrainedModel(ActivationCheckpointingMixin, nn.Module):
         head is left out, as the reference does. Each file is written under a temporary name and renamed;
         over an existing checkpoint the weights switch at one rename (the index after all its new shards), so
         an interrupted save leaves the old checkpoint whole, and the next save clears what it left behind.
+        `state_dict` saves those tensors, under their keys (the checkpoint's names), instead of the model's,
+        as the reference's option (peft, accelerate and the Trainer pass one).
         """
         from .checkpoint import save_pretrained
 
         save_pretrained(
-            self, save_directory, max_shard_size=max_shard_size, safe_serialization=safe_serialization
-        )
+            self, save_directory, max_shard_size=max_shard_size, safe_serialization=safe_serialization,
+            state_dict=state_dict,
+        )  # fmt: skip
 
     # ---- vocabulary size ---------------------------------------------------------------------------------
     def set_output_embeddings(self, head: nn.Linear) -> None:

@@ -26,6 +26,7 @@ def resize_token_embeddings(
     new_num_tokens = _resized_vocab(embedding.num_embeddings, new_num_tokens, pad_to_multiple_of)
     if new_num_tokens is None:
         return embedding
+    _refuse_quantized_head(model, new_num_tokens)  # before anything changes
     _resize_embedding(model, embedding, new_num_tokens, mean_resizing=mean_resizing)
     head = model.get_output_embeddings()
     if head is not None:
@@ -36,6 +37,20 @@ def resize_token_embeddings(
     _drop_ids_past(model.config, new_num_tokens)
     model.tie_weights()
     return model.get_input_embeddings()
+
+
+def _refuse_quantized_head(model: StableLmPreTrainedModel, n: int) -> None:
+    """A quantized LM head holds integer weights with per-row scales: new rows cannot be drawn as the
+    reference draws a dense head's, so its size stays as it is."""
+    head = model.get_output_embeddings()
+    quant_type = getattr(head, "quant_type", None)
+    if quant_type is not None and head.out_features != n:
+        raise ValueError(
+            f"resize_token_embeddings({n}): the LM head is quantized ({quant_type}), and a quantized layer cannot "
+            "be resized. Resize the unquantized model, then quantize it (stablelm.quantize(model, ...), or save it "
+            "and load it with quantization_config=...); or keep the LM head dense when quantizing "
+            '(QuantizationConfig(..., modules_to_not_convert=["lm_head"])).'
+        )
 
 
 def _drop_ids_past(config, n: int) -> None:  # noqa: ANN001

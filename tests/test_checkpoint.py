@@ -411,6 +411,117 @@ def test_safetensors_are_preferred_over_bin(pair, ref_dir, tmp_path):
     assert torch.equal(model.model.norm.weight, ref.model.norm.weight)
 
 
+# ---- the reference's options: variant, use_safetensors, subfolder, and those that change nothing -----------
+def _same_weights(model, ref) -> None:
+    ours_state = model.state_dict()
+    for name, tensor in ref.state_dict().items():
+        assert torch.equal(ours_state[name], tensor), name
+
+
+@pytest.mark.parametrize("max_shard_size", [None, "30KB"])
+def test_a_variant_saved_by_the_reference_loads_under_its_name(pair, tmp_path, max_shard_size):
+    _, ref = pair
+    ref.save_pretrained(
+        tmp_path, variant="fp16", **({"max_shard_size": max_shard_size} if max_shard_size else {})
+    )
+    single = (tmp_path / "model.fp16.safetensors").is_file()
+    assert single == (max_shard_size is None)
+    assert single or (tmp_path / "model.safetensors.index.fp16.json").is_file()
+    model = StableLmForCausalLM.from_pretrained(tmp_path, variant="fp16")
+    theirs = transformers.StableLmForCausalLM.from_pretrained(tmp_path, variant="fp16")
+    _same_weights(model, theirs)
+    with pytest.raises(FileNotFoundError, match="holds weights of the variant 'fp16': pass it as variant="):
+        StableLmForCausalLM.from_pretrained(tmp_path)
+    with pytest.raises(OSError):  # the reference refuses it too
+        transformers.StableLmForCausalLM.from_pretrained(tmp_path)
+
+
+def test_a_variant_names_the_bin_files_too_and_its_absence_is_explained(pair, ref_dir, tmp_path):
+    _, ref = pair
+    folder = copy_checkpoint(ref_dir, tmp_path / "c")
+    torch.save({k: v * 2 for k, v in ref.state_dict().items()}, folder / "pytorch_model.v2.bin")
+    model = StableLmForCausalLM.from_pretrained(folder, variant="v2")
+    theirs = transformers.StableLmForCausalLM.from_pretrained(folder, variant="v2")
+    _same_weights(model, theirs)
+    assert torch.equal(model.model.norm.weight, ref.model.norm.weight * 2)
+    with pytest.raises(
+        FileNotFoundError, match="expected model.fp16.safetensors, .*without a variant: pass variant=None"
+    ):
+        StableLmForCausalLM.from_pretrained(ref_dir, variant="fp16")
+    for bad in ("", "a/b", 16):
+        with pytest.raises(ValueError, match="variant must be a name such as 'fp16'"):
+            StableLmForCausalLM.from_pretrained(ref_dir, variant=bad)
+
+
+def test_use_safetensors_keeps_to_one_format_as_the_reference(pair, ref_dir, tmp_path):
+    _, ref = pair
+    both = copy_checkpoint(ref_dir, tmp_path / "both")
+    torch.save({k: v * 2 for k, v in ref.state_dict().items()}, both / "pytorch_model.bin")
+    for use_safetensors in (None, True, False):
+        model = StableLmForCausalLM.from_pretrained(both, use_safetensors=use_safetensors)
+        theirs = transformers.StableLmForCausalLM.from_pretrained(both, use_safetensors=use_safetensors)
+        _same_weights(model, theirs)
+        factor = 2 if use_safetensors is False else 1
+        assert torch.equal(model.model.norm.weight, ref.model.norm.weight * factor), use_safetensors
+    only_bin = copy_checkpoint(both, tmp_path / "bin")
+    (only_bin / "model.safetensors").unlink()
+    with pytest.raises(
+        FileNotFoundError, match="holds pytorch_model.bin, which use_safetensors=True does not read"
+    ):
+        StableLmForCausalLM.from_pretrained(only_bin, use_safetensors=True)
+    with pytest.raises(OSError):
+        transformers.StableLmForCausalLM.from_pretrained(only_bin, use_safetensors=True)
+    with pytest.raises(
+        FileNotFoundError, match="holds model.safetensors, which use_safetensors=False does not"
+    ):
+        StableLmForCausalLM.from_pretrained(ref_dir, use_safetensors=False)
+    with pytest.raises(OSError):
+        transformers.StableLmForCausalLM.from_pretrained(ref_dir, use_safetensors=False)
+    with pytest.raises(TypeError, match="use_safetensors must be True, False or None, got 1"):
+        StableLmForCausalLM.from_pretrained(ref_dir, use_safetensors=1)
+
+
+def test_subfolder_finds_every_file_under_the_folder(pair, ref_dir, tmp_path):
+    _, ref = pair
+    copy_checkpoint(ref_dir, tmp_path / "repo" / "text")
+    (tmp_path / "repo" / "text" / "generation_config.json").write_text('{"max_new_tokens": 7}')
+    model = StableLmForCausalLM.from_pretrained(tmp_path / "repo", subfolder="text")
+    theirs = transformers.StableLmForCausalLM.from_pretrained(tmp_path / "repo", subfolder="text")
+    _same_weights(model, theirs)
+    assert model.generation_config.max_new_tokens == theirs.generation_config.max_new_tokens == 7
+    with pytest.raises(FileNotFoundError, match="has no subfolder 'other'"):
+        StableLmForCausalLM.from_pretrained(tmp_path / "repo", subfolder="other")
+    (tmp_path / "repo" / "out").symlink_to(ref_dir, target_is_directory=True)
+    with pytest.raises(CheckpointError, match="outside the model folder"):
+        StableLmForCausalLM.from_pretrained(tmp_path / "repo", subfolder="out")
+
+
+def test_options_for_memory_and_offloading_are_accepted_and_change_nothing(pair, ref_dir, tmp_path):
+    """low_cpu_mem_usage and offload_state_dict (ignored by the reference too), offload_folder and
+    offload_buffers (the whole model goes on one device): the same weights as a plain load."""
+    _, ref = pair
+    options = dict(
+        low_cpu_mem_usage=True, offload_folder=tmp_path / "off", offload_state_dict=True, offload_buffers=True
+    )
+    model = StableLmForCausalLM.from_pretrained(ref_dir, **options)
+    _same_weights(model, transformers.StableLmForCausalLM.from_pretrained(ref_dir, **options))
+    _same_weights(model, ref)
+    assert not (tmp_path / "off").exists()
+    with pytest.raises(ValueError, match="device 'disk' offloads the weights to offload_folder"):
+        StableLmForCausalLM.from_pretrained(ref_dir, device_map="disk", offload_folder=tmp_path / "off")
+
+
+def test_a_transformers_config_is_taken_as_the_reference_takes_its_own(pair, ref_dir):
+    _, ref = pair
+    config = transformers.AutoConfig.from_pretrained(ref_dir, attn_implementation="eager")
+    model = StableLmForCausalLM.from_pretrained(ref_dir, config=config)
+    assert isinstance(model.config, StableLmConfig) and model.config.attn_implementation == "eager"
+    with torch.no_grad():
+        assert max_diff(model(ids()).logits, ref(ids()).logits) <= FP32_TOL
+    model = StableLmForCausalLM.from_pretrained(None, config=config, state_dict=ref.state_dict())
+    _same_weights(model, ref)
+
+
 class _Planted:
     """Unpickling this would create a marker file: a stand-in for any code a pickle can run."""
 
@@ -667,6 +778,58 @@ def test_the_hub_fetches_safetensors_and_bin_only_without_them(ref_dir, tmp_path
     assert len(calls) == 3 and "pytorch_model.bin" in calls[2]
 
 
+def test_hub_options_go_to_huggingface_hub(ref_dir, tmp_path, monkeypatch):
+    """subfolder prefixes what is fetched, variant and use_safetensors name the files, force_download is passed."""
+    import huggingface_hub
+
+    calls = []
+    snapshot = tmp_path / "snap"
+    copy_checkpoint(ref_dir, snapshot / "text")
+
+    def fake_snapshot_download(repo_id, *, allow_patterns, **kwargs):
+        calls.append((allow_patterns, kwargs))
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    StableLmForCausalLM.from_pretrained("org/model", subfolder="text", force_download=True)
+    ((patterns, kwargs),) = calls
+    assert kwargs["force_download"] is True and all(p.startswith("text/") for p in patterns)
+    assert {"text/config.json", "text/model.safetensors", "text/model-*-of-*.safetensors"} <= set(patterns)
+    calls.clear()
+    with pytest.raises(FileNotFoundError, match="expected model.fp16.safetensors"):
+        StableLmForCausalLM.from_pretrained("org/model", subfolder="text", variant="fp16")
+    variant_patterns = set(calls[0][0]) | set(calls[1][0])
+    assert {"text/model.fp16.safetensors", "text/model.safetensors.index.fp16.json",
+            "text/model.fp16-*-of-*.safetensors", "text/pytorch_model.fp16.bin"} <= variant_patterns  # fmt: skip
+    assert calls[0][1]["force_download"] is False
+    calls.clear()
+    with pytest.raises(FileNotFoundError):
+        StableLmForCausalLM.from_pretrained("org/model", subfolder="text", use_safetensors=False)
+    assert len(calls) == 1 and not any(p.endswith(".safetensors") for p in calls[0][0])
+    calls.clear()
+    (snapshot / "text" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="expected model.safetensors or model.safetensors.index.json"):
+        StableLmForCausalLM.from_pretrained("org/model", subfolder="text", use_safetensors=True)
+    assert len(calls) == 1 and not any(".bin" in p for p in calls[0][0])
+
+
+def test_a_subfolder_of_a_cached_hub_snapshot_follows_the_caches_links(pair, ref_dir, tmp_path):
+    """The hub cache links snapshots/REV/text/FILE to ../../../blobs/HASH: inside the repo's cache folder."""
+    repo = tmp_path / "models--org--tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    (repo / "blobs").mkdir()
+    text = repo / "snapshots" / ("0" * 40) / "text"
+    text.mkdir(parents=True)
+    for path in ref_dir.iterdir():
+        (repo / "blobs" / path.name).write_bytes(path.read_bytes())
+        (text / path.name).symlink_to(Path("../../../blobs") / path.name)
+    model = StableLmForCausalLM.from_pretrained(
+        "org/tiny", subfolder="text", cache_dir=tmp_path, local_files_only=True
+    )
+    _same_weights(model, pair[1])
+
+
 # ---- saving ----------------------------------------------------------------------------------------------
 def test_an_interrupted_save_leaves_the_previous_file_whole(pair, ref_dir, tmp_path, monkeypatch):
     from stablelm.checkpoint import save as save_module
@@ -687,6 +850,63 @@ def test_an_interrupted_save_leaves_the_previous_file_whole(pair, ref_dir, tmp_p
         "generation_config.json",
         "model.safetensors",
     ]
+
+
+@pytest.mark.parametrize("options", [{}, {"max_shard_size": "30KB"}, {"safe_serialization": False}])
+def test_save_pretrained_writes_a_given_state_dict_that_both_libraries_load(pair, tmp_path, options):
+    """The reference's save_pretrained(state_dict=...): those tensors, under their keys, not the model's."""
+    ours, _ = pair
+    given = {key: tensor * 0.5 + 1 for key, tensor in ours.state_dict().items()}
+    ours.save_pretrained(tmp_path, state_dict=given, **options)
+    for model in (
+        StableLmForCausalLM.from_pretrained(tmp_path),
+        transformers.StableLmForCausalLM.from_pretrained(tmp_path),
+    ):
+        state = model.state_dict()
+        assert set(state) == set(given)
+        for key, tensor in given.items():
+            assert torch.equal(state[key], tensor), key
+    # the model's own tensors are not what was saved
+    assert not torch.equal(ours.model.norm.weight, given["model.norm.weight"])
+
+
+def test_a_given_state_dict_of_a_tied_model_leaves_the_head_out_as_the_reference(tmp_path):
+    ours, ref = make_pair(small_config(tie_word_embeddings=True))
+    # views, as a state_dict() gives them: the head's shares the embedding's memory
+    given = {key: tensor.detach() for key, tensor in ours.state_dict().items()}
+    given["model.norm.weight"] = given["model.norm.weight"] + 1
+    ours.save_pretrained(tmp_path / "ours", state_dict=given)
+    ref_given = {key: tensor.detach() for key, tensor in ref.state_dict().items()}
+    ref_given["model.norm.weight"] = ref_given["model.norm.weight"] + 1
+    ref.save_pretrained(tmp_path / "ref", state_dict=ref_given)
+    assert set(load_file(tmp_path / "ours" / "model.safetensors")) == set(
+        load_file(tmp_path / "ref" / "model.safetensors")
+    )
+    assert "lm_head.weight" not in load_file(tmp_path / "ours" / "model.safetensors")
+    for model in (
+        StableLmForCausalLM.from_pretrained(tmp_path / "ours"),
+        transformers.StableLmForCausalLM.from_pretrained(tmp_path / "ours"),
+    ):
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+        assert torch.equal(model.model.norm.weight, given["model.norm.weight"])
+
+
+@pytest.mark.parametrize(
+    "given,error,message",
+    [
+        ([("model.norm.weight", torch.ones(64))], TypeError, "state_dict must be a dict of tensor names"),
+        ({"model.norm.weight": [1.0]}, TypeError, "maps 'model.norm.weight' to list"),
+        ({"model.norm.weight": torch.empty(64, device="meta")}, ValueError, "is on the meta device"),
+    ],
+)
+def test_a_bad_state_dict_is_refused_before_the_folder_changes(
+    pair, ref_dir, tmp_path, given, error, message
+):
+    folder = copy_checkpoint(ref_dir, tmp_path / "c")
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    with pytest.raises(error, match=message):
+        pair[0].save_pretrained(folder, state_dict=given)
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
 
 
 def test_resaving_with_fewer_shards_removes_the_stale_ones(pair, tmp_path):

@@ -278,3 +278,33 @@ def test_torch_dtype_objects_are_written_as_strings():
 def test_a_missing_local_path_is_named_as_such(name):
     with pytest.raises(FileNotFoundError, match="No folder at"):
         StableLmConfig.from_pretrained(name)
+
+
+def test_coerce_converts_the_references_config_and_refuses_other_objects(tmp_path):
+    theirs = reference_config(
+        tiny_config(qk_layernorm=True, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    )
+    theirs.save_pretrained(tmp_path)
+    theirs = transformers.AutoConfig.from_pretrained(tmp_path, attn_implementation="eager")
+    ours = StableLmConfig.coerce(theirs)
+    assert ours.to_diff_dict() == StableLmConfig.from_pretrained(tmp_path).to_diff_dict()
+    assert (ours.attn_implementation, ours.name_or_path) == ("eager", str(tmp_path))
+    assert "chunk_size_feed_forward" not in ours.to_dict()  # the reference's base defaults stay out
+    assert StableLmConfig.coerce(ours) is ours
+    with pytest.raises(TypeError, match=r"config must be a stablelm\.StableLmConfig, got builtins\.dict"):
+        StableLmConfig.coerce({"vocab_size": 8})
+    with pytest.raises(ValueError, match="model_type 'llama'"):
+        StableLmConfig.coerce(transformers.LlamaConfig())
+
+
+def test_a_model_built_from_the_references_config_says_how_to_convert_it():
+    from stablelm import StableLmForCausalLM
+
+    theirs = reference_config(tiny_config())
+    with pytest.raises(
+        TypeError,
+        match=r"got transformers\..*StableLmConfig; .*StableLmConfig\.from_dict\(config\.to_dict\(\)\)",
+    ):
+        StableLmForCausalLM(theirs)
+    model = StableLmForCausalLM.from_config(theirs)  # from_config takes it as it is, as the reference's
+    assert isinstance(model.config, StableLmConfig) and model.config.vocab_size == theirs.vocab_size

@@ -338,11 +338,12 @@ def text_model(neox):
     return model
 
 
-def test_stop_strings_match_across_token_boundaries(neox, text_model):
+def _stop_across_a_boundary(neox, text_model):
+    """A prompt, its free greedy tokens, and a stop string made of the end of new token k's text and the start
+    of token k+1's; the tokens a stop there keeps are free[: k + 2]."""
     ids = torch.tensor([neox.encode("The weather is")])
     free = text_model.generate(ids, max_new_tokens=12, eos_token_id=None)[0, ids.shape[1] :].tolist()
     pieces = [neox.decode(free[: i + 1]) for i in range(len(free))]
-    # A stop string made of the end of token k's text and the start of token k+1's.
     k = next(
         i
         for i in range(2, len(free) - 1)
@@ -350,8 +351,30 @@ def test_stop_strings_match_across_token_boundaries(neox, text_model):
     )
     stop = pieces[k][-2:] + pieces[k + 1][len(pieces[k]) : len(pieces[k]) + 2]
     assert stop not in pieces[k] and stop in pieces[k + 1]
+    return ids, free[: k + 2], stop
+
+
+def test_stop_strings_match_across_token_boundaries(neox, text_model):
+    ids, kept, stop = _stop_across_a_boundary(neox, text_model)
     out = text_model.generate(ids, max_new_tokens=12, eos_token_id=None, stop_strings=stop, tokenizer=neox)
-    assert out[0, ids.shape[1] :].tolist() == free[: k + 2]
+    assert out[0, ids.shape[1] :].tolist() == kept
+
+
+def test_stop_strings_read_a_transformers_tokenizer_through_its_decode(neox, text_model):
+    """transformers' tokenizer (code written for the reference passes it) stops where stablelm's does, and
+    where the reference stops with it; an object without decode is refused clearly."""
+    from conftest import reference_config, transformers
+
+    theirs = transformers.AutoTokenizer.from_pretrained(FIXTURES / "gpt-neox-20b")
+    ids, kept, stop = _stop_across_a_boundary(neox, text_model)
+    kw = dict(max_new_tokens=12, eos_token_id=None, pad_token_id=0, stop_strings=stop, tokenizer=theirs)
+    out = text_model.generate(torch.cat([ids, ids]), **kw)
+    assert out[:, ids.shape[1] :].tolist() == [kept, kept]
+    ref = transformers.StableLmForCausalLM(reference_config(text_model.config)).eval()
+    ref.load_state_dict(text_model.state_dict())
+    assert ref.generate(ids, **kw)[0, ids.shape[1] :].tolist() == kept
+    with pytest.raises(TypeError, match="stop_strings need a tokenizer with decode"):
+        text_model.generate(ids, max_new_tokens=2, stop_strings=stop, tokenizer=object())
 
 
 def test_text_streamer_prints_exactly_the_generated_text(neox, text_model):

@@ -169,6 +169,9 @@ def test_past_key_values_errors_name_the_argument():
         ours.generate(_prompts(2, 6), past_key_values=cache, max_new_tokens=2)
     with pytest.raises(TypeError, match="past_key_values must be a stablelm cache"):
         ours.generate(ids, past_key_values=((1, 2),), max_new_tokens=2)
+    # transformers' own cache: the message names it and says what to pass instead
+    with pytest.raises(TypeError, match=r"got transformers\..*DynamicCache: pass stablelm\.DynamicCache\(\)"):
+        ours.generate(ids, past_key_values=transformers.DynamicCache(), max_new_tokens=2)
 
 
 def test_inputs_is_input_ids():

@@ -201,6 +201,17 @@ def test_stopping_criteria_see_the_scores_when_asked(pair):
     assert seen["ours"] == seen["ref"] == [None, None, None, 1, 2, 3]
 
 
+@pytest.mark.parametrize("words", [[[]], [[], "word"], ["word", []]])
+def test_empty_bad_words_ban_nothing_as_the_reference(pair, free, words):
+    """The reference takes `[]` among bad_words_ids and bans nothing for it; the other words still count."""
+    ids, new = free
+    words = [[int(new[0, 1])] if w == "word" else w for w in words]
+    a, b = _both(pair, ids, bad_words_ids=words)
+    assert torch.equal(a.sequences, b.sequences)
+    assert all(torch.equal(x, y) for x, y in zip(a.scores, b.scores, strict=True))
+    assert torch.equal(a.sequences[:, 5:], new) == (words == [[]])  # only a real word changes the text
+
+
 @pytest.mark.parametrize(
     "kwargs,error,message",
     [

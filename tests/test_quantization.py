@@ -565,6 +565,20 @@ def test_bad_configs_name_the_argument(tmp_path):
         stablelm.quantize(model, "int4")
 
 
+def test_quantize_refuses_a_transformers_model_before_changing_it():
+    from conftest import reference_config, transformers
+
+    ref = transformers.StableLmForCausalLM(reference_config(tiny_config()))
+    before = {name: type(m) for name, m in ref.named_modules()}
+    with pytest.raises(
+        TypeError, match=r"quantize\(\) takes a stablelm model, got transformers\..*from_pretrained"
+    ):
+        stablelm.quantize(ref, "int8")
+    assert {name: type(m) for name, m in ref.named_modules()} == before
+    with pytest.raises(TypeError, match="takes a stablelm model, got builtins.str"):
+        stablelm.quantize("model", "int8")
+
+
 RSS_SCRIPT = textwrap.dedent(
     """
     import json, sys, torch

@@ -176,3 +176,22 @@ def test_the_models_vocab_size_attribute_follows_a_resize_as_the_references():
     for model in (classifier, theirs):
         model.resize_token_embeddings(130)
     assert classifier.vocab_size == theirs.vocab_size == 130
+
+
+def test_a_quantized_lm_head_is_refused_before_anything_changes(tmp_path):
+    """A head loaded with quantization_config="int8" holds integer rows: resizing it says to resize first, and
+    leaves the model as it was; a head kept dense resizes as before."""
+    from stablelm.quantization import QuantizationConfig
+
+    StableLmForCausalLM(tiny_config()).save_pretrained(tmp_path)
+    model = StableLmForCausalLM.from_pretrained(tmp_path, quantization_config="int8")
+    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(0))
+    before = model(ids).logits
+    with pytest.raises(ValueError, match=r"LM head is quantized \(int8\).*Resize the unquantized model"):
+        model.resize_token_embeddings(150)
+    assert model.get_input_embeddings().weight.shape[0] == model.config.vocab_size == 128
+    assert torch.equal(model(ids).logits, before)
+    assert model.resize_token_embeddings(pad_to_multiple_of=64).weight.shape[0] == 128  # the same size
+    dense_head = QuantizationConfig("int8", modules_to_not_convert=["lm_head"])
+    model = StableLmForCausalLM.from_pretrained(tmp_path, quantization_config=dense_head)
+    assert model.resize_token_embeddings(150).weight.shape[0] == model.lm_head.out_features == 150

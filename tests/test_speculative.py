@@ -423,6 +423,29 @@ def test_bad_settings_get_clear_errors(kwargs, error, message):
         ours.generate(_prompt(), max_new_tokens=4, **kwargs)
 
 
+def test_an_assistant_that_is_not_a_stablelm_causal_lm_is_refused_before_drafting():
+    """transformers' model (whose forward cannot take stablelm's cache) and the bare backbone (no logits)
+    are refused with what to pass instead, not with an AttributeError inside the drafting."""
+    ours, ref = peaked_pair()
+    for assistant, kind in (
+        (ref, r"transformers\.models\..*StableLmForCausalLM"),
+        (ours.model, "StableLmModel"),
+    ):
+        with pytest.raises(TypeError, match=f"causal language model of stablelm.*{kind}.*from_pretrained"):
+            ours.generate(_prompt(), max_new_tokens=4, assistant_model=assistant)
+
+
+def test_a_stablelm_assistant_under_peft_still_drafts():
+    peft = pytest.importorskip("peft")
+    ours, _ = peaked_pair()
+    wrapped = peft.get_peft_model(truncated(ours, 1), peft.LoraConfig(r=2, target_modules=["q_proj"])).eval()
+    kw = dict(max_new_tokens=12, eos_token_id=None)
+    assert (
+        ours.generate(_prompt(), assistant_model=wrapped, **kw).tolist()
+        == ours.generate(_prompt(), **kw).tolist()
+    )
+
+
 def test_batches_and_embeddings_are_refused_clearly():
     ours, _ = peaked_pair()
     with pytest.raises(ValueError, match="one sequence at a time.*got 2 rows"):

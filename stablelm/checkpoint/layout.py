@@ -3,7 +3,10 @@
 A folder holds `config.json`, optionally `generation_config.json`, and the weights in one of four
 layouts, looked for in this order (safetensors first, as the reference does):
 `model.safetensors`; `model.safetensors.index.json` naming `model-0000i-of-0000n.safetensors` shards;
-the legacy `pytorch_model.bin`; `pytorch_model.bin.index.json` naming `.bin` shards.
+the legacy `pytorch_model.bin`; `pytorch_model.bin.index.json` naming `.bin` shards. `from_pretrained`'s
+`use_safetensors` keeps to one format, its `variant` names the files as the reference's `_add_variant`
+does (`model.fp16.safetensors`, `model.safetensors.index.fp16.json`), and its `subfolder` finds them all
+in a folder under the model's.
 
 Every file read stays inside the folder: an index may name only plain paths within it, and a symbolic
 link may point only within it, or, for a Hugging Face cache snapshot, within that repo's cache folder
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Literal
@@ -26,16 +30,6 @@ SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_INDEX_NAME = "model.safetensors.index.json"
 BIN_WEIGHTS_NAME = "pytorch_model.bin"
 BIN_INDEX_NAME = "pytorch_model.bin.index.json"
-
-# What a hub download fetches: the safetensors files, and the legacy .bin ones only for a repo without them.
-_SAFE_PATTERNS = [
-    CONFIG_NAME,
-    GENERATION_CONFIG_NAME,
-    SAFE_WEIGHTS_NAME,
-    "model-*-of-*.safetensors",
-    SAFE_INDEX_NAME,
-]
-_BIN_PATTERNS = [BIN_WEIGHTS_NAME, "pytorch_model-*-of-*.bin", BIN_INDEX_NAME]
 
 _LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/"
 
@@ -68,21 +62,114 @@ class WeightFiles:
         return self.index or self.files[0]
 
 
+def add_variant(name: str, variant: str | None) -> str:
+    """`name` with the variant before its last suffix, as the reference's `_add_variant` names files:
+    `model.safetensors` -> `model.fp16.safetensors`, `model.safetensors.index.json` ->
+    `model.safetensors.index.fp16.json`."""
+    if variant is None:
+        return name
+    stem, _, suffix = name.rpartition(".")
+    return f"{stem}.{variant}.{suffix}"
+
+
+@dataclass(frozen=True)
+class WeightChoice:
+    """Which weight files a load reads: `from_pretrained`'s `variant` and `use_safetensors`.
+
+    Attributes:
+        variant: Read `model.<variant>.safetensors` (and the other layouts so named) instead, or None.
+        use_safetensors: True reads only safetensors, False only the legacy `.bin` files, None both
+            (safetensors first), as the reference's option.
+    """
+
+    variant: str | None = None
+    use_safetensors: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.use_safetensors is not None and not isinstance(self.use_safetensors, bool):
+            raise TypeError(f"use_safetensors must be True, False or None, got {self.use_safetensors!r}.")
+        if self.variant is not None and (
+            not isinstance(self.variant, str) or not self.variant or any(c in self.variant for c in "/\\")
+        ):
+            raise ValueError(
+                f"variant must be a name such as 'fp16' (the weights then are model.fp16.safetensors), got "
+                f"{self.variant!r}."
+            )
+
+    def candidates(self) -> list[tuple[str, WeightFormat, bool]]:
+        """(file name, format, whether it is an index) of each layout this choice reads, in the order tried."""
+        formats: list[WeightFormat] = (["safetensors"] if self.use_safetensors is not False else []) + (
+            ["bin"] if not self.use_safetensors else []
+        )
+        return [
+            (add_variant(name, self.variant), fmt, sharded)
+            for fmt in formats
+            for name, sharded in _NAMES[fmt]
+        ]
+
+    def names(self, fmt: WeightFormat) -> list[str]:
+        return [name for name, f, _ in self.candidates() if f == fmt]
+
+    def patterns(self, fmt: WeightFormat) -> list[str]:
+        """What a hub download of the weights in `fmt` fetches: the config files, the single file, the index and
+        its shards (`model-00001-of-00002.safetensors`, or `model.fp16-00001-of-00002.safetensors` for a
+        variant, as the reference writes them)."""
+        stem, _, suffix = _NAMES[fmt][0][0].partition(".")
+        shards = (
+            f"{stem}-*-of-*.{suffix}" if self.variant is None else f"{stem}.{self.variant}-*-of-*.{suffix}"
+        )
+        return [CONFIG_NAME, GENERATION_CONFIG_NAME, *self.names(fmt), shards]
+
+
+_NAMES: dict[WeightFormat, list[tuple[str, bool]]] = {
+    "safetensors": [(SAFE_WEIGHTS_NAME, False), (SAFE_INDEX_NAME, True)],
+    "bin": [(BIN_WEIGHTS_NAME, False), (BIN_INDEX_NAME, True)],
+}
+
+
 def resolve_folder(
     name_or_path: str | os.PathLike,
     *,
-    revision: str | None,
-    cache_dir: str | os.PathLike | None,
-    local_files_only: bool,
-    token: str | bool | None,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+    token: str | bool | None = None,
+    force_download: bool = False,
+    subfolder: str = "",
+    choice: WeightChoice = WeightChoice(),
 ) -> Path:
-    """A local folder as it is, or the hub snapshot of a repo id with only the files a load needs."""
-    hub = {"revision": revision, "cache_dir": cache_dir, "local_files_only": local_files_only, "token": token}
-    folder = resolve_model_dir(name_or_path, allow_patterns=_SAFE_PATTERNS, **hub)
-    if not ((folder / SAFE_WEIGHTS_NAME).is_file() or (folder / SAFE_INDEX_NAME).is_file()):
-        folder = resolve_model_dir(name_or_path, allow_patterns=_BIN_PATTERNS, **hub)
-    for name in (CONFIG_NAME, GENERATION_CONFIG_NAME, SAFE_WEIGHTS_NAME, SAFE_INDEX_NAME, BIN_WEIGHTS_NAME,
-                 BIN_INDEX_NAME):  # fmt: skip
+    """The folder of the checkpoint's files: a local folder as it is, or the hub snapshot of a repo id with
+    only the files a load needs (the legacy `.bin` ones only for a repo without safetensors); in either,
+    `subfolder` under it."""
+    if not isinstance(subfolder, str):
+        raise TypeError(f"subfolder must be a string (a folder inside the model's), got {subfolder!r}.")
+    hub = {"revision": revision, "cache_dir": cache_dir, "local_files_only": local_files_only, "token": token,
+           "force_download": force_download}  # fmt: skip
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+
+    def fetch(fmt: WeightFormat) -> Path:
+        patterns = [prefix + pattern for pattern in choice.patterns(fmt)]
+        return resolve_model_dir(name_or_path, allow_patterns=patterns, **hub)
+
+    root = fetch("safetensors" if choice.use_safetensors is not False else "bin")
+    folder = root / subfolder
+    if choice.use_safetensors is None and not any(
+        (folder / n).is_file() for n in choice.names("safetensors")
+    ):
+        root = fetch("bin")
+        folder = root / subfolder
+    if subfolder:
+        check_inside(root, folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"{str(name_or_path)!r} has no subfolder {subfolder!r} ({folder} is not a folder); pass the "
+                "subfolder that holds config.json and the weights, or leave subfolder out for the model's own."
+            )
+        if Path(name_or_path).expanduser().is_dir():
+            from ..save_journal import finish_interrupted_save
+
+            finish_interrupted_save(folder)  # as resolve_model_dir does for the model's own folder
+    for name in (CONFIG_NAME, GENERATION_CONFIG_NAME, *(n for n, _, _ in choice.candidates())):
         check_inside(folder, folder / name)
     return folder
 
@@ -90,14 +177,16 @@ def resolve_folder(
 def check_inside(folder: Path, path: Path) -> None:
     """Refuse `path` if it is (or lies under) a symbolic link leading out of the model folder.
 
-    A Hugging Face cache snapshot (`.../models--org--name/snapshots/<rev>`) links each file to
-    `../../blobs/<hash>`: inside the repo's cache folder, which is allowed.
+    A Hugging Face cache snapshot (`.../models--org--name/snapshots/<rev>`, or a folder under it) links each
+    file to `../../blobs/<hash>`: inside the repo's cache folder, which is allowed.
     """
     if not os.path.lexists(path):
         return
     home = folder.resolve()
-    if home.parent.name == "snapshots" and home.parent.parent.name.startswith("models--"):
-        home = home.parent.parent
+    for inner in (home, *home.parents):
+        if inner.parent.name == "snapshots" and inner.parent.parent.name.startswith("models--"):
+            home = inner.parent.parent
+            break
     try:
         target = path.resolve()
     except (OSError, RuntimeError) as err:  # a loop of links
@@ -117,21 +206,55 @@ def check_not_empty(folder: Path) -> None:
         )
 
 
-def find_weights(folder: Path) -> WeightFiles:
-    """The weights of the checkpoint in `folder`, safetensors preferred; shard names checked, files present."""
-    if (folder / SAFE_WEIGHTS_NAME).is_file():
-        return WeightFiles("safetensors", (folder / SAFE_WEIGHTS_NAME,))
-    if (folder / SAFE_INDEX_NAME).is_file():
-        return _read_index(folder / SAFE_INDEX_NAME, "safetensors")
-    if (folder / BIN_WEIGHTS_NAME).is_file():
-        return WeightFiles("bin", (folder / BIN_WEIGHTS_NAME,))
-    if (folder / BIN_INDEX_NAME).is_file():
-        return _read_index(folder / BIN_INDEX_NAME, "bin")
+def find_weights(folder: Path, choice: WeightChoice = WeightChoice()) -> WeightFiles:
+    """The weights of the checkpoint in `folder`, safetensors preferred (or the one format `choice` asks
+    for, under its variant's names); shard names checked, files present."""
+    for name, fmt, sharded in choice.candidates():
+        if (folder / name).is_file():
+            return _read_index(folder / name, fmt) if sharded else WeightFiles(fmt, (folder / name,))
+    raise FileNotFoundError(_no_weights(folder, choice))
+
+
+def _no_weights(folder: Path, choice: WeightChoice) -> str:
+    """What a folder lacking the weights `choice` reads holds instead, and what to pass to read it."""
     present = sorted(p.name for p in folder.iterdir())
-    raise FileNotFoundError(
-        f"No weights in {folder}: expected {SAFE_WEIGHTS_NAME}, {SAFE_INDEX_NAME} with its shards, or the legacy "
-        f"{BIN_WEIGHTS_NAME}. The folder holds: {', '.join(present[:10]) + (' ...' if len(present) > 10 else '')}."
-    )
+    wanted = [name for name, _, _ in choice.candidates()]
+    hints = []
+    either = WeightChoice(choice.variant)  # both formats, under this variant's names
+    for fmt, refusing in (("safetensors", False), ("bin", True)):
+        held = [name for name in either.names(fmt) if name in present]
+        if held and choice.use_safetensors is refusing:
+            hints.append(
+                f"it holds {held[0]}, which use_safetensors={refusing} does not read: pass use_safetensors=None "
+                "to read it"
+            )
+    plain = [name for name, _, _ in WeightChoice().candidates() if name in present]
+    if choice.variant is not None and plain:
+        hints.append(f"it holds {plain[0]}, weights without a variant: pass variant=None to load them")
+    variants = sorted(_variants_in(present) - {choice.variant})
+    if variants:
+        hints.append(f"it holds weights of the variant {', '.join(map(repr, variants))}: pass it as variant=")
+    listing = ", ".join(present[:10]) + (" ..." if len(present) > 10 else "")
+    return (
+        f"No weights in {folder}: expected {', '.join(wanted[:-1])} or {wanted[-1]}"
+        + (f" ({'; '.join(hints)})" if hints else "") + f". The folder holds: {listing}."
+    )  # fmt: skip
+
+
+def _variants_in(names: list[str]) -> set[str]:
+    """The variants whose single weight file or index is among `names` (`model.fp16.safetensors`: fp16)."""
+    bases = [base.rpartition(".") for layouts in _NAMES.values() for base, _ in layouts]
+    found = set()
+    for name in names:
+        for stem, _, suffix in bases:
+            if name.startswith(f"{stem}.") and name.endswith(f".{suffix}"):
+                variant = name[len(stem) + 1 : -len(suffix) - 1]
+                if variant and "." not in variant and not _SHARD_SUFFIX.search(variant):
+                    found.add(variant)
+    return found
+
+
+_SHARD_SUFFIX = re.compile(r"-\d{5}-of-\d{5}$")
 
 
 def _read_index(index: Path, fmt: WeightFormat) -> WeightFiles:

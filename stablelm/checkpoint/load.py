@@ -27,6 +27,7 @@ from .fill import EmptyParameters, Reader, install, keep_stored_heads, materiali
 from .layout import (
     CONFIG_NAME,
     CheckpointError,
+    WeightChoice,
     WeightFiles,
     check_not_empty,
     find_weights,
@@ -58,6 +59,10 @@ def load_pretrained(
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
     token: str | bool | None = None,
+    force_download: bool = False,
+    subfolder: str = "",
+    variant: str | None = None,
+    use_safetensors: bool | None = None,
     trust_remote_code: bool | None = None,
     optimize: bool | None = None,
     quantization_config: Any = None,
@@ -81,14 +86,16 @@ def load_pretrained(
     fixed_dtype = (
         None if dtype is None or (isinstance(dtype, str) and dtype == "auto") else resolve_dtype(dtype)
     )
+    choice = WeightChoice(variant=variant, use_safetensors=use_safetensors)
     folder = resolve_folder(
-        name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token
-    )
+        name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token,
+        force_download=force_download, subfolder=subfolder, choice=choice,
+    )  # fmt: skip
     check_not_empty(folder)
     config = build_config(folder, config, attn_implementation, config_overrides)
     quant, stored_quantized = quantization_for(config, quantization_config, folder)
     quant = copy.deepcopy(quant)  # the layers kept dense are added to it, not to the caller's
-    weights = find_weights(folder)
+    weights = find_weights(folder, choice)
     readers: list[Reader] = []
     try:
         readers.extend(open_reader(path, weights.format) for path in weights.files)

@@ -29,6 +29,12 @@ def resolve_device(device: torch.device | str | int | None) -> torch.device:
             "A device_map dict spreads a model over several devices, which this package does not do; pass one "
             "device (device='cuda', 'cpu' or 'auto')."
         )
+    if device == "disk":
+        raise ValueError(
+            "device 'disk' offloads the weights to offload_folder, which this package does not do: it loads the "
+            "whole model onto one device; pass device='cpu', 'cuda' or 'auto' (quantization_config='int8' or 'int4' "
+            "makes the model smaller)."
+        )
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -67,10 +73,8 @@ def auto_dtype(config: StableLmConfig, stored: Any) -> torch.dtype:
 def build_config(
     folder: Path, config: StableLmConfig | None, attn_implementation: str | None, overrides: dict[str, Any]
 ) -> StableLmConfig:
-    if config is None:
-        config = StableLmConfig.from_pretrained(folder)
-    elif not isinstance(config, StableLmConfig):
-        raise TypeError(f"config must be a StableLmConfig, got {type(config).__name__}.")
+    # transformers' own StableLmConfig is converted, as the reference takes its own
+    config = StableLmConfig.from_pretrained(folder) if config is None else StableLmConfig.coerce(config)
     attn_implementation = attn_implementation or config.attn_implementation
     if overrides:
         known = set(StableLmConfig().to_dict()) | {"num_labels", "id2label", "label2id"}

@@ -20,6 +20,7 @@ import json
 import os
 import re
 import secrets
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -51,17 +52,19 @@ def save_pretrained(
     *,
     max_shard_size: int | str = "5GB",
     safe_serialization: bool = True,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write `model` to `save_directory`; see `StableLmPreTrainedModel.save_pretrained`."""
+    """Write `model` (its tensors, or `state_dict`'s) to `save_directory`; see
+    `StableLmPreTrainedModel.save_pretrained`."""
     folder = Path(save_directory)
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"{folder} is a file; save_pretrained needs a folder to write into.")
     folder.mkdir(parents=True, exist_ok=True)
     limit = parse_size(max_shard_size)
+    state = _state_to_save(model, state_dict)  # checked before anything in the folder changes
     finish_interrupted_save(folder)
     remove_leftovers(folder, _written_here)
     remove_pending(folder)  # of saves killed before their weights switched
-    state = _state_to_save(model)
     shards = _split(state, limit)
     weights_name, index_name = (
         (SAFE_WEIGHTS_NAME, SAFE_INDEX_NAME) if safe_serialization else (BIN_WEIGHTS_NAME, BIN_INDEX_NAME)
@@ -125,18 +128,43 @@ def parse_size(size: int | str) -> int:
     return int(float(match.group(1)) * _UNITS[(match.group(2) or "").upper()])
 
 
-def _state_to_save(model: StableLmPreTrainedModel) -> dict[str, torch.Tensor]:
-    """The state dict without the tied LM head (as the reference saves it); other shared tensors copied."""
-    state: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) in seen:
-            if model.config.tie_word_embeddings:
-                continue  # a loader ties it again from the config
-            tensor = tensor.clone()
-        seen.add(id(tensor))
-        state[name] = tensor
+def _state_to_save(
+    model: StableLmPreTrainedModel, given: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """The model's state dict, or `given` (its keys as they are, the checkpoint's names), without the LM head
+    when it is tied to the embedding (as the reference saves it); other tensors sharing memory are copied."""
+    state = dict(model.state_dict(keep_vars=True) if given is None else _checked_state(given))
+    head = model.get_output_embeddings()
+    head_key = next((f"{name}.weight" for name, m in model.named_modules() if m is head), None)
+    seen: dict[tuple, str] = {}
+    # The embedding's key goes first, so that of a tied pair the head's is the one dropped.
+    for name in sorted(state, key=lambda key: key == head_key):
+        tensor = state[name]
+        alias = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape)
+        if alias not in seen:
+            seen[alias] = name
+        elif model.config.tie_word_embeddings and head_key in (name, seen[alias]):
+            del state[head_key]  # a loader ties it again from the config
+        else:
+            state[name] = tensor.clone()
     return state
+
+
+def _checked_state(given: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """`save_pretrained(state_dict=...)`: names mapped to tensors that hold their values."""
+    if not isinstance(given, Mapping):
+        raise TypeError(f"state_dict must be a dict of tensor names to tensors, got {type(given).__name__}.")
+    for key, tensor in given.items():
+        if not isinstance(key, str) or not isinstance(tensor, torch.Tensor):
+            raise TypeError(
+                f"state_dict must map tensor names (str) to tensors; it maps {key!r} to {type(tensor).__name__}."
+            )
+        if tensor.device.type == "meta":
+            raise ValueError(
+                f"state_dict[{key!r}] is on the meta device and holds no values to save; pass tensors that "
+                "hold the weights (a model's state_dict() after loading)."
+            )
+    return given
 
 
 def _standalone(tensor: torch.Tensor) -> torch.Tensor:

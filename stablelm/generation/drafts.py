@@ -189,10 +189,18 @@ def make_draft(model: Any, config: GenerationConfig, assistant_model: Any = None
 
 
 def _check_assistant(model: Any, assistant: Any) -> None:
-    if not isinstance(assistant, torch.nn.Module) or not hasattr(assistant, "config"):
+    from ..pretrained import StableLmPreTrainedModel
+
+    # The drafts run the assistant's forward over stablelm's cache, which only stablelm's models take (also
+    # under peft's wrapper, whose get_base_model() is the stablelm model).
+    unwrap = getattr(assistant, "get_base_model", None)
+    base = unwrap() if isinstance(assistant, torch.nn.Module) and callable(unwrap) else assistant
+    if not isinstance(base, StableLmPreTrainedModel) or not base.can_generate():
+        kind = type(assistant)
         raise TypeError(
-            f"assistant_model must be a causal language model (e.g. a StableLmForCausalLM), got "
-            f"{type(assistant).__name__}."
+            f"assistant_model must be a causal language model of stablelm (a StableLmForCausalLM), got "
+            f"{kind.__module__}.{kind.__qualname__}; load the assistant with stablelm: "
+            "stablelm.AutoModelForCausalLM.from_pretrained(path)."
         )
     ours, theirs = model.config.vocab_size, getattr(assistant.config, "vocab_size", None)
     if ours != theirs:

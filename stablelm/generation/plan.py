@@ -244,9 +244,11 @@ def check_past(cache: Any, batch: int, length: int, config: GenerationConfig) ->
     if cache is None:
         return
     if not isinstance(cache, Cache):
+        kind = type(cache)
         raise TypeError(
-            f"past_key_values must be a stablelm cache (DynamicCache or StaticCache, e.g. the past_key_values "
-            f"a previous generate or forward returned), got {type(cache).__name__}."
+            f"past_key_values must be a stablelm cache, got {kind.__module__}.{kind.__qualname__}: pass "
+            "stablelm.DynamicCache() (or stablelm.StaticCache(...), or the past_key_values a previous generate or "
+            "forward of a stablelm model returned); transformers' caches are not read here."
         )
     past = cache.get_seq_length()
     rows = cache.keys[0].shape[0] if getattr(cache, "keys", None) else batch

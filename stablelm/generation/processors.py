@@ -167,7 +167,8 @@ class NoBadWordsLogitsProcessor(SequenceBiasLogitsProcessor):
                 f"bad_words_ids must be a non-empty list of lists of token ids, got {bad_words_ids!r}."
             )
         eos = eos_token_id or []
-        words = [w for w in bad_words_ids if all(w != [i] for i in eos)]
+        # An empty word bans nothing, as in the reference (whose bias for the empty sequence is never applied).
+        words = [w for w in bad_words_ids if w and all(w != [i] for i in eos)]
         super().__init__({tuple(_ids(self.name, w)): -math.inf for w in words} or {(0,): 0.0})
 
 

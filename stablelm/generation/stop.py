@@ -16,13 +16,11 @@ class StopStringChecker:
     """
 
     def __init__(self, tokenizer: Any, stop_strings: str | Sequence[str], batch_size: int) -> None:
-        from ..tokenizer import StreamingDetokenizer
-
         self.stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
         if not self.stops or any(not isinstance(s, str) or not s for s in self.stops):
             raise ValueError(f"stop_strings must be non-empty strings, got {stop_strings!r}.")
         self.keep = max(len(s) for s in self.stops) - 1
-        self.streams = [StreamingDetokenizer(tokenizer) for _ in range(batch_size)]
+        self.streams = [_text_stream(tokenizer) for _ in range(batch_size)]
         self.tails = [""] * batch_size
 
     def __call__(self, rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -35,3 +33,40 @@ class StopStringChecker:
             hits[i] = any(stop in window for stop in self.stops)
             self.tails[row] = window[-self.keep :] if self.keep else ""
         return hits
+
+
+def _text_stream(tokenizer: Any) -> Any:
+    """A row's text as its tokens come: stablelm's streaming detokenizer, or for another tokenizer
+    (transformers' own, say) its public `decode`."""
+    from ..tokenizer import StreamingDetokenizer, Tokenizer
+
+    if isinstance(tokenizer, Tokenizer):
+        return StreamingDetokenizer(tokenizer)
+    if callable(getattr(tokenizer, "decode", None)):
+        return _DecodedRow(tokenizer.decode)
+    kind = type(tokenizer)
+    raise TypeError(
+        f"stop_strings need a tokenizer with decode(ids) -> str, got {kind.__module__}.{kind.__qualname__}: pass "
+        "stablelm's (stablelm.AutoTokenizer.from_pretrained(path)) as tokenizer=."
+    )
+
+
+class _DecodedRow:
+    """A row's new text through a tokenizer's public `decode(ids)`: the row decoded whole at each token,
+    O(length) a step, where stablelm's tokenizer streams at O(1)."""
+
+    def __init__(self, decode: Any) -> None:
+        self.decode = decode
+        self.ids: list[int] = []
+        self.done = 0  # the length of the text returned so far
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        text = self.decode(self.ids)
+        if not isinstance(text, str):
+            raise TypeError(f"the tokenizer's decode returned {type(text).__name__}, not the text (a str).")
+        # A trailing U+FFFD is a character whose remaining bytes are still to come.
+        if len(text) <= self.done or text.endswith("\ufffd"):
+            return ""
+        new, self.done = text[self.done :], len(text)
+        return new

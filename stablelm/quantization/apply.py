@@ -71,8 +71,11 @@ def quantize(model: nn.Module, config: Any = "int8") -> nn.Module:
     embedding's weight keeps that tie: its head is left unquantized.
 
     Raises:
+        TypeError: `model` is not a stablelm model (transformers' own, say: its config cannot record the
+            quantization, and its forward does not run these layers' way).
         ValueError: The model is already quantized, or the config is not one this package supports.
     """
+    _check_model(model)
     config = QuantizationConfig.coerce(config, what="quantize() config")
     if any(type(m) is QuantizedLinear for m in model.modules()):
         raise ValueError(
@@ -94,6 +97,21 @@ def quantize(model: nn.Module, config: Any = "int8") -> nn.Module:
     if hasattr(model, "config"):
         model.config.extra[CONFIG_KEY] = config.to_dict()
     return model
+
+
+def _check_model(model: Any) -> None:
+    """quantize() changes stablelm models (or bare modules): anything else is refused before it is changed."""
+    from ..config import StableLmConfig
+
+    config = getattr(model, "config", None)
+    if isinstance(model, nn.Module) and (config is None or isinstance(config, StableLmConfig)):
+        return
+    kind = type(model)
+    raise TypeError(
+        f"quantize() takes a stablelm model, got {kind.__module__}.{kind.__qualname__}. Load the checkpoint with "
+        "stablelm (stablelm.AutoModelForCausalLM.from_pretrained(path), which also quantizes while loading with "
+        "quantization_config='int8' or 'int4'), then quantize that."
+    )
 
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:
