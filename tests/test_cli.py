@@ -372,6 +372,15 @@ def test_bench_passes_its_arguments_through(capsys):
     assert "--new-tokens" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("device", ["banana", "cuda:7"])
+def test_bench_refuses_a_device_it_cannot_use(device, capsys):
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert cli.main(["bench", "--shape", "tiny", "--new-tokens", "2", "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"stablelm: error: --device: device {device!r}") and "Traceback" not in err
+
+
 # ---- speculative decoding: --prompt-lookup and --draft-model ---------------------------------------------
 
 

@@ -350,10 +350,15 @@ def test_an_end_token_first_gets_a_note_not_a_silent_empty_line(capsys, tmp_path
         model.model.norm.bias.copy_(torch.linspace(-1, 1, 64))
         model.lm_head.weight[0] = 50 * model.model.norm.bias
     model.save_pretrained(folder)
-    for extra in ([], ["--temperature", "0"]):
-        status, out, err = run_cli(["generate", "-m", str(folder), "-n", "8", *extra, PROMPT], capsys)
-        assert status == 0 and out == "\n"
-        assert "end-of-text token came first" in err and "--temperature 0" in err
+    status, out, err = run_cli(["generate", "-m", str(folder), "-n", "8", PROMPT], capsys)
+    assert status == 0 and out == "\n"
+    assert "end-of-text token came first" in err and "--temperature 0" in err
+    # greedy: another run gives the same; the note says what would change it instead
+    status, out, err = run_cli(
+        ["generate", "-m", str(folder), "-n", "8", "--temperature", "0", PROMPT], capsys
+    )
+    assert status == 0 and out == "\n"
+    assert "most likely continuation of this prompt" in err and "--temperature 0" not in err
     status, out, err = run_cli(["generate", "-m", str(folder), "-n", "8", "--json", PROMPT], capsys)
     assert status == 0 and err == "" and json.loads(out)["finish_reason"] == "stop"
 
@@ -670,3 +675,15 @@ def test_a_prompt_argument_that_is_not_utf8_is_a_usage_error(capsys, short_model
     status, out, err = run_cli(["generate", "-m", str(short_model), prompt], capsys)
     assert status == 2 and out == ""
     assert "the prompt argument is not UTF-8 text (byte 0xff at offset 0)" in err
+
+
+@pytest.mark.parametrize("value", [-1, "hot"])
+def test_a_bad_value_in_generation_config_json_names_the_file(value, capsys, tmp_path):
+    folder = save_tiny(tmp_path / "gc", context=256)
+    (folder / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": value}))
+    status, out, err = run_cli(["generate", "-m", str(folder), "-n", "2", PROMPT], capsys)
+    assert status == 1 and out == ""
+    assert f"{folder / 'generation_config.json'}: " in err and "temperature" in err and "--temperature" in err
+    assert "TypeError" not in err and "Traceback" not in err
+    status, _, _ = run_cli(["generate", "-m", str(folder), "-n", "2", "--temperature", "0.5", PROMPT], capsys)
+    assert status == 0  # the flag overrides the file

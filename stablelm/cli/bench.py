@@ -102,6 +102,13 @@ def run(args: argparse.Namespace) -> int:
     problem = check(args)
     if problem:
         raise UsageError(problem)
+    if args.device != "auto":
+        from ..checkpoint.options import resolve_device
+
+        try:
+            resolve_device(args.device)
+        except ValueError as err:
+            raise UsageError(f"--device: {err}") from None
     if args.compile:
         compile_notice()
     bench.report(bench.run_args(args), as_json=args.json)

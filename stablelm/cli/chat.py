@@ -10,7 +10,8 @@ line of stdout: a line break inside a reply is written as the two characters \\n
 as \\r). For the exact text, use --json: each reply is then one JSON object {"role": "assistant",
 "content", "prompt_tokens", "tokens", "finish_reason"}, and an input line may be a JSON object
 {"role": "user", "content": ...}, so that a message can hold line breaks. A message that cannot be
-answered still gets its line (empty, or with an "error" field).
+answered still gets its line (empty, or with an "error" field); empty lines and /commands are not
+messages, and get none.
 
 When the conversation outgrows the model's context, the oldest messages are forgotten (the --system
 prompt stays), with a note on stderr; -n is lowered to the room left.

@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     sys.stdout.flush()
     if stream.stats.new_tokens <= 1 and stream.stats.finish == "eos" and not args.json:
-        print(EMPTY_NOTE, file=sys.stderr)
+        print(EMPTY_NOTE if config.do_sample else EMPTY_NOTE_GREEDY, file=sys.stderr)
     if args.verbose:
         print(*stream.stats.describe(), sep="\n", file=sys.stderr)
         if draft is not None:
@@ -182,6 +182,10 @@ def load_draft(args: argparse.Namespace, loaded: Any) -> Any:
 EMPTY_NOTE = (
     "(the model ended the text at once: its end-of-text token came first; run again for another sample, "
     "or pass --temperature 0 for the most likely continuation)"
+)
+EMPTY_NOTE_GREEDY = (
+    "(the model ended the text at once: its end-of-text token is the most likely continuation of this "
+    "prompt; change the prompt, or sample with a --temperature above 0)"
 )
 
 

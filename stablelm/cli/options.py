@@ -10,6 +10,7 @@ import argparse
 import math
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import CliError
@@ -246,6 +247,7 @@ def generation_config(
         PromptTooLong: The prompt fills the context.
     """
     from ..generation import resolve_config
+    from ..generation.plan import sampling_params
 
     check_prompt_fits(model.config, prompt_tokens)
     requested = args.max_new_tokens if args.max_new_tokens is not None else default_new_tokens
@@ -259,9 +261,17 @@ def generation_config(
                 f"({model.config.max_position_embeddings}): generating at most {max_new} tokens",
                 file=sys.stderr,
             )
-    config = resolve_config(
-        model, None, max_new_tokens=max_new, **sampling_settings(model.generation_config.to_dict(), args)
-    )
+    try:
+        config = resolve_config(
+            model, None, max_new_tokens=max_new, **sampling_settings(model.generation_config.to_dict(), args)
+        )
+        sampling_params(config)  # checked here, to name the file
+    except (TypeError, ValueError) as err:  # the flags were checked already: a value of the checkpoint's file
+        source = Path(getattr(model, "name_or_path", "") or ".") / "generation_config.json"
+        raise CliError(
+            f"{source}: {err} Fix the file, or override the setting with its flag (--temperature, --top-k, "
+            "--top-p, --min-p, --repetition-penalty)"
+        ) from None
     eos = config.eos_token_id
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
     for extra in [tokenizer.eos_token_id, *getattr(args, "extra_eos_ids", [])]:

@@ -78,16 +78,7 @@ def make_plan(
     resolve them. Raises before any work is done. The processors are built later, by `with_processors`,
     once the prompt's padding is known."""
     config.validate()
-    # None switches a processor off, as in the reference.
-    params = SamplingParams(
-        do_sample=bool(config.do_sample),
-        temperature=1.0 if config.temperature is None else config.temperature,
-        top_k=config.top_k,
-        top_p=1.0 if config.top_p is None else config.top_p,
-        min_p=config.min_p,
-        repetition_penalty=1.0 if config.repetition_penalty is None else config.repetition_penalty,
-    )
-    params.validate()
+    params = sampling_params(config)
     max_new = _max_new_tokens(model, config, prompt_length)
     eos_ids = config.eos_token_id
     eos_list = [] if eos_ids is None else list(eos_ids) if isinstance(eos_ids, (list, tuple)) else [eos_ids]
@@ -389,3 +380,18 @@ def apply_processors(
     for processor in processors:
         scores = processor(input_ids, scores)
     return scores
+
+
+def sampling_params(config: GenerationConfig) -> SamplingParams:
+    """The sampling settings of `config`, checked (TypeError / ValueError naming the setting). None switches
+    a processor off, as in the reference."""
+    params = SamplingParams(
+        do_sample=bool(config.do_sample),
+        temperature=1.0 if config.temperature is None else config.temperature,
+        top_k=config.top_k,
+        top_p=1.0 if config.top_p is None else config.top_p,
+        min_p=config.min_p,
+        repetition_penalty=1.0 if config.repetition_penalty is None else config.repetition_penalty,
+    )
+    params.validate()
+    return params
