@@ -541,10 +541,31 @@ def test_a_bin_that_would_run_code_is_refused_without_running_it(ref_dir, tmp_pa
     )
     with pytest.raises(CheckpointError, match="refusing to unpickle") as err:
         StableLmForCausalLM.from_pretrained(folder)
-    assert str(folder / "pytorch_model.bin") in str(err.value)
+    assert str(folder / "pytorch_model.bin") in str(err.value) and "weights_only` set to `False" not in str(
+        err.value
+    )
     assert not marker.exists()
     pickle.loads(pickle.dumps(_Planted(marker)))  # the plant works: plain unpickling does create it
     assert marker.exists()
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_bin_that_is_not_a_torch_file_is_called_corrupt(ref_dir, tmp_path, legacy):
+    """Garbage (or a file torch's legacy writer made, cut short) is not taken for a pickle holding objects,
+    and no message passes on torch's advice to turn weights_only off."""
+    folder = copy_checkpoint(ref_dir, tmp_path / "c")
+    (folder / "model.safetensors").unlink()
+    if legacy:
+        torch.save(
+            {"model.norm.weight": torch.ones(64)}, folder / "x.bin", _use_new_zipfile_serialization=False
+        )
+        (folder / "pytorch_model.bin").write_bytes((folder / "x.bin").read_bytes()[:40])
+        (folder / "x.bin").unlink()
+    else:
+        (folder / "pytorch_model.bin").write_bytes(b"garbage\n")
+    with pytest.raises(CheckpointError, match="is not a valid PyTorch weights file") as err:
+        StableLmForCausalLM.from_pretrained(folder)
+    assert "weights_only" not in str(err.value) and str(folder / "pytorch_model.bin") in str(err.value)
 
 
 @pytest.mark.parametrize("content", [{"model.norm.weight": 3}, [torch.ones(2)]])

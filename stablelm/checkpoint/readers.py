@@ -340,15 +340,22 @@ class TorchBinReader:
                 "torch 2.6, torch.load(weights_only=True) can be made to run code (CVE-2025-32434). Upgrade "
                 "torch to 2.6 or later, or convert the checkpoint to safetensors in a trusted environment."
             )
+        is_zip = zipfile.is_zipfile(path)
+        if not is_zip:  # torch's legacy format is a pickle, which opens with PROTO (0x80) and its version
+            with open(path, "rb") as f:
+                head = f.read(2)
+            if len(head) < 2 or head[0] != 0x80 or not 2 <= head[1] <= 5:
+                raise _corrupt(path, f"it is neither a zip archive nor a pickle (it starts with {head!r})")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
         except pickle.UnpicklingError as err:
             if "weights only" not in str(err).lower():
                 raise _corrupt(path, f"its pickle is damaged ({_first_line(err)})") from err
+            lines = [line.strip() for line in str(err).splitlines()]
+            cause = next((line for line in lines if line.startswith("WeightsUnpickler error")), lines[0])
             raise CheckpointError(
                 f"{path} holds objects other than tensors, which loading would have to execute; refusing to "
-                f"unpickle it ({str(err).splitlines()[0]}). Convert the checkpoint to safetensors in a trusted "
-                "environment."
+                f"unpickle it ({cause}). Convert the checkpoint to safetensors in a trusted environment."
             ) from err
         except Exception as err:  # zip and storage errors differ by torch version
             raise _corrupt(path, f"torch.load failed ({type(err).__name__}: {_first_line(err)})") from err
