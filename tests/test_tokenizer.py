@@ -354,12 +354,12 @@ def test_option_errors(pair):
         ValueError, match="Cannot make one tensor of texts with different lengths: pass padding=True"
     ):
         ours(["a", "a b c"], return_tensors="pt")
-    with pytest.raises(ValueError, match="return_tensors must be None or 'pt', not 'np'"):
-        ours("a", return_tensors="np")
+    with pytest.raises(ValueError, match="return_tensors must be None, 'pt' or 'np', not 'tf'"):
+        ours("a", return_tensors="tf")
     with pytest.raises(ValueError, match="padding must be one of"):
         ours(["a"], padding="shortest")
-    with pytest.raises(ValueError, match="truncation must be True, False or None"):
-        ours(["a"], truncation="only_second")
+    with pytest.raises(ValueError, match="truncation must be one of None, False, True, 'longest_first'"):
+        ours(["a"], truncation="only_third")
     with pytest.raises(ValueError, match="padding_side must be 'left' or 'right', not 'up'"):
         ours.padding_side = "up"
     with pytest.raises(TypeError, match="text must be a string or a list of strings, not"):

@@ -1,10 +1,19 @@
-"""The tokenizer's output, and the padding and truncation rules that shape it, as the reference applies them."""
+"""Encoding texts as the reference does: its padding and truncation options, then the `tokenizers` encodings
+cut, given their special tokens and padded by the rules the reference's backend applies.
+
+Truncation and padding happen here on each call's own encodings rather than through `enable_truncation` and
+`enable_padding` on the shared backend, so that concurrent calls with different options cannot see each other's
+settings.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from numbers import Integral
 from typing import Any
 
-import torch
+from tokenizers import Encoding, processors
+from tokenizers import Tokenizer as Backend
 
 VERY_LARGE_INTEGER = int(1e30)  # the reference's model_max_length when a checkpoint sets none
 _LARGE_INTEGER = int(1e20)  # a model_max_length above this means "no limit"
@@ -15,136 +24,277 @@ _PADDING = {
     "longest": "longest",
     "max_length": "max_length",
 }
-_TRUNCATION = {None: False, False: False, "do_not_truncate": False, True: True, "longest_first": True}
+_TRUNCATION = {
+    None: None,
+    False: None,
+    "do_not_truncate": None,
+    True: "longest_first",
+    "longest_first": "longest_first",
+    "only_first": "only_first",
+    "only_second": "only_second",
+}
+# What padding adds to each field besides input_ids (the pad token's id), as the reference's backend pads.
+_FILLS = {"token_type_ids": 0, "attention_mask": 0, "special_tokens_mask": 1, "offset_mapping": (0, 0)}
+# What joins a pair when the backend has no post-processor: the backend's own default (types 0 and 1).
+_PLAIN_PAIR = processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1", special_tokens=[])
 
 
-class BatchEncoding(dict):
-    """The tokenizer's output: `input_ids` and `attention_mask`, read as keys or as attributes."""
+@dataclass(frozen=True)
+class Shape:
+    """A call's padding and truncation, resolved.
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(f"BatchEncoding has no {name!r}; it holds {sorted(self)}.") from None
+    Attributes:
+        pad_to: "longest", a length, or None (no padding).
+        multiple: Round the padded length up to a multiple of this.
+        cut_to: The length to truncate to (special tokens included), or None.
+        strategy: How a pair is cut: "longest_first", "only_first" or "only_second".
+    """
 
-    def to(self, device: str | torch.device | int, *, non_blocking: bool = False) -> BatchEncoding:
-        """Move every tensor to `device` (in place) and return the encoding, as in `tok(...).to("cuda")`."""
-        for key, value in self.items():
-            if isinstance(value, torch.Tensor):
-                self[key] = value.to(device, non_blocking=non_blocking)
-        return self
+    pad_to: int | str | None = None
+    multiple: int | None = None
+    cut_to: int | None = None
+    strategy: str = "longest_first"
 
 
-def padding_and_truncation(
-    padding: bool | str,
-    truncation: bool | str | None,
+def resolve_shape(
+    padding: Any,
+    truncation: Any,
     max_length: int | None,
+    pad_to_multiple_of: int | None,
     *,
     model_max_length: int,
-) -> tuple[int | str | None, int | None]:
-    """Resolve the options as the reference does.
+) -> Shape:
+    """Resolve the options as the reference does (its `_get_padding_truncation_strategies`).
 
-    Returns:
-        (what to pad to: "longest", a length, or None; the length to cut to, or None).
+    Raises:
+        ValueError: An unknown option, or truncation and padding to a length that is not a multiple of
+            `pad_to_multiple_of`.
     """
-    if padding not in _PADDING:
-        raise ValueError(f"padding must be one of False, True, 'longest', 'max_length'; got {padding!r}.")
-    if truncation not in _TRUNCATION:
-        raise ValueError(f"truncation must be True, False or None; got {truncation!r}.")
+    padding, truncation = getattr(padding, "value", padding), getattr(truncation, "value", truncation)
+    if not _known(padding, _PADDING):
+        raise ValueError(
+            f"padding must be one of False, True, 'longest', 'max_length', 'do_not_pad'; got {padding!r}."
+        )
+    if not _known(truncation, _TRUNCATION):
+        raise ValueError(
+            "truncation must be one of None, False, True, 'longest_first', 'only_first', 'only_second', "
+            f"'do_not_truncate'; got {truncation!r}."
+        )
+    max_length = _count("max_length", max_length, minimum=0)
+    pad_to_multiple_of = _count("pad_to_multiple_of", pad_to_multiple_of, minimum=1)
     if max_length is not None and padding is False and truncation is None:
         truncation = True  # the reference's rule: max_length alone means truncate
-    pad, truncate = _PADDING[padding], _TRUNCATION[truncation]
+    pad, strategy = _PADDING[padding], _TRUNCATION[truncation]
     if max_length is None:
         max_length = model_max_length if model_max_length <= _LARGE_INTEGER else None
         pad = None if pad == "max_length" and max_length is None else pad
-        truncate = truncate and max_length is not None
-    pad_to = "longest" if pad == "longest" else max_length if pad else None
-    return pad_to, max_length if truncate else None
-
-
-def pad(
-    ids: list[list[int]], *, to: int | str, pad_id: int, side: str
-) -> tuple[list[list[int]], list[list[int]]]:
-    """Pad each row to the longest row (`to="longest"`) or to a length; returns (ids, attention masks)."""
-    length = max(map(len, ids), default=0) if to == "longest" else to
-    padded, masks = [], []
-    for row in ids:
-        n = max(length - len(row), 0)
-        padded.append([pad_id] * n + row if side == "left" else row + [pad_id] * n)
-        masks.append([0] * n + [1] * len(row) if side == "left" else [1] * len(row) + [0] * n)
-    return padded, masks
-
-
-def pad_offsets(offsets: list[list[tuple[int, int]]], masks: list[list[int]]) -> list[list[tuple[int, int]]]:
-    """Offsets of padded rows: (0, 0) at each padding position, as the reference writes them."""
-    padded = []
-    for row, mask in zip(offsets, masks, strict=True):
-        n = len(mask) - len(row)
-        padded.append([(0, 0)] * n + row if mask and mask[0] == 0 else row + [(0, 0)] * n)
-    return padded
-
-
-def encode_rows(
-    backend: Any,
-    texts: list[str],
-    *,
-    add_special_tokens: bool,
-    max_length: int | None,
-    side: str,
-    offsets: bool = False,
-) -> tuple[list[list[int]], list[list[tuple[int, int]]] | None]:
-    """Token ids of each text, cut to `max_length` on `side` (the special tokens kept), and with `offsets`
-    the (start, end) characters of each token in its text ((0, 0) for special tokens), as the reference.
-
-    Truncation happens here rather than through `enable_truncation` on the shared backend, so that
-    concurrent calls with different options cannot see each other's settings.
-    """
-    added = backend.num_special_tokens_to_add(False) if add_special_tokens else 0
-    encode = backend.encode_batch if offsets else backend.encode_batch_fast  # only the former has offsets
-    if max_length is not None and max_length < added:
-        raise ValueError(f"max_length={max_length} leaves no room for the {added} special tokens added.")
-    if max_length is None or added == 0:
-        encodings = encode(texts, add_special_tokens=add_special_tokens)
-        if max_length is not None:
-            for encoding in encodings:
-                encoding.truncate(max_length, direction=side)
-    else:
-        encodings = encode(texts, add_special_tokens=False)
-        for encoding in encodings:  # cut the text, then add the special tokens, as the backend itself does
-            encoding.truncate(max_length - added, direction=side)
-        encodings = [backend.post_process(encoding, None, True) for encoding in encodings]
-    ids = [encoding.ids for encoding in encodings]
-    return ids, [list(encoding.offsets) for encoding in encodings] if offsets else None
-
-
-def batch_encoding(
-    ids: list[list[int]],
-    masks: list[list[int]],
-    *,
-    batched: bool,
-    return_tensors: str | None,
-    offsets: list[list[tuple[int, int]]] | None = None,
-) -> BatchEncoding:
-    """Lists (a single text unbatched), or (batch, length) int64 tensors for `return_tensors="pt"`; with
-    `offsets`, also `offset_mapping` ((batch, length, 2) as a tensor)."""
-    if return_tensors is None:
-        encoding = BatchEncoding(
-            input_ids=ids if batched else ids[0], attention_mask=masks if batched else masks[0]
-        )
-        if offsets is not None:
-            encoding["offset_mapping"] = offsets if batched else offsets[0]
-        return encoding
-    if len({len(row) for row in ids}) > 1:
+        strategy = strategy if max_length is not None else None
+    if strategy and pad and pad_to_multiple_of and max_length is not None and max_length % pad_to_multiple_of:
         raise ValueError(
-            "Cannot make one tensor of texts with different lengths: pass padding=True (and set a pad token, "
-            "e.g. tokenizer.pad_token = tokenizer.eos_token), or return_tensors=None for lists."
+            f"Truncation and padding are both activated but truncation length ({max_length}) is not a multiple of "
+            f"pad_to_multiple_of ({pad_to_multiple_of})."
         )
-    encoding = BatchEncoding(
-        input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(masks, dtype=torch.long)
+    return Shape(
+        pad_to="longest" if pad == "longest" else max_length if pad else None,
+        multiple=pad_to_multiple_of,
+        cut_to=max_length if strategy else None,
+        strategy=strategy or "longest_first",
     )
-    if offsets is not None:
-        encoding["offset_mapping"] = torch.tensor(offsets, dtype=torch.long).reshape(len(ids), -1, 2)
-    return encoding
+
+
+def _known(value: Any, table: dict) -> bool:
+    # 0 and 1 would find False and True; only the bools themselves and the strings are options.
+    return (isinstance(value, bool) or value is None or isinstance(value, str)) and value in table
+
+
+def _count(name: str, value: Any, *, minimum: int) -> int | None:
+    """`value` as an int (NumPy's integers too), checked."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, Integral) or value < minimum):
+        raise ValueError(f"{name} must be None or an integer >= {minimum}, not {value!r}.")
+    return None if value is None else int(value)
+
+
+@dataclass(frozen=True)
+class Padding:
+    """How rows are padded: the side and the pad token (its id, and its string in `tokens()`)."""
+
+    side: str
+    pad_id: int
+    pad_token: str
+
+
+def encode(
+    backend: Backend,
+    inputs: list[Any],
+    *,
+    pairs: bool,
+    pretokenized: bool,
+    add_special_tokens: bool,
+    shape: Shape,
+    truncation_side: str,
+    track: bool,
+) -> list[Encoding]:
+    """The encodings of `inputs` (texts, word lists, or pairs of them), cut and post-processed (not padded).
+
+    Args:
+        track: Keep character offsets, tokens and word ids (slower); without it the encodings hold only ids,
+            masks and type ids.
+
+    Raises:
+        ValueError: `shape.cut_to` leaves no room for the special tokens, or the asked truncation cannot reach it.
+    """
+    added = backend.num_special_tokens_to_add(pairs) if add_special_tokens else 0
+    if shape.cut_to is not None and shape.cut_to < added:
+        raise ValueError(f"max_length={shape.cut_to} leaves no room for the {added} special tokens added.")
+    if shape.cut_to is not None and (pairs or added):
+        return _cut_pieces(
+            backend, inputs, pairs, pretokenized, add_special_tokens, shape, truncation_side, track
+        )
+    run = backend.encode_batch if track else backend.encode_batch_fast
+    encodings = run(inputs, is_pretokenized=pretokenized, add_special_tokens=add_special_tokens)
+    if shape.cut_to is not None:  # no special tokens: cutting the result is cutting the text's tokens
+        for encoding in encodings:
+            cut(encoding, None, shape.cut_to, shape.strategy, truncation_side)
+    return encodings
+
+
+def padded_length(encodings: list[Encoding], shape: Shape) -> int | None:
+    """The length the rows are padded to (rows already longer stay as they are), or None for no padding."""
+    if shape.pad_to is None:
+        return None
+    length = max(map(len, encodings), default=0) if shape.pad_to == "longest" else shape.pad_to
+    if shape.multiple and length % shape.multiple:
+        length += shape.multiple - length % shape.multiple
+    return length
+
+
+def pad_encodings(encodings: list[Encoding], length: int | None, padding: Padding | None) -> list[Encoding]:
+    """Pad the encodings in place (their tokens, word ids, offsets ... too), as the reference's backend does."""
+    if length is not None:
+        assert padding is not None
+        for encoding in encodings:
+            encoding.pad(length, direction=padding.side, pad_id=padding.pad_id, pad_token=padding.pad_token)
+    return encodings
+
+
+def _cut_pieces(
+    backend: Backend,
+    inputs: list[Any],
+    pairs: bool,
+    pretokenized: bool,
+    add_special_tokens: bool,
+    shape: Shape,
+    side: str,
+    track: bool,
+) -> list[Encoding]:
+    """Encode each text (each text of a pair) alone, cut them to fit beside the special tokens, and join them with
+    the post-processor: the order of the reference's backend, which truncates before it post-processes."""
+    raw = _without_post_processor(backend)
+    run = raw.encode_batch if track else raw.encode_batch_fast
+    firsts = run([item[0] for item in inputs] if pairs else inputs, is_pretokenized=pretokenized)
+    seconds = (
+        run([item[1] for item in inputs], is_pretokenized=pretokenized) if pairs else [None] * len(firsts)
+    )
+    room = shape.cut_to - (backend.num_special_tokens_to_add(pairs) if add_special_tokens else 0)
+    processor = backend.post_processor or (_PLAIN_PAIR if pairs else None)
+    encodings = []
+    for first, second in zip(firsts, seconds, strict=True):
+        cut(first, second, room, shape.strategy, side)
+        encodings.append(processor.process(first, second, add_special_tokens) if processor else first)
+    return encodings
+
+
+def _without_post_processor(backend: Backend) -> Backend:
+    """A tokenizer sharing `backend`'s model, normalizer, pre-tokenizer and added tokens, with no post-processor:
+    its encodings are the texts' tokens before the special tokens are added and the offsets trimmed."""
+    raw = Backend(backend.model)  # shares the model's vocabulary (cheap: no copy)
+    if backend.normalizer is not None:
+        raw.normalizer = backend.normalizer
+    if backend.pre_tokenizer is not None:
+        raw.pre_tokenizer = backend.pre_tokenizer
+    added = backend.get_added_tokens_decoder()
+    raw.add_tokens([added[i] for i in sorted(added)])  # in id order, so each gets its id again
+    raw.encode_special_tokens = backend.encode_special_tokens
+    assert raw.get_vocab_size(True) == backend.get_vocab_size(True)
+    return raw
+
+
+def cut(first: Encoding, second: Encoding | None, max_length: int, strategy: str, side: str) -> None:
+    """Truncate a text's tokens (or a pair's) to `max_length` in all, in place, as `tokenizers` does.
+
+    "longest_first" shortens the longer text of a pair first; "only_first" and "only_second" cut that text alone.
+
+    Raises:
+        ValueError: "only_second" without a pair, or the text to cut is too short to reach `max_length`.
+    """
+    if max_length == 0:
+        first.truncate(0, direction=side)
+        if second is not None:
+            second.truncate(0, direction=side)
+        return
+    total = len(first) + (len(second) if second is not None else 0)
+    if total <= max_length:
+        return
+    if strategy == "longest_first":
+        if second is None:
+            first.truncate(max_length, direction=side)
+            return
+        short, long = sorted((len(first), len(second)))
+        long = short if short > max_length else max(short, max_length - short)
+        if short + long > max_length:
+            short, long = max_length // 2, max_length // 2 + max_length % 2
+        n1, n2 = (long, short) if len(first) > len(second) else (short, long)
+        first.truncate(n1, direction=side)
+        second.truncate(n2, direction=side)
+        return
+    target = first if strategy == "only_first" else second
+    if target is None:
+        raise ValueError(
+            "truncation='only_second' cuts the second text of pairs, but the input has no pairs: pass text_pair, "
+            "or use truncation=True."
+        )
+    if len(target) <= total - max_length:
+        raise ValueError(
+            f"truncation={strategy!r} cannot fit max_length={max_length}: the text it may cut is too short; use "
+            "truncation='longest_first' or a larger max_length."
+        )
+    target.truncate(len(target) - (total - max_length), direction=side)
+
+
+def rows(
+    encodings: list[Encoding],
+    *,
+    token_type_ids: bool,
+    attention_mask: bool,
+    special_tokens_mask: bool,
+    offsets: bool,
+    length: bool,
+    pad_to: int | None = None,
+    padding: Padding | None = None,
+) -> dict[str, list]:
+    """The output's fields from the (unpadded) encodings, in the reference's order, padded to `pad_to` with
+    the values the reference's backend pads with (padding lists here is faster than padding the encodings)."""
+    data: dict[str, list] = {"input_ids": [e.ids for e in encodings]}
+    if token_type_ids:
+        data["token_type_ids"] = [e.type_ids for e in encodings]
+    if attention_mask:
+        data["attention_mask"] = [[1] * len(row) for row in data["input_ids"]]
+    if special_tokens_mask:
+        data["special_tokens_mask"] = [e.special_tokens_mask for e in encodings]
+    if offsets:
+        data["offset_mapping"] = [e.offsets for e in encodings]
+    if pad_to is not None:
+        assert padding is not None
+        fills = {**_FILLS, "input_ids": padding.pad_id}
+        for key, values in data.items():
+            fill = fills[key]
+            if padding.side == "left":
+                data[key] = [[fill] * (pad_to - len(row)) + row for row in values]
+            else:
+                data[key] = [row + [fill] * (pad_to - len(row)) for row in values]
+    if length:
+        data["length"] = [len(row) for row in data["input_ids"]]
+    return data
 
 
 def _as_python(ids: Any) -> Any:

@@ -14,8 +14,9 @@ from typing import Any
 import torch
 from tokenizers import AddedToken
 
+from .batch_encoding import BatchEncoding, as_tensors
 from .chat_template import render_chat_template, select_chat_template
-from .encoding import BatchEncoding, _as_python
+from .encoding import _as_python
 from .generation_spans import GENERATION_TAG, assistant_mask, render_with_generation_spans
 
 
@@ -57,7 +58,7 @@ class ChatMixin:
             add_generation_prompt: End with the header that starts the assistant's reply.
             continue_final_message: Leave the final message open, so the model continues it.
             tokenize: Return token ids; False returns the rendered text.
-            return_tensors: "pt" for a (batch, length) int64 tensor, None for lists.
+            return_tensors: "pt" (or "np") for a (batch, length) int64 tensor (or array), None for lists.
             return_dict: Return the whole `BatchEncoding` (`input_ids` and `attention_mask`), as the reference
                 (5.x) does by default; False returns only the ids (a list, or a tensor with `return_tensors`).
             chat_template: A Jinja template, or the name of one of the tokenizer's templates.
@@ -128,8 +129,8 @@ class ChatMixin:
         if return_assistant_tokens_mask:
             offsets = [e.offsets for e in self._backend.encode_batch(texts, add_special_tokens=False)]
             masks = [assistant_mask(o, spans) for o, (_, spans) in zip(offsets, rendered, strict=True)]
-            if return_tensors == "pt":
-                encoding["assistant_masks"] = torch.tensor(masks, dtype=torch.int64)
+            if return_tensors is not None:
+                encoding["assistant_masks"] = as_tensors({"masks": masks}, return_tensors)["masks"]
             else:
                 encoding["assistant_masks"] = masks if batched else masks[0]
         return encoding if return_dict else encoding["input_ids"]
@@ -164,15 +165,17 @@ class TokensMixin:
     def encode(
         self,
         text: str,
+        text_pair: str | None = None,
         *,
         add_special_tokens: bool = True,
         truncation: bool | str | None = None,
         max_length: int | None = None,
         return_tensors: str | None = None,
     ) -> list[int] | torch.Tensor:
-        """Encode one text to its token ids (the arguments are those of `__call__`)."""
+        """Encode one text (or a pair of texts) to its token ids (the arguments are those of `__call__`)."""
         encoding = self(
             text,
+            text_pair,
             add_special_tokens=add_special_tokens,
             truncation=truncation,
             max_length=max_length,
@@ -189,6 +192,14 @@ class TokensMixin:
             return self._backend.id_to_token(ids)
         skip = set(self.all_special_ids) if skip_special_tokens else set()
         return [self._backend.id_to_token(i) for i in ids if i not in skip]
+
+    def convert_tokens_to_string(self, tokens: Sequence[str]) -> str:
+        """Join token strings into text with the tokenizer's decoder (byte-level tokens back to UTF-8), as the
+        reference does; without a decoder, with spaces between them."""
+        if isinstance(tokens, str) or not all(isinstance(token, str) for token in tokens):
+            raise TypeError(f"convert_tokens_to_string takes a list of token strings, not {tokens!r:.80}.")
+        decoder = self._backend.decoder
+        return decoder.decode(list(tokens)) if decoder is not None else " ".join(tokens)
 
     def convert_tokens_to_ids(self, tokens: str | Sequence[str]) -> int | None | list[int | None]:
         """The id of each token string; the unk token's id (or None) for strings not in the vocabulary."""

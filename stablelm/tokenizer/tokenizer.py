@@ -11,17 +11,8 @@ from tokenizers import AddedToken, processors
 from tokenizers import Tokenizer as Backend
 
 from ..hub import resolve_model_dir
-from .encoding import (
-    VERY_LARGE_INTEGER,
-    BatchEncoding,
-    _as_python,
-    batch_encoding,
-    decode_error,
-    encode_rows,
-    pad,
-    pad_offsets,
-    padding_and_truncation,
-)
+from .call import EncodeMixin
+from .encoding import VERY_LARGE_INTEGER, _as_python, decode_error
 from .files import SPECIAL_TOKEN_NAMES, TOKENIZER_FILES, read_tokenizer_files
 from .mixins import AddedTokensMixin, ChatMixin, TokensMixin
 
@@ -37,6 +28,18 @@ def clean_up_tokenization(text: str) -> str:
     for old, new in _CLEAN_UP:
         text = text.replace(old, new)
     return text
+
+
+# The default of `from_pretrained`'s special-token arguments: keep the checkpoint's (None removes the token).
+_FROM_FILES: Any = type("FromFiles", (), {"__repr__": lambda self: "<from the checkpoint's files>"})()
+
+
+def _token_text(name: str, value: str | AddedToken | None) -> str | None:
+    if value is not None and not isinstance(value, (str, AddedToken)):
+        raise TypeError(
+            f"{name} must be a token string (or tokenizers.AddedToken) or None, not {type(value).__name__}."
+        )
+    return None if value is None else str(value)
 
 
 class _SpecialToken:
@@ -62,7 +65,7 @@ class _SpecialToken:
         tokenizer._special_tokens[self.name] = value
 
 
-class Tokenizer(ChatMixin, AddedTokensMixin, TokensMixin):
+class Tokenizer(EncodeMixin, ChatMixin, AddedTokensMixin, TokensMixin):
     """A `tokenizers` pipeline with the reference's calling convention, special tokens and chat templates.
 
     Load one with `AutoTokenizer.from_pretrained(...)`. Calling it encodes text; `decode`, `batch_decode` and
@@ -76,6 +79,8 @@ class Tokenizer(ChatMixin, AddedTokensMixin, TokensMixin):
     sep_token, sep_token_id = _SpecialToken("sep_token"), _SpecialToken("sep_token", as_id=True)
     cls_token, cls_token_id = _SpecialToken("cls_token"), _SpecialToken("cls_token", as_id=True)
     mask_token, mask_token_id = _SpecialToken("mask_token"), _SpecialToken("mask_token", as_id=True)
+    model_input_names = ["input_ids", "attention_mask"]  # what `pad` and tools read first
+    pad_token_type_id = 0
 
     def __init__(
         self,
@@ -124,6 +129,8 @@ class Tokenizer(ChatMixin, AddedTokensMixin, TokensMixin):
         ]
         if missing:  # so each encodes as one token and decode can skip it
             backend.add_special_tokens(missing)
+        if backend.post_processor is None:  # the reference's default, which marks each token's sequence
+            self._update_post_processor()
 
     @classmethod
     def from_pretrained(
@@ -134,9 +141,19 @@ class Tokenizer(ChatMixin, AddedTokensMixin, TokensMixin):
         cache_dir: str | os.PathLike | None = None,
         local_files_only: bool = False,
         token: str | bool | None = None,
+        use_fast: bool = True,
         padding_side: str | None = None,
+        truncation_side: str | None = None,
+        model_max_length: int | None = None,
         add_bos_token: bool | None = None,
         add_eos_token: bool | None = None,
+        bos_token: str | AddedToken | None = _FROM_FILES,
+        eos_token: str | AddedToken | None = _FROM_FILES,
+        unk_token: str | AddedToken | None = _FROM_FILES,
+        sep_token: str | AddedToken | None = _FROM_FILES,
+        pad_token: str | AddedToken | None = _FROM_FILES,
+        cls_token: str | AddedToken | None = _FROM_FILES,
+        mask_token: str | AddedToken | None = _FROM_FILES,
         trust_remote_code: bool = False,
     ) -> Tokenizer:
         """Load a checkpoint's tokenizer from a local folder or a Hugging Face hub repo id.
@@ -148,17 +165,36 @@ class Tokenizer(ChatMixin, AddedTokensMixin, TokensMixin):
             cache_dir: The hub cache folder.
             local_files_only: Use only files already in the hub cache.
             token: A hub access token.
+            use_fast: Accepted so that code written for the reference runs unchanged: the tokenizer is always
+                the `tokenizers` one, as the reference's is for these checkpoints whatever `use_fast` says.
             padding_side: Overrides the checkpoint's padding side ("left" for batched generation).
+            truncation_side: Overrides the checkpoint's truncation side ("left" keeps the end of a text).
+            model_max_length: Overrides the checkpoint's `model_max_length`.
             add_bos_token: Put the bos token before every encoded text. As in the reference, the value in
                 tokenizer_config.json is not used: tokenizer.json's post-processor decides.
             add_eos_token: Put the eos token after every encoded text (same rule).
+            bos_token, eos_token, unk_token, sep_token, pad_token, cls_token, mask_token: Override the
+                checkpoint's special token (None removes it); a token the vocabulary lacks is added to it as a
+                special token, as the reference does.
             trust_remote_code: Accepted so that code written for the reference runs unchanged; no code from
                 the hub is ever run here.
 
         Raises:
             FileNotFoundError: There is no such folder or repo, or it holds no tokenizer.json.
+            TypeError: A special token that is not a string.
+            ValueError: A side other than "left" or "right", or a `model_max_length` that is not a positive
+                integer.
         """
-        del trust_remote_code
+        del trust_remote_code, use_fast
+        tokens = (bos_token, eos_token, unk_token, sep_token, pad_token, cls_token, mask_token)
+        special = {
+            name: _token_text(name, value)
+            for name, value in zip(SPECIAL_TOKEN_NAMES, tokens, strict=True)
+            if value is not _FROM_FILES
+        }
+        settings = _settings(
+            padding_side=padding_side, truncation_side=truncation_side, model_max_length=model_max_length
+        )
         folder = resolve_model_dir(
             name_or_path,
             allow_patterns=TOKENIZER_FILES,
@@ -167,9 +203,9 @@ class Tokenizer(ChatMixin, AddedTokensMixin, TokensMixin):
             local_files_only=local_files_only,
             token=token,
         )
-        tokenizer = cls(**read_tokenizer_files(folder), name_or_path=str(name_or_path))
-        if padding_side is not None:
-            tokenizer.padding_side = padding_side
+        files = read_tokenizer_files(folder)
+        files |= settings | {"special_tokens": files["special_tokens"] | special}
+        tokenizer = cls(**files, name_or_path=str(name_or_path))
         if add_bos_token is not None:
             tokenizer.add_bos_token = add_bos_token
         if add_eos_token is not None:
@@ -227,6 +263,11 @@ class Tokenizer(ChatMixin, AddedTokensMixin, TokensMixin):
         )
 
     @property
+    def is_fast(self) -> bool:
+        """True: the tokenizer runs `tokenizers` (what the reference calls a fast tokenizer)."""
+        return True
+
+    @property
     def backend_tokenizer(self) -> Backend:
         """The underlying `tokenizers.Tokenizer`."""
         return self._backend
@@ -264,70 +305,6 @@ class Tokenizer(ChatMixin, AddedTokensMixin, TokensMixin):
             f"padding_side={self.padding_side!r}, special_tokens={self.special_tokens_map})"
         )
 
-    # --- encoding ---------------------------------------------------------------------------------------
-
-    def __call__(
-        self,
-        text: str | Sequence[str],
-        *,
-        return_tensors: str | None = None,
-        padding: bool | str = False,
-        truncation: bool | str | None = None,
-        max_length: int | None = None,
-        add_special_tokens: bool = True,
-        return_offsets_mapping: bool = False,
-    ) -> BatchEncoding:
-        """Encode one text or a batch of texts.
-
-        Args:
-            text: A string, or a list of strings (a batch).
-            return_tensors: None for Python lists (flat lists for a single text), or "pt" for int64 tensors
-                of shape (batch, length).
-            padding: False; True or "longest" to pad to the longest text of the batch; "max_length" to pad to
-                `max_length` (default `model_max_length`). Needs a pad token.
-            truncation: True cuts each text to `max_length` (default `model_max_length`) tokens on
-                `truncation_side`; None truncates only when `max_length` is given without padding.
-            max_length: The length for truncation and for `padding="max_length"`.
-            add_special_tokens: Apply the post-processor (bos/eos, when the tokenizer adds them).
-            return_offsets_mapping: Also return `offset_mapping`: each token's (start, end) characters in
-                its text, (0, 0) for special tokens and padding.
-
-        Returns:
-            A `BatchEncoding` with `input_ids` and `attention_mask` (1 for tokens, 0 for padding).
-
-        Raises:
-            ValueError: Padding without a pad token, an unknown option, or texts of different lengths
-                with `return_tensors="pt"` and no padding.
-        """
-        batched = isinstance(text, (list, tuple))
-        texts = list(text) if batched else [text]
-        if not all(isinstance(item, str) for item in texts):
-            raise TypeError(f"text must be a string or a list of strings, not {text!r:.80}.")
-        if return_tensors not in (None, "pt"):
-            raise ValueError(f"return_tensors must be None or 'pt', not {return_tensors!r}.")
-        pad_to, cut_to = padding_and_truncation(
-            padding, truncation, max_length, model_max_length=self.model_max_length
-        )
-        if pad_to is not None and self.pad_token_id is None:
-            raise ValueError(
-                "Asked to pad, but the tokenizer has no pad token. Set one first, for example "
-                "`tokenizer.pad_token = tokenizer.eos_token`."
-            )
-        ids, offsets = encode_rows(
-            self._backend,
-            texts,
-            add_special_tokens=add_special_tokens,
-            max_length=cut_to,
-            side=self.truncation_side,
-            offsets=return_offsets_mapping,
-        )
-        if pad_to is None:
-            masks = [[1] * len(row) for row in ids]
-        else:
-            ids, masks = pad(ids, to=pad_to, pad_id=self.pad_token_id, side=self.padding_side)
-            offsets = pad_offsets(offsets, masks) if offsets is not None else None
-        return batch_encoding(ids, masks, batched=batched, return_tensors=return_tensors, offsets=offsets)
-
     # --- decoding ---------------------------------------------------------------------------------------
 
     def decode(
@@ -336,6 +313,7 @@ class Tokenizer(ChatMixin, AddedTokensMixin, TokensMixin):
         *,
         skip_special_tokens: bool = False,
         clean_up_tokenization_spaces: bool | None = None,
+        spaces_between_special_tokens: bool = True,
     ) -> str | list[str]:
         """Turn token ids back into text; a batch (2-D) gives a list of texts, as in the reference.
 
@@ -344,7 +322,10 @@ class Tokenizer(ChatMixin, AddedTokensMixin, TokensMixin):
             skip_special_tokens: Leave out special tokens (eos, pad, ...).
             clean_up_tokenization_spaces: Remove spaces before punctuation; None uses the tokenizer's
                 setting. As in the reference, never applied to BPE tokenizers, where it corrupts text.
+            spaces_between_special_tokens: Accepted and, as by the reference's fast tokenizers, not used: the
+                `tokenizers` decoder decides the spacing.
         """
+        del spaces_between_special_tokens
         ids = _as_python(token_ids)
         if isinstance(ids, int):
             ids = [ids]
@@ -366,8 +347,10 @@ class Tokenizer(ChatMixin, AddedTokensMixin, TokensMixin):
         *,
         skip_special_tokens: bool = False,
         clean_up_tokenization_spaces: bool | None = None,
+        spaces_between_special_tokens: bool = True,
     ) -> list[str]:
         """Decode a batch of id sequences (the arguments are those of `decode`)."""
+        del spaces_between_special_tokens
         rows = _as_python(sequences)
         if rows and not isinstance(rows[0], list):
             rows = [rows]  # one sequence, which the reference also accepts
@@ -390,6 +373,18 @@ class AutoTokenizer:
     """The entry point the model's documentation uses: `AutoTokenizer.from_pretrained(name_or_path)`."""
 
     from_pretrained = Tokenizer.from_pretrained
+
+
+def _settings(**values: Any) -> dict[str, Any]:
+    """`from_pretrained`'s overrides of the files' settings (those given), checked before anything is read."""
+    settings = {name: value for name, value in values.items() if value is not None}
+    for name in ("padding_side", "truncation_side"):
+        if name in settings:
+            _check_side(name, settings[name])
+    length = settings.get("model_max_length", 1)
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+        raise ValueError(f"model_max_length must be a positive integer, not {length!r}.")
+    return settings
 
 
 def _check_side(name: str, side: str) -> str:
