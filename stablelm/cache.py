@@ -204,3 +204,15 @@ class StaticCache(Cache):
         self._length = 0
         for t in (*self.keys, *self.values):
             t.zero_()
+
+
+def check_cache(cache: object, what: str = "past_key_values") -> None:
+    """A TypeError naming `what` unless `cache` is None or one of stablelm's caches (transformers' own, or
+    the legacy tuples, are not read here)."""
+    if cache is not None and not isinstance(cache, Cache):
+        kind = type(cache)
+        raise TypeError(
+            f"{what} must be a stablelm cache, got {kind.__module__}.{kind.__qualname__}: pass "
+            "stablelm.DynamicCache() (or stablelm.StaticCache(...), or the past_key_values a previous generate or "
+            "forward of a stablelm model returned); transformers' caches are not read here."
+        )

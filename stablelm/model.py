@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .activations import ACT_FNS
 from .attention import AttentionMask, attention, build_mask, packed_mask, packed_segments
-from .cache import Cache, DynamicCache
+from .cache import Cache, DynamicCache, check_cache
 from .config import StableLmConfig
 from .layers import Linear, fused_linear
 from .outputs import BaseModelOutput
@@ -281,4 +281,6 @@ def pick_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | No
     """The cache passed as `cache` (5.24's name) or `past_key_values` (the older one), not both."""
     if cache is not None and past_key_values is not None:
         raise ValueError("Pass the KV cache once: as cache=... or as past_key_values=..., not both.")
+    check_cache(cache, "cache")
+    check_cache(past_key_values)
     return cache if cache is not None else past_key_values

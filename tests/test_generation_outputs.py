@@ -172,6 +172,10 @@ def test_past_key_values_errors_name_the_argument():
     # transformers' own cache: the message names it and says what to pass instead
     with pytest.raises(TypeError, match=r"got transformers\..*DynamicCache: pass stablelm\.DynamicCache\(\)"):
         ours.generate(ids, past_key_values=transformers.DynamicCache(), max_new_tokens=2)
+    # and a forward's, under either name
+    for name in ("past_key_values", "cache"):
+        with pytest.raises(TypeError, match=rf"{name} must be a stablelm cache, got transformers\."):
+            ours(ids, use_cache=True, **{name: transformers.DynamicCache()})
 
 
 def test_inputs_is_input_ids():

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..cache import Cache
+from ..cache import Cache, check_cache
 from ..sampling import SamplingParams
 from .config import DEFAULT_NEW_TOKENS, GenerationConfig
 from .processors import (
@@ -234,13 +234,7 @@ def check_past(cache: Any, batch: int, length: int, config: GenerationConfig) ->
     the prompt's `length` (the prompt repeats the cached tokens, as the reference takes it)."""
     if cache is None:
         return
-    if not isinstance(cache, Cache):
-        kind = type(cache)
-        raise TypeError(
-            f"past_key_values must be a stablelm cache, got {kind.__module__}.{kind.__qualname__}: pass "
-            "stablelm.DynamicCache() (or stablelm.StaticCache(...), or the past_key_values a previous generate or "
-            "forward of a stablelm model returned); transformers' caches are not read here."
-        )
+    check_cache(cache)
     past = cache.get_seq_length()
     rows = cache.keys[0].shape[0] if getattr(cache, "keys", None) else batch
     if rows != batch:
