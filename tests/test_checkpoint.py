@@ -320,6 +320,25 @@ def test_an_untied_checkpoint_without_the_head_loads_with_a_new_head_and_says_so
     assert abs(theirs.lm_head.weight.std().item() - std) < 0.2 * std
 
 
+def test_output_flags_given_to_from_pretrained_reach_the_forward(ref_dir):
+    """output_hidden_states / output_attentions / return_dict, which config.json does not carry, set as the
+    reference's from_pretrained sets them."""
+    model = StableLmForCausalLM.from_pretrained(ref_dir, output_hidden_states=True, output_attentions=True)
+    ref = transformers.StableLmForCausalLM.from_pretrained(
+        ref_dir, output_hidden_states=True, output_attentions=True, attn_implementation="eager"
+    )
+    with torch.no_grad():
+        ours, theirs = model(ids()), ref(ids())
+    assert len(ours.hidden_states) == len(theirs.hidden_states) and len(ours.attentions) == len(
+        theirs.attentions
+    )
+    assert max_diff(ours.attentions[-1], theirs.attentions[-1]) <= FP32_TOL
+    plain = StableLmForCausalLM.from_pretrained(ref_dir, return_dict=False)
+    with torch.no_grad():
+        out = plain(ids())
+    assert isinstance(out, tuple) and max_diff(out[0], theirs.logits) <= FP32_TOL
+
+
 @pytest.mark.parametrize(
     "ours_cls, ref_name", [(StableLmForSequenceClassification, "StableLmForSequenceClassification"),
                            (StableLmForTokenClassification, "StableLmForTokenClassification")]

@@ -543,3 +543,26 @@ def test_chat_template_arrays_match_reference(pair):
             _same_value(got, expected, "input_ids")
         else:
             _same(got, expected)
+
+
+def test_from_pretrained_options_example_code_passes(folder):
+    """`model_max_length=None` is no limit; `additional_special_tokens`, `clean_up_tokenization_spaces` and
+    `legacy` are taken as the reference takes them."""
+    long_text = "word " * 5000
+    kw = dict(model_max_length=None, additional_special_tokens=["<x1>"], clean_up_tokenization_spaces=False)
+    ours = AutoTokenizer.from_pretrained(folder, legacy=False, **kw)
+    ref = transformers.AutoTokenizer.from_pretrained(folder, legacy=False, **kw)
+    assert ours.model_max_length == ref.model_max_length
+    _same(ours(long_text, truncation=True), ref(long_text, truncation=True))
+    assert len(ours) == len(ref) and "<x1>" in ours.all_special_tokens and "<x1>" in ref.all_special_tokens
+    _same(ours("a <x1> b"), ref("a <x1> b"))
+    assert ours.clean_up_tokenization_spaces is ref.clean_up_tokenization_spaces is False
+
+
+def test_stride_verbose_and_overflow_at_their_defaults_are_accepted(pair):
+    ours, ref = pair
+    kw = dict(stride=0, verbose=False, return_overflowing_tokens=False)
+    _same(ours(TEXTS[:2], **kw), ref(TEXTS[:2], **kw))
+    for bad in (dict(stride=2), dict(return_overflowing_tokens=True)):
+        with pytest.raises(ValueError, match="overflowing tokens are not made"):
+            ours(TEXTS[0], truncation=True, max_length=4, **bad)

@@ -77,14 +77,17 @@ def build_config(
     config = StableLmConfig.from_pretrained(folder) if config is None else StableLmConfig.coerce(config)
     attn_implementation = attn_implementation or config.attn_implementation
     if overrides:
-        known = set(StableLmConfig().to_dict()) | {"num_labels", "id2label", "label2id"}
+        # and the output flags, which config.json does not carry but the reference's from_pretrained sets
+        flags = {"output_hidden_states", "output_attentions", "return_dict"}
+        known = set(StableLmConfig().to_dict()) | {"num_labels", "id2label", "label2id"} | flags
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise TypeError(
                 f"from_pretrained() got unexpected keyword arguments {unknown}; besides the loading options, "
                 "keyword arguments must be config fields (such as num_labels or pad_token_id)."
             )
-        config = StableLmConfig.from_dict(config.to_dict(), **overrides)
+        kept = {flag: getattr(config, flag) for flag in flags}
+        config = StableLmConfig.from_dict(config.to_dict(), **{**kept, **overrides})
     else:
         config = copy.deepcopy(config)  # the model owns its config; the caller's stays as it was
     config.attn_implementation = attn_implementation

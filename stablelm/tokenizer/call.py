@@ -38,6 +38,9 @@ class EncodeMixin:
         return_special_tokens_mask: bool = False,
         return_offsets_mapping: bool = False,
         return_length: bool = False,
+        stride: int = 0,
+        return_overflowing_tokens: bool = False,
+        verbose: bool = True,
     ) -> BatchEncoding:
         """Encode one text or a batch of texts (or pairs of texts), as the reference does.
 
@@ -64,6 +67,9 @@ class EncodeMixin:
             return_offsets_mapping: Also return `offset_mapping`: each token's (start, end) characters in
                 its text, (0, 0) for special tokens and padding.
             return_length: Also return `length`, each row's length (padding included).
+            stride, return_overflowing_tokens: Taken at 0 and False (what example code passes); the
+                reference's overflowing windows are not made here, and asking for them is a ValueError.
+            verbose: Accepted and not used (this tokenizer warns through exceptions only).
 
         Returns:
             A `BatchEncoding`; `tokens(i)`, `word_ids(i)`, `char_to_token(...)` and the like read its encodings.
@@ -73,6 +79,13 @@ class EncodeMixin:
             ValueError: Padding without a pad token, an unknown option, texts of different lengths with
                 `return_tensors="pt"` and no padding, or a truncation that cannot be done.
         """
+        del verbose
+        if return_overflowing_tokens or stride:
+            raise ValueError(
+                f"return_overflowing_tokens={return_overflowing_tokens!r}, stride={stride!r}: the windows of "
+                "overflowing tokens are not made by this tokenizer; cut long texts yourself (or pass "
+                "truncation=True to keep the first max_length tokens)."
+            )
         inputs, batched, pairs = _inputs(text, text_pair, is_split_into_words)
         return_tensors = check_tensor_type(return_tensors)
         shape = resolve_shape(

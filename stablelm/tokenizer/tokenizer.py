@@ -144,7 +144,7 @@ class Tokenizer(EncodeMixin, ChatMixin, AddedTokensMixin, TokensMixin):
         use_fast: bool = True,
         padding_side: str | None = None,
         truncation_side: str | None = None,
-        model_max_length: int | None = None,
+        model_max_length: int | None = _FROM_FILES,  # type: ignore[assignment]
         add_bos_token: bool | None = None,
         add_eos_token: bool | None = None,
         bos_token: str | AddedToken | None = _FROM_FILES,
@@ -154,6 +154,9 @@ class Tokenizer(EncodeMixin, ChatMixin, AddedTokensMixin, TokensMixin):
         pad_token: str | AddedToken | None = _FROM_FILES,
         cls_token: str | AddedToken | None = _FROM_FILES,
         mask_token: str | AddedToken | None = _FROM_FILES,
+        additional_special_tokens: Sequence[str | AddedToken] | None = None,
+        clean_up_tokenization_spaces: bool | None = None,
+        legacy: bool | None = None,
         trust_remote_code: bool = False,
     ) -> Tokenizer:
         """Load a checkpoint's tokenizer from a local folder or a Hugging Face hub repo id.
@@ -169,13 +172,17 @@ class Tokenizer(EncodeMixin, ChatMixin, AddedTokensMixin, TokensMixin):
                 the `tokenizers` one, as the reference's is for these checkpoints whatever `use_fast` says.
             padding_side: Overrides the checkpoint's padding side ("left" for batched generation).
             truncation_side: Overrides the checkpoint's truncation side ("left" keeps the end of a text).
-            model_max_length: Overrides the checkpoint's `model_max_length`.
+            model_max_length: Overrides the checkpoint's `model_max_length` (None: no limit, as the reference).
             add_bos_token: Put the bos token before every encoded text. As in the reference, the value in
                 tokenizer_config.json is not used: tokenizer.json's post-processor decides.
             add_eos_token: Put the eos token after every encoded text (same rule).
             bos_token, eos_token, unk_token, sep_token, pad_token, cls_token, mask_token: Override the
                 checkpoint's special token (None removes it); a token the vocabulary lacks is added to it as a
                 special token, as the reference does.
+            additional_special_tokens: The checkpoint's extra special tokens replaced by these (added to the
+                vocabulary where it lacks them), as the reference does.
+            clean_up_tokenization_spaces: Overrides the checkpoint's setting for `decode`.
+            legacy: Accepted and not used (a flag of the reference's SentencePiece tokenizers).
             trust_remote_code: Accepted so that code written for the reference runs unchanged; no code from
                 the hub is ever run here.
 
@@ -185,7 +192,11 @@ class Tokenizer(EncodeMixin, ChatMixin, AddedTokensMixin, TokensMixin):
             ValueError: A side other than "left" or "right", or a `model_max_length` that is not a positive
                 integer.
         """
-        del trust_remote_code, use_fast
+        del trust_remote_code, use_fast, legacy
+        if model_max_length is None:  # the reference's "no limit"
+            model_max_length = VERY_LARGE_INTEGER
+        elif model_max_length is _FROM_FILES:
+            model_max_length = None
         tokens = (bos_token, eos_token, unk_token, sep_token, pad_token, cls_token, mask_token)
         special = {
             name: _token_text(name, value)
@@ -210,6 +221,10 @@ class Tokenizer(EncodeMixin, ChatMixin, AddedTokensMixin, TokensMixin):
             tokenizer.add_bos_token = add_bos_token
         if add_eos_token is not None:
             tokenizer.add_eos_token = add_eos_token
+        if additional_special_tokens is not None:
+            tokenizer.add_special_tokens({"additional_special_tokens": list(additional_special_tokens)})
+        if clean_up_tokenization_spaces is not None:
+            tokenizer.clean_up_tokenization_spaces = bool(clean_up_tokenization_spaces)
         return tokenizer
 
     # --- attributes -------------------------------------------------------------------------------------
