@@ -3,6 +3,8 @@ that every head shares (the classifiers are in `classifiers.py`)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -58,6 +60,9 @@ class StableLmForCausalLM(GenerationMixin, StableLmPreTrainedModel):
         self.post_init(self.lm_head)
 
     accepts_loss_kwargs = True  # forward takes num_items_in_batch, which the reference's Trainer passes
+    # The reference's name of the loss, which its Trainer reads: "ForCausalLM" shifts the labels, so the
+    # tokens counted for num_items_in_batch leave out each row's first (without it, losses were too small).
+    loss_type = "ForCausalLM"
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
@@ -80,12 +85,19 @@ class StableLmForCausalLM(GenerationMixin, StableLmPreTrainedModel):
         cache_position: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         num_items_in_batch: torch.Tensor | int | None = None,
-        shift_labels: torch.Tensor | None = None,
+        **loss_kwargs: Any,
     ) -> CausalLMOutput | tuple:
         """Logits (B, T, V) for every position, or only the last `logits_to_keep` (0 keeps all; a 1-D
         tensor picks positions). With `labels` (B, T), also the shifted cross-entropy loss (see
         `causal_lm_loss` for `num_items_in_batch` and `shift_labels`). Other arguments as
-        `StableLmModel.forward`; `return_dict=False` returns `to_tuple()`."""
+        `StableLmModel.forward`; `return_dict=False` returns `to_tuple()`.
+
+        `shift_labels` comes as a keyword of `loss_kwargs`, as the reference takes it: a named parameter with
+        "label" in its name would be one of the batch's labels to the reference's Trainer (`find_labels`),
+        which then computed no evaluation loss for batches without it."""
+        shift_labels = loss_kwargs.pop("shift_labels", None)
+        if loss_kwargs:
+            raise TypeError(f"forward() got unexpected keyword arguments {sorted(loss_kwargs)}")
         check_forward_inputs(self.model, input_ids, attention_mask, inputs_embeds)
         out = self.model(
             input_ids,

@@ -127,3 +127,35 @@ def test_text_generation_pipeline_takes_stablelms_tokenizer():
     ]
     assert results[0] == results[1]
     assert results[0][0][0]["generated_text"].startswith("Hello")
+
+
+def _trainer_run(model, tokenizer, tmp_path):
+    """Two optimizer steps of transformers' Trainer (gradient accumulation 2, padded batches from the data
+    collator), then evaluate(): the logged losses and grad norms, and the metrics."""
+    tokenizer.pad_token = tokenizer.eos_token
+    texts = ["hello world this is a test of the trainer", "short", "x y z", "the quick brown fox jumps"]
+    data = [dict(tokenizer(text)) for text in texts]
+    args = transformers.TrainingArguments(
+        str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2,
+        logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", seed=0,
+    )  # fmt: skip
+    collator = transformers.DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=data, eval_dataset=data, data_collator=collator
+    )
+    trainer.train()
+    logged = [(h["loss"], h["grad_norm"]) for h in trainer.state.log_history if "loss" in h]
+    return logged, trainer.evaluate(), trainer.label_names
+
+
+def test_the_references_trainer_logs_and_evaluates_as_with_the_references_model(tmp_path):
+    """Its num_items_in_batch counts the labels a causal LM predicts (each row's first left out: `loss_type`),
+    and its labels are `labels` alone (a `shift_labels` parameter made it compute no evaluation loss)."""
+    ours, ref = make_pair(tiny_config(vocab_size=50304, max_position_embeddings=64))
+    ours.train(), ref.train()
+    folder = "tests/fixtures/gpt-neox-20b"
+    got = _trainer_run(ours, stablelm.AutoTokenizer.from_pretrained(folder), tmp_path / "ours")
+    expected = _trainer_run(ref, transformers.AutoTokenizer.from_pretrained(folder), tmp_path / "ref")
+    assert got[2] == expected[2] == ["labels"]
+    assert got[0] == expected[0]
+    assert got[1]["eval_loss"] == expected[1]["eval_loss"]
