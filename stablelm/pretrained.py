@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -371,6 +371,10 @@ class StableLmPreTrainedModel(ActivationCheckpointingMixin, nn.Module):
         max_shard_size: int | str = "5GB",
         safe_serialization: bool = True,
         state_dict: dict[str, torch.Tensor] | None = None,
+        is_main_process: bool = True,
+        push_to_hub: bool = False,
+        save_function: Any = None,
+        variant: str | None = None,
     ) -> None:
         """Write `config.json`, `generation_config.json` (for a model that generates) and the weights.
 
@@ -380,9 +384,26 @@ class StableLmPreTrainedModel(ActivationCheckpointingMixin, nn.Module):
         over an existing checkpoint the weights switch at one rename (the index after all its new shards), so
         an interrupted save leaves the old checkpoint whole, and the next save clears what it left behind.
         `state_dict` saves those tensors, under their keys (the checkpoint's names), instead of the model's,
-        as the reference's option (peft, accelerate and the Trainer pass one).
+        as the reference's option (peft, accelerate and the Trainer pass one). `is_main_process=False`
+        writes nothing (the other ranks of a distributed run, as the reference). `push_to_hub`,
+        `save_function` and `variant` are taken at their defaults only: uploading, another writer and
+        variant file names are refused by name.
         """
         from .checkpoint import save_pretrained
+
+        for name, value, default in (
+            ("push_to_hub", push_to_hub, False),
+            ("save_function", save_function, None),
+            ("variant", variant, None),
+        ):
+            if value is not default and value != default:
+                raise ValueError(
+                    f"save_pretrained({name}={value!r}) is not supported here: this package writes the checkpoint "
+                    "itself, without variant names, and uploads nothing (huggingface_hub's upload_folder "
+                    "uploads the folder it writes)."
+                )
+        if not is_main_process:
+            return
 
         save_pretrained(
             self, save_directory, max_shard_size=max_shard_size, safe_serialization=safe_serialization,

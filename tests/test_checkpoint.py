@@ -910,6 +910,22 @@ def test_save_pretrained_writes_a_given_state_dict_that_both_libraries_load(pair
     assert not torch.equal(ours.model.norm.weight, given["model.norm.weight"])
 
 
+def test_save_pretrained_takes_the_distributed_and_hub_options_at_their_defaults(pair, tmp_path):
+    """is_main_process=False writes nothing (other ranks, as the reference); push_to_hub, save_function and
+    variant at their defaults are accepted, anything else refused by name before the folder changes."""
+    ours, _ = pair
+    ours.save_pretrained(tmp_path / "rank1", is_main_process=False)
+    assert not (tmp_path / "rank1").exists()
+    ours.save_pretrained(
+        tmp_path / "main", is_main_process=True, push_to_hub=False, save_function=None, variant=None
+    )
+    assert (tmp_path / "main" / "model.safetensors").is_file()
+    for option in ({"push_to_hub": True}, {"save_function": torch.save}, {"variant": "fp16"}):
+        with pytest.raises(ValueError, match=f"save_pretrained\\({next(iter(option))}="):
+            ours.save_pretrained(tmp_path / "refused", **option)
+        assert not (tmp_path / "refused").exists()
+
+
 def test_a_given_state_dict_of_a_tied_model_leaves_the_head_out_as_the_reference(tmp_path):
     ours, ref = make_pair(small_config(tie_word_embeddings=True))
     # views, as a state_dict() gives them: the head's shares the embedding's memory
