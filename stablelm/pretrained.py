@@ -391,23 +391,10 @@ class StableLmPreTrainedModel(ActivationCheckpointingMixin, nn.Module):
         """
         from .checkpoint import save_pretrained
 
-        for name, value, default in (
-            ("push_to_hub", push_to_hub, False),
-            ("save_function", save_function, None),
-            ("variant", variant, None),
-        ):
-            if value is not default and value != default:
-                raise ValueError(
-                    f"save_pretrained({name}={value!r}) is not supported here: this package writes the checkpoint "
-                    "itself, without variant names, and uploads nothing (huggingface_hub's upload_folder "
-                    "uploads the folder it writes)."
-                )
-        if not is_main_process:
-            return
-
         save_pretrained(
             self, save_directory, max_shard_size=max_shard_size, safe_serialization=safe_serialization,
-            state_dict=state_dict,
+            state_dict=state_dict, is_main_process=is_main_process, push_to_hub=push_to_hub,
+            save_function=save_function, variant=variant,
         )  # fmt: skip
 
     # ---- vocabulary size ---------------------------------------------------------------------------------

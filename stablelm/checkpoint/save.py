@@ -22,7 +22,7 @@ import re
 import secrets
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import save_file
@@ -53,9 +53,26 @@ def save_pretrained(
     max_shard_size: int | str = "5GB",
     safe_serialization: bool = True,
     state_dict: Mapping[str, torch.Tensor] | None = None,
+    is_main_process: bool = True,
+    push_to_hub: bool = False,
+    save_function: Any = None,
+    variant: str | None = None,
 ) -> None:
     """Write `model` (its tensors, or `state_dict`'s) to `save_directory`; see
     `StableLmPreTrainedModel.save_pretrained`."""
+    for name, value, default in (
+        ("push_to_hub", push_to_hub, False),
+        ("save_function", save_function, None),
+        ("variant", variant, None),
+    ):
+        if value is not default and value != default:
+            raise ValueError(
+                f"save_pretrained({name}={value!r}) is not supported here: this package writes the checkpoint "
+                "itself, without variant names, and uploads nothing (huggingface_hub's upload_folder "
+                "uploads the folder it writes)."
+            )
+    if not is_main_process:
+        return
     folder = Path(save_directory)
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"{folder} is a file; save_pretrained needs a folder to write into.")

@@ -40,7 +40,7 @@ from typing import Any
 
 from .jobs import Event, Failure, Job, QueueFull, SamplingError, TokenLogprob, Unavailable
 from .rows import Row, trim_memory
-from .sampling import process_scores, sampling_defaults
+from .sampling import process_scores, sampling_defaults, unusable_scores
 
 
 @dataclass
@@ -395,12 +395,12 @@ class Engine:
         )
         if options.greedy:
             if bool(torch.isnan(scores).any()):
-                raise SamplingError(_unusable(options, "NaN"))
+                raise SamplingError(unusable_scores(options, "NaN"))
             token = int(torch.argmax(scores, dim=-1)[0])
         else:
             probs = torch.softmax(scores, dim=-1)
             if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:
-                raise SamplingError(_unusable(options, "no probabilities to draw from"))
+                raise SamplingError(unusable_scores(options, "no probabilities to draw from"))
             token = int(torch.multinomial(probs, 1, generator=row.generator)[0, 0])
         if options.logprobs is not None:
             top = []
@@ -445,16 +445,6 @@ class Engine:
         if job.options.logprobs is not None and logprobs is None:
             logprobs = []
         job.sink(Event(job.first_index + row.index, text, tokens, logprobs, reason))
-
-
-def _unusable(options: Any, what: str) -> str:
-    """The 400's message for a row whose processed scores are `what`."""
-    return (
-        f"The request's sampling settings leave {what} in the token scores (repetition_penalty="
-        f"{options.repetition_penalty:g}, temperature={options.temperature:g}, logit_bias of "
-        f"{len(options.logit_bias)} tokens): float32 overflows. Use values in a usual range (repetition_penalty "
-        "around 1, e.g. 0.5 to 2)."
-    )
 
 
 def _count(n: int, noun: str) -> str:

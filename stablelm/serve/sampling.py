@@ -101,3 +101,13 @@ def sampling_defaults(generation_config: Any) -> dict[str, float]:
             continue
         defaults[name] = int(value) if name == "top_k" else float(value)
     return defaults
+
+
+def unusable_scores(options: SamplingOptions, what: str) -> str:
+    """The 400's message for a row whose processed scores are `what`."""
+    return (
+        f"The request's sampling settings leave {what} in the token scores (repetition_penalty="
+        f"{options.repetition_penalty:g}, temperature={options.temperature:g}, logit_bias of "
+        f"{len(options.logit_bias)} tokens): float32 overflows. Use values in a usual range (repetition_penalty "
+        "around 1, e.g. 0.5 to 2)."
+    )
